@@ -1,0 +1,7 @@
+"""``python -m auditkit`` is the ``auditkit`` command."""
+
+import sys
+
+from auditkit.cli import main
+
+sys.exit(main())

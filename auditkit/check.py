@@ -1,0 +1,156 @@
+"""The check contract (DESIGN section 4): what a check declares, what it returns.
+
+A check measures; it never decides pass or fail (policies judge) and never renders HTML.
+Third-party checks subclass :class:`Check` and register under the entry-point group
+``auditkit.checks`` exactly as the built-ins do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from auditkit.context import AuditContext
+
+Direction = Literal["higher_is_better", "lower_is_better"]
+Status = Literal["ok", "skipped", "error"]
+
+
+class CheckParams(BaseModel):
+    """Base for a check's ``Params``: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a check asks of the shared context, so the runner can plan one pass before any check.
+
+    Attributes:
+        predictions: logits and probabilities of the splits the check reads.
+        features: embeddings (input of the last ``nn.Linear`` unless ``feature_layer`` says otherwise).
+        gradients: the check backpropagates through the model itself (attacks, trigger search).
+        train: the check needs the train split; without one it is skipped with that reason.
+        ood: the check reads the spec's out-of-distribution sets.
+        headers: the check reads DICOM headers (header-only reads, no pixels).
+        images: the check reads decoded images.
+    """
+
+    predictions: bool = False
+    features: bool = False
+    gradients: bool = False
+    train: bool = False
+    ood: bool = False
+    headers: bool = False
+    images: bool = False
+
+
+@dataclass
+class Metric:
+    """One measurement: ``{name, labels, value, ci, n, direction}`` (+ ``reason`` when undefined)."""
+
+    name: str
+    value: float | None
+    direction: Direction
+    labels: dict[str, str] = field(default_factory=dict)
+    ci: tuple[float, float] | None = None
+    n: int | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = {str(k): str(v) for k, v in self.labels.items()}
+        if self.value is not None:
+            value = float(self.value)
+            if not math.isfinite(value):
+                self.reason = self.reason or f"not finite ({value})"
+                self.value = None
+            else:
+                self.value = value
+        if self.value is None and self.reason is None:
+            raise ValueError(f"metric {self.name} {self.labels} is undefined but gives no reason")
+        if self.ci is not None:
+            lo, hi = (float(self.ci[0]), float(self.ci[1]))
+            self.ci = (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "labels": dict(self.labels),
+            "value": self.value,
+            "ci": list(self.ci) if self.ci is not None else None,
+            "n": self.n,
+            "direction": self.direction,
+        }
+        if self.reason is not None:
+            out["reason"] = self.reason
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Metric:
+        ci = data.get("ci")
+        return cls(
+            name=data["name"],
+            value=data.get("value"),
+            direction=data["direction"],
+            labels=dict(data.get("labels") or {}),
+            ci=(ci[0], ci[1]) if ci else None,
+            n=data.get("n"),
+            reason=data.get("reason"),
+        )
+
+
+@dataclass
+class Artifact:
+    """A file a check wrote under the bundle's ``artifacts/`` folder (path relative to the bundle)."""
+
+    name: str
+    path: str
+    media_type: str
+    description: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "media_type": self.media_type,
+            "description": self.description,
+        }
+
+
+@dataclass
+class CheckResult:
+    """What ``Check.run`` returns: measurements, plain-record findings and artifacts."""
+
+    metrics: list[Metric] = field(default_factory=list)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
+
+
+class Skip(Exception):  # noqa: N818 - reads as `raise Skip("no train split")`
+    """Raised inside ``run`` when the check cannot apply; the runner records ``skipped`` + reason."""
+
+
+class Check:
+    """Base class of every check.
+
+    Subclasses set ``id``, ``family``, ``Params`` and ``needs`` and implement ``run``. The class
+    docstring names the method and its paper, the inputs it needs, the metrics it emits and the
+    NIST AI RMF subcategories it informs; ``auditkit checks`` shows its first line.
+    """
+
+    id: ClassVar[str]
+    family: ClassVar[str]
+    Params: ClassVar[type[CheckParams]] = CheckParams
+    needs: ClassVar[Needs] = Needs()
+
+    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+        raise NotImplementedError
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""

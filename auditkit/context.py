@@ -1,0 +1,219 @@
+"""The shared inference context (DESIGN section 5).
+
+Checks read everything through :class:`AuditContext`: the model, the decoded splits, and cached
+results computed once per run — logits, probabilities and embeddings from ONE forward pass per
+split, header-only DICOM reads, and a seeded random generator per check. The runner asks every
+selected check what it needs (:class:`auditkit.check.Needs`) and calls :meth:`prepare` before the
+first check, so no check triggers a second pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from auditkit.check import Skip
+from auditkit.data import Dataset, SplitData
+from auditkit.model import ModelAdapter
+from auditkit.spec import AuditSpec
+
+if TYPE_CHECKING:
+    import pydicom
+
+log = logging.getLogger(__name__)
+
+ProgressFactory = Callable[[str, int], Callable[[int], None] | None]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Model outputs for one split, aligned with the split's rows.
+
+    Attributes:
+        logits: float32 (N, K) on the CPU.
+        probs: float64 (N, K) softmax of the logits (rows with non-finite logits are NaN).
+        labels: int64 (N,) class indices (``-1`` for unlabelled out-of-distribution sets).
+    """
+
+    logits: torch.Tensor
+    probs: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return np.asarray(self.probs.argmax(axis=1), dtype=np.int64)
+
+
+def stable_seed(*parts: object) -> int:
+    """A 32-bit seed from any parts, stable across processes (unlike ``hash``)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class AuditContext:
+    """What every check sees.
+
+    Args:
+        spec: the validated audit spec.
+        model: the loaded model adapter.
+        dataset: decoded splits and the quarantine list.
+        out_dir: the evidence bundle folder (artifacts go to ``out_dir/artifacts/<check>/``).
+        progress: optional progress-bar factory ``(label, total) -> callback(n)``.
+    """
+
+    def __init__(
+        self,
+        spec: AuditSpec,
+        model: ModelAdapter,
+        dataset: Dataset,
+        out_dir: Path,
+        *,
+        progress: ProgressFactory | None = None,
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.dataset = dataset
+        self.out_dir = out_dir
+        self._progress = progress
+        self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._predictions: dict[str, Predictions] = {}
+        self._headers: dict[str, list[pydicom.Dataset | None]] = {}
+
+    # ----------------------------------------------------------------- splits and labels
+    @property
+    def classes(self) -> list[str]:
+        return list(self.spec.model.classes)
+
+    @property
+    def positive_index(self) -> int | None:
+        return self.spec.model.positive_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.dataset.splits)
+
+    def has_split(self, split: str) -> bool:
+        return split in self.dataset.splits
+
+    def split(self, split: str) -> SplitData:
+        """The decoded split; a missing ``train`` or OOD split raises :class:`Skip`."""
+        try:
+            return self.dataset.splits[split]
+        except KeyError:
+            if split == "train":
+                raise Skip("no train split (set data.splits.train in the spec)") from None
+            if split.startswith("ood"):
+                raise Skip(f"no out-of-distribution set {split!r} (data.ood in the spec)") from None
+            raise KeyError(f"unknown split {split!r}; this run has {self.split_names}") from None
+
+    def labels(self, split: str = "eval") -> np.ndarray:
+        return self.split(split).labels
+
+    def group_labels(self, split: str = "eval") -> dict[str, np.ndarray]:
+        """Group column -> the (banded) group label of each image of the split."""
+        return dict(self.split(split).groups)
+
+    def images(self, split: str = "eval", indices: np.ndarray | Iterable[int] | None = None) -> torch.Tensor:
+        """Decoded images as float32 (N, C, H, W) in [0, 1], on the CPU."""
+        stored = self.split(split).images
+        if indices is not None:
+            stored = stored[torch.as_tensor(np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices), dtype=torch.long)]
+        return stored.float()
+
+    # ----------------------------------------------------------------- the shared pass
+    def prepare(self, splits: Iterable[str]) -> None:
+        """Run the shared forward pass for every listed split not yet cached."""
+        for name in splits:
+            if name in self.dataset.splits and name not in self._outputs:
+                self._forward(name)
+
+    def _forward(self, name: str) -> None:
+        split = self.dataset.splits[name]
+        callback = self._progress(f"inference {name}", split.n) if self._progress else None
+        started = time.perf_counter()
+        logits, features = self.model.forward_pass(split.images, split=name, progress=callback)
+        self.model.stats.seconds += time.perf_counter() - started
+        self._outputs[name] = (logits, features)
+
+    def _cached(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        self.split(name)
+        if name not in self._outputs:
+            log.debug("split %s was not planned; running its pass now", name)
+            self._forward(name)
+        return self._outputs[name]
+
+    def predictions(self, split: str = "eval") -> Predictions:
+        """Logits, softmax probabilities and labels of a split (computed once, cached)."""
+        if split not in self._predictions:
+            logits, _ = self._cached(split)
+            with np.errstate(invalid="ignore", over="ignore"):
+                probs = torch.softmax(logits.double(), dim=1).numpy()
+            self._predictions[split] = Predictions(logits=logits, probs=probs, labels=self.labels(split))
+        return self._predictions[split]
+
+    def features(self, split: str = "eval") -> torch.Tensor:
+        """Embeddings (N, D) float32 from the same pass as the predictions.
+
+        Raises :class:`Skip` when the model offers none (TorchScript, or no ``nn.Linear`` and no
+        ``model.feature_layer``).
+        """
+        if not self.model.has_features:
+            raise Skip(f"embeddings unavailable ({self.model.feature_layer})")
+        return self._cached(split)[1]
+
+    def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]:
+        """Header-only DICOM reads (no pixels), ``None`` for non-DICOM or unreadable files.
+
+        The datasets hold patient data: use them to measure, never copy values into results.
+        """
+        if split not in self._headers:
+            from auditkit.errors import UnreadableImage
+            from auditkit.loaders import read_dicom_header
+
+            data = self.split(split)
+            headers: list[pydicom.Dataset | None] = []
+            for path, kind in zip(data.paths, data.kinds, strict=True):
+                if kind != "dicom":
+                    headers.append(None)
+                    continue
+                try:
+                    headers.append(read_dicom_header(path))
+                except UnreadableImage:
+                    headers.append(None)
+            self._headers[split] = headers
+        return self._headers[split]
+
+    # ----------------------------------------------------------------- per-check helpers
+    def rng(self, check_id: str) -> np.random.Generator:
+        """A NumPy generator seeded from the spec's seed and the check id (same every run)."""
+        return np.random.default_rng(stable_seed(self.spec.seed, check_id))
+
+    def torch_generator(self, check_id: str) -> torch.Generator:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(stable_seed(self.spec.seed, check_id, "torch"))
+        return generator
+
+    def artifact_path(self, check_id: str, filename: str) -> tuple[Path, str]:
+        """Where a check writes an artifact: (absolute path, path relative to the bundle)."""
+        if Path(filename).name != filename or filename.startswith("."):
+            raise ValueError(f"artifact names are plain file names, got {filename!r}")
+        relative = Path("artifacts") / check_id / filename
+        absolute = self.out_dir / relative
+        absolute.parent.mkdir(parents=True, exist_ok=True)
+        return absolute, relative.as_posix()

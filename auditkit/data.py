@@ -1,0 +1,512 @@
+"""Manifests, surrogate IDs and decoded splits.
+
+A manifest is a CSV of ``path,label[,patient_id][,study_id][,split][,<group columns>]`` rows.
+Every problem is reported with the manifest file, the 0-based data row (and the file's line
+number) and the column, so a user can fix the file. Images are decoded once per run into one
+compact tensor per split; a file that cannot be decoded is quarantined with its reason and the
+audit goes on.
+
+Patient and study identifiers, from the manifest or from DICOM headers, are replaced by
+surrogates (``P0001``, ``S0001``) as soon as they are read; raw values stay in memory only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from auditkit.errors import InputError, UnreadableImage
+from auditkit.loaders import DecodeBudget, DecodedImage, WindowSetting, decode_image
+from auditkit.spec import AuditSpec, GroupSpec
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("path", "label")
+MISSING_GROUP = "missing"
+MAX_REPORTED_PROBLEMS = 20
+# Header attributes a group column may name when the manifest lacks it: non-identifying ones only.
+HEADER_GROUP_KEYWORDS = (
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "PhotometricInterpretation",
+    "PatientSex",
+    "PatientAge",
+    "BodyPartExamined",
+    "ViewPosition",
+)
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One data row of a manifest; ``row`` is its 0-based index among the data rows."""
+
+    row: int
+    path: Path
+    label: int
+    patient_id: str | None
+    study_id: str | None
+    split: str | None
+    groups: dict[str, str]
+
+
+@dataclass
+class Manifest:
+    """A validated manifest."""
+
+    source: Path
+    columns: list[str]
+    rows: list[ManifestRow]
+
+
+class Surrogates:
+    """Stable surrogates for identifiers: the n-th distinct value seen becomes ``<prefix>n``.
+
+    Surrogates follow the manifest's row order, so they are reproducible across runs of the same
+    manifest and reveal nothing about the raw value.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._ids: dict[str, str] = {}
+
+    def __call__(self, raw: str | None) -> str | None:
+        if raw is None or not raw.strip():
+            return None
+        key = raw.strip()
+        if key not in self._ids:
+            self._ids[key] = f"{self.prefix}{len(self._ids) + 1:04d}"
+        return self._ids[key]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+def _line_of(row: int) -> int:
+    return row + 2  # header line + 1-based lines
+
+
+def _where(source: Path, row: int) -> str:
+    return f"{source.name}: row {row} (line {_line_of(row)})"
+
+
+def read_manifest(
+    source: Path,
+    *,
+    root: Path,
+    classes: Sequence[str] | None,
+    group_columns: Iterable[str] = (),
+    header_group_columns: Iterable[str] = (),
+    require_label: bool = True,
+) -> Manifest:
+    """Read and validate a manifest.
+
+    Args:
+        source: the CSV file.
+        root: every path must resolve inside this folder (symlinks included).
+        classes: allowed labels; ``None`` accepts any (out-of-distribution sets).
+        group_columns: subgroup columns that must be present in the manifest.
+        header_group_columns: subgroup columns that may instead come from DICOM headers.
+        require_label: whether the ``label`` column is required.
+
+    Raises:
+        InputError: naming the file, the row and the column of every problem (up to 20).
+    """
+    try:
+        text = source.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"manifest not found: {source}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read manifest {source}: {error}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    if not columns:
+        raise InputError(f"{source.name}: empty manifest, expected a header line with path,label,...")
+    reader.fieldnames = columns
+    required = ["path", "label"] if require_label else ["path"]
+    missing = [c for c in required if c not in columns]
+    missing += [c for c in group_columns if c not in columns and c not in header_group_columns]
+    if missing:
+        raise InputError(
+            f"{source.name}: missing column(s) {missing}; the header has {columns}"
+        )
+    if len(set(columns)) != len(columns):
+        duplicates = sorted({c for c in columns if columns.count(c) > 1})
+        raise InputError(f"{source.name}: duplicate column name(s) {duplicates}")
+
+    root = root.resolve()
+    problems: list[str] = []
+    rows: list[ManifestRow] = []
+    seen: dict[Path, int] = {}
+    class_index = {name: i for i, name in enumerate(classes)} if classes is not None else {}
+    labels_seen: dict[str, int] = {}
+    for row, record in enumerate(reader):
+        if None in record:  # more cells than header columns
+            problems.append(f"{_where(source, row)}: {len(columns) + len(record[None])} cells, the header has {len(columns)}")
+            continue
+        values = {k: (v or "").strip() for k, v in record.items()}
+        raw_path = values.get("path", "")
+        if not raw_path:
+            problems.append(f"{_where(source, row)}: column 'path' is empty")
+            continue
+        candidate = Path(raw_path)
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        if not resolved.is_relative_to(root):
+            problems.append(
+                f"{_where(source, row)}: column 'path' value {raw_path!r} resolves outside"
+                f" data.root ({root}); every path must stay inside it"
+            )
+            continue
+        if resolved in seen:
+            problems.append(
+                f"{_where(source, row)}: column 'path' value {raw_path!r} duplicates row {seen[resolved]}"
+            )
+            continue
+        seen[resolved] = row
+        label = -1
+        if "label" in values:
+            text_label = values["label"]
+            if classes is not None:
+                if text_label not in class_index:
+                    problems.append(
+                        f"{_where(source, row)}: column 'label' value {text_label!r} is not one of"
+                        f" model.classes {list(classes)}"
+                    )
+                    continue
+                label = class_index[text_label]
+            else:
+                label = labels_seen.setdefault(text_label, len(labels_seen))
+        rows.append(
+            ManifestRow(
+                row=row,
+                path=resolved,
+                label=label,
+                patient_id=values.get("patient_id") or None,
+                study_id=values.get("study_id") or None,
+                split=values.get("split") or None,
+                groups={c: values[c] for c in group_columns if c in values},
+            )
+        )
+        if len(problems) >= MAX_REPORTED_PROBLEMS:
+            break
+    if problems:
+        more = " (stopped after 20 problems)" if len(problems) >= MAX_REPORTED_PROBLEMS else ""
+        raise InputError(f"{source} has {len(problems)} problem(s){more}:\n  " + "\n  ".join(problems))
+    if not rows:
+        raise InputError(f"{source.name}: no data rows")
+    return Manifest(source=source, columns=columns, rows=rows)
+
+
+_AGE = re.compile(r"^(\d{1,3})([DWMY])$")
+
+
+def parse_numeric(value: str) -> float | None:
+    """A number from a manifest cell or a DICOM Age String (``045Y``, ``006M``) in years."""
+    value = value.strip()
+    match = _AGE.match(value)
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        return amount / {"D": 365.25, "W": 52.1775, "M": 12.0, "Y": 1.0}[unit]
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _edge(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def band_labels(bins: Sequence[float]) -> list[str]:
+    """Labels of the bands ``[b0, b1), [b1, b2), ..., [b_{k-1}, b_k]`` as ``b0-b1``."""
+    return [f"{_edge(lo)}-{_edge(hi)}" for lo, hi in zip(bins[:-1], bins[1:], strict=True)]
+
+
+def band(value: str, spec: GroupSpec) -> str:
+    """The group label of one cell: the cell itself, or its band when ``bins`` are given.
+
+    Values below the first edge become ``<b0``, above the last ``>bk``; empty cells ``missing``.
+    Raises ValueError for a non-numeric value in a banded column.
+    """
+    if not value.strip():
+        return MISSING_GROUP
+    if spec.bins is None:
+        return value.strip()
+    number = parse_numeric(value)
+    if number is None:
+        raise ValueError(f"expected a number to band with bins {spec.bins}, got {value!r}")
+    bins = spec.bins
+    if number < bins[0]:
+        return f"<{_edge(bins[0])}"
+    if number > bins[-1]:
+        return f">{_edge(bins[-1])}"
+    index = min(int(np.searchsorted(bins, number, side="right")) - 1, len(bins) - 2)
+    return band_labels(bins)[index]
+
+
+@dataclass
+class SplitData:
+    """The decoded images of one split (quarantined files removed) and their row data.
+
+    ``name`` is the split's role: ``eval``, ``train`` or ``ood:<name>``. ``rows`` are manifest row
+    indices; ``patients``/``studies`` hold surrogates only.
+    """
+
+    name: str
+    manifest: Path
+    rows: np.ndarray
+    labels: np.ndarray
+    images: torch.Tensor
+    patients: list[str | None]
+    studies: list[str | None]
+    groups: dict[str, np.ndarray]
+    kinds: list[str]
+    paths: list[Path] = field(repr=False)
+    quarantined_groups: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.shape[0])
+
+
+@dataclass
+class QuarantineEntry:
+    split: str
+    row: int
+    reason: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"split": self.split, "row": self.row, "reason": self.reason}
+
+
+@dataclass
+class DecodeResult:
+    images: list[DecodedImage | None]
+    reasons: list[str | None]
+
+
+def decode_all(
+    paths: Sequence[Path],
+    *,
+    channels: int,
+    height: int,
+    width: int,
+    window: WindowSetting,
+    budget: DecodeBudget,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> DecodeResult:
+    """Decode every path once, in a thread pool; failures become reasons, never exceptions."""
+
+    def one(path: Path) -> tuple[DecodedImage | None, str | None]:
+        try:
+            return decode_image(path, channels=channels, height=height, width=width, window=window, budget=budget), None
+        except UnreadableImage as error:
+            return None, str(error) or type(error).__name__
+        except MemoryError:
+            return None, "out of memory while decoding"
+        except Exception as error:  # a decoder bug must not end the audit
+            log.debug("decoder raised %s", type(error).__name__, exc_info=True)
+            return None, f"decoder error: {type(error).__name__}"
+
+    workers = workers or min(4, os.cpu_count() or 1)
+    results: list[tuple[DecodedImage | None, str | None]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(one, paths):
+            results.append(result)
+            if progress is not None:
+                progress(1)
+    return DecodeResult(images=[r[0] for r in results], reasons=[r[1] for r in results])
+
+
+def window_setting(spec: AuditSpec) -> WindowSetting:
+    window = spec.data.dicom.window
+    if isinstance(window, dict):
+        return WindowSetting(mode="fixed", center=window["center"], width=window["width"])
+    return WindowSetting(mode=window)
+
+
+@dataclass
+class Dataset:
+    """Every split the audit uses, the quarantine list and the surrogate tables' sizes."""
+
+    splits: dict[str, SplitData]
+    quarantine: list[QuarantineEntry]
+    manifest: Manifest
+    images_decoded: int = 0
+
+
+def build_split(
+    name: str,
+    rows: Sequence[ManifestRow],
+    manifest: Path,
+    decoded: DecodeResult,
+    *,
+    spec: AuditSpec,
+    patients: Surrogates,
+    studies: Surrogates,
+    quarantine: list[QuarantineEntry],
+) -> SplitData:
+    """Assemble one split from its decoded rows; quarantined rows are recorded and left out."""
+    shape = (spec.model.input.channels, spec.model.input.height, spec.model.input.width)
+    keep: list[int] = []
+    group_values: dict[str, list[str]] = {g: [] for g in spec.data.groups}
+    quarantined_groups: dict[str, dict[str, int]] = {g: {} for g in spec.data.groups}
+    patient_ids: list[str | None] = []
+    study_ids: list[str | None] = []
+    for i, row in enumerate(rows):
+        image, reason = decoded.images[i], decoded.reasons[i]
+        header = image.header if image is not None else None
+        patient = patients(row.patient_id or (header.patient_id if header else None))
+        study = studies(row.study_id or (header.study_uid if header else None))
+        groups: dict[str, str] = {}
+        for column, group_spec in spec.data.groups.items():
+            raw = row.groups.get(column)
+            if raw is None:  # read from the DICOM header instead
+                raw = header.attributes.get(column, "") if header else ""
+            try:
+                groups[column] = band(raw, group_spec)
+            except ValueError as error:
+                raise InputError(f"{_where(manifest, row.row)}: column {column!r}: {error}") from None
+        if image is None:
+            quarantine.append(QuarantineEntry(split=name, row=row.row, reason=reason or "unreadable"))
+            for column, value in groups.items():
+                counts = quarantined_groups[column]
+                counts[value] = counts.get(value, 0) + 1
+            continue
+        if tuple(image.pixels.shape) != shape:
+            quarantine.append(
+                QuarantineEntry(split=name, row=row.row, reason=f"decoded shape {image.pixels.shape}, expected {shape}")
+            )
+            continue
+        keep.append(i)
+        patient_ids.append(patient)
+        study_ids.append(study)
+        for column, value in groups.items():
+            group_values[column].append(value)
+    images = torch.empty((len(keep), *shape), dtype=torch.float16)
+    for out_index, i in enumerate(keep):
+        image = decoded.images[i]
+        assert image is not None
+        images[out_index] = torch.from_numpy(image.pixels)
+    return SplitData(
+        name=name,
+        manifest=manifest,
+        rows=np.array([rows[i].row for i in keep], dtype=np.int64),
+        labels=np.array([rows[i].label for i in keep], dtype=np.int64),
+        images=images,
+        patients=patient_ids,
+        studies=study_ids,
+        groups={c: np.array(v, dtype=object) for c, v in group_values.items()},
+        kinds=[decoded.images[i].kind for i in keep],  # type: ignore[union-attr]
+        paths=[rows[i].path for i in keep],
+        quarantined_groups={c: v for c, v in quarantined_groups.items() if v},
+    )
+
+
+def load_dataset(
+    spec: AuditSpec,
+    *,
+    roles: Iterable[str] = ("eval", "train", "ood"),
+    budget: DecodeBudget | None = None,
+    progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
+) -> Dataset:
+    """Validate the manifests, decode every image the audit needs once, quarantine failures.
+
+    Args:
+        spec: the audit spec.
+        roles: which roles to load (``eval`` always; ``train`` and ``ood`` when a check needs them).
+        budget: decoding limits.
+        progress: ``progress(label, total)`` returns a per-image callback (or None).
+    """
+    roles = set(roles) | {"eval"}
+    budget = budget or DecodeBudget()
+    root = spec.data_root
+    if not root.is_dir():
+        raise InputError(f"data.root: folder not found: {root}")
+    group_columns = list(spec.data.groups)
+    manifest = read_manifest(
+        spec.manifest_path,
+        root=root,
+        classes=spec.model.classes,
+        group_columns=group_columns,
+        header_group_columns=HEADER_GROUP_KEYWORDS,
+    )
+    has_split_column = "split" in manifest.columns
+    wanted = {"eval": spec.data.splits.eval}
+    if spec.data.splits.train is not None:
+        wanted["train"] = spec.data.splits.train
+    if not has_split_column and "train" in wanted:
+        raise InputError(
+            f"{manifest.source.name}: data.splits.train is {spec.data.splits.train!r} but the"
+            " manifest has no 'split' column"
+        )
+    by_role: dict[str, list[ManifestRow]] = {}
+    for role, value in wanted.items():
+        by_role[role] = [r for r in manifest.rows if not has_split_column or r.split == value]
+    if not by_role["eval"]:
+        present = sorted({r.split or "" for r in manifest.rows})
+        raise InputError(
+            f"{manifest.source.name}: no rows with split {spec.data.splits.eval!r}"
+            f" (data.splits.eval); the split column holds {present}"
+        )
+    if "train" in by_role and not by_role["train"]:
+        present = sorted({r.split or "" for r in manifest.rows})
+        raise InputError(
+            f"{manifest.source.name}: no rows with split {spec.data.splits.train!r}"
+            f" (data.splits.train); the split column holds {present}"
+        )
+    extra_manifests: dict[str, Manifest] = {}
+    if "ood" in roles:
+        for name, ood in spec.data.ood.items():
+            extra_manifests[f"ood:{name}"] = read_manifest(
+                spec.resolve(ood.manifest), root=root, classes=None, require_label=False
+            )
+
+    patients, studies = Surrogates("P"), Surrogates("S")
+    quarantine: list[QuarantineEntry] = []
+    splits: dict[str, SplitData] = {}
+    window = window_setting(spec)
+    shape = spec.model.input
+    plan: list[tuple[str, Sequence[ManifestRow], Path]] = [
+        (role, by_role[role], manifest.source) for role in ("eval", "train") if role in by_role and role in roles
+    ]
+    plan += [(name, m.rows, m.source) for name, m in extra_manifests.items()]
+    # Surrogates follow manifest row order whichever split is decoded first.
+    ordered = sorted((r for _, rows, src in plan if src == manifest.source for r in rows), key=lambda r: r.row)
+    for r in ordered:
+        if r.patient_id:
+            patients(r.patient_id)
+        if r.study_id:
+            studies(r.study_id)
+    decoded_total = 0
+    for name, rows, source in plan:
+        callback = progress(f"decode {name}", len(rows)) if progress else None
+        decoded = decode_all(
+            [r.path for r in rows],
+            channels=shape.channels,
+            height=shape.height,
+            width=shape.width,
+            window=window,
+            budget=budget,
+            progress=callback,
+        )
+        decoded_total += len(rows)
+        splits[name] = build_split(
+            name, rows, source, decoded, spec=spec, patients=patients, studies=studies, quarantine=quarantine
+        )
+        if splits[name].n == 0:
+            log.warning("split %s: every image was quarantined", name)
+    return Dataset(splits=splits, quarantine=quarantine, manifest=manifest, images_decoded=decoded_total)

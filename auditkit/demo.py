@@ -1,0 +1,61 @@
+"""``auditkit demo``: the packaged synthetic study, model and spec, written to a folder."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+DEMO_SPEC = {
+    "model": {
+        "factory": "auditkit.fixtures.models:tiny_cnn",
+        "factory_kwargs": {"num_classes": 2, "in_channels": 1},
+        "weights": "model/tiny_cnn.safetensors",
+        "classes": ["normal", "nodule"],
+        "positive_class": "nodule",
+        "input": {"channels": 1, "height": 64, "width": 64},
+        "normalize": {"mean": [0.5], "std": [0.25]},
+    },
+    "data": {
+        "root": ".",
+        "manifest": "manifest.csv",
+        "splits": {"eval": "test", "train": "train"},
+        "groups": {"sex": {}, "age": {"bins": [0, 40, 65, 120]}, "site": {}},
+        "dicom": {"window": "auto"},
+    },
+    "policy": "medical-imaging-default",
+    "device": "auto",
+    "seed": 0,
+    "output": "../audit",
+}
+
+
+def packaged_weights() -> Path:
+    """The committed weights of the tiny demo CNN (trained by ``auditkit.fixtures.train``)."""
+    ref = resources.files("auditkit.fixtures") / "weights" / "tiny_cnn.safetensors"
+    with resources.as_file(ref) as path:
+        return Path(path)
+
+
+def prepare_demo(out: Path, *, n_patients: int = 240, fmt: str = "dicom", seed: int = 0) -> Path:
+    """Write the synthetic study, the model weights and ``audit.yaml`` under ``out/study``.
+
+    Returns the spec's path. Paths in the spec are relative, so the folder can be moved.
+    """
+    from auditkit.fixtures.synthetic import generate_study
+
+    study = out / "study"
+    if study.exists():
+        shutil.rmtree(study)
+    generate_study(study, n_patients=n_patients, seed=seed, fmt=fmt)  # type: ignore[arg-type]
+    (study / "model").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(packaged_weights(), study / "model" / "tiny_cnn.safetensors")
+    spec_path = study / "audit.yaml"
+    spec_path.write_text(
+        "# auditkit demo spec: a synthetic chest-radiograph study and a tiny CNN.\n"
+        + yaml.safe_dump(DEMO_SPEC, sort_keys=False),
+        encoding="utf-8",
+    )
+    return spec_path

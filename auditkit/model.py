@@ -1,0 +1,343 @@
+"""The model adapter: load a candidate model safely and run it on images in [0, 1].
+
+Weights are read from ``.safetensors`` or from a ``.pt``/``.pth`` *state_dict* with
+``torch.load(..., weights_only=True)``. TorchScript archives and pickled modules can run code
+while loading, so they load only when the spec says ``trust_code: true``. Normalisation lives
+inside the adapter (:class:`NormalizedModel`), so every check works in the [0, 1] image domain and
+attacks perturb what the scanner produced, not a normalised tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from auditkit.errors import ConfigError, ModelLoadError
+from auditkit.spec import AuditSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class NormalizedModel(nn.Module):
+    """``model((x - mean) / std)``: the user's model behind its own normalisation."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, model: nn.Module, mean: list[float] | None, std: list[float] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean or [0.0]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std or [1.0]).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)  # type: ignore[no-any-return]
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` → the first CUDA device when there is one, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {requested!r} requested but CUDA is not available")
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device: {requested!r} requested but only {torch.cuda.device_count()}"
+                " CUDA device(s) exist"
+            )
+    return torch.device(requested)
+
+
+@contextlib.contextmanager
+def _on_path(folder: Path) -> Iterator[None]:
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(folder))
+
+
+def import_factory(factory: str, base_dir: Path) -> Callable[..., Any]:
+    """Import ``package.module:callable`` with the spec's folder on the import path."""
+    module_name, _, attr_path = factory.partition(":")
+    with _on_path(base_dir):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ModelLoadError(
+                f"model.factory: cannot import module {module_name!r} ({error});"
+                f" it must be importable or lie in the spec's folder {base_dir}"
+            ) from error
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise ModelLoadError(f"model.factory: module {module_name!r} has no attribute {attr_path!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelLoadError(f"model.factory: {factory!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith(("/code/", "constants.pkl")) or "/code/" in name for name in archive.namelist())
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict without executing code: safetensors, or ``weights_only=True`` pickles."""
+    if not path.is_file():
+        raise ModelLoadError(f"model.weights: file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as error:
+            raise ModelLoadError(f"model.weights: {path.name} is not a readable safetensors file: {error}") from None
+    if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        if _is_torchscript(path):
+            raise ModelLoadError(
+                f"model.weights: {path.name} is a TorchScript archive, which can run code while"
+                " loading; set model.trust_code: true in the spec if you trust its origin"
+            )
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ModelLoadError(
+                f"model.weights: {path.name} is not a plain state_dict (torch.load with"
+                f" weights_only=True refused it: {str(error).splitlines()[0]}). A pickled module can"
+                " run code while loading; save model.state_dict() instead, or set"
+                " model.trust_code: true if you trust its origin"
+            ) from None
+        if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+            loaded = loaded["state_dict"]  # Lightning-style checkpoints
+        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            raise ModelLoadError(
+                f"model.weights: {path.name} holds a {type(loaded).__name__}, expected a state_dict"
+                " (a mapping of parameter names to tensors)"
+            )
+        return {str(k): v for k, v in loaded.items()}
+    raise ModelLoadError(
+        f"model.weights: unsupported file type {suffix!r} for {path.name};"
+        " expected .safetensors, .pt or .pth"
+    )
+
+
+def _load_trusted_module(path: Path) -> nn.Module:
+    """TorchScript or a whole pickled module; only reached with ``trust_code: true``."""
+    log.warning("loading %s with trust_code: true; it may execute code", path.name)
+    if _is_torchscript(path):
+        module = torch.jit.load(str(path), map_location="cpu")
+    else:
+        module = torch.load(path, map_location="cpu", weights_only=False)  # trust_code gate
+    if not isinstance(module, nn.Module):
+        raise ModelLoadError(f"model.weights: {path.name} holds a {type(module).__name__}, expected a module")
+    return module
+
+
+def build_module(spec: ModelSpec, base_dir: Path, weights: Path | None) -> nn.Module:
+    """Instantiate the user's model (without normalisation) with its weights loaded."""
+    if spec.factory is None:
+        assert weights is not None and spec.trust_code  # guaranteed by the spec validator
+        return _load_trusted_module(weights)
+    factory = import_factory(spec.factory, base_dir)
+    with _on_path(base_dir):
+        try:
+            module = factory(**spec.factory_kwargs)
+        except Exception as error:
+            raise ModelLoadError(
+                f"model.factory: {spec.factory}(**{spec.factory_kwargs}) raised"
+                f" {type(error).__name__}: {error}"
+            ) from error
+    if not isinstance(module, nn.Module):
+        raise ModelLoadError(
+            f"model.factory: {spec.factory} returned a {type(module).__name__}, expected torch.nn.Module"
+        )
+    if weights is not None:
+        if spec.trust_code and _is_torchscript(weights):
+            return _load_trusted_module(weights)
+        state = load_state_dict(weights)
+        missing, unexpected = _compare_keys(module, state)
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"model.weights: {weights.name} does not match {spec.factory}: missing keys"
+                f" {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys"
+                f" {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise ModelLoadError(f"model.weights: {weights.name}: {error}") from None
+    return module
+
+
+def _compare_keys(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    expected = set(module.state_dict())
+    return sorted(expected - set(state)), sorted(set(state) - expected)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA (or simulated) out-of-memory errors, which batch halving can recover from."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+@dataclass
+class PassStats:
+    """What the shared pass did; written into results.json (it depends on the machine)."""
+
+    images_forwarded: int = 0
+    forward_calls: int = 0
+    batch_size: int = 0
+    batch_halvings: int = 0
+    seconds: float = 0.0
+    per_split: dict[str, int] = field(default_factory=dict)
+
+
+class ModelAdapter:
+    """The candidate model on its device, in eval mode, taking images in [0, 1].
+
+    Args:
+        spec: the validated audit spec.
+        batch_size: images per forward call; halved on out-of-memory.
+    """
+
+    def __init__(self, spec: AuditSpec, *, batch_size: int = 64, device: str | None = None) -> None:
+        self.spec = spec.model
+        self.device = resolve_device(device or spec.device)
+        user_module = build_module(spec.model, spec.base_dir, spec.weights_path)
+        norm = spec.model.normalize
+        self.module: nn.Module = NormalizedModel(
+            user_module, norm.mean if norm else None, norm.std if norm else None
+        )
+        self.module.eval().to(self.device)
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)
+        self.batch_size = batch_size
+        self.stats = PassStats(batch_size=batch_size)
+        self._feature_module, self._feature_source = self._find_feature_module(user_module)
+        self.num_parameters = sum(p.numel() for p in user_module.parameters())
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.spec.classes)
+
+    @property
+    def feature_layer(self) -> str:
+        return self._feature_source
+
+    def _find_feature_module(self, module: nn.Module) -> tuple[nn.Module | None, str]:
+        if self.spec.feature_layer is not None:
+            modules = dict(module.named_modules())
+            if self.spec.feature_layer not in modules:
+                names = [n for n in modules if n][:12]
+                raise ConfigError(
+                    f"model.feature_layer: no module named {self.spec.feature_layer!r};"
+                    f" expected one of {names}{'...' if len(modules) > 13 else ''}"
+                )
+            return modules[self.spec.feature_layer], f"output of {self.spec.feature_layer}"
+        if isinstance(module, torch.jit.ScriptModule):
+            log.warning("TorchScript model: embeddings unavailable (hooks cannot be added after scripting)")
+            return None, "unavailable: TorchScript module"
+        linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            log.warning("the model has no nn.Linear; embeddings unavailable unless model.feature_layer names a module")
+            return None, "unavailable: no nn.Linear (set model.feature_layer)"
+        name, last = linears[-1]
+        return last, f"input of {name}"
+
+    @property
+    def has_features(self) -> bool:
+        return self._feature_module is not None
+
+    def _forward_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        use_input = self.spec.feature_layer is None
+
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            tensor = inputs[0] if use_input else output
+            captured.append(tensor.detach().flatten(1))
+
+        handle = self._feature_module.register_forward_hook(hook) if self._feature_module else None
+        try:
+            self.stats.forward_calls += 1
+            logits = self.module(images.to(self.device, non_blocking=True))
+        finally:
+            if handle is not None:
+                handle.remove()
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            raise ModelLoadError(
+                f"the model must return logits of shape (N, {len(self.classes)}), got"
+                f" {getattr(logits, 'shape', type(logits).__name__)}"
+            )
+        if logits.shape[1] != len(self.classes):
+            raise ModelLoadError(
+                f"the model returns {logits.shape[1]} logits per image but model.classes lists"
+                f" {len(self.classes)} classes"
+            )
+        if self._feature_module is None:
+            return logits.float().cpu(), torch.empty(logits.shape[0], 0)
+        if not captured:
+            raise ModelLoadError(f"the feature hook ({self._feature_source}) never fired")
+        return logits.float().cpu(), captured[-1].float().cpu()
+
+    def forward_pass(
+        self,
+        images: torch.Tensor,
+        *,
+        split: str = "",
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and embeddings for ``images`` (N, C, H, W) in [0, 1], batch by batch.
+
+        The pass is a map over batches whose outputs merge by concatenation. On out-of-memory the
+        batch is halved and retried; the final batch size is kept for the rest of the run.
+        """
+        logits_parts: list[torch.Tensor] = []
+        feature_parts: list[torch.Tensor] = []
+        start = 0
+        n = images.shape[0]
+        with torch.inference_mode():
+            while start < n:
+                batch = images[start : start + self.batch_size].float()
+                try:
+                    logits, features = self._forward_batch(batch)
+                except Exception as error:
+                    if not is_out_of_memory(error) or self.batch_size == 1:
+                        raise
+                    self.batch_size = max(1, self.batch_size // 2)
+                    self.stats.batch_halvings += 1
+                    self.stats.batch_size = self.batch_size
+                    log.warning("out of memory; retrying with batch size %d", self.batch_size)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                logits_parts.append(logits)
+                feature_parts.append(features)
+                start += batch.shape[0]
+                self.stats.images_forwarded += batch.shape[0]
+                if split:
+                    self.stats.per_split[split] = self.stats.per_split.get(split, 0) + batch.shape[0]
+                if progress is not None:
+                    progress(batch.shape[0])
+        n_classes = len(self.classes)
+        if not logits_parts:
+            return torch.empty(0, n_classes), torch.empty(0, 0)
+        return torch.cat(logits_parts), torch.cat(feature_parts)

@@ -1,0 +1,380 @@
+"""Plan, then execute: the audit run (DESIGN sections 2, 5 and 7).
+
+1. resolve the selected checks and validate their parameters (before any slow work);
+2. load the model, then decode every image the plan needs, once;
+3. run ONE forward pass per split that any selected check needs;
+4. run each check as an independent unit over the cached results; an exception becomes an
+   ``error`` result and the others still run; each finished check is checkpointed atomically, so
+   ``--resume`` continues a run that died;
+5. write ``results.json`` (schema ``auditkit.results/v1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from auditkit import __version__
+from auditkit.check import Check, CheckResult, Needs, Skip
+from auditkit.context import AuditContext, ProgressFactory
+from auditkit.data import Dataset, load_dataset
+from auditkit.errors import ConfigError
+from auditkit.model import ModelAdapter
+from auditkit.registry import BrokenCheck, discover
+from auditkit.results import SCHEMA, jsonable, sha256_file, sha256_json, write_json_atomic
+from auditkit.spec import AuditSpec, format_validation_error
+
+log = logging.getLogger(__name__)
+
+EXIT_PASS, EXIT_POLICY_FAILED, EXIT_USAGE, EXIT_CHECK_ERROR = 0, 1, 2, 3
+
+
+@dataclass
+class RunOptions:
+    """Command-line overrides of the spec."""
+
+    out_dir: Path | None = None
+    only: Sequence[str] | None = None
+    skip: Sequence[str] = ()
+    device: str | None = None
+    resume: bool = False
+    batch_size: int = 64
+    progress: ProgressFactory | None = None
+    argv: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SelectedCheck:
+    id: str
+    cls: type[Check] | None
+    params: Any
+    raw_params: dict[str, Any]
+    broken: BrokenCheck | None = None
+
+
+@dataclass
+class AuditOutcome:
+    results: dict[str, Any]
+    out_dir: Path
+    exit_code: int
+
+
+def _split_ids(values: Sequence[str] | None) -> list[str]:
+    return [item.strip() for value in values or () for item in value.split(",") if item.strip()]
+
+
+def select_checks(
+    spec: AuditSpec,
+    available: Mapping[str, type[Check]],
+    broken: Sequence[BrokenCheck] = (),
+    *,
+    only: Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+) -> list[SelectedCheck]:
+    """The checks to run, with validated parameters; unknown ids are usage errors."""
+    broken_by_id = {b.id: b for b in broken}
+    known = sorted(set(available) | set(broken_by_id))
+    wanted: dict[str, dict[str, Any]] = (
+        dict(spec.checks) if spec.checks is not None else {cid: {} for cid in known}
+    )
+    only_ids, skip_ids = _split_ids(only), _split_ids(skip)
+    for source, ids in (("checks", list(wanted)), ("--only", only_ids), ("--skip", skip_ids)):
+        unknown = [cid for cid in ids if cid not in known]
+        if unknown:
+            raise ConfigError(f"{source}: unknown check(s) {unknown}; installed checks are {known}")
+    if only_ids:
+        wanted = {cid: wanted.get(cid, {}) for cid in only_ids}
+    for cid in skip_ids:
+        wanted.pop(cid, None)
+    selected: list[SelectedCheck] = []
+    for cid, raw in wanted.items():
+        if cid in broken_by_id:
+            selected.append(SelectedCheck(cid, None, None, raw, broken_by_id[cid]))
+            continue
+        cls = available[cid]
+        if not isinstance(raw, dict):
+            raise ConfigError(f"checks.{cid}: expected a mapping of parameters, got {raw!r}")
+        try:
+            params = cls.Params(**raw)
+        except ValidationError as error:
+            raise ConfigError(format_validation_error(error, f"checks.{cid}")) from None
+        selected.append(SelectedCheck(cid, cls, params, raw))
+    return selected
+
+
+def plan_splits(selected: Sequence[SelectedCheck], dataset: Dataset) -> list[str]:
+    """The splits whose forward pass the selected checks need (each computed once)."""
+    needs = [s.cls.needs for s in selected if s.cls is not None]
+    if not any(n.predictions or n.features for n in needs):
+        return []
+    splits = ["eval"]
+    if any(n.train and (n.predictions or n.features) for n in needs):
+        splits.append("train")
+    if any(n.ood and (n.predictions or n.features) for n in needs):
+        splits += [name for name in dataset.splits if name.startswith("ood:")]
+    return [s for s in splits if s in dataset.splits]
+
+
+def _roles(selected: Sequence[SelectedCheck]) -> list[str]:
+    needs = [s.cls.needs for s in selected if s.cls is not None]
+    roles = ["eval"]
+    if any(n.train for n in needs):
+        roles.append("train")
+    if any(n.ood for n in needs):
+        roles.append("ood")
+    return roles
+
+
+def _error_record(error: BaseException) -> dict[str, Any]:
+    frames = traceback.extract_tb(error.__traceback__)
+    return {
+        "type": type(error).__name__,
+        "message": str(error),
+        "where": [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames[-6:]],
+    }
+
+
+def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
+    """Run one check; never raises for a failure inside the check."""
+    record: dict[str, Any] = {
+        "id": selected.id,
+        "family": selected.cls.family if selected.cls else None,
+        "status": "ok",
+        "reason": None,
+        "params": selected.params.model_dump(mode="json") if selected.params is not None else selected.raw_params,
+        "duration_s": 0.0,
+        "metrics": [],
+        "findings": [],
+        "artifacts": [],
+        "error": None,
+    }
+    if selected.cls is None:
+        assert selected.broken is not None
+        record["status"] = "error"
+        record["error"] = {"type": "PluginLoadError", "message": f"{selected.broken.target}: {selected.broken.reason}", "where": []}
+        return record
+    needs: Needs = selected.cls.needs
+    if needs.train and not ctx.has_split("train"):
+        record["status"], record["reason"] = "skipped", "no train split (set data.splits.train in the spec)"
+        return record
+    started = time.perf_counter()
+    try:
+        result = selected.cls().run(ctx, selected.params)
+        if not isinstance(result, CheckResult):
+            raise TypeError(f"run() returned {type(result).__name__}, expected CheckResult")
+        record["metrics"] = [m.to_json() for m in result.metrics]
+        record["findings"] = jsonable(result.findings)
+        record["artifacts"] = [a.to_json() for a in result.artifacts]
+    except Skip as skip:
+        record["status"], record["reason"] = "skipped", str(skip)
+    except Exception as error:
+        log.error("check %s failed: %s: %s", selected.id, type(error).__name__, error)
+        record["status"] = "error"
+        record["error"] = _error_record(error)
+    record["duration_s"] = round(time.perf_counter() - started, 4)
+    return record
+
+
+def _environment() -> dict[str, Any]:
+    import numpy
+    import pydicom
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if cuda else None,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "numpy": numpy.__version__,
+        "pydicom": pydicom.__version__,
+        "auditkit": __version__,
+    }
+
+
+def _fingerprint(spec: AuditSpec, selected: SelectedCheck, inputs: dict[str, str | None]) -> str:
+    return sha256_json(
+        {
+            "auditkit": __version__,
+            "check": selected.id,
+            "params": selected.params.model_dump(mode="json") if selected.params is not None else None,
+            "spec": {k: v for k, v in spec.to_yaml_dict().items() if k not in ("output", "policy", "checks")},
+            "inputs": inputs,
+        }
+    )
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    import json
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if saved.get("fingerprint") != fingerprint or saved.get("record", {}).get("status") == "error":
+        return None
+    record: dict[str, Any] = saved["record"]
+    return record
+
+
+def _split_summary(dataset: Dataset, spec: AuditSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    quarantined: dict[str, int] = {}
+    for entry in dataset.quarantine:
+        quarantined[entry.split] = quarantined.get(entry.split, 0) + 1
+    for name, split in dataset.splits.items():
+        counts = {c: int((split.labels == i).sum()) for i, c in enumerate(spec.model.classes)}
+        groups = {
+            col: {str(g): int((values == g).sum()) for g in sorted(set(values.tolist()))}
+            for col, values in split.groups.items()
+        }
+        out[name] = {
+            "manifest": split.manifest.name,
+            "split_value": {"eval": spec.data.splits.eval, "train": spec.data.splits.train}.get(name),
+            "n_images": split.n,
+            "n_quarantined": quarantined.get(name, 0),
+            "n_patients": len({p for p in split.patients if p is not None}),
+            "class_counts": counts if not name.startswith("ood:") else None,
+            "group_counts": groups,
+            "quarantined_by_group": split.quarantined_groups,
+        }
+    return out
+
+
+def run_audit(
+    spec: AuditSpec,
+    options: RunOptions | None = None,
+    *,
+    checks: Mapping[str, type[Check]] | None = None,
+) -> AuditOutcome:
+    """Run the audit described by ``spec`` and write ``results.json``.
+
+    Args:
+        spec: the validated spec.
+        options: command-line overrides.
+        checks: the checks to choose from (default: every installed check).
+
+    Raises:
+        ConfigError, InputError: usage or input problems (exit code 2).
+    """
+    options = options or RunOptions()
+    started_at = datetime.now(UTC)
+    started = time.perf_counter()
+    broken: list[BrokenCheck] = []
+    if checks is None:
+        checks, broken = discover()
+    selected = select_checks(spec, checks, broken, only=options.only, skip=options.skip)
+
+    out_dir = (options.out_dir or spec.output_dir).resolve()
+    checkpoints = out_dir / "checkpoints"
+    if not options.resume:
+        for stale in (checkpoints, out_dir / "artifacts"):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+
+    weights = spec.weights_path
+    model = ModelAdapter(spec, batch_size=options.batch_size, device=options.device)
+    inputs = {
+        "manifest_sha256": sha256_file(spec.manifest_path) if spec.manifest_path.is_file() else None,
+        "weights_sha256": sha256_file(weights) if weights is not None else None,
+    }
+    dataset = load_dataset(spec, roles=_roles(selected), progress=options.progress)
+    ctx = AuditContext(spec, model, dataset, out_dir, progress=options.progress)
+
+    records: dict[str, dict[str, Any]] = {}
+    fingerprints = {s.id: _fingerprint(spec, s, inputs) for s in selected}
+    resumed: list[str] = []
+    if options.resume:
+        for s in selected:
+            record = _load_checkpoint(checkpoints / f"{s.id}.json", fingerprints[s.id])
+            if record is not None:
+                records[s.id] = record
+                resumed.append(s.id)
+    pending = [s for s in selected if s.id not in records]
+    ctx.prepare(plan_splits(pending, dataset))
+
+    for s in pending:
+        log.info("running check %s", s.id)
+        record = execute_check(s, ctx)
+        records[s.id] = record
+        write_json_atomic(checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record})
+
+    check_records = [records[s.id] for s in selected]
+    errored = [r["id"] for r in check_records if r["status"] == "error"]
+    verdict = "fail" if errored else "pass"
+    finished_at = datetime.now(UTC)
+    stats = model.stats
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "run": {
+            "id": uuid.uuid4().hex,
+            "started_at": started_at.isoformat(timespec="seconds"),
+            "finished_at": finished_at.isoformat(timespec="seconds"),
+            "duration_s": round(time.perf_counter() - started, 3),
+            "auditkit_version": __version__,
+            "command": options.argv or sys.argv,
+            "seed": spec.seed,
+            "device": str(model.device),
+            "precision": "fp32",
+            "batch_size": stats.batch_size,
+            "batch_halvings": stats.batch_halvings,
+            "forward_calls": stats.forward_calls,
+            "images_forwarded": stats.images_forwarded,
+            "images_forwarded_per_split": stats.per_split,
+            "inference_s": round(stats.seconds, 4),
+            "images_decoded": dataset.images_decoded,
+            "resumed_checks": resumed,
+        },
+        "environment": _environment(),
+        "model": {
+            "factory": spec.model.factory,
+            "factory_kwargs": spec.model.factory_kwargs,
+            "weights": spec.model.weights.name if spec.model.weights else None,
+            "weights_sha256": inputs["weights_sha256"],
+            "classes": spec.model.classes,
+            "positive_class": spec.model.classes[spec.model.positive_index]
+            if spec.model.positive_index is not None
+            else None,
+            "input": spec.model.input.model_dump(),
+            "normalize": spec.model.normalize.model_dump() if spec.model.normalize else None,
+            "feature_layer": model.feature_layer,
+            "trust_code": spec.model.trust_code,
+            "n_parameters": model.num_parameters,
+        },
+        "data": {
+            "manifest": spec.manifest_path.name,
+            "manifest_sha256": inputs["manifest_sha256"],
+            "groups": {k: v.model_dump() for k, v in spec.data.groups.items()},
+            "dicom_window": spec.data.dicom.window,
+            "splits": _split_summary(dataset, spec),
+            "quarantine": [q.to_json() for q in dataset.quarantine],
+        },
+        "checks": check_records,
+        "policy": None,
+        "rules": [],
+        "controls": [],
+        "verdict": verdict,
+    }
+    write_json_atomic(out_dir / "results.json", results)
+    exit_code = EXIT_CHECK_ERROR if errored else EXIT_PASS
+    return AuditOutcome(results=results, out_dir=out_dir, exit_code=exit_code)
+
+
+ProgressCallback = Callable[[int], None]

@@ -1,0 +1,298 @@
+"""The audit spec (DESIGN section 3): one YAML file that says what to audit and how.
+
+Relative paths resolve against the spec file's folder, and that folder is put on the import path
+when the model factory is imported. Unknown keys are errors, so a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from auditkit.errors import ConfigError
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputShape(_Strict):
+    """The model's input: channels and spatial size every image is resized to."""
+
+    channels: int = Field(ge=1, le=64)
+    height: int = Field(ge=8, le=4096)
+    width: int = Field(ge=8, le=4096)
+
+
+class Normalize(_Strict):
+    """Per-channel normalisation applied inside the model adapter: ``(x - mean) / std``."""
+
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std: list[float]) -> list[float]:
+        for value in std:
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"every std must be a positive finite number, got {std}")
+        return std
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Normalize:
+        if len(self.mean) != len(self.std):
+            raise ValueError(
+                f"mean and std must have one value per channel, got {len(self.mean)} means"
+                f" and {len(self.std)} stds"
+            )
+        return self
+
+
+class ModelSpec(_Strict):
+    """Where the model comes from and how to call it."""
+
+    factory: str | None = None
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: Path | None = None
+    classes: list[str] = Field(min_length=2)
+    positive_class: str | None = None
+    input: InputShape
+    normalize: Normalize | None = None
+    feature_layer: str | None = None
+    trust_code: bool = False
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, factory: str | None) -> str | None:
+        if factory is not None and not _FACTORY.match(factory):
+            raise ValueError(
+                f"expected 'package.module:callable', got {factory!r}"
+            )
+        return factory
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, classes: list[str]) -> list[str]:
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"class names must be unique, got {classes}")
+        if any(not c.strip() for c in classes):
+            raise ValueError(f"class names must be non-empty, got {classes}")
+        return classes
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.positive_class is not None and self.positive_class not in self.classes:
+            raise ValueError(
+                f"positive_class must be one of {self.classes}, got {self.positive_class!r}"
+            )
+        if self.normalize is not None and len(self.normalize.mean) not in (1, self.input.channels):
+            raise ValueError(
+                f"normalize needs 1 or {self.input.channels} values (input.channels),"
+                f" got {len(self.normalize.mean)}"
+            )
+        if self.factory is None and not (self.trust_code and self.weights is not None):
+            raise ValueError(
+                "factory is required (a model given only as a TorchScript or pickled module file"
+                " needs weights: <file> and trust_code: true)"
+            )
+        return self
+
+    @property
+    def positive_index(self) -> int | None:
+        """Index of the positive class; for two classes without one, the second class."""
+        if self.positive_class is not None:
+            return self.classes.index(self.positive_class)
+        return 1 if len(self.classes) == 2 else None
+
+
+class GroupSpec(_Strict):
+    """A subgroup column; numeric columns may be banded with increasing ``bins`` edges."""
+
+    bins: list[float] | None = None
+
+    @field_validator("bins")
+    @classmethod
+    def _increasing(cls, bins: list[float] | None) -> list[float] | None:
+        if bins is None:
+            return None
+        if len(bins) < 2:
+            raise ValueError(f"bins needs at least two edges, got {bins}")
+        if any(not math.isfinite(b) for b in bins):
+            raise ValueError(f"bins must be finite numbers, got {bins}")
+        if any(b >= c for b, c in zip(bins, bins[1:], strict=False)):
+            raise ValueError(f"bins must be increasing, got {bins}")
+        return bins
+
+
+class OODSetSpec(_Strict):
+    """A named out-of-distribution set: its own manifest (paths inside ``data.root``)."""
+
+    manifest: Path
+
+
+class DicomOptions(_Strict):
+    """How DICOM pixels become intensities: ``auto`` (VOI LUT or window from the header, else
+    min-max), ``minmax``, or a fixed ``{center, width}`` window."""
+
+    window: Literal["auto", "minmax"] | dict[str, float] = "auto"
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, window: Any) -> Any:
+        if isinstance(window, dict):
+            if set(window) != {"center", "width"}:
+                raise ValueError(
+                    f"a fixed window is {{center: C, width: W}}, got keys {sorted(window)}"
+                )
+            if not window["width"] >= 1:
+                raise ValueError(f"window width must be >= 1, got {window['width']}")
+        return window
+
+
+class Splits(_Strict):
+    """Which values of the manifest's ``split`` column play the roles eval and train."""
+
+    eval: str = "test"
+    train: str | None = None
+
+
+class DataSpec(_Strict):
+    """The labelled data: a folder and a CSV manifest of ``path,label[,patient_id]...`` rows."""
+
+    root: Path
+    manifest: Path
+    splits: Splits = Field(default_factory=Splits)
+    groups: dict[str, GroupSpec] = Field(default_factory=dict)
+    ood: dict[str, OODSetSpec] = Field(default_factory=dict)
+    dicom: DicomOptions = Field(default_factory=DicomOptions)
+
+    @field_validator("groups", mode="before")
+    @classmethod
+    def _none_is_empty(cls, groups: Any) -> Any:
+        if isinstance(groups, dict):
+            return {k: ({} if v is None else v) for k, v in groups.items()}
+        return groups
+
+    @field_validator("groups")
+    @classmethod
+    def _group_names(cls, groups: dict[str, GroupSpec]) -> dict[str, GroupSpec]:
+        reserved = {"path", "label", "patient_id", "study_id", "split"}
+        clash = sorted(reserved & set(groups))
+        if clash:
+            raise ValueError(f"group columns cannot be reserved manifest columns, got {clash}")
+        return groups
+
+
+class AuditSpec(_Strict):
+    """The whole audit: model, data, checks, policy, device, seed and output folder."""
+
+    model: ModelSpec
+    data: DataSpec
+    checks: dict[str, dict[str, Any]] | None = None
+    policy: str = "medical-imaging-default"
+    device: str = "auto"
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    output: Path = Path("audit-out")
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("checks", mode="before")
+    @classmethod
+    def _checks_none_params(cls, checks: Any) -> Any:
+        if isinstance(checks, list):  # `checks: [calibration, ood]` means defaults for each
+            return {str(c): {} for c in checks}
+        if isinstance(checks, dict):
+            return {k: ({} if v is None else v) for k, v in checks.items()}
+        return checks
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not _DEVICE.match(device):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {device!r}")
+        return device
+
+    def resolve(self, path: Path) -> Path:
+        """An absolute path for a spec-relative one."""
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def data_root(self) -> Path:
+        return self.resolve(self.data.root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.resolve(self.data.manifest)
+
+    @property
+    def weights_path(self) -> Path | None:
+        return None if self.model.weights is None else self.resolve(self.model.weights)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve(self.output)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The spec as plain data (paths as written), for the results and round-trips."""
+        return self.model_dump(mode="json", exclude={"base_dir"}, exclude_none=False)
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field.path: what was expected, got <value>``."""
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see DESIGN section 3)"
+        elif item["type"] == "missing":
+            message = "required but missing"
+        got = item.get("input")
+        shown = "" if item["type"] in ("missing",) or "got " in message else f", got {got!r}"
+        if isinstance(got, dict) and item["type"] != "extra_forbidden":
+            shown = ""
+        lines.append(f"{source}: {loc}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, *, base_dir: Path, source: str = "spec") -> AuditSpec:
+    """Validate already-parsed YAML data into an :class:`AuditSpec`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return AuditSpec.model_validate({**data, "base_dir": base_dir.resolve()})
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+
+
+def load_spec(path: Path | str) -> AuditSpec:
+    """Read and validate a spec file; every problem is a :class:`ConfigError` naming the field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"spec file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read spec file {path}: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_spec(data, base_dir=path.resolve().parent, source=str(path))

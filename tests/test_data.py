@@ -1,0 +1,166 @@
+"""Manifest validation, banding, surrogates and the decoded splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from auditkit.data import Surrogates, band, band_labels, load_dataset, parse_numeric, read_manifest
+from auditkit.errors import InputError
+from auditkit.spec import GroupSpec, load_spec
+
+
+def _manifest(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "root").mkdir(exist_ok=True)
+    path = tmp_path / "root" / "manifest.csv"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _read(path: Path, **kwargs: object) -> object:
+    return read_manifest(path, root=path.parent, classes=["normal", "nodule"], **kwargs)  # type: ignore[arg-type]
+
+
+def test_valid_manifest_rows(tmp_path: Path) -> None:
+    path = _manifest(tmp_path, "path,label,patient_id,split,sex\na.png,normal,p1,test,F\nb.png,nodule,p2,train,M\n")
+    manifest = read_manifest(path, root=path.parent, classes=["normal", "nodule"], group_columns=["sex"])
+    assert [r.row for r in manifest.rows] == [0, 1]
+    assert [r.label for r in manifest.rows] == [0, 1]
+    assert manifest.rows[1].groups == {"sex": "M"}
+    assert manifest.rows[0].path == (path.parent / "a.png").resolve()
+
+
+def test_missing_columns_are_named(tmp_path: Path) -> None:
+    path = _manifest(tmp_path, "file,label\na.png,normal\n")
+    with pytest.raises(InputError, match=r"missing column\(s\) \['path'\]; the header has \['file', 'label'\]"):
+        _read(path)
+    path = _manifest(tmp_path, "path,label\na.png,normal\n")
+    with pytest.raises(InputError, match=r"missing column\(s\) \['site'\]"):
+        _read(path, group_columns=["site"])
+
+
+def test_unknown_label_names_row_value_and_classes(tmp_path: Path) -> None:
+    path = _manifest(tmp_path, "path,label\na.png,normal\nb.png,tumour\n")
+    with pytest.raises(InputError) as info:
+        _read(path)
+    message = str(info.value)
+    assert "manifest.csv: row 1 (line 3): column 'label' value 'tumour' is not one of model.classes ['normal', 'nodule']" in message
+
+
+def test_duplicate_paths_name_both_rows(tmp_path: Path) -> None:
+    path = _manifest(tmp_path, "path,label\na.png,normal\nb.png,normal\n./a.png,nodule\n")
+    with pytest.raises(InputError, match=r"row 2 \(line 4\): column 'path' value './a.png' duplicates row 0"):
+        _read(path)
+
+
+@pytest.mark.parametrize("escape", ["../secret.png", "/etc/passwd", "sub/../../x.png"])
+def test_paths_escaping_the_root_are_refused(tmp_path: Path, escape: str) -> None:
+    path = _manifest(tmp_path, f"path,label\na.png,normal\n{escape},normal\n")
+    with pytest.raises(InputError, match=r"row 1 \(line 3\): column 'path' value .* resolves outside data.root"):
+        _read(path)
+
+
+def test_symlink_escaping_the_root_is_refused(tmp_path: Path) -> None:
+    path = _manifest(tmp_path, "path,label\nlink.png,normal\n")
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"x")
+    (path.parent / "link.png").symlink_to(outside)
+    with pytest.raises(InputError, match="resolves outside data.root"):
+        _read(path)
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    path = _manifest(tmp_path, "path,label\n,normal\nb.png,cat\nc.png,normal,extra\n")
+    with pytest.raises(InputError) as info:
+        _read(path)
+    message = str(info.value)
+    assert "3 problem(s)" in message
+    assert "row 0 (line 2): column 'path' is empty" in message
+    assert "row 1 (line 3): column 'label' value 'cat'" in message
+    assert "row 2 (line 4): 3 cells, the header has 2" in message
+
+
+def test_empty_manifest_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="manifest not found"):
+        _read(tmp_path / "nope.csv")
+    with pytest.raises(InputError, match="no data rows"):
+        _read(_manifest(tmp_path, "path,label\n"))
+
+
+def test_banding() -> None:
+    spec = GroupSpec(bins=[0, 40, 65, 120])
+    assert band_labels(spec.bins or []) == ["0-40", "40-65", "65-120"]
+    assert band("39.9", spec) == "0-40"
+    assert band("40", spec) == "40-65"
+    assert band("120", spec) == "65-120"  # the last band includes its upper edge
+    assert band("121", spec) == ">120"
+    assert band("-1", spec) == "<0"
+    assert band("", spec) == "missing"
+    assert band("045Y", spec) == "40-65"  # DICOM Age String
+    assert band("F", GroupSpec()) == "F"
+    with pytest.raises(ValueError, match="expected a number to band"):
+        band("old", spec)
+
+
+def test_parse_numeric_age_strings() -> None:
+    assert parse_numeric("006M") == pytest.approx(0.5)
+    assert parse_numeric("070Y") == 70
+    assert parse_numeric("nan") is None
+    assert parse_numeric("x") is None
+
+
+def test_surrogates_are_stable_and_reveal_nothing() -> None:
+    patients = Surrogates("P")
+    assert patients("DOE^JOHN") == "P0001"
+    assert patients("123-45-6789") == "P0002"
+    assert patients(" DOE^JOHN ") == "P0001"
+    assert patients("") is None and patients(None) is None
+    assert len(patients) == 2
+
+
+def test_load_dataset_splits_groups_and_surrogates(tiny_study: Path) -> None:
+    spec = load_spec(tiny_study)
+    dataset = load_dataset(spec)
+    assert set(dataset.splits) == {"eval", "train"}
+    evals = dataset.splits["eval"]
+    assert evals.n == 16 and dataset.splits["train"].n == 32
+    assert evals.images.dtype.is_floating_point and tuple(evals.images.shape[1:]) == (1, 16, 16)
+    assert float(evals.images.min()) >= 0.0 and float(evals.images.max()) <= 1.0
+    assert set(evals.groups) == {"sex", "age"}
+    assert set(evals.groups["age"].tolist()) == {"0-40", "40-65", "65-120"}
+    assert all(p is not None and p.startswith("P") for p in evals.patients)
+    assert not any("pat" in (p or "") for p in evals.patients)  # raw IDs never kept
+    assert list(evals.rows) == list(range(0, 48, 3))
+    assert dataset.quarantine == []
+    assert dataset.images_decoded == 48
+
+
+def test_broken_images_are_quarantined_and_the_rest_go_on(tiny_study: Path) -> None:
+    data = tiny_study.parent / "data"
+    (data / "img" / "000.npy").write_bytes(b"not numpy at all")
+    np.save(data / "img" / "003.npy", np.array([object()], dtype=object), allow_pickle=True)
+    (data / "img" / "006.npy").unlink()
+    dataset = load_dataset(load_spec(tiny_study))
+    quarantined = {q.row: q.reason for q in dataset.quarantine}
+    assert set(quarantined) == {0, 3, 6}
+    assert all(reason for reason in quarantined.values())
+    assert all(str(data) not in reason for reason in quarantined.values())
+    assert dataset.splits["eval"].n == 13
+    assert sum(dataset.splits["eval"].quarantined_groups["sex"].values()) == 3
+
+
+def test_train_split_without_split_column(tmp_path: Path, tiny_study: Path) -> None:
+    manifest = tiny_study.parent / "data" / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != 3) for line in lines))
+    with pytest.raises(InputError, match="data.splits.train is 'train' but the manifest has no 'split' column"):
+        load_dataset(load_spec(tiny_study))
+
+
+def test_unknown_eval_split_value(tiny_study: Path) -> None:
+    spec = load_spec(tiny_study)
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"splits": spec.data.splits.model_copy(update={"eval": "validation"})})})
+    with pytest.raises(InputError, match=r"no rows with split 'validation' \(data.splits.eval\); the split column holds \['test', 'train'\]"):
+        load_dataset(spec)
