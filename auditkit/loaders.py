@@ -621,7 +621,7 @@ def _check_deflate_bound(handle: BinaryIO, budget: DecodeBudget) -> None:
         limit = budget.max_file_bytes
         while chunk := handle.read(_INFLATE_CHUNK):
             pending = chunk
-            while pending:
+            while pending and not inflater.eof:  # bytes after the stream's end stay unconsumed
                 inflated += len(inflater.decompress(pending, _INFLATE_CHUNK))
                 if inflated > limit:
                     raise UnreadableImage(

@@ -783,3 +783,16 @@ def test_mutated_dicom_bytes_only_raise_unreadable_image(
     assert decoded.pixels.shape == (1, 8, 8)
     assert np.all(np.isfinite(decoded.pixels))
     assert decoded.pixels.min() >= 0.0 and decoded.pixels.max() <= 1.0
+
+
+def test_bytes_after_the_deflate_stream_do_not_hang(tmp_path: Path) -> None:
+    """Regression: data after the end of a deflated stream once looped the inflation forever."""
+    path = tmp_path / "trailing.dcm"
+    make_dicom(path, ramp12(), transfer_syntax=DeflatedExplicitVRLittleEndian, WindowCenter=100.5)
+    path.write_bytes(path.read_bytes() + b"\x00" * 64)
+    try:
+        image = decode_image(path, channels=1, height=2, width=4)
+    except UnreadableImage as error:
+        assert str(error)
+    else:
+        assert image.pixels.shape == (1, 2, 4)
