@@ -52,8 +52,9 @@ def _format_value(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.4f}"
 
 
-def print_summary(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
+def print_summary(results: dict[str, Any], out: TextIO | None = None) -> None:
     """A short, CI-log-friendly summary: data, checks with headline metrics, verdict."""
+    out = out or sys.stdout
     run, data = results["run"], results["data"]
     out.write(f"auditkit {run['auditkit_version']} on {run['device']}, {run['duration_s']:.1f} s\n")
     for name, split in data["splits"].items():

@@ -9,7 +9,6 @@ first check, so no check triggers a second pass.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from auditkit.check import Skip
 from auditkit.data import Dataset, SplitData
 from auditkit.model import ModelAdapter
 from auditkit.spec import AuditSpec
+from auditkit.stats import stable_seed
 
 if TYPE_CHECKING:
     import pydicom
@@ -54,12 +54,6 @@ class Predictions:
     @property
     def predicted(self) -> np.ndarray:
         return np.asarray(self.probs.argmax(axis=1), dtype=np.int64)
-
-
-def stable_seed(*parts: object) -> int:
-    """A 32-bit seed from any parts, stable across processes (unlike ``hash``)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 class AuditContext:

@@ -203,7 +203,7 @@ def test_only_and_skip(tiny_study: Path) -> None:
 
 
 def test_seeded_generators_are_stable(tiny_study: Path) -> None:
-    from auditkit.context import stable_seed
+    from auditkit.stats import stable_seed
 
     assert stable_seed(0, "calibration") == stable_seed(0, "calibration")
     assert stable_seed(0, "calibration") != stable_seed(1, "calibration")
