@@ -1,0 +1,322 @@
+"""The calibration check: does the model's confidence match how often it is right?
+
+The numbers are computed by plain functions in :mod:`.metrics`, :mod:`.temperature` and
+:mod:`.plots` (testable without the engine); :class:`CalibrationCheck` applies them to the eval
+split, overall and per subgroup.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import Field
+
+from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs
+from auditkit.checks.calibration.metrics import (
+    METRIC_NAMES,
+    FloatArray,
+    _Statistics,
+    _to_numpy,
+    adaptive_calibration_error,
+    brier_score,
+    calibration_metrics,
+    expected_calibration_error,
+    maximum_calibration_error,
+    negative_log_likelihood,
+)
+from auditkit.checks.calibration.plots import reliability_diagram
+from auditkit.checks.calibration.temperature import (
+    TEMPERATURE_BOUNDS,
+    cross_fitted_temperature_probs,
+    fit_temperature,
+)
+from auditkit.errors import InputError
+from auditkit.stats import bootstrap_cis, stable_seed
+
+if TYPE_CHECKING:
+    from auditkit.context import AuditContext
+
+
+__all__ = [
+    "TEMPERATURE_BOUNDS",
+    "CalibrationCheck",
+    "adaptive_calibration_error",
+    "brier_score",
+    "calibration_metrics",
+    "cross_fitted_temperature_probs",
+    "expected_calibration_error",
+    "fit_temperature",
+    "maximum_calibration_error",
+    "negative_log_likelihood",
+    "reliability_diagram",
+]
+
+# --------------------------------------------------------------------------------------------
+# The check
+
+
+class CalibrationCheck(Check):
+    """Calibration of predicted probabilities: ECE, MCE, ACE, Brier, NLL, temperature scaling.
+
+    Method: the top-label confidence (largest softmax probability) is compared with accuracy in
+    confidence bins. ECE (expected calibration error) and MCE (maximum calibration error) use
+    equal-width bins (Naeini et al. 2015, "Obtaining Well Calibrated Probabilities Using Bayesian
+    Binning", AAAI); ACE uses equal-mass bins (Nixon et al. 2019, "Measuring Calibration in Deep
+    Learning", CVPR workshops); the Brier score and negative log-likelihood are proper scoring
+    rules. Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks",
+    ICML) is fitted by maximum likelihood on the eval split; its effect is measured by stratified
+    K-fold cross-fitting, so the after-scaling ECE is never measured on the data its temperature
+    was fitted on. Intervals are 95% percentile bootstraps stratified by class (the class counts
+    of the split are kept in every resample); the after-scaling interval holds the fold
+    temperatures fixed.
+
+    Inputs: eval-split logits and labels (``Needs(predictions=True)``); the spec's subgroup
+    columns. Rows whose logits are not finite are excluded and counted.
+
+    Metrics (all ``lower_is_better``, each with ``n`` and ``ci``):
+        ``calibration.ece``, ``.mce``, ``.ace``, ``.brier``, ``.nll`` overall (``labels={}``) and
+        per subgroup (``{"group_by": column, "group": value}``; groups smaller than
+        ``min_group_size`` get no interval); ``calibration.ece_after_temperature`` overall.
+
+    Findings: ``temperature_scaling`` (temperature fitted on the whole eval split, per-fold
+    temperatures, folds); ``non_finite_logits`` (count) when some logits are NaN or infinite.
+
+    Artifacts: ``reliability_diagram`` (SVG).
+
+    NIST AI RMF 1.0: MEASURE 2.5 (validity and reliability: confidence that means what it says),
+    MEASURE 2.6 (safe failure: overconfident errors are the unsafe ones), MEASURE 2.11 (fairness:
+    calibration per subgroup).
+    """
+
+    id: ClassVar[str] = "calibration"
+    family: ClassVar[str] = "calibration"
+
+    class Params(CheckParams):
+        """Parameters of :class:`CalibrationCheck`.
+
+        Attributes:
+            bins: equal-width confidence bins of ECE, MCE and the reliability diagram.
+            adaptive_bins: equal-mass bins of ACE; ``None`` uses ``bins``.
+            n_boot: bootstrap resamples per interval; 0 disables intervals.
+            temperature_folds: folds of the cross-fitted temperature scaling.
+            min_group_size: subgroups with fewer images get values but no interval.
+        """
+
+        bins: int = Field(default=15, ge=2, le=1000)
+        adaptive_bins: int | None = Field(default=None, ge=2, le=1000)
+        n_boot: int = Field(default=1000, ge=0, le=100_000)
+        temperature_folds: int = Field(default=5, ge=2, le=20)
+        min_group_size: int = Field(default=10, ge=2)
+
+    needs: ClassVar[Needs] = Needs(predictions=True)
+
+    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+        """Measure calibration on the eval split, overall and per subgroup."""
+        p: CalibrationCheck.Params = params
+        result = CheckResult()
+        preds = ctx.predictions("eval")
+        seed_root = int(ctx.rng("calibration").integers(0, 2**63 - 1))
+        if preds.n == 0:
+            result.metrics += _undefined_scope("no eval images", 0, {})
+            result.metrics.append(_undefined_after("no eval images", 0))
+            return result
+
+        logits, probs, labels = _eval_arrays(preds)
+        finite = np.asarray(np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1))
+        n_finite = int(finite.sum())
+        if n_finite < len(labels):
+            result.findings.append(
+                {"kind": "non_finite_logits", "split": "eval", "count": len(labels) - n_finite}
+            )
+
+        # Overall, then the eval split cut by every subgroup column.
+        result.metrics += _scope_metrics(
+            probs,
+            labels,
+            finite,
+            {},
+            p,
+            total=len(labels),
+            min_size=2,
+            seed=stable_seed(seed_root, "overall"),
+        )
+        after = _after_temperature(logits[finite], labels[finite], p, seed_root)
+        result.metrics.append(after.metric)
+        if after.finding is not None:
+            result.findings.append(after.finding)
+        for column, values in sorted(ctx.group_labels("eval").items()):
+            values = np.asarray(values).astype(str)
+            if values.shape != labels.shape:
+                raise InputError(
+                    f"group column {column!r} has {values.shape[0]} labels "
+                    f"for {labels.shape[0]} eval images"
+                )
+            for group in sorted(set(values.tolist())):
+                in_group = values == group
+                result.metrics += _scope_metrics(
+                    probs,
+                    labels,
+                    in_group & finite,
+                    {"group_by": column, "group": group},
+                    p,
+                    total=int(in_group.sum()),
+                    min_size=p.min_group_size,
+                    seed=stable_seed(seed_root, "group", column, group),
+                )
+
+        if n_finite > 0:
+            abs_path, rel_path = ctx.artifact_path("calibration", "reliability.svg")
+            Path(abs_path).parent.mkdir(parents=True, exist_ok=True)
+            reliability_diagram(
+                probs[finite], labels[finite], p.bins, abs_path, probs_after=after.probs_after
+            )
+            result.artifacts.append(
+                Artifact(
+                    name="reliability_diagram",
+                    path=Path(rel_path).as_posix(),
+                    media_type="image/svg+xml",
+                    description=(
+                        f"Reliability diagram of the eval split ({n_finite} images, {p.bins} "
+                        "equal-width bins): accuracy versus top-label confidence"
+                        + (
+                            ", before and after cross-fitted temperature scaling."
+                            if after.probs_after is not None
+                            else "."
+                        )
+                    ),
+                )
+            )
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers of the check
+
+
+class _AfterTemperature(NamedTuple):
+    metric: Metric
+    finding: dict[str, Any] | None = None
+    probs_after: FloatArray | None = None
+
+
+def _undefined_scope(reason: str, n: int, labels: dict[str, str]) -> list[Metric]:
+    return [
+        Metric(f"calibration.{name}", None, "lower_is_better", labels=labels, n=n, reason=reason)
+        for name in METRIC_NAMES
+    ]
+
+
+def _undefined_after(reason: str, n: int) -> Metric:
+    return Metric("calibration.ece_after_temperature", None, "lower_is_better", n=n, reason=reason)
+
+
+def _eval_arrays(preds: Any) -> tuple[FloatArray, FloatArray, NDArray[np.intp]]:
+    """Validated float64 logits and probabilities and intp labels of the eval predictions."""
+    logits = np.asarray(_to_numpy(preds.logits), dtype=np.float64)
+    probs = np.asarray(_to_numpy(preds.probs), dtype=np.float64)
+    labels = _to_numpy(preds.labels)
+    n = int(preds.n)
+    if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] < 2 or logits.shape != probs.shape:
+        raise InputError(
+            f"eval predictions must have shape (N, K) with N = {n} and K >= 2, "
+            f"got logits {logits.shape} and probs {probs.shape}"
+        )
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(
+            f"eval labels must be {n} integer class indices, got {labels.dtype} {labels.shape}"
+        )
+    n_classes = probs.shape[1]
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise InputError(
+            f"eval labels must be class indices in [0, {n_classes}), "
+            f"got values from {labels.min()} to {labels.max()}"
+        )
+    return logits, probs, labels.astype(np.intp)
+
+
+def _scope_metrics(
+    probs: FloatArray,
+    labels: NDArray[np.intp],
+    mask: NDArray[np.bool_],
+    scope: dict[str, str],
+    p: CalibrationCheck.Params,
+    *,
+    total: int,
+    min_size: int,
+    seed: int,
+) -> list[Metric]:
+    """The five metrics of the finite rows selected by ``mask``, out of ``total`` images.
+
+    Intervals are bootstrapped (stratified by class) when at least ``min_size`` rows remain.
+    """
+    n = int(mask.sum())
+    if n == 0:
+        return _undefined_scope(f"the logits of all {total} images are non-finite", 0, scope)
+    adaptive_bins = p.adaptive_bins if p.adaptive_bins is not None else p.bins
+    stats = _Statistics(probs[mask], labels[mask], p.bins, adaptive_bins)
+    identity = stats.identity()
+    values = {name: float(fn(identity)[0]) for name, fn in stats.batched().items()}
+    cis: dict[str, tuple[float, float] | None] = dict.fromkeys(METRIC_NAMES)
+    if n >= min_size:
+        cis = bootstrap_cis(
+            stats.batched(),
+            n,
+            n_boot=p.n_boot,
+            rng=np.random.default_rng(seed),
+            strata=labels[mask],
+        )
+    return [
+        Metric(
+            f"calibration.{name}",
+            values[name],
+            "lower_is_better",
+            labels=scope,
+            ci=cis[name],
+            n=n,
+        )
+        for name in METRIC_NAMES
+    ]
+
+
+def _after_temperature(
+    logits: FloatArray, labels: NDArray[np.intp], p: CalibrationCheck.Params, seed_root: int
+) -> _AfterTemperature:
+    """Cross-fitted ECE after temperature scaling and its ``temperature_scaling`` finding."""
+    n = logits.shape[0]
+    if n == 0:
+        return _AfterTemperature(
+            _undefined_after("the logits of all eval images are non-finite", 0)
+        )
+    if n < p.temperature_folds:
+        reason = (
+            f"{n} images are too few for {p.temperature_folds}-fold cross-fitted "
+            "temperature scaling"
+        )
+        return _AfterTemperature(_undefined_after(reason, n))
+    probs_after, fold_temperatures = cross_fitted_temperature_probs(
+        logits,
+        labels,
+        p.temperature_folds,
+        rng=np.random.default_rng(stable_seed(seed_root, "temperature_folds")),
+    )
+    finding = {
+        "kind": "temperature_scaling",
+        "temperature": fit_temperature(logits, labels),
+        "fold_temperatures": fold_temperatures,
+        "folds": p.temperature_folds,
+        "bounds": list(TEMPERATURE_BOUNDS),
+    }
+    stats = _Statistics(probs_after, labels, p.bins, p.bins)
+    ci = bootstrap_cis(
+        {"ece": stats.ece},
+        n,
+        n_boot=p.n_boot,
+        strata=labels,
+        rng=np.random.default_rng(stable_seed(seed_root, "after_temperature")),
+    )["ece"]
+    value = float(stats.ece(stats.identity())[0])
+    metric = Metric("calibration.ece_after_temperature", value, "lower_is_better", ci=ci, n=n)
+    return _AfterTemperature(metric, finding, probs_after)

@@ -1,0 +1,166 @@
+"""The reliability diagram: accuracy against confidence per bin, as a reproducible SVG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from auditkit.checks.calibration.metrics import (
+    FloatArray,
+    _check_bins,
+    _check_probs_labels,
+    _equal_width_bins,
+    _top_label,
+    expected_calibration_error,
+)
+
+# --------------------------------------------------------------------------------------------
+# Reliability diagram
+
+
+def _bin_summary(
+    probs: FloatArray, labels: NDArray[np.intp], bins: int
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Per equal-width bin: sample count, mean accuracy and mean confidence (NaN when empty)."""
+    confidence, correct = _top_label(probs, labels)
+    ids = _equal_width_bins(confidence, bins)
+    counts = np.bincount(ids, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(ids, weights=correct, minlength=bins) / counts
+        mean_conf = np.bincount(ids, weights=confidence, minlength=bins) / counts
+    return counts, accuracy, mean_conf
+
+
+def reliability_diagram(
+    probs: ArrayLike,
+    labels: ArrayLike,
+    bins: int,
+    path: str | Path,
+    probs_after: ArrayLike | None = None,
+) -> Path:
+    """Write a reliability diagram (Guo et al. 2017, fig. 1) as a byte-reproducible SVG.
+
+    Top panel: accuracy per equal-width confidence bin (bars), the gap to the bin's mean
+    confidence (hatched), the diagonal of perfect calibration and, when ``probs_after`` is given,
+    the accuracy-versus-confidence curve after temperature scaling. Bottom panel: the share of
+    samples per confidence bin. The title gives the ECE before (and after) scaling.
+
+    Args:
+        probs: class probabilities, shape ``(N, K)``, ``N >= 1``.
+        labels: true class indices, shape ``(N,)``.
+        bins: number of equal-width bins.
+        path: the SVG file to write (its folder must exist).
+        probs_after: optional probabilities after temperature scaling, same shape as ``probs``.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: invalid input or ``N == 0``.
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    _check_bins(bins)
+    p, y = _check_probs_labels(probs, labels)
+    if p.shape[0] == 0:
+        raise ValueError("cannot draw a reliability diagram of an empty sample")
+    after = None
+    if probs_after is not None:
+        after, _ = _check_probs_labels(probs_after, y)
+        if after.shape != p.shape:
+            raise ValueError(f"probs_after must have shape {p.shape}, got {after.shape}")
+
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    width = 1.0 / bins
+    counts, accuracy, mean_conf = _bin_summary(p, y, bins)
+    filled = counts > 0
+    title = f"ECE {expected_calibration_error(p, y, bins):.3f}"
+
+    # A fixed hash salt and id make the SVG's internal ids, hence its bytes, reproducible.
+    with matplotlib.rc_context(
+        {
+            "svg.hashsalt": "auditkit-reliability",
+            "svg.id": "reliability-diagram",
+            "svg.fonttype": "path",
+            "font.family": "DejaVu Sans",
+            "font.size": 9.0,
+        }
+    ):
+        fig = Figure(figsize=(5.5, 6.0), layout="constrained")
+        top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3.0, 1.0]})
+        top.bar(
+            centers[filled],
+            accuracy[filled],
+            width=width,
+            color="#4c72b0",
+            edgecolor="white",
+            linewidth=0.5,
+            label="accuracy",
+        )
+        top.bar(
+            centers[filled],
+            (mean_conf - accuracy)[filled],
+            bottom=accuracy[filled],
+            width=width,
+            color="none",
+            edgecolor="#c44e52",
+            hatch="//",
+            linewidth=0.5,
+            label="gap to confidence",
+        )
+        top.plot(
+            [0.0, 1.0],
+            [0.0, 1.0],
+            linestyle="--",
+            color="0.4",
+            linewidth=1.0,
+            label="perfect calibration",
+        )
+        bottom.bar(
+            centers,
+            counts / counts.sum(),
+            width=width,
+            color="#4c72b0",
+            edgecolor="white",
+            linewidth=0.5,
+            label="before",
+        )
+        if after is not None:
+            counts_a, accuracy_a, conf_a = _bin_summary(after, y, bins)
+            filled_a = counts_a > 0
+            top.plot(
+                conf_a[filled_a],
+                accuracy_a[filled_a],
+                marker="o",
+                markersize=3.5,
+                color="#dd8452",
+                linewidth=1.2,
+                label="after temperature scaling",
+            )
+            bottom.step(
+                edges,
+                np.r_[counts_a / counts_a.sum(), 0.0],
+                where="post",
+                color="#dd8452",
+                linewidth=1.2,
+                label="after",
+            )
+            title += (
+                f" → {expected_calibration_error(after, y, bins):.3f} after temperature scaling"
+            )
+        top.set_xlim(0.0, 1.0)
+        top.set_ylim(0.0, 1.0)
+        top.set_ylabel("accuracy")
+        top.set_title(f"Reliability diagram (n = {p.shape[0]}, {bins} bins)\n{title}")
+        top.legend(loc="upper left", frameon=False)
+        bottom.set_xlabel("top-label confidence")
+        bottom.set_ylabel("share of images")
+        if after is not None:
+            bottom.legend(loc="upper left", frameon=False)
+        out = Path(path)
+        fig.savefig(out, format="svg", metadata={"Date": None})
+    return out
