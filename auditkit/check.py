@@ -137,15 +137,18 @@ class Skip(Exception):  # noqa: N818 - reads as `raise Skip("no train split")`
 class Check:
     """Base class of every check.
 
-    Subclasses set ``id``, ``family``, ``Params`` and ``needs`` and implement ``run``. The class
-    docstring names the method and its paper, the inputs it needs, the metrics it emits and the
-    NIST AI RMF subcategories it informs; ``auditkit checks`` shows its first line.
+    Subclasses set ``id``, ``family``, ``Params``, ``needs`` and ``emits`` and implement ``run``.
+    The class docstring names the method and its paper, the inputs it needs, the metrics it emits
+    and the NIST AI RMF subcategories it informs; ``auditkit checks`` shows its first line.
+    ``emits`` lists every metric name ``run`` can produce, so policies can be checked against the
+    installed checks without running them.
     """
 
     id: ClassVar[str]
     family: ClassVar[str]
     Params: ClassVar[type[CheckParams]] = CheckParams
     needs: ClassVar[Needs] = Needs()
+    emits: ClassVar[tuple[str, ...]] = ()
 
     def run(self, ctx: AuditContext, params: Any) -> CheckResult:
         raise NotImplementedError

@@ -174,6 +174,9 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
         result = selected.cls().run(ctx, selected.params)
         if not isinstance(result, CheckResult):
             raise TypeError(f"run() returned {type(result).__name__}, expected CheckResult")
+        undeclared = sorted({m.name for m in result.metrics} - set(selected.cls.emits))
+        if undeclared:
+            log.warning("check %s emitted metrics it does not declare in `emits`: %s", selected.id, undeclared)
         record["metrics"] = [m.to_json() for m in result.metrics]
         record["findings"] = jsonable(result.findings)
         record["artifacts"] = [a.to_json() for a in result.artifacts]

@@ -164,3 +164,46 @@ def test_unknown_eval_split_value(tiny_study: Path) -> None:
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"splits": spec.data.splits.model_copy(update={"eval": "validation"})})})
     with pytest.raises(InputError, match=r"no rows with split 'validation' \(data.splits.eval\); the split column holds \['test', 'train'\]"):
         load_dataset(spec)
+
+
+def test_patient_ids_from_dicom_headers_become_surrogates(tmp_path: Path) -> None:
+    """No patient_id column: PatientID is read from each header and kept only as a surrogate."""
+    import yaml
+
+    from auditkit.fixtures.synthetic import generate_study
+
+    study = generate_study(tmp_path / "study", n_patients=16, image_size=64, patient_id_in_manifest=False)
+    header = study.manifest_path.read_text().splitlines()[0]
+    assert "patient_id" not in header
+    spec_path = tmp_path / "study" / "audit.yaml"
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "factory": "auditkit.fixtures.models:tiny_cnn",
+                    "classes": ["normal", "nodule"],
+                    "input": {"channels": 1, "height": 64, "width": 64},
+                },
+                "data": {
+                    "root": ".",
+                    "manifest": "manifest.csv",
+                    "splits": {"eval": "test", "train": "train"},
+                    "groups": {"site": {}, "PatientSex": {}},
+                },
+            }
+        )
+    )
+    dataset = load_dataset(load_spec(spec_path))
+    for name, split_value in (("eval", "test"), ("train", "train")):
+        split = dataset.splits[name]
+        truth = [r.patient_id for r in study.rows if r.split == split_value]
+        assert split.n == len(truth)
+        # the same patient maps to the same surrogate, different patients to different ones
+        assert len(set(split.patients)) == len(set(truth))
+        pairs = set(zip(truth, split.patients, strict=True))
+        assert len(pairs) == len(set(truth))
+        assert all(p is not None and p.startswith("P") for p in split.patients)
+        # a group column missing from the manifest is read from a non-identifying header attribute
+        assert set(split.groups["PatientSex"].tolist()) <= {"F", "M"}
+    surrogates = {p for s in dataset.splits.values() for p in s.patients}
+    assert not any(p.startswith("SYN") for p in surrogates if p)

@@ -22,6 +22,7 @@ class MeanConfidence(Check):
     id = "mean_confidence"
     family = "test"
     needs = Needs(predictions=True, features=True, train=True)
+    emits = ("mean_confidence.value",)
     calls: ClassVar[int] = 0
 
     def run(self, ctx: AuditContext, params: CheckParams) -> CheckResult:
@@ -48,6 +49,7 @@ class Accuracy(Check):
     id = "accuracy"
     family = "test"
     needs = Needs(predictions=True)
+    emits = ("accuracy.value",)
 
     class Params(CheckParams):
         scale: float = 1.0
@@ -93,8 +95,10 @@ def _strict_load(path: Path) -> dict[str, Any]:
 
 
 def test_one_forward_pass_per_image_however_many_checks(tiny_study: Path) -> None:
+    from auditkit.checks.calibration import CalibrationCheck
+
     spec = load_spec(tiny_study)
-    checks = {"mean_confidence": MeanConfidence, "accuracy": Accuracy}
+    checks = {"mean_confidence": MeanConfidence, "accuracy": Accuracy, "calibration": CalibrationCheck}
     outcome = run_audit(spec, RunOptions(batch_size=5), checks=checks)
     run = outcome.results["run"]
     assert run["images_forwarded_per_split"] == {"eval": 16, "train": 32}
@@ -104,6 +108,7 @@ def test_one_forward_pass_per_image_however_many_checks(tiny_study: Path) -> Non
     assert single.results["run"]["images_forwarded_per_split"] == {"eval": 16}
     accuracy = [c for c in outcome.results["checks"] if c["id"] == "accuracy"][0]["metrics"][0]["value"]
     assert accuracy >= 0.8  # the tiny model learnt its task; predictions are aligned with labels
+    assert all(c["status"] == "ok" for c in outcome.results["checks"])
 
 
 def test_a_failing_check_is_isolated(tiny_study: Path) -> None:

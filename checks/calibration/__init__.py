@@ -112,6 +112,10 @@ class CalibrationCheck(Check):
         min_group_size: int = Field(default=10, ge=2)
 
     needs: ClassVar[Needs] = Needs(predictions=True)
+    emits: ClassVar[tuple[str, ...]] = (
+        *(f"calibration.{name}" for name in METRIC_NAMES),
+        "calibration.ece_after_temperature",
+    )
 
     def run(self, ctx: AuditContext, params: Any) -> CheckResult:
         """Measure calibration on the eval split, overall and per subgroup."""
