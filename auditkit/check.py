@@ -21,7 +21,7 @@ Status = Literal["ok", "skipped", "error"]
 
 
 class CheckParams(BaseModel):
-    """Base for a check's ``Params``: unknown keys are errors, values are validated on assignment."""
+    """Base for a check's ``Params``: unknown keys are errors; instances are frozen."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
 
@@ -32,7 +32,8 @@ class Needs:
 
     Attributes:
         predictions: logits and probabilities of the splits the check reads.
-        features: embeddings (input of the last ``nn.Linear`` unless ``feature_layer`` says otherwise).
+        features: embeddings (the input of the last ``nn.Linear`` unless ``feature_layer`` says
+            otherwise).
         gradients: the check backpropagates through the model itself (attacks, trigger search).
         train: the check needs the train split; without one it is skipped with that reason.
         ood: the check reads the spec's out-of-distribution sets.
@@ -51,7 +52,7 @@ class Needs:
 
 @dataclass
 class Metric:
-    """One measurement: ``{name, labels, value, ci, n, direction}`` (+ ``reason`` when undefined)."""
+    """One measurement: ``{name, labels, value, ci, n, direction}``, + ``reason`` if undefined."""
 
     name: str
     value: float | None
@@ -105,7 +106,7 @@ class Metric:
 
 @dataclass
 class Artifact:
-    """A file a check wrote under the bundle's ``artifacts/`` folder (path relative to the bundle)."""
+    """A file a check wrote under the bundle's ``artifacts/`` folder (path relative to it)."""
 
     name: str
     path: str
@@ -130,8 +131,8 @@ class CheckResult:
     artifacts: list[Artifact] = field(default_factory=list)
 
 
-class Skip(Exception):  # noqa: N818 - reads as `raise Skip("no train split")`
-    """Raised inside ``run`` when the check cannot apply; the runner records ``skipped`` + reason."""
+class Skip(Exception):
+    """Raised inside ``run`` when the check cannot apply: recorded as ``skipped``, with reason."""
 
 
 class Check:

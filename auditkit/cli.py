@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from auditkit import __version__
 from auditkit.errors import AuditkitError
@@ -19,7 +19,7 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 too; keep our wording
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 too; keep our wording
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"auditkit: error: {message}\n")
 
@@ -35,7 +35,9 @@ def _progress_factory(enabled: bool) -> Callable[[str, int], Callable[[int], Non
         for bar in bars:
             bar.close()
         bars.clear()
-        bar = tqdm(total=total, desc=label, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=total, desc=label, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True
+        )
         bars.append(bar)
 
         def advance(n: int) -> None:
@@ -79,7 +81,9 @@ def print_summary(results: dict[str, Any], out: TextIO | None = None) -> None:
                 continue
             ci = metric["ci"]
             interval = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-            out.write(f"          {metric['name']:<36} {_format_value(metric['value'])}{interval}\n")
+            out.write(
+                f"          {metric['name']:<36} {_format_value(metric['value'])}{interval}\n"
+            )
     out.write(f"verdict: {results['verdict'].upper()}\n")
 
 
@@ -139,7 +143,9 @@ def _cmd_checks(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="auditkit", description="Audit a medical-imaging model before deployment.")
+    parser = _Parser(
+        prog="auditkit", description="Audit a medical-imaging model before deployment."
+    )
     parser.add_argument("--version", action="version", version=f"auditkit {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -151,9 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", action="append", help="comma-separated check ids to run")
     run.add_argument("--skip", action="append", help="comma-separated check ids to skip")
     run.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the spec)")
-    run.add_argument("--resume", action="store_true", help="reuse checks finished by an earlier run")
+    run.add_argument(
+        "--resume", action="store_true", help="reuse checks finished by an earlier run"
+    )
     run.add_argument("--no-pdf", action="store_true", help="do not render report.pdf")
-    run.add_argument("--batch-size", type=int, default=64, help="images per forward call (halved on OOM)")
+    run.add_argument(
+        "--batch-size", type=int, default=64, help="images per forward call (halved on OOM)"
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     run.set_defaults(func=_cmd_run)
 
@@ -186,7 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"auditkit: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("auditkit: interrupted; finished checks are checkpointed (use --resume)", file=sys.stderr)
+        print(
+            "auditkit: interrupted; finished checks are checkpointed (use --resume)",
+            file=sys.stderr,
+        )
         return 130
     return code
 

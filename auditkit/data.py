@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import math
 import os
@@ -132,15 +133,15 @@ def read_manifest(
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     if not columns:
-        raise InputError(f"{source.name}: empty manifest, expected a header line with path,label,...")
+        raise InputError(
+            f"{source.name}: empty manifest, expected a header line with path,label,..."
+        )
     reader.fieldnames = columns
     required = ["path", "label"] if require_label else ["path"]
     missing = [c for c in required if c not in columns]
     missing += [c for c in group_columns if c not in columns and c not in header_group_columns]
     if missing:
-        raise InputError(
-            f"{source.name}: missing column(s) {missing}; the header has {columns}"
-        )
+        raise InputError(f"{source.name}: missing column(s) {missing}; the header has {columns}")
     if len(set(columns)) != len(columns):
         duplicates = sorted({c for c in columns if columns.count(c) > 1})
         raise InputError(f"{source.name}: duplicate column name(s) {duplicates}")
@@ -153,7 +154,10 @@ def read_manifest(
     labels_seen: dict[str, int] = {}
     for row, record in enumerate(reader):
         if None in record:  # more cells than header columns
-            problems.append(f"{_where(source, row)}: {len(columns) + len(record[None])} cells, the header has {len(columns)}")
+            problems.append(
+                f"{_where(source, row)}: {len(columns) + len(record[None])} cells,"
+                f" the header has {len(columns)}"
+            )
             continue
         values = {k: (v or "").strip() for k, v in record.items()}
         raw_path = values.get("path", "")
@@ -170,7 +174,8 @@ def read_manifest(
             continue
         if resolved in seen:
             problems.append(
-                f"{_where(source, row)}: column 'path' value {raw_path!r} duplicates row {seen[resolved]}"
+                f"{_where(source, row)}: column 'path' value {raw_path!r}"
+                f" duplicates row {seen[resolved]}"
             )
             continue
         seen[resolved] = row
@@ -202,7 +207,9 @@ def read_manifest(
             break
     if problems:
         more = " (stopped after 20 problems)" if len(problems) >= MAX_REPORTED_PROBLEMS else ""
-        raise InputError(f"{source} has {len(problems)} problem(s){more}:\n  " + "\n  ".join(problems))
+        raise InputError(
+            f"{source} has {len(problems)} problem(s){more}:\n  " + "\n  ".join(problems)
+        )
     if not rows:
         raise InputError(f"{source.name}: no data rows")
     return Manifest(source=source, columns=columns, rows=rows)
@@ -231,7 +238,7 @@ def _edge(value: float) -> str:
 
 def band_labels(bins: Sequence[float]) -> list[str]:
     """Labels of the bands ``[b0, b1), [b1, b2), ..., [b_{k-1}, b_k]`` as ``b0-b1``."""
-    return [f"{_edge(lo)}-{_edge(hi)}" for lo, hi in zip(bins[:-1], bins[1:], strict=True)]
+    return [f"{_edge(lo)}-{_edge(hi)}" for lo, hi in itertools.pairwise(bins)]
 
 
 def band(value: str, spec: GroupSpec) -> str:
@@ -312,7 +319,9 @@ def decode_all(
 
     def one(path: Path) -> tuple[DecodedImage | None, str | None]:
         try:
-            return decode_image(path, channels=channels, height=height, width=width, window=window, budget=budget), None
+            return decode_image(
+                path, channels=channels, height=height, width=width, window=window, budget=budget
+            ), None
         except UnreadableImage as error:
             return None, str(error) or type(error).__name__
         except MemoryError:
@@ -379,16 +388,24 @@ def build_split(
             try:
                 groups[column] = band(raw, group_spec)
             except ValueError as error:
-                raise InputError(f"{_where(manifest, row.row)}: column {column!r}: {error}") from None
+                raise InputError(
+                    f"{_where(manifest, row.row)}: column {column!r}: {error}"
+                ) from None
         if image is None:
-            quarantine.append(QuarantineEntry(split=name, row=row.row, reason=reason or "unreadable"))
+            quarantine.append(
+                QuarantineEntry(split=name, row=row.row, reason=reason or "unreadable")
+            )
             for column, value in groups.items():
                 counts = quarantined_groups[column]
                 counts[value] = counts.get(value, 0) + 1
             continue
         if tuple(image.pixels.shape) != shape:
             quarantine.append(
-                QuarantineEntry(split=name, row=row.row, reason=f"decoded shape {image.pixels.shape}, expected {shape}")
+                QuarantineEntry(
+                    split=name,
+                    row=row.row,
+                    reason=f"decoded shape {image.pixels.shape}, expected {shape}",
+                )
             )
             continue
         keep.append(i)
@@ -481,11 +498,15 @@ def load_dataset(
     window = window_setting(spec)
     shape = spec.model.input
     plan: list[tuple[str, Sequence[ManifestRow], Path]] = [
-        (role, by_role[role], manifest.source) for role in ("eval", "train") if role in by_role and role in roles
+        (role, by_role[role], manifest.source)
+        for role in ("eval", "train")
+        if role in by_role and role in roles
     ]
     plan += [(name, m.rows, m.source) for name, m in extra_manifests.items()]
     # Surrogates follow manifest row order whichever split is decoded first.
-    ordered = sorted((r for _, rows, src in plan if src == manifest.source for r in rows), key=lambda r: r.row)
+    ordered = sorted(
+        (r for _, rows, src in plan if src == manifest.source for r in rows), key=lambda r: r.row
+    )
     for r in ordered:
         if r.patient_id:
             patients(r.patient_id)
@@ -505,8 +526,17 @@ def load_dataset(
         )
         decoded_total += len(rows)
         splits[name] = build_split(
-            name, rows, source, decoded, spec=spec, patients=patients, studies=studies, quarantine=quarantine
+            name,
+            rows,
+            source,
+            decoded,
+            spec=spec,
+            patients=patients,
+            studies=studies,
+            quarantine=quarantine,
         )
         if splits[name].n == 0:
             log.warning("split %s: every image was quarantined", name)
-    return Dataset(splits=splits, quarantine=quarantine, manifest=manifest, images_decoded=decoded_total)
+    return Dataset(
+        splits=splits, quarantine=quarantine, manifest=manifest, images_decoded=decoded_total
+    )

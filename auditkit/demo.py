@@ -49,7 +49,7 @@ def prepare_demo(out: Path, *, n_patients: int = 240, fmt: str = "dicom", seed: 
     study = out / "study"
     if study.exists():
         shutil.rmtree(study)
-    generate_study(study, n_patients=n_patients, seed=seed, fmt=fmt)  # type: ignore[arg-type]
+    generate_study(study, n_patients=n_patients, seed=seed, fmt=fmt)
     (study / "model").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(packaged_weights(), study / "model" / "tiny_cnn.safetensors")
     spec_path = study / "audit.yaml"

@@ -37,7 +37,9 @@ class NormalizedModel(nn.Module):
     def __init__(self, model: nn.Module, mean: list[float] | None, std: list[float] | None) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean or [0.0]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean or [0.0]).view(1, -1, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std or [1.0]).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,9 @@ def import_factory(factory: str, base_dir: Path) -> Callable[..., Any]:
     target: Any = module
     for part in attr_path.split("."):
         if not hasattr(target, part):
-            raise ModelLoadError(f"model.factory: module {module_name!r} has no attribute {attr_path!r}")
+            raise ModelLoadError(
+                f"model.factory: module {module_name!r} has no attribute {attr_path!r}"
+            )
         target = getattr(target, part)
     if not callable(target):
         raise ModelLoadError(f"model.factory: {factory!r} is not callable")
@@ -95,7 +99,10 @@ def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith(("/code/", "constants.pkl")) or "/code/" in name for name in archive.namelist())
+        return any(
+            name.endswith(("/code/", "constants.pkl")) or "/code/" in name
+            for name in archive.namelist()
+        )
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -109,7 +116,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as error:
-            raise ModelLoadError(f"model.weights: {path.name} is not a readable safetensors file: {error}") from None
+            raise ModelLoadError(
+                f"model.weights: {path.name} is not a readable safetensors file: {error}"
+            ) from None
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         if _is_torchscript(path):
             raise ModelLoadError(
@@ -121,13 +130,19 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except Exception as error:
             raise ModelLoadError(
                 f"model.weights: {path.name} is not a plain state_dict (torch.load with"
-                f" weights_only=True refused it: {str(error).splitlines()[0]}). A pickled module can"
-                " run code while loading; save model.state_dict() instead, or set"
-                " model.trust_code: true if you trust its origin"
+                f" weights_only=True refused it: {str(error).splitlines()[0]})."
+                " A pickled module can run code while loading; save model.state_dict()"
+                " instead, or set model.trust_code: true if you trust its origin"
             ) from None
-        if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        if (
+            isinstance(loaded, dict)
+            and "state_dict" in loaded
+            and isinstance(loaded["state_dict"], dict)
+        ):
             loaded = loaded["state_dict"]  # Lightning-style checkpoints
-        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        if not isinstance(loaded, dict) or not all(
+            isinstance(v, torch.Tensor) for v in loaded.values()
+        ):
             raise ModelLoadError(
                 f"model.weights: {path.name} holds a {type(loaded).__name__}, expected a state_dict"
                 " (a mapping of parameter names to tensors)"
@@ -143,11 +158,13 @@ def _load_trusted_module(path: Path) -> nn.Module:
     """TorchScript or a whole pickled module; only reached with ``trust_code: true``."""
     log.warning("loading %s with trust_code: true; it may execute code", path.name)
     if _is_torchscript(path):
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     else:
         module = torch.load(path, map_location="cpu", weights_only=False)  # trust_code gate
     if not isinstance(module, nn.Module):
-        raise ModelLoadError(f"model.weights: {path.name} holds a {type(module).__name__}, expected a module")
+        raise ModelLoadError(
+            f"model.weights: {path.name} holds a {type(module).__name__}, expected a module"
+        )
     return module
 
 
@@ -167,7 +184,8 @@ def build_module(spec: ModelSpec, base_dir: Path, weights: Path | None) -> nn.Mo
             ) from error
     if not isinstance(module, nn.Module):
         raise ModelLoadError(
-            f"model.factory: {spec.factory} returned a {type(module).__name__}, expected torch.nn.Module"
+            f"model.factory: {spec.factory} returned a {type(module).__name__},"
+            " expected torch.nn.Module"
         )
     if weights is not None:
         if spec.trust_code and _is_torchscript(weights):
@@ -254,11 +272,16 @@ class ModelAdapter:
                 )
             return modules[self.spec.feature_layer], f"output of {self.spec.feature_layer}"
         if isinstance(module, torch.jit.ScriptModule):
-            log.warning("TorchScript model: embeddings unavailable (hooks cannot be added after scripting)")
+            log.warning(
+                "TorchScript model: embeddings unavailable (hooks cannot be added after scripting)"
+            )
             return None, "unavailable: TorchScript module"
         linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
         if not linears:
-            log.warning("the model has no nn.Linear; embeddings unavailable unless model.feature_layer names a module")
+            log.warning(
+                "the model has no nn.Linear; embeddings unavailable unless model.feature_layer"
+                " names a module"
+            )
             return None, "unavailable: no nn.Linear (set model.feature_layer)"
         name, last = linears[-1]
         return last, f"input of {name}"
@@ -271,7 +294,9 @@ class ModelAdapter:
         captured: list[torch.Tensor] = []
         use_input = self.spec.feature_layer is None
 
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        def hook(
+            _module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> None:
             tensor = inputs[0] if use_input else output
             captured.append(tensor.detach().flatten(1))
 
@@ -334,7 +359,9 @@ class ModelAdapter:
                 start += batch.shape[0]
                 self.stats.images_forwarded += batch.shape[0]
                 if split:
-                    self.stats.per_split[split] = self.stats.per_split.get(split, 0) + batch.shape[0]
+                    self.stats.per_split[split] = (
+                        self.stats.per_split.get(split, 0) + batch.shape[0]
+                    )
                 if progress is not None:
                     progress(batch.shape[0])
         n_classes = len(self.classes)

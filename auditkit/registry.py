@@ -41,11 +41,17 @@ def discover() -> tuple[dict[str, type[Check]], list[BrokenCheck]]:
             continue
         if getattr(loaded, "id", None) != ep.name:
             broken.append(
-                BrokenCheck(ep.name, ep.value, f"entry point name differs from the class id {getattr(loaded, 'id', None)!r}")
+                BrokenCheck(
+                    ep.name,
+                    ep.value,
+                    f"entry point name differs from the class id {getattr(loaded, 'id', None)!r}",
+                )
             )
             continue
         if ep.name in checks:
-            log.warning("check %s registered twice; keeping %s", ep.name, checks[ep.name].__module__)
+            log.warning(
+                "check %s registered twice; keeping %s", ep.name, checks[ep.name].__module__
+            )
             continue
         checks[ep.name] = loaded
     for item in broken:

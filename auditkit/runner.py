@@ -153,7 +153,9 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
         "family": selected.cls.family if selected.cls else None,
         "status": "ok",
         "reason": None,
-        "params": selected.params.model_dump(mode="json") if selected.params is not None else selected.raw_params,
+        "params": selected.params.model_dump(mode="json")
+        if selected.params is not None
+        else selected.raw_params,
         "duration_s": 0.0,
         "metrics": [],
         "findings": [],
@@ -163,11 +165,18 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
     if selected.cls is None:
         assert selected.broken is not None
         record["status"] = "error"
-        record["error"] = {"type": "PluginLoadError", "message": f"{selected.broken.target}: {selected.broken.reason}", "where": []}
+        record["error"] = {
+            "type": "PluginLoadError",
+            "message": f"{selected.broken.target}: {selected.broken.reason}",
+            "where": [],
+        }
         return record
     needs: Needs = selected.cls.needs
     if needs.train and not ctx.has_split("train"):
-        record["status"], record["reason"] = "skipped", "no train split (set data.splits.train in the spec)"
+        record["status"], record["reason"] = (
+            "skipped",
+            "no train split (set data.splits.train in the spec)",
+        )
         return record
     started = time.perf_counter()
     try:
@@ -176,7 +185,11 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
             raise TypeError(f"run() returned {type(result).__name__}, expected CheckResult")
         undeclared = sorted({m.name for m in result.metrics} - set(selected.cls.emits))
         if undeclared:
-            log.warning("check %s emitted metrics it does not declare in `emits`: %s", selected.id, undeclared)
+            log.warning(
+                "check %s emitted metrics it does not declare in `emits`: %s",
+                selected.id,
+                undeclared,
+            )
         record["metrics"] = [m.to_json() for m in result.metrics]
         record["findings"] = jsonable(result.findings)
         record["artifacts"] = [a.to_json() for a in result.artifacts]
@@ -216,8 +229,14 @@ def _fingerprint(spec: AuditSpec, selected: SelectedCheck, inputs: dict[str, str
         {
             "auditkit": __version__,
             "check": selected.id,
-            "params": selected.params.model_dump(mode="json") if selected.params is not None else None,
-            "spec": {k: v for k, v in spec.to_yaml_dict().items() if k not in ("output", "policy", "checks")},
+            "params": selected.params.model_dump(mode="json")
+            if selected.params is not None
+            else None,
+            "spec": {
+                k: v
+                for k, v in spec.to_yaml_dict().items()
+                if k not in ("output", "policy", "checks")
+            },
             "inputs": inputs,
         }
     )
@@ -249,7 +268,9 @@ def _split_summary(dataset: Dataset, spec: AuditSpec) -> dict[str, Any]:
         }
         out[name] = {
             "manifest": split.manifest.name,
-            "split_value": {"eval": spec.data.splits.eval, "train": spec.data.splits.train}.get(name),
+            "split_value": {"eval": spec.data.splits.eval, "train": spec.data.splits.train}.get(
+                name
+            ),
             "n_images": split.n,
             "n_quarantined": quarantined.get(name, 0),
             "n_patients": len({p for p in split.patients if p is not None}),
@@ -295,7 +316,9 @@ def run_audit(
     weights = spec.weights_path
     model = ModelAdapter(spec, batch_size=options.batch_size, device=options.device)
     inputs = {
-        "manifest_sha256": sha256_file(spec.manifest_path) if spec.manifest_path.is_file() else None,
+        "manifest_sha256": sha256_file(spec.manifest_path)
+        if spec.manifest_path.is_file()
+        else None,
         "weights_sha256": sha256_file(weights) if weights is not None else None,
     }
     dataset = load_dataset(spec, roles=_roles(selected), progress=options.progress)
@@ -317,7 +340,9 @@ def run_audit(
         log.info("running check %s", s.id)
         record = execute_check(s, ctx)
         records[s.id] = record
-        write_json_atomic(checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record})
+        write_json_atomic(
+            checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record}
+        )
 
     check_records = [records[s.id] for s in selected]
     errored = [r["id"] for r in check_records if r["status"] == "error"]

@@ -7,6 +7,7 @@ to a default.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from pathlib import Path
@@ -81,9 +82,7 @@ class ModelSpec(_Strict):
     @classmethod
     def _factory_form(cls, factory: str | None) -> str | None:
         if factory is not None and not _FACTORY.match(factory):
-            raise ValueError(
-                f"expected 'package.module:callable', got {factory!r}"
-            )
+            raise ValueError(f"expected 'package.module:callable', got {factory!r}")
         return factory
 
     @field_validator("classes")
@@ -135,7 +134,7 @@ class GroupSpec(_Strict):
             raise ValueError(f"bins needs at least two edges, got {bins}")
         if any(not math.isfinite(b) for b in bins):
             raise ValueError(f"bins must be finite numbers, got {bins}")
-        if any(b >= c for b, c in zip(bins, bins[1:], strict=False)):
+        if any(b >= c for b, c in itertools.pairwise(bins)):
             raise ValueError(f"bins must be increasing, got {bins}")
         return bins
 
@@ -275,7 +274,9 @@ def format_validation_error(error: ValidationError, source: str) -> str:
 def parse_spec(data: Any, *, base_dir: Path, source: str = "spec") -> AuditSpec:
     """Validate already-parsed YAML data into an :class:`AuditSpec`."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     try:
         return AuditSpec.model_validate({**data, "base_dir": base_dir.resolve()})
     except ValidationError as error:

@@ -68,7 +68,9 @@ def make_tiny_study(
         np.save(data / "img" / f"{i:03d}.npy", images[i, 0])
         split = "train" if i % 3 else "test"
         sex = "F" if i % 2 else "M"
-        rows.append(f"img/{i:03d}.npy,{['dark', 'bright'][labels[i]]},pat{i // 2},{split},{sex},{20 + i}")
+        rows.append(
+            f"img/{i:03d}.npy,{['dark', 'bright'][labels[i]]},pat{i // 2},{split},{sex},{20 + i}"
+        )
     (data / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     (root / "tiny_model.py").write_text(TINY_MODEL, encoding="utf-8")
     train = np.array([i % 3 != 0 for i in range(n)])

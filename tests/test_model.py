@@ -57,11 +57,17 @@ def test_torchscript_needs_trust_code(tiny_study: Path) -> None:
     root = tiny_study.parent
     adapter = ModelAdapter(load_spec(tiny_study), device="cpu")
     torch.jit.script(adapter.module.model).save(str(root / "scripted.pt"))
-    with pytest.raises(ModelLoadError, match="TorchScript archive.*trust_code: true"):
+    with pytest.raises(ModelLoadError, match=r"TorchScript archive.*trust_code: true"):
         ModelAdapter(_spec_with(tiny_study, weights=Path("scripted.pt")), device="cpu")
     trusted = ModelAdapter(
-        _spec_with(tiny_study, weights=Path("scripted.pt"), trust_code=True, factory=None,
-                   feature_layer=None), device="cpu"
+        _spec_with(
+            tiny_study,
+            weights=Path("scripted.pt"),
+            trust_code=True,
+            factory=None,
+            feature_layer=None,
+        ),
+        device="cpu",
     )
     images = torch.rand(3, 1, 16, 16)
     torch.testing.assert_close(trusted.forward_pass(images)[0], adapter.forward_pass(images)[0])
@@ -71,7 +77,10 @@ def test_mismatched_weights_name_the_keys(tiny_study: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({"bogus.weight": torch.zeros(2)}, str(tiny_study.parent / "bad.safetensors"))
-    with pytest.raises(ModelLoadError, match=r"missing keys \['1.bias', '1.weight'.*unexpected keys \['bogus.weight'\]"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"missing keys \['1.bias', '1.weight'.*unexpected keys \['bogus.weight'\]",
+    ):
         ModelAdapter(_spec_with(tiny_study, weights=Path("bad.safetensors")), device="cpu")
 
 
@@ -84,7 +93,9 @@ def test_factory_errors(tiny_study: Path) -> None:
         ModelAdapter(_spec_with(tiny_study, weights=Path("missing.safetensors")), device="cpu")
 
 
-def test_normalisation_happens_inside_and_features_are_the_last_linear_input(tiny_study: Path) -> None:
+def test_normalisation_happens_inside_and_features_are_the_last_linear_input(
+    tiny_study: Path,
+) -> None:
     adapter = ModelAdapter(load_spec(tiny_study), device="cpu")
     user_model = adapter.module.model
     images = torch.rand(4, 1, 16, 16)
@@ -107,7 +118,7 @@ def test_named_feature_layer_and_unknown_name(tiny_study: Path) -> None:
 
 def test_batch_halving_on_out_of_memory(tiny_study: Path) -> None:
     adapter = ModelAdapter(load_spec(tiny_study), device="cpu", batch_size=16)
-    reference, _ = adapter.forward_pass(torch.rand(1, 1, 16, 16))
+    _reference, _ = adapter.forward_pass(torch.rand(1, 1, 16, 16))
     inner = adapter.module.model
 
     class OOMAbove4(nn.Module):
@@ -130,9 +141,13 @@ def test_batch_halving_on_out_of_memory(tiny_study: Path) -> None:
 
 def test_wrong_number_of_logits(tiny_study: Path) -> None:
     spec = load_spec(tiny_study)
-    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"classes": ["a", "b", "c"]})})
+    spec = spec.model_copy(
+        update={"model": spec.model.model_copy(update={"classes": ["a", "b", "c"]})}
+    )
     adapter = ModelAdapter(spec, device="cpu")
-    with pytest.raises(ModelLoadError, match="returns 2 logits per image but model.classes lists 3"):
+    with pytest.raises(
+        ModelLoadError, match=r"returns 2 logits per image but model\.classes lists 3"
+    ):
         adapter.forward_pass(torch.rand(2, 1, 16, 16))
 
 

@@ -1,4 +1,4 @@
-"""The package-dir mapping: content folders become ``auditkit.*`` in an editable and a wheel install."""
+"""The package-dir mapping: content folders become ``auditkit.*``, editable and as a wheel."""
 
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTENT = {"auditkit": "auditkit", "checks": "auditkit/checks", "policies": "auditkit/policies",
-           "reports": "auditkit/reports", "fixtures": "auditkit/fixtures"}
+CONTENT = {
+    "auditkit": "auditkit",
+    "checks": "auditkit/checks",
+    "policies": "auditkit/policies",
+    "reports": "auditkit/reports",
+    "fixtures": "auditkit/fixtures",
+}
 
 
 def test_editable_install_maps_the_content_folders() -> None:
@@ -32,8 +37,22 @@ def test_builtin_checks_are_entry_points() -> None:
 @pytest.mark.slow
 def test_wheel_holds_every_package_and_resource(tmp_path: Path) -> None:
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = tmp_path.glob("auditkit-*.whl")
@@ -42,8 +61,14 @@ def test_wheel_holds_every_package_and_resource(tmp_path: Path) -> None:
         for init in (ROOT / folder).rglob("__init__.py"):
             if "__pycache__" in init.parts:
                 continue
-            expected = f"{target}/{init.parent.relative_to(ROOT / folder).as_posix()}/__init__.py".replace("/./", "/")
-            assert expected in names, f"{expected} missing from the wheel: list it in pyproject packages"
+            expected = (
+                f"{target}/{init.parent.relative_to(ROOT / folder).as_posix()}/__init__.py".replace(
+                    "/./", "/"
+                )
+            )
+            assert expected in names, (
+                f"{expected} missing from the wheel: list it in pyproject packages"
+            )
     assert "auditkit/fixtures/weights/tiny_cnn.safetensors" in names
     assert "auditkit/fixtures/weights/tiny_cnn.json" in names
     assert "auditkit/policies/frameworks/nist-ai-rmf-1.0.yaml" in names

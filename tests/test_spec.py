@@ -78,10 +78,26 @@ def test_load_spec_resolves_relative_to_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        ("data.groups.age.bins", [0, 65, 40], "data.groups.age.bins: bins must be increasing, got [0.0, 65.0, 40.0]"),
-        ("model.input.channels", 0, "model.input.channels: Input should be greater than or equal to 1, got 0"),
-        ("model.positive_class", "cancer", "positive_class must be one of ['normal', 'nodule'], got 'cancer'"),
-        ("model.factory", "not a factory", "model.factory: expected 'package.module:callable', got 'not a factory'"),
+        (
+            "data.groups.age.bins",
+            [0, 65, 40],
+            "data.groups.age.bins: bins must be increasing, got [0.0, 65.0, 40.0]",
+        ),
+        (
+            "model.input.channels",
+            0,
+            "model.input.channels: Input should be greater than or equal to 1, got 0",
+        ),
+        (
+            "model.positive_class",
+            "cancer",
+            "positive_class must be one of ['normal', 'nodule'], got 'cancer'",
+        ),
+        (
+            "model.factory",
+            "not a factory",
+            "model.factory: expected 'package.module:callable', got 'not a factory'",
+        ),
         ("device", "gpu", "device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
         ("model.normalize.std", [0.0], "every std must be a positive finite number, got [0.0]"),
         ("model.classes", ["a", "a"], "class names must be unique"),
@@ -150,7 +166,12 @@ names = st.text(alphabet=st.characters(categories=("L", "N")), min_size=1, max_s
     size=st.integers(8, 512),
     bins=st.lists(st.integers(0, 200), min_size=2, max_size=6, unique=True).map(sorted),
     seed=st.integers(0, 2**32 - 1),
-    window=st.one_of(st.sampled_from(["auto", "minmax"]), st.builds(lambda c, w: {"center": c, "width": w}, st.floats(-2000, 2000), st.floats(1, 4000))),
+    window=st.one_of(
+        st.sampled_from(["auto", "minmax"]),
+        st.builds(
+            lambda c, w: {"center": c, "width": w}, st.floats(-2000, 2000), st.floats(1, 4000)
+        ),
+    ),
 )
 def test_spec_round_trips_through_yaml(
     classes: list[str], channels: int, size: int, bins: list[int], seed: int, window: Any

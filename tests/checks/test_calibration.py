@@ -13,6 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from pydantic import ValidationError
+from scipy.special import softmax
+from sklearn.metrics import brier_score_loss, log_loss
+
+from auditkit.check import CheckResult
 from auditkit.checks.calibration import (
     CalibrationCheck,
     adaptive_calibration_error,
@@ -25,14 +33,6 @@ from auditkit.checks.calibration import (
     negative_log_likelihood,
     reliability_diagram,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-from pydantic import ValidationError
-from scipy.special import softmax
-from sklearn.metrics import brier_score_loss, log_loss
-
-from auditkit.check import CheckResult
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
