@@ -116,3 +116,31 @@ def study_factory(tmp_path: Path) -> Callable[..., Path]:
         return make_tiny_study(tmp_path / f"study{next(counter)}", **kwargs)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Spec path of a small synthetic DICOM study (60 patients) with the packaged tiny CNN.
+
+    Session-scoped: generated once; tests must not modify its files (copy them if needed) and
+    should pass ``RunOptions(out_dir=tmp_path)`` so their outputs do not collide.
+    """
+    from auditkit.demo import prepare_demo
+
+    return prepare_demo(tmp_path_factory.mktemp("demo"), n_patients=60)
+
+
+@pytest.fixture(scope="session")
+def demo_context(demo_spec: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """An :class:`AuditContext` over the demo study with eval and train decoded (shared pass not run).
+
+    Session-scoped for speed: checks under test read from it; do not mutate it.
+    """
+    from auditkit.context import AuditContext
+    from auditkit.data import load_dataset
+    from auditkit.model import ModelAdapter
+    from auditkit.spec import load_spec
+
+    spec = load_spec(demo_spec)
+    dataset = load_dataset(spec, roles=("eval", "train"))
+    return AuditContext(spec, ModelAdapter(spec, device="cpu"), dataset, tmp_path_factory.mktemp("ctx-out"))
