@@ -84,6 +84,27 @@ def print_summary(results: dict[str, Any], out: TextIO | None = None) -> None:
             out.write(
                 f"          {metric['name']:<36} {_format_value(metric['value'])}{interval}\n"
             )
+    rules = results.get("rules") or []
+    for rule in rules:
+        if rule["status"] in ("fail", "warn"):
+            ci = rule.get("ci")
+            interval = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+            bound = "<=" if rule["bound"] == "max" else ">="
+            out.write(
+                f"  {rule['status'].upper():<4} {rule['id']}: {rule['metric']}"
+                f" {_format_value(rule['observed'])}{interval} ({rule['use']}) {bound} {rule['threshold']}\n"
+            )
+    policy = results.get("policy") or {}
+    if policy:
+        counts = policy.get("control_counts", {})
+        out.write(
+            f"policy {policy.get('name')}: {sum(r['status'] == 'pass' for r in rules)} rules passed,"
+            f" {sum(r['status'] == 'warn' for r in rules)} warned,"
+            f" {sum(r['status'] == 'fail' for r in rules)} failed,"
+            f" {sum(r['status'] == 'not_evaluated' for r in rules)} not evaluated;"
+            f" AI RMF subcategories: {counts.get('met', 0)} met, {counts.get('not_met', 0)} not met,"
+            f" {counts.get('attested', 0)} attested, {counts.get('not_assessed', 0)} not assessed\n"
+        )
     out.write(f"verdict: {results['verdict'].upper()}\n")
 
 
@@ -101,6 +122,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         resume=args.resume,
         batch_size=args.batch_size,
+        pdf=not args.no_pdf,
         progress=_progress_factory(not args.quiet and sys.stderr.isatty()),
         argv=["auditkit", *sys.argv[1:]],
     )
@@ -108,6 +130,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print_summary(outcome.results)
     print(f"results: {outcome.out_dir / 'results.json'}")
+    if (outcome.out_dir / "report.pdf").is_file() and not args.no_pdf:
+        print(f"report: {outcome.out_dir / 'report.pdf'}")
     return outcome.exit_code
 
 
@@ -126,9 +150,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         resume=False,
         batch_size=64,
+        no_pdf=args.no_pdf,
         quiet=args.quiet,
     )
-    return _cmd_run(run_args)
+    code = _cmd_run(run_args)
+    if code == 1:  # a failed policy is the demo's finding, not an error of the demo
+        print(
+            "the demo model (a tiny, slightly overconfident CNN) fails the default policy; report.pdf says why"
+        )
+        return 0
+    return code
 
 
 def _cmd_checks(args: argparse.Namespace) -> int:
@@ -140,6 +171,77 @@ def _cmd_checks(args: argparse.Namespace) -> int:
     for item in broken:
         print(f"{item.id:<14} BROKEN       {item.target}  {item.reason}")
     return 0 if not broken else 3
+
+
+def _cmd_policies(args: argparse.Namespace) -> int:
+    from auditkit.policy import load_policy, packaged_policies
+
+    if not args.name:
+        for name in packaged_policies():
+            policy, _ = load_policy(name)
+            print(
+                f"{name:<28} v{policy.version}  {len(policy.rules)} rules  {policy.description[:70]}"
+            )
+        return 0
+    policy, _ = load_policy(args.name, base_dir=Path.cwd())
+    print(f"{policy.name} v{policy.version} ({policy.framework})")
+    if policy.description:
+        print(policy.description)
+    for rule in policy.rules:
+        bound = f"<= {rule.max}" if rule.max is not None else f">= {rule.min}"
+        labels = "worst of all" if rule.labels is None else (rule.labels or "overall")
+        print(
+            f"  {rule.id:<22} {rule.severity:<4} {rule.metric} {labels} {bound} (use {rule.use})"
+            f"  [{', '.join(rule.controls)}]"
+        )
+    return 0
+
+
+def _load_results(folder: Path) -> dict[str, Any]:
+    import json
+
+    from auditkit.errors import InputError
+
+    path = folder / "results.json"
+    try:
+        results: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{folder}: no results.json; pass an auditkit output folder") from None
+    except ValueError as error:
+        raise InputError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(results, dict) or results.get("schema") != "auditkit.results/v1":
+        raise InputError(f"{path}: expected schema 'auditkit.results/v1'")
+    return results
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from auditkit.runner import write_bundle
+
+    folder = Path(args.dir)
+    results = _load_results(folder)
+    write_bundle(folder, results, spec=None, report=True, pdf=not args.no_pdf)
+    print(f"report: {folder / ('report.html' if args.no_pdf else 'report.pdf')}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from auditkit.bundle import verify_bundle
+
+    report = verify_bundle(Path(args.dir))
+    for name in report.changed:
+        print(f"CHANGED     {name}")
+    for name in report.missing:
+        print(f"MISSING     {name}")
+    for name in report.unexpected:
+        print(f"UNEXPECTED  {name}")
+    if report.ok:
+        print(f"ok: {report.checked} files match manifest.json")
+        return 0
+    print(
+        f"verification failed: {len(report.changed)} changed, {len(report.missing)} missing,"
+        f" {len(report.unexpected)} unexpected"
+    )
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,11 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--only", action="append", help="comma-separated check ids to run")
     demo.add_argument("--skip", action="append", help="comma-separated check ids to skip")
     demo.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    demo.add_argument("--no-pdf", action="store_true", help="do not render report.pdf")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     demo.set_defaults(func=_cmd_demo)
 
     checks = sub.add_parser("checks", help="list the installed checks")
     checks.set_defaults(func=_cmd_checks)
+
+    policies = sub.add_parser("policies", help="list the packaged policies, or show one's rules")
+    policies.add_argument("name", nargs="?", help="a packaged policy name or a policy YAML file")
+    policies.set_defaults(func=_cmd_policies)
+
+    report = sub.add_parser("report", help="re-render report.html/report.pdf from DIR/results.json")
+    report.add_argument("dir", help="an auditkit output folder")
+    report.add_argument("--no-pdf", action="store_true", help="only report.html")
+    report.set_defaults(func=_cmd_report)
+
+    verify = sub.add_parser("verify", help="recompute the hashes of an evidence bundle")
+    verify.add_argument("dir", help="an auditkit output folder")
+    verify.set_defaults(func=_cmd_verify)
     return parser
 
 

@@ -45,7 +45,7 @@ import numpy.typing as npt
 import pydicom
 import pydicom.filereader
 import pydicom.uid
-from PIL import Image
+from PIL import Image, ImageFile
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
@@ -1031,6 +1031,9 @@ def _decode_pillow(
     path: Path, kind: str, budget: DecodeBudget
 ) -> tuple[FloatArray, tuple[int, ...], list[str]]:
     data = _read_bytes(path, budget)
+    # A truncated image must be quarantined, never padded: other libraries (WeasyPrint, on
+    # import) switch this process-wide flag on, so it is pinned off for every decode.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     formats = ["PNG"] if kind == "png" else ["JPEG"]
     notes: list[str] = []
     try:

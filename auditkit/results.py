@@ -67,5 +67,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(jsonable(data), sort_keys=True).encode()).hexdigest()

@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,13 +27,22 @@ from typing import Any
 from pydantic import ValidationError
 
 from auditkit import __version__
+from auditkit.bundle import write_manifest
 from auditkit.check import Check, CheckResult, Needs, Skip
 from auditkit.context import AuditContext, ProgressFactory
 from auditkit.data import Dataset, load_dataset
 from auditkit.errors import ConfigError
 from auditkit.model import ModelAdapter
+from auditkit.policy import evaluate, load_attestations, load_framework, load_policy
 from auditkit.registry import BrokenCheck, discover
-from auditkit.results import SCHEMA, jsonable, sha256_file, sha256_json, write_json_atomic
+from auditkit.results import (
+    SCHEMA,
+    jsonable,
+    sha256_file,
+    sha256_json,
+    sha256_text,
+    write_json_atomic,
+)
 from auditkit.spec import AuditSpec, format_validation_error
 
 log = logging.getLogger(__name__)
@@ -51,6 +60,8 @@ class RunOptions:
     device: str | None = None
     resume: bool = False
     batch_size: int = 64
+    report: bool = True
+    pdf: bool = True
     progress: ProgressFactory | None = None
     argv: list[str] = field(default_factory=list)
 
@@ -304,6 +315,12 @@ def run_audit(
     if checks is None:
         checks, broken = discover()
     selected = select_checks(spec, checks, broken, only=options.only, skip=options.skip)
+    policy, policy_text = load_policy(spec.policy, base_dir=spec.base_dir)
+    attestations = (
+        load_attestations(spec.attestations_path, load_framework(policy.framework))
+        if spec.attestations_path is not None
+        else []
+    )
 
     out_dir = (options.out_dir or spec.output_dir).resolve()
     checkpoints = out_dir / "checkpoints"
@@ -345,8 +362,7 @@ def run_audit(
         )
 
     check_records = [records[s.id] for s in selected]
-    errored = [r["id"] for r in check_records if r["status"] == "error"]
-    verdict = "fail" if errored else "pass"
+    judged = evaluate(policy, check_records, attestations=attestations)
     finished_at = datetime.now(UTC)
     stats = model.stats
     results: dict[str, Any] = {
@@ -395,14 +411,51 @@ def run_audit(
             "quarantine": [q.to_json() for q in dataset.quarantine],
         },
         "checks": check_records,
-        "policy": None,
-        "rules": [],
-        "controls": [],
-        "verdict": verdict,
+        "policy": {**judged["policy"], "source": spec.policy, "sha256": sha256_text(policy_text)},
+        "rules": judged["rules"],
+        "controls": judged["controls"],
+        "verdict": judged["verdict"],
     }
+    write_bundle(out_dir, results, spec=spec, report=options.report, pdf=options.pdf)
+    return AuditOutcome(results=results, out_dir=out_dir, exit_code=exit_code_for(results))
+
+
+def exit_code_for(results: Mapping[str, Any]) -> int:
+    """3 when a check errored, else 1 when the policy failed, else 0."""
+    if any(c.get("status") == "error" for c in results.get("checks", [])):
+        return EXIT_CHECK_ERROR
+    return EXIT_POLICY_FAILED if results.get("verdict") == "fail" else EXIT_PASS
+
+
+def write_bundle(
+    out_dir: Path,
+    results: dict[str, Any],
+    *,
+    spec: AuditSpec | None,
+    report: bool = True,
+    pdf: bool = True,
+) -> None:
+    """results.json, then report.html/report.pdf, then manifest.json over all of them."""
     write_json_atomic(out_dir / "results.json", results)
-    exit_code = EXIT_CHECK_ERROR if errored else EXIT_PASS
-    return AuditOutcome(results=results, out_dir=out_dir, exit_code=exit_code)
+    if report:
+        from auditkit.reports.render import write_report
 
-
-ProgressCallback = Callable[[int], None]
+        write_report(out_dir, results, pdf=pdf)
+    inputs: dict[str, Path | None] = {}
+    if spec is not None:
+        inputs = {
+            "spec": spec.source_file,
+            "weights": spec.weights_path,
+            "data_manifest": spec.manifest_path,
+            "attestations": spec.attestations_path,
+        }
+        policy_path = spec.resolve(Path(spec.policy))
+        if policy_path.is_file():
+            inputs["policy"] = policy_path
+    extra = {}
+    policy = results.get("policy") or {}
+    if policy.get("sha256") and "policy" not in inputs:
+        extra["policy"] = (f"{policy.get('name')} (packaged)", policy["sha256"])
+    write_manifest(
+        out_dir, inputs=inputs, environment=results.get("environment", {}), extra_inputs=extra
+    )

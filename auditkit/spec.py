@@ -205,10 +205,12 @@ class AuditSpec(_Strict):
     data: DataSpec
     checks: dict[str, dict[str, Any]] | None = None
     policy: str = "medical-imaging-default"
+    attestations: Path | None = None
     device: str = "auto"
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     output: Path = Path("audit-out")
     base_dir: Path = Field(default=Path("."), exclude=True)
+    source_file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("checks", mode="before")
     @classmethod
@@ -243,12 +245,16 @@ class AuditSpec(_Strict):
         return None if self.model.weights is None else self.resolve(self.model.weights)
 
     @property
+    def attestations_path(self) -> Path | None:
+        return None if self.attestations is None else self.resolve(self.attestations)
+
+    @property
     def output_dir(self) -> Path:
         return self.resolve(self.output)
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The spec as plain data (paths as written), for the results and round-trips."""
-        return self.model_dump(mode="json", exclude={"base_dir"}, exclude_none=False)
+        return self.model_dump(mode="json", exclude={"base_dir", "source_file"}, exclude_none=False)
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:
@@ -271,14 +277,17 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_spec(data: Any, *, base_dir: Path, source: str = "spec") -> AuditSpec:
+def parse_spec(
+    data: Any, *, base_dir: Path, source: str = "spec", source_file: Path | None = None
+) -> AuditSpec:
     """Validate already-parsed YAML data into an :class:`AuditSpec`."""
+    extra = {"source_file": source_file} if source_file is not None else {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"{source}: expected a mapping at the top level, got {type(data).__name__}"
         )
     try:
-        return AuditSpec.model_validate({**data, "base_dir": base_dir.resolve()})
+        return AuditSpec.model_validate({**data, "base_dir": base_dir.resolve(), **extra})
     except ValidationError as error:
         raise ConfigError(format_validation_error(error, source)) from None
 
@@ -296,4 +305,6 @@ def load_spec(path: Path | str) -> AuditSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return parse_spec(data, base_dir=path.resolve().parent, source=str(path))
+    return parse_spec(
+        data, base_dir=path.resolve().parent, source=str(path), source_file=path.resolve()
+    )

@@ -116,8 +116,8 @@ def test_console_script_on_dicom_and_png_studies_with_relative_paths(
         timeout=300,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / fmt / "out" / "results.json").read_text())
+    assert result.returncode == (1 if results["verdict"] == "fail" else 0), result.stderr
     assert results["data"]["splits"]["eval"]["n_images"] > 0
     assert results["data"]["quarantine"] == []
     calibration = {c["id"]: c for c in results["checks"]}["calibration"]

@@ -796,3 +796,16 @@ def test_bytes_after_the_deflate_stream_do_not_hang(tmp_path: Path) -> None:
         assert str(error)
     else:
         assert image.pixels.shape == (1, 2, 4)
+
+
+def test_truncated_png_is_refused_even_after_weasyprint_is_imported(tmp_path: Path) -> None:
+    """WeasyPrint sets PIL's LOAD_TRUNCATED_IMAGES on import; decoding must not inherit it."""
+    import weasyprint  # noqa: F401
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    Image.fromarray(np.zeros((100, 100), dtype=np.uint8)).save(tmp_path / "whole.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    with pytest.raises(UnreadableImage):
+        decode_image(truncated, channels=1, height=4, width=4)
