@@ -36,6 +36,8 @@ class Needs:
             otherwise).
         gradients: the check backpropagates through the model itself (attacks, trigger search).
         train: the check needs the train split; without one it is skipped with that reason.
+        train_optional: the check reads the train split when the spec has one (its pass is then
+            shared) and works without it; never skipped for its absence.
         ood: the check reads the spec's out-of-distribution sets.
         headers: the check reads DICOM headers (header-only reads, no pixels).
         images: the check reads decoded images.
@@ -45,6 +47,7 @@ class Needs:
     features: bool = False
     gradients: bool = False
     train: bool = False
+    train_optional: bool = False
     ood: bool = False
     headers: bool = False
     images: bool = False

@@ -131,7 +131,7 @@ def plan_splits(selected: Sequence[SelectedCheck], dataset: Dataset) -> list[str
     if not any(n.predictions or n.features for n in needs):
         return []
     splits = ["eval"]
-    if any(n.train and (n.predictions or n.features) for n in needs):
+    if any((n.train or n.train_optional) and (n.predictions or n.features) for n in needs):
         splits.append("train")
     if any(n.ood and (n.predictions or n.features) for n in needs):
         splits += [name for name in dataset.splits if name.startswith("ood:")]
@@ -141,7 +141,7 @@ def plan_splits(selected: Sequence[SelectedCheck], dataset: Dataset) -> list[str
 def _roles(selected: Sequence[SelectedCheck]) -> list[str]:
     needs = [s.cls.needs for s in selected if s.cls is not None]
     roles = ["eval"]
-    if any(n.train for n in needs):
+    if any(n.train or n.train_optional for n in needs):
         roles.append("train")
     if any(n.ood for n in needs):
         roles.append("ood")

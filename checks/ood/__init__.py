@@ -1,0 +1,408 @@
+"""The out-of-distribution check: does the model know when an image is not what it was trained on?
+
+The numbers come from plain functions in :mod:`.metrics` (AUROC, AUPR, FPR at 95% TPR),
+:mod:`.detectors` (the scores), :mod:`.sets` (the built-in OOD sets) and :mod:`.plots`, all
+testable without the engine; :class:`OODCheck` applies them to the shared pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from pydantic import Field, field_validator
+
+from auditkit.check import (
+    Artifact,
+    Check,
+    CheckParams,
+    CheckResult,
+    Direction,
+    Metric,
+    Needs,
+    Skip,
+)
+from auditkit.checks.ood.detectors import (
+    DETECTORS,
+    energy_score,
+    fit_class_gaussians,
+    knn_score,
+    mahalanobis_score,
+    max_logit_score,
+    msp_score,
+    odin_score,
+)
+from auditkit.checks.ood.metrics import (
+    TARGET_TPR,
+    Interval,
+    aupr,
+    auroc,
+    fpr_at_tpr,
+    separation_metrics,
+    threshold_at_tpr,
+    threshold_rows,
+)
+from auditkit.checks.ood.plots import roc_curves, score_histograms
+from auditkit.checks.ood.scoring import ScoredSet, Scorer, score_builtin_sets, score_spec_sets
+from auditkit.checks.ood.sets import BUILTIN_SETS, load_other_modality, synthetic_shift
+from auditkit.stats import bootstrap_cis, stable_seed
+
+if TYPE_CHECKING:
+    from auditkit.context import AuditContext
+
+__all__ = [
+    "OODCheck",
+    "aupr",
+    "auroc",
+    "energy_score",
+    "fit_class_gaussians",
+    "fpr_at_tpr",
+    "knn_score",
+    "load_other_modality",
+    "mahalanobis_score",
+    "max_logit_score",
+    "msp_score",
+    "odin_score",
+    "roc_curves",
+    "score_histograms",
+    "separation_metrics",
+    "synthetic_shift",
+    "threshold_at_tpr",
+]
+
+FloatArray = NDArray[np.float64]
+DetectorName = Literal["msp", "max_logit", "energy", "mahalanobis", "knn", "odin"]
+BuiltinSetName = Literal["noise", "inverted", "blank", "corrupted", "other_modality"]
+DEFAULT_DETECTORS: tuple[DetectorName, ...] = ("msp", "max_logit", "energy", "mahalanobis", "knn")
+
+
+class OODCheck(Check):
+    """Out-of-distribution detection: AUROC, AUPR and FPR at 95% TPR of five detectors.
+
+    Methods (each score is higher for more in-distribution images):
+    maximum softmax probability, MSP (Hendrycks & Gimpel 2017, "A Baseline for Detecting
+    Misclassified and Out-of-Distribution Examples in Neural Networks", ICLR); maximum logit
+    (Hendrycks et al. 2022, ICML); energy (Liu et al. 2020, "Energy-based Out-of-distribution
+    Detection", NeurIPS); Mahalanobis distance to the closest class mean under a shared,
+    Ledoit-Wolf-shrunk covariance (Lee et al. 2018, "A Simple Unified Framework for Detecting
+    Out-of-Distribution Samples and Adversarial Attacks", NeurIPS); k-th nearest-neighbour
+    distance of L2-normalised embeddings (Sun et al. 2022, "Out-of-Distribution Detection with
+    Deep Nearest Neighbors", ICML); and, opt-in, ODIN (Liang et al. 2018, "Enhancing The
+    Reliability of Out-of-distribution Image Detection in Neural Networks", ICLR), which needs
+    input gradients and so extra passes through the model. Mahalanobis and k-NN are fitted on
+    the train split, or, without one, on a class-stratified ``fit_fraction`` of the eval split;
+    their in-distribution scores then come from the rest of eval only.
+
+    Inputs: eval logits and embeddings from the shared pass (never recomputed); the train
+    split's embeddings when present; the spec's OOD sets (``data.ood``, split ``ood:<name>``,
+    decoded once with quarantine like eval); built-in sets needing no user data, each scored by
+    one pass of new images under split ``ood:builtin:<name>``: ``noise``, ``inverted``, ``blank``
+    and ``corrupted`` shifts of up to ``max_builtin_images`` eval images, and
+    ``other_modality``, the CT and MR slices in pydicom's package test data.
+
+    Metrics (labels ``{detector, ood_set}``; ``ood_set`` is the spec's set name or
+    ``builtin:<name>``; each with ``n`` = in + out images and a stratified bootstrap ``ci``):
+        ``ood.auroc`` (higher is better), ``ood.aupr`` (AUPR-Out: OOD images are the
+        positives), ``ood.aupr_in`` (AUPR-In), ``ood.fpr_at_95_tpr`` (share of OOD images
+        accepted at the threshold keeping 95% of in-distribution images; lower is better).
+        The recommended detector — highest worst-case AUROC over the OOD sets, ties broken by
+        mean AUROC, then mean FPR, then the order of ``detectors`` — repeats its values as
+        ``ood.recommended_auroc`` and ``ood.recommended_fpr_at_95_tpr`` {detector, ood_set} and
+        gets ``ood.selective_accuracy`` {detector} (accuracy on the in-distribution images its
+        95%-TPR threshold accepts, as in selective prediction, Geifman & El-Yaniv 2017,
+        "Selective Classification for Deep Neural Networks", NeurIPS; the interval re-estimates
+        the threshold) and ``ood.coverage`` {detector} (share accepted, >= 0.95). The detector
+        is chosen on the data it is measured on, so its values are optimistic by the choice;
+        judge them on the interval's conservative end where that matters.
+
+    Findings: ``ood_reference`` (fit split and sizes; without a train split, ``split`` and
+    ``rows`` name the eval rows fitted on); one ``ood_set`` per set (source, size,
+    ``forward_split``, quarantined rows of a spec set, the eval ``rows`` a shift was made from,
+    the files of ``other_modality``); ``recommended_detector`` (threshold and accept rule);
+    ``non_finite_scores`` (images scored ``-inf``: always rejected); ``odin`` (passes used).
+
+    Artifacts: ``score_histograms`` and ``roc_curves`` (SVG).
+
+    NIST AI RMF 1.0: MEASURE 2.6 (the system fails safely beyond its knowledge limits: can it
+    flag such inputs?), MEASURE 2.5 (the limits of generalisation are documented).
+    """
+
+    id: ClassVar[str] = "ood"
+    family: ClassVar[str] = "ood"
+
+    class Params(CheckParams):
+        """Parameters of :class:`OODCheck`.
+
+        Attributes:
+            detectors: detectors to run, from msp, max_logit, energy, mahalanobis, knn, odin.
+            builtin_sets: built-in OOD sets, from noise, inverted, blank, corrupted,
+                other_modality (``[]``: the spec's sets only).
+            max_builtin_images: eval images sampled for each synthetic shift.
+            knn_k: the neighbour rank of k-NN (capped at the fit set's size).
+            fit_fraction: share of eval (stratified by class) fitting Mahalanobis and k-NN when
+                the run has no train split.
+            odin_temperature: ODIN's softmax temperature.
+            odin_epsilon: ODIN's perturbation in [0, 1] image units.
+            n_boot: bootstrap resamples per interval; 0 disables intervals.
+        """
+
+        detectors: tuple[DetectorName, ...] = DEFAULT_DETECTORS
+        builtin_sets: tuple[BuiltinSetName, ...] = BUILTIN_SETS
+        max_builtin_images: int = Field(default=256, ge=1, le=100_000)
+        knn_k: int = Field(default=10, ge=1)
+        fit_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+        odin_temperature: float = Field(default=1000.0, gt=0.0)
+        odin_epsilon: float = Field(default=0.0014, ge=0.0, le=1.0)
+        n_boot: int = Field(default=1000, ge=0, le=100_000)
+
+        @field_validator("detectors", "builtin_sets")
+        @classmethod
+        def _unique(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+            if len(set(values)) != len(values):
+                raise ValueError(f"expected each name once, got {list(values)}")
+            return values
+
+        @field_validator("detectors")
+        @classmethod
+        def _not_empty(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+            if not values:
+                raise ValueError(f"expected at least one detector of {list(DETECTORS)}, got []")
+            return values
+
+    # Mahalanobis and k-NN fall back to a held-out part of eval without a train split, so the
+    # train split is optional, not required (a required one would skip the check without it).
+    needs: ClassVar[Needs] = Needs(predictions=True, features=True, ood=True, train_optional=True)
+    emits: ClassVar[tuple[str, ...]] = (
+        "ood.auroc",
+        "ood.aupr",
+        "ood.aupr_in",
+        "ood.fpr_at_95_tpr",
+        "ood.recommended_auroc",
+        "ood.recommended_fpr_at_95_tpr",
+        "ood.selective_accuracy",
+        "ood.coverage",
+    )
+
+    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+        """Score in- and out-of-distribution images with every detector and compare them."""
+        p: OODCheck.Params = params
+        seed_root = int(ctx.rng(self.id).integers(0, 2**63 - 1))
+        preds = ctx.predictions("eval")
+        if preds.n == 0:
+            raise Skip("no eval images (every eval image was quarantined)")
+        if not p.builtin_sets and not any(s.startswith("ood:") for s in ctx.split_names):
+            raise Skip("no out-of-distribution sets: data.ood is empty and builtin_sets is []")
+        scorer = Scorer.fit(
+            ctx,
+            p.detectors,
+            knn_k=p.knn_k,
+            fit_fraction=p.fit_fraction,
+            odin=(p.odin_temperature, p.odin_epsilon),
+            rng=np.random.default_rng(stable_seed(seed_root, "fit_split")),
+        )
+        eval_scores = scorer.score("eval", preds.logits, _eval_features(ctx, scorer), ctx.images)
+        in_scores = {d: eval_scores[d][scorer.in_rows[d]] for d in scorer.available}
+        sets = score_spec_sets(ctx, scorer) + score_builtin_sets(
+            ctx,
+            scorer,
+            p.builtin_sets,
+            max_images=p.max_builtin_images,
+            rng=np.random.default_rng(stable_seed(seed_root, "builtin_sets")),
+        )
+
+        result = CheckResult()
+        measured: Measured = {}
+        for detector in p.detectors:
+            for ood in sets:
+                reason = scorer.unavailable.get(detector) or ood.reason
+                if reason is None:
+                    measured[detector, ood.name] = separation_metrics(
+                        in_scores[detector],
+                        ood.scores[detector],
+                        n_boot=p.n_boot,
+                        rng=np.random.default_rng(stable_seed(seed_root, detector, ood.name)),
+                    )
+                n = len(scorer.in_rows[detector]) + ood.n
+                values = measured.get((detector, ood.name))
+                result.metrics += _separation(detector, ood.name, values, n, reason)
+        result.findings += scorer.findings + [s.finding for s in sets]
+        _recommend(result, ctx, p, scorer, in_scores, sets, measured, seed_root)
+        _plots(result, ctx, in_scores, sets)
+        if scorer.odin_passes:
+            result.findings.append(
+                {
+                    "kind": "odin",
+                    "temperature": p.odin_temperature,
+                    "epsilon": p.odin_epsilon,
+                    "gradient_passes": scorer.odin_passes,
+                }
+            )
+        return result
+
+
+def _eval_features(ctx: AuditContext, scorer: Scorer) -> torch.Tensor | None:
+    return ctx.features("eval") if scorer.has_features else None
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics, recommendation and plots
+
+_METRIC_NAMES = {
+    "auroc": "ood.auroc",
+    "aupr_out": "ood.aupr",
+    "aupr_in": "ood.aupr_in",
+    "fpr_at_tpr": "ood.fpr_at_95_tpr",
+}
+
+
+Measured = dict[tuple[str, str], dict[str, tuple[float, Interval]]]
+"""(detector, ood_set) -> the output of :func:`separation_metrics`."""
+
+
+def _separation(
+    detector: str,
+    ood_set: str,
+    values: dict[str, tuple[float, Interval]] | None,
+    n: int,
+    reason: str | None,
+) -> list[Metric]:
+    """The four metrics of one (detector, OOD set) pair; undefined ones carry ``reason``."""
+    labels = {"detector": detector, "ood_set": ood_set}
+    out = []
+    for key, name in _METRIC_NAMES.items():
+        value, ci = values[key] if values is not None else (None, None)
+        out.append(Metric(name, value, _direction(key), labels=labels, ci=ci, n=n, reason=reason))
+    return out
+
+
+def _direction(key: str) -> Direction:
+    return "lower_is_better" if key == "fpr_at_tpr" else "higher_is_better"
+
+
+def _choose(detectors: tuple[str, ...], sets: list[ScoredSet], measured: Measured) -> str | None:
+    """The detector with the highest worst-case AUROC over every OOD set.
+
+    Ties go to the higher mean AUROC, then the lower mean FPR at 95% TPR, then the earlier
+    detector in ``detectors``. Detectors not measured on every set are not candidates.
+    """
+    ranked = []
+    for order, detector in enumerate(detectors):
+        values = [measured.get((detector, s.name)) for s in sets]
+        if not values or any(v is None for v in values):
+            continue
+        aurocs = [v["auroc"][0] for v in values if v is not None]
+        fprs = [v["fpr_at_tpr"][0] for v in values if v is not None]
+        key = (min(aurocs), float(np.mean(aurocs)), -float(np.mean(fprs)), -order)
+        ranked.append((key, detector))
+    return max(ranked)[1] if ranked else None
+
+
+def _recommend(
+    result: CheckResult,
+    ctx: AuditContext,
+    p: OODCheck.Params,
+    scorer: Scorer,
+    in_scores: dict[str, FloatArray],
+    sets: list[ScoredSet],
+    measured: Measured,
+    seed_root: int,
+) -> None:
+    """The recommended detector's metrics, threshold and selective accuracy."""
+    detector = _choose(p.detectors, sets, measured)
+    if detector is None:
+        why = "no detector could be measured on every OOD set"
+        for name in ("ood.selective_accuracy", "ood.coverage"):
+            labels = {"detector": "none"}
+            result.metrics.append(Metric(name, None, "higher_is_better", labels, reason=why))
+        return
+    scores = in_scores[detector]
+    for ood in sets:
+        labels = {"detector": detector, "ood_set": ood.name}
+        for key in ("auroc", "fpr_at_tpr"):
+            value, ci = measured[detector, ood.name][key]
+            name = f"ood.recommended_{_METRIC_NAMES[key].removeprefix('ood.')}"
+            n = scores.size + ood.n
+            result.metrics.append(Metric(name, value, _direction(key), labels, ci=ci, n=n))
+
+    # Selective prediction (Geifman & El-Yaniv 2017): accuracy on the accepted eval images.
+    preds = ctx.predictions("eval")
+    rows = scorer.in_rows[detector]
+    correct = (preds.predicted[rows] == preds.labels[rows]).astype(np.float64)
+    threshold = threshold_at_tpr(scores, TARGET_TPR)
+    accepted = scores >= threshold
+
+    def selective_accuracy(idx: NDArray[np.intp]) -> FloatArray:
+        resampled = scores[idx]
+        keep = resampled >= threshold_rows(resampled, TARGET_TPR)[:, None]
+        return np.asarray((correct[idx] * keep).sum(axis=1) / keep.sum(axis=1))
+
+    ci = bootstrap_cis(
+        {"selective_accuracy": selective_accuracy},
+        scores.size,
+        n_boot=p.n_boot,
+        rng=np.random.default_rng(stable_seed(seed_root, "selective", detector)),
+    )["selective_accuracy"]
+    accuracy = float(correct[accepted].mean())
+    coverage = float(accepted.mean())
+    labels = {"detector": detector}
+    n_accepted = int(accepted.sum())
+    result.metrics.append(
+        Metric("ood.selective_accuracy", accuracy, "higher_is_better", labels, ci=ci, n=n_accepted)
+    )
+    result.metrics.append(
+        Metric("ood.coverage", coverage, "higher_is_better", labels, n=int(scores.size))
+    )
+    worst = min(sets, key=lambda s: measured[detector, s.name]["auroc"][0])
+    result.findings.append(
+        {
+            "kind": "recommended_detector",
+            "detector": detector,
+            "criterion": "highest worst-case AUROC over the OOD sets, then mean AUROC, mean FPR",
+            "threshold": threshold,
+            "accept_rule": f"accept an image when its {detector} score >= threshold",
+            "target_tpr": TARGET_TPR,
+            "coverage": coverage,
+            "selective_accuracy": accuracy,
+            "accuracy_all": float(correct.mean()),
+            "n_in_distribution": int(scores.size),
+            "worst_ood_set": worst.name,
+        }
+    )
+
+
+def _plots(
+    result: CheckResult,
+    ctx: AuditContext,
+    in_scores: dict[str, FloatArray],
+    sets: list[ScoredSet],
+) -> None:
+    """Score histograms and ROC curves of every measured detector and set."""
+    scored = [s for s in sets if s.reason is None]
+    if not in_scores or not scored:
+        return
+    out_scores = {d: {s.name: s.scores[d] for s in scored} for d in in_scores}
+    thresholds = {d: threshold_at_tpr(v) for d, v in in_scores.items()}
+    path, relative = ctx.artifact_path("ood", "score_histograms.svg")
+    score_histograms(in_scores, out_scores, thresholds, Path(path))
+    result.artifacts.append(
+        Artifact(
+            "score_histograms",
+            relative,
+            "image/svg+xml",
+            "Detector scores of the in-distribution images and of each OOD set, with each"
+            " detector's threshold at 95% in-distribution TPR.",
+        )
+    )
+    path, relative = ctx.artifact_path("ood", "roc_curves.svg")
+    roc_curves(in_scores, out_scores, Path(path))
+    result.artifacts.append(
+        Artifact(
+            "roc_curves",
+            relative,
+            "image/svg+xml",
+            "ROC curves of every detector against each OOD set.",
+        )
+    )

@@ -1,0 +1,319 @@
+"""The OOD check's work over the audit context: fit the detectors once, score every set.
+
+:class:`Scorer` fits Mahalanobis and k-NN on the train split's embeddings, or on a
+class-stratified part of eval when the run has none, and scores any split with every requested
+detector. :func:`score_spec_sets` scores the spec's OOD sets from the shared pass;
+:func:`score_builtin_sets` builds each built-in set and scores it with one pass of its new images.
+Nothing here re-runs the eval split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from auditkit.check import Skip
+from auditkit.checks.ood.detectors import (
+    FEATURE_DETECTORS,
+    ClassGaussians,
+    energy_score,
+    fit_class_gaussians,
+    knn_score,
+    mahalanobis_score,
+    max_logit_score,
+    msp_score,
+    odin_score,
+)
+from auditkit.checks.ood.sets import (
+    SYNTHETIC_SHIFTS,
+    describe,
+    load_other_modality,
+    synthetic_shift,
+)
+from auditkit.stats import stable_seed
+
+if TYPE_CHECKING:
+    from auditkit.context import AuditContext
+
+__all__ = ["ScoredSet", "Scorer", "score_builtin_sets", "score_spec_sets", "stratified_split"]
+
+FloatArray = NDArray[np.float64]
+ImagesOf = Callable[[str], torch.Tensor]
+
+
+def stratified_split(
+    labels: NDArray[np.int64], fraction: float, rng: np.random.Generator
+) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """Fit and held-out rows, ``fraction`` of each class to fit (each class of >= 2 gives both).
+
+    Returns:
+        Sorted row indices ``(fit, held_out)`` partitioning ``range(len(labels))``.
+    """
+    fit: list[int] = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        take = round(fraction * members.size)
+        if members.size >= 2:
+            take = min(max(take, 1), members.size - 1)
+        fit += members[:take].tolist()
+    fit_rows = np.sort(np.asarray(fit, dtype=np.intp))
+    return fit_rows, np.setdiff1d(np.arange(labels.size), fit_rows).astype(np.intp)
+
+
+@dataclass
+class Scorer:
+    """The requested detectors, fitted once, scoring any split of the context.
+
+    Attributes:
+        ctx: the audit context.
+        detectors: the requested detector names, in report order.
+        odin: ODIN's ``(temperature, epsilon)``.
+        in_rows: detector -> the eval rows that are its in-distribution images (all of eval,
+            except for detectors fitted on part of it).
+        unavailable: detector -> why it cannot be measured in this run.
+        findings: records for the check's findings (fit reference, non-finite scores).
+        odin_passes: split -> images ODIN perturbed (each costs a forward-backward and a
+            forward pass).
+        has_features: whether embeddings were read (an embedding detector was requested and
+            the model offers embeddings).
+    """
+
+    ctx: AuditContext
+    detectors: Sequence[str]
+    odin: tuple[float, float]
+    in_rows: dict[str, NDArray[np.intp]]
+    unavailable: dict[str, str] = field(default_factory=dict)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    odin_passes: dict[str, int] = field(default_factory=dict)
+    has_features: bool = False
+    _gaussians: ClassGaussians | None = None
+    _reference: FloatArray | None = None
+    _knn_k: int = 0
+
+    @classmethod
+    def fit(
+        cls,
+        ctx: AuditContext,
+        detectors: Sequence[str],
+        *,
+        knn_k: int,
+        fit_fraction: float,
+        odin: tuple[float, float],
+        rng: np.random.Generator,
+    ) -> Scorer:
+        """Fit the embedding detectors on train, or on ``fit_fraction`` of eval without one."""
+        n_eval = ctx.predictions("eval").n
+        scorer = cls(ctx, list(detectors), odin, dict.fromkeys(detectors, np.arange(n_eval)))
+        wanted = [d for d in detectors if d in FEATURE_DETECTORS]
+        if wanted:
+            scorer._fit_embeddings(wanted, knn_k, fit_fraction, rng)
+        return scorer
+
+    @property
+    def available(self) -> list[str]:
+        return [d for d in self.detectors if d not in self.unavailable]
+
+    def _fit_embeddings(
+        self, wanted: list[str], knn_k: int, fit_fraction: float, rng: np.random.Generator
+    ) -> None:
+        ctx = self.ctx
+        try:
+            eval_features = ctx.features("eval")
+        except Skip as reason:
+            self.unavailable.update(dict.fromkeys(wanted, str(reason)))
+            return
+        self.has_features = True
+        labels = ctx.labels("eval")
+        finding: dict[str, Any] = {"kind": "ood_reference", "n_eval": int(labels.size)}
+        if ctx.has_split("train"):
+            fit_x, fit_y = ctx.features("train"), ctx.labels("train")
+            finding["fit_split"] = "train"
+        else:
+            fit_rows, held_out = stratified_split(labels, fit_fraction, rng)
+            fit_x, fit_y = eval_features[fit_rows], labels[fit_rows]
+            self.in_rows.update(dict.fromkeys(wanted, held_out))
+            finding.update(
+                fit_split="eval",
+                split="eval",
+                rows=ctx.split("eval").rows[fit_rows].tolist(),
+                n_held_out=int(held_out.size),
+            )
+        reference = fit_x.double().numpy()
+        n_fit = int(np.isfinite(reference).all(axis=1).sum())
+        n_in = len(self.in_rows[wanted[0]])
+        finding["n_fit"] = n_fit
+        self.findings.append(finding)
+        if min(n_fit, n_in) < 2:
+            why = f"too few images to fit and evaluate ({n_fit} to fit, {n_in} to evaluate)"
+            self.unavailable.update(dict.fromkeys(wanted, why))
+            return
+        if "mahalanobis" in wanted:
+            try:
+                self._gaussians = fit_class_gaussians(reference, fit_y)
+                finding["mahalanobis_shrinkage"] = self._gaussians.shrinkage
+            except ValueError as error:
+                self.unavailable["mahalanobis"] = f"cannot fit class Gaussians: {error}"
+        if "knn" in wanted:
+            self._reference, self._knn_k = reference, min(knn_k, n_fit)
+            finding["knn_k"] = self._knn_k
+
+    def score(
+        self, split: str, logits: torch.Tensor, features: torch.Tensor | None, images: ImagesOf
+    ) -> dict[str, FloatArray]:
+        """Every available detector's scores of one split; undefined scores become ``-inf``.
+
+        Args:
+            split: the split name (for findings and ODIN's pass count).
+            logits: its logits ``(N, K)`` from the shared (or the set's own) pass.
+            features: its embeddings ``(N, D)`` from the same pass, or ``None``.
+            images: ``images(split)`` returns its images; called only by ODIN.
+        """
+        out: dict[str, FloatArray] = {}
+        for detector in self.available:
+            if detector == "msp":
+                scores = msp_score(logits)
+            elif detector == "max_logit":
+                scores = max_logit_score(logits)
+            elif detector == "energy":
+                scores = energy_score(logits)
+            elif detector == "mahalanobis":
+                assert self._gaussians is not None and features is not None
+                scores = mahalanobis_score(features, self._gaussians)
+            elif detector == "knn":
+                assert self._reference is not None and features is not None
+                scores = knn_score(self._reference, features, self._knn_k)
+            else:
+                batch = images(split)
+                scores = odin_score(
+                    self.ctx.model.module,
+                    batch,
+                    temperature=self.odin[0],
+                    epsilon=self.odin[1],
+                    batch_size=self.ctx.model.batch_size,
+                    device=self.ctx.device,
+                )
+                self.odin_passes[split] = int(batch.shape[0])
+            undefined = np.isnan(scores)
+            if undefined.any():
+                self.findings.append(
+                    {
+                        "kind": "non_finite_scores",
+                        "detector": detector,
+                        "split": split,
+                        "count": int(undefined.sum()),
+                    }
+                )
+            out[detector] = np.where(undefined, -np.inf, scores)
+        return out
+
+
+@dataclass
+class ScoredSet:
+    """One OOD set: its name (``ood_set`` label), size, scores per detector and finding."""
+
+    name: str
+    n: int
+    scores: dict[str, FloatArray]
+    finding: dict[str, Any]
+    reason: str | None = None
+
+
+def score_spec_sets(ctx: AuditContext, scorer: Scorer) -> list[ScoredSet]:
+    """The spec's OOD sets (splits ``ood:<name>``), scored from the shared pass."""
+    out = []
+    for split in (s for s in ctx.split_names if s.startswith("ood:")):
+        name = split.removeprefix("ood:")
+        preds = ctx.predictions(split)
+        quarantined = sum(1 for q in ctx.dataset.quarantine if q.split == split)
+        finding = {
+            "kind": "ood_set",
+            "ood_set": name,
+            "source": "spec",
+            "split": split,
+            "forward_split": split,
+            "n_images": preds.n,
+            "n_quarantined": quarantined,
+        }
+        if preds.n == 0:
+            reason = f"every image of {split} was quarantined ({quarantined} rows; data.quarantine)"
+            out.append(ScoredSet(name, 0, {}, finding, reason))
+            continue
+        features = ctx.features(split) if scorer.has_features else None
+        out.append(
+            ScoredSet(
+                name, preds.n, scorer.score(split, preds.logits, features, ctx.images), finding
+            )
+        )
+    return out
+
+
+def score_builtin_sets(
+    ctx: AuditContext,
+    scorer: Scorer,
+    names: Sequence[str],
+    *,
+    max_images: int,
+    rng: np.random.Generator,
+) -> list[ScoredSet]:
+    """Build each built-in set, run its new images through the model once and score them.
+
+    The synthetic shifts use the same ``max_images`` eval images (sampled without replacement);
+    each set's pass is counted under split ``ood:builtin:<name>``.
+    """
+    from auditkit.data import window_setting
+
+    n_eval = ctx.predictions("eval").n
+    sample = np.sort(rng.choice(n_eval, size=min(n_eval, max_images), replace=False))
+    eval_images = ctx.images("eval", sample) if set(names) & set(SYNTHETIC_SHIFTS) else None
+    # One seed per set name, so adding or dropping a set leaves the others' images unchanged.
+    seed_root = int(rng.integers(0, 2**63 - 1))
+    out = []
+    for name in names:
+        label = f"builtin:{name}"
+        finding: dict[str, Any] = {
+            "kind": "ood_set",
+            "ood_set": label,
+            "source": "builtin",
+            "description": describe(name),
+            "forward_split": f"ood:{label}",
+        }
+        if name == "other_modality":
+            shape = ctx.spec.model.input
+            loaded = load_other_modality(
+                channels=shape.channels,
+                height=shape.height,
+                width=shape.width,
+                window=window_setting(ctx.spec),
+            )
+            images = loaded.images
+            finding.update(
+                files=loaded.files,
+                modalities=loaded.modalities,
+                duplicates_left_out=len(loaded.duplicates),
+                skipped=loaded.skipped,
+            )
+        else:
+            assert eval_images is not None
+            generator = torch.Generator().manual_seed(stable_seed(seed_root, name))
+            images = synthetic_shift(name, eval_images, generator)
+            finding.update(split="eval", rows=ctx.split("eval").rows[sample].tolist())
+        finding["n_images"] = int(images.shape[0])
+        if images.shape[0] == 0:
+            reason = "no CT or MR image could be read from pydicom's package test data"
+            out.append(ScoredSet(label, 0, {}, finding, reason))
+            continue
+        split = finding["forward_split"]
+        logits, features = ctx.model.forward_pass(images, split=split)
+        scores = scorer.score(split, logits, features, _held(images))
+        out.append(ScoredSet(label, int(images.shape[0]), scores, finding))
+    return out
+
+
+def _held(images: torch.Tensor) -> ImagesOf:
+    """``images(split)`` for a set held in memory rather than in the context."""
+    return lambda _split: images

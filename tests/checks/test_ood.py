@@ -1,0 +1,726 @@
+"""Tests of the OOD metrics, detectors, built-in sets, plots and :class:`OODCheck`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from pydantic import ValidationError
+from scipy.special import softmax
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from auditkit.check import CheckResult, Skip
+from auditkit.checks.ood import (
+    OODCheck,
+    aupr,
+    auroc,
+    energy_score,
+    fit_class_gaussians,
+    fpr_at_tpr,
+    knn_score,
+    load_other_modality,
+    mahalanobis_score,
+    max_logit_score,
+    msp_score,
+    odin_score,
+    roc_curves,
+    score_histograms,
+    separation_metrics,
+    synthetic_shift,
+    threshold_at_tpr,
+)
+from auditkit.checks.ood.scoring import stratified_split
+from auditkit.checks.ood.sets import find_other_modality_files, pydicom_test_files
+from auditkit.context import AuditContext
+from auditkit.data import load_dataset
+from auditkit.model import ModelAdapter
+from auditkit.runner import RunOptions, run_audit
+from auditkit.spec import AuditSpec, load_spec
+
+FAST = {"n_boot": 50}
+FAR_OOD = ("builtin:noise", "builtin:other_modality")
+
+
+# --------------------------------------------------------------------------------------------
+# Reference computations
+
+
+def sklearn_fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, tpr: float) -> float:
+    """FPR at the first ROC point whose TPR reaches ``tpr`` (in-distribution = positive)."""
+    y = np.r_[np.ones(in_scores.size), np.zeros(out_scores.size)]
+    fpr, tprs, _ = roc_curve(y, np.r_[in_scores, out_scores], drop_intermediate=False)
+    return float(fpr[np.searchsorted(tprs, tpr, side="left")])
+
+
+def sklearn_metrics(in_scores: np.ndarray, out_scores: np.ndarray) -> dict[str, float]:
+    y = np.r_[np.ones(in_scores.size), np.zeros(out_scores.size)]
+    s = np.r_[in_scores, out_scores]
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "aupr_in": float(average_precision_score(y, s)),
+        "aupr_out": float(average_precision_score(1 - y, -s)),
+        "fpr_at_tpr": sklearn_fpr_at_tpr(in_scores, out_scores, 0.95),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: hand-computed values, ties included
+
+
+def test_metrics_hand_computed_with_ties() -> None:
+    in_scores = [3.0, 2.0, 2.0, 1.0]
+    out_scores = [2.0, 1.0, 0.0]
+    # Pairs (in, out): 3 beats all three; each 2 beats two and ties one; 1 beats one, ties one.
+    assert auroc(in_scores, out_scores) == pytest.approx(float(Fraction(19, 24)), abs=1e-15)
+    # AUPR-In: tie groups {3: in}, {2: in, in, out}, {1: in, out}, {0: out}; 4 positives.
+    # 1/4 * 1 + 2/4 * 3/4 + 1/4 * 4/6 = 19/24.
+    assert aupr(in_scores, out_scores, positive="in") == pytest.approx(19 / 24, abs=1e-15)
+    # AUPR-Out: ranked by -score: {0: out}, {1: in, out}, {2: in, in, out}, {3: in}; 3 positives.
+    # 1/3 * 1 + 1/3 * 2/3 + 1/3 * 3/6 = 13/18.
+    assert aupr(in_scores, out_scores) == pytest.approx(13 / 18, abs=1e-15)
+    # 95% of 4 in-distribution images is all 4: the threshold is the lowest, 1, which accepts
+    # the out-of-distribution 2 and 1.
+    assert threshold_at_tpr(in_scores) == 1.0
+    assert fpr_at_tpr(in_scores, out_scores) == pytest.approx(2 / 3)
+    # 75%: the threshold 2 accepts the tied in-distribution pair (TPR 3/4) and the tied out 2.
+    assert threshold_at_tpr(in_scores, 0.75) == 2.0
+    assert fpr_at_tpr(in_scores, out_scores, 0.75) == pytest.approx(1 / 3)
+    # 50% is reached at 2 too: ties are accepted together, never split.
+    assert fpr_at_tpr(in_scores, out_scores, 0.5) == pytest.approx(1 / 3)
+
+
+def test_metrics_extreme_cases() -> None:
+    assert auroc([2.0, 3.0], [0.0, 1.0]) == 1.0
+    assert fpr_at_tpr([2.0, 3.0], [0.0, 1.0]) == 0.0
+    assert aupr([2.0, 3.0], [0.0, 1.0]) == 1.0
+    assert auroc([0.0, 1.0], [2.0, 3.0]) == 0.0
+    assert fpr_at_tpr([0.0, 1.0], [2.0, 3.0]) == 1.0
+    # Every score tied: chance AUROC, every OOD image accepted, precision = prevalence.
+    assert auroc([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5
+    assert fpr_at_tpr([1.0, 1.0], [1.0, 1.0, 1.0]) == 1.0
+    assert aupr([1.0, 1.0], [1.0, 1.0, 1.0], positive="in") == pytest.approx(2 / 5)
+    assert aupr([1.0, 1.0], [1.0, 1.0, 1.0], positive="out") == pytest.approx(3 / 5)
+    # -inf marks an undefined score: the least in-distribution value, tied with other -infs.
+    assert auroc([-np.inf, 1.0], [-np.inf, 0.0]) == pytest.approx(0.625)
+    # 19 of 20 is exactly 95%: the threshold is the 19th largest, not the 20th.
+    in_scores = np.arange(20.0)
+    assert threshold_at_tpr(in_scores) == 1.0
+    assert fpr_at_tpr(in_scores, [0.5, 1.0, 5.0]) == pytest.approx(2 / 3)
+
+
+def test_metric_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="in_scores is empty"):
+        auroc([], [1.0])
+    with pytest.raises(ValueError, match=r"out_scores holds 1 NaN"):
+        fpr_at_tpr([1.0], [np.nan])
+    with pytest.raises(ValueError, match=r"1-D .* got shape \(1, 2\)"):
+        aupr([[1.0, 2.0]], [1.0])
+    with pytest.raises(ValueError, match=r"tpr must be in \(0, 1\], got 1.5"):
+        threshold_at_tpr([1.0], 1.5)
+    with pytest.raises(ValueError, match="positive must be 'in' or 'out', got 'both'"):
+        aupr([1.0], [0.0], positive="both")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_metrics_equal_sklearn_on_random_scores(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_in, n_out = rng.integers(1, 60, size=2)
+    if seed % 2:  # heavy ties
+        in_scores = rng.integers(0, 5, n_in).astype(float)
+        out_scores = rng.integers(0, 5, n_out).astype(float)
+    else:
+        in_scores, out_scores = rng.normal(1.0, 1.0, n_in), rng.normal(0.0, 1.0, n_out)
+    expected = sklearn_metrics(in_scores, out_scores)
+    assert auroc(in_scores, out_scores) == pytest.approx(expected["auroc"], abs=1e-12)
+    assert aupr(in_scores, out_scores, positive="in") == pytest.approx(expected["aupr_in"])
+    assert aupr(in_scores, out_scores) == pytest.approx(expected["aupr_out"], abs=1e-12)
+    assert fpr_at_tpr(in_scores, out_scores) == expected["fpr_at_tpr"]
+
+
+small_scores = st.lists(st.integers(-3, 3).map(float), min_size=1, max_size=25)
+
+
+@settings(max_examples=150, deadline=None)
+@given(small_scores, small_scores, st.sampled_from([0.5, 0.8, 0.95, 1.0]))
+def test_metrics_property_equal_sklearn_with_ties(
+    in_list: list[float], out_list: list[float], tpr: float
+) -> None:
+    in_scores, out_scores = np.array(in_list), np.array(out_list)
+    expected = sklearn_metrics(in_scores, out_scores)
+    value = auroc(in_scores, out_scores)
+    assert value == pytest.approx(expected["auroc"], abs=1e-12)
+    assert auroc(-out_scores, -in_scores) == pytest.approx(value, abs=1e-12)  # symmetry
+    assert aupr(in_scores, out_scores, positive="in") == pytest.approx(expected["aupr_in"])
+    assert aupr(in_scores, out_scores, positive="out") == pytest.approx(expected["aupr_out"])
+    assert fpr_at_tpr(in_scores, out_scores, tpr) == sklearn_fpr_at_tpr(in_scores, out_scores, tpr)
+    accepted = (in_scores >= threshold_at_tpr(in_scores, tpr)).mean()
+    assert accepted >= tpr
+
+
+def test_separation_metrics_values_intervals_and_determinism() -> None:
+    rng = np.random.default_rng(0)
+    in_scores, out_scores = rng.normal(1.0, 1.0, 80), rng.normal(-0.5, 1.0, 60)
+    first = separation_metrics(in_scores, out_scores, n_boot=200, rng=np.random.default_rng(1))
+    again = separation_metrics(in_scores, out_scores, n_boot=200, rng=np.random.default_rng(1))
+    assert first == again
+    expected = sklearn_metrics(in_scores, out_scores)
+    for key, (value, ci) in first.items():
+        assert value == pytest.approx(expected[key], abs=1e-12)
+        assert ci is not None
+        assert ci[0] <= value <= ci[1]
+    none = separation_metrics(in_scores, out_scores, n_boot=0, rng=np.random.default_rng(1))
+    assert all(ci is None for _, ci in none.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Detectors
+
+
+def test_logit_detectors_hand_computed() -> None:
+    logits = np.array([[0.0, np.log(3.0)], [2.0, 2.0], [np.nan, 1.0]])
+    np.testing.assert_allclose(msp_score(logits)[:2], [0.75, 0.5])
+    np.testing.assert_allclose(max_logit_score(logits)[:2], [np.log(3.0), 2.0])
+    np.testing.assert_allclose(energy_score(logits)[:2], [np.log(4.0), 2.0 + np.log(2.0)])
+    np.testing.assert_allclose(
+        energy_score(logits, temperature=2.0)[:1], [2.0 * np.log(1.0 + np.sqrt(3.0))]
+    )
+    for score in (msp_score, max_logit_score, energy_score):
+        assert np.isnan(score(logits)[2])  # non-finite logits: undefined score
+    huge = torch.tensor([[1000.0, 0.0]])  # no overflow
+    assert msp_score(huge)[0] == 1.0
+    assert energy_score(huge)[0] == pytest.approx(1000.0)
+    with pytest.raises(ValueError, match="temperature must be positive, got 0"):
+        energy_score(logits, temperature=0)
+
+
+def test_mahalanobis_equals_sklearn_ledoit_wolf() -> None:
+    rng = np.random.default_rng(0)
+    means = np.array([[0.0, 0.0, 0.0], [4.0, 0.0, 1.0]])
+    labels = rng.integers(0, 2, size=60)
+    features = means[labels] + rng.normal(size=(60, 3)) @ np.diag([1.0, 0.5, 2.0])
+    fit = fit_class_gaussians(features, labels)
+    centred = features - np.stack([features[labels == k].mean(axis=0) for k in (0, 1)])[labels]
+    reference = LedoitWolf(assume_centered=True).fit(centred)
+    queries = rng.normal(size=(10, 3)) * 3.0
+    expected = -np.min([reference.mahalanobis(queries - fit.means[k]) for k in range(2)], axis=0)
+    np.testing.assert_allclose(mahalanobis_score(queries, fit), expected, rtol=1e-9)
+    assert fit.shrinkage == pytest.approx(reference.shrinkage_)
+    assert (fit.n_fit, fit.classes.tolist()) == (60, [0, 1])
+    near, far = mahalanobis_score(np.array([[4.0, 0.0, 1.0], [40.0, 40.0, 40.0]]), fit)
+    assert near > far
+    with pytest.raises(ValueError, match="features have 2 columns, the fit expects 3"):
+        mahalanobis_score(np.zeros((1, 2)), fit)
+    with pytest.raises(ValueError, match="at least 2 finite embeddings"):
+        fit_class_gaussians(np.array([[1.0, 2.0], [np.nan, 0.0]]), [0, 1])
+
+
+def test_knn_hand_computed() -> None:
+    reference = np.array([[1.0, 0.0], [0.0, 5.0], [-2.0, 0.0], [np.nan, 1.0]])
+    queries = np.array([[2.0, 0.0], [0.0, 0.0], [1.0, np.inf]])
+    np.testing.assert_allclose(knn_score(reference, queries, 1)[:2], [0.0, -1.0])
+    np.testing.assert_allclose(knn_score(reference, queries, 2)[:2], [-np.sqrt(2.0), -1.0])
+    np.testing.assert_allclose(knn_score(reference, queries, 3)[:2], [-2.0, -1.0])
+    assert np.isnan(knn_score(reference, queries, 1)[2])
+    with pytest.raises(ValueError, match=r"k must be in \[1, 3\]"):
+        knn_score(reference, queries, 4)
+
+
+class Linear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(16, 3)
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)  # frozen, as in the model adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.flatten(1))  # type: ignore[no-any-return]
+
+
+def test_odin_hand_computed_and_perturbation_helps() -> None:
+    module = Linear().eval()
+    images = torch.rand((5, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    logits = module(images).double().numpy()
+    plain = odin_score(module, images, temperature=10.0, epsilon=0.0, batch_size=2)
+    np.testing.assert_allclose(plain, softmax(logits / 10.0, axis=1).max(axis=1), rtol=1e-6)
+    x = images.clone().requires_grad_(True)
+    loss = -torch.log_softmax(module(x) / 10.0, dim=1).max(dim=1).values.sum()
+    (gradient,) = torch.autograd.grad(loss, x)
+    moved = (images - 0.01 * gradient.sign()).clamp(0, 1)
+    expected = softmax(module(moved).double().numpy() / 10.0, axis=1).max(axis=1)
+    perturbed = odin_score(module, images, temperature=10.0, epsilon=0.01, batch_size=2)
+    np.testing.assert_allclose(perturbed, expected, rtol=1e-6)
+    assert (perturbed >= plain - 1e-12).all()
+    with pytest.raises(ValueError, match="epsilon must be >= 0, got -1"):
+        odin_score(module, images, epsilon=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in sets
+
+
+def test_synthetic_shifts() -> None:
+    images = torch.rand((4, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    made = {
+        name: synthetic_shift(name, images, torch.Generator().manual_seed(2))
+        for name in ("noise", "inverted", "blank", "corrupted")
+    }
+    for shifted in made.values():
+        assert shifted.shape == images.shape
+        assert shifted.dtype == torch.float32
+        assert float(shifted.min()) >= 0.0
+        assert float(shifted.max()) <= 1.0
+    torch.testing.assert_close(made["inverted"], 1.0 - images)
+    blank = made["blank"]
+    assert blank.flatten(1).std(dim=1).max() == 0.0
+    assert blank[:, 0, 0, 0].tolist() == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    again = synthetic_shift("noise", images, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(made["noise"], again)
+    assert not torch.equal(made["corrupted"], images)
+    with pytest.raises(ValueError, match="unknown synthetic shift 'fog'"):
+        synthetic_shift("fog", images, torch.Generator())
+
+
+def test_other_modality_set_is_decoded_once_and_deduplicated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import auditkit.checks.ood.sets as sets_module
+
+    decoded: list[Path] = []
+    original = sets_module.decode_image
+
+    def counting(path: Path, **kwargs: Any) -> Any:
+        decoded.append(Path(path))
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(sets_module, "decode_image", counting)
+    folder = pydicom_test_files()
+    candidates = find_other_modality_files(folder)
+    loaded = load_other_modality(channels=1, height=32, width=32)
+    assert {m for _, m in candidates} == {"CT", "MR"}
+    assert "CT_small.dcm" in loaded.files
+    assert "MR_small.dcm" in loaded.files
+    assert "MR_small_RLE.dcm" in loaded.duplicates  # same slice, another transfer syntax
+    assert sorted(Counter(decoded).values()) == [1] * len(candidates)
+    assert len(loaded.files) + len(loaded.duplicates) + len(loaded.skipped) == len(candidates)
+    assert loaded.images.shape == (len(loaded.files), 1, 32, 32)
+    assert set(loaded.modalities) == {"CT", "MR"}
+    assert len(loaded.files) >= 20
+    empty = load_other_modality(channels=3, height=8, width=8, folder=Path("/nonexistent"))
+    assert empty.images.shape == (0, 3, 8, 8)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+
+
+def test_plots_are_valid_and_reproducible(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    in_scores = {"msp": rng.normal(1, 1, 30), "knn": np.r_[rng.normal(0, 1, 29), -np.inf]}
+    out_scores = {d: {"a": rng.normal(0, 1, 20), "b": rng.normal(-1, 1, 10)} for d in in_scores}
+    thresholds = {"msp": 0.0}
+    for name in ("one", "two"):
+        score_histograms(in_scores, out_scores, thresholds, tmp_path / f"h-{name}.svg")
+        roc_curves(in_scores, out_scores, tmp_path / f"r-{name}.svg")
+    for kind in ("h", "r"):
+        first = (tmp_path / f"{kind}-one.svg").read_bytes()
+        assert first == (tmp_path / f"{kind}-two.svg").read_bytes()
+        assert ET.fromstring(first).tag.endswith("svg")
+    with pytest.raises(ValueError, match="at least one detector"):
+        roc_curves({}, {}, tmp_path / "none.svg")
+
+
+# --------------------------------------------------------------------------------------------
+# The check: contract and parameters
+
+
+def test_check_declares_its_contract() -> None:
+    assert (OODCheck.id, OODCheck.family) == ("ood", "ood")
+    needs = OODCheck.needs
+    assert needs.predictions and needs.features and needs.ood
+    assert not needs.train  # the runner would skip the check without a train split
+    assert OODCheck.summary().startswith("Out-of-distribution detection")
+    doc = OODCheck.__doc__ or ""
+    for reference in (
+        "Hendrycks & Gimpel 2017",
+        "Liu et al. 2020",
+        "Lee et al. 2018",
+        "Sun et al. 2022",
+        "Liang et al. 2018",
+        "MEASURE 2.6",
+        "MEASURE 2.5",
+    ):
+        assert reference in doc
+    assert set(OODCheck.emits) >= {"ood.auroc", "ood.aupr", "ood.fpr_at_95_tpr"}
+    params = OODCheck.Params()
+    assert params.detectors == ("msp", "max_logit", "energy", "mahalanobis", "knn")
+    assert params.builtin_sets == ("noise", "inverted", "blank", "corrupted", "other_modality")
+    assert (params.knn_k, params.fit_fraction, params.n_boot) == (10, 0.5, 1000)
+    assert OODCheck.Params(detectors=["odin", "msp"]).detectors == ("odin", "msp")
+    for bad in (
+        {"detectors": []},
+        {"detectors": ["msp", "msp"]},
+        {"detectors": ["gram"]},
+        {"builtin_sets": ["fog"]},
+        {"fit_fraction": 1.0},
+        {"knn_k": 0},
+        {"unknown": 1},
+    ):
+        with pytest.raises(ValidationError):
+            OODCheck.Params(**bad)
+
+
+# --------------------------------------------------------------------------------------------
+# The check on the demo study
+
+
+@pytest.fixture
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip drawing (about a second per run); the plots have their own test."""
+    import auditkit.checks.ood as ood_module
+
+    monkeypatch.setattr(ood_module, "_plots", lambda *args: None)
+
+
+def make_context(spec: AuditSpec, out: Path, roles: tuple[str, ...]) -> AuditContext:
+    dataset = load_dataset(spec, roles=roles)
+    return AuditContext(spec, ModelAdapter(spec, device="cpu"), dataset, out)
+
+
+def run_check(ctx: AuditContext, **params: Any) -> CheckResult:
+    return OODCheck().run(ctx, OODCheck.Params(**{**FAST, **params}))
+
+
+def by_key(result: CheckResult, name: str) -> dict[tuple[str, str], Any]:
+    return {
+        (m.labels["detector"], m.labels["ood_set"]): m for m in result.metrics if m.name == name
+    }
+
+
+def finding(result: CheckResult, kind: str, **match: Any) -> dict[str, Any]:
+    (found,) = [
+        f for f in result.findings if f["kind"] == kind and all(f[k] == v for k, v in match.items())
+    ]
+    return found
+
+
+@pytest.fixture(scope="module")
+def demo_results(demo_spec: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One audit of the demo study with the OOD check (defaults, fast bootstrap) and the
+    calibration check, which shares the eval pass."""
+    from auditkit.checks.calibration import CalibrationCheck
+
+    spec = load_spec(demo_spec).model_copy(
+        update={"checks": {"ood": FAST, "calibration": {"n_boot": 20}}}
+    )
+    out = tmp_path_factory.mktemp("ood-audit")
+    outcome = run_audit(
+        spec,
+        RunOptions(out_dir=out, **_no_report()),
+        checks={"ood": OODCheck, "calibration": CalibrationCheck},
+    )
+    return outcome.results
+
+
+def _no_report() -> dict[str, bool]:
+    """Skip the HTML/PDF report where the runner offers that (slow and not under test)."""
+    fields = RunOptions.__dataclass_fields__
+    return {k: False for k in ("report", "pdf") if k in fields}
+
+
+def test_demo_far_ood_sets_are_detected(demo_results: dict[str, Any]) -> None:
+    (record,) = [c for c in demo_results["checks"] if c["id"] == "ood"]
+    assert record["status"] == "ok", record["error"]
+    aurocs: dict[str, list[float]] = {}
+    for metric in record["metrics"]:
+        assert metric["name"] in OODCheck.emits
+        if metric["name"] == "ood.auroc":
+            aurocs.setdefault(metric["labels"]["ood_set"], []).append(metric["value"])
+    assert set(aurocs) == {f"builtin:{s}" for s in OODCheck.Params().builtin_sets}
+    for far in FAR_OOD:
+        assert max(aurocs[far]) >= 0.95, (far, aurocs[far])
+    recommended = [m for m in record["metrics"] if m["name"] == "ood.recommended_auroc"]
+    assert {m["labels"]["ood_set"] for m in recommended} == set(aurocs)
+    (choice,) = [f for f in record["findings"] if f["kind"] == "recommended_detector"]
+    assert all(m["labels"]["detector"] == choice["detector"] for m in recommended)
+    (accuracy,) = [m for m in record["metrics"] if m["name"] == "ood.selective_accuracy"]
+    assert accuracy["value"] == choice["selective_accuracy"]
+    (coverage,) = [m for m in record["metrics"] if m["name"] == "ood.coverage"]
+    assert coverage["value"] >= 0.95
+    json.dumps(record, allow_nan=False)
+
+
+def test_demo_runs_no_extra_eval_pass(demo_results: dict[str, Any]) -> None:
+    per_split = demo_results["run"]["images_forwarded_per_split"]
+    n_eval = demo_results["data"]["splits"]["eval"]["n_images"]
+    assert per_split["eval"] == n_eval  # the shared pass only, though two checks read it
+    (record,) = [c for c in demo_results["checks"] if c["id"] == "ood"]
+    sizes = {f["ood_set"]: f["n_images"] for f in record["findings"] if f["kind"] == "ood_set"}
+    for name, size in sizes.items():
+        assert per_split[f"ood:{name}"] == size  # one pass per built-in set
+    assert sizes["builtin:noise"] == min(n_eval, OODCheck.Params().max_builtin_images)
+    for artifact in record["artifacts"]:
+        assert artifact["media_type"] == "image/svg+xml"
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_check_fits_on_train_when_present(demo_spec: Path, tmp_path: Path) -> None:
+    spec = load_spec(demo_spec)
+    ctx = make_context(spec, tmp_path, ("eval", "train"))
+    result = run_check(ctx, builtin_sets=["noise"])
+    reference = finding(result, "ood_reference")
+    assert reference["fit_split"] == "train"
+    assert reference["n_fit"] == ctx.split("train").n
+    n_eval, n_noise = ctx.split("eval").n, finding(result, "ood_set")["n_images"]
+    for metric in result.metrics:
+        if metric.name == "ood.auroc":
+            assert metric.n == n_eval + n_noise
+    assert ctx.model.stats.per_split == {
+        "ood:builtin:noise": n_noise,
+        "eval": n_eval,
+        "train": ctx.split("train").n,
+    }
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_check_falls_back_to_held_out_eval(demo_spec: Path, tmp_path: Path) -> None:
+    ctx = make_context(load_spec(demo_spec), tmp_path / "a", ("eval",))
+    result = run_check(ctx, builtin_sets=["noise"])
+    reference = finding(result, "ood_reference")
+    assert reference["fit_split"] == "eval"
+    n_eval, n_held_out = ctx.split("eval").n, reference["n_held_out"]
+    assert reference["n_fit"] + n_held_out == n_eval
+    assert reference["split"] == "eval"
+    assert set(reference["rows"]) <= set(ctx.split("eval").rows.tolist())
+    assert len(reference["rows"]) == reference["n_fit"]
+    aurocs = by_key(result, "ood.auroc")
+    n_out = finding(result, "ood_set", ood_set="builtin:noise")["n_images"]
+    assert aurocs["mahalanobis", "builtin:noise"].n == n_held_out + n_out
+    assert aurocs["msp", "builtin:noise"].n == n_eval + n_out
+    assert ctx.model.stats.per_split["eval"] == n_eval
+    # Same seed, one more set: the noise images, the fit split and every noise metric repeat.
+    again = run_check(
+        make_context(load_spec(demo_spec), tmp_path / "b", ("eval",)),
+        builtin_sets=["blank", "noise"],
+    )
+    assert finding(again, "ood_reference") == reference
+
+    def noise_metrics(r: CheckResult) -> list[dict[str, Any]]:
+        return [m.to_json() for m in r.metrics if m.labels.get("ood_set") == "builtin:noise"]
+
+    assert noise_metrics(again)[: 4 * 5] == noise_metrics(result)[: 4 * 5]
+    labels = ctx.labels("eval")
+    fit_rows, held_out = stratified_split(labels, 0.5, np.random.default_rng(0))
+    assert set(labels[fit_rows].tolist()) == set(labels.tolist()) == set(labels[held_out].tolist())
+    assert sorted(np.r_[fit_rows, held_out].tolist()) == list(range(labels.size))
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_odin_is_opt_in_and_counts_its_passes(demo_spec: Path, tmp_path: Path) -> None:
+    ctx = make_context(load_spec(demo_spec), tmp_path, ("eval",))
+    result = run_check(ctx, detectors=["msp", "odin"], builtin_sets=["noise"])
+    n_eval = ctx.split("eval").n
+    odin = finding(result, "odin")
+    assert odin["gradient_passes"] == {"eval": n_eval, "ood:builtin:noise": n_eval}
+    assert {m.labels["detector"] for m in result.metrics if m.name == "ood.auroc"} == {
+        "msp",
+        "odin",
+    }
+    assert all(m.value is not None for m in result.metrics)
+    assert ctx.model.stats.per_split["eval"] == n_eval  # ODIN's passes are not the shared pass
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_check_skips_without_any_ood_set(demo_spec: Path, tmp_path: Path) -> None:
+    ctx = make_context(load_spec(demo_spec), tmp_path, ("eval",))
+    with pytest.raises(Skip, match="no out-of-distribution sets"):
+        run_check(ctx, builtin_sets=[])
+
+
+@dataclass
+class StubPredictions:
+    logits: torch.Tensor
+    labels: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.logits.argmax(dim=1).numpy()
+
+
+@dataclass
+class StubContext:
+    """The slice of ``AuditContext`` the check reads, for a model without embeddings."""
+
+    preds: dict[str, StubPredictions]
+    out: Path
+    dataset: Any = field(default_factory=lambda: SimpleNamespace(quarantine=[]))
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.preds)
+
+    def predictions(self, split: str) -> StubPredictions:
+        return self.preds[split]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.preds[split].labels
+
+    def features(self, split: str) -> torch.Tensor:
+        raise Skip("embeddings unavailable (unavailable: TorchScript module)")
+
+    def has_split(self, split: str) -> bool:
+        return split in self.preds
+
+    def images(self, split: str) -> torch.Tensor:
+        raise AssertionError(f"no detector here reads images, yet images({split!r}) was called")
+
+    def rng(self, check_id: str) -> np.random.Generator:
+        return np.random.default_rng(0)
+
+    def artifact_path(self, check_id: str, name: str) -> tuple[Path, str]:
+        rel = f"artifacts/{check_id}/{name}"
+        (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+        return self.out / rel, rel
+
+
+def test_check_without_embeddings_and_with_non_finite_logits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    in_logits = torch.from_numpy(rng.normal(size=(40, 2)) * 3.0).float()
+    in_logits[0] = float("nan")
+    out_logits = torch.from_numpy(rng.normal(size=(20, 2))).float()
+    ctx = StubContext(
+        {
+            "eval": StubPredictions(in_logits, rng.integers(0, 2, 40)),
+            "ood:other_site": StubPredictions(out_logits, np.full(20, -1)),
+        },
+        tmp_path,
+    )
+    result = OODCheck().run(ctx, OODCheck.Params(builtin_sets=[], n_boot=20))  # type: ignore[arg-type]
+    metrics = by_key(result, "ood.auroc")
+    assert set(metrics) == {(d, "other_site") for d in OODCheck.Params().detectors}
+    for detector in ("mahalanobis", "knn"):
+        assert metrics[detector, "other_site"].value is None
+        assert "embeddings unavailable" in (metrics[detector, "other_site"].reason or "")
+    msp = metrics["msp", "other_site"]
+    assert msp.value is not None
+    assert msp.n == 60
+    assert finding(result, "non_finite_scores", detector="msp") == {
+        "kind": "non_finite_scores",
+        "detector": "msp",
+        "split": "eval",
+        "count": 1,
+    }
+    assert finding(result, "recommended_detector")["detector"] in ("msp", "max_logit", "energy")
+    assert {a.name for a in result.artifacts} == {"score_histograms", "roc_curves"}
+    json.dumps([m.to_json() for m in result.metrics], allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------------
+# A user OOD manifest with broken rows
+
+
+def write_ood_study(demo_spec: Path, root: Path) -> tuple[Path, list[str]]:
+    """Copy the demo study and add an OOD manifest whose rows 1 and 3 are broken."""
+    study = root / "study"
+    shutil.copytree(demo_spec.parent, study)
+    ood = study / "ood"
+    ood.mkdir()
+    pydicom_files = pydicom_test_files()
+    shutil.copyfile(pydicom_files / "CT_small.dcm", ood / "ct.dcm")
+    shutil.copyfile(pydicom_files / "MR_small.dcm", ood / "mr.dcm")
+    first_image = sorted((study / "images").glob("*.dcm"))[0].read_bytes()
+    (ood / "truncated.dcm").write_bytes(first_image[: len(first_image) // 3])
+    (ood / "notes.dcm").write_text("not an image, just a note\n", encoding="utf-8")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = (rng.uniform(size=(48, 48)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(ood / f"noise{i}.png")
+    rows = [
+        "ct.dcm",
+        "truncated.dcm",
+        "mr.dcm",
+        "notes.dcm",
+        "noise0.png",
+        "noise1.png",
+        "noise2.png",
+    ]
+    (study / "ood.csv").write_text("path\n" + "".join(f"ood/{r}\n" for r in rows), encoding="utf-8")
+    spec = yaml.safe_load((study / "audit.yaml").read_text(encoding="utf-8"))
+    spec["data"]["ood"] = {"scanner_b": {"manifest": "ood.csv"}}
+    spec["checks"] = {"ood": {**FAST, "builtin_sets": ["other_modality"]}}
+    (study / "audit.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return study / "audit.yaml", [str((ood / r).resolve()) for r in rows]
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_user_ood_manifest_with_broken_rows(
+    demo_spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import auditkit.checks.ood.sets as sets_module
+    import auditkit.data as data_module
+
+    decoded: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def counting(original: Callable[..., Any]) -> Callable[..., Any]:
+        def decode(path: Path, **kwargs: Any) -> Any:
+            with lock:
+                decoded[str(Path(path).resolve())] += 1
+            return original(path, **kwargs)
+
+        return decode
+
+    monkeypatch.setattr(data_module, "decode_image", counting(data_module.decode_image))
+    monkeypatch.setattr(sets_module, "decode_image", counting(sets_module.decode_image))
+    spec_path, ood_paths = write_ood_study(demo_spec, tmp_path)
+    outcome = run_audit(
+        load_spec(spec_path),
+        RunOptions(out_dir=tmp_path / "out", **_no_report()),
+        checks={"ood": OODCheck},
+    )
+    results = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+    assert results == json.loads(json.dumps(outcome.results))
+
+    quarantined = [q for q in results["data"]["quarantine"] if q["split"] == "ood:scanner_b"]
+    assert sorted(q["row"] for q in quarantined) == [1, 3]
+    assert all(q["reason"] for q in quarantined)
+    assert results["data"]["splits"]["ood:scanner_b"]["n_images"] == 5
+
+    assert all(decoded[p] == 1 for p in ood_paths), decoded  # broken rows too: decoded once
+    assert max(decoded.values()) == 1  # eval and the other-modality files as well
+
+    (record,) = results["checks"]
+    assert record["status"] == "ok", record["error"]
+    (user_set,) = [f for f in record["findings"] if f.get("ood_set") == "scanner_b"]
+    assert (user_set["n_images"], user_set["n_quarantined"]) == (5, 2)
+    n_eval = results["data"]["splits"]["eval"]["n_images"]
+    user_metrics = [m for m in record["metrics"] if m["labels"].get("ood_set") == "scanner_b"]
+    assert len(user_metrics) == 4 * len(OODCheck.Params().detectors) + 2
+    for metric in user_metrics:
+        assert metric["value"] is not None
+        if metric["name"] == "ood.auroc" and metric["labels"]["detector"] in ("msp", "max_logit"):
+            assert metric["n"] == n_eval + 5
+    per_split = results["run"]["images_forwarded_per_split"]
+    assert per_split["eval"] == n_eval
+    assert per_split["ood:scanner_b"] == 5
