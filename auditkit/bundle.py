@@ -51,6 +51,7 @@ def write_manifest(
     inputs: dict[str, Path | None],
     environment: dict[str, Any],
     extra_inputs: dict[str, tuple[str, str]] | None = None,
+    previous_inputs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Hash inputs and outputs into ``out_dir/manifest.json`` (written atomically).
 
@@ -59,6 +60,8 @@ def write_manifest(
         inputs: role -> file (``None`` when the role has no file).
         environment: versions and devices (from ``results.json``).
         extra_inputs: role -> (name, sha256) for inputs that are not files (a packaged policy).
+        previous_inputs: input entries kept from an earlier manifest (``auditkit report`` re-renders
+            without the inputs at hand).
     """
 
     entries = [
@@ -68,6 +71,8 @@ def write_manifest(
     ]
     for role, (name, digest) in (extra_inputs or {}).items():
         entries.append({"path": name, "sha256": digest, "role": role})
+    known = {entry["role"] for entry in entries}
+    entries += [entry for entry in previous_inputs or [] if entry.get("role") not in known]
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -452,10 +452,22 @@ def write_bundle(
         policy_path = spec.resolve(Path(spec.policy))
         if policy_path.is_file():
             inputs["policy"] = policy_path
+    previous: list[dict[str, Any]] = []
+    if spec is None and (out_dir / "manifest.json").is_file():
+        import json
+
+        try:
+            previous = list(json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["inputs"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("manifest.json unreadable; its input hashes are not carried over")
     extra = {}
     policy = results.get("policy") or {}
     if policy.get("sha256") and "policy" not in inputs:
         extra["policy"] = (f"{policy.get('name')} (packaged)", policy["sha256"])
     write_manifest(
-        out_dir, inputs=inputs, environment=results.get("environment", {}), extra_inputs=extra
+        out_dir,
+        inputs=inputs,
+        environment=results.get("environment", {}),
+        extra_inputs=extra,
+        previous_inputs=previous,
     )
