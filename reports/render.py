@@ -91,6 +91,13 @@ def fmt_number(value: Any, digits: int = 4) -> str:
     )
 
 
+def fmt_count(value: Any) -> str:
+    """A sample count; counts below 5 print as ``<5`` so a tiny subgroup cannot single anyone out."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 5:
+        return "<5"
+    return fmt_number(value)
+
+
 def fmt_ci(ci: Any) -> str:
     if not ci:
         return "—"
@@ -335,6 +342,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters.update(
         num=fmt_number,
+        count=fmt_count,
         ci=fmt_ci,
         status_class=status_class,
         status_word=status_word,

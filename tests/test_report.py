@@ -152,3 +152,9 @@ def test_docstring_sections_become_method_and_limitations() -> None:
     assert doc.method == ["Method: does a thing (Someone et al. 2020)."]
     assert doc.limitations == ["first caveat", "second caveat"]
     assert doc.informs == "MEASURE 2.5."
+
+
+def test_small_counts_print_as_less_than_five() -> None:
+    from auditkit.reports.render import fmt_count
+
+    assert [fmt_count(n) for n in (0, 1, 4, 5, 1234)] == ["0", "<5", "<5", "5", "1,234"]
