@@ -84,11 +84,8 @@ def fmt_number(value: Any, digits: int = 4) -> str:
         return str(value)
     if number != 0 and (abs(number) >= 1e5 or abs(number) < 1e-3):
         return f"{number:.{digits - 1}e}"
-    return (
-        f"{number:.{digits}f}".rstrip("0").rstrip(".")
-        if "." in f"{number:.{digits}f}"
-        else str(number)
-    )
+    text = f"{number:.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def fmt_count(value: Any) -> str:
