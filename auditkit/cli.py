@@ -244,6 +244,21 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from auditkit.compare import compare, format_markdown, format_text
+
+    comparison = compare(Path(args.base), Path(args.new), tolerance=args.tolerance)
+    if args.format == "json":
+        print(json.dumps(comparison.to_json(), indent=2, allow_nan=False))
+    elif args.format == "markdown":
+        print(format_markdown(comparison), end="")
+    else:
+        print(format_text(comparison, all_metrics=args.all), end="")
+    return 1 if comparison.regressed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="auditkit", description="Audit a medical-imaging model before deployment."
@@ -294,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="recompute the hashes of an evidence bundle")
     verify.add_argument("dir", help="an auditkit output folder")
     verify.set_defaults(func=_cmd_verify)
+
+    cmp = sub.add_parser("compare", help="metric and rule deltas between two audits; exit 1 on regression")
+    cmp.add_argument("base", help="the reference audit's output folder")
+    cmp.add_argument("new", help="the candidate audit's output folder")
+    cmp.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+    cmp.add_argument("--all", action="store_true", help="list every metric, not only the changes")
+    cmp.add_argument("--tolerance", type=float, default=1e-9, help="changes below this are unchanged")
+    cmp.set_defaults(func=_cmd_compare)
     return parser
 
 
