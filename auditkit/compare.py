@@ -124,9 +124,14 @@ def compare(base_dir: Path, new_dir: Path, *, tolerance: float = 1e-9) -> Compar
     """Compare two audits' ``results.json``."""
     base, new = load_results(base_dir), load_results(new_dir)
     result = Comparison(
-        base=str(base_dir), new=str(new_dir), base_verdict=str(base.get("verdict")), new_verdict=str(new.get("verdict"))
+        base=str(base_dir),
+        new=str(new_dir),
+        base_verdict=str(base.get("verdict")),
+        new_verdict=str(new.get("verdict")),
     )
-    base_metrics = {_key(c["id"], m): m for c in base.get("checks", []) for m in c.get("metrics", [])}
+    base_metrics = {
+        _key(c["id"], m): m for c in base.get("checks", []) for m in c.get("metrics", [])
+    }
     new_metrics = {_key(c["id"], m): m for c in new.get("checks", []) for m in c.get("metrics", [])}
     for key in sorted(set(base_metrics) | set(new_metrics)):
         b, n = base_metrics.get(key), new_metrics.get(key)
@@ -198,10 +203,16 @@ def format_text(comparison: Comparison, *, all_metrics: bool = False) -> str:
         lines.append("rule changes:")
         for r in comparison.rules:
             flag = "REGRESSION" if r.regression else "changed"
-            lines.append(f"  {flag:<10} {r.id}: {r.base} -> {r.new} ({r.metric} {_num(r.observed_base)} -> {_num(r.observed_new)})")
-    shown = [m for m in comparison.metrics if all_metrics or m.judgement in ("regression", "improvement")]
+            lines.append(
+                f"  {flag:<10} {r.id}: {r.base} -> {r.new} ({r.metric} {_num(r.observed_base)} -> {_num(r.observed_new)})"
+            )
+    shown = [
+        m for m in comparison.metrics if all_metrics or m.judgement in ("regression", "improvement")
+    ]
     if shown:
-        lines.append("metric changes (intervals do not overlap):" if not all_metrics else "metrics:")
+        lines.append(
+            "metric changes (intervals do not overlap):" if not all_metrics else "metrics:"
+        )
         for m in shown:
             lines.append(
                 f"  {m.judgement.upper():<12} {m.name} [{_labels(m.labels)}]: {_num(m.base)}{_ci(m.base_ci)}"
@@ -238,7 +249,10 @@ def format_markdown(comparison: Comparison) -> str:
         lines.append("")
     changed = [m for m in comparison.metrics if m.judgement in ("regression", "improvement")]
     if changed:
-        lines += ["| Metric | Labels | Before (95% CI) | After (95% CI) | |", "|---|---|---|---|---|"]
+        lines += [
+            "| Metric | Labels | Before (95% CI) | After (95% CI) | |",
+            "|---|---|---|---|---|",
+        ]
         for m in changed:
             lines.append(
                 f"| `{m.name}` | {_labels(m.labels)} | {_num(m.base)}{_ci(m.base_ci)} | {_num(m.new)}{_ci(m.new_ci)}"

@@ -1,0 +1,179 @@
+"""A conformance kit for third-party checks, as scikit-learn ships ``check_estimator``.
+
+``check_check(MyCheck)`` runs a check through the real engine on a small synthetic DICOM study
+(generated on the fly, with pseudonymous but realistic headers) and verifies the contract of
+DESIGN section 4: metadata (id, family, docstring, ``Params`` with valid defaults and no unknown
+keys, ``needs``, ``emits``), the result schema (declared metric names, directions, undefined values
+with a reason, ordered intervals, findings with a ``kind``), determinism under the seed (two runs,
+identical results), and that no DICOM header value that identifies a patient or study ever
+appears in the metrics, findings or artifacts.
+
+Use it in the check's own test suite::
+
+    from auditkit.testing import check_check
+
+    def test_conformance():
+        check_check(MyCheck)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from auditkit.check import Check, CheckParams, Needs
+
+IDENTIFYING_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "PatientAddress",
+    "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+    "ReferringPhysicianName", "InstitutionAddress", "StudyID",
+)  # fmt: skip
+_ID = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class CheckConformanceError(AssertionError):
+    """The check breaks the contract; the message lists every problem found."""
+
+
+@dataclass
+class ConformanceReport:
+    check: str
+    problems: list[str] = field(default_factory=list)
+    status: str | None = None
+    n_metrics: int = 0
+    n_findings: int = 0
+
+    def fail(self, message: str) -> None:
+        self.problems.append(message)
+
+
+def _metadata(cls: type[Check], report: ConformanceReport) -> None:
+    cid = getattr(cls, "id", None)
+    if not isinstance(cid, str) or not _ID.match(cid):
+        report.fail(f"id must be a lowercase identifier, got {cid!r}")
+    if not isinstance(getattr(cls, "family", None), str) or not cls.family:
+        report.fail("family must be a non-empty string")
+    if not (cls.__doc__ or "").strip():
+        report.fail("the class needs a docstring naming the method, its paper, inputs and metrics")
+    if not (isinstance(cls.Params, type) and issubclass(cls.Params, CheckParams)):
+        report.fail("Params must subclass auditkit.check.CheckParams")
+    else:
+        try:
+            cls.Params()
+        except ValidationError as error:
+            report.fail(f"Params() defaults are invalid: {error.errors()[0]['msg']}")
+        try:
+            cls.Params(**{"__not_a_parameter__": 1})
+            report.fail("Params accepts unknown keys; a typo in a spec must be an error")
+        except ValidationError:
+            pass
+    if not isinstance(cls.needs, Needs):
+        report.fail("needs must be an auditkit.check.Needs")
+    emits = getattr(cls, "emits", ())
+    if not emits:
+        report.fail("emits must list the metric names the check produces")
+    bad = [name for name in emits if not (isinstance(name, str) and name.startswith(f"{cid}."))]
+    if bad:
+        report.fail(f"metric names must be '<check id>.<metric>', got {bad}")
+
+
+def _record_problems(record: dict[str, Any], cls: type[Check], report: ConformanceReport) -> None:
+    if record["status"] == "error":
+        error = record.get("error") or {}
+        report.fail(
+            f"run() raised {error.get('type')}: {error.get('message')} (at {error.get('where')})"
+        )
+        return
+    for metric in record["metrics"]:
+        where = f"metric {metric['name']} {metric['labels']}"
+        if metric["name"] not in cls.emits:
+            report.fail(f"{where} is not declared in emits")
+        if metric["direction"] not in ("higher_is_better", "lower_is_better"):
+            report.fail(f"{where}: direction {metric['direction']!r}")
+        if metric["value"] is None and not metric.get("reason"):
+            report.fail(f"{where}: undefined without a reason")
+        ci = metric.get("ci")
+        if ci is not None and not ci[0] <= ci[1]:
+            report.fail(f"{where}: interval {ci} is not ordered")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metric["labels"].items()):
+            report.fail(f"{where}: labels must map strings to strings")
+    for finding in record["findings"]:
+        if not isinstance(finding, dict) or not isinstance(finding.get("kind"), str):
+            report.fail(f"finding {str(finding)[:80]} needs a string 'kind'")
+
+
+def _identifying_values(study: Path) -> set[str]:
+    """Every identifying header value of the synthetic study (what must never leak)."""
+    import pydicom
+
+    values: set[str] = set()
+    for path in study.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in IDENTIFYING_KEYWORDS:
+            value = ds.get(keyword)
+            if value is not None and len(str(value)) >= 4:
+                values.add(str(value))
+    return values
+
+
+def _strip_volatile(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "duration_s"}
+
+
+def check_check(
+    cls: type[Check], *, workdir: Path | None = None, n_patients: int = 24
+) -> ConformanceReport:
+    """Verify ``cls`` against the check contract; raise :class:`CheckConformanceError` if broken.
+
+    Args:
+        cls: the check class (not an instance).
+        workdir: where to write the synthetic study and outputs (default: a temporary folder).
+        n_patients: size of the synthetic study.
+    """
+    from auditkit.demo import prepare_demo
+    from auditkit.runner import RunOptions, run_audit
+    from auditkit.spec import load_spec
+
+    report = ConformanceReport(check=str(getattr(cls, "id", cls.__name__)))
+    _metadata(cls, report)
+    if report.problems:
+        raise CheckConformanceError(f"{report.check}: " + "; ".join(report.problems))
+    with tempfile.TemporaryDirectory(prefix="auditkit-conformance-") as tmp:
+        root = workdir or Path(tmp)
+        spec_path = prepare_demo(root / "study-root", n_patients=n_patients)
+        spec = load_spec(spec_path).model_copy(update={"checks": {cls.id: {}}})
+        records = []
+        for attempt in ("first", "second"):
+            outcome = run_audit(
+                spec,
+                RunOptions(out_dir=root / attempt, report=False, pdf=False),
+                checks={cls.id: cls},
+            )
+            records.append(next(c for c in outcome.results["checks"] if c["id"] == cls.id))
+        first = records[0]
+        report.status = first["status"]
+        report.n_metrics, report.n_findings = len(first["metrics"]), len(first["findings"])
+        _record_problems(first, cls, report)
+        if _strip_volatile(records[0]) != _strip_volatile(records[1]):
+            report.fail(
+                "two runs with the same seed gave different results (seed every random draw from ctx.rng)"
+            )
+        published = json.dumps(first, sort_keys=True)
+        for artifact in first.get("artifacts", []):
+            path = root / "first" / artifact["path"]
+            if path.is_file():
+                published += path.read_text(encoding="utf-8", errors="ignore")
+        leaked = sorted(k for k in _identifying_values(spec_path.parent) if k in published)
+        if leaked:
+            report.fail(
+                f"{len(leaked)} identifying DICOM header value(s) appear in the results or artifacts"
+            )
+    if report.problems:
+        raise CheckConformanceError(f"{report.check}: " + "; ".join(report.problems))
+    return report
