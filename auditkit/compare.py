@@ -204,7 +204,8 @@ def format_text(comparison: Comparison, *, all_metrics: bool = False) -> str:
         for r in comparison.rules:
             flag = "REGRESSION" if r.regression else "changed"
             lines.append(
-                f"  {flag:<10} {r.id}: {r.base} -> {r.new} ({r.metric} {_num(r.observed_base)} -> {_num(r.observed_new)})"
+                f"  {flag:<10} {r.id}: {r.base} -> {r.new}"
+                f" ({r.metric} {_num(r.observed_base)} -> {_num(r.observed_new)})"
             )
     shown = [
         m for m in comparison.metrics if all_metrics or m.judgement in ("regression", "improvement")
@@ -244,7 +245,8 @@ def format_markdown(comparison: Comparison) -> str:
         for r in comparison.rules:
             mark = " ❌" if r.regression else ""
             lines.append(
-                f"| `{r.id}`{mark} | `{r.metric}` | {r.base} | {r.new} | {_num(r.observed_base)} → {_num(r.observed_new)} |"
+                f"| `{r.id}`{mark} | `{r.metric}` | {r.base} | {r.new} |"
+                f" {_num(r.observed_base)} → {_num(r.observed_new)} |"
             )
         lines.append("")
     changed = [m for m in comparison.metrics if m.judgement in ("regression", "improvement")]

@@ -331,6 +331,7 @@ def audit_context(request: pytest.FixtureRequest) -> Any:
 
     spec = load_spec(spec_path)
     results = request.config.stash[RESULTS_KEY]
+    assert results is not None  # set by pytest_sessionstart whenever --audit is given
     return AuditContext(spec, ModelAdapter(spec), load_dataset(spec), results.folder)
 
 

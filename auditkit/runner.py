@@ -457,7 +457,9 @@ def write_bundle(
         import json
 
         try:
-            previous = list(json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["inputs"])
+            previous = list(
+                json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["inputs"]
+            )
         except (ValueError, KeyError, TypeError):
             log.warning("manifest.json unreadable; its input hashes are not carried over")
     extra = {}

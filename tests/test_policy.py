@@ -22,10 +22,21 @@ from auditkit.policy import (
 )
 
 
-def metric(name: str, value: float | None, labels: dict[str, str] | None = None,
-           ci: tuple[float, float] | None = None, reason: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": name, "labels": labels or {}, "value": value,
-                           "ci": list(ci) if ci else None, "n": 100, "direction": "lower_is_better"}
+def metric(
+    name: str,
+    value: float | None,
+    labels: dict[str, str] | None = None,
+    ci: tuple[float, float] | None = None,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": name,
+        "labels": labels or {},
+        "value": value,
+        "ci": list(ci) if ci else None,
+        "n": 100,
+        "direction": "lower_is_better",
+    }
     if reason:
         out["reason"] = reason
     return out
@@ -36,10 +47,25 @@ METRICS = [
     metric("calibration.ece", 0.03, {"group_by": "sex", "group": "F"}, ci=(0.01, 0.05)),
     metric("calibration.ece", 0.12, {"group_by": "sex", "group": "M"}, ci=(0.08, 0.16)),
     metric("calibration.ece", 0.09, {"group_by": "site", "group": "A"}, ci=(0.05, 0.13)),
-    metric("adversarial.robust_accuracy", 0.61, {"attack": "pgd_linf", "eps": "0.0039"}, ci=(0.55, 0.67)),
-    metric("adversarial.robust_accuracy", 0.42, {"attack": "pgd_linf", "eps": "0.0078"}, ci=(0.36, 0.48)),
+    metric(
+        "adversarial.robust_accuracy",
+        0.61,
+        {"attack": "pgd_linf", "eps": "0.0039"},
+        ci=(0.55, 0.67),
+    ),
+    metric(
+        "adversarial.robust_accuracy",
+        0.42,
+        {"attack": "pgd_linf", "eps": "0.0078"},
+        ci=(0.36, 0.48),
+    ),
     metric("adversarial.robust_accuracy", 0.70, {"attack": "fgsm", "eps": "0.0078"}, ci=None),
-    metric("bias.max_gap", None, {"metric": "sensitivity", "group_by": "sex"}, reason="no positives in group M"),
+    metric(
+        "bias.max_gap",
+        None,
+        {"metric": "sensitivity", "group_by": "sex"},
+        reason="no positives in group M",
+    ),
 ]
 
 
@@ -76,10 +102,17 @@ def test_omitted_labels_take_the_worst_over_all() -> None:
 
 
 def test_min_rules_take_the_lowest() -> None:
-    r = rule(metric="adversarial.robust_accuracy", max=None, min=0.5, labels={"attack": "pgd_linf", "eps": "*"})
+    r = rule(
+        metric="adversarial.robust_accuracy",
+        max=None,
+        min=0.5,
+        labels={"attack": "pgd_linf", "eps": "*"},
+    )
     out = evaluate_rule(r, METRICS)
     assert out["status"] == "fail" and out["observed"] == 0.42 and out["labels"]["eps"] == "0.0078"
-    passing = evaluate_rule(rule(metric="adversarial.robust_accuracy", max=None, min=0.4, labels=None), METRICS)
+    passing = evaluate_rule(
+        rule(metric="adversarial.robust_accuracy", max=None, min=0.4, labels=None), METRICS
+    )
     assert passing["status"] == "pass" and passing["observed"] == 0.42
 
 
@@ -93,16 +126,30 @@ def test_use_modes(use: str, observed: float, status: str) -> None:
 
 
 def test_ci_low_for_a_min_rule_and_missing_interval_falls_back_with_a_note() -> None:
-    r = rule(metric="adversarial.robust_accuracy", max=None, min=0.5, labels={"attack": "pgd_linf", "eps": "0.0039"}, use="ci_low")
+    r = rule(
+        metric="adversarial.robust_accuracy",
+        max=None,
+        min=0.5,
+        labels={"attack": "pgd_linf", "eps": "0.0039"},
+        use="ci_low",
+    )
     out = evaluate_rule(r, METRICS)
     assert out["observed"] == 0.55 and out["status"] == "pass"
-    r = rule(metric="adversarial.robust_accuracy", max=None, min=0.5, labels={"attack": "fgsm", "eps": "*"}, use="ci_low")
+    r = rule(
+        metric="adversarial.robust_accuracy",
+        max=None,
+        min=0.5,
+        labels={"attack": "fgsm", "eps": "*"},
+        use="ci_low",
+    )
     out = evaluate_rule(r, METRICS)
     assert out["observed"] == 0.70 and out["note"] == "no interval; judged on the value"
 
 
 def test_warn_severity() -> None:
-    out = evaluate_rule(rule(labels={"group_by": "*", "group": "*"}, max=0.10, severity="warn"), METRICS)
+    out = evaluate_rule(
+        rule(labels={"group_by": "*", "group": "*"}, max=0.10, severity="warn"), METRICS
+    )
     assert out["status"] == "warn"
 
 
@@ -116,7 +163,9 @@ def test_not_evaluated_when_absent_or_undefined() -> None:
 def test_control_status_table() -> None:
     assert control_status([{"status": "fail"}, {"status": "pass"}], attested=True) == "not_met"
     assert control_status([{"status": "warn"}], attested=False) == "met"
-    assert control_status([{"status": "pass"}, {"status": "not_evaluated"}], attested=False) == "met"
+    assert (
+        control_status([{"status": "pass"}, {"status": "not_evaluated"}], attested=False) == "met"
+    )
     assert control_status([{"status": "not_evaluated"}], attested=False) == "not_evaluated"
     assert control_status([{"status": "not_evaluated"}], attested=True) == "attested"
     assert control_status([], attested=True) == "attested"
@@ -131,10 +180,20 @@ def test_evaluate_verdict_controls_and_attestations() -> None:
     checks = [{"id": "calibration", "status": "ok", "metrics": METRICS}]
     policy = _policy(
         rule(id="A", labels={}, controls=["MEASURE 2.5"]),
-        rule(id="B", labels={"group_by": "*", "group": "*"}, max=0.1, severity="warn", controls=["MEASURE 2.11"]),
+        rule(
+            id="B",
+            labels={"group_by": "*", "group": "*"},
+            max=0.1,
+            severity="warn",
+            controls=["MEASURE 2.11"],
+        ),
         rule(id="C", metric="ood.auroc", max=None, min=0.9, controls=["MEASURE 2.6"]),
     )
-    attest = [Attestation(control="GOVERN 1.1", evidence="QMS-SOP-12", owner="Regulatory lead", date="2026-10-01")]
+    attest = [
+        Attestation(
+            control="GOVERN 1.1", evidence="QMS-SOP-12", owner="Regulatory lead", date="2026-10-01"
+        )
+    ]
     judged = evaluate(policy, checks, attestations=attest)
     assert judged["verdict"] == "pass"  # B only warns; C is not evaluated
     statuses = {c["id"]: c["status"] for c in judged["controls"]}
@@ -146,29 +205,73 @@ def test_evaluate_verdict_controls_and_attestations() -> None:
     failing = evaluate(_policy(rule(id="A", labels={"group_by": "*", "group": "*"})), checks)
     assert failing["verdict"] == "fail"
     assert {c["id"]: c["status"] for c in failing["controls"]}["MEASURE 2.5"] == "not_met"
-    errored = evaluate(_policy(rule(id="A", labels={})), [*checks, {"id": "boom", "status": "error", "metrics": []}])
+    errored = evaluate(
+        _policy(rule(id="A", labels={})),
+        [*checks, {"id": "boom", "status": "error", "metrics": []}],
+    )
     assert errored["verdict"] == "fail" and errored["policy"]["checks_errored"] == ["boom"]
 
 
 def test_policy_validation_errors() -> None:
     with pytest.raises(ConfigError, match="give exactly one of max or min"):
-        parse_policy({"name": "p", "version": 1, "rules": [{"id": "X", "metric": "a.b", "max": 1, "min": 0}]}, "p.yaml")
-    with pytest.raises(ConfigError, match=r"unknown nist-ai-rmf-1.0 subcategories \['MEASURE 9.9'\]"):
-        parse_policy({"name": "p", "version": 1, "rules": [{"id": "X", "metric": "a.b", "max": 1, "controls": ["MEASURE 9.9"]}]}, "p.yaml")
+        parse_policy(
+            {
+                "name": "p",
+                "version": 1,
+                "rules": [{"id": "X", "metric": "a.b", "max": 1, "min": 0}],
+            },
+            "p.yaml",
+        )
+    with pytest.raises(
+        ConfigError, match=r"unknown nist-ai-rmf-1.0 subcategories \['MEASURE 9.9'\]"
+    ):
+        parse_policy(
+            {
+                "name": "p",
+                "version": 1,
+                "rules": [{"id": "X", "metric": "a.b", "max": 1, "controls": ["MEASURE 9.9"]}],
+            },
+            "p.yaml",
+        )
     with pytest.raises(ConfigError, match="rule ids must be unique"):
-        parse_policy({"name": "p", "version": 1, "rules": [{"id": "X", "metric": "a.b", "max": 1}, {"id": "X", "metric": "a.c", "max": 1}]}, "p.yaml")
+        parse_policy(
+            {
+                "name": "p",
+                "version": 1,
+                "rules": [
+                    {"id": "X", "metric": "a.b", "max": 1},
+                    {"id": "X", "metric": "a.c", "max": 1},
+                ],
+            },
+            "p.yaml",
+        )
     with pytest.raises(ConfigError, match=r"rules\.0\.use"):
-        parse_policy({"name": "p", "version": 1, "rules": [{"id": "X", "metric": "a.b", "max": 1, "use": "median"}]}, "p.yaml")
+        parse_policy(
+            {
+                "name": "p",
+                "version": 1,
+                "rules": [{"id": "X", "metric": "a.b", "max": 1, "use": "median"}],
+            },
+            "p.yaml",
+        )
 
 
 def test_attestations_file(tmp_path: Path) -> None:
     path = tmp_path / "attestations.yaml"
-    path.write_text("attestations:\n  - {control: GOVERN 1.1, evidence: QMS-SOP-12 rev C, owner: Head of Regulatory, date: 2026-10-01}\n")
+    path.write_text(
+        "attestations:\n  - {control: GOVERN 1.1, evidence: QMS-SOP-12 rev C, owner: Head of Regulatory, date: 2026-10-01}\n"
+    )
     items = load_attestations(path, load_framework())
     assert items[0].control == "GOVERN 1.1"
-    path.write_text("attestations:\n  - {control: GOVERN 9.1, evidence: x, owner: y, date: 2026-10-01}\n")
-    with pytest.raises(ConfigError, match="control 'GOVERN 9.1' is not a nist-ai-rmf-1.0 subcategory"):
+    path.write_text(
+        "attestations:\n  - {control: GOVERN 9.1, evidence: x, owner: y, date: 2026-10-01}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"control 'GOVERN 9\.1' is not a nist-ai-rmf-1\.0 subcategory"
+    ):
         load_attestations(path, load_framework())
-    path.write_text("attestations:\n  - {control: GOVERN 1.1, evidence: x, owner: y, date: someday}\n")
+    path.write_text(
+        "attestations:\n  - {control: GOVERN 1.1, evidence: x, owner: y, date: someday}\n"
+    )
     with pytest.raises(ConfigError, match=r"attestations\.0\.date"):
         load_attestations(path, load_framework())
