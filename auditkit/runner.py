@@ -232,7 +232,23 @@ def _environment() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "pydicom": pydicom.__version__,
         "auditkit": __version__,
+        "packages": _package_versions(),
     }
+
+
+def _package_versions() -> dict[str, str | None]:
+    """Versions of the libraries whose numbers the measurements depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("torchvision", "scipy", "scikit-learn", "netcal", "fairlearn", "torchattacks", "pillow",
+             "safetensors", "pydantic", "matplotlib", "weasyprint", "jinja2", "monai")  # fmt: skip
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _fingerprint(spec: AuditSpec, selected: SelectedCheck, inputs: dict[str, str | None]) -> str:
