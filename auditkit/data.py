@@ -391,22 +391,13 @@ def build_split(
                 raise InputError(
                     f"{_where(manifest, row.row)}: column {column!r}: {error}"
                 ) from None
+        if image is not None and tuple(image.pixels.shape) != shape:
+            reason, image = f"decoded shape {image.pixels.shape}, expected {shape}", None
         if image is None:
-            quarantine.append(
-                QuarantineEntry(split=name, row=row.row, reason=reason or "unreadable")
-            )
+            quarantine.append(QuarantineEntry(split=name, row=row.row, reason=reason or "unreadable"))
             for column, value in groups.items():
                 counts = quarantined_groups[column]
                 counts[value] = counts.get(value, 0) + 1
-            continue
-        if tuple(image.pixels.shape) != shape:
-            quarantine.append(
-                QuarantineEntry(
-                    split=name,
-                    row=row.row,
-                    reason=f"decoded shape {image.pixels.shape}, expected {shape}",
-                )
-            )
             continue
         keep.append(i)
         patient_ids.append(patient)

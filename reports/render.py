@@ -95,6 +95,16 @@ def fmt_count(value: Any) -> str:
     return fmt_number(value)
 
 
+COUNT_METRICS = {"bias.min_group_size"}
+
+
+def is_count(metric: Mapping[str, Any]) -> bool:
+    """Metrics whose value is a subgroup's size, which the report must not print below 5."""
+    name = metric.get("name") or metric.get("metric")
+    labels = metric.get("labels") or {}
+    return name in COUNT_METRICS or (name == "bias.group_metric" and labels.get("metric") == "n")
+
+
 def fmt_ci(ci: Any) -> str:
     if not ci:
         return "—"
@@ -340,6 +350,7 @@ def _environment() -> jinja2.Environment:
     env.filters.update(
         num=fmt_number,
         count=fmt_count,
+        is_count=is_count,
         ci=fmt_ci,
         status_class=status_class,
         status_word=status_word,

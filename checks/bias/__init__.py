@@ -1,0 +1,425 @@
+"""The bias check: does the model perform equally well for every patient group?
+
+The numbers come from plain functions in :mod:`.metrics` (per-group metrics through fairlearn's
+``MetricFrame``), :mod:`.gaps` (gaps, equalized odds, demographic parity and their intervals) and
+:mod:`.plots` (the forest plot), testable without the engine; :class:`BiasCheck` applies them
+to the eval split, for every group column of the spec and every pairwise intersection of two.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import Field
+
+from auditkit.check import Artifact, Check, CheckParams, CheckResult, Direction, Metric, Needs, Skip
+from auditkit.checks.bias.gaps import (
+    Gap,
+    GroupingAnalysis,
+    GroupSummary,
+    analyse_grouping,
+    bootstrap_group_metrics,
+    gap_interval,
+)
+from auditkit.checks.bias.metrics import (
+    GAP_METRICS,
+    GROUP_METRICS,
+    INTERSECTION_SEPARATOR,
+    LOWER_IS_BETTER,
+    Outcomes,
+    batched_group_metrics,
+    count_text,
+    intersect,
+    metric_frame,
+)
+from auditkit.checks.bias.plots import FOREST_METRICS, forest_plot
+from auditkit.errors import InputError
+from auditkit.stats import stable_seed
+
+if TYPE_CHECKING:
+    from auditkit.context import AuditContext
+
+__all__ = [
+    "FOREST_METRICS",
+    "GAP_METRICS",
+    "GROUP_METRICS",
+    "INTERSECTION_SEPARATOR",
+    "BiasCheck",
+    "Gap",
+    "GroupSummary",
+    "GroupingAnalysis",
+    "Outcomes",
+    "analyse_grouping",
+    "batched_group_metrics",
+    "bootstrap_group_metrics",
+    "count_text",
+    "forest_plot",
+    "gap_interval",
+    "intersect",
+    "metric_frame",
+]
+
+
+class BiasCheck(Check):
+    """Subgroup performance and bias: per-group metrics, gaps with intervals, equalized odds.
+
+    Method: the eval split is cut by every group column of the spec (``data.groups``: sex,
+    banded age, site, scanner, ...) and, with ``intersections``, by every pair of columns
+    (``group_by: "sex×site"``, groups such as ``"F×A"``; the separator is U+00D7 MULTIPLICATION
+    SIGN). Per group, fairlearn's ``MetricFrame`` (Weerts et al. 2023, JMLR) gives n,
+    prevalence, accuracy, sensitivity, specificity, PPV, NPV, selection rate, AUROC and the
+    top-label ECE. Per grouping: the largest between-group gap of each metric; the
+    equalized-odds difference (Hardt, Price & Srebro 2016, "Equality of Opportunity in
+    Supervised Learning", NeurIPS: the larger of the TPR and FPR gaps) and the demographic-parity
+    difference (selection-rate gap), as ``fairlearn.metrics`` defines them; the smallest group's
+    size. Intervals come from one seeded bootstrap per grouping, stratified by group and class:
+    95% percentile intervals per group, and for gaps the simultaneous max-type interval of all
+    pairwise differences (Beran 1988; Westfall & Young 1993), because the percentile interval of
+    ``max - min`` is biased upwards and would fail fair models (see :mod:`.gaps`).
+
+    Binary view: the positive class is ``model.positive_class`` (the second class of a binary
+    model without one); a prediction is its arg-max class. Multi-class models are measured
+    one-vs-rest for the positive class (accuracy and ECE stay top-1 / top-label); a multi-class
+    model without ``positive_class`` is skipped with that reason.
+
+    Small groups: a group with fewer than ``min_group_size`` images is *insufficient*: it gets
+    its ``n`` and, for every other metric, an undefined value with that reason, is named in an
+    ``insufficient_group`` finding and is left out of the gaps (never silently). Groups known
+    only from quarantined files, and empty intersection cells, appear with ``n = 0``. A group
+    lacking positives (or negatives, predicted positives, ...) gets undefined values with the
+    reason and is left out of that metric's gap. A grouping with a single group has zero gaps;
+    one with fewer than two comparable groups has undefined gaps, with the reason.
+
+    Inputs: eval-split probabilities and labels from the shared pass (``Needs(predictions=True)``),
+    the spec's group columns, and the per-group counts of quarantined eval files. Rows with
+    non-finite logits are excluded and counted.
+
+    Metrics (``n`` = images behind each value):
+        ``bias.group_metric`` {metric, group_by, group}: metric one of n, prevalence, accuracy,
+        sensitivity, specificity, ppv, npv, selection_rate, auroc, ece, with a percentile ``ci``
+        (none for n and prevalence, which the stratified resampling holds fixed; ece is
+        ``lower_is_better``, the rest ``higher_is_better``, which for n, prevalence and
+        selection rate is only descriptive). ``bias.max_gap`` {metric, group_by}: metric one of
+        accuracy, sensitivity, specificity, ppv, npv, auroc, ece (``lower_is_better``).
+        ``bias.equalized_odds_difference`` {group_by} and ``bias.demographic_parity_difference``
+        {group_by} (``lower_is_better``). ``bias.min_group_size`` {group_by} (the smallest
+        group's image count, ``higher_is_better``, no interval).
+
+    Findings: ``quarantined_by_group`` (per group column: eval files quarantined per group and
+    their share of the group's files, so a missing decoder cannot silently bias the check);
+    ``non_finite_logits`` (count); ``grouping_skipped`` (more than ``max_groups`` groups);
+    ``subgroup_gap`` (per defined gap: the worst- and best-faring groups, their values, the gap
+    and its interval; ordered by the interval's lower end, most evident first);
+    ``insufficient_group`` (group, its size, the reason). Group sizes in findings, reasons and
+    the plot are strings, ``<5`` for 1 to 4 images, so a report never prints a tiny group's
+    size exactly (quarantine counts are files, given exactly).
+
+    Artifacts: ``forest_plot`` (SVG).
+
+    Limitations: ``min_group_size`` counts images, while a rate's denominator is smaller (a
+    group of 40 images at 20% prevalence has 8 positives behind its sensitivity); the intervals
+    carry that uncertainty, point estimates do not. A group whose rate is exactly 0 or 1 has a
+    degenerate bootstrap distribution, so its interval is a single point and the upper end of a
+    gap between such groups is too low. Gap intervals over many groups are conservative by
+    construction. The demographic-parity difference follows prevalence: where base rates differ
+    between groups (as disease often does), a good diagnostic model should not have parity.
+    Intersections are pairwise only; a group value containing ``×`` makes intersection labels
+    ambiguous.
+
+    NIST AI RMF 1.0: MEASURE 2.11 (fairness and bias are evaluated and results documented),
+    MEASURE 2.2 (evaluations are representative of the relevant population: group sizes,
+    quarantine per group), MAP 2.3 (data representativeness and TEVV design are documented).
+    """
+
+    id: ClassVar[str] = "bias"
+    family: ClassVar[str] = "bias"
+
+    class Params(CheckParams):
+        """Parameters of :class:`BiasCheck`.
+
+        Attributes:
+            min_group_size: groups with fewer images are reported as insufficient, not measured.
+            n_boot: bootstrap resamples per grouping; 0 disables intervals.
+            intersections: also analyse every pairwise intersection of two group columns.
+            bins: equal-width confidence bins of the per-group ECE.
+            max_groups: a grouping with more groups than this is skipped with a finding (an
+                unbanded numeric column would otherwise make one group per value).
+        """
+
+        min_group_size: int = Field(default=30, ge=1)
+        n_boot: int = Field(default=1000, ge=0, le=100_000)
+        intersections: bool = True
+        bins: int = Field(default=15, ge=1, le=1000)
+        max_groups: int = Field(default=64, ge=2, le=10_000)
+
+    needs: ClassVar[Needs] = Needs(predictions=True)
+    emits: ClassVar[tuple[str, ...]] = (
+        "bias.group_metric",
+        "bias.max_gap",
+        "bias.equalized_odds_difference",
+        "bias.demographic_parity_difference",
+        "bias.min_group_size",
+    )
+
+    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+        """Measure every grouping of the eval split and draw the forest plot."""
+        p: BiasCheck.Params = params
+        preds = ctx.predictions("eval")
+        if preds.n == 0:
+            raise Skip("no eval images (every eval image was quarantined)")
+        positive_index = ctx.positive_index
+        if positive_index is None:
+            raise Skip(
+                f"a {len(ctx.classes)}-class model without model.positive_class: sensitivity and"
+                " specificity need a positive class (set model.positive_class to measure it"
+                " one-vs-rest)"
+            )
+        columns = {str(k): np.asarray(v).astype(str) for k, v in ctx.group_labels("eval").items()}
+        if not columns:
+            raise Skip("no subgroup columns (data.groups in the spec is empty)")
+        probs = np.asarray(preds.probs, dtype=np.float64)
+        labels = np.asarray(preds.labels)
+        for column, values in columns.items():
+            if values.shape != labels.shape:
+                raise InputError(
+                    f"group column {column!r} has {values.shape[0]} labels for {labels.shape[0]} eval images"
+                )
+
+        result = CheckResult()
+        quarantined = ctx.split("eval").quarantined_groups
+        result.findings += _quarantine_findings(columns, quarantined)
+        finite: NDArray[np.bool_] = np.asarray(np.isfinite(probs).all(axis=1), dtype=bool)
+        if not finite.all():
+            result.findings.append({"kind": "non_finite_logits", "split": "eval", "count": int((~finite).sum())})
+        if not finite.any():
+            raise Skip("the logits of every eval image are non-finite")
+        outcomes = Outcomes.from_probs(probs[finite], labels[finite], positive_index, bins=p.bins)
+        positive = ctx.classes[positive_index]
+        seed_root = int(ctx.rng(self.id).integers(0, 2**63 - 1))
+
+        analyses: list[GroupingAnalysis] = []
+        for group_by, values, known in _groupings(columns, quarantined, finite, p):
+            if len(known) > p.max_groups:
+                result.metrics += _skipped_grouping_metrics(group_by, len(known), p.max_groups)
+                result.findings.append(
+                    {
+                        "kind": "grouping_skipped",
+                        "group_by": group_by,
+                        "groups": len(known),
+                        "max_groups": p.max_groups,
+                    }
+                )
+                continue
+            analysis = analyse_grouping(
+                outcomes,
+                values,
+                group_by=group_by,
+                min_group_size=p.min_group_size,
+                n_boot=p.n_boot,
+                rng=np.random.default_rng(stable_seed(seed_root, group_by)),
+                known_groups=known,
+                positive=positive,
+            )
+            analyses.append(analysis)
+            result.metrics += _analysis_metrics(analysis, outcomes.n)
+
+        result.findings += _gap_findings(analyses)
+        result.findings += _insufficient_findings(analyses, p.min_group_size)
+        if analyses:
+            result.artifacts.append(_plot(ctx, analyses, outcomes))
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers of the check
+
+
+def _groupings(
+    columns: Mapping[str, NDArray[np.str_]],
+    quarantined: Mapping[str, Mapping[str, int]],
+    finite: NDArray[np.bool_],
+    p: BiasCheck.Params,
+) -> list[tuple[str, NDArray[np.str_], list[str]]]:
+    """(group_by, labels of the finite rows, every known group) per column, then per pair."""
+    known = {
+        column: sorted(set(values.tolist()) | set(quarantined.get(column, {}))) for column, values in columns.items()
+    }
+    out = [(column, values[finite], known[column]) for column, values in columns.items()]
+    if p.intersections:
+        for first, second in itertools.combinations(columns, 2):
+            values = intersect(columns[first], columns[second])
+            cells = len(known[first]) * len(known[second])
+            # Empty cells are reported (n = 0) unless the cross product alone passes max_groups.
+            groups = (
+                [f"{a}{INTERSECTION_SEPARATOR}{b}" for a in known[first] for b in known[second]]
+                if cells <= p.max_groups
+                else sorted(set(values.tolist()))
+            )
+            out.append((f"{first}{INTERSECTION_SEPARATOR}{second}", values[finite], groups))
+    return out
+
+
+def _direction(metric: str) -> Direction:
+    return "lower_is_better" if metric in LOWER_IS_BETTER else "higher_is_better"
+
+
+def _analysis_metrics(analysis: GroupingAnalysis, total: int) -> list[Metric]:
+    group_by = analysis.group_by
+    out = [
+        Metric(
+            "bias.group_metric",
+            summary.values[metric],
+            _direction(metric),
+            labels={"metric": metric, "group_by": group_by, "group": summary.group},
+            ci=summary.cis.get(metric),
+            n=summary.n,
+            reason=summary.reasons.get(metric),
+        )
+        for summary in analysis.groups
+        for metric in GROUP_METRICS
+    ]
+    for metric in GAP_METRICS:
+        out.append(_gap_metric("bias.max_gap", analysis.gaps[metric], {"metric": metric}, group_by))
+    out.append(_gap_metric("bias.equalized_odds_difference", analysis.equalized_odds, {}, group_by))
+    out.append(_gap_metric("bias.demographic_parity_difference", analysis.demographic_parity, {}, group_by))
+    out.append(
+        Metric(
+            "bias.min_group_size",
+            float(analysis.min_group_size),
+            "higher_is_better",
+            labels={"group_by": group_by},
+            n=total,
+        )
+    )
+    return out
+
+
+def _gap_metric(name: str, gap: Gap, labels: dict[str, str], group_by: str) -> Metric:
+    return Metric(
+        name,
+        gap.value,
+        "lower_is_better",
+        labels={**labels, "group_by": group_by},
+        ci=gap.ci,
+        n=gap.n,
+        reason=gap.reason,
+    )
+
+
+def _skipped_grouping_metrics(group_by: str, groups: int, max_groups: int) -> list[Metric]:
+    reason = f"{groups} groups, more than max_groups={max_groups}: grouping not analysed"
+    out = [
+        Metric(
+            "bias.max_gap",
+            None,
+            "lower_is_better",
+            labels={"metric": m, "group_by": group_by},
+            reason=reason,
+        )
+        for m in GAP_METRICS
+    ]
+    for name in ("bias.equalized_odds_difference", "bias.demographic_parity_difference"):
+        out.append(Metric(name, None, "lower_is_better", labels={"group_by": group_by}, reason=reason))
+    out.append(
+        Metric(
+            "bias.min_group_size",
+            None,
+            "higher_is_better",
+            labels={"group_by": group_by},
+            reason=reason,
+        )
+    )
+    return out
+
+
+def _quarantine_findings(
+    columns: Mapping[str, NDArray[np.str_]], quarantined: Mapping[str, Mapping[str, int]]
+) -> list[dict[str, Any]]:
+    """Per column: quarantined eval files per group and their share of the group's files."""
+    findings: list[dict[str, Any]] = []
+    for column, counts in quarantined.items():
+        counts = {str(g): int(c) for g, c in counts.items() if int(c) > 0}
+        if not counts:
+            continue
+        values = columns.get(column, np.array([], dtype=str))
+        kept = {g: int((values == g).sum()) for g in counts}
+        findings.append(
+            {
+                "kind": "quarantined_by_group",
+                "split": "eval",
+                "group_by": column,
+                "quarantined": dict(sorted(counts.items())),
+                "share_of_group": {g: round(counts[g] / (counts[g] + kept[g]), 4) for g in sorted(counts)},
+                "groups_without_images": sorted(g for g in counts if kept[g] == 0),
+            }
+        )
+    return findings
+
+
+def _gap_findings(analyses: Sequence[GroupingAnalysis]) -> list[dict[str, Any]]:
+    """One ``subgroup_gap`` per defined gap, the best-evidenced (highest interval end) first."""
+    findings = []
+    for analysis in analyses:
+        by_group = {s.group: s for s in analysis.groups}
+        for metric in GAP_METRICS:
+            gap = analysis.gaps[metric]
+            if gap.value is None or gap.worst is None or gap.best is None or len(gap.compared) < 2:
+                continue
+            findings.append(
+                {
+                    "kind": "subgroup_gap",
+                    "metric": metric,
+                    "group_by": analysis.group_by,
+                    "gap": gap.value,
+                    "ci": list(gap.ci) if gap.ci is not None else None,
+                    "worst_group": gap.worst,
+                    "worst_value": by_group[gap.worst].values[metric],
+                    "best_group": gap.best,
+                    "best_value": by_group[gap.best].values[metric],
+                    "groups_compared": len(gap.compared),
+                    "groups_excluded": sorted(gap.excluded),
+                }
+            )
+    findings.sort(
+        key=lambda f: (-(f["ci"][0] if f["ci"] else float("-inf")), -f["gap"]),
+    )
+    return findings
+
+
+def _insufficient_findings(analyses: Sequence[GroupingAnalysis], min_group_size: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": "insufficient_group",
+            "group_by": analysis.group_by,
+            "group": summary.group,
+            "n": count_text(summary.n),
+            "min_group_size": min_group_size,
+            "reason": summary.reasons["sensitivity"],
+        }
+        for analysis in analyses
+        for summary in analysis.groups
+        if not summary.sufficient
+    ]
+
+
+def _plot(ctx: AuditContext, analyses: list[GroupingAnalysis], outcomes: Outcomes) -> Artifact:
+    everyone = batched_group_metrics(outcomes, np.arange(outcomes.n, dtype=np.intp)[None, :])
+    overall = {metric: float(values[0]) if np.isfinite(values[0]) else None for metric, values in everyone.items()}
+    abs_path, rel_path = ctx.artifact_path("bias", "forest.svg")
+    Path(abs_path).parent.mkdir(parents=True, exist_ok=True)
+    forest_plot(analyses, abs_path, overall=overall)
+    return Artifact(
+        name="forest_plot",
+        path=Path(rel_path).as_posix(),
+        media_type="image/svg+xml",
+        description=(
+            f"Forest plot of {', '.join(FOREST_METRICS)} per group with 95% bootstrap intervals,"
+            f" for {len(analyses)} groupings of the eval split ({outcomes.n} images); groups below"
+            " min_group_size are marked insufficient and not drawn."
+        ),
+    )
