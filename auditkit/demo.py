@@ -25,6 +25,15 @@ DEMO_SPEC = {
         "groups": {"sex": {}, "age": {"bins": [0, 40, 65, 120]}, "site": {}},
         "dicom": {"window": "auto"},
     },
+    # Every installed check runs; the attacks get a CPU-sized budget (a full default adversarial
+    # run, CW and 1000-query Square on 256 images, takes minutes on two cores).
+    "checks": {
+        "calibration": {},
+        "ood": {},
+        "bias": {},
+        "corruption": {"n_samples": 125},
+        "adversarial": {"n_samples": 48, "attacks": ["fgsm", "pgd_linf", "pgd_l2", "square"], "square_queries": 100},
+    },
     "policy": "medical-imaging-default",
     "device": "auto",
     "seed": 0,

@@ -1,0 +1,549 @@
+"""The adversarial check: how small a change of the image flips the model's diagnosis?
+
+The attacks live in :mod:`.attacks` (on torchattacks), the gradient-masking sanity tests in
+:mod:`.sanity`, the plot in :mod:`.plots` and the class-stratified sample in :mod:`.sampling`;
+:class:`AdversarialCheck` applies them to a sample of the eval split.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from pydantic import Field, field_validator, model_validator
+
+from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs
+from auditkit.checks.adversarial.attacks import (
+    ATTACKS,
+    L2_EPS,
+    LINF_EPS,
+    AttackConfig,
+    AttackName,
+    build_attack,
+    eps_label,
+    minimum_norm_perturbations,
+    predict,
+    seeded,
+    still_correct,
+)
+from auditkit.checks.adversarial.plots import robust_accuracy_plot
+from auditkit.checks.adversarial.sampling import stratified_allocation, stratified_sample
+from auditkit.checks.adversarial.sanity import (
+    MaskingTest,
+    gradient_masking_tests,
+    masking_suspected,
+    slack,
+)
+from auditkit.stats import bootstrap_cis, stable_seed
+
+if TYPE_CHECKING:
+    from auditkit.context import AuditContext
+
+__all__ = [
+    "ATTACKS",
+    "L2_EPS",
+    "LINF_EPS",
+    "AdversarialCheck",
+    "AttackConfig",
+    "MaskingTest",
+    "SamplePlan",
+    "attack_seed",
+    "build_attack",
+    "eps_label",
+    "gradient_masking_tests",
+    "minimum_norm_perturbations",
+    "plan_sample",
+    "predict",
+    "robust_accuracy_plot",
+    "seeded",
+    "still_correct",
+    "stratified_allocation",
+    "stratified_sample",
+]
+
+log = logging.getLogger(__name__)
+
+CARLINI_2019 = "Carlini et al. 2019, 'On Evaluating Adversarial Robustness', arXiv:1902.06705"
+DEFAULT_ATTACKS: tuple[str, ...] = ("fgsm", "pgd_linf", "pgd_l2", "cw_l2", "square")
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """The images the check attacks and the root of its attack seeds.
+
+    Attributes:
+        indices: sorted positions in the eval split.
+        seed_root: every attack's seed derives from it (:func:`attack_seed`).
+    """
+
+    indices: NDArray[np.intp]
+    seed_root: int
+
+
+def plan_sample(labels: NDArray[Any], n_samples: int, rng: np.random.Generator) -> SamplePlan:
+    """Draw the class-stratified sample, then the seed root, from the check's generator."""
+    indices = stratified_sample(labels, n_samples, rng)
+    return SamplePlan(indices, int(rng.integers(0, 2**62)))
+
+
+def attack_seed(seed_root: int, attack: str, eps: float | None) -> int:
+    """The seed of ``attack`` at ``eps``: batch ``b`` runs after ``torch.manual_seed(seed + b)``."""
+    return stable_seed(seed_root, attack, "min-norm" if eps is None else eps_label(eps))
+
+
+def _increasing(values: list[float], field: str, upper: float | None) -> list[float]:
+    if any(not v > 0 for v in values) or (upper is not None and any(v > upper for v in values)):
+        bound = f"in (0, {upper}]" if upper is not None else "positive"
+        raise ValueError(f"{field} values must be {bound}, got {values}")
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"{field} must be strictly increasing, got {values}")
+    labels = [eps_label(v) for v in values]
+    if len(set(labels)) != len(labels):
+        raise ValueError(
+            f"{field} values must differ in their first two significant digits (the metric "
+            f"label), got {values} -> labels {labels}"
+        )
+    return values
+
+
+class AdversarialCheck(Check):
+    """Adversarial robustness: robust accuracy under FGSM, PGD, CW, Square and AutoAttack.
+
+    Method: a class-stratified, seeded sample of the eval split (default 256 images) is attacked
+    in the [0, 1] image domain (the model's normalisation stays inside the model, in eval mode,
+    fp32) with torchattacks (Kim 2020, "Torchattacks: A PyTorch Repository for Adversarial
+    Attacks", arXiv:2010.01950): FGSM (Goodfellow et al. 2015), PGD with L-infinity and L2
+    projection (Madry et al. 2018, ICLR), Carlini-Wagner L2 (Carlini & Wagner 2017, IEEE S&P;
+    a minimum-norm attack, thresholded at each L2 budget), the black-box Square attack
+    (Andriushchenko et al. 2020, ECCV) and, opt-in because it is costly, AutoAttack (Croce &
+    Hein 2020, ICML). Robust accuracy counts an image as robust when the model classifies it
+    correctly both clean and after the attack (the zero perturbation is in every budget).
+    The gradient-masking sanity tests of Carlini et al. 2019 ("On Evaluating Adversarial
+    Robustness", arXiv:1902.06705) then read the curves: accuracy must not rise with epsilon,
+    PGD must beat FGSM, an unbounded attack must reach about zero accuracy, and the black-box
+    attack must not beat the white-box ones. Intervals are 95% percentile bootstraps over the
+    sample, stratified by class, all from one draw.
+
+    Inputs: eval-split images (any size, grayscale or multi-channel) and labels; the model's
+    input gradients (``Needs(gradients=True, images=True)``). Runs on the context's device.
+
+    Metrics:
+        ``adversarial.clean_accuracy`` (``higher_is_better``) on the attacked sample;
+        ``adversarial.robust_accuracy`` (``higher_is_better``) and
+        ``adversarial.attack_success_rate`` (``lower_is_better``: the share of correctly
+        classified images the attack flips) with labels ``{attack, eps}``, eps written with two
+        significant digits (``2/255`` -> ``"0.0078"``);
+        ``adversarial.gradient_masking_suspected`` (0/1, ``lower_is_better``).
+
+    Findings: ``adversarial_sample`` (manifest rows, class counts), ``attack_setup`` (exact
+    budgets and hyper-parameters, device, seed), ``gradient_masking_tests`` (every test's
+    outcome) and one ``gradient_masking_suspected`` per failed test, naming it.
+
+    Artifacts: ``robust_accuracy`` (SVG): robust accuracy against epsilon per attack.
+
+    NIST AI RMF 1.0: MEASURE 2.7 (security and resilience: robustness to adversarial input),
+    MEASURE 2.5 (validity: a robustness number obtained through masked gradients is flagged).
+    """
+
+    id: ClassVar[str] = "adversarial"
+    family: ClassVar[str] = "adversarial"
+
+    class Params(CheckParams):
+        """Parameters of :class:`AdversarialCheck`.
+
+        Attributes:
+            attacks: attacks to run: ``fgsm``, ``pgd_linf``, ``square``, ``autoattack``
+                (L-infinity budgets ``eps``), ``pgd_l2``, ``cw_l2`` (L2 budgets ``eps_l2``).
+            eps: L-infinity budgets in [0, 1] intensity units, strictly increasing
+                (default 0.5, 1, 2, 4, 8 grey levels of 8 bits).
+            eps_l2: L2 budgets over the whole image, strictly increasing.
+            n_samples: images attacked (class-stratified, seeded); all if the split is smaller.
+            batch_size: images per attack call.
+            pgd_steps: PGD iterations.
+            pgd_step_size: PGD step as a multiple of ``eps / pgd_steps``.
+            random_start: PGD starts from a random point of the budget.
+            cw_c: Carlini-Wagner weight of the classification loss.
+            cw_kappa: Carlini-Wagner confidence margin.
+            cw_steps: Carlini-Wagner Adam steps.
+            cw_lr: Carlini-Wagner learning rate.
+            square_queries: Square attack queries per image.
+            sanity_checks: run the gradient-masking tests.
+            unbounded_eps: L-infinity budget of the unbounded-attack test (1.0: any image).
+            unbounded_steps: PGD steps of the unbounded-attack test.
+            masking_tolerance: slack of the sanity tests on accuracies (at least one image).
+            n_boot: bootstrap resamples per interval; 0 disables intervals.
+        """
+
+        attacks: list[AttackName] = Field(default_factory=lambda: list(DEFAULT_ATTACKS), min_length=1)
+        eps: list[float] = Field(default_factory=lambda: list(LINF_EPS), min_length=1)
+        eps_l2: list[float] = Field(default_factory=lambda: list(L2_EPS), min_length=1)
+        n_samples: int = Field(default=256, ge=1)
+        batch_size: int = Field(default=128, ge=1)
+        pgd_steps: int = Field(default=20, ge=1, le=10_000)
+        pgd_step_size: float = Field(default=2.5, gt=0.0)
+        random_start: bool = True
+        cw_c: float = Field(default=1.0, gt=0.0)
+        cw_kappa: float = Field(default=0.0, ge=0.0)
+        cw_steps: int = Field(default=100, ge=1, le=100_000)
+        cw_lr: float = Field(default=0.01, gt=0.0)
+        square_queries: int = Field(default=1000, ge=1, le=100_000)
+        sanity_checks: bool = True
+        unbounded_eps: float = Field(default=1.0, gt=0.0, le=1.0)
+        unbounded_steps: int = Field(default=50, ge=1, le=10_000)
+        masking_tolerance: float = Field(default=0.02, ge=0.0, lt=1.0)
+        n_boot: int = Field(default=1000, ge=0, le=100_000)
+
+        @field_validator("attacks")
+        @classmethod
+        def _unique_attacks(cls, value: list[str]) -> list[str]:
+            if len(set(value)) != len(value):
+                raise ValueError(f"attacks must not repeat, got {value}")
+            return value
+
+        @field_validator("eps")
+        @classmethod
+        def _linf_grid(cls, value: list[float]) -> list[float]:
+            return _increasing(value, "eps", 1.0)
+
+        @field_validator("eps_l2")
+        @classmethod
+        def _l2_grid(cls, value: list[float]) -> list[float]:
+            return _increasing(value, "eps_l2", None)
+
+        @model_validator(mode="after")
+        def _unbounded_above_grid(self) -> AdversarialCheck.Params:
+            if self.sanity_checks and self.unbounded_eps <= max(self.eps):
+                raise ValueError(f"unbounded_eps must exceed the largest eps {max(self.eps)}, got {self.unbounded_eps}")
+            return self
+
+        def attack_config(self, n_classes: int) -> AttackConfig:
+            return AttackConfig(
+                pgd_steps=self.pgd_steps,
+                pgd_step_size=self.pgd_step_size,
+                random_start=self.random_start,
+                cw_c=self.cw_c,
+                cw_kappa=self.cw_kappa,
+                cw_steps=self.cw_steps,
+                cw_lr=self.cw_lr,
+                square_queries=self.square_queries,
+                n_classes=n_classes,
+            )
+
+        def grid(self, attack: str) -> list[float]:
+            """The budgets of ``attack`` (its norm's grid)."""
+            return list(self.eps if ATTACKS[attack].norm == "Linf" else self.eps_l2)
+
+    needs: ClassVar[Needs] = Needs(gradients=True, images=True)
+    emits: ClassVar[tuple[str, ...]] = (
+        "adversarial.clean_accuracy",
+        "adversarial.robust_accuracy",
+        "adversarial.attack_success_rate",
+        "adversarial.gradient_masking_suspected",
+    )
+
+    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+        """Attack a stratified sample of the eval split and test the results for masking."""
+        p: AdversarialCheck.Params = params
+        result = CheckResult()
+        all_labels = np.asarray(ctx.labels("eval"), dtype=np.int64)
+        if all_labels.shape[0] == 0:
+            result.metrics += _undefined(p, "no eval images")
+            return result
+
+        plan = plan_sample(all_labels, p.n_samples, ctx.rng("adversarial"))
+        labels_np = all_labels[plan.indices]
+        labels = torch.as_tensor(labels_np, dtype=torch.long)
+        images = ctx.images("eval", plan.indices)
+        model = ctx.model.module
+        n = int(labels.shape[0])
+        config = p.attack_config(len(ctx.classes))
+        log.info("adversarial: %d images, attacks %s, on %s", n, p.attacks, ctx.device)
+
+        # Clean predictions in the attacks' precision (fp32), so robust <= clean holds exactly.
+        clean = (predict(model, images, batch_size=p.batch_size) == labels).numpy()
+        robust: dict[tuple[str, float], NDArray[np.bool_]] = {}
+        for attack in p.attacks:
+            grid = p.grid(attack)
+            log.info("adversarial: %s at eps %s", attack, [eps_label(e) for e in grid])
+            if ATTACKS[attack].minimum_norm:
+                fooled, norms = minimum_norm_perturbations(
+                    model,
+                    images,
+                    labels,
+                    config,
+                    seed=attack_seed(plan.seed_root, attack, None),
+                    batch_size=p.batch_size,
+                )
+                for eps in grid:
+                    broken = (fooled & (norms <= eps)).numpy()
+                    robust[(attack, eps)] = clean & ~broken
+                continue
+            for eps in grid:
+                survived = still_correct(
+                    model,
+                    images,
+                    labels,
+                    attack,
+                    eps,
+                    config,
+                    seed=attack_seed(plan.seed_root, attack, eps),
+                    batch_size=p.batch_size,
+                ).numpy()
+                robust[(attack, eps)] = clean & survived
+
+        curves = {attack: {eps: float(robust[(attack, eps)].mean()) for eps in p.grid(attack)} for attack in p.attacks}
+        tests: list[MaskingTest] = []
+        unbounded_accuracy = None
+        if p.sanity_checks:
+            unbounded_config = AttackConfig(
+                pgd_steps=p.unbounded_steps, pgd_step_size=p.pgd_step_size, random_start=True
+            )
+            survived = still_correct(
+                model,
+                images,
+                labels,
+                "pgd_linf",
+                p.unbounded_eps,
+                unbounded_config,
+                seed=attack_seed(plan.seed_root, "unbounded", p.unbounded_eps),
+                batch_size=p.batch_size,
+            ).numpy()
+            unbounded_accuracy = float((clean & survived).mean())
+            tests = gradient_masking_tests(
+                curves,
+                n,
+                unbounded_accuracy=unbounded_accuracy,
+                unbounded_eps=p.unbounded_eps,
+                tolerance=p.masking_tolerance,
+            )
+
+        cis = _intervals(clean, robust, labels_np, p.n_boot, plan.seed_root)
+        result.metrics += _metrics(clean, robust, cis, p, tests)
+        result.findings += _findings(ctx, plan, labels_np, p, config, tests, unbounded_accuracy)
+
+        abs_path, rel_path = ctx.artifact_path("adversarial", "robust_accuracy.svg")
+        robust_accuracy_plot(
+            curves,
+            float(clean.mean()),
+            abs_path,
+            n=n,
+            cis={key: cis[f"robust:{key[0]}:{key[1]!r}"] for key in robust},
+        )
+        result.artifacts.append(
+            Artifact(
+                name="robust_accuracy",
+                path=Path(rel_path).as_posix(),
+                media_type="image/svg+xml",
+                description=(
+                    f"Robust accuracy against the perturbation budget on {n} eval images "
+                    f"(attacks: {', '.join(p.attacks)}), with 95% bootstrap intervals; the dotted "
+                    "line is the clean accuracy."
+                ),
+            )
+        )
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers of the check
+
+
+def _undefined(p: AdversarialCheck.Params, reason: str) -> list[Metric]:
+    metrics = [Metric("adversarial.clean_accuracy", None, "higher_is_better", n=0, reason=reason)]
+    for attack in p.attacks:
+        for eps in p.grid(attack):
+            labels = {"attack": attack, "eps": eps_label(eps)}
+            metrics.append(
+                Metric(
+                    "adversarial.robust_accuracy",
+                    None,
+                    "higher_is_better",
+                    labels=labels,
+                    n=0,
+                    reason=reason,
+                )
+            )
+            metrics.append(
+                Metric(
+                    "adversarial.attack_success_rate",
+                    None,
+                    "lower_is_better",
+                    labels=labels,
+                    n=0,
+                    reason=reason,
+                )
+            )
+    metrics.append(Metric("adversarial.gradient_masking_suspected", None, "lower_is_better", n=0, reason=reason))
+    return metrics
+
+
+def _success_rate(clean: NDArray[np.bool_], robust: NDArray[np.bool_]) -> float:
+    correct = int(clean.sum())
+    return float((clean & ~robust).sum() / correct) if correct else float("nan")
+
+
+def _intervals(
+    clean: NDArray[np.bool_],
+    robust: dict[tuple[str, float], NDArray[np.bool_]],
+    labels: NDArray[np.int64],
+    n_boot: int,
+    seed_root: int,
+) -> dict[str, tuple[float, float] | None]:
+    """95% intervals of every accuracy and success rate, from one class-stratified draw."""
+    clean_f = clean.astype(np.float64)
+
+    def accuracy(values: NDArray[np.float64]) -> Any:
+        return lambda idx: values[idx].mean(axis=1)
+
+    def success(fooled: NDArray[np.float64]) -> Any:
+        def statistic(idx: NDArray[np.intp]) -> NDArray[np.float64]:
+            correct = clean_f[idx].sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.asarray(fooled[idx].sum(axis=1) / correct, dtype=np.float64)
+
+        return statistic
+
+    statistics: dict[str, Any] = {"clean": accuracy(clean_f)}
+    for (attack, eps), survived in robust.items():
+        statistics[f"robust:{attack}:{eps!r}"] = accuracy(survived.astype(np.float64))
+        statistics[f"success:{attack}:{eps!r}"] = success((clean & ~survived).astype(np.float64))
+    return bootstrap_cis(
+        statistics,
+        len(clean),
+        n_boot=n_boot,
+        rng=np.random.default_rng(stable_seed(seed_root, "bootstrap")),
+        strata=labels,
+    )
+
+
+def _metrics(
+    clean: NDArray[np.bool_],
+    robust: dict[tuple[str, float], NDArray[np.bool_]],
+    cis: dict[str, tuple[float, float] | None],
+    p: AdversarialCheck.Params,
+    tests: list[MaskingTest],
+) -> list[Metric]:
+    n = len(clean)
+    metrics = [Metric("adversarial.clean_accuracy", float(clean.mean()), "higher_is_better", ci=cis["clean"], n=n)]
+    no_correct = "no image of the sample is classified correctly without attack"
+    for (attack, eps), survived in robust.items():
+        labels = {"attack": attack, "eps": eps_label(eps)}
+        metrics.append(
+            Metric(
+                "adversarial.robust_accuracy",
+                float(survived.mean()),
+                "higher_is_better",
+                labels=labels,
+                ci=cis[f"robust:{attack}:{eps!r}"],
+                n=n,
+            )
+        )
+        rate = _success_rate(clean, survived)
+        metrics.append(
+            Metric(
+                "adversarial.attack_success_rate",
+                None if np.isnan(rate) else rate,
+                "lower_is_better",
+                labels=labels,
+                ci=cis[f"success:{attack}:{eps!r}"],
+                n=int(clean.sum()),
+                reason=no_correct if np.isnan(rate) else None,
+            )
+        )
+    suspected = masking_suspected(tests)
+    reason = None
+    if not p.sanity_checks:
+        reason = "gradient-masking sanity checks disabled (sanity_checks: false)"
+    elif suspected is None:
+        reason = "no gradient-masking test could run with the selected attacks"
+    metrics.append(
+        Metric(
+            "adversarial.gradient_masking_suspected",
+            None if suspected is None else float(suspected),
+            "lower_is_better",
+            n=n,
+            reason=reason,
+        )
+    )
+    return metrics
+
+
+def _findings(
+    ctx: AuditContext,
+    plan: SamplePlan,
+    labels: NDArray[np.int64],
+    p: AdversarialCheck.Params,
+    config: AttackConfig,
+    tests: list[MaskingTest],
+    unbounded_accuracy: float | None,
+) -> list[dict[str, Any]]:
+    classes = list(ctx.classes)
+    counts = np.bincount(labels, minlength=len(classes))
+    manifest_rows = np.asarray(ctx.split("eval").rows)[plan.indices]
+    findings: list[dict[str, Any]] = [
+        {
+            "kind": "adversarial_sample",
+            "split": "eval",
+            "rows": [int(r) for r in manifest_rows],
+            "n": len(labels),
+            "class_counts": {name: int(c) for name, c in zip(classes, counts, strict=False)},
+        },
+        {
+            "kind": "attack_setup",
+            "device": str(ctx.device),
+            "precision": "fp32",
+            "batch_size": p.batch_size,
+            "seed_root": plan.seed_root,
+            "attacks": {
+                attack: {
+                    "norm": ATTACKS[attack].norm,
+                    "access": ATTACKS[attack].access,
+                    "eps": p.grid(attack),
+                    "reference": ATTACKS[attack].reference,
+                }
+                for attack in p.attacks
+            },
+            "pgd": {
+                "steps": config.pgd_steps,
+                "step_size": f"{config.pgd_step_size} * eps / steps",
+                "random_start": config.random_start,
+            },
+            "cw": {
+                "c": config.cw_c,
+                "kappa": config.cw_kappa,
+                "steps": config.cw_steps,
+                "lr": config.cw_lr,
+            },
+            "square": {"queries": config.square_queries},
+        },
+    ]
+    if not p.sanity_checks:
+        return findings
+    findings.append(
+        {
+            "kind": "gradient_masking_tests",
+            "reference": CARLINI_2019,
+            "slack": slack(len(labels), p.masking_tolerance),
+            "unbounded_eps": p.unbounded_eps,
+            "unbounded_robust_accuracy": unbounded_accuracy,
+            "tests": [t.to_json() for t in tests],
+        }
+    )
+    for test in tests:
+        if test.passed is False:
+            findings.append(
+                {
+                    "kind": "gradient_masking_suspected",
+                    "test": test.name,
+                    "detail": test.detail,
+                    "violations": list(test.violations),
+                    "reference": CARLINI_2019,
+                }
+            )
+    return findings

@@ -1,0 +1,424 @@
+"""Tests of the acquisition-shift corruptions and :class:`CorruptionCheck`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import typing
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from pydantic import ValidationError
+from scipy.stats import poisson
+
+from auditkit.check import CheckResult
+from auditkit.checks.corruption import (
+    CORRUPTION_NAMES,
+    CORRUPTIONS,
+    CorruptionCheck,
+    apply_corruption,
+    binning_factors,
+    bootstrap_accuracies,
+    draw_randomness,
+    poisson_quantile,
+    relative_drop,
+    severity_plot,
+)
+from auditkit.checks.corruption.transforms import CorruptionName
+
+NOISE = ("gaussian_noise", "poisson_noise", "rician_noise")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Any:
+    """These tensors are tiny: on a busy 2-core machine, thread hand-offs cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rms_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+def jpeg_dc_step(quality: float) -> int:
+    """libjpeg's quantisation step of the luminance DC coefficient (base table value 16)."""
+    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+    return max(1, min(255, int((16 * scale + 50) // 100)))
+
+
+def quantisation_slack(name: str, severity: int) -> float:
+    """How far the change may fall from ``severity`` to ``severity + 1`` by quantisation alone.
+
+    Poisson counts move in whole quanta: one quantum at the lower dose (1 / N). JPEG rounds a
+    flat block's mean to a multiple of the DC step / 8 (DC = 8 x mean), so a flat image can land
+    closer at a coarser quality: half a DC step in mean units plus half a grey level of the 8-bit
+    rounding. Every other corruption is exact up to float rounding.
+    """
+    corruption = CORRUPTIONS[name]
+    if name == "poisson_noise":
+        return 1.0 / corruption.level(severity + 1)
+    if name == "jpeg" and severity >= 1:
+        return (jpeg_dc_step(corruption.level(severity)) / 16 + 0.5) / 255
+    return 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# The catalogue and the properties of every corruption
+
+
+def test_catalogue_documents_every_corruption() -> None:
+    assert set(typing.get_args(CorruptionName)) == set(CORRUPTION_NAMES)
+    assert len(CORRUPTION_NAMES) == 11
+    for name, corruption in CORRUPTIONS.items():
+        assert corruption.name == name
+        assert len(corruption.levels) == 5
+        assert len(corruption.physics) > 80
+        assert corruption.parameter
+        with pytest.raises(ValueError, match="severity"):
+            corruption.level(6)
+    with pytest.raises(ValueError, match="unknown corruption 'snow'"):
+        apply_corruption(torch.zeros(1, 1, 8, 8), "snow", 1)
+    with pytest.raises(ValueError, match=r"severity must be in 0\.\.5, got 6"):
+        apply_corruption(torch.zeros(1, 1, 8, 8), "blur", 6)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        apply_corruption(torch.zeros(8, 8), "blur", 1)
+
+
+images_strategy = st.tuples(st.integers(1, 3), st.integers(8, 20), st.integers(8, 20)).flatmap(
+    lambda shape: hnp.arrays(np.float32, shape, elements=st.floats(0.0, 1.0, width=32))
+)
+
+
+@pytest.mark.parametrize("name", CORRUPTION_NAMES)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(image=images_strategy, seed=st.integers(0, 2**32))
+def test_severity_zero_is_identity_and_change_grows(name: str, image: np.ndarray, seed: int) -> None:
+    x = torch.from_numpy(image)[None]
+    draw = draw_randomness(name, tuple(x.shape), [seed])
+    assert torch.equal(apply_corruption(x, name, 0, draw=draw), x)
+    previous = 0.0
+    for severity in range(1, 6):
+        y = apply_corruption(x, name, severity, draw=draw)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+        change = rms_change(y, x)
+        assert change >= previous - quantisation_slack(name, severity - 1), (severity, change)
+        previous = change
+
+
+@pytest.mark.parametrize("name", CORRUPTION_NAMES)
+def test_corruption_is_deterministic_per_image(name: str) -> None:
+    x = torch.rand(3, 2, 12, 10, generator=torch.Generator().manual_seed(1))
+    first = apply_corruption(x, name, 3, seeds=[7, 8, 9])
+    assert torch.equal(first, apply_corruption(x, name, 3, seeds=[7, 8, 9]))
+    alone = apply_corruption(x[2:], name, 3, seeds=[9])  # another batch: the same image result
+    torch.testing.assert_close(alone, first[2:], atol=1e-6, rtol=0)
+    if CORRUPTIONS[name].draw is not None:
+        assert not torch.equal(first, apply_corruption(x, name, 3, seeds=[1, 2, 3]))
+    assert torch.equal(apply_corruption(x[:0], name, 3, seeds=[]), x[:0])
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-computed values
+
+
+def test_poisson_quantile_hand_values_and_scipy() -> None:
+    rate = torch.tensor([0.0, 1.0, 1.0, 4.0, 4.0])
+    u = torch.tensor([0.5, 0.3, 0.5, 0.9, 0.0183])
+    # Poisson(1): P(0) = e^-1 = 0.368 -> the 0.3-quantile is 0, the median 1.
+    # Poisson(4): CDF(6) = 0.889 < 0.9 <= CDF(7) = 0.949; CDF(0) = 0.0183 -> 0.
+    assert poisson_quantile(rate, u).tolist() == [0.0, 0.0, 1.0, 7.0, 0.0]
+    rng = np.random.default_rng(0)
+    rates = rng.uniform(0, 2000, size=400)
+    uniforms = rng.uniform(1e-9, 1 - 1e-9, size=400)
+    ours = poisson_quantile(torch.from_numpy(rates), torch.from_numpy(uniforms)).numpy()
+    np.testing.assert_array_equal(ours, poisson.ppf(uniforms, rates))
+
+
+def test_deterministic_corruptions_hand_values() -> None:
+    stripes = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+    # contrast 0.8 (severity 1) pulls every pixel towards the mean 0.5 by 20 %.
+    torch.testing.assert_close(apply_corruption(stripes, "contrast", 1), torch.tensor([[[[0.1, 0.9], [0.1, 0.9]]]]))
+    half = torch.full((1, 1, 4, 4), 0.5)
+    torch.testing.assert_close(apply_corruption(half, "gamma", 3), torch.full_like(half, 0.25))
+    # A flat image is a fixed point of blur (normalised kernel, replicated edges) and of Gibbs
+    # truncation (all its energy sits in the DC term, which every mask keeps).
+    for name in ("blur", "gibbs_ringing", "downsample"):
+        torch.testing.assert_close(apply_corruption(half, name, 5), half)
+
+
+def test_downsample_bins_nested_blocks() -> None:
+    assert [binning_factors(a) for a in (1, 2, 4, 8, 16, 32)] == [
+        (1, 1),
+        (2, 1),
+        (2, 2),
+        (4, 2),
+        (4, 4),
+        (8, 4),
+    ]
+    with pytest.raises(ValueError, match="power of two, got 6"):
+        binning_factors(6)
+    x = torch.arange(16.0).reshape(1, 1, 4, 4) / 15.0
+    two_by_one = apply_corruption(x, "downsample", 1) * 15.0
+    expected = torch.tensor([[2.0, 3, 4, 5], [2, 3, 4, 5], [10, 11, 12, 13], [10, 11, 12, 13]])
+    torch.testing.assert_close(two_by_one[0, 0], expected)
+    two_by_two = apply_corruption(x, "downsample", 2) * 15.0
+    torch.testing.assert_close(two_by_two[0, 0, :2, :2], torch.full((2, 2), 2.5))
+    # Partial blocks at the far edge average only the pixels present (5 rows, blocks of 2).
+    ones = torch.ones(1, 1, 5, 5)
+    torch.testing.assert_close(apply_corruption(ones, "downsample", 2), ones)
+
+
+def test_noise_models_hand_values() -> None:
+    x = torch.full((1, 1, 6, 6), 0.5)
+    draw = draw_randomness("gaussian_noise", tuple(x.shape), [3])
+    assert draw is not None
+    sigma = CORRUPTIONS["gaussian_noise"].level(2)
+    y = apply_corruption(x, "gaussian_noise", 2, draw=draw)
+    torch.testing.assert_close((y - x) / sigma, draw[:, 0])
+    # Rician noise on a black image is Rayleigh: sigma * sqrt(z1^2 + z2^2).
+    black = torch.zeros(1, 1, 6, 6)
+    draw = draw_randomness("rician_noise", tuple(black.shape), [4])
+    assert draw is not None
+    sigma = CORRUPTIONS["rician_noise"].level(1)
+    expected = (sigma * torch.sqrt(draw[:, 0] ** 2 + draw[:, 1] ** 2)).clamp(0, 1)
+    torch.testing.assert_close(apply_corruption(black, "rician_noise", 1, draw=draw), expected)
+    # Quantum noise: counts of N quanta per full scale, so values are multiples of 1 / N.
+    n_quanta = CORRUPTIONS["poisson_noise"].level(5)
+    y = apply_corruption(x, "poisson_noise", 5, seeds=[5]) * n_quanta
+    torch.testing.assert_close(y, y.round(), atol=1e-4, rtol=0)
+
+
+def test_bias_field_and_spike_amplitudes() -> None:
+    x = torch.full((1, 1, 16, 16), 0.3)
+    amplitude = CORRUPTIONS["bias_field"].level(3)
+    y = apply_corruption(x, "bias_field", 3, seeds=[2])
+    log_gain = torch.log(y / x)
+    assert float(log_gain.abs().max()) == pytest.approx(amplitude, rel=1e-5)
+    amplitude = CORRUPTIONS["kspace_spike"].level(4)
+    y = apply_corruption(x, "kspace_spike", 4, seeds=[2])
+    # A whole number of grating periods: the mean is kept; the swing is amplitude * mean.
+    assert float(y.mean()) == pytest.approx(0.3, abs=1e-6)
+    assert float((y - x).abs().max()) <= amplitude * 0.3 + 1e-6
+    assert float((y - x).abs().max()) > 0.5 * amplitude * 0.3
+
+
+def test_relative_drop_and_paired_bootstrap() -> None:
+    assert relative_drop(0.8, 0.6) == pytest.approx(0.25)
+    assert relative_drop(0.5, 0.75) == pytest.approx(-0.5)
+    assert math.isnan(relative_drop(0.0, 0.0))
+    rng = np.random.default_rng(0)
+    clean = rng.random(50) < 0.8
+    correct = np.vstack([clean, clean, clean & (rng.random(50) < 0.5)])
+    replicates = bootstrap_accuracies(correct, n_boot=300, rng=np.random.default_rng(1), strata=clean.astype(int))
+    assert replicates.shape == (300, 3)
+    # Paired resamples: an unchanged condition has the clean accuracy in every replicate.
+    np.testing.assert_array_equal(replicates[:, 0], replicates[:, 1])
+    assert (replicates[:, 2] <= replicates[:, 0]).all()
+    assert replicates[:, 0].mean() == pytest.approx(clean.mean(), abs=0.03)
+    assert bootstrap_accuracies(correct, n_boot=0, rng=rng).shape == (0, 3)
+
+
+def test_severity_plot_is_reproducible(tmp_path: Path) -> None:
+    curves = {"blur": {1: 0.8, 2: 0.6}, "jpeg": {1: 0.9, 2: 0.85}}
+    first = severity_plot(curves, 0.9, tmp_path / "a.svg", n=40)
+    second = severity_plot(curves, 0.9, tmp_path / "b.svg", n=40)
+    assert ET.parse(first).getroot().tag.endswith("svg")
+    assert first.read_bytes() == second.read_bytes()
+    with pytest.raises(ValueError, match="nothing to draw"):
+        severity_plot({}, 0.9, tmp_path / "c.svg", n=40)
+
+
+# --------------------------------------------------------------------------------------------
+# The check
+
+
+def test_check_declares_its_contract() -> None:
+    assert CorruptionCheck.id == "corruption"
+    assert CorruptionCheck.needs.predictions and CorruptionCheck.needs.images
+    assert set(CorruptionCheck.emits) == {
+        "corruption.accuracy",
+        "corruption.relative_drop",
+        "corruption.mean_relative_drop",
+    }
+    doc = CorruptionCheck.__doc__ or ""
+    for reference in ("Hendrycks & Dietterich 2019", "MONAI", "MEASURE 2.5", "MEASURE 2.6"):
+        assert reference in doc
+    params = CorruptionCheck.Params()
+    assert params.corruptions == list(CORRUPTION_NAMES)
+    assert params.severities == [1, 2, 3, 4, 5]
+    assert (params.n_samples, params.n_boot) == (1000, 1000)
+    for bad, message in (
+        ({"severities": [0, 1]}, "1..5"),
+        ({"severities": [3, 2]}, "strictly increasing"),
+        ({"corruptions": ["blur", "blur"]}, "must not repeat"),
+        ({"corruptions": ["snow"]}, "gaussian_noise"),
+        ({"n_samples": 0}, "greater than or equal to 1"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            CorruptionCheck.Params(**bad)
+
+
+@pytest.fixture(scope="module")
+def demo_result(demo_context: Any) -> tuple[CheckResult, dict[str, int], dict[str, int]]:
+    demo_context.predictions("eval")  # the shared pass, as the runner would plan it
+    before = dict(demo_context.model.stats.per_split)
+    params = CorruptionCheck.Params(n_boot=200)
+    result = CorruptionCheck().run(demo_context, params)
+    return result, before, dict(demo_context.model.stats.per_split)
+
+
+def metric_map(result: CheckResult) -> dict[tuple[str, tuple[tuple[str, str], ...]], Any]:
+    return {(m.name, tuple(sorted(m.labels.items()))): m for m in result.metrics}
+
+
+def accuracy_at(metrics: dict[Any, Any], name: str, severity: int) -> float:
+    value = metrics[("corruption.accuracy", (("corruption", name), ("severity", str(severity))))].value
+    assert value is not None
+    return float(value)
+
+
+def test_check_on_demo_study_emits_every_metric(demo_result: Any, demo_context: Any) -> None:
+    result, _, _ = demo_result
+    metrics = metric_map(result)
+    n = len(demo_context.labels("eval"))
+    assert len(result.metrics) == 1 + 11 * 5 * 2 + 1
+    clean = metrics[("corruption.accuracy", (("corruption", "none"), ("severity", "0")))]
+    expected_clean = float((demo_context.predictions("eval").predicted == demo_context.labels("eval")).mean())
+    assert clean.value == pytest.approx(expected_clean)
+    for metric in result.metrics:
+        assert metric.n == n
+        assert metric.value is not None
+        assert metric.ci is not None and metric.ci[0] <= metric.ci[1]
+        if metric.name == "corruption.relative_drop":
+            accuracy = accuracy_at(metrics, metric.labels["corruption"], int(metric.labels["severity"]))
+            assert metric.value == pytest.approx(relative_drop(expected_clean, accuracy))
+    drops = [m.value for m in result.metrics if m.name == "corruption.relative_drop"]
+    mean_drop = metrics[("corruption.mean_relative_drop", ())]
+    assert mean_drop.value == pytest.approx(float(np.mean(drops)))
+    json.dumps([m.to_json() for m in result.metrics], allow_nan=False)
+
+    sample, setup = result.findings
+    assert sample["kind"] == "corruption_sample" and sample["n"] == n
+    assert sample["rows"] == [int(r) for r in demo_context.split("eval").rows]
+    assert setup["kind"] == "corruption_setup"
+    assert setup["corruptions"]["poisson_noise"]["levels"]["5"] == 100.0
+    (artifact,) = result.artifacts
+    assert artifact.path == "artifacts/corruption/corruption_accuracy.svg"
+    assert ET.parse(demo_context.out_dir / artifact.path).getroot().tag.endswith("svg")
+
+
+def test_check_reuses_the_clean_pass(demo_result: Any, demo_context: Any) -> None:
+    _, before, after = demo_result
+    n = len(demo_context.labels("eval"))
+    assert after.get("eval") == before.get("eval")  # no second clean pass
+    assert after["corruption:gaussian_noise:1"] - before.get("corruption:gaussian_noise:1", 0) == n
+    assert sum(1 for split in after if split.startswith("corruption:")) == 55
+
+
+def test_fixture_model_accuracy_falls_with_noise(demo_result: Any, demo_context: Any) -> None:
+    metrics = metric_map(demo_result[0])
+    n = len(demo_context.labels("eval"))
+    clean = metrics[("corruption.accuracy", (("corruption", "none"), ("severity", "0")))].value
+    for name in NOISE:
+        curve = [clean, *(accuracy_at(metrics, name, s) for s in range(1, 6))]
+        # Non-increasing up to one image, and clearly lower at the highest severity.
+        assert all(b <= a + 1.0 / n for a, b in itertools.pairwise(curve)), (name, curve)
+        assert curve[-1] < curve[0] - 0.1, (name, curve)
+
+
+def test_check_is_deterministic(demo_context: Any) -> None:
+    params = CorruptionCheck.Params(
+        corruptions=["poisson_noise", "kspace_spike"], severities=[2, 5], n_samples=20, n_boot=50
+    )
+    first = CorruptionCheck().run(demo_context, params)
+    second = CorruptionCheck().run(demo_context, params)
+    assert [m.to_json() for m in first.metrics] == [m.to_json() for m in second.metrics]
+    assert first.findings == second.findings
+    assert first.findings[0]["n"] == 20
+    assert len(first.metrics) == 1 + 2 * 2 * 2 + 1
+
+
+def test_check_on_empty_split(tmp_path: Path) -> None:
+    empty = np.zeros(0, dtype=np.int64)
+    ctx = SimpleNamespace(
+        predictions=lambda split: SimpleNamespace(labels=empty, predicted=empty),
+    )
+    params = CorruptionCheck.Params(corruptions=["blur"], severities=[1, 2])
+    result = CorruptionCheck().run(ctx, params)  # type: ignore[arg-type]
+    assert len(result.metrics) == 1 + 2 * 2 + 1
+    assert all(m.value is None and m.reason == "no eval images" for m in result.metrics)
+    assert result.artifacts == []
+
+
+@pytest.mark.slow
+def test_conformance(tmp_path: Path) -> None:
+    from auditkit.testing import check_check
+
+    report = check_check(CorruptionCheck, workdir=tmp_path)
+    assert report.status == "ok"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", CORRUPTION_NAMES)
+def test_corruptions_match_on_cuda(name: str) -> None:
+    x = torch.rand(4, 2, 24, 20, generator=torch.Generator().manual_seed(0))
+    for severity in (1, 5):
+        on_cpu = apply_corruption(x, name, severity, seeds=[1, 2, 3, 4])
+        on_gpu = apply_corruption(x.cuda(), name, severity, seeds=[1, 2, 3, 4])
+        assert on_gpu.device.type == "cuda"
+        # Same draws on every device; JPEG and Poisson counts may round one step apart.
+        step = {"jpeg": 1 / 255, "poisson_noise": 1 / CORRUPTIONS["poisson_noise"].level(severity)}.get(name, 0.0)
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4 + step, rtol=1e-4)
+
+
+class NanOnDarkImages(torch.nn.Module):
+    """Logits (mean, 1 - mean), but NaN when the image is darker than 0.3 on average."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mean = images.mean(dim=(1, 2, 3))
+        logits = torch.stack([mean, 1.0 - mean], dim=1)
+        return torch.where((mean < 0.3)[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def test_non_finite_logits_count_as_errors(tmp_path: Path) -> None:
+    from auditkit.context import Predictions
+
+    images = torch.full((6, 1, 8, 8), 0.6)  # class 0 wins (0.6 > 0.4) until contrast fades
+    labels = np.zeros(6, dtype=np.int64)
+    model = NanOnDarkImages()
+    logits = model(images)
+    stats = SimpleNamespace(per_split={})
+
+    def forward_pass(batch: torch.Tensor, *, split: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch), torch.empty(batch.shape[0], 0)
+
+    ctx = SimpleNamespace(
+        predictions=lambda split: Predictions(logits, torch.softmax(logits.double(), 1).numpy(), labels),
+        rng=lambda check_id: np.random.default_rng(0),
+        split=lambda split: SimpleNamespace(rows=np.arange(6)),
+        images=lambda split, indices: images[torch.as_tensor(indices)],
+        model=SimpleNamespace(forward_pass=forward_pass, stats=stats),
+        device=torch.device("cpu"),
+        classes=["bright", "dark"],
+        artifact_path=lambda check_id, name: (tmp_path / name, f"artifacts/{check_id}/{name}"),
+    )
+    params = CorruptionCheck.Params(corruptions=["gamma"], severities=[1, 5], n_boot=0)
+    result = CorruptionCheck().run(ctx, params)  # type: ignore[arg-type]
+    metrics = metric_map(result)
+    # gamma 1.25: 0.6 -> 0.53, still class 0; gamma 3: 0.6 -> 0.216 < 0.3, NaN logits.
+    assert accuracy_at(metrics, "gamma", 1) == 1.0
+    assert accuracy_at(metrics, "gamma", 5) == 0.0
+    assert {"kind": "non_finite_logits", "corruption": "gamma", "severity": 5, "count": 6} in result.findings
