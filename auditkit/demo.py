@@ -33,6 +33,8 @@ DEMO_SPEC = {
         "bias": {},
         "corruption": {"n_samples": 125},
         "adversarial": {"n_samples": 48, "attacks": ["fgsm", "pgd_linf", "pgd_l2", "square"], "square_queries": 100},
+        "leakage": {},
+        "phi": {},
     },
     "policy": "medical-imaging-default",
     "device": "auto",
@@ -59,6 +61,10 @@ def prepare_demo(out: Path, *, n_patients: int = 240, fmt: str = "dicom", seed: 
     if study.exists():
         shutil.rmtree(study)
     generate_study(study, n_patients=n_patients, seed=seed, fmt=fmt)
+    if fmt == "dicom":  # the demo data declare the de-identification profile they meet
+        from auditkit.fixtures.phi import deidentify_study
+
+        deidentify_study(study)
     (study / "model").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(packaged_weights(), study / "model" / "tiny_cnn.safetensors")
     spec_path = study / "audit.yaml"

@@ -1,0 +1,541 @@
+"""The leakage check: is the eval split really unseen, and does the label hide in the metadata?
+
+The numbers come from plain functions in :mod:`.identity` (identifiers in both splits),
+:mod:`.hashing` (pixel digests, the perceptual hash, the Hamming-space search),
+:mod:`.duplicates` (exact and near duplicate pairs) and :mod:`.shortcut` (the cross-validated
+AUROC of one column), all testable without the engine;
+:class:`LeakageCheck` applies them to the decoded splits, the shared pass's embeddings and the
+DICOM headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import Field, field_validator
+
+from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, Skip
+from auditkit.checks.leakage.duplicates import (
+    DigestGroup,
+    NearPairs,
+    cosine_rows,
+    exact_groups_across,
+    exact_groups_within,
+    near_pairs_across,
+    near_pairs_within,
+)
+from auditkit.checks.leakage.hashing import (
+    hamming_distance,
+    hamming_pairs,
+    hamming_pairs_within,
+    pack_bits,
+    perceptual_hash,
+    pixel_digests,
+    unpack_bits,
+)
+from auditkit.checks.leakage.identity import header_text, overlap, series_surrogates
+from auditkit.checks.leakage.shortcut import AucResult, encode_levels, metadata_auroc
+from auditkit.data import SplitData
+from auditkit.stats import stable_seed
+
+if TYPE_CHECKING:
+    import pydicom
+
+    from auditkit.context import AuditContext
+
+__all__ = [
+    "DEFAULT_HEADER_COLUMNS",
+    "IMAGE_SIZE",
+    "LeakageCheck",
+    "cosine_rows",
+    "encode_levels",
+    "exact_groups_across",
+    "exact_groups_within",
+    "hamming_distance",
+    "hamming_pairs",
+    "hamming_pairs_within",
+    "metadata_auroc",
+    "near_pairs_across",
+    "near_pairs_within",
+    "overlap",
+    "pack_bits",
+    "perceptual_hash",
+    "pixel_digests",
+    "unpack_bits",
+]
+
+IMAGE_SIZE = "image_size"
+"""Pseudo-column of the shortcut search: ``Rows x Columns`` from the DICOM header."""
+
+DEFAULT_HEADER_COLUMNS: tuple[str, ...] = (
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
+    "PhotometricInterpretation",
+    "PixelSpacing",
+    IMAGE_SIZE,
+)
+"""DICOM fields searched for shortcuts besides the spec's group columns."""
+
+NO_TRAIN = "no train split (set data.splits.train in the spec)"
+ROLES = ("train", "eval")
+
+
+class LeakageCheck(Check):
+    """Data leakage: shared patients, studies and series, duplicate images, metadata shortcuts.
+
+    Method (identity overlap): patients and studies present in both the train and the eval
+    split, from the manifest's ``patient_id``/``study_id`` or, where absent, the DICOM PatientID
+    and StudyInstanceUID, compared as the run's surrogates (``P0001``, ``S0001``); series from
+    the headers' SeriesInstanceUID, given surrogates (``SE0001``) in manifest row order.
+
+    Method (duplicates): exact duplicates are images whose decoded model-input pixels have equal
+    BLAKE2b digests. Near duplicates are pairs whose 256-bit DCT perceptual hashes (pHash;
+    Zauner 2010, "Implementation and Benchmarking of Perceptual Image Hash Functions") differ
+    in at most ``near_max_distance`` of their bits, found by an exhaustive, vectorised XOR and
+    population-count search over bounded tiles (memory constant, time quadratic; see
+    ``benchmarks/bench_leakage.py``), and whose embeddings from the shared pass have a cosine
+    similarity of at least ``near_min_cosine``; exact duplicates are not counted again. Both are
+    searched across the splits and inside each split.
+
+    Method (shortcut signals): for each of the spec's group columns and each DICOM field of
+    ``header_columns`` (Manufacturer, ManufacturerModelName, StationName,
+    PhotometricInterpretation, PixelSpacing, ``image_size`` = Rows x Columns), the
+    cross-validated AUROC of predicting the label from that column alone, by out-of-fold target
+    encoding with folds grouped by patient, on train and eval pooled (DeGrave et al. 2021, "AI
+    for radiographic COVID-19 detection selects shortcuts over signal", Nature Machine
+    Intelligence; Zech et al. 2018, PLOS Medicine).
+
+    Inputs: the decoded eval split and, when the spec has one, the train split
+    (``Needs(train_optional=True)``: without it the cross-split metrics are undefined, with the
+    reason, and the rest uses eval alone); embeddings from the shared pass; header-only DICOM
+    reads.
+
+    Metrics (all ``lower_is_better``):
+        ``leakage.patient_overlap``, ``leakage.study_overlap``, ``leakage.series_overlap``:
+        distinct patients, studies, series present in both train and eval (``n`` = distinct
+        identifiers in eval). ``leakage.exact_duplicates`` and ``leakage.near_duplicates``:
+        train-eval image pairs (near excludes exact; ``n`` = eval images); the same names with
+        labels ``{scope: within_split, split: train|eval}`` count pairs inside one split.
+        ``leakage.metadata_auc`` ``{column}``: the cross-validated AUROC (0.5 = no
+        information), with a bootstrap ``ci`` when two classes are present.
+
+    Findings: (rows and surrogates only, never a header value) ``patient_overlap``,
+    ``study_overlap``, ``series_overlap`` (identifier, train and eval rows); ``exact_duplicate``
+    (a group of rows and its pair count); ``near_duplicate`` (a row pair, its Hamming distance
+    and cosine); ``duplicate_search`` (hash, radius, hash matches the embeddings rejected);
+    ``metadata_signal`` per column (AUROC, number of levels, missing values: never the levels);
+    ``strongest_metadata_signal``; ``missing_identifiers``; ``findings_truncated``.
+
+    Limitations:
+        - The perceptual hash tolerates changes of window, level, gain and noise, resampling,
+          and shifts or crops of about 1-2% of the width; larger geometric edits (rotation,
+          heavy cropping, flips) escape it.
+        - Exact duplicates are judged on the decoded model-input pixels: two originals that
+          differ only in detail lost by resizing count as exact duplicates.
+        - The embedding confirmation is only as discriminative as the audited model's
+          embeddings; a model whose embeddings barely vary confirms every hash match.
+        - Identity overlap trusts the identifiers: a patient re-registered under a new ID is
+          found only through duplicate images.
+        - A shortcut AUROC is a property of the data set; whether the model uses the shortcut
+          needs an intervention test.
+
+    NIST AI RMF 1.0: MAP 2.3 (scientific integrity and TEVV considerations, here the
+    independence of the test data, are identified and documented), MEASURE 2.1 (test sets,
+    metrics and details about the tools used during TEVV are documented).
+    """
+
+    id: ClassVar[str] = "leakage"
+    family: ClassVar[str] = "leakage"
+
+    class Params(CheckParams):
+        """Parameters of :class:`LeakageCheck`.
+
+        Attributes:
+            hash_bits: perceptual hash length, 64, 128 or 256 (longer separates similar-looking
+                patients better; the search costs grow with it).
+            near_max_distance: largest Hamming distance of a near duplicate, as a fraction of
+                ``hash_bits`` (0.195 of 256 = 49 bits).
+            near_min_cosine: smallest cosine similarity of the pair's embeddings (from the shared
+                pass) confirming a hash match. The default only rejects matches the model sees
+                as clearly different; raise it (0.9 is usual) for a model whose embeddings
+                separate images well. Each near-duplicate finding gives its cosine.
+            shortcut_columns: columns searched for shortcuts; ``None`` = the spec's group
+                columns and ``header_columns``. Each name is a group column, a DICOM keyword or
+                ``image_size``.
+            header_columns: DICOM fields searched besides the group columns when
+                ``shortcut_columns`` is ``None``.
+            cv_folds: folds of the shortcut AUROC.
+            n_boot: bootstrap resamples of each AUROC interval; 0 disables intervals.
+            max_findings: findings listed per kind (and scope); the rest are counted in a
+                ``findings_truncated`` finding.
+        """
+
+        hash_bits: Literal[64, 128, 256] = 256
+        near_max_distance: float = Field(default=0.195, ge=0.0, le=0.5)
+        near_min_cosine: float = Field(default=0.5, ge=-1.0, le=1.0)
+        shortcut_columns: tuple[str, ...] | None = None
+        header_columns: tuple[str, ...] = DEFAULT_HEADER_COLUMNS
+        cv_folds: int = Field(default=5, ge=2, le=20)
+        n_boot: int = Field(default=200, ge=0, le=100_000)
+        max_findings: int = Field(default=100, ge=0)
+
+        @field_validator("shortcut_columns", "header_columns")
+        @classmethod
+        def _unique(cls, values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+            if values is not None and len(set(values)) != len(values):
+                raise ValueError(f"expected each column once, got {list(values)}")
+            return values
+
+    needs: ClassVar[Needs] = Needs(features=True, train_optional=True, headers=True, images=True)
+    emits: ClassVar[tuple[str, ...]] = (
+        "leakage.patient_overlap",
+        "leakage.study_overlap",
+        "leakage.series_overlap",
+        "leakage.exact_duplicates",
+        "leakage.near_duplicates",
+        "leakage.metadata_auc",
+    )
+
+    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+        """Measure identity overlap, duplicates and shortcut signals."""
+        p: LeakageCheck.Params = params
+        columns = _columns(ctx, p)  # configuration errors before any work
+        splits = {role: ctx.split(role) for role in ROLES if ctx.has_split(role)}
+        if splits["eval"].n == 0:
+            raise Skip("no eval images (every eval image was quarantined)")
+        report = _Report(p.max_findings)
+        headers = {role: ctx.headers(role) for role in splits}
+        _identity_overlap(report, splits, headers)
+        _duplicates(report, ctx, splits, p)
+        _shortcuts(report, ctx, splits, headers, columns, p)
+        return report.result()
+
+
+# --------------------------------------------------------------------------------------------
+# Collecting metrics and (capped) findings
+
+
+class _Report:
+    def __init__(self, max_findings: int) -> None:
+        self.metrics: list[Metric] = []
+        self.findings: list[dict[str, Any]] = []
+        self.max_findings = max_findings
+        self.dropped: dict[str, int] = {}
+        self._listed: dict[str, int] = {}
+
+    def metric(
+        self,
+        name: str,
+        value: float | None,
+        *,
+        labels: dict[str, str] | None = None,
+        n: int | None = None,
+        ci: tuple[float, float] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        self.metrics.append(Metric(name, value, "lower_is_better", labels or {}, ci=ci, n=n, reason=reason))
+
+    def listed(self, group: str, finding: dict[str, Any]) -> None:
+        """A finding of a kind whose list is capped at ``max_findings``."""
+        if self._listed.get(group, 0) < self.max_findings:
+            self._listed[group] = self._listed.get(group, 0) + 1
+            self.findings.append(finding)
+        else:
+            self.dropped[group] = self.dropped.get(group, 0) + 1
+
+    def result(self) -> CheckResult:
+        if self.dropped:
+            self.findings.append(
+                {"kind": "findings_truncated", "listed": self.max_findings, "not_listed": self.dropped}
+            )
+        return CheckResult(metrics=self.metrics, findings=self.findings)
+
+
+def _rows(split: SplitData, positions: Sequence[int]) -> list[int]:
+    return [int(split.rows[i]) for i in positions]
+
+
+def _surrogates(split: SplitData, attribute: str, positions: Sequence[int]) -> list[str | None]:
+    values: list[str | None] = getattr(split, attribute)
+    return sorted({values[i] for i in positions}, key=lambda v: (v is None, v or ""))
+
+
+# --------------------------------------------------------------------------------------------
+# Identity overlap
+
+
+def _identity_overlap(
+    report: _Report,
+    splits: dict[str, SplitData],
+    headers: dict[str, list[pydicom.Dataset | None]],
+) -> None:
+    series = series_surrogates(splits, headers)
+    identifiers = {
+        "patient": {role: s.patients for role, s in splits.items()},
+        "study": {role: s.studies for role, s in splits.items()},
+        "series": series,
+    }
+    sources = {
+        "patient": "the manifest's patient_id or the DICOM PatientID",
+        "study": "the manifest's study_id or the DICOM StudyInstanceUID",
+        "series": "the DICOM SeriesInstanceUID",
+    }
+    for what, by_role in identifiers.items():
+        for role, values in by_role.items():
+            missing = sum(1 for v in values if v is None)
+            if missing:
+                report.findings.append(
+                    {
+                        "kind": "missing_identifiers",
+                        "identifier": what,
+                        "split": role,
+                        "images": missing,
+                        "of": len(values),
+                    }
+                )
+        name = f"leakage.{what}_overlap"
+        n_eval = len({v for v in by_role["eval"] if v is not None})
+        if "train" not in splits:
+            report.metric(name, None, n=n_eval, reason=NO_TRAIN)
+            continue
+        if not any(v is not None for values in by_role.values() for v in values):
+            report.metric(name, None, n=0, reason=f"no {what} identifiers ({sources[what]})")
+            continue
+        shared = overlap(by_role["train"], by_role["eval"])
+        report.metric(name, float(len(shared)), n=n_eval)
+        for identifier, (in_train, in_eval) in shared.items():
+            finding: dict[str, Any] = {"kind": f"{what}_overlap", what: identifier}
+            if what != "patient":
+                finding["patients"] = _surrogates(splits["eval"], "patients", in_eval)
+            finding["train_rows"] = _rows(splits["train"], in_train)
+            finding["eval_rows"] = _rows(splits["eval"], in_eval)
+            report.listed(f"{what}_overlap", finding)
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicates
+
+
+def _embeddings(ctx: AuditContext, roles: Sequence[str]) -> dict[str, NDArray[np.float32]] | None:
+    try:
+        return {role: ctx.features(role).numpy() for role in roles}
+    except Skip:
+        return None
+
+
+def _duplicates(report: _Report, ctx: AuditContext, splits: dict[str, SplitData], p: LeakageCheck.Params) -> None:
+    digests = {role: pixel_digests(s.images) for role, s in splits.items()}
+    hashes = {role: perceptual_hash(s.images, bits=p.hash_bits) for role, s in splits.items()}
+    features = _embeddings(ctx, list(splits))
+    radius = int(np.floor(p.near_max_distance * p.hash_bits + 1e-9))
+    rejected: dict[str, int] = {}
+    n_eval = splits["eval"].n
+
+    if "train" in splits:
+        train, test = splits["train"], splits["eval"]
+        groups = exact_groups_across(digests["train"], digests["eval"])
+        report.metric("leakage.exact_duplicates", float(sum(g.pairs for g in groups)), n=n_eval)
+        for group in sorted(groups, key=lambda g: (g.first[0], g.second[0])):
+            report.listed("exact_duplicate:train_eval", _exact_across(train, test, group))
+        pair_features = (features["train"], features["eval"]) if features is not None else None
+        near = near_pairs_across(
+            hashes["train"],
+            hashes["eval"],
+            radius,
+            first_digests=digests["train"],
+            second_digests=digests["eval"],
+            features=pair_features,
+            min_cosine=p.near_min_cosine,
+        )
+        report.metric("leakage.near_duplicates", float(near.count), n=n_eval)
+        rejected["train_eval"] = near.rejected
+        for k in _by_distance(near):
+            report.listed("near_duplicate:train_eval", _near_across(train, test, near, k))
+    else:
+        for name in ("leakage.exact_duplicates", "leakage.near_duplicates"):
+            report.metric(name, None, n=n_eval, reason=NO_TRAIN)
+
+    for role, split in splits.items():
+        labels = {"scope": "within_split", "split": role}
+        groups = exact_groups_within(digests[role])
+        report.metric("leakage.exact_duplicates", float(sum(g.pairs for g in groups)), labels=labels, n=split.n)
+        for group in sorted(groups, key=lambda g: g.first[0]):
+            report.listed(f"exact_duplicate:{role}", _exact_within(split, role, group))
+        near = near_pairs_within(
+            hashes[role],
+            radius,
+            digests=digests[role],
+            features=features[role] if features is not None else None,
+            min_cosine=p.near_min_cosine,
+        )
+        report.metric("leakage.near_duplicates", float(near.count), labels=labels, n=split.n)
+        rejected[role] = near.rejected
+        for k in _by_distance(near):
+            report.listed(f"near_duplicate:{role}", _near_within(split, role, near, k))
+
+    report.findings.append(
+        {
+            "kind": "duplicate_search",
+            "exact": "BLAKE2b-128 of the decoded model-input pixels",
+            "hash": f"pHash-{p.hash_bits} (low-frequency DCT block of the 32x32 standardised image)",
+            "radius_bits": radius,
+            "embedding_confirmation": features is not None,
+            "min_cosine": p.near_min_cosine if features is not None else None,
+            "hash_matches_rejected_by_embedding": rejected if features is not None else None,
+        }
+    )
+
+
+def _by_distance(near: NearPairs) -> list[int]:
+    return [int(k) for k in np.lexsort((near.j, near.i, near.hamming))]
+
+
+def _exact_across(train: SplitData, test: SplitData, group: DigestGroup) -> dict[str, Any]:
+    return {
+        "kind": "exact_duplicate",
+        "scope": "train_eval",
+        "pairs": group.pairs,
+        "train_rows": _rows(train, group.first),
+        "eval_rows": _rows(test, group.second),
+        "train_patients": _surrogates(train, "patients", group.first),
+        "eval_patients": _surrogates(test, "patients", group.second),
+    }
+
+
+def _exact_within(split: SplitData, role: str, group: DigestGroup) -> dict[str, Any]:
+    return {
+        "kind": "exact_duplicate",
+        "scope": "within_split",
+        "split": role,
+        "pairs": group.pairs,
+        "rows": _rows(split, group.first),
+        "patients": _surrogates(split, "patients", group.first),
+    }
+
+
+def _cosine(near: NearPairs, k: int) -> float | None:
+    value = float(near.cosine[k])
+    return round(value, 6) if np.isfinite(value) else None
+
+
+def _near_across(train: SplitData, test: SplitData, near: NearPairs, k: int) -> dict[str, Any]:
+    i, j = int(near.i[k]), int(near.j[k])
+    return {
+        "kind": "near_duplicate",
+        "scope": "train_eval",
+        "train_row": int(train.rows[i]),
+        "eval_row": int(test.rows[j]),
+        "hamming": int(near.hamming[k]),
+        "cosine": _cosine(near, k),
+        "train_patient": train.patients[i],
+        "eval_patient": test.patients[j],
+    }
+
+
+def _near_within(split: SplitData, role: str, near: NearPairs, k: int) -> dict[str, Any]:
+    i, j = int(near.i[k]), int(near.j[k])
+    return {
+        "kind": "near_duplicate",
+        "scope": "within_split",
+        "split": role,
+        "rows": [int(split.rows[i]), int(split.rows[j])],
+        "hamming": int(near.hamming[k]),
+        "cosine": _cosine(near, k),
+        "patients": [split.patients[i], split.patients[j]],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Shortcut signals
+
+
+def _image_size(header: pydicom.Dataset | None) -> str | None:
+    rows, columns = header_text(header, "Rows"), header_text(header, "Columns")
+    return f"{rows}x{columns}" if rows and columns else None
+
+
+def _columns(ctx: AuditContext, p: LeakageCheck.Params) -> list[tuple[str, Literal["group", "header"]]]:
+    """The columns to search, each with its source; unknown names are configuration errors."""
+    from pydicom.datadict import keyword_dict
+
+    groups = list(ctx.spec.data.groups)
+    if p.shortcut_columns is None:
+        wanted = groups + [c for c in p.header_columns if c not in groups]
+    else:
+        wanted = list(p.shortcut_columns)
+    columns: list[tuple[str, Literal["group", "header"]]] = []
+    for name in wanted:
+        if name in groups:
+            columns.append((name, "group"))
+        elif name == IMAGE_SIZE or name in keyword_dict:
+            columns.append((name, "header"))
+        else:
+            raise ValueError(
+                f"checks.leakage.shortcut_columns: {name!r} is neither a data.groups column"
+                f" {groups}, a DICOM keyword nor {IMAGE_SIZE!r}"
+            )
+    return columns
+
+
+def _shortcuts(
+    report: _Report,
+    ctx: AuditContext,
+    splits: dict[str, SplitData],
+    headers: dict[str, list[pydicom.Dataset | None]],
+    columns: list[tuple[str, Literal["group", "header"]]],
+    p: LeakageCheck.Params,
+) -> None:
+    roles = list(splits)
+    labels = np.concatenate([splits[r].labels for r in roles])
+    patients = [patient for r in roles for patient in splits[r].patients]
+    pooled_headers = [h for r in roles for h in headers[r]]
+    seed_root = int(ctx.rng("leakage").integers(0, 2**63 - 1))
+    results: list[tuple[str, AucResult]] = []
+    for column, source in columns:
+        if source == "group":
+            values: list[str | None] = [str(v) for r in roles for v in ctx.group_labels(r)[column].tolist()]
+        elif column == IMAGE_SIZE:
+            values = [_image_size(h) for h in pooled_headers]
+        else:
+            values = [header_text(h, column) for h in pooled_headers]
+        auc = metadata_auroc(
+            values,
+            labels,
+            n_classes=len(ctx.classes),
+            positive_class=ctx.positive_index,
+            groups=patients,
+            folds=p.cv_folds,
+            n_boot=p.n_boot,
+            rng=np.random.default_rng(stable_seed(seed_root, "shortcut", column)),
+        )
+        del values  # header values stay inside this loop
+        report.metric(
+            "leakage.metadata_auc",
+            auc.value,
+            labels={"column": column},
+            n=auc.n,
+            ci=auc.ci,
+            reason=auc.reason,
+        )
+        report.findings.append(
+            {
+                "kind": "metadata_signal",
+                "column": column,
+                "source": source,
+                "auroc": auc.value,
+                "levels": auc.n_levels,
+                "missing": auc.n_missing,
+                "folds": auc.folds,
+                "splits": roles,
+                **({"reason": auc.reason} if auc.reason else {}),
+            }
+        )
+        results.append((column, auc))
+    defined = [(c, a.value) for c, a in results if a.value is not None]
+    if defined:
+        column, value = max(defined, key=lambda item: item[1])
+        report.findings.append({"kind": "strongest_metadata_signal", "column": column, "auroc": value})

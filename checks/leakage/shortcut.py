@@ -1,0 +1,217 @@
+"""Shortcut signals: how well one metadata column alone predicts the label.
+
+A column whose values give the label away (a site where nearly every patient is positive, a
+scanner used only for follow-ups) lets a model score well without looking at the anatomy
+(DeGrave et al. 2021, "AI for radiographic COVID-19 detection selects shortcuts over signal",
+Nature Machine Intelligence; Zech et al. 2018, "Variable generalization performance of a deep
+learning model to detect pneumonia in chest radiographs", PLOS Medicine). The measurement is the
+cross-validated AUROC of the simplest classifier of the label from the column: out-of-fold target
+encoding (each level scored by the smoothed label frequency of that level in the other folds;
+Micci-Barreca 2001, "A preprocessing scheme for high-cardinality categorical attributes", SIGKDD
+Explorations). Folds keep each patient's images together and the class balance
+(:class:`sklearn.model_selection.StratifiedGroupKFold`), so a patient's images never score one
+another. 0.5 means the column carries no label information; 1.0 that it alone is a perfect
+classifier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from auditkit.stats import bootstrap_cis
+
+__all__ = ["MISSING", "AucResult", "encode_levels", "metadata_auroc", "out_of_fold_scores"]
+
+MISSING = "\x00missing"
+"""The level of an image whose column value is absent (never shown: levels are not reported)."""
+
+_NUMERIC_SHARE = 0.9  # a column is numeric when at least this share of its values parse
+_QUANTILE_BINS = 10
+
+
+@dataclass(frozen=True)
+class AucResult:
+    """The AUROC of one column, or why it is undefined.
+
+    Attributes:
+        value: cross-validated AUROC (macro one-vs-rest for more than two classes) or ``None``.
+        ci: 95% percentile bootstrap interval over images (binary labels only) or ``None``.
+        n: images used.
+        n_levels: distinct levels of the column (after binning a numeric column).
+        n_missing: images without a value (one level of their own).
+        folds: folds used.
+        reason: why ``value`` is ``None``.
+    """
+
+    value: float | None
+    ci: tuple[float, float] | None
+    n: int
+    n_levels: int
+    n_missing: int
+    folds: int
+    reason: str | None = None
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def encode_levels(values: Sequence[str | None], *, max_levels: int = 20) -> NDArray[np.int64]:
+    """Integer level codes of a column; a numeric column with many values is binned.
+
+    Args:
+        values: one value per image; ``None`` or blank is its own ``missing`` level.
+        max_levels: a column whose values mostly parse as numbers and take more than this many
+            distinct values is cut into deciles (edges from all images: unsupervised, so no label
+            information enters the encoding).
+
+    Returns:
+        ``int64`` codes in ``[0, levels)``, in order of first appearance.
+    """
+    texts = [MISSING if v is None or not str(v).strip() else str(v).strip() for v in values]
+    present = [t for t in texts if t != MISSING]
+    distinct = set(present)
+    numbers = [_as_number(t) for t in present]
+    numeric = [x for x in numbers if x is not None]
+    if len(distinct) > max_levels and len(numeric) >= _NUMERIC_SHARE * max(len(present), 1):
+        edges = np.unique(np.quantile(numeric, np.linspace(0, 1, _QUANTILE_BINS + 1)[1:-1]))
+        binned = []
+        for text in texts:
+            number = None if text == MISSING else _as_number(text)
+            binned.append(MISSING if number is None else f"bin{np.searchsorted(edges, number)}")
+        texts = binned
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(t, len(index)) for t in texts], dtype=np.int64)
+
+
+def out_of_fold_scores(
+    codes: NDArray[np.int64],
+    labels: NDArray[np.int64],
+    folds: list[tuple[NDArray[np.intp], NDArray[np.intp]]],
+    n_classes: int,
+    *,
+    smoothing: float = 1.0,
+) -> NDArray[np.float64]:
+    """Each image's score per class: its level's excess class rate in the other folds.
+
+    ``score_k = (count(level, k) + smoothing * prior_k) / (count(level) + smoothing) - prior_k``
+    with the fit folds' class priors: the smoothed rate of class ``k`` at that level minus the
+    base rate. A level unseen in the fit folds (or a column with one level) scores 0. Removing
+    the fit folds' prior keeps scores of different folds comparable: the fold priors are
+    anti-correlated with the held-out labels, so raw rates would push a useless column below
+    an AUROC of 0.5.
+
+    Returns:
+        ``(N, n_classes)`` float64 scores in ``[-1, 1]`` (rows outside every test fold stay NaN).
+    """
+    n_levels = int(codes.max()) + 1 if codes.size else 0
+    scores = np.full((codes.size, n_classes), np.nan)
+    for fit, test in folds:
+        counts = np.zeros((n_levels, n_classes))
+        np.add.at(counts, (codes[fit], labels[fit]), 1.0)
+        prior = np.bincount(labels[fit], minlength=n_classes) / max(fit.size, 1)
+        level = counts[codes[test]]
+        rate = (level + smoothing * prior) / (level.sum(axis=1, keepdims=True) + smoothing)
+        scores[test] = np.round(rate - prior, 12)  # exact ties stay ties despite rounding
+    return scores
+
+
+def _batched_auroc(scores: NDArray[np.float64], positive: NDArray[np.bool_]):  # type: ignore[no-untyped-def]
+    """AUROC of many resamples at once (Mann-Whitney U with mid-ranks for ties)."""
+
+    def statistic(idx: NDArray[np.intp]) -> NDArray[np.float64]:
+        s, y = scores[idx], positive[idx]
+        ranks = rankdata(s, axis=1)
+        n_pos = y.sum(axis=1)
+        n_neg = y.shape[1] - n_pos
+        with np.errstate(invalid="ignore", divide="ignore"):
+            u = (ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+            return np.asarray(u / (n_pos * n_neg), dtype=np.float64)
+
+    return statistic
+
+
+def metadata_auroc(
+    values: Sequence[str | None],
+    labels: NDArray[np.int64],
+    *,
+    n_classes: int,
+    positive_class: int | None,
+    groups: Sequence[str | None] | None,
+    folds: int,
+    n_boot: int,
+    rng: np.random.Generator,
+    max_levels: int = 20,
+) -> AucResult:
+    """Cross-validated AUROC of predicting ``labels`` from one column alone.
+
+    Args:
+        values: the column, one value per image (kept in memory; never reported).
+        labels: ``int64`` class index per image.
+        n_classes: number of classes of the model.
+        positive_class: the class scored when two classes are present (default, or when it is
+            not among them: the higher class index). With more classes the AUROC is the macro
+            average of one-vs-rest AUROCs.
+        groups: patient surrogate per image (``None`` entries are singletons); folds keep a
+            patient's images together.
+        folds: number of folds (reduced to the smallest class count when that is smaller).
+        n_boot: bootstrap resamples of the interval (binary labels); 0 for none.
+        rng: generator of the fold assignment and the bootstrap.
+        max_levels: see :func:`encode_levels`.
+
+    Returns:
+        The :class:`AucResult`.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    codes = encode_levels(values, max_levels=max_levels)
+    n_missing = sum(1 for v in values if v is None or not str(v).strip())
+    n_levels = int(codes.max()) + 1 if codes.size else 0
+    present = np.unique(labels)
+    n = int(labels.size)
+
+    def result(value: float | None, ci: tuple[float, float] | None, folds: int, reason: str | None = None) -> AucResult:
+        return AucResult(value, ci, n, n_levels, n_missing, folds, reason)
+
+    if present.size < 2:
+        return result(None, None, 0, "the labels hold a single class")
+    if n_missing == labels.size:
+        return result(None, None, 0, "no image has a value")
+    k = int(min(folds, np.bincount(labels)[present].min()))
+    if k < 2:
+        return result(None, None, k, "fewer than 2 images of some class for 2 folds")
+    seed = int(rng.integers(0, 2**31 - 1))
+    if groups is not None and any(g is not None for g in groups):
+        group_ids = np.array([g if g is not None else f"\x00image{i}" for i, g in enumerate(groups)], dtype=object)
+        patients_per_class = min(len(set(group_ids[labels == c].tolist())) for c in present.tolist())
+        k = min(k, patients_per_class)
+        if k < 2:
+            return result(None, None, k, "fewer than 2 patients of some class for 2 folds")
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        split = list(splitter.split(codes, labels, groups=group_ids))
+    else:
+        split = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(codes, labels))
+    scores = out_of_fold_scores(codes, labels, split, n_classes)
+    scored = ~np.isnan(scores).any(axis=1)
+    if present.size == 2:
+        positive = positive_class if positive_class in present.tolist() else int(present.max())
+        y = labels[scored] == positive
+        s = scores[scored, positive]
+        value = float(roc_auc_score(y, s))
+        ci = None
+        if n_boot > 0:
+            ci = bootstrap_cis({"auroc": _batched_auroc(s, y)}, int(s.size), n_boot=n_boot, rng=rng)["auroc"]
+        return result(value, ci, k)
+    value = float(np.mean([roc_auc_score(labels[scored] == k, scores[scored, k]) for k in present.tolist()]))
+    return result(value, None, k)

@@ -1,0 +1,343 @@
+"""The PHI check: do the DICOM headers of the audited data still identify patients?
+
+The judgement of one header against DICOM PS3.15 Table E.1-1 is a set of plain functions in
+:mod:`.profile` (testable without the engine); :class:`PHICheck` reads every DICOM file of the
+audit header-only, judges it and counts files per attribute keyword.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field
+
+from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs
+from auditkit.checks.phi.profile import (
+    BASIC_PROFILE,
+    PRIVATE_KEYWORD,
+    REASONS,
+    ConfidentialityTable,
+    Declaration,
+    Identifier,
+    declaration,
+    effective_action,
+    identifying_elements,
+    judge,
+    load_table,
+    looks_real,
+    parse_table,
+)
+
+if TYPE_CHECKING:
+    import pydicom
+
+    from auditkit.context import AuditContext
+
+__all__ = [
+    "BASIC_PROFILE",
+    "PRIVATE_KEYWORD",
+    "REASONS",
+    "ConfidentialityTable",
+    "Declaration",
+    "FileVerdict",
+    "Identifier",
+    "PHICheck",
+    "declaration",
+    "effective_action",
+    "identifying_elements",
+    "judge",
+    "judge_header",
+    "load_table",
+    "looks_real",
+    "parse_table",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileVerdict:
+    """The judgement of one header (keywords and flags only, no value).
+
+    Attributes:
+        declaration: PatientIdentityRemoved and the declared profile codes.
+        identifiers: the identifying attributes found.
+        burned_in_annotation: BurnedInAnnotation (0028,0301) is ``YES``.
+    """
+
+    declaration: Declaration
+    identifiers: tuple[Identifier, ...]
+    burned_in_annotation: bool
+
+    @property
+    def identity_removed(self) -> bool:
+        return self.declaration.identity_removed
+
+
+def judge_header(ds: pydicom.Dataset, table: ConfidentialityTable | None = None) -> FileVerdict:
+    """Judge one DICOM header against Table E.1-1 (see :mod:`.profile` for the rules).
+
+    Args:
+        ds: a header (pixel data not needed) — patient data, read in memory only.
+        table: the table; default the packaged one.
+    """
+    table = table or load_table()
+    decl = declaration(ds, table)
+    burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
+    return FileVerdict(decl, tuple(identifying_elements(ds, table, decl)), burned)
+
+
+@dataclass
+class _File:
+    split: str
+    row: int
+    quarantined: bool
+
+
+@dataclass
+class _Tally:
+    """File counts per keyword, per split, with capped row lists."""
+
+    max_rows: int
+    files: int = 0
+    by_split: Counter[str] = field(default_factory=Counter)
+    rows: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, file: _File) -> None:
+        self.files += 1
+        self.by_split[file.split] += 1
+        listed = self.rows.setdefault(file.split, [])
+        if len(listed) < self.max_rows:
+            listed.append(file.row)
+
+    def finding(self, kind: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            **extra,
+            "files": self.files,
+            "splits": dict(sorted(self.by_split.items())),
+            "rows": {s: sorted(r) for s, r in sorted(self.rows.items())},
+            "rows_truncated": self.files > sum(len(r) for r in self.rows.values()),
+        }
+
+
+class PHICheck(Check):
+    """Protected health information left in DICOM headers, judged against DICOM PS3.15 E.1-1.
+
+    Method: every DICOM file of the audit (the eval and train splits, their quarantined files,
+    whose images could not be decoded but whose headers may still be read, and the spec's OOD
+    sets) is read header-only (:func:`auditkit.loaders.read_dicom_header`: bounded, pixel data
+    skipped, pydicom's value-quoting warnings silenced) and each attribute, nested ones
+    included, is judged against Table E.1-1 of DICOM PS3.15 Annex E (Application Level
+    Confidentiality Profile Attributes, 2024b; packaged copy). An attribute the applicable
+    action removes (X) that is present, or blanks or replaces (Z, D, C) that holds a value, is
+    identifying. A file declaring PatientIdentityRemoved YES with a
+    DeidentificationMethodCodeSequence is judged by the profile and options it declares: an
+    option's K keeps an attribute, and where a dummy is expected only real-looking names, dates
+    and addresses count. Private attributes count unless Retain Safe Private (113111) is
+    declared. The rules are spelled out in :mod:`.profile`.
+
+    Inputs: header-only reads (``Needs(headers=True)``) of every split the run loads
+    (``train_optional``, ``ood``); no model output. Non-DICOM files are counted, not judged.
+
+    Metrics (``lower_is_better``, ``n`` = DICOM headers judged):
+        ``phi.files_with_identifiers`` (files with at least one identifying attribute, private
+        attributes included), ``phi.burned_in_annotation_files`` (BurnedInAnnotation YES: text
+        burned into the pixels), ``phi.identity_not_removed_files`` (PatientIdentityRemoved
+        absent or not YES).
+
+    Findings: (keywords, tags, actions, file counts and row numbers, never a value)
+    ``identifying_attribute`` per keyword (applicable action, reasons, files per split);
+    ``burned_in_annotation``; ``identity_not_removed``; ``declared_profile`` per distinct set
+    of declared codes; ``unreadable_header`` (headers that could not be parsed or judged);
+    ``phi_scan`` (what was read).
+
+    Limitations:
+        - Whether a value in a dummy slot "looks real" is a heuristic (person names without
+          digits, ``...Name`` and ``...Address`` text, dates after 1900-01-01); replaced
+          identifiers and UIDs cannot be told from originals and are accepted.
+        - Values a declared Clean option (C) leaves are trusted, except person names and
+          addresses; free-text descriptions are not parsed for names.
+        - Pixel data is not read: burned-in text is known only from BurnedInAnnotation.
+        - Retain Safe Private is taken at its word for every private attribute; the safe
+          private attributes of PS3.15 Table E.3.10-1 are not checked one by one.
+
+    NIST AI RMF 1.0: MEASURE 2.10 (privacy risk of the AI system, here of its evaluation data
+    and submission pack, is examined and documented).
+    """
+
+    id: ClassVar[str] = "phi"
+    family: ClassVar[str] = "phi"
+
+    class Params(CheckParams):
+        """Parameters of :class:`PHICheck`.
+
+        Attributes:
+            include_quarantined: also read the headers of quarantined files.
+            max_rows_listed: row numbers listed per finding and split.
+        """
+
+        include_quarantined: bool = True
+        max_rows_listed: int = Field(default=100, ge=0)
+
+    needs: ClassVar[Needs] = Needs(headers=True, train_optional=True, ood=True)
+    emits: ClassVar[tuple[str, ...]] = (
+        "phi.files_with_identifiers",
+        "phi.burned_in_annotation_files",
+        "phi.identity_not_removed_files",
+    )
+
+    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+        """Read every DICOM header of the audit and count the identifying files."""
+        p: PHICheck.Params = params
+        table = load_table()
+        keywords: dict[str, _Tally] = {}
+        meta: dict[str, tuple[str, str]] = {}
+        reasons: dict[str, Counter[str]] = {}
+        any_identifier = _Tally(p.max_rows_listed)
+        burned = _Tally(p.max_rows_listed)
+        not_removed = _Tally(p.max_rows_listed)
+        unreadable = _Tally(p.max_rows_listed)
+        profiles: Counter[tuple[str, ...] | None] = Counter()
+        scanned: Counter[str] = Counter()
+        non_dicom = 0
+        quarantined = 0
+        for file, header in _headers(ctx, p.include_quarantined):
+            if isinstance(header, str):  # "non-dicom"
+                non_dicom += 1
+                continue
+            if header is None:
+                unreadable.add(file)
+                continue
+            try:
+                verdict = judge_header(header, table)
+            except Exception as error:  # a hostile header must not end the audit
+                log.debug("phi: a header could not be judged (%s)", type(error).__name__)
+                unreadable.add(file)
+                continue
+            scanned[file.split] += 1
+            quarantined += file.quarantined
+            profiles[verdict.declaration.codes if verdict.declaration.declared else None] += 1
+            if verdict.identifiers:
+                any_identifier.add(file)
+            for found in verdict.identifiers:
+                keywords.setdefault(found.keyword, _Tally(p.max_rows_listed)).add(file)
+                meta.setdefault(found.keyword, (found.tag, found.action))
+                reasons.setdefault(found.keyword, Counter())[found.reason] += 1
+            if verdict.burned_in_annotation:
+                burned.add(file)
+            if not verdict.identity_removed:
+                not_removed.add(file)
+
+        n = sum(scanned.values())
+        result = CheckResult()
+        for name, tally in (
+            ("phi.files_with_identifiers", any_identifier),
+            ("phi.burned_in_annotation_files", burned),
+            ("phi.identity_not_removed_files", not_removed),
+        ):
+            if n:
+                result.metrics.append(Metric(name, float(tally.files), "lower_is_better", n=n))
+            else:
+                why = "no readable DICOM header among the audited files"
+                result.metrics.append(Metric(name, None, "lower_is_better", n=0, reason=why))
+        for keyword in sorted(keywords, key=lambda k: (-keywords[k].files, k)):
+            tag, action = meta[keyword]
+            result.findings.append(
+                keywords[keyword].finding(
+                    "identifying_attribute",
+                    keyword=keyword,
+                    tag=tag,
+                    action=action,
+                    reasons=dict(sorted(reasons[keyword].items())),
+                )
+            )
+        if burned.files:
+            result.findings.append(burned.finding("burned_in_annotation"))
+        if not_removed.files:
+            result.findings.append(not_removed.finding("identity_not_removed"))
+        for codes, count in sorted(profiles.items(), key=lambda item: (item[0] is None, item[0])):
+            result.findings.append(
+                {
+                    "kind": "declared_profile",
+                    "codes": list(codes) if codes is not None else None,
+                    "files": count,
+                }
+            )
+        if unreadable.files:
+            result.findings.append(unreadable.finding("unreadable_header"))
+        result.findings.append(
+            {
+                "kind": "phi_scan",
+                "table": table.document,
+                "files_judged": n,
+                "splits": dict(sorted(scanned.items())),
+                "quarantined_files_judged": quarantined,
+                "non_dicom_files": non_dicom,
+                "reasons": REASONS,
+            }
+        )
+        log.debug("phi: judged %d DICOM headers (%d quarantined)", n, quarantined)
+        return result
+
+
+def _headers(ctx: AuditContext, include_quarantined: bool) -> Iterator[tuple[_File, pydicom.Dataset | str | None]]:
+    """(file, header) for every audited file: a Dataset, ``None`` (unreadable) or ``non-dicom``."""
+    from auditkit.errors import UnreadableImage
+    from auditkit.loaders import image_kind, read_dicom_header
+
+    roles = [name for name in ctx.split_names if not name.startswith("ood:builtin:")]
+    for role in roles:
+        split = ctx.split(role)
+        for position, header in enumerate(ctx.headers(role)):
+            file = _File(role, int(split.rows[position]), quarantined=False)
+            yield file, ("non-dicom" if split.kinds[position] != "dicom" else header)
+    if not include_quarantined:
+        return
+    paths = _quarantined_paths(ctx, roles)
+    for entry in ctx.dataset.quarantine:
+        path = paths.get((entry.split, entry.row))
+        if path is None:
+            continue
+        file = _File(entry.split, entry.row, quarantined=True)
+        try:
+            if image_kind(path) != "dicom":
+                yield file, "non-dicom"
+                continue
+            yield file, read_dicom_header(path)
+        except UnreadableImage:
+            yield file, None
+
+
+def _quarantined_paths(ctx: AuditContext, roles: list[str]) -> dict[tuple[str, int], Path]:
+    """Paths of the quarantined rows of the audited splits, from their manifests."""
+    from auditkit.data import read_manifest
+
+    wanted = {(q.split, q.row) for q in ctx.dataset.quarantine if q.split in roles}
+    if not wanted:
+        return {}
+    paths: dict[tuple[str, int], Path] = {}
+    main = {row.row: row.path for row in ctx.dataset.manifest.rows}
+    for split, row in wanted:
+        if split in ("eval", "train") and row in main:
+            paths[split, row] = main[row]
+    ood_names = {split.removeprefix("ood:") for split, _ in wanted if split.startswith("ood:")}
+    for name in ood_names:
+        ood = ctx.spec.data.ood.get(name)
+        if ood is None:
+            continue
+        manifest = read_manifest(
+            ctx.spec.resolve(ood.manifest),
+            root=ctx.spec.data_root,
+            classes=None,
+            require_label=False,
+        )
+        for entry in manifest.rows:
+            if (f"ood:{name}", entry.row) in wanted:
+                paths[f"ood:{name}", entry.row] = entry.path
+    return paths
