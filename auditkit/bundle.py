@@ -64,11 +64,7 @@ def write_manifest(
             without the inputs at hand).
     """
 
-    entries = [
-        _entry(path, path.name, role)
-        for role, path in inputs.items()
-        if path is not None and path.is_file()
-    ]
+    entries = [_entry(path, path.name, role) for role, path in inputs.items() if path is not None and path.is_file()]
     for role, (name, digest) in (extra_inputs or {}).items():
         entries.append({"path": name, "sha256": digest, "role": role})
     known = {entry["role"] for entry in entries}
@@ -105,9 +101,7 @@ def verify_bundle(out_dir: Path) -> VerifyReport:
     except FileNotFoundError:
         raise InputError(f"{out_dir}: no {MANIFEST}; not an auditkit evidence bundle") from None
     except ValueError as error:
-        raise InputError(
-            f"{path}: not valid JSON ({error}); the manifest itself was altered"
-        ) from None
+        raise InputError(f"{path}: not valid JSON ({error}); the manifest itself was altered") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
         raise InputError(f"{path}: expected schema {MANIFEST_SCHEMA!r}")
     report = VerifyReport()

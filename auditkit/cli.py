@@ -35,9 +35,7 @@ def _progress_factory(enabled: bool) -> Callable[[str, int], Callable[[int], Non
         for bar in bars:
             bar.close()
         bars.clear()
-        bar = tqdm(
-            total=total, desc=label, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True
-        )
+        bar = tqdm(total=total, desc=label, unit="img", leave=False, file=sys.stderr, dynamic_ncols=True)
         bars.append(bar)
 
         def advance(n: int) -> None:
@@ -81,9 +79,7 @@ def print_summary(results: dict[str, Any], out: TextIO | None = None) -> None:
                 continue
             ci = metric["ci"]
             interval = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-            out.write(
-                f"          {metric['name']:<36} {_format_value(metric['value'])}{interval}\n"
-            )
+            out.write(f"          {metric['name']:<36} {_format_value(metric['value'])}{interval}\n")
     rules = results.get("rules") or []
     for rule in rules:
         if rule["status"] in ("fail", "warn"):
@@ -180,9 +176,7 @@ def _cmd_policies(args: argparse.Namespace) -> int:
     if not args.name:
         for name in packaged_policies():
             policy, _ = load_policy(name)
-            print(
-                f"{name:<28} v{policy.version}  {len(policy.rules)} rules  {policy.description[:70]}"
-            )
+            print(f"{name:<28} v{policy.version}  {len(policy.rules)} rules  {policy.description[:70]}")
         return 0
     policy, _ = load_policy(args.name, base_dir=Path.cwd())
     print(f"{policy.name} v{policy.version} ({policy.framework})")
@@ -261,9 +255,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="auditkit", description="Audit a medical-imaging model before deployment."
-    )
+    parser = _Parser(prog="auditkit", description="Audit a medical-imaging model before deployment.")
     parser.add_argument("--version", action="version", version=f"auditkit {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -275,13 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", action="append", help="comma-separated check ids to run")
     run.add_argument("--skip", action="append", help="comma-separated check ids to skip")
     run.add_argument("--device", help="auto | cpu | cuda | cuda:N (overrides the spec)")
-    run.add_argument(
-        "--resume", action="store_true", help="reuse checks finished by an earlier run"
-    )
+    run.add_argument("--resume", action="store_true", help="reuse checks finished by an earlier run")
     run.add_argument("--no-pdf", action="store_true", help="do not render report.pdf")
-    run.add_argument(
-        "--batch-size", type=int, default=64, help="images per forward call (halved on OOM)"
-    )
+    run.add_argument("--batch-size", type=int, default=64, help="images per forward call (halved on OOM)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     run.set_defaults(func=_cmd_run)
 

@@ -19,9 +19,7 @@ from typing import Any, Literal
 
 from auditkit.errors import InputError
 
-Judgement = Literal[
-    "regression", "improvement", "within_noise", "changed", "unchanged", "added", "removed"
-]
+Judgement = Literal["regression", "improvement", "within_noise", "changed", "unchanged", "added", "removed"]
 RULE_RANK = {"pass": 0, "not_evaluated": 1, "warn": 2, "fail": 3}
 
 
@@ -129,9 +127,7 @@ def compare(base_dir: Path, new_dir: Path, *, tolerance: float = 1e-9) -> Compar
         base_verdict=str(base.get("verdict")),
         new_verdict=str(new.get("verdict")),
     )
-    base_metrics = {
-        _key(c["id"], m): m for c in base.get("checks", []) for m in c.get("metrics", [])
-    }
+    base_metrics = {_key(c["id"], m): m for c in base.get("checks", []) for m in c.get("metrics", [])}
     new_metrics = {_key(c["id"], m): m for c in new.get("checks", []) for m in c.get("metrics", [])}
     for key in sorted(set(base_metrics) | set(new_metrics)):
         b, n = base_metrics.get(key), new_metrics.get(key)
@@ -207,13 +203,9 @@ def format_text(comparison: Comparison, *, all_metrics: bool = False) -> str:
                 f"  {flag:<10} {r.id}: {r.base} -> {r.new}"
                 f" ({r.metric} {_num(r.observed_base)} -> {_num(r.observed_new)})"
             )
-    shown = [
-        m for m in comparison.metrics if all_metrics or m.judgement in ("regression", "improvement")
-    ]
+    shown = [m for m in comparison.metrics if all_metrics or m.judgement in ("regression", "improvement")]
     if shown:
-        lines.append(
-            "metric changes (intervals do not overlap):" if not all_metrics else "metrics:"
-        )
+        lines.append("metric changes (intervals do not overlap):" if not all_metrics else "metrics:")
         for m in shown:
             lines.append(
                 f"  {m.judgement.upper():<12} {m.name} [{_labels(m.labels)}]: {_num(m.base)}{_ci(m.base_ci)}"

@@ -123,9 +123,7 @@ class AuditContext:
         """Group column -> the (banded) group label of each image of the split."""
         return dict(self.split(split).groups)
 
-    def images(
-        self, split: str = "eval", indices: np.ndarray | Iterable[int] | None = None
-    ) -> torch.Tensor:
+    def images(self, split: str = "eval", indices: np.ndarray | Iterable[int] | None = None) -> torch.Tensor:
         """Decoded images as float32 (N, C, H, W) in [0, 1], on the CPU."""
         stored = self.split(split).images
         if indices is not None:
@@ -165,9 +163,7 @@ class AuditContext:
             logits, _ = self._cached(split)
             with np.errstate(invalid="ignore", over="ignore"):
                 probs = torch.softmax(logits.double(), dim=1).numpy()
-            self._predictions[split] = Predictions(
-                logits=logits, probs=probs, labels=self.labels(split)
-            )
+            self._predictions[split] = Predictions(logits=logits, probs=probs, labels=self.labels(split))
         return self._predictions[split]
 
     def features(self, split: str = "eval") -> torch.Tensor:

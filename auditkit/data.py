@@ -133,9 +133,7 @@ def read_manifest(
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in (reader.fieldnames or [])]
     if not columns:
-        raise InputError(
-            f"{source.name}: empty manifest, expected a header line with path,label,..."
-        )
+        raise InputError(f"{source.name}: empty manifest, expected a header line with path,label,...")
     reader.fieldnames = columns
     required = ["path", "label"] if require_label else ["path"]
     missing = [c for c in required if c not in columns]
@@ -155,8 +153,7 @@ def read_manifest(
     for row, record in enumerate(reader):
         if None in record:  # more cells than header columns
             problems.append(
-                f"{_where(source, row)}: {len(columns) + len(record[None])} cells,"
-                f" the header has {len(columns)}"
+                f"{_where(source, row)}: {len(columns) + len(record[None])} cells, the header has {len(columns)}"
             )
             continue
         values = {k: (v or "").strip() for k, v in record.items()}
@@ -173,10 +170,7 @@ def read_manifest(
             )
             continue
         if resolved in seen:
-            problems.append(
-                f"{_where(source, row)}: column 'path' value {raw_path!r}"
-                f" duplicates row {seen[resolved]}"
-            )
+            problems.append(f"{_where(source, row)}: column 'path' value {raw_path!r} duplicates row {seen[resolved]}")
             continue
         seen[resolved] = row
         label = -1
@@ -207,9 +201,7 @@ def read_manifest(
             break
     if problems:
         more = " (stopped after 20 problems)" if len(problems) >= MAX_REPORTED_PROBLEMS else ""
-        raise InputError(
-            f"{source} has {len(problems)} problem(s){more}:\n  " + "\n  ".join(problems)
-        )
+        raise InputError(f"{source} has {len(problems)} problem(s){more}:\n  " + "\n  ".join(problems))
     if not rows:
         raise InputError(f"{source.name}: no data rows")
     return Manifest(source=source, columns=columns, rows=rows)
@@ -319,9 +311,7 @@ def decode_all(
 
     def one(path: Path) -> tuple[DecodedImage | None, str | None]:
         try:
-            return decode_image(
-                path, channels=channels, height=height, width=width, window=window, budget=budget
-            ), None
+            return decode_image(path, channels=channels, height=height, width=width, window=window, budget=budget), None
         except UnreadableImage as error:
             return None, str(error) or type(error).__name__
         except MemoryError:
@@ -388,9 +378,7 @@ def build_split(
             try:
                 groups[column] = band(raw, group_spec)
             except ValueError as error:
-                raise InputError(
-                    f"{_where(manifest, row.row)}: column {column!r}: {error}"
-                ) from None
+                raise InputError(f"{_where(manifest, row.row)}: column {column!r}: {error}") from None
         if image is not None and tuple(image.pixels.shape) != shape:
             reason, image = f"decoded shape {image.pixels.shape}, expected {shape}", None
         if image is None:
@@ -489,15 +477,11 @@ def load_dataset(
     window = window_setting(spec)
     shape = spec.model.input
     plan: list[tuple[str, Sequence[ManifestRow], Path]] = [
-        (role, by_role[role], manifest.source)
-        for role in ("eval", "train")
-        if role in by_role and role in roles
+        (role, by_role[role], manifest.source) for role in ("eval", "train") if role in by_role and role in roles
     ]
     plan += [(name, m.rows, m.source) for name, m in extra_manifests.items()]
     # Surrogates follow manifest row order whichever split is decoded first.
-    ordered = sorted(
-        (r for _, rows, src in plan if src == manifest.source for r in rows), key=lambda r: r.row
-    )
+    ordered = sorted((r for _, rows, src in plan if src == manifest.source for r in rows), key=lambda r: r.row)
     for r in ordered:
         if r.patient_id:
             patients(r.patient_id)
@@ -528,6 +512,4 @@ def load_dataset(
         )
         if splits[name].n == 0:
             log.warning("split %s: every image was quarantined", name)
-    return Dataset(
-        splits=splits, quarantine=quarantine, manifest=manifest, images_decoded=decoded_total
-    )
+    return Dataset(splits=splits, quarantine=quarantine, manifest=manifest, images_decoded=decoded_total)

@@ -128,8 +128,7 @@ _FIRST_GROUPS = frozenset({0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028})
 _VRS = frozenset(str(vr).encode() for vr in VR if len(str(vr)) == 2)
 # JPEG (ISO/IEC 10918-1) start-of-frame markers, and SOF55 of JPEG-LS (ISO/IEC 14495-1).
 _JPEG_SOF_MARKERS = frozenset(
-    bytes([0xFF, code])
-    for code in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7)
+    bytes([0xFF, code]) for code in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7)
 )
 _INFLATE_CHUNK = 1 << 20
 
@@ -174,20 +173,14 @@ class WindowSetting:
     def __post_init__(self) -> None:
         """Validate the combination of mode, center and width."""
         if self.mode not in ("auto", "minmax", "fixed"):
-            raise ConfigError(
-                f"data.dicom.window must be one of auto, minmax, fixed, got {self.mode!r}"
-            )
+            raise ConfigError(f"data.dicom.window must be one of auto, minmax, fixed, got {self.mode!r}")
         if self.mode == "fixed":
             if self.center is None or not math.isfinite(self.center):
                 raise ConfigError(
-                    f"data.dicom.window center must be a finite number for mode fixed, "
-                    f"got {self.center!r}"
+                    f"data.dicom.window center must be a finite number for mode fixed, got {self.center!r}"
                 )
             if self.width is None or not math.isfinite(self.width) or self.width < 1:
-                raise ConfigError(
-                    f"data.dicom.window width must be a number >= 1 for mode fixed, "
-                    f"got {self.width!r}"
-                )
+                raise ConfigError(f"data.dicom.window width must be a number >= 1 for mode fixed, got {self.width!r}")
 
 
 @dataclass
@@ -344,9 +337,7 @@ def invert_monochrome1(values: npt.ArrayLike) -> FloatArray:
     return 1.0 - np.asarray(values, dtype=np.float64)
 
 
-def _check_window(
-    center: float, width: float, *, minimum_width: float | None, function: str
-) -> None:
+def _check_window(center: float, width: float, *, minimum_width: float | None, function: str) -> None:
     if not (math.isfinite(center) and math.isfinite(width)):
         raise UnreadableImage(f"WindowCenter and WindowWidth must be finite for the {function} VOI")
     if minimum_width is not None and width < minimum_width:
@@ -458,9 +449,7 @@ def image_kind(path: str | os.PathLike[str]) -> str:
         return "dicom"
     shown = suffix if suffix.isascii() and suffix[1:].isalnum() and len(suffix) <= 8 else ""
     what = f"unsupported file type {shown!r}" if shown else "unsupported file type"
-    raise UnreadableImage(
-        f"{what}: expected .dcm, .dicom, .png, .jpg, .jpeg, .npy or DICOM content"
-    )
+    raise UnreadableImage(f"{what}: expected .dcm, .dicom, .png, .jpg, .jpeg, .npy or DICOM content")
 
 
 def _looks_like_dicom(head: bytes) -> bool:
@@ -497,9 +486,7 @@ def _check_regular_file(path: Path, budget: DecodeBudget | None = None) -> int:
     if info.st_size == 0:
         raise UnreadableImage("empty file")
     if budget is not None and info.st_size > budget.max_file_bytes:
-        raise UnreadableImage(
-            f"file is {info.st_size} bytes; the budget allows {budget.max_file_bytes} bytes"
-        )
+        raise UnreadableImage(f"file is {info.st_size} bytes; the budget allows {budget.max_file_bytes} bytes")
     return info.st_size
 
 
@@ -624,9 +611,7 @@ def _check_deflate_bound(handle: BinaryIO, budget: DecodeBudget) -> None:
             while pending and not inflater.eof:  # bytes after the stream's end stay unconsumed
                 inflated += len(inflater.decompress(pending, _INFLATE_CHUNK))
                 if inflated > limit:
-                    raise UnreadableImage(
-                        f"deflated dataset inflates beyond the budget of {limit} bytes"
-                    )
+                    raise UnreadableImage(f"deflated dataset inflates beyond the budget of {limit} bytes")
                 pending = inflater.unconsumed_tail
             if inflater.eof:
                 break
@@ -639,17 +624,13 @@ def _dcmread(handle: BinaryIO, *, stop_before_pixels: bool, budget: DecodeBudget
     head = handle.read(132)
     handle.seek(0)
     if not _looks_like_dicom(head):
-        raise UnreadableImage(
-            "not a DICOM file: no 'DICM' prefix at offset 128 and no data element at the start"
-        )
+        raise UnreadableImage("not a DICOM file: no 'DICM' prefix at offset 128 and no data element at the start")
     has_prefix = len(head) >= 132 and head[128:132] == b"DICM"
     _check_deflate_bound(handle, budget)
     return pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels, force=not has_prefix)
 
 
-def read_dicom_header(
-    path: str | os.PathLike[str], budget: DecodeBudget = DecodeBudget()
-) -> Dataset:
+def read_dicom_header(path: str | os.PathLike[str], budget: DecodeBudget = DecodeBudget()) -> Dataset:
     """Read a DICOM header without its pixel data, bounded by ``budget``.
 
     The file size is checked first, a deflated dataset's inflated size is bounded, and parsing stops
@@ -711,11 +692,7 @@ def header_info(ds: Dataset) -> HeaderInfo:
     Returns:
         The :class:`HeaderInfo`; empty or malformed values become ``None`` / are left out.
     """
-    attributes = {
-        keyword: text
-        for keyword in HEADER_ATTRIBUTES
-        if (text := _text_value(ds, keyword)) is not None
-    }
+    attributes = {keyword: text for keyword in HEADER_ATTRIBUTES if (text := _text_value(ds, keyword)) is not None}
     return HeaderInfo(
         patient_id=_text_value(ds, "PatientID"),
         study_uid=_text_value(ds, "StudyInstanceUID"),
@@ -773,9 +750,7 @@ def _check_declared_size(ds: Dataset, budget: DecodeBudget) -> None:
             f"{budget.max_pixel_bytes} bytes"
         )
     if rows * columns > budget.max_pixels:
-        raise UnreadableImage(
-            f"declared image of {rows * columns} pixels exceeds the budget of {budget.max_pixels}"
-        )
+        raise UnreadableImage(f"declared image of {rows * columns} pixels exceeds the budget of {budget.max_pixels}")
     _check_codestream_size(ds, rows * columns * samples)
 
 
@@ -798,9 +773,7 @@ def _check_codestream_size(ds: Dataset, declared_samples: int) -> None:
         return
     rows, columns, components = dimensions
     if rows * columns * max(components, 1) > declared_samples:
-        raise UnreadableImage(
-            "compressed frame is larger than declared by Rows, Columns and SamplesPerPixel"
-        )
+        raise UnreadableImage("compressed frame is larger than declared by Rows, Columns and SamplesPerPixel")
 
 
 def _codestream_dimensions(frame: bytes) -> tuple[int, int, int] | None:
@@ -869,15 +842,11 @@ def _decode_dicom_pixels(ds: Dataset) -> tuple[npt.NDArray[Any], dict[str, str |
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
-        raise UnreadableImage(
-            f"transfer syntax {uid.name!r} is not supported by any pydicom decoder"
-        ) from None
+        raise UnreadableImage(f"transfer syntax {uid.name!r} is not supported by any pydicom decoder") from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)
         hint = f" (options: {missing})" if missing else ""
-        raise UnreadableImage(
-            f"no decoder plugin is installed for the transfer syntax {uid.name!r}{hint}"
-        )
+        raise UnreadableImage(f"no decoder plugin is installed for the transfer syntax {uid.name!r}{hint}")
     options = as_pixel_options(ds)
     array, properties = decoder.as_array(ds, raw=False, **options)
     return array, properties
@@ -967,8 +936,7 @@ def _colour_dicom(
             notes.append(f"{photometric} converted to RGB")
         elif photometric != "RGB":
             raise UnreadableImage(
-                "PhotometricInterpretation is not one of MONOCHROME1, MONOCHROME2, RGB, YBR_*, "
-                "PALETTE COLOR"
+                "PhotometricInterpretation is not one of MONOCHROME1, MONOCHROME2, RGB, YBR_*, PALETTE COLOR"
             )
         values = np.asarray(raw, dtype=np.float64) / float(2**bits_stored - 1)
     if values.ndim != 3 or values.shape[-1] != 3:
@@ -1017,9 +985,7 @@ def _dicom_to_image(
     elif photometric == "PALETTE COLOR" or samples == 3:
         image, notes = _colour_dicom(raw, ds, photometric, bits_stored)
     else:
-        raise UnreadableImage(
-            f"unsupported combination of SamplesPerPixel ({samples}) and PhotometricInterpretation"
-        )
+        raise UnreadableImage(f"unsupported combination of SamplesPerPixel ({samples}) and PhotometricInterpretation")
     return image, source_shape, notes
 
 
@@ -1027,9 +993,7 @@ def _dicom_to_image(
 # PNG / JPEG
 
 
-def _decode_pillow(
-    path: Path, kind: str, budget: DecodeBudget
-) -> tuple[FloatArray, tuple[int, ...], list[str]]:
+def _decode_pillow(path: Path, kind: str, budget: DecodeBudget) -> tuple[FloatArray, tuple[int, ...], list[str]]:
     data = _read_bytes(path, budget)
     # A truncated image must be quarantined, never padded: other libraries (WeasyPrint, on
     # import) switch this process-wide flag on, so it is pinned off for every decode.
@@ -1042,14 +1006,10 @@ def _decode_pillow(
             if width < 1 or height < 1:
                 raise UnreadableImage("image has zero width or height")
             if width * height > budget.max_pixels:
-                raise UnreadableImage(
-                    f"image of {width * height} pixels exceeds the budget of {budget.max_pixels}"
-                )
+                raise UnreadableImage(f"image of {width * height} pixels exceeds the budget of {budget.max_pixels}")
             frames = int(getattr(image, "n_frames", 1))
             if frames > 1:
-                raise UnreadableImage(
-                    f"multi-frame image with {frames} frames; expected a single frame"
-                )
+                raise UnreadableImage(f"multi-frame image with {frames} frames; expected a single frame")
             image.load()
             array, notes = _pillow_to_array(image)
     except UnreadableImage:
@@ -1129,9 +1089,7 @@ def _decode_npy(path: Path, budget: DecodeBudget) -> tuple[FloatArray, tuple[int
     except ValueError as exc:
         text = str(exc)
         if "pickle" in text.lower() or "object" in text.lower():
-            raise UnreadableImage(
-                "object arrays (pickled data) are refused; save a numeric array"
-            ) from None
+            raise UnreadableImage("object arrays (pickled data) are refused; save a numeric array") from None
         reason = _exception_reason(exc, secrets)
         raise UnreadableImage(f"not a usable .npy file: {reason}") from None
     except Exception as exc:
@@ -1157,9 +1115,7 @@ def _npy_to_image(
 ) -> tuple[FloatArray, tuple[int, ...], list[str]]:
     dtype = loaded.dtype
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
-        raise UnreadableImage(
-            f"array dtype kind {dtype.kind!r} is not numeric; expected bool, int or float"
-        )
+        raise UnreadableImage(f"array dtype kind {dtype.kind!r} is not numeric; expected bool, int or float")
     source_shape = tuple(int(n) for n in loaded.shape)
     channel_counts = (1, 3, 4)
     first_is_channels = loaded.ndim == 3 and loaded.shape[0] in channel_counts
@@ -1177,20 +1133,15 @@ def _npy_to_image(
         notes.append("channels-last array transposed")
     else:
         raise UnreadableImage(
-            f"array shape has {loaded.ndim} dimensions; expected (H, W), (C, H, W) or (H, W, C) "
-            "with C in {1, 3, 4}"
+            f"array shape has {loaded.ndim} dimensions; expected (H, W), (C, H, W) or (H, W, C) with C in {{1, 3, 4}}"
         )
     height, width = int(chw.shape[1]), int(chw.shape[2])
     if height < 1 or width < 1:
         raise UnreadableImage("array has zero height or width")
     if height * width > budget.max_pixels:
-        raise UnreadableImage(
-            f"array of {height * width} pixels exceeds the budget of {budget.max_pixels}"
-        )
+        raise UnreadableImage(f"array of {height * width} pixels exceeds the budget of {budget.max_pixels}")
     if loaded.nbytes > budget.max_pixel_bytes:
-        raise UnreadableImage(
-            f"array of {loaded.nbytes} bytes exceeds the budget of {budget.max_pixel_bytes} bytes"
-        )
+        raise UnreadableImage(f"array of {loaded.nbytes} bytes exceeds the budget of {budget.max_pixel_bytes} bytes")
     values = np.array(chw, dtype=np.float64)  # copies out of the memory map
     if not np.all(np.isfinite(values)):
         raise UnreadableImage("non-finite values in the array")

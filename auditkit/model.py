@@ -37,9 +37,7 @@ class NormalizedModel(nn.Module):
     def __init__(self, model: nn.Module, mean: list[float] | None, std: list[float] | None) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer(
-            "mean", torch.tensor(mean or [0.0]).view(1, -1, 1, 1), persistent=False
-        )
+        self.register_buffer("mean", torch.tensor(mean or [0.0]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std or [1.0]).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -56,8 +54,7 @@ def resolve_device(requested: str) -> torch.device:
         index = int(requested.split(":")[1]) if ":" in requested else 0
         if index >= torch.cuda.device_count():
             raise ConfigError(
-                f"device: {requested!r} requested but only {torch.cuda.device_count()}"
-                " CUDA device(s) exist"
+                f"device: {requested!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
             )
     return torch.device(requested)
 
@@ -86,9 +83,7 @@ def import_factory(factory: str, base_dir: Path) -> Callable[..., Any]:
     target: Any = module
     for part in attr_path.split("."):
         if not hasattr(target, part):
-            raise ModelLoadError(
-                f"model.factory: module {module_name!r} has no attribute {attr_path!r}"
-            )
+            raise ModelLoadError(f"model.factory: module {module_name!r} has no attribute {attr_path!r}")
         target = getattr(target, part)
     if not callable(target):
         raise ModelLoadError(f"model.factory: {factory!r} is not callable")
@@ -99,10 +94,7 @@ def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(
-            name.endswith(("/code/", "constants.pkl")) or "/code/" in name
-            for name in archive.namelist()
-        )
+        return any(name.endswith(("/code/", "constants.pkl")) or "/code/" in name for name in archive.namelist())
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -116,9 +108,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as error:
-            raise ModelLoadError(
-                f"model.weights: {path.name} is not a readable safetensors file: {error}"
-            ) from None
+            raise ModelLoadError(f"model.weights: {path.name} is not a readable safetensors file: {error}") from None
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         if _is_torchscript(path):
             raise ModelLoadError(
@@ -134,23 +124,16 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 " A pickled module can run code while loading; save model.state_dict()"
                 " instead, or set model.trust_code: true if you trust its origin"
             ) from None
-        if (
-            isinstance(loaded, dict)
-            and "state_dict" in loaded
-            and isinstance(loaded["state_dict"], dict)
-        ):
+        if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
             loaded = loaded["state_dict"]  # Lightning-style checkpoints
-        if not isinstance(loaded, dict) or not all(
-            isinstance(v, torch.Tensor) for v in loaded.values()
-        ):
+        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise ModelLoadError(
                 f"model.weights: {path.name} holds a {type(loaded).__name__}, expected a state_dict"
                 " (a mapping of parameter names to tensors)"
             )
         return {str(k): v for k, v in loaded.items()}
     raise ModelLoadError(
-        f"model.weights: unsupported file type {suffix!r} for {path.name};"
-        " expected .safetensors, .pt or .pth"
+        f"model.weights: unsupported file type {suffix!r} for {path.name}; expected .safetensors, .pt or .pth"
     )
 
 
@@ -162,9 +145,7 @@ def _load_trusted_module(path: Path) -> nn.Module:
     else:
         module = torch.load(path, map_location="cpu", weights_only=False)  # trust_code gate
     if not isinstance(module, nn.Module):
-        raise ModelLoadError(
-            f"model.weights: {path.name} holds a {type(module).__name__}, expected a module"
-        )
+        raise ModelLoadError(f"model.weights: {path.name} holds a {type(module).__name__}, expected a module")
     return module
 
 
@@ -179,13 +160,11 @@ def build_module(spec: ModelSpec, base_dir: Path, weights: Path | None) -> nn.Mo
             module = factory(**spec.factory_kwargs)
         except Exception as error:
             raise ModelLoadError(
-                f"model.factory: {spec.factory}(**{spec.factory_kwargs}) raised"
-                f" {type(error).__name__}: {error}"
+                f"model.factory: {spec.factory}(**{spec.factory_kwargs}) raised {type(error).__name__}: {error}"
             ) from error
     if not isinstance(module, nn.Module):
         raise ModelLoadError(
-            f"model.factory: {spec.factory} returned a {type(module).__name__},"
-            " expected torch.nn.Module"
+            f"model.factory: {spec.factory} returned a {type(module).__name__}, expected torch.nn.Module"
         )
     if weights is not None:
         if spec.trust_code and _is_torchscript(weights):
@@ -242,9 +221,7 @@ class ModelAdapter:
         self.device = resolve_device(device or spec.device)
         user_module = build_module(spec.model, spec.base_dir, spec.weights_path)
         norm = spec.model.normalize
-        self.module: nn.Module = NormalizedModel(
-            user_module, norm.mean if norm else None, norm.std if norm else None
-        )
+        self.module: nn.Module = NormalizedModel(user_module, norm.mean if norm else None, norm.std if norm else None)
         self.module.eval().to(self.device)
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
@@ -272,16 +249,11 @@ class ModelAdapter:
                 )
             return modules[self.spec.feature_layer], f"output of {self.spec.feature_layer}"
         if isinstance(module, torch.jit.ScriptModule):
-            log.warning(
-                "TorchScript model: embeddings unavailable (hooks cannot be added after scripting)"
-            )
+            log.warning("TorchScript model: embeddings unavailable (hooks cannot be added after scripting)")
             return None, "unavailable: TorchScript module"
         linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
         if not linears:
-            log.warning(
-                "the model has no nn.Linear; embeddings unavailable unless model.feature_layer"
-                " names a module"
-            )
+            log.warning("the model has no nn.Linear; embeddings unavailable unless model.feature_layer names a module")
             return None, "unavailable: no nn.Linear (set model.feature_layer)"
         name, last = linears[-1]
         return last, f"input of {name}"
@@ -294,9 +266,7 @@ class ModelAdapter:
         captured: list[torch.Tensor] = []
         use_input = self.spec.feature_layer is None
 
-        def hook(
-            _module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
-        ) -> None:
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             tensor = inputs[0] if use_input else output
             captured.append(tensor.detach().flatten(1))
 
@@ -359,9 +329,7 @@ class ModelAdapter:
                 start += batch.shape[0]
                 self.stats.images_forwarded += batch.shape[0]
                 if split:
-                    self.stats.per_split[split] = (
-                        self.stats.per_split.get(split, 0) + batch.shape[0]
-                    )
+                    self.stats.per_split[split] = self.stats.per_split.get(split, 0) + batch.shape[0]
                 if progress is not None:
                     progress(batch.shape[0])
         n_classes = len(self.classes)

@@ -75,8 +75,7 @@ def load_framework(framework_id: str = "nist-ai-rmf-1.0") -> Framework:
         functions={f["id"]: f["text"] for f in data["functions"]},
         categories={c["id"]: c["text"] for c in data["categories"]},
         subcategories={
-            s["id"]: Subcategory(s["id"], s["function"], s["category"], s["text"])
-            for s in data["subcategories"]
+            s["id"]: Subcategory(s["id"], s["function"], s["category"], s["text"]) for s in data["subcategories"]
         },
         characteristics=list(data.get("trustworthiness_characteristics", [])),
     )
@@ -184,10 +183,7 @@ def load_policy(name_or_path: str, *, base_dir: Path | None = None) -> tuple[Pol
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
         if not path.is_file():
-            raise ConfigError(
-                f"policy: {name_or_path!r} is neither a packaged policy {packaged_policies()}"
-                " nor a file"
-            )
+            raise ConfigError(f"policy: {name_or_path!r} is neither a packaged policy {packaged_policies()} nor a file")
         text = path.read_text(encoding="utf-8")
         source = str(path)
     try:
@@ -229,10 +225,7 @@ def load_attestations(path: Path, framework: Framework) -> list[Attestation]:
         raise ConfigError(format_validation_error(error, str(path))) from None
     for item in parsed.attestations:
         if item.control not in framework.subcategories:
-            raise ConfigError(
-                f"{path}: attestations: control {item.control!r} is not a {framework.id}"
-                " subcategory"
-            )
+            raise ConfigError(f"{path}: attestations: control {item.control!r} is not a {framework.id} subcategory")
     return list(parsed.attestations)
 
 
@@ -260,11 +253,7 @@ def _judged_value(metric: Mapping[str, Any], use: str) -> tuple[float | None, st
 
 def evaluate_rule(rule: Rule, metrics: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """The outcome of one rule over all metrics of a run (``metrics`` from every check)."""
-    candidates = [
-        m
-        for m in metrics
-        if m["name"] == rule.metric and labels_match(rule.labels, m.get("labels", {}))
-    ]
+    candidates = [m for m in metrics if m["name"] == rule.metric and labels_match(rule.labels, m.get("labels", {}))]
     record: dict[str, Any] = {
         "id": rule.id,
         "status": "not_evaluated",
@@ -303,9 +292,7 @@ def evaluate_rule(rule: Rule, metrics: Iterable[Mapping[str, Any]]) -> dict[str,
     )
     if len(defined) < len(candidates):
         undefined = len(candidates) - len(defined)
-        record["note"] = (
-            (note + "; ") if note else ""
-        ) + f"{undefined} matching value(s) undefined"
+        record["note"] = ((note + "; ") if note else "") + f"{undefined} matching value(s) undefined"
     return record
 
 
@@ -355,9 +342,7 @@ def evaluate(
             "framework": policy.framework,
             "description": policy.description,
             "rule_counts": {s: sum(r["status"] == s for r in rules) for s in RULE_STATUSES},
-            "control_counts": {
-                s: sum(c["status"] == s for c in controls) for s in CONTROL_STATUSES
-            },
+            "control_counts": {s: sum(c["status"] == s for c in controls) for s in CONTROL_STATUSES},
             "checks_errored": errored,
         },
         "rules": rules,

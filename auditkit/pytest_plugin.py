@@ -108,9 +108,7 @@ class AuditResults:
             if candidate.labels == wanted:
                 return candidate
         shown = sorted({json.dumps(c.labels, sort_keys=True) for c in candidates})[:10]
-        raise KeyError(
-            f"no metric {name} with labels {wanted}; available labels: {shown or 'none'}"
-        )
+        raise KeyError(f"no metric {name} with labels {wanted}; available labels: {shown or 'none'}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -120,16 +118,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="SPEC",
         help="run the auditkit audit of SPEC once and test each policy rule",
     )
-    group.addoption(
-        "--audit-results", metavar="DIR", help="test the policy rules of a finished audit in DIR"
-    )
-    group.addoption(
-        "--audit-policy", metavar="POLICY", help="policy name or YAML file (overrides the spec)"
-    )
+    group.addoption("--audit-results", metavar="DIR", help="test the policy rules of a finished audit in DIR")
+    group.addoption("--audit-policy", metavar="POLICY", help="policy name or YAML file (overrides the spec)")
     group.addoption("--audit-only", metavar="C1,C2", help="run only these checks")
-    group.addoption(
-        "--audit-out", metavar="DIR", help="output folder of the audit (default: the spec's)"
-    )
+    group.addoption("--audit-out", metavar="DIR", help="output folder of the audit (default: the spec's)")
 
 
 def _enabled(config: pytest.Config) -> bool:
@@ -198,11 +190,7 @@ class _XdistHooks:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "auditkit: a policy rule of the auditkit audit")
-    if (
-        _enabled(config)
-        and config.pluginmanager.hasplugin("xdist")
-        and not hasattr(config, "workerinput")
-    ):
+    if _enabled(config) and config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
         config.pluginmanager.register(_XdistHooks(config), "auditkit-xdist")
 
 
@@ -218,18 +206,14 @@ class AuditCollector(pytest.Collector):
         items: list[pytest.Item] = []
         for check in results.data.get("checks", []):
             if check.get("status") == "error":
-                items.append(
-                    CheckErrorItem.from_parent(self, name=f"check:{check['id']}", record=check)
-                )
+                items.append(CheckErrorItem.from_parent(self, name=f"check:{check['id']}", record=check))
         for rule in results.rules:
             items.append(AuditRuleItem.from_parent(self, name=rule["id"], rule=rule))
         return items
 
 
 def _fmt(value: Any) -> str:
-    return (
-        "undefined" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-    )
+    return "undefined" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def describe_rule(rule: dict[str, Any]) -> str:
@@ -296,9 +280,7 @@ class CheckErrorItem(pytest.Item):
         return Path("auditkit"), 0, f"auditkit::{self.name}"
 
 
-def pytest_collection_modifyitems(
-    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
-) -> None:
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.stash.get(RESULTS_KEY, None) is None:
         return
     collector = AuditCollector.from_parent(session, name="auditkit", nodeid="auditkit")
@@ -349,15 +331,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     )
     terminalreporter.write_line(
         "rules: "
-        + ", ".join(
-            f"{sum(r['status'] == s for r in rules)} {s}"
-            for s in ("pass", "warn", "fail", "not_evaluated")
-        )
+        + ", ".join(f"{sum(r['status'] == s for r in rules)} {s}" for s in ("pass", "warn", "fail", "not_evaluated"))
     )
     terminalreporter.write_line(
         "NIST AI RMF 1.0 subcategories: "
-        + ", ".join(
-            f"{counts.get(s, 0)} {s}"
-            for s in ("met", "not_met", "not_evaluated", "attested", "not_assessed")
-        )
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("met", "not_met", "not_evaluated", "attested", "not_assessed"))
     )

@@ -49,9 +49,7 @@ def discover() -> tuple[dict[str, type[Check]], list[BrokenCheck]]:
             )
             continue
         if ep.name in checks:
-            log.warning(
-                "check %s registered twice; keeping %s", ep.name, checks[ep.name].__module__
-            )
+            log.warning("check %s registered twice; keeping %s", ep.name, checks[ep.name].__module__)
             continue
         checks[ep.name] = loaded
     for item in broken:

@@ -97,9 +97,7 @@ def select_checks(
     """The checks to run, with validated parameters; unknown ids are usage errors."""
     broken_by_id = {b.id: b for b in broken}
     known = sorted(set(available) | set(broken_by_id))
-    wanted: dict[str, dict[str, Any]] = (
-        dict(spec.checks) if spec.checks is not None else {cid: {} for cid in known}
-    )
+    wanted: dict[str, dict[str, Any]] = dict(spec.checks) if spec.checks is not None else {cid: {} for cid in known}
     only_ids, skip_ids = _split_ids(only), _split_ids(skip)
     for source, ids in (("checks", list(wanted)), ("--only", only_ids), ("--skip", skip_ids)):
         unknown = [cid for cid in ids if cid not in known]
@@ -164,9 +162,7 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
         "family": selected.cls.family if selected.cls else None,
         "status": "ok",
         "reason": None,
-        "params": selected.params.model_dump(mode="json")
-        if selected.params is not None
-        else selected.raw_params,
+        "params": selected.params.model_dump(mode="json") if selected.params is not None else selected.raw_params,
         "duration_s": 0.0,
         "metrics": [],
         "findings": [],
@@ -256,14 +252,8 @@ def _fingerprint(spec: AuditSpec, selected: SelectedCheck, inputs: dict[str, str
         {
             "auditkit": __version__,
             "check": selected.id,
-            "params": selected.params.model_dump(mode="json")
-            if selected.params is not None
-            else None,
-            "spec": {
-                k: v
-                for k, v in spec.to_yaml_dict().items()
-                if k not in ("output", "policy", "checks")
-            },
+            "params": selected.params.model_dump(mode="json") if selected.params is not None else None,
+            "spec": {k: v for k, v in spec.to_yaml_dict().items() if k not in ("output", "policy", "checks")},
             "inputs": inputs,
         }
     )
@@ -295,9 +285,7 @@ def _split_summary(dataset: Dataset, spec: AuditSpec) -> dict[str, Any]:
         }
         out[name] = {
             "manifest": split.manifest.name,
-            "split_value": {"eval": spec.data.splits.eval, "train": spec.data.splits.train}.get(
-                name
-            ),
+            "split_value": {"eval": spec.data.splits.eval, "train": spec.data.splits.train}.get(name),
             "n_images": split.n,
             "n_quarantined": quarantined.get(name, 0),
             "n_patients": len({p for p in split.patients if p is not None}),
@@ -349,9 +337,7 @@ def run_audit(
     weights = spec.weights_path
     model = ModelAdapter(spec, batch_size=options.batch_size, device=options.device)
     inputs = {
-        "manifest_sha256": sha256_file(spec.manifest_path)
-        if spec.manifest_path.is_file()
-        else None,
+        "manifest_sha256": sha256_file(spec.manifest_path) if spec.manifest_path.is_file() else None,
         "weights_sha256": sha256_file(weights) if weights is not None else None,
     }
     dataset = load_dataset(spec, roles=_roles(selected), progress=options.progress)
@@ -373,9 +359,7 @@ def run_audit(
         log.info("running check %s", s.id)
         record = execute_check(s, ctx)
         records[s.id] = record
-        write_json_atomic(
-            checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record}
-        )
+        write_json_atomic(checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record})
 
     check_records = [records[s.id] for s in selected]
     judged = evaluate(policy, check_records, attestations=attestations)
@@ -473,9 +457,7 @@ def write_bundle(
         import json
 
         try:
-            previous = list(
-                json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["inputs"]
-            )
+            previous = list(json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["inputs"])
         except (ValueError, KeyError, TypeError):
             log.warning("manifest.json unreadable; its input hashes are not carried over")
     extra = {}

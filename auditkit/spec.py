@@ -59,8 +59,7 @@ class Normalize(_Strict):
     def _same_length(self) -> Normalize:
         if len(self.mean) != len(self.std):
             raise ValueError(
-                f"mean and std must have one value per channel, got {len(self.mean)} means"
-                f" and {len(self.std)} stds"
+                f"mean and std must have one value per channel, got {len(self.mean)} means and {len(self.std)} stds"
             )
         return self
 
@@ -97,13 +96,10 @@ class ModelSpec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
         if self.positive_class is not None and self.positive_class not in self.classes:
-            raise ValueError(
-                f"positive_class must be one of {self.classes}, got {self.positive_class!r}"
-            )
+            raise ValueError(f"positive_class must be one of {self.classes}, got {self.positive_class!r}")
         if self.normalize is not None and len(self.normalize.mean) not in (1, self.input.channels):
             raise ValueError(
-                f"normalize needs 1 or {self.input.channels} values (input.channels),"
-                f" got {len(self.normalize.mean)}"
+                f"normalize needs 1 or {self.input.channels} values (input.channels), got {len(self.normalize.mean)}"
             )
         if self.factory is None and not (self.trust_code and self.weights is not None):
             raise ValueError(
@@ -156,9 +152,7 @@ class DicomOptions(_Strict):
     def _window(cls, window: Any) -> Any:
         if isinstance(window, dict):
             if set(window) != {"center", "width"}:
-                raise ValueError(
-                    f"a fixed window is {{center: C, width: W}}, got keys {sorted(window)}"
-                )
+                raise ValueError(f"a fixed window is {{center: C, width: W}}, got keys {sorted(window)}")
             if not window["width"] >= 1:
                 raise ValueError(f"window width must be >= 1, got {window['width']}")
         return window
@@ -277,15 +271,11 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_spec(
-    data: Any, *, base_dir: Path, source: str = "spec", source_file: Path | None = None
-) -> AuditSpec:
+def parse_spec(data: Any, *, base_dir: Path, source: str = "spec", source_file: Path | None = None) -> AuditSpec:
     """Validate already-parsed YAML data into an :class:`AuditSpec`."""
     extra = {"source_file": source_file} if source_file is not None else {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
-        )
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         return AuditSpec.model_validate({**data, "base_dir": base_dir.resolve(), **extra})
     except ValidationError as error:
@@ -305,6 +295,4 @@ def load_spec(path: Path | str) -> AuditSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return parse_spec(
-        data, base_dir=path.resolve().parent, source=str(path), source_file=path.resolve()
-    )
+    return parse_spec(data, base_dir=path.resolve().parent, source=str(path), source_file=path.resolve())

@@ -111,9 +111,7 @@ def bootstrap_indices(
     return idx
 
 
-def percentile_interval(
-    replicates: ArrayLike, *, alpha: float = 0.05
-) -> tuple[float, float] | None:
+def percentile_interval(replicates: ArrayLike, *, alpha: float = 0.05) -> tuple[float, float] | None:
     """Percentile interval of bootstrap replicates, tolerating a few undefined ones.
 
     Args:
@@ -176,9 +174,7 @@ def bootstrap_cis(
         for name, statistic in statistics.items():
             out = np.asarray(statistic(idx), dtype=np.float64)
             if out.shape != (size,):
-                raise ValueError(
-                    f"batched statistic {name!r} must return shape ({size},), got {out.shape}"
-                )
+                raise ValueError(f"batched statistic {name!r} must return shape ({size},), got {out.shape}")
             values[name][start : start + size] = out
     return {name: percentile_interval(vals, alpha=alpha) for name, vals in values.items()}
 
@@ -238,9 +234,9 @@ def bootstrap_ci(
         def batched_statistic(idx: IndexMatrix) -> NDArray[np.float64]:
             return np.array([_call_plain(statistic, [a[row] for a in data]) for row in idx])
 
-    return bootstrap_cis(
-        {"statistic": batched_statistic}, n, n_boot=n_boot, alpha=alpha, rng=rng, strata=strata
-    )["statistic"]
+    return bootstrap_cis({"statistic": batched_statistic}, n, n_boot=n_boot, alpha=alpha, rng=rng, strata=strata)[
+        "statistic"
+    ]
 
 
 def _call_plain(statistic: Callable[..., Any], arrays: list[NDArray[Any]]) -> float:

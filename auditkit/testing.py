@@ -86,9 +86,7 @@ def _metadata(cls: type[Check], report: ConformanceReport) -> None:
 def _record_problems(record: dict[str, Any], cls: type[Check], report: ConformanceReport) -> None:
     if record["status"] == "error":
         error = record.get("error") or {}
-        report.fail(
-            f"run() raised {error.get('type')}: {error.get('message')} (at {error.get('where')})"
-        )
+        report.fail(f"run() raised {error.get('type')}: {error.get('message')} (at {error.get('where')})")
         return
     for metric in record["metrics"]:
         where = f"metric {metric['name']} {metric['labels']}"
@@ -126,9 +124,7 @@ def _strip_volatile(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k != "duration_s"}
 
 
-def check_check(
-    cls: type[Check], *, workdir: Path | None = None, n_patients: int = 24
-) -> ConformanceReport:
+def check_check(cls: type[Check], *, workdir: Path | None = None, n_patients: int = 24) -> ConformanceReport:
     """Verify ``cls`` against the check contract; raise :class:`CheckConformanceError` if broken.
 
     Args:
@@ -161,9 +157,7 @@ def check_check(
         report.n_metrics, report.n_findings = len(first["metrics"]), len(first["findings"])
         _record_problems(first, cls, report)
         if _strip_volatile(records[0]) != _strip_volatile(records[1]):
-            report.fail(
-                "two runs with the same seed gave different results (seed every random draw from ctx.rng)"
-            )
+            report.fail("two runs with the same seed gave different results (seed every random draw from ctx.rng)")
         published = json.dumps(first, sort_keys=True)
         for artifact in first.get("artifacts", []):
             path = root / "first" / artifact["path"]
@@ -171,9 +165,7 @@ def check_check(
                 published += path.read_text(encoding="utf-8", errors="ignore")
         leaked = sorted(k for k in _identifying_values(spec_path.parent) if k in published)
         if leaked:
-            report.fail(
-                f"{len(leaked)} identifying DICOM header value(s) appear in the results or artifacts"
-            )
+            report.fail(f"{len(leaked)} identifying DICOM header value(s) appear in the results or artifacts")
     if report.problems:
         raise CheckConformanceError(f"{report.check}: " + "; ".join(report.problems))
     return report

@@ -136,9 +136,7 @@ class CheckDoc:
 
 
 def _clean(text: str) -> str:
-    return re.sub(
-        r"\s+", " ", text.replace("``", "").replace(":class:", "").replace("`", "")
-    ).strip()
+    return re.sub(r"\s+", " ", text.replace("``", "").replace(":class:", "").replace("`", "")).strip()
 
 
 def parse_docstring(doc: str | None) -> CheckDoc:
@@ -170,9 +168,7 @@ def _check_docs(ids: Sequence[str]) -> dict[str, CheckDoc]:
         classes, _ = discover()
     except Exception:  # the report must render even when plugins are broken
         classes = {}
-    return {
-        cid: parse_docstring(classes[cid].__doc__) if cid in classes else CheckDoc() for cid in ids
-    }
+    return {cid: parse_docstring(classes[cid].__doc__) if cid in classes else CheckDoc() for cid in ids}
 
 
 # --------------------------------------------------------------------------- view model
@@ -361,9 +357,7 @@ def _environment() -> jinja2.Environment:
 
 def render_html(results: Mapping[str, Any], bundle: Path) -> str:
     """The report as one self-contained HTML document (CSS inlined, plots as data: URIs)."""
-    css = (resources.files("auditkit.reports") / "static" / "report.css").read_text(
-        encoding="utf-8"
-    )
+    css = (resources.files("auditkit.reports") / "static" / "report.css").read_text(encoding="utf-8")
     template = _environment().get_template("report.html.j2")
     return template.render(css=css, **build_view(results, bundle))
 

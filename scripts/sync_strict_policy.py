@@ -26,19 +26,13 @@ def strict_from_default(default: dict) -> dict:  # type: ignore[type-arg]
         "Release gate for diagnostic image classifiers, judged on the conservative end of each 95%"
         " interval, so a model passes only when the evidence says it does."
     )
-    strict["rules"] = [
-        {**rule, "use": "ci_high" if "max" in rule else "ci_low"} for rule in default["rules"]
-    ]
+    strict["rules"] = [{**rule, "use": "ci_high" if "max" in rule else "ci_low"} for rule in default["rules"]]
     return strict
 
 
 def main() -> None:
-    default = yaml.safe_load(
-        (POLICIES / "medical-imaging-default.yaml").read_text(encoding="utf-8")
-    )
-    text = HEADER + yaml.safe_dump(
-        strict_from_default(default), sort_keys=False, width=100, allow_unicode=True
-    )
+    default = yaml.safe_load((POLICIES / "medical-imaging-default.yaml").read_text(encoding="utf-8"))
+    text = HEADER + yaml.safe_dump(strict_from_default(default), sort_keys=False, width=100, allow_unicode=True)
     (POLICIES / "medical-imaging-strict.yaml").write_text(text, encoding="utf-8")
 
 

@@ -29,9 +29,7 @@ TINY_MODEL = textwrap.dedent(
 
 def _trained_state(images: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(256, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
-    )
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     x = (torch.from_numpy(images).float() - 0.5) / 0.25
     y = torch.from_numpy(labels)
     optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -68,9 +66,7 @@ def make_tiny_study(
         np.save(data / "img" / f"{i:03d}.npy", images[i, 0])
         split = "train" if i % 3 else "test"
         sex = "F" if i % 2 else "M"
-        rows.append(
-            f"img/{i:03d}.npy,{['dark', 'bright'][labels[i]]},pat{i // 2},{split},{sex},{20 + i}"
-        )
+        rows.append(f"img/{i:03d}.npy,{['dark', 'bright'][labels[i]]},pat{i // 2},{split},{sex},{20 + i}")
     (data / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     (root / "tiny_model.py").write_text(TINY_MODEL, encoding="utf-8")
     train = np.array([i % 3 != 0 for i in range(n)])

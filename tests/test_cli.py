@@ -23,9 +23,7 @@ def test_run_exit_0_and_results(tiny_study: Path, capsys: pytest.CaptureFixture[
     assert "results.json" in out
 
 
-def test_summary_lists_headline_metrics(
-    tiny_study: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_summary_lists_headline_metrics(tiny_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(
             [
@@ -45,9 +43,7 @@ def test_summary_lists_headline_metrics(
     assert "verdict: PASS" in out
 
 
-def test_broken_spec_is_exit_2_naming_the_field(
-    tiny_study: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_broken_spec_is_exit_2_naming_the_field(tiny_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = yaml.safe_load(tiny_study.read_text())
     spec["data"]["groups"]["age"]["bins"] = [0, 65, 40]
     tiny_study.write_text(yaml.safe_dump(spec))
@@ -56,19 +52,14 @@ def test_broken_spec_is_exit_2_naming_the_field(
     assert "data.groups.age.bins: bins must be increasing, got [0.0, 65.0, 40.0]" in err
 
 
-def test_broken_manifest_is_exit_2_naming_the_row(
-    tiny_study: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_broken_manifest_is_exit_2_naming_the_row(tiny_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = tiny_study.parent / "data" / "manifest.csv"
     lines = manifest.read_text().splitlines()
     lines[5] = lines[5].replace(",dark,", ",unknown,").replace(",bright,", ",unknown,")
     manifest.write_text("\n".join(lines) + "\n")
     assert main(["run", str(tiny_study)]) == 2
     err = capsys.readouterr().err
-    assert (
-        "manifest.csv: row 4 (line 6): column 'label' value 'unknown' is not one of model.classes"
-        in err
-    )
+    assert "manifest.csv: row 4 (line 6): column 'label' value 'unknown' is not one of model.classes" in err
 
 
 def test_unknown_check_is_exit_2(tiny_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,15 +89,10 @@ def _write_synthetic_spec(folder: Path, fmt: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["dicom", "png"])
-def test_console_script_on_dicom_and_png_studies_with_relative_paths(
-    tmp_path: Path, fmt: str
-) -> None:
+def test_console_script_on_dicom_and_png_studies_with_relative_paths(tmp_path: Path, fmt: str) -> None:
     spec_path = _write_synthetic_spec(tmp_path / fmt, fmt)
     spec = yaml.safe_load(spec_path.read_text())
-    assert (
-        not Path(spec["data"]["manifest"]).is_absolute()
-        and not Path(spec["model"]["weights"]).is_absolute()
-    )
+    assert not Path(spec["data"]["manifest"]).is_absolute() and not Path(spec["model"]["weights"]).is_absolute()
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     result = subprocess.run(
         [sys.executable, "-m", "auditkit", "run", "audit.yaml", "--out", "../out", "--quiet", "--skip", "adversarial"],
@@ -123,12 +109,9 @@ def test_console_script_on_dicom_and_png_studies_with_relative_paths(
     assert results["data"]["quarantine"] == []
     calibration = {c["id"]: c for c in results["checks"]}["calibration"]
     assert calibration["status"] == "ok"
-    ece = next(
-        m for m in calibration["metrics"] if m["name"] == "calibration.ece" and not m["labels"]
-    )
+    ece = next(m for m in calibration["metrics"] if m["name"] == "calibration.ece" and not m["labels"])
     assert 0.0 <= ece["value"] <= 1.0
     suffixes = {
-        Path(line.split(",")[0]).suffix
-        for line in (spec_path.parent / "manifest.csv").read_text().splitlines()[1:]
+        Path(line.split(",")[0]).suffix for line in (spec_path.parent / "manifest.csv").read_text().splitlines()[1:]
     }
     assert suffixes == {".dcm" if fmt == "dicom" else ".png"}

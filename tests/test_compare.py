@@ -45,15 +45,11 @@ def audits(tmp_path_factory: pytest.TempPathFactory, demo_spec: Path) -> tuple[P
     return base, degraded
 
 
-def test_the_pruned_model_regresses_and_exits_1(
-    audits: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_pruned_model_regresses_and_exits_1(audits: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     base, degraded = audits
     comparison = compare(base, degraded)
     assert comparison.regressed
-    assert comparison.metric_regressions, (
-        "pruning 80% of the conv weights must move some metric beyond noise"
-    )
+    assert comparison.metric_regressions, "pruning 80% of the conv weights must move some metric beyond noise"
     assert all(m.judgement == "regression" for m in comparison.metric_regressions)
     for m in comparison.metric_regressions:
         assert m.base_ci and m.new_ci and (m.new_ci[0] > m.base_ci[1] or m.new_ci[1] < m.base_ci[0])
@@ -98,9 +94,7 @@ def test_rule_that_newly_fails_is_a_regression(tmp_path: Path) -> None:
         )
         return folder
 
-    comparison = compare(
-        write(tmp_path / "a", "pass", "pass"), write(tmp_path / "b", "fail", "fail")
-    )
+    comparison = compare(write(tmp_path / "a", "pass", "pass"), write(tmp_path / "b", "fail", "fail"))
     assert [r.id for r in comparison.new_failures] == ["R"] and comparison.regressed
     better = compare(tmp_path / "b", tmp_path / "a")
     assert not better.regressed and better.rules[0].regression is False

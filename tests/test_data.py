@@ -28,9 +28,7 @@ def test_valid_manifest_rows(tmp_path: Path) -> None:
         tmp_path,
         "path,label,patient_id,split,sex\na.png,normal,p1,test,F\nb.png,nodule,p2,train,M\n",
     )
-    manifest = read_manifest(
-        path, root=path.parent, classes=["normal", "nodule"], group_columns=["sex"]
-    )
+    manifest = read_manifest(path, root=path.parent, classes=["normal", "nodule"], group_columns=["sex"])
     assert [r.row for r in manifest.rows] == [0, 1]
     assert [r.label for r in manifest.rows] == [0, 1]
     assert manifest.rows[1].groups == {"sex": "M"}
@@ -39,9 +37,7 @@ def test_valid_manifest_rows(tmp_path: Path) -> None:
 
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     path = _manifest(tmp_path, "file,label\na.png,normal\n")
-    with pytest.raises(
-        InputError, match=r"missing column\(s\) \['path'\]; the header has \['file', 'label'\]"
-    ):
+    with pytest.raises(InputError, match=r"missing column\(s\) \['path'\]; the header has \['file', 'label'\]"):
         _read(path)
     path = _manifest(tmp_path, "path,label\na.png,normal\n")
     with pytest.raises(InputError, match=r"missing column\(s\) \['site'\]"):
@@ -61,18 +57,14 @@ def test_unknown_label_names_row_value_and_classes(tmp_path: Path) -> None:
 
 def test_duplicate_paths_name_both_rows(tmp_path: Path) -> None:
     path = _manifest(tmp_path, "path,label\na.png,normal\nb.png,normal\n./a.png,nodule\n")
-    with pytest.raises(
-        InputError, match=r"row 2 \(line 4\): column 'path' value './a.png' duplicates row 0"
-    ):
+    with pytest.raises(InputError, match=r"row 2 \(line 4\): column 'path' value './a.png' duplicates row 0"):
         _read(path)
 
 
 @pytest.mark.parametrize("escape", ["../secret.png", "/etc/passwd", "sub/../../x.png"])
 def test_paths_escaping_the_root_are_refused(tmp_path: Path, escape: str) -> None:
     path = _manifest(tmp_path, f"path,label\na.png,normal\n{escape},normal\n")
-    with pytest.raises(
-        InputError, match=r"row 1 \(line 3\): column 'path' value .* resolves outside data.root"
-    ):
+    with pytest.raises(InputError, match=r"row 1 \(line 3\): column 'path' value .* resolves outside data.root"):
         _read(path)
 
 
@@ -168,12 +160,8 @@ def test_broken_images_are_quarantined_and_the_rest_go_on(tiny_study: Path) -> N
 def test_train_split_without_split_column(tmp_path: Path, tiny_study: Path) -> None:
     manifest = tiny_study.parent / "data" / "manifest.csv"
     lines = manifest.read_text().splitlines()
-    manifest.write_text(
-        "\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != 3) for line in lines)
-    )
-    with pytest.raises(
-        InputError, match=r"data\.splits\.train is 'train' but the manifest has no 'split' column"
-    ):
+    manifest.write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != 3) for line in lines))
+    with pytest.raises(InputError, match=r"data\.splits\.train is 'train' but the manifest has no 'split' column"):
         load_dataset(load_spec(tiny_study))
 
 
@@ -181,9 +169,7 @@ def test_unknown_eval_split_value(tiny_study: Path) -> None:
     spec = load_spec(tiny_study)
     spec = spec.model_copy(
         update={
-            "data": spec.data.model_copy(
-                update={"splits": spec.data.splits.model_copy(update={"eval": "validation"})}
-            )
+            "data": spec.data.model_copy(update={"splits": spec.data.splits.model_copy(update={"eval": "validation"})})
         }
     )
     with pytest.raises(
@@ -199,9 +185,7 @@ def test_patient_ids_from_dicom_headers_become_surrogates(tmp_path: Path) -> Non
 
     from auditkit.fixtures.synthetic import generate_study
 
-    study = generate_study(
-        tmp_path / "study", n_patients=16, image_size=64, patient_id_in_manifest=False
-    )
+    study = generate_study(tmp_path / "study", n_patients=16, image_size=64, patient_id_in_manifest=False)
     header = study.manifest_path.read_text().splitlines()[0]
     assert "patient_id" not in header
     spec_path = tmp_path / "study" / "audit.yaml"

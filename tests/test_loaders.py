@@ -95,9 +95,7 @@ def make_dicom(
 
 
 def ramp12(rows: int = 2, columns: int = 4) -> np.ndarray[Any, Any]:
-    return np.array([0, 50, 100, 150, 200, 250, 1000, 4095], dtype=np.uint16)[
-        : rows * columns
-    ].reshape(rows, columns)
+    return np.array([0, 50, 100, 150, 200, 250, 1000, 4095], dtype=np.uint16)[: rows * columns].reshape(rows, columns)
 
 
 def decode_native(path: Path, **kwargs: Any) -> loaders.DecodedImage:
@@ -225,9 +223,7 @@ def test_dicom_12bit_with_header_window(leaky_dir: Path) -> None:
 
 
 def test_dicom_multi_valued_window_uses_first_value(tmp_path: Path) -> None:
-    path = make_dicom(
-        tmp_path / "a.dcm", ramp12(), WindowCenter=[100.5, 3000], WindowWidth=[201, 10]
-    )
+    path = make_dicom(tmp_path / "a.dcm", ramp12(), WindowCenter=[100.5, 3000], WindowWidth=[201, 10])
     np.testing.assert_allclose(decode_native(path).pixels[0, 0], [0, 0.25, 0.5, 0.75], atol=1e-6)
 
 
@@ -304,9 +300,7 @@ def test_dicom_voi_lut_sequence_scaled_by_output_range(tmp_path: Path) -> None:
     item = Dataset()
     item.LUTDescriptor = [4096, 0, 16]
     item.add_new(0x00283006, "US", list(range(0, 65536, 16)))  # LUTData: y = 16 x
-    path = make_dicom(
-        tmp_path / "a.dcm", ramp12(), VOILUTSequence=[item], WindowCenter=1, WindowWidth=1
-    )
+    path = make_dicom(tmp_path / "a.dcm", ramp12(), VOILUTSequence=[item], WindowCenter=1, WindowWidth=1)
     decoded = decode_native(path)
     expected = np.minimum(16 * ramp12().astype(float), 65520) / 65535
     np.testing.assert_allclose(decoded.pixels[0], expected, atol=1e-6)
@@ -333,17 +327,13 @@ def test_dicom_is_resized(tmp_path: Path) -> None:
 
 def test_multi_frame_is_refused(tmp_path: Path) -> None:
     frames = np.zeros((3, 2, 2), dtype=np.uint16)
-    path = make_dicom(
-        tmp_path / "mf.dcm", frames[0], pixel_bytes=frames.tobytes(), NumberOfFrames=3
-    )
+    path = make_dicom(tmp_path / "mf.dcm", frames[0], pixel_bytes=frames.tobytes(), NumberOfFrames=3)
     with pytest.raises(UnreadableImage) as info:
         decode_native(path)
     assert str(info.value) == "multi-frame image with 3 frames; expected a single frame"
 
 
-def test_declared_size_over_budget_is_refused_before_decoding(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_declared_size_over_budget_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = make_dicom(tmp_path / "big.dcm", np.zeros((2, 2), dtype=np.uint16))
     ds = pydicom.dcmread(path)
     ds.Rows = ds.Columns = 65535  # declares 8 GiB of 16-bit pixels; the file holds 8 bytes
@@ -437,9 +427,7 @@ def test_missing_decoder_plugin_names_the_transfer_syntax(tmp_path: Path) -> Non
 
 
 def test_read_dicom_header_and_header_info(tmp_path: Path) -> None:
-    path = make_dicom(
-        tmp_path / "a.dcm", ramp12(), PixelSpacing=[0.5, 0.25], BodyPartExamined="CHEST"
-    )
+    path = make_dicom(tmp_path / "a.dcm", ramp12(), PixelSpacing=[0.5, 0.25], BodyPartExamined="CHEST")
     ds = read_dicom_header(path)
     assert "PixelData" not in ds
     assert str(ds.PatientName) == PATIENT_NAME
@@ -495,9 +483,7 @@ def test_dicom_without_preamble_or_file_meta(tmp_path: Path) -> None:
     np.testing.assert_allclose(decoded.pixels[0], [[0, 1 / 3], [2 / 3, 1]], atol=1e-6)
 
 
-def test_pydicom_warnings_and_logs_do_not_leak_values(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_pydicom_warnings_and_logs_do_not_leak_values(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     leaked_uid = "1.2.3.Doe^Jane"  # invalid UI value that pydicom would quote when it warns
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -537,9 +523,7 @@ def test_png_8bit_and_16bit(tmp_path: Path) -> None:
     assert decoded.kind == "png" and decoded.source_shape == (2, 3)
     sixteen = np.array([[0, 1000, 65535], [32768, 4095, 12]], dtype=np.uint16)
     Image.fromarray(sixteen).save(tmp_path / "g16.png")
-    np.testing.assert_allclose(
-        decode_native(tmp_path / "g16.png").pixels[0], sixteen / 65535, atol=1e-6
-    )
+    np.testing.assert_allclose(decode_native(tmp_path / "g16.png").pixels[0], sixteen / 65535, atol=1e-6)
 
 
 def test_png_rgb_to_gray_and_modes(tmp_path: Path) -> None:
@@ -598,9 +582,7 @@ def test_png_pixel_budget_and_wrong_content(tmp_path: Path) -> None:
     ],
     ids=["uint8", "uint16", "float32-unit", "float64-minmax", "int16-minmax", "bool"],
 )
-def test_npy_dtypes(
-    tmp_path: Path, array: np.ndarray[Any, Any], expected: np.ndarray[Any, Any]
-) -> None:
+def test_npy_dtypes(tmp_path: Path, array: np.ndarray[Any, Any], expected: np.ndarray[Any, Any]) -> None:
     path = tmp_path / "a.npy"
     np.save(path, array)
     decoded = decode_image(path, channels=1, height=2, width=2)
@@ -715,9 +697,8 @@ def test_pydicom_corpus_is_read_or_quarantined(record_property: Any) -> None:
         assert np.all(np.isfinite(decoded.pixels)), path.name
         assert decoded.pixels.min() >= 0.0 and decoded.pixels.max() <= 1.0, path.name
         read.append(path.name)
-    summary = (
-        f"pydicom corpus: {len(read)} read, {sum(quarantined.values())} quarantined; reasons: "
-        + "; ".join(f"{count} x {reason}" for reason, count in quarantined.most_common())
+    summary = f"pydicom corpus: {len(read)} read, {sum(quarantined.values())} quarantined; reasons: " + "; ".join(
+        f"{count} x {reason}" for reason, count in quarantined.most_common()
     )
     record_property("corpus_read", len(read))
     record_property("corpus_quarantined", sum(quarantined.values()))
@@ -760,9 +741,7 @@ def fuzz_seed(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Path]:
     database=None,
 )
 @given(
-    flips=st.lists(
-        st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=7)), max_size=8
-    ),
+    flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=7)), max_size=8),
     cut=st.one_of(st.none(), st.integers(min_value=0)),
 )
 def test_mutated_dicom_bytes_only_raise_unreadable_image(

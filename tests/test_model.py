@@ -141,13 +141,9 @@ def test_batch_halving_on_out_of_memory(tiny_study: Path) -> None:
 
 def test_wrong_number_of_logits(tiny_study: Path) -> None:
     spec = load_spec(tiny_study)
-    spec = spec.model_copy(
-        update={"model": spec.model.model_copy(update={"classes": ["a", "b", "c"]})}
-    )
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"classes": ["a", "b", "c"]})})
     adapter = ModelAdapter(spec, device="cpu")
-    with pytest.raises(
-        ModelLoadError, match=r"returns 2 logits per image but model\.classes lists 3"
-    ):
+    with pytest.raises(ModelLoadError, match=r"returns 2 logits per image but model\.classes lists 3"):
         adapter.forward_pass(torch.rand(2, 1, 16, 16))
 
 

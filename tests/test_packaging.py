@@ -61,14 +61,8 @@ def test_wheel_holds_every_package_and_resource(tmp_path: Path) -> None:
         for init in (ROOT / folder).rglob("__init__.py"):
             if "__pycache__" in init.parts:
                 continue
-            expected = (
-                f"{target}/{init.parent.relative_to(ROOT / folder).as_posix()}/__init__.py".replace(
-                    "/./", "/"
-                )
-            )
-            assert expected in names, (
-                f"{expected} missing from the wheel: list it in pyproject packages"
-            )
+            expected = f"{target}/{init.parent.relative_to(ROOT / folder).as_posix()}/__init__.py".replace("/./", "/")
+            assert expected in names, f"{expected} missing from the wheel: list it in pyproject packages"
     assert "auditkit/fixtures/weights/tiny_cnn.safetensors" in names
     assert "auditkit/fixtures/weights/tiny_cnn.json" in names
     assert "auditkit/policies/frameworks/nist-ai-rmf-1.0.yaml" in names

@@ -110,9 +110,7 @@ def test_min_rules_take_the_lowest() -> None:
     )
     out = evaluate_rule(r, METRICS)
     assert out["status"] == "fail" and out["observed"] == 0.42 and out["labels"]["eps"] == "0.0078"
-    passing = evaluate_rule(
-        rule(metric="adversarial.robust_accuracy", max=None, min=0.4, labels=None), METRICS
-    )
+    passing = evaluate_rule(rule(metric="adversarial.robust_accuracy", max=None, min=0.4, labels=None), METRICS)
     assert passing["status"] == "pass" and passing["observed"] == 0.42
 
 
@@ -147,9 +145,7 @@ def test_ci_low_for_a_min_rule_and_missing_interval_falls_back_with_a_note() -> 
 
 
 def test_warn_severity() -> None:
-    out = evaluate_rule(
-        rule(labels={"group_by": "*", "group": "*"}, max=0.10, severity="warn"), METRICS
-    )
+    out = evaluate_rule(rule(labels={"group_by": "*", "group": "*"}, max=0.10, severity="warn"), METRICS)
     assert out["status"] == "warn"
 
 
@@ -163,9 +159,7 @@ def test_not_evaluated_when_absent_or_undefined() -> None:
 def test_control_status_table() -> None:
     assert control_status([{"status": "fail"}, {"status": "pass"}], attested=True) == "not_met"
     assert control_status([{"status": "warn"}], attested=False) == "met"
-    assert (
-        control_status([{"status": "pass"}, {"status": "not_evaluated"}], attested=False) == "met"
-    )
+    assert control_status([{"status": "pass"}, {"status": "not_evaluated"}], attested=False) == "met"
     assert control_status([{"status": "not_evaluated"}], attested=False) == "not_evaluated"
     assert control_status([{"status": "not_evaluated"}], attested=True) == "attested"
     assert control_status([], attested=True) == "attested"
@@ -189,11 +183,7 @@ def test_evaluate_verdict_controls_and_attestations() -> None:
         ),
         rule(id="C", metric="ood.auroc", max=None, min=0.9, controls=["MEASURE 2.6"]),
     )
-    attest = [
-        Attestation(
-            control="GOVERN 1.1", evidence="QMS-SOP-12", owner="Regulatory lead", date="2026-10-01"
-        )
-    ]
+    attest = [Attestation(control="GOVERN 1.1", evidence="QMS-SOP-12", owner="Regulatory lead", date="2026-10-01")]
     judged = evaluate(policy, checks, attestations=attest)
     assert judged["verdict"] == "pass"  # B only warns; C is not evaluated
     statuses = {c["id"]: c["status"] for c in judged["controls"]}
@@ -222,9 +212,7 @@ def test_policy_validation_errors() -> None:
             },
             "p.yaml",
         )
-    with pytest.raises(
-        ConfigError, match=r"unknown nist-ai-rmf-1.0 subcategories \['MEASURE 9.9'\]"
-    ):
+    with pytest.raises(ConfigError, match=r"unknown nist-ai-rmf-1.0 subcategories \['MEASURE 9.9'\]"):
         parse_policy(
             {
                 "name": "p",
@@ -263,15 +251,9 @@ def test_attestations_file(tmp_path: Path) -> None:
     )
     items = load_attestations(path, load_framework())
     assert items[0].control == "GOVERN 1.1"
-    path.write_text(
-        "attestations:\n  - {control: GOVERN 9.1, evidence: x, owner: y, date: 2026-10-01}\n"
-    )
-    with pytest.raises(
-        ConfigError, match=r"control 'GOVERN 9\.1' is not a nist-ai-rmf-1\.0 subcategory"
-    ):
+    path.write_text("attestations:\n  - {control: GOVERN 9.1, evidence: x, owner: y, date: 2026-10-01}\n")
+    with pytest.raises(ConfigError, match=r"control 'GOVERN 9\.1' is not a nist-ai-rmf-1\.0 subcategory"):
         load_attestations(path, load_framework())
-    path.write_text(
-        "attestations:\n  - {control: GOVERN 1.1, evidence: x, owner: y, date: someday}\n"
-    )
+    path.write_text("attestations:\n  - {control: GOVERN 1.1, evidence: x, owner: y, date: someday}\n")
     with pytest.raises(ConfigError, match=r"attestations\.0\.date"):
         load_attestations(path, load_framework())

@@ -95,7 +95,14 @@ def _hostile(results: dict[str, Any], port: int) -> dict[str, Any]:
         for metric in check["metrics"]:
             if metric["labels"].get("group_by"):
                 metric["labels"]["group"] = f"{img}{css}"
-        check["artifacts"].append({"name": "evil", "path": "../../../etc/hostname", "media_type": "image/svg+xml", "description": script})
+        check["artifacts"].append(
+            {
+                "name": "evil",
+                "path": "../../../etc/hostname",
+                "media_type": "image/svg+xml",
+                "description": script,
+            }
+        )
         check["findings"].append({"kind": script, "detail": link})
     evil["data"]["quarantine"].append({"split": "eval", "row": 0, "reason": f"{script}{css}"})
     return evil
@@ -127,7 +134,9 @@ def test_hostile_strings_render_as_text_and_nothing_is_fetched(bundle: Path, tmp
 
 def test_artifacts_outside_the_bundle_are_never_embedded(bundle: Path) -> None:
     results = json.loads((bundle / "results.json").read_text())
-    results["checks"][0]["artifacts"] = [{"name": "x", "path": "../../../../etc/hostname", "media_type": "image/svg+xml"}]
+    results["checks"][0]["artifacts"] = [
+        {"name": "x", "path": "../../../../etc/hostname", "media_type": "image/svg+xml"}
+    ]
     view = build_view(results, bundle)
     assert view["checks"][0]["figures"] == []
 

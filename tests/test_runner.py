@@ -58,9 +58,7 @@ class Accuracy(Check):
         preds = ctx.predictions("eval")
         value = float((preds.predicted == preds.labels).mean()) * params.scale
         return CheckResult(
-            metrics=[
-                Metric(name="accuracy.value", value=value, direction="higher_is_better", n=preds.n)
-            ],
+            metrics=[Metric(name="accuracy.value", value=value, direction="higher_is_better", n=preds.n)],
             findings=[{"kind": "note", "rows": ctx.split("eval").rows[:3]}],
         )
 
@@ -86,9 +84,7 @@ class Dies(Check):
     def run(self, ctx: AuditContext, params: CheckParams) -> CheckResult:
         if type(self).armed:
             raise KeyboardInterrupt
-        return CheckResult(
-            metrics=[Metric(name="dies.value", value=1.0, direction="higher_is_better")]
-        )
+        return CheckResult(metrics=[Metric(name="dies.value", value=1.0, direction="higher_is_better")])
 
 
 def _strict_load(path: Path) -> dict[str, Any]:
@@ -118,9 +114,7 @@ def test_one_forward_pass_per_image_however_many_checks(tiny_study: Path) -> Non
         checks={"accuracy": Accuracy},
     )
     assert single.results["run"]["images_forwarded_per_split"] == {"eval": 16}
-    accuracy = next(c for c in outcome.results["checks"] if c["id"] == "accuracy")["metrics"][0][
-        "value"
-    ]
+    accuracy = next(c for c in outcome.results["checks"] if c["id"] == "accuracy")["metrics"][0]["value"]
     assert accuracy >= 0.8  # the tiny model learnt its task; predictions are aligned with labels
     assert all(c["status"] == "ok" for c in outcome.results["checks"])
 
@@ -178,11 +172,7 @@ def test_results_json_schema_and_strictness(tiny_study: Path) -> None:
 def test_skipped_when_no_train_split(tiny_study: Path) -> None:
     spec = load_spec(tiny_study)
     spec = spec.model_copy(
-        update={
-            "data": spec.data.model_copy(
-                update={"splits": spec.data.splits.model_copy(update={"train": None})}
-            )
-        }
+        update={"data": spec.data.model_copy(update={"splits": spec.data.splits.model_copy(update={"train": None})})}
     )
     outcome = run_audit(spec, checks={"mean_confidence": MeanConfidence, "accuracy": Accuracy})
     by_id = {c["id"]: c for c in outcome.results["checks"]}
@@ -207,9 +197,7 @@ def test_a_run_that_dies_resumes_to_the_same_results(tiny_study: Path) -> None:
     resumed = run_audit(spec, RunOptions(resume=True), checks=checks)
     assert MeanConfidence.calls == 1  # the finished check was not recomputed
     assert resumed.results["run"]["resumed_checks"] == ["mean_confidence"]
-    assert resumed.results["run"]["images_forwarded_per_split"] == {
-        "eval": 16
-    }  # no train pass needed
+    assert resumed.results["run"]["images_forwarded_per_split"] == {"eval": 16}  # no train pass needed
     fresh = run_audit(spec, RunOptions(out_dir=tiny_study.parent / "fresh"), checks=checks)
     assert MeanConfidence.calls == 2
 
@@ -237,9 +225,7 @@ def test_selection_errors_are_usage_errors(tiny_study: Path) -> None:
     ):
         run_audit(spec, RunOptions(only=["nope"]), checks={"accuracy": Accuracy})
     bad = spec.model_copy(update={"checks": {"accuracy": {"scale": "big"}}})
-    with pytest.raises(
-        ConfigError, match=r"checks.accuracy: scale: Input should be a valid number"
-    ):
+    with pytest.raises(ConfigError, match=r"checks.accuracy: scale: Input should be a valid number"):
         run_audit(bad, checks={"accuracy": Accuracy})
     with pytest.raises(ConfigError, match=r"checks.accuracy: colour: unknown key"):
         run_audit(
@@ -251,15 +237,13 @@ def test_selection_errors_are_usage_errors(tiny_study: Path) -> None:
 def test_only_and_skip(tiny_study: Path) -> None:
     spec = load_spec(tiny_study)
     checks = {"accuracy": Accuracy, "boom": Boom}
-    assert [
-        c["id"] for c in run_audit(spec, RunOptions(skip=["boom"]), checks=checks).results["checks"]
-    ] == ["accuracy"]
-    assert [
-        c["id"]
-        for c in run_audit(spec, RunOptions(only=["boom,accuracy"]), checks=checks).results[
-            "checks"
-        ]
-    ] == ["boom", "accuracy"]
+    assert [c["id"] for c in run_audit(spec, RunOptions(skip=["boom"]), checks=checks).results["checks"]] == [
+        "accuracy"
+    ]
+    assert [c["id"] for c in run_audit(spec, RunOptions(only=["boom,accuracy"]), checks=checks).results["checks"]] == [
+        "boom",
+        "accuracy",
+    ]
 
 
 def test_seeded_generators_are_stable(tiny_study: Path) -> None:

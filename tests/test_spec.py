@@ -105,9 +105,7 @@ def test_load_spec_resolves_relative_to_the_file(tmp_path: Path) -> None:
         ("seed", -1, "seed: Input should be greater than or equal to 0, got -1"),
     ],
 )
-def test_invalid_values_name_field_value_and_expectation(
-    tmp_path: Path, path: str, value: Any, expected: str
-) -> None:
+def test_invalid_values_name_field_value_and_expectation(tmp_path: Path, path: str, value: Any, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_spec(_with(path, value), base_dir=tmp_path, source="audit.yaml")
     assert expected in str(info.value)
@@ -168,9 +166,7 @@ names = st.text(alphabet=st.characters(categories=("L", "N")), min_size=1, max_s
     seed=st.integers(0, 2**32 - 1),
     window=st.one_of(
         st.sampled_from(["auto", "minmax"]),
-        st.builds(
-            lambda c, w: {"center": c, "width": w}, st.floats(-2000, 2000), st.floats(1, 4000)
-        ),
+        st.builds(lambda c, w: {"center": c, "width": w}, st.floats(-2000, 2000), st.floats(1, 4000)),
     ),
 )
 def test_spec_round_trips_through_yaml(

@@ -125,9 +125,7 @@ def test_plain_statistic_raising_counts_as_undefined() -> None:
     # Without stratification about a third of the resamples lack the single positive.
     assert bootstrap_ci(prevalence_ratio, labels, n_boot=200, rng=np.random.default_rng(0)) is None
     # Stratified by class, every resample keeps it.
-    assert bootstrap_ci(
-        prevalence_ratio, labels, n_boot=200, rng=np.random.default_rng(0), strata=labels
-    ) == (1.0, 1.0)
+    assert bootstrap_ci(prevalence_ratio, labels, n_boot=200, rng=np.random.default_rng(0), strata=labels) == (1.0, 1.0)
 
 
 def test_bootstrap_cis_share_one_draw() -> None:
@@ -171,14 +169,10 @@ def test_percentile_interval() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    values=st.lists(
-        st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=2, max_size=40
-    ),
+    values=st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=2, max_size=40),
     seed=st.integers(min_value=0, max_value=2**32 - 1),
 )
-def test_interval_of_the_mean_is_ordered_and_within_the_data(
-    values: list[float], seed: int
-) -> None:
+def test_interval_of_the_mean_is_ordered_and_within_the_data(values: list[float], seed: int) -> None:
     x = np.asarray(values)
     interval = bootstrap_ci(
         lambda idx: x[idx].mean(axis=1), x, n_boot=50, rng=np.random.default_rng(seed), batched=True

@@ -132,9 +132,7 @@ class CalibrationCheck(Check):
         finite = np.asarray(np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1))
         n_finite = int(finite.sum())
         if n_finite < len(labels):
-            result.findings.append(
-                {"kind": "non_finite_logits", "split": "eval", "count": len(labels) - n_finite}
-            )
+            result.findings.append({"kind": "non_finite_logits", "split": "eval", "count": len(labels) - n_finite})
 
         # Overall, then the eval split cut by every subgroup column.
         result.metrics += _scope_metrics(
@@ -155,8 +153,7 @@ class CalibrationCheck(Check):
             values = np.asarray(values).astype(str)
             if values.shape != labels.shape:
                 raise InputError(
-                    f"group column {column!r} has {values.shape[0]} labels "
-                    f"for {labels.shape[0]} eval images"
+                    f"group column {column!r} has {values.shape[0]} labels for {labels.shape[0]} eval images"
                 )
             for group in sorted(set(values.tolist())):
                 in_group = values == group
@@ -174,9 +171,7 @@ class CalibrationCheck(Check):
         if n_finite > 0:
             abs_path, rel_path = ctx.artifact_path("calibration", "reliability.svg")
             Path(abs_path).parent.mkdir(parents=True, exist_ok=True)
-            reliability_diagram(
-                probs[finite], labels[finite], p.bins, abs_path, probs_after=after.probs_after
-            )
+            reliability_diagram(probs[finite], labels[finite], p.bins, abs_path, probs_after=after.probs_after)
             result.artifacts.append(
                 Artifact(
                     name="reliability_diagram",
@@ -229,14 +224,11 @@ def _eval_arrays(preds: Any) -> tuple[FloatArray, FloatArray, NDArray[np.intp]]:
             f"got logits {logits.shape} and probs {probs.shape}"
         )
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise InputError(
-            f"eval labels must be {n} integer class indices, got {labels.dtype} {labels.shape}"
-        )
+        raise InputError(f"eval labels must be {n} integer class indices, got {labels.dtype} {labels.shape}")
     n_classes = probs.shape[1]
     if labels.min() < 0 or labels.max() >= n_classes:
         raise InputError(
-            f"eval labels must be class indices in [0, {n_classes}), "
-            f"got values from {labels.min()} to {labels.max()}"
+            f"eval labels must be class indices in [0, {n_classes}), got values from {labels.min()} to {labels.max()}"
         )
     return logits, probs, labels.astype(np.intp)
 
@@ -291,14 +283,9 @@ def _after_temperature(
     """Cross-fitted ECE after temperature scaling and its ``temperature_scaling`` finding."""
     n = logits.shape[0]
     if n == 0:
-        return _AfterTemperature(
-            _undefined_after("the logits of all eval images are non-finite", 0)
-        )
+        return _AfterTemperature(_undefined_after("the logits of all eval images are non-finite", 0))
     if n < p.temperature_folds:
-        reason = (
-            f"{n} images are too few for {p.temperature_folds}-fold cross-fitted "
-            "temperature scaling"
-        )
+        reason = f"{n} images are too few for {p.temperature_folds}-fold cross-fitted temperature scaling"
         return _AfterTemperature(_undefined_after(reason, n))
     probs_after, fold_temperatures = cross_fitted_temperature_probs(
         logits,

@@ -123,17 +123,13 @@ class _Statistics:
             "nll": self.nll,
         }
 
-    def _binned_gaps(
-        self, bin_ids: IndexMatrix, idx: IndexMatrix, bins: int
-    ) -> tuple[FloatArray, FloatArray]:
+    def _binned_gaps(self, bin_ids: IndexMatrix, idx: IndexMatrix, bins: int) -> tuple[FloatArray, FloatArray]:
         """Per-bin counts and |sum(correct) - sum(confidence)| of each resample, shape (B, bins)."""
         n_rep = idx.shape[0]
         flat = (bin_ids + (np.arange(n_rep, dtype=np.intp) * bins)[:, None]).ravel()
         size = n_rep * bins
         counts = np.bincount(flat, minlength=size).reshape(n_rep, bins).astype(np.float64)
-        gap = np.bincount(
-            flat, weights=(self.correct[idx] - self.confidence[idx]).ravel(), minlength=size
-        )
+        gap = np.bincount(flat, weights=(self.correct[idx] - self.confidence[idx]).ravel(), minlength=size)
         return counts, np.abs(gap.reshape(n_rep, bins))
 
     def ece(self, idx: IndexMatrix) -> FloatArray:
@@ -164,9 +160,7 @@ class _Statistics:
         block = max(1, (1 << 22) // max(1, n * (bins - 1)))
         for start in range(0, n_rep, block):
             stop = min(n_rep, start + block)
-            bin_ids[start:stop] = (
-                confidence[start:stop, :, None] >= interior[start:stop, None, :]
-            ).sum(axis=2)
+            bin_ids[start:stop] = (confidence[start:stop, :, None] >= interior[start:stop, None, :]).sum(axis=2)
         _, gaps = self._binned_gaps(bin_ids, idx, bins)
         return np.asarray(gaps.sum(axis=1) / n, dtype=np.float64)
 
@@ -181,9 +175,7 @@ class _Statistics:
         return np.asarray(self.nll_terms[idx].mean(axis=1), dtype=np.float64)
 
 
-def _scalar(
-    metric: str, probs: ArrayLike, labels: ArrayLike, bins: int = 15, adaptive_bins: int = 15
-) -> float:
+def _scalar(metric: str, probs: ArrayLike, labels: ArrayLike, bins: int = 15, adaptive_bins: int = 15) -> float:
     p, y = _check_probs_labels(probs, labels)
     if p.shape[0] == 0:
         raise ValueError(f"{metric} is undefined on an empty sample")

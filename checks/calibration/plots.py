@@ -20,9 +20,7 @@ from auditkit.checks.calibration.metrics import (
 # Reliability diagram
 
 
-def _bin_summary(
-    probs: FloatArray, labels: NDArray[np.intp], bins: int
-) -> tuple[FloatArray, FloatArray, FloatArray]:
+def _bin_summary(probs: FloatArray, labels: NDArray[np.intp], bins: int) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Per equal-width bin: sample count, mean accuracy and mean confidence (NaN when empty)."""
     confidence, correct = _top_label(probs, labels)
     ids = _equal_width_bins(confidence, bins)
@@ -149,9 +147,7 @@ def reliability_diagram(
                 linewidth=1.2,
                 label="after",
             )
-            title += (
-                f" → {expected_calibration_error(after, y, bins):.3f} after temperature scaling"
-            )
+            title += f" → {expected_calibration_error(after, y, bins):.3f} after temperature scaling"
         top.set_xlim(0.0, 1.0)
         top.set_ylim(0.0, 1.0)
         top.set_ylabel("accuracy")

@@ -26,9 +26,7 @@ def _check_logits_labels(logits: Any, labels: Any) -> tuple[FloatArray, NDArray[
     if y.shape != (z.shape[0],) or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"labels must be integer class indices of shape ({z.shape[0]},)")
     if y.min() < 0 or y.max() >= z.shape[1]:
-        raise ValueError(
-            f"labels must be class indices in [0, {z.shape[1]}), got {y.min()}..{y.max()}"
-        )
+        raise ValueError(f"labels must be class indices in [0, {z.shape[1]}), got {y.min()}..{y.max()}")
     if not np.isfinite(z).all():
         raise ValueError("logits must be finite")
     return z, y.astype(np.intp, copy=False)
@@ -69,9 +67,7 @@ def fit_temperature(logits: Any, labels: Any) -> float:
     return float(math.exp(float(result.x)))
 
 
-def _stratified_folds(
-    labels: NDArray[np.intp], folds: int, rng: np.random.Generator
-) -> NDArray[np.intp]:
+def _stratified_folds(labels: NDArray[np.intp], folds: int, rng: np.random.Generator) -> NDArray[np.intp]:
     """Fold index of each row: shuffled within class, then dealt round-robin across folds."""
     permutation = rng.permutation(labels.shape[0])
     order = permutation[np.argsort(labels[permutation], kind="stable")]

@@ -349,12 +349,8 @@ def _recommend(
     coverage = float(accepted.mean())
     labels = {"detector": detector}
     n_accepted = int(accepted.sum())
-    result.metrics.append(
-        Metric("ood.selective_accuracy", accuracy, "higher_is_better", labels, ci=ci, n=n_accepted)
-    )
-    result.metrics.append(
-        Metric("ood.coverage", coverage, "higher_is_better", labels, n=int(scores.size))
-    )
+    result.metrics.append(Metric("ood.selective_accuracy", accuracy, "higher_is_better", labels, ci=ci, n=n_accepted))
+    result.metrics.append(Metric("ood.coverage", coverage, "higher_is_better", labels, n=int(scores.size)))
     worst = min(sets, key=lambda s: measured[detector, s.name]["auroc"][0])
     result.findings.append(
         {

@@ -188,9 +188,7 @@ def mahalanobis_score(features: ArrayLike | torch.Tensor, fit: ClassGaussians) -
     """
     x = _matrix(features, "features")
     if x.shape[1] != fit.means.shape[1]:
-        raise ValueError(
-            f"features have {x.shape[1]} columns, the fit expects {fit.means.shape[1]}"
-        )
+        raise ValueError(f"features have {x.shape[1]} columns, the fit expects {fit.means.shape[1]}")
     finite = _finite_rows(x)
     safe = np.where(finite[:, None], x, 0.0)
     distances = np.empty((x.shape[0], fit.means.shape[0]))
@@ -206,9 +204,7 @@ def _normalise(x: FloatArray) -> FloatArray:
     return np.asarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float64)
 
 
-def knn_score(
-    reference: ArrayLike | torch.Tensor, features: ArrayLike | torch.Tensor, k: int
-) -> FloatArray:
+def knn_score(reference: ArrayLike | torch.Tensor, features: ArrayLike | torch.Tensor, k: int) -> FloatArray:
     """Negative Euclidean distance to the k-th nearest reference embedding, both L2-normalised.
 
     Sun et al. (2022): no class labels and no distributional assumption; normalisation makes the

@@ -101,9 +101,7 @@ def threshold_rows(in_scores: FloatArray, tpr: float = TARGET_TPR) -> FloatArray
     return np.asarray(-np.partition(-in_scores, k - 1, axis=1)[:, k - 1], dtype=np.float64)
 
 
-def fpr_at_tpr_rows(
-    in_scores: FloatArray, out_scores: FloatArray, tpr: float = TARGET_TPR
-) -> FloatArray:
+def fpr_at_tpr_rows(in_scores: FloatArray, out_scores: FloatArray, tpr: float = TARGET_TPR) -> FloatArray:
     """FPR at ``tpr`` per row of ``in_scores`` ``(B, n_in)`` and ``out_scores`` ``(B, n_out)``."""
     thresholds = threshold_rows(in_scores, tpr)
     return np.asarray((out_scores >= thresholds[:, None]).mean(axis=1), dtype=np.float64)
@@ -156,9 +154,7 @@ def auroc(in_scores: ArrayLike, out_scores: ArrayLike) -> float:
     return float(auroc_rows(np.r_[s_in, s_out][None, :], s_in.size)[0])
 
 
-def aupr(
-    in_scores: ArrayLike, out_scores: ArrayLike, *, positive: Literal["in", "out"] = "out"
-) -> float:
+def aupr(in_scores: ArrayLike, out_scores: ArrayLike, *, positive: Literal["in", "out"] = "out") -> float:
     """Area under the precision-recall curve (average precision, no interpolation).
 
     ``positive="out"`` (AUPR-Out) treats out-of-distribution images as the positives to find,
@@ -262,12 +258,8 @@ def separation_metrics(
 
     statistics: dict[str, Callable[[NDArray[np.intp]], FloatArray]] = {
         "auroc": lambda idx: _blocked(lambda rows: auroc_rows(combined[rows], n_in), idx),
-        "aupr_out": lambda idx: _blocked(
-            lambda rows: average_precision_rows(-combined[rows], ~is_in), idx
-        ),
-        "aupr_in": lambda idx: _blocked(
-            lambda rows: average_precision_rows(combined[rows], is_in), idx
-        ),
+        "aupr_out": lambda idx: _blocked(lambda rows: average_precision_rows(-combined[rows], ~is_in), idx),
+        "aupr_in": lambda idx: _blocked(lambda rows: average_precision_rows(combined[rows], is_in), idx),
         "fpr_at_tpr": lambda idx: _blocked(
             lambda rows: fpr_at_tpr_rows(combined[rows[:, :n_in]], combined[rows[:, n_in:]], tpr),
             idx,
@@ -277,19 +269,13 @@ def separation_metrics(
     values = {name: float(statistic(identity)[0]) for name, statistic in statistics.items()}
     # Stratum codes: 0 for in-distribution rows, 1 for out-of-distribution rows, so column j of
     # every resample holds a row of the same set as row j (the first n_in columns stay "in").
-    cis = bootstrap_cis(
-        statistics, combined.size, n_boot=n_boot, rng=rng, strata=(~is_in).astype(np.int8)
-    )
+    cis = bootstrap_cis(statistics, combined.size, n_boot=n_boot, rng=rng, strata=(~is_in).astype(np.int8))
     return {name: (values[name], cis[name]) for name in statistics}
 
 
-def _blocked(
-    statistic: Callable[[NDArray[np.intp]], FloatArray], idx: NDArray[np.intp]
-) -> FloatArray:
+def _blocked(statistic: Callable[[NDArray[np.intp]], FloatArray], idx: NDArray[np.intp]) -> FloatArray:
     """Evaluate a row statistic on blocks of resamples, so memory stays bounded."""
     rows_per_block = max(1, _MAX_BLOCK_ELEMENTS // max(1, idx.shape[1]))
     if idx.shape[0] <= rows_per_block:
         return statistic(idx)
-    return np.concatenate(
-        [statistic(idx[i : i + rows_per_block]) for i in range(0, idx.shape[0], rows_per_block)]
-    )
+    return np.concatenate([statistic(idx[i : i + rows_per_block]) for i in range(0, idx.shape[0], rows_per_block)])

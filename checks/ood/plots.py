@@ -59,9 +59,7 @@ def _shared_legend(fig: Figure, axes: list[Axes]) -> None:
     """One legend below the panels (every panel shows the same sets in the same colours)."""
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(
-            handles, labels, loc="outside lower center", ncols=min(4, len(handles)), frameon=False
-        )
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(handles)), frameon=False)
 
 
 def score_histograms(

@@ -118,9 +118,7 @@ class Scorer:
     def available(self) -> list[str]:
         return [d for d in self.detectors if d not in self.unavailable]
 
-    def _fit_embeddings(
-        self, wanted: list[str], knn_k: int, fit_fraction: float, rng: np.random.Generator
-    ) -> None:
+    def _fit_embeddings(self, wanted: list[str], knn_k: int, fit_fraction: float, rng: np.random.Generator) -> None:
         ctx = self.ctx
         try:
             eval_features = ctx.features("eval")
@@ -244,11 +242,7 @@ def score_spec_sets(ctx: AuditContext, scorer: Scorer) -> list[ScoredSet]:
             out.append(ScoredSet(name, 0, {}, finding, reason))
             continue
         features = ctx.features(split) if scorer.has_features else None
-        out.append(
-            ScoredSet(
-                name, preds.n, scorer.score(split, preds.logits, features, ctx.images), finding
-            )
-        )
+        out.append(ScoredSet(name, preds.n, scorer.score(split, preds.logits, features, ctx.images), finding))
     return out
 
 

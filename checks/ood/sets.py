@@ -193,9 +193,7 @@ def load_other_modality(
     for path, modality in find_other_modality_files(root):
         name = path.relative_to(root).as_posix()
         try:
-            decoded = decode_image(
-                path, channels=channels, height=height, width=width, window=window, budget=budget
-            )
+            decoded = decode_image(path, channels=channels, height=height, width=width, window=window, budget=budget)
         except UnreadableImage as error:
             skipped.append({"file": name, "reason": str(error) or type(error).__name__})
             continue

@@ -45,9 +45,7 @@ METRICS = ("ece", "mce", "ace", "brier", "nll")
 # Reference implementations and data
 
 
-def loop_calibration_error(
-    probs: np.ndarray, labels: np.ndarray, edges: np.ndarray
-) -> tuple[float, float]:
+def loop_calibration_error(probs: np.ndarray, labels: np.ndarray, edges: np.ndarray) -> tuple[float, float]:
     """Straightforward top-label ECE and MCE: bins [lo, hi), the last one closed at 1."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
@@ -89,9 +87,7 @@ def with_edge_rows(probs: np.ndarray, bins: int) -> np.ndarray:
     return np.vstack([probs, np.asarray(rows)])
 
 
-def netcal_top_label(
-    metric: type, bins: int, probs: np.ndarray, labels: np.ndarray, **kw: Any
-) -> float:
+def netcal_top_label(metric: type, bins: int, probs: np.ndarray, labels: np.ndarray, **kw: Any) -> float:
     """netcal's value of the top-label metric.
 
     Multi-class: the (N, K) matrix is passed as is. Binary: netcal would measure the
@@ -164,12 +160,8 @@ def test_brier_and_nll_equal_sklearn_multiclass() -> None:
     classes = [0, 1, 2, 3]
     expected_brier = np.mean(np.sum((probs - np.eye(4)[labels]) ** 2, axis=1))
     assert brier_score(probs, labels) == pytest.approx(expected_brier)
-    assert brier_score(probs, labels) == pytest.approx(
-        brier_score_loss(labels, probs, labels=classes)
-    )
-    assert negative_log_likelihood(probs, labels) == pytest.approx(
-        log_loss(labels, probs, labels=classes)
-    )
+    assert brier_score(probs, labels) == pytest.approx(brier_score_loss(labels, probs, labels=classes))
+    assert negative_log_likelihood(probs, labels) == pytest.approx(log_loss(labels, probs, labels=classes))
 
 
 def test_nll_clips_a_zero_probability() -> None:
@@ -255,9 +247,7 @@ probability_rows = st.integers(min_value=2, max_value=4).flatmap(
 
 @settings(max_examples=60, deadline=None)
 @given(data=probability_rows, bins=st.integers(min_value=1, max_value=25))
-def test_bounds_ordering_and_permutation_invariance(
-    data: tuple[np.ndarray, int], bins: int
-) -> None:
+def test_bounds_ordering_and_permutation_invariance(data: tuple[np.ndarray, int], bins: int) -> None:
     logits, seed = data
     rng = np.random.default_rng(seed)
     probs = softmax(logits, axis=1)
@@ -325,18 +315,14 @@ def test_temperature_matches_netcal_temperature_scaling() -> None:
 def test_cross_fitted_temperature() -> None:
     logits, labels = calibrated_logits(np.random.default_rng(2), 1000, 2)
     overconfident = 3.0 * logits
-    probs_after, temperatures = cross_fitted_temperature_probs(
-        overconfident, labels, 5, rng=np.random.default_rng(0)
-    )
+    probs_after, temperatures = cross_fitted_temperature_probs(overconfident, labels, 5, rng=np.random.default_rng(0))
     assert probs_after.shape == logits.shape
     np.testing.assert_allclose(probs_after.sum(axis=1), 1.0)
     assert len(temperatures) == 5
     assert all(2.4 < t < 3.6 for t in temperatures)
     before = expected_calibration_error(softmax(overconfident, axis=1), labels)
     assert expected_calibration_error(probs_after, labels) < before / 2
-    again, temperatures_again = cross_fitted_temperature_probs(
-        overconfident, labels, 5, rng=np.random.default_rng(0)
-    )
+    again, temperatures_again = cross_fitted_temperature_probs(overconfident, labels, 5, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(again, probs_after)
     assert temperatures_again == temperatures
     with pytest.raises(ValueError, match="folds"):
@@ -400,15 +386,11 @@ class FakeContext:
         return path, rel
 
 
-def make_context(
-    tmp_path: Path, logits: np.ndarray, labels: np.ndarray, groups: dict[str, np.ndarray]
-) -> FakeContext:
+def make_context(tmp_path: Path, logits: np.ndarray, labels: np.ndarray, groups: dict[str, np.ndarray]) -> FakeContext:
     tensor = torch.from_numpy(logits.astype(np.float32))
     probs = torch.softmax(tensor.double(), dim=1).numpy()
     classes = [f"class{i}" for i in range(logits.shape[1])]
-    return FakeContext(
-        FakePredictions(tensor, probs, labels.astype(np.int64)), groups, tmp_path, classes
-    )
+    return FakeContext(FakePredictions(tensor, probs, labels.astype(np.int64)), groups, tmp_path, classes)
 
 
 def study(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:

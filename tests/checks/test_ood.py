@@ -159,9 +159,7 @@ small_scores = st.lists(st.integers(-3, 3).map(float), min_size=1, max_size=25)
 
 @settings(max_examples=150, deadline=None)
 @given(small_scores, small_scores, st.sampled_from([0.5, 0.8, 0.95, 1.0]))
-def test_metrics_property_equal_sklearn_with_ties(
-    in_list: list[float], out_list: list[float], tpr: float
-) -> None:
+def test_metrics_property_equal_sklearn_with_ties(in_list: list[float], out_list: list[float], tpr: float) -> None:
     in_scores, out_scores = np.array(in_list), np.array(out_list)
     expected = sklearn_metrics(in_scores, out_scores)
     value = auroc(in_scores, out_scores)
@@ -198,9 +196,7 @@ def test_logit_detectors_hand_computed() -> None:
     np.testing.assert_allclose(msp_score(logits)[:2], [0.75, 0.5])
     np.testing.assert_allclose(max_logit_score(logits)[:2], [np.log(3.0), 2.0])
     np.testing.assert_allclose(energy_score(logits)[:2], [np.log(4.0), 2.0 + np.log(2.0)])
-    np.testing.assert_allclose(
-        energy_score(logits, temperature=2.0)[:1], [2.0 * np.log(1.0 + np.sqrt(3.0))]
-    )
+    np.testing.assert_allclose(energy_score(logits, temperature=2.0)[:1], [2.0 * np.log(1.0 + np.sqrt(3.0))])
     for score in (msp_score, max_logit_score, energy_score):
         assert np.isnan(score(logits)[2])  # non-finite logits: undefined score
     huge = torch.tensor([[1000.0, 0.0]])  # no overflow
@@ -409,15 +405,11 @@ def run_check(ctx: AuditContext, **params: Any) -> CheckResult:
 
 
 def by_key(result: CheckResult, name: str) -> dict[tuple[str, str], Any]:
-    return {
-        (m.labels["detector"], m.labels["ood_set"]): m for m in result.metrics if m.name == name
-    }
+    return {(m.labels["detector"], m.labels["ood_set"]): m for m in result.metrics if m.name == name}
 
 
 def finding(result: CheckResult, kind: str, **match: Any) -> dict[str, Any]:
-    (found,) = [
-        f for f in result.findings if f["kind"] == kind and all(f[k] == v for k, v in match.items())
-    ]
+    (found,) = [f for f in result.findings if f["kind"] == kind and all(f[k] == v for k, v in match.items())]
     return found
 
 
@@ -427,9 +419,7 @@ def demo_results(demo_spec: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     calibration check, which shares the eval pass."""
     from auditkit.checks.calibration import CalibrationCheck
 
-    spec = load_spec(demo_spec).model_copy(
-        update={"checks": {"ood": FAST, "calibration": {"n_boot": 20}}}
-    )
+    spec = load_spec(demo_spec).model_copy(update={"checks": {"ood": FAST, "calibration": {"n_boot": 20}}})
     out = tmp_path_factory.mktemp("ood-audit")
     outcome = run_audit(
         spec,
@@ -674,9 +664,7 @@ def write_ood_study(demo_spec: Path, root: Path) -> tuple[Path, list[str]]:
 
 
 @pytest.mark.usefixtures("no_plots")
-def test_user_ood_manifest_with_broken_rows(
-    demo_spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_user_ood_manifest_with_broken_rows(demo_spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import auditkit.checks.ood.sets as sets_module
     import auditkit.data as data_module
 

@@ -43,19 +43,13 @@ class PredictionEntropyCheck(Check):
         rng = ctx.rng(self.id)
         scopes = [({}, np.ones(preds.n, dtype=bool))]
         for column, values in ctx.group_labels("eval").items():
-            scopes += [
-                ({"group_by": column, "group": str(g)}, values == g) for g in sorted(set(values))
-            ]
+            scopes += [({"group_by": column, "group": str(g)}, values == g) for g in sorted(set(values))]
         metrics = []
         for labels, mask in scopes:
             probs = preds.probs[mask]
             if len(probs) == 0:
                 continue
-            ci = (
-                bootstrap_ci(mean_entropy, probs, n_boot=params.n_boot, rng=rng)
-                if params.n_boot
-                else None
-            )
+            ci = bootstrap_ci(mean_entropy, probs, n_boot=params.n_boot, rng=rng) if params.n_boot else None
             metrics.append(
                 Metric(
                     name="prediction_entropy.mean",
