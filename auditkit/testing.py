@@ -169,3 +169,14 @@ def check_check(cls: type[Check], *, workdir: Path | None = None, n_patients: in
     if report.problems:
         raise CheckConformanceError(f"{report.check}: " + "; ".join(report.problems))
     return report
+
+
+def rules_for(check_id: str, policy: str = "medical-imaging-default") -> Any:
+    """The packaged policy cut down to the rules that judge one check's metrics.
+
+    Lets a check's tests assert how the shipped policy judges planted faults and clean twins.
+    """
+    from auditkit.policy import load_policy
+
+    loaded, _ = load_policy(policy)
+    return loaded.model_copy(update={"rules": [r for r in loaded.rules if r.metric.startswith(f"{check_id}.")]})

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 from fairlearn.metrics import (
     MetricFrame,
     count,
@@ -49,67 +48,13 @@ from auditkit.checks.bias import (
 )
 from auditkit.checks.bias.plots import _plain
 from auditkit.checks.calibration import expected_calibration_error
-from auditkit.policy import evaluate, parse_policy
+from auditkit.policy import evaluate
 from auditkit.stats import stable_seed
-
-# The rules proposed for medical-imaging-default (the strict policy sets use: ci_high on each).
-PROPOSED_RULES = """
-name: bias-proposal
-version: 1
-framework: nist-ai-rmf-1.0
-rules:
-  - id: BIAS-SENS-GAP
-    metric: bias.max_gap
-    labels: {metric: sensitivity, group_by: "*"}
-    max: 0.10
-    use: ci_low
-    severity: fail
-    controls: [MEASURE 2.11]
-    rationale: >-
-      When even the low end of the 95% interval puts a sensitivity gap above ten points, one
-      patient group demonstrably has more of its disease missed than another.
-  - id: BIAS-SPEC-GAP
-    metric: bias.max_gap
-    labels: {metric: specificity, group_by: "*"}
-    max: 0.10
-    use: ci_low
-    severity: fail
-    controls: [MEASURE 2.11]
-    rationale: >-
-      When even the low end of the 95% interval puts a specificity gap above ten points, one
-      patient group demonstrably bears more false alarms, recalls and biopsies than another.
-  - id: BIAS-SENS-GAP-POINT
-    metric: bias.max_gap
-    labels: {metric: sensitivity, group_by: "*"}
-    max: 0.10
-    severity: warn
-    controls: [MEASURE 2.11]
-    rationale: >-
-      A sensitivity gap above ten points that the data cannot yet confirm asks a reviewer to
-      look at that grouping and to collect more cases before release.
-  - id: BIAS-SPEC-GAP-POINT
-    metric: bias.max_gap
-    labels: {metric: specificity, group_by: "*"}
-    max: 0.10
-    severity: warn
-    controls: [MEASURE 2.11]
-    rationale: >-
-      A specificity gap above ten points that the data cannot yet confirm asks a reviewer to
-      look at that grouping and to collect more cases before release.
-  - id: BIAS-MIN-GROUP
-    metric: bias.min_group_size
-    labels: {group_by: "*"}
-    min: 30
-    severity: warn
-    controls: [MEASURE 2.2, MEASURE 2.11]
-    rationale: >-
-      A subgroup with fewer than 30 evaluation images cannot be assessed for bias, so the
-      evaluation is not yet representative of that part of the population.
-"""
+from auditkit.testing import rules_for
 
 
 def proposed_policy() -> Any:
-    return parse_policy(yaml.safe_load(PROPOSED_RULES), "proposed bias rules")
+    return rules_for("bias")
 
 
 # --------------------------------------------------------------------------------------------

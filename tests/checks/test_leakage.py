@@ -614,67 +614,11 @@ def test_a_complementary_hash_is_256_bits_away_not_zero() -> None:
     assert hamming_pairs_within(both, 255)[0].size == 0
 
 
-PROPOSED_RULES = """
-name: leakage-rules-proposed-for-medical-imaging-default
-version: 1
-framework: nist-ai-rmf-1.0
-rules:
-  - id: LEAK-PATIENT
-    metric: leakage.patient_overlap
-    labels: {}
-    max: 0
-    severity: fail
-    controls: [MAP 2.3, MEASURE 2.1]
-    rationale: A patient with images in both train and eval turns the eval score into a memory test.
-  - id: LEAK-STUDY
-    metric: leakage.study_overlap
-    labels: {}
-    max: 0
-    severity: fail
-    controls: [MAP 2.3, MEASURE 2.1]
-    rationale: A study split across train and eval leaks one acquisition into the test.
-  - id: LEAK-EXACT
-    metric: leakage.exact_duplicates
-    labels: {}
-    max: 0
-    severity: fail
-    controls: [MAP 2.3, MEASURE 2.1]
-    rationale: An eval image identical to a training image is scored on what the model was fitted to.
-  - id: LEAK-NEAR
-    metric: leakage.near_duplicates
-    labels: {}
-    max: 0
-    severity: fail
-    controls: [MAP 2.3, MEASURE 2.1]
-    rationale: A re-windowed, re-noised or re-cropped copy of a training image is not new data.
-  - id: LEAK-DUPLICATES-WITHIN
-    metric: leakage.exact_duplicates
-    labels: {scope: within_split, split: "*"}
-    max: 0
-    severity: warn
-    controls: [MEASURE 2.1]
-    rationale: Duplicates inside a split double-weight some images in every metric.
-  - id: LEAK-NEAR-WITHIN
-    metric: leakage.near_duplicates
-    labels: {scope: within_split, split: "*"}
-    max: 0
-    severity: warn
-    controls: [MEASURE 2.1]
-    rationale: Near duplicates inside a split double-weight some images in every metric.
-  - id: LEAK-SHORTCUT
-    metric: leakage.metadata_auc
-    labels: {column: "*"}
-    max: 0.75
-    severity: warn
-    controls: [MAP 2.3, MEASURE 2.1]
-    rationale: A column that alone predicts the label lets a model read the site instead of the anatomy.
-"""
-
-
 def test_proposed_policy_rules_fail_the_leaky_study_and_pass_the_clean_twin(leaky: Audited, clean: Audited) -> None:
-    from auditkit.policy import evaluate, parse_policy
+    from auditkit.policy import evaluate
+    from auditkit.testing import rules_for
 
-    policy = parse_policy(yaml.safe_load(PROPOSED_RULES), "proposed leakage rules")
+    policy = rules_for("leakage")
     judged = evaluate(policy, [{"id": "leakage", "status": "ok", **leaky.record}])
     status = {r["id"]: r["status"] for r in judged["rules"]}
     assert status == {

@@ -353,41 +353,13 @@ def test_check_contract() -> None:
     assert PHICheck.Params().include_quarantined is True
 
 
-PROPOSED_RULES = """
-name: phi-rules-proposed-for-medical-imaging-default
-version: 1
-framework: nist-ai-rmf-1.0
-rules:
-  - id: PHI-IDENTIFIERS
-    metric: phi.files_with_identifiers
-    labels: {}
-    max: 0
-    severity: fail
-    controls: [MEASURE 2.10]
-    rationale: A DICOM header that still names, dates or locates a patient makes the pack a privacy breach.
-  - id: PHI-BURNED-IN
-    metric: phi.burned_in_annotation_files
-    labels: {}
-    max: 0
-    severity: fail
-    controls: [MEASURE 2.10]
-    rationale: Text burned into the pixels survives every header de-identification.
-  - id: PHI-NOT-DECLARED
-    metric: phi.identity_not_removed_files
-    labels: {}
-    max: 0
-    severity: warn
-    controls: [MEASURE 2.10]
-    rationale: A file that does not declare its de-identification cannot show which profile it meets.
-"""
-
-
 def test_proposed_policy_rules_judge_both_twins(
     phi_record: dict[str, Any], clean_study: PhiStudy, tmp_path: Path
 ) -> None:
-    from auditkit.policy import evaluate, parse_policy
+    from auditkit.policy import evaluate
+    from auditkit.testing import rules_for
 
-    policy = parse_policy(yaml.safe_load(PROPOSED_RULES), "proposed phi rules")
+    policy = rules_for("phi")
     judged = evaluate(policy, [phi_record])
     assert {r["id"]: r["status"] for r in judged["rules"]} == {
         "PHI-IDENTIFIERS": "fail",
