@@ -247,3 +247,33 @@ def _call_plain(statistic: Callable[..., Any], arrays: list[NDArray[Any]]) -> fl
     except (ZeroDivisionError, FloatingPointError, ValueError):
         return math.nan
     return value
+
+
+def as_numpy(values: Any) -> NDArray[Any]:
+    """A NumPy array of an array or a (CPU or GPU) torch tensor, without importing torch."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def check_probs_labels(probs: ArrayLike, labels: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.intp]]:
+    """Validate finite ``(N, K)`` class probabilities and ``(N,)`` class indices.
+
+    Returns float64 probabilities and intp labels. Raises ValueError naming the offending shape,
+    dtype or value.
+    """
+    p = np.asarray(as_numpy(probs), dtype=np.float64)
+    y = as_numpy(labels)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"probs must have shape (N, K) with K >= 2, got {p.shape}")
+    if y.shape != (p.shape[0],):
+        raise ValueError(f"labels must have shape ({p.shape[0]},), got {y.shape}")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
+    y = y.astype(np.intp, copy=False)
+    if y.size and (y.min() < 0 or y.max() >= p.shape[1]):
+        bad = y[(y < 0) | (y >= p.shape[1])][0]
+        raise ValueError(f"labels must be class indices in [0, {p.shape[1]}), got {bad}")
+    if not np.isfinite(p).all():
+        raise ValueError("probs must be finite; drop rows with non-finite logits first")
+    return p, y

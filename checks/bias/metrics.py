@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from auditkit.stats import check_probs_labels
+
 if TYPE_CHECKING:
     from fairlearn.metrics import MetricFrame
 
@@ -144,22 +146,11 @@ class Outcomes:
         Raises:
             ValueError: a shape, label, probability, class index or bin count is invalid.
         """
-        p = np.asarray(probs, dtype=np.float64)
-        y = np.asarray(labels)
-        if p.ndim != 2 or p.shape[1] < 2:
-            raise ValueError(f"probs must have shape (N, K) with K >= 2, got {p.shape}")
-        if y.shape != (p.shape[0],):
-            raise ValueError(f"labels must have shape ({p.shape[0]},), got {y.shape}")
-        if y.size and not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
-        y = y.astype(np.int64)
+        p, checked = check_probs_labels(probs, labels)
+        y = checked.astype(np.int64)
         k = p.shape[1]
-        if y.size and (y.min() < 0 or y.max() >= k):
-            raise ValueError(f"labels must be class indices in [0, {k}), got {y.min()}..{y.max()}")
         if not 0 <= positive_index < k:
             raise ValueError(f"positive_index must be in [0, {k}), got {positive_index}")
-        if not np.isfinite(p).all():
-            raise ValueError("probs must be finite; drop rows with non-finite logits first")
         if isinstance(bins, bool) or bins < 1:
             raise ValueError(f"bins must be a positive integer, got {bins!r}")
         predicted = p.argmax(axis=1)

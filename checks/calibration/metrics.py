@@ -24,10 +24,11 @@ agree only after passing netcal the top-label confidences and the 0/1 correctnes
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from auditkit.stats import as_numpy, check_probs_labels
 
 FloatArray = NDArray[np.float64]
 IndexMatrix = NDArray[np.intp]
@@ -42,30 +43,9 @@ METRIC_NAMES: tuple[str, ...] = ("ece", "mce", "ace", "brier", "nll")
 # Input handling
 
 
-def _to_numpy(values: Any) -> NDArray[Any]:
-    """A NumPy view of an array or a (CPU or GPU) torch tensor, without importing torch."""
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values)
-
-
-def _check_probs_labels(probs: ArrayLike, labels: ArrayLike) -> tuple[FloatArray, NDArray[np.intp]]:
-    """Validate ``(N, K)`` probabilities and ``(N,)`` class indices; return float64/intp arrays."""
-    p = np.asarray(_to_numpy(probs), dtype=np.float64)
-    y = _to_numpy(labels)
-    if p.ndim != 2 or p.shape[1] < 2:
-        raise ValueError(f"probs must have shape (N, K) with K >= 2, got {p.shape}")
-    if y.shape != (p.shape[0],):
-        raise ValueError(f"labels must have shape ({p.shape[0]},), got {y.shape}")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
-    y = y.astype(np.intp, copy=False)
-    if y.size and (y.min() < 0 or y.max() >= p.shape[1]):
-        bad = y[(y < 0) | (y >= p.shape[1])][0]
-        raise ValueError(f"labels must be class indices in [0, {p.shape[1]}), got {bad}")
-    if not np.isfinite(p).all():
-        raise ValueError("probs must be finite; drop rows with non-finite logits first")
-    return p, y
+# Shared with the other checks; the private names stay for the calibration modules that use them.
+_to_numpy = as_numpy
+_check_probs_labels = check_probs_labels
 
 
 def _top_label(probs: FloatArray, labels: NDArray[np.intp]) -> tuple[FloatArray, FloatArray]:

@@ -35,14 +35,7 @@ from auditkit.checks.adversarial import (
 )
 from auditkit.checks.adversarial.sanity import masking_suspected, slack
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Any:
-    """These tensors are tiny: on a busy 2-core machine, thread hand-offs cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # Small, fast settings for the demo study (32 eval images, 64x64, the packaged tiny CNN).

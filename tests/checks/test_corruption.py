@@ -38,13 +38,7 @@ from auditkit.checks.corruption.transforms import CorruptionName
 NOISE = ("gaussian_noise", "poisson_noise", "rician_noise")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Any:
-    """These tensors are tiny: on a busy 2-core machine, thread hand-offs cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def rms_change(a: torch.Tensor, b: torch.Tensor) -> float:
