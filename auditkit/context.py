@@ -10,7 +10,6 @@ first check, so no check triggers a second pass.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +81,7 @@ class AuditContext:
         self.out_dir = out_dir
         self._progress = progress
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._with_features: dict[str, bool] = {}
         self._predictions: dict[str, Predictions] = {}
         self._headers: dict[str, list[pydicom.Dataset | None]] = {}
 
@@ -136,25 +136,34 @@ class AuditContext:
         return stored.float()
 
     # ----------------------------------------------------------------- the shared pass
-    def prepare(self, splits: Iterable[str]) -> None:
-        """Run the shared forward pass for every listed split not yet cached."""
+    def prepare(self, splits: Iterable[str], *, features: bool = True) -> None:
+        """Run the shared forward pass for every listed split not yet cached.
+
+        Args:
+            splits: the splits the selected checks read.
+            features: also capture embeddings (skip the hook when no selected check reads them).
+        """
         for name in splits:
             if name in self.dataset.splits and name not in self._outputs:
-                self._forward(name)
+                self._forward(name, features=features)
 
-    def _forward(self, name: str) -> None:
+    def _forward(self, name: str, *, features: bool = True) -> None:
         split = self.dataset.splits[name]
         callback = self._progress(f"inference {name}", split.n) if self._progress else None
-        started = time.perf_counter()
-        logits, features = self.model.forward_pass(split.images, split=name, progress=callback)
-        self.model.stats.seconds += time.perf_counter() - started
-        self._outputs[name] = (logits, features)
+        features = features and self.model.has_features
+        logits, embeddings = self.model.forward_pass(split.images, split=name, progress=callback, features=features)
+        self._outputs[name] = (logits, embeddings)
+        self._with_features[name] = features
 
-    def _cached(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached(self, name: str, *, features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         self.split(name)
         if name not in self._outputs:
             log.debug("split %s was not planned; running its pass now", name)
-            self._forward(name)
+            self._forward(name, features=True)
+        elif features and not self._with_features[name]:
+            # A check read embeddings without declaring Needs(features=True): a second pass.
+            log.warning("split %s: embeddings were not planned (a check does not declare them); second pass", name)
+            self._forward(name, features=True)
         return self._outputs[name]
 
     def predictions(self, split: str = "eval") -> Predictions:
@@ -174,7 +183,7 @@ class AuditContext:
         """
         if not self.model.has_features:
             raise Skip(f"embeddings unavailable ({self.model.feature_layer})")
-        return self._cached(split)[1]
+        return self._cached(split, features=True)[1]
 
     def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]:
         """Header-only DICOM reads (no pixels), ``None`` for non-DICOM or unreadable files.

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import sys
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -196,6 +198,60 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+PARITY_IMAGES = 64
+"""Images of the first split run in both fp32 and bf16 before a bf16 pass (the parity record)."""
+PARITY_MIN_AGREEMENT = 0.99
+PARITY_MAX_PROB_DIFF = 0.05
+
+
+def precision_parity(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> dict[str, float | int]:
+    """How far reduced-precision logits stray from fp32 ones on the same images.
+
+    Returns ``{"images", "top1_agreement", "max_prob_diff"}``: the share of images whose arg-max
+    class is the same, and the largest absolute difference of any softmax probability.
+    """
+    if reference_logits.shape != test_logits.shape:
+        raise ValueError(f"parity needs logits of one shape, got {reference_logits.shape} and {test_logits.shape}")
+    n = int(reference_logits.shape[0])
+    if n == 0:
+        return {"images": 0, "top1_agreement": 1.0, "max_prob_diff": 0.0}
+    reference, test = reference_logits.double(), test_logits.double()
+    agreement = (reference.argmax(dim=1) == test.argmax(dim=1)).double().mean().item()
+    difference = (torch.softmax(reference, dim=1) - torch.softmax(test, dim=1)).abs().max().item()
+    return {"images": n, "top1_agreement": float(agreement), "max_prob_diff": float(difference)}
+
+
+def parity_acceptable(parity: dict[str, float | int]) -> bool:
+    """bf16 is kept when top-1 agreement is at least 0.99 and no probability moves by over 0.05."""
+    return float(parity["top1_agreement"]) >= PARITY_MIN_AGREEMENT and (
+        float(parity["max_prob_diff"]) <= PARITY_MAX_PROB_DIFF
+    )
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How the shared pass runs; ``auto`` picks per device (CPU: fp32, plain tensors, in-process).
+
+    Attributes:
+        precision: ``auto`` (bf16 autocast on CUDA when the GPU supports it, else fp32), ``fp32``
+            or ``bf16`` (also allowed on the CPU, where autocast supports it, for testing).
+        channels_last: ``None`` (auto: on CUDA for models with 2-D convolutions) or a choice.
+        workers: batch-loader worker processes (``None``: auto, up to 4 on CUDA, 0 on the CPU).
+        pin_memory: page-locked host batches for asynchronous copies (``None``: on CUDA).
+    """
+
+    precision: Precision = "auto"
+    channels_last: bool | None = None
+    workers: int | None = None
+    pin_memory: bool | None = None
+
+
+def _has_conv2d(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
 @dataclass
 class PassStats:
     """What the shared pass did; written into results.json (it depends on the machine)."""
@@ -206,6 +262,28 @@ class PassStats:
     batch_halvings: int = 0
     seconds: float = 0.0
     per_split: dict[str, int] = field(default_factory=dict)
+    seconds_per_split: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"
+    channels_last: bool = False
+    workers: int = 0
+    pin_memory: bool = False
+    parity: dict[str, float | int] | None = None
+    precision_fallback: str | None = None
+
+
+class _Batches(torch.utils.data.Dataset[torch.Tensor]):
+    """Contiguous batches of a stored (N, C, H, W) tensor, for a DataLoader's worker processes."""
+
+    def __init__(self, images: torch.Tensor, start: int, batch_size: int) -> None:
+        self.images, self.start, self.batch_size = images, start, batch_size
+
+    def __len__(self) -> int:
+        remaining = self.images.shape[0] - self.start
+        return max(0, -(-remaining // self.batch_size))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        first = self.start + index * self.batch_size
+        return self.images[first : first + self.batch_size].float()
 
 
 class ModelAdapter:
@@ -214,9 +292,19 @@ class ModelAdapter:
     Args:
         spec: the validated audit spec.
         batch_size: images per forward call; halved on out-of-memory.
+        device: overrides ``spec.device``.
+        options: precision, memory format and batch loading of the shared pass
+            (:class:`InferenceOptions`; default: chosen per device).
     """
 
-    def __init__(self, spec: AuditSpec, *, batch_size: int = 64, device: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: AuditSpec,
+        *,
+        batch_size: int = 64,
+        device: str | None = None,
+        options: InferenceOptions | None = None,
+    ) -> None:
         self.spec = spec.model
         self.device = resolve_device(device or spec.device)
         user_module = build_module(spec.model, spec.base_dir, spec.weights_path)
@@ -229,6 +317,27 @@ class ModelAdapter:
         self.stats = PassStats(batch_size=batch_size)
         self._feature_module, self._feature_source = self._find_feature_module(user_module)
         self.num_parameters = sum(p.numel() for p in user_module.parameters())
+        self._configure(options or InferenceOptions(), user_module)
+
+    def _configure(self, options: InferenceOptions, user_module: nn.Module) -> None:
+        cuda = self.device.type == "cuda"
+        precision = options.precision
+        if precision == "auto":
+            precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        self.precision: str = precision
+        self._parity_pending = precision == "bf16"
+        channels_last = options.channels_last
+        if channels_last is None:  # tensor-core convolutions want NHWC; elsewhere it only costs copies
+            channels_last = cuda and _has_conv2d(user_module)
+        if channels_last:
+            self.module.to(memory_format=torch.channels_last)
+        self.channels_last = bool(channels_last)
+        self.workers = options.workers if options.workers is not None else (min(4, os.cpu_count() or 1) if cuda else 0)
+        self.pin_memory = options.pin_memory if options.pin_memory is not None else cuda
+        self.stats.precision = self.precision
+        self.stats.channels_last = self.channels_last
+        self.stats.workers = self.workers
+        self.stats.pin_memory = self.pin_memory
 
     @property
     def classes(self) -> list[str]:
@@ -262,18 +371,30 @@ class ModelAdapter:
     def has_features(self) -> bool:
         return self._feature_module is not None
 
-    def _forward_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
+        if precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward_batch(
+        self, images: torch.Tensor, *, features: bool = True, precision: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         captured: list[torch.Tensor] = []
         use_input = self.spec.feature_layer is None
+        feature_module = self._feature_module if features else None
 
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             tensor = inputs[0] if use_input else output
             captured.append(tensor.detach().flatten(1))
 
-        handle = self._feature_module.register_forward_hook(hook) if self._feature_module else None
+        handle = feature_module.register_forward_hook(hook) if feature_module is not None else None
+        batch = images.to(self.device, non_blocking=True)
+        if self.channels_last and batch.ndim == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         try:
             self.stats.forward_calls += 1
-            logits = self.module(images.to(self.device, non_blocking=True))
+            with self._autocast(precision or self.precision):
+                logits = self.module(batch)
         finally:
             if handle is not None:
                 handle.remove()
@@ -287,11 +408,48 @@ class ModelAdapter:
                 f"the model returns {logits.shape[1]} logits per image but model.classes lists"
                 f" {len(self.classes)} classes"
             )
-        if self._feature_module is None:
+        if feature_module is None:
             return logits.float().cpu(), torch.empty(logits.shape[0], 0)
         if not captured:
             raise ModelLoadError(f"the feature hook ({self._feature_source}) never fired")
         return logits.float().cpu(), captured[-1].float().cpu()
+
+    def check_parity(self, images: torch.Tensor) -> dict[str, float | int]:
+        """Run up to :data:`PARITY_IMAGES` images in fp32 and in the pass's precision; record it.
+
+        When bf16 strays too far (:func:`parity_acceptable`), the run falls back to fp32 and says
+        so in ``stats.precision_fallback``.
+        """
+        sample = images[:PARITY_IMAGES].float()
+        with torch.inference_mode():
+            reference, _ = self._forward_batch(sample, features=False, precision="fp32")
+            reduced, _ = self._forward_batch(sample, features=False, precision=self.precision)
+        parity = precision_parity(reference, reduced)
+        self.stats.parity = parity
+        self._parity_pending = False
+        if not parity_acceptable(parity):
+            log.warning("bf16 disagrees with fp32 (%s); the pass runs in fp32", parity)
+            self.stats.precision_fallback = (
+                f"bf16 parity below bound (top-1 agreement >= {PARITY_MIN_AGREEMENT},"
+                f" max probability difference <= {PARITY_MAX_PROB_DIFF})"
+            )
+            self.precision = self.stats.precision = "fp32"
+        return parity
+
+    def _batches(self, images: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
+        """Float32 batches from ``start``: sliced in-process, or by DataLoader worker processes."""
+        if self.workers == 0 and not self.pin_memory:
+            for first in range(start, images.shape[0], self.batch_size):
+                yield images[first : first + self.batch_size].float()
+            return
+        loader = torch.utils.data.DataLoader(
+            _Batches(images, start, self.batch_size),
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            pin_memory_device=str(self.device) if self.pin_memory and self.device.type == "cuda" else "",
+        )
+        yield from loader
 
     def forward_pass(
         self,
@@ -299,39 +457,53 @@ class ModelAdapter:
         *,
         split: str = "",
         progress: Callable[[int], None] | None = None,
+        features: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and embeddings for ``images`` (N, C, H, W) in [0, 1], batch by batch.
 
         The pass is a map over batches whose outputs merge by concatenation. On out-of-memory the
-        batch is halved and retried; the final batch size is kept for the rest of the run.
+        batch is halved and retried; the final batch size is kept for the rest of the run. With
+        ``features=False`` no embedding hook runs and the embeddings are an empty (N, 0) tensor.
+        The time spent is added to ``stats.seconds`` (and per split).
         """
+        started = time.perf_counter()
+        if self._parity_pending and images.shape[0] > 0:
+            self.check_parity(images)
         logits_parts: list[torch.Tensor] = []
         feature_parts: list[torch.Tensor] = []
         start = 0
         n = images.shape[0]
         with torch.inference_mode():
             while start < n:
-                batch = images[start : start + self.batch_size].float()
-                try:
-                    logits, features = self._forward_batch(batch)
-                except Exception as error:
-                    if not is_out_of_memory(error) or self.batch_size == 1:
-                        raise
-                    self.batch_size = max(1, self.batch_size // 2)
-                    self.stats.batch_halvings += 1
-                    self.stats.batch_size = self.batch_size
-                    log.warning("out of memory; retrying with batch size %d", self.batch_size)
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                logits_parts.append(logits)
-                feature_parts.append(features)
-                start += batch.shape[0]
-                self.stats.images_forwarded += batch.shape[0]
-                if split:
-                    self.stats.per_split[split] = self.stats.per_split.get(split, 0) + batch.shape[0]
-                if progress is not None:
-                    progress(batch.shape[0])
+                halved = False
+                for batch in self._batches(images, start):
+                    try:
+                        logits, embeddings = self._forward_batch(batch, features=features)
+                    except Exception as error:
+                        if not is_out_of_memory(error) or self.batch_size == 1:
+                            raise
+                        self.batch_size = max(1, self.batch_size // 2)
+                        self.stats.batch_halvings += 1
+                        self.stats.batch_size = self.batch_size
+                        log.warning("out of memory; retrying with batch size %d", self.batch_size)
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        halved = True
+                        break
+                    logits_parts.append(logits)
+                    feature_parts.append(embeddings)
+                    start += batch.shape[0]
+                    self.stats.images_forwarded += batch.shape[0]
+                    if split:
+                        self.stats.per_split[split] = self.stats.per_split.get(split, 0) + batch.shape[0]
+                    if progress is not None:
+                        progress(batch.shape[0])
+                if not halved:
+                    break
+        elapsed = time.perf_counter() - started
+        self.stats.seconds += elapsed
+        if split:
+            self.stats.seconds_per_split[split] = self.stats.seconds_per_split.get(split, 0.0) + elapsed
         n_classes = len(self.classes)
         if not logits_parts:
             return torch.empty(0, n_classes), torch.empty(0, 0)

@@ -32,7 +32,7 @@ from auditkit.check import Check, CheckResult, Needs, Skip
 from auditkit.context import AuditContext, ProgressFactory
 from auditkit.data import Dataset, load_dataset
 from auditkit.errors import ConfigError
-from auditkit.model import ModelAdapter
+from auditkit.model import InferenceOptions, ModelAdapter, Precision
 from auditkit.policy import evaluate, load_attestations, load_framework, load_policy
 from auditkit.registry import BrokenCheck, discover
 from auditkit.results import (
@@ -60,6 +60,9 @@ class RunOptions:
     device: str | None = None
     resume: bool = False
     batch_size: int = 64
+    precision: Precision = "auto"
+    channels_last: bool | None = None
+    workers: int | None = None
     report: bool = True
     pdf: bool = True
     progress: ProgressFactory | None = None
@@ -134,6 +137,11 @@ def plan_splits(selected: Sequence[SelectedCheck], dataset: Dataset) -> list[str
     if any(n.ood and (n.predictions or n.features) for n in needs):
         splits += [name for name in dataset.splits if name.startswith("ood:")]
     return [s for s in splits if s in dataset.splits]
+
+
+def plan_features(selected: Sequence[SelectedCheck]) -> bool:
+    """Whether any selected check reads embeddings (else the pass skips the feature hook)."""
+    return any(s.cls.needs.features for s in selected if s.cls is not None)
 
 
 def _roles(selected: Sequence[SelectedCheck]) -> list[str]:
@@ -335,7 +343,14 @@ def run_audit(
     checkpoints.mkdir(parents=True, exist_ok=True)
 
     weights = spec.weights_path
-    model = ModelAdapter(spec, batch_size=options.batch_size, device=options.device)
+    model = ModelAdapter(
+        spec,
+        batch_size=options.batch_size,
+        device=options.device,
+        options=InferenceOptions(
+            precision=options.precision, channels_last=options.channels_last, workers=options.workers
+        ),
+    )
     inputs = {
         "manifest_sha256": sha256_file(spec.manifest_path) if spec.manifest_path.is_file() else None,
         "weights_sha256": sha256_file(weights) if weights is not None else None,
@@ -353,7 +368,7 @@ def run_audit(
                 records[s.id] = record
                 resumed.append(s.id)
     pending = [s for s in selected if s.id not in records]
-    ctx.prepare(plan_splits(pending, dataset))
+    ctx.prepare(plan_splits(pending, dataset), features=plan_features(pending))
 
     for s in pending:
         log.info("running check %s", s.id)
@@ -376,13 +391,21 @@ def run_audit(
             "command": options.argv or sys.argv,
             "seed": spec.seed,
             "device": str(model.device),
-            "precision": "fp32",
+            # The shared pass's settings; attacks and other gradient work always run in fp32.
+            "precision": stats.precision,
+            "precision_parity": stats.parity,
+            "precision_fallback": stats.precision_fallback,
+            "channels_last": stats.channels_last,
+            "loader_workers": stats.workers,
+            "pin_memory": stats.pin_memory,
             "batch_size": stats.batch_size,
             "batch_halvings": stats.batch_halvings,
             "forward_calls": stats.forward_calls,
             "images_forwarded": stats.images_forwarded,
             "images_forwarded_per_split": stats.per_split,
+            # Every forward pass through the adapter: the shared one, built-in OOD sets, corruptions.
             "inference_s": round(stats.seconds, 4),
+            "inference_s_per_split": {k: round(v, 4) for k, v in stats.seconds_per_split.items()},
             "images_decoded": dataset.images_decoded,
             "resumed_checks": resumed,
         },

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from auditkit.errors import ConfigError, ModelLoadError
-from auditkit.model import ModelAdapter, load_state_dict
+from auditkit.model import InferenceOptions, ModelAdapter, load_state_dict, parity_acceptable, precision_parity
 from auditkit.spec import load_spec
 
 
@@ -152,3 +152,92 @@ def test_cuda_request_without_cuda_is_a_config_error(tiny_study: Path) -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="CUDA is not available"):
         ModelAdapter(load_spec(tiny_study), device="cuda:0")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass's precision, memory format and loading (the GPU path's logic, exercised on the CPU)
+
+
+def test_precision_parity_by_hand() -> None:
+    reference = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    same = precision_parity(reference, reference.clone())
+    assert same == {"images": 3, "top1_agreement": 1.0, "max_prob_diff": 0.0}
+    flipped = reference.clone()
+    flipped[1] = torch.tensor([1.0, 0.0])  # the second image's arg-max flips
+    parity = precision_parity(reference, flipped)
+    assert parity["top1_agreement"] == pytest.approx(2 / 3)
+    expected = abs(torch.softmax(torch.tensor([0.0, 1.0]), 0)[0] - torch.softmax(torch.tensor([1.0, 0.0]), 0)[0])
+    assert parity["max_prob_diff"] == pytest.approx(float(expected))
+    assert not parity_acceptable(parity) and parity_acceptable(same)
+    assert precision_parity(torch.empty(0, 2), torch.empty(0, 2))["images"] == 0
+    with pytest.raises(ValueError, match="one shape"):
+        precision_parity(reference, reference[:2])
+
+
+def test_cpu_defaults_are_fp32_in_process(tiny_study: Path) -> None:
+    adapter = ModelAdapter(load_spec(tiny_study), device="cpu")
+    assert (adapter.precision, adapter.channels_last, adapter.workers, adapter.pin_memory) == ("fp32", False, 0, False)
+    adapter.forward_pass(torch.rand(3, 1, 16, 16), split="eval")
+    assert adapter.stats.parity is None and adapter.stats.precision == "fp32"
+    assert adapter.stats.seconds > 0 and set(adapter.stats.seconds_per_split) == {"eval"}
+
+
+def test_bf16_autocast_records_parity_against_fp32(tiny_study: Path) -> None:
+    fp32 = ModelAdapter(load_spec(tiny_study), device="cpu")
+    bf16 = ModelAdapter(load_spec(tiny_study), device="cpu", options=InferenceOptions(precision="bf16"))
+    images = torch.rand(70, 1, 16, 16)
+    reference, _ = fp32.forward_pass(images)
+    logits, features = bf16.forward_pass(images, split="eval")
+    parity = bf16.stats.parity
+    assert parity is not None and parity["images"] == 64  # PARITY_IMAGES of the first split
+    assert parity == precision_parity(reference[:64], bf16.forward_pass(images[:64])[0])
+    assert logits.dtype == torch.float32 and features.dtype == torch.float32 and features.shape == (70, 8)
+    assert bf16.stats.precision == ("bf16" if parity_acceptable(parity) else "fp32")
+    assert bf16.stats.per_split == {"eval": 70}  # parity images are not counted as the pass
+
+
+def test_bf16_falls_back_to_fp32_when_parity_fails(tiny_study: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = ModelAdapter(load_spec(tiny_study), device="cpu", options=InferenceOptions(precision="bf16"))
+    monkeypatch.setattr("auditkit.model.parity_acceptable", lambda _parity: False)
+    adapter.forward_pass(torch.rand(4, 1, 16, 16))
+    assert adapter.precision == "fp32" and adapter.stats.precision_fallback is not None
+
+
+def test_loader_workers_and_channels_last_give_the_same_outputs(tiny_study: Path) -> None:
+    plain = ModelAdapter(load_spec(tiny_study), device="cpu", batch_size=4)
+    loaded = ModelAdapter(
+        load_spec(tiny_study),
+        device="cpu",
+        batch_size=4,
+        options=InferenceOptions(channels_last=True, workers=1, pin_memory=False),
+    )
+    assert loaded.workers == 1 and loaded.channels_last
+    images = torch.rand(11, 1, 16, 16).half()  # stored splits are float16
+    expected = plain.forward_pass(images)
+    got = loaded.forward_pass(images, split="eval")
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    assert loaded.stats.forward_calls == 3 and loaded.stats.per_split == {"eval": 11}
+
+
+def test_pass_without_features_skips_the_hook(tiny_study: Path) -> None:
+    adapter = ModelAdapter(load_spec(tiny_study), device="cpu")
+    images = torch.rand(5, 1, 16, 16)
+    logits, features = adapter.forward_pass(images, features=False)
+    assert features.shape == (5, 0)
+    torch.testing.assert_close(logits, adapter.forward_pass(images)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pass_uses_bf16_channels_last_and_pinned_workers(tiny_study: Path) -> None:
+    adapter = ModelAdapter(load_spec(tiny_study), device="cuda", batch_size=8)
+    cpu = ModelAdapter(load_spec(tiny_study), device="cpu", batch_size=8)
+    images = torch.rand(40, 1, 16, 16).half()
+    logits, features = adapter.forward_pass(images, split="eval")
+    assert adapter.stats.pin_memory and adapter.stats.workers >= 1 and adapter.channels_last
+    parity = adapter.stats.parity
+    if torch.cuda.is_bf16_supported():
+        assert parity is not None and parity["images"] == 40
+    reference, _ = cpu.forward_pass(images)
+    agreement = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+    assert agreement >= 0.95 and features.shape == (40, 8)
