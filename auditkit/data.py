@@ -19,10 +19,12 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,7 +133,11 @@ def read_manifest(
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read manifest {source}: {error}") from None
     reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as error:
+        raise InputError(f"{source.name}: near line {reader.line_num + 1}: not readable as CSV: {error}") from None
+    columns = [c.strip() for c in (fieldnames or [])]
     if not columns:
         raise InputError(f"{source.name}: empty manifest, expected a header line with path,label,...")
     reader.fieldnames = columns
@@ -150,7 +156,7 @@ def read_manifest(
     seen: dict[Path, int] = {}
     class_index = {name: i for i, name in enumerate(classes)} if classes is not None else {}
     labels_seen: dict[str, int] = {}
-    for row, record in enumerate(reader):
+    for row, record in enumerate(_records(reader, source)):
         if None in record:  # more cells than header columns
             problems.append(
                 f"{_where(source, row)}: {len(columns) + len(record[None])} cells, the header has {len(columns)}"
@@ -160,6 +166,9 @@ def read_manifest(
         raw_path = values.get("path", "")
         if not raw_path:
             problems.append(f"{_where(source, row)}: column 'path' is empty")
+            continue
+        if "\x00" in raw_path:
+            problems.append(f"{_where(source, row)}: column 'path' contains a NUL character")
             continue
         candidate = Path(raw_path)
         resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
@@ -205,6 +214,15 @@ def read_manifest(
     if not rows:
         raise InputError(f"{source.name}: no data rows")
     return Manifest(source=source, columns=columns, rows=rows)
+
+
+def _records(reader: csv.DictReader[str], source: Path) -> Iterator[dict[str | Any, str | Any]]:
+    """The reader's records; a CSV syntax error (e.g. a cell over the csv module's 131072-character
+    field limit) becomes an InputError naming the line."""
+    try:
+        yield from reader
+    except csv.Error as error:
+        raise InputError(f"{source.name}: near line {reader.line_num + 1}: not readable as CSV: {error}") from None
 
 
 _AGE = re.compile(r"^(\d{1,3})([DWMY])$")
@@ -317,7 +335,9 @@ def decode_all(
         except MemoryError:
             return None, "out of memory while decoding"
         except Exception as error:  # a decoder bug must not end the audit
-            log.debug("decoder raised %s", type(error).__name__, exc_info=True)
+            # Where, not what: the message and the frames' locals may quote a path or header value.
+            where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)[-4:]]
+            log.debug("decoder raised %s at %s", type(error).__name__, " <- ".join(reversed(where)))
             return None, f"decoder error: {type(error).__name__}"
 
     workers = workers or min(4, os.cpu_count() or 1)

@@ -30,6 +30,7 @@ import io
 import logging
 import math
 import os
+import re
 import stat
 import threading
 import warnings
@@ -131,6 +132,7 @@ _JPEG_SOF_MARKERS = frozenset(
     bytes([0xFF, code]) for code in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7)
 )
 _INFLATE_CHUNK = 1 << 20
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 @dataclass(frozen=True)
@@ -491,15 +493,24 @@ def _check_regular_file(path: Path, budget: DecodeBudget | None = None) -> int:
 
 
 def _read_bytes(path: Path, budget: DecodeBudget) -> bytes:
-    _check_regular_file(path, budget)
+    size = _check_regular_file(path, budget)
+    limit = budget.max_file_bytes
     try:
         with path.open("rb") as handle:
-            # Read one byte more than allowed so that a file growing after stat() is still caught.
-            data = handle.read(budget.max_file_bytes + 1)
+            # read(n) allocates n bytes up front, so ask for the size stat() reported (plus one
+            # byte, to notice a file that grew since), never for the whole budget.
+            data = handle.read(size + 1)
+            if len(data) > size:  # it grew: read on in small steps up to the budget
+                parts = [data]
+                total = len(data)
+                while total <= limit and (chunk := handle.read(min(_INFLATE_CHUNK, limit + 1 - total))):
+                    parts.append(chunk)
+                    total += len(chunk)
+                data = b"".join(parts)
     except OSError as exc:
         raise UnreadableImage(f"cannot read the file ({type(exc).__name__})") from None
-    if len(data) > budget.max_file_bytes:
-        raise UnreadableImage(f"file exceeds the budget of {budget.max_file_bytes} bytes")
+    if len(data) > limit:
+        raise UnreadableImage(f"file exceeds the budget of {limit} bytes")
     if not data:
         raise UnreadableImage("empty file")
     return data
@@ -510,6 +521,9 @@ def _scrub(message: str, secrets: Iterable[str]) -> str:
     text = " ".join(message.split())
     for secret in sorted({s for s in secrets if s and len(s) >= 2}, key=len, reverse=True):
         text = text.replace(secret, "<redacted>")
+    # Object reprs ("<_io.BytesIO object at 0x7f...>") would make the same file's reason differ
+    # between runs, and so the results of a resumed run from a fresh one.
+    text = _ADDRESS.sub(" at 0x...", text)
     if len(text) > _MAX_REASON_CHARS:
         text = text[: _MAX_REASON_CHARS - 3] + "..."
     return text
@@ -731,14 +745,21 @@ def _first_float(value: object, keyword: str) -> float:
     return number
 
 
-def _check_declared_size(ds: Dataset, budget: DecodeBudget) -> None:
-    """Refuse missing pixel data, multi-frame images and declared sizes over the budget."""
+def _check_declared_size(ds: Dataset, budget: DecodeBudget) -> tuple[int, int, bool]:
+    """Refuse missing pixel data, multi-frame images, declared sizes over the budget and native
+    pixel data whose length disagrees with the header.
+
+    Returns:
+        Rows, Columns, and whether native pixel data has trailing bytes (ignored).
+    """
     if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
         raise UnreadableImage("no pixel data (PixelData element missing)")
     rows = _positive_int(ds, "Rows")
     columns = _positive_int(ds, "Columns")
     samples = _positive_int(ds, "SamplesPerPixel", default=1)
     bits_allocated = _positive_int(ds, "BitsAllocated")
+    if bits_allocated > 64 or (bits_allocated != 1 and bits_allocated % 8):
+        raise UnreadableImage("BitsAllocated must be 1 or a multiple of 8 up to 64")
     frames = _positive_int(ds, "NumberOfFrames", default=1)
     if frames > 1:
         raise UnreadableImage(f"multi-frame image with {frames} frames; expected a single frame")
@@ -751,7 +772,60 @@ def _check_declared_size(ds: Dataset, budget: DecodeBudget) -> None:
         )
     if rows * columns > budget.max_pixels:
         raise UnreadableImage(f"declared image of {rows * columns} pixels exceeds the budget of {budget.max_pixels}")
+    transfer_syntax = _transfer_syntax(ds)
+    trailing = False
+    if transfer_syntax is not None and not transfer_syntax.is_transfer_syntax:
+        raise UnreadableImage(_unknown_syntax_reason(transfer_syntax))
+    if transfer_syntax is not None and not transfer_syntax.is_encapsulated:
+        photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+        if photometric == "YBR_FULL_422" and samples == 3:
+            declared = declared // 3 * 2  # native 4:2:2 stores two samples per pixel
+        trailing = _check_native_length(ds, declared)
     _check_codestream_size(ds, rows * columns * samples)
+    return rows, columns, trailing
+
+
+def _check_native_length(ds: Dataset, declared: int) -> bool:
+    """Refuse native (uncompressed) pixel data shorter than the header declares, or holding more
+    than one frame's worth while the image is single-frame (a multi-frame image without
+    NumberOfFrames); return whether it has trailing bytes (less than a frame), which are ignored.
+    """
+    keyword = next(k for k in _PIXEL_DATA_KEYWORDS if k in ds)
+    value = ds[keyword].value
+    if value is None or (isinstance(value, bytes | bytearray) and len(value) == 0):
+        raise UnreadableImage(f"{keyword} is empty")
+    if not isinstance(value, bytes | bytearray):
+        return False  # an undefined-length (encapsulated) value under a native syntax: the decoder refuses it
+    actual = len(value)
+    what = "Rows x Columns x SamplesPerPixel x NumberOfFrames x BitsAllocated / 8"
+    if actual < declared:
+        raise UnreadableImage(f"{keyword} holds {actual} bytes, fewer than the {declared} bytes {what} declare")
+    if actual >= 2 * declared:
+        raise UnreadableImage(
+            f"{keyword} holds {actual} bytes, enough for {actual // declared} frames of the {declared} bytes"
+            f" {what} declare, but NumberOfFrames is absent or 1; expected a single frame"
+        )
+    return actual > declared + 1  # one byte pads an odd length to even
+
+
+def _unknown_syntax_reason(uid: pydicom.uid.UID) -> str:
+    # A transfer syntax UID names an encoding, not a patient: safe to quote.
+    kind = "private" if uid.is_private else "unknown"
+    return f"transfer syntax {str(uid)!r} is {kind}; no pydicom decoder supports it"
+
+
+def _transfer_syntax(ds: Dataset) -> pydicom.uid.UID | None:
+    """The data set's transfer syntax: from its file meta, else from how pydicom parsed it."""
+    file_meta = getattr(ds, "file_meta", None)
+    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if transfer_syntax:
+        return pydicom.uid.UID(str(transfer_syntax))
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return None
+    if implicit:
+        return pydicom.uid.ImplicitVRLittleEndian
+    return pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
 
 
 def _check_codestream_size(ds: Dataset, declared_samples: int) -> None:
@@ -822,23 +896,17 @@ def _codestream_dimensions(frame: bytes) -> tuple[int, int, int] | None:
 
 def _decode_dicom_pixels(ds: Dataset) -> tuple[npt.NDArray[Any], dict[str, str | int]]:
     """Decode the (single-frame) pixel data; return the array and its image pixel properties."""
+    uid = _transfer_syntax(ds)
+    if uid is None:
+        raise UnreadableImage("transfer syntax unknown (no TransferSyntaxUID in file meta)")
+    if not uid.is_transfer_syntax:
+        raise UnreadableImage(_unknown_syntax_reason(uid))
     file_meta = getattr(ds, "file_meta", None)
-    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
-    if not transfer_syntax:
+    if not (file_meta is not None and file_meta.get("TransferSyntaxUID")):
         # A data set without file meta: its encoding is known from how it was parsed.
-        implicit, little = ds.original_encoding
-        if implicit is None or little is None:
-            raise UnreadableImage("transfer syntax unknown (no TransferSyntaxUID in file meta)")
-        if implicit:
-            transfer_syntax = pydicom.uid.ImplicitVRLittleEndian
-        elif little:
-            transfer_syntax = pydicom.uid.ExplicitVRLittleEndian
-        else:
-            transfer_syntax = pydicom.uid.ExplicitVRBigEndian
         if file_meta is None:
             ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = transfer_syntax
-    uid = pydicom.uid.UID(str(transfer_syntax))
+        ds.file_meta.TransferSyntaxUID = uid
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
@@ -970,13 +1038,18 @@ def _dicom_to_image(
     ds: Dataset, window: WindowSetting, budget: DecodeBudget
 ) -> tuple[FloatArray, tuple[int, ...], list[str]]:
     """Check the budget, decode the pixels and map them to ``(C, H, W)`` in ``[0, 1]``."""
-    _check_declared_size(ds, budget)
+    rows, columns, trailing = _check_declared_size(ds, budget)
     raw, properties = _decode_dicom_pixels(ds)
     samples = int(properties.get("samples_per_pixel", 1))
     photometric = str(properties.get("photometric_interpretation", "")).strip().upper()
     bits_stored = int(properties.get("bits_stored", properties.get("bits_allocated", 8)))
     if raw.ndim not in (2, 3):
         raise UnreadableImage(f"decoded pixel array has {raw.ndim} dimensions; expected 2")
+    if tuple(raw.shape[:2]) != (rows, columns) or (raw.ndim == 3) != (samples > 1):
+        raise UnreadableImage(
+            f"decoded pixel array has shape {tuple(int(n) for n in raw.shape)}; Rows, Columns and"
+            f" SamplesPerPixel declare ({rows}, {columns}{f', {samples}' if samples > 1 else ''})"
+        )
     source_shape = tuple(int(n) for n in raw.shape)
     if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
         raise UnreadableImage("non-finite values in the pixel data")
@@ -986,6 +1059,8 @@ def _dicom_to_image(
         image, notes = _colour_dicom(raw, ds, photometric, bits_stored)
     else:
         raise UnreadableImage(f"unsupported combination of SamplesPerPixel ({samples}) and PhotometricInterpretation")
+    if trailing:
+        notes.append("trailing bytes after the pixel data ignored")
     return image, source_shape, notes
 
 

@@ -32,6 +32,7 @@ from auditkit.check import Check, CheckResult, Needs, Skip
 from auditkit.context import AuditContext, ProgressFactory
 from auditkit.data import Dataset, load_dataset
 from auditkit.errors import ConfigError
+from auditkit.export import write_csv_exports
 from auditkit.model import InferenceOptions, ModelAdapter, Precision
 from auditkit.policy import evaluate, load_attestations, load_framework, load_policy
 from auditkit.registry import BrokenCheck, discover
@@ -458,8 +459,9 @@ def write_bundle(
     report: bool = True,
     pdf: bool = True,
 ) -> None:
-    """results.json, then report.html/report.pdf, then manifest.json over all of them."""
+    """results.json, the CSV exports, then report.html/report.pdf, then manifest.json over all of them."""
     write_json_atomic(out_dir / "results.json", results)
+    write_csv_exports(out_dir, results)
     if report:
         from auditkit.reports.render import write_report
 
