@@ -25,14 +25,14 @@ DEMO_SPEC = {
         "groups": {"sex": {}, "age": {"bins": [0, 40, 65, 120]}, "site": {}},
         "dicom": {"window": "auto"},
     },
-    # Every installed check runs; the attacks get a CPU-sized budget (a full default adversarial
-    # run, CW and 1000-query Square on 256 images, takes minutes on two cores).
+    # Every installed check runs with its defaults; the checks scale their budgets with the data
+    # set and the device (the attacks' on a CPU: AdversarialCheck.Params.for_device).
     "checks": {
         "calibration": {},
         "ood": {},
         "bias": {},
-        "corruption": {"n_samples": 125},
-        "adversarial": {"n_samples": 48, "attacks": ["fgsm", "pgd_linf", "pgd_l2", "square"], "square_queries": 100},
+        "corruption": {},
+        "adversarial": {},
         "leakage": {},
         "phi": {},
     },
@@ -50,17 +50,20 @@ def packaged_weights() -> Path:
         return Path(path)
 
 
-def prepare_demo(out: Path, *, n_patients: int = 240, fmt: str = "dicom", seed: int = 0) -> Path:
+def prepare_demo(
+    out: Path, *, n_patients: int = 240, fmt: str = "dicom", seed: int = 0, image_size: int = 256
+) -> Path:
     """Write the synthetic study, the model weights and ``audit.yaml`` under ``out/study``.
 
     Returns the spec's path. Paths in the spec are relative, so the folder can be moved.
+    ``image_size`` is the stored images' side (the spec decodes them to 64x64 either way).
     """
     from auditkit.fixtures.synthetic import generate_study
 
     study = out / "study"
     if study.exists():
         shutil.rmtree(study)
-    generate_study(study, n_patients=n_patients, seed=seed, fmt=fmt)
+    generate_study(study, n_patients=n_patients, seed=seed, fmt=fmt, image_size=image_size)
     if fmt == "dicom":  # the demo data declare the de-identification profile they meet
         from auditkit.fixtures.phi import deidentify_study
 

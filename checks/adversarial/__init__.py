@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 
 CARLINI_2019 = "Carlini et al. 2019, 'On Evaluating Adversarial Robustness', arXiv:1902.06705"
 DEFAULT_ATTACKS: tuple[str, ...] = ("fgsm", "pgd_linf", "pgd_l2", "cw_l2", "square")
+CPU_BUDGETS: dict[str, int] = {"n_samples": 48, "cw_steps": 30, "square_queries": 100}
+"""Budgets a spec leaves unset take these values on a CPU (the defaults are sized for a GPU)."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,13 @@ class AdversarialCheck(Check):
             unbounded_steps: PGD steps of the unbounded-attack test.
             masking_tolerance: slack of the sanity tests on accuracies (at least one image).
             n_boot: bootstrap resamples per interval; 0 disables intervals.
+
+        Budgets scale with the data set and the device. ``n_samples`` is capped by the eval split's
+        size. On a CPU, the budgets a spec leaves unset take the values of :data:`CPU_BUDGETS`
+        (``n_samples`` 48, ``cw_steps`` 30, ``square_queries`` 100: about a minute on two cores for
+        the tiny demo model) instead of the defaults above, which are sized for a GPU; every
+        attack still runs. Values a spec sets are never changed, and the ``attack_setup`` finding
+        records the budgets used.
         """
 
         attacks: list[AttackName] = Field(default_factory=lambda: list(DEFAULT_ATTACKS), min_length=1)
@@ -235,6 +244,17 @@ class AdversarialCheck(Check):
                 n_classes=n_classes,
             )
 
+        def for_device(self, device: torch.device) -> AdversarialCheck.Params:
+            """These parameters with the unset budgets scaled to ``device`` (see the class docstring)."""
+            if device.type != "cpu":
+                return self
+            scaled = {k: v for k, v in CPU_BUDGETS.items() if k not in self.model_fields_set}
+            return self.model_copy(update=scaled) if scaled else self
+
+        def scaled_fields(self, device: torch.device) -> list[str]:
+            """The budgets :meth:`for_device` changes on ``device``."""
+            return [] if device.type != "cpu" else sorted(set(CPU_BUDGETS) - self.model_fields_set)
+
         def grid(self, attack: str) -> list[float]:
             """The budgets of ``attack`` (its norm's grid)."""
             return list(self.eps if ATTACKS[attack].norm == "Linf" else self.eps_l2)
@@ -249,7 +269,8 @@ class AdversarialCheck(Check):
 
     def run(self, ctx: AuditContext, params: Any) -> CheckResult:
         """Attack a stratified sample of the eval split and test the results for masking."""
-        p: AdversarialCheck.Params = params
+        scaled = params.scaled_fields(ctx.device)
+        p: AdversarialCheck.Params = params.for_device(ctx.device)
         result = CheckResult()
         all_labels = np.asarray(ctx.labels("eval"), dtype=np.int64)
         if all_labels.shape[0] == 0:
@@ -326,6 +347,9 @@ class AdversarialCheck(Check):
         cis = _intervals(clean, robust, labels_np, p.n_boot, plan.seed_root)
         result.metrics += _metrics(clean, robust, cis, p, tests)
         result.findings += _findings(ctx, plan, labels_np, p, config, tests, unbounded_accuracy)
+        for finding in result.findings:
+            if finding["kind"] == "attack_setup":
+                finding["scaled_for_device"] = {name: getattr(p, name) for name in scaled}
 
         abs_path, rel_path = ctx.artifact_path("adversarial", "robust_accuracy.svg")
         robust_accuracy_plot(
