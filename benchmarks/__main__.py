@@ -1,4 +1,4 @@
-"""Run every ``benchmarks/bench_*.py`` module's ``main()`` and print the lines it returns."""
+"""Run every ``benchmarks/bench_*.py`` module's ``main()`` and print the lines it returns, then ``gpu``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def run_all(names: list[str] | None = None) -> int:
             print(f"unknown benchmark(s) {unknown}; available: {modules}", file=sys.stderr)
             return 2
         modules = [m for m in modules if m in names]
+    total_started = time.perf_counter()
     for name in modules:
         started = time.perf_counter()
         module = importlib.import_module(f"benchmarks.{name}")
@@ -26,6 +27,13 @@ def run_all(names: list[str] | None = None) -> int:
         for line in module.main():
             print(line)
         print(f"   ({time.perf_counter() - started:.1f} s)")
+    if not names:
+        from benchmarks import gpu
+
+        print("== gpu")
+        for line in gpu.main():
+            print(line)
+    print(f"== total {time.perf_counter() - total_started:.1f} s")
     return 0
 
 

@@ -1,0 +1,338 @@
+"""The shared pass against one plain inference pass and against a naive glued-together baseline.
+
+Figures (issue 11), measured in one process on the demo study (DICOM, 370 images), for two models:
+the packaged tiny CNN at 64x64 and a torchvision ResNet-18 at 64x64 (random weights; a model whose
+inference costs what a real one does on a CPU):
+
+1. shared-pass ratio: the shared pass plus every installed prediction-based check (calibration,
+   ood, bias, leakage, and backdoor's data-level detectors when installed), over one plain
+   ``model(x)`` pass over the same decoded eval and train images. Target <= 1.3. The breakdown
+   prints the pass alone over the plain pass (the engine's own overhead) and each check's time.
+2. forward passes per study image (images forwarded on eval and train / images in them) and
+   images decoded per manifest image. Both must be 1.0. Images the OOD check makes itself (its
+   built-in sets: new inputs, each forwarded once) are printed apart.
+3. the naive baseline a user would write by gluing the same libraries: each check loads the
+   model, decodes the study and predicts on its own, then measures (the same check code, so the
+   difference is the sharing). Target: ours at least 2.5x faster.
+6. peak resident memory (``VmHWM`` of a fresh process that decodes the study, runs the pass
+   and the prediction-based checks) for the demo study and one ten times its size, with the dtype
+   and bytes of the decoded images.
+
+Run: ``make bench`` / ``python -m benchmarks bench_shared_pass``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PREDICTION_CHECKS = ("calibration", "ood", "bias", "leakage", "backdoor")
+"""The prediction-based checks (figures 1-3); each is included when installed."""
+
+# Words naming a model-level trigger search (Neural Cleanse and kin), which backpropagates
+# through the model and so is not a prediction-based measurement.
+_TRIGGER_SEARCH_WORDS = ("trigger", "cleanse", "reverse", "model_level", "model_scan")
+
+DEMO_PATIENTS = 240
+
+
+def resnet18_gray(num_classes: int = 2) -> nn.Module:
+    """torchvision's ResNet-18 for one-channel images (random weights)."""
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def backdoor_params(check: type[Any]) -> tuple[dict[str, Any] | None, str]:
+    """Parameters that keep only backdoor's data-level detectors, or ``None`` and why not."""
+    fields = check.Params.model_fields
+    for name, info in fields.items():
+        if info.annotation in (bool, "bool") and any(word in name for word in _TRIGGER_SEARCH_WORDS):
+            return {name: False}, f"backdoor with {name}=false (data-level detectors only)"
+    for name in ("methods", "detectors"):
+        if name in fields:
+            default = list(fields[name].get_default(call_default_factory=True) or [])
+            kept = [m for m in default if not any(w in str(m).lower() for w in _TRIGGER_SEARCH_WORDS)]
+            if kept and len(kept) < len(default):
+                return {name: kept}, f"backdoor with {name}={kept} (data-level detectors only)"
+    return None, "backdoor left out: no parameter turns its model-level trigger search off"
+
+
+def prediction_checks() -> tuple[dict[str, tuple[type[Any], Any]], list[str]]:
+    """Installed prediction-based checks with their parameters, and notes on what was left out."""
+    from auditkit.registry import discover
+
+    installed, _broken = discover()
+    selected: dict[str, tuple[type[Any], Any]] = {}
+    notes: list[str] = []
+    for check_id in PREDICTION_CHECKS:
+        if check_id not in installed:
+            notes.append(f"{check_id} not installed")
+            continue
+        cls = installed[check_id]
+        raw: dict[str, Any] = {}
+        if check_id == "backdoor":
+            params, note = backdoor_params(cls)
+            notes.append(note)
+            if params is None:
+                continue
+            raw = params
+        selected[check_id] = (cls, cls.Params(**raw))
+    return selected, notes
+
+
+def bench_spec(spec_path: Path, model: str) -> Any:
+    """The demo spec, with the packaged tiny CNN or ResNet-18 (both at 64x64)."""
+    from auditkit.spec import load_spec
+
+    spec = load_spec(spec_path)
+    if model == "tiny_cnn":
+        return spec
+    update = {"factory": "benchmarks.bench_shared_pass:resnet18_gray", "factory_kwargs": {}, "weights": None}
+    return spec.model_copy(update={"model": spec.model.model_copy(update=update)})
+
+
+def _roles(checks: Mapping[str, tuple[type[Any], Any]]) -> list[str]:
+    from auditkit.runner import SelectedCheck, _roles
+
+    return _roles([SelectedCheck(cid, cls, params, {}) for cid, (cls, params) in checks.items()])
+
+
+def _plan(checks: Mapping[str, tuple[type[Any], Any]], dataset: Any) -> tuple[list[str], bool]:
+    from auditkit.runner import SelectedCheck, plan_features, plan_splits
+
+    selected = [SelectedCheck(cid, cls, params, {}) for cid, (cls, params) in checks.items()]
+    return plan_splits(selected, dataset), plan_features(selected)
+
+
+def plain_pass(module: nn.Module, images: list[torch.Tensor], batch_size: int = 64) -> float:
+    """Seconds of one bare ``model(x)`` pass over the decoded images (what a user runs at least)."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for split in images:
+            for first in range(0, split.shape[0], batch_size):
+                module(split[first : first + batch_size].float())
+    return time.perf_counter() - started
+
+
+def run_checks(ctx: Any, checks: Mapping[str, tuple[type[Any], Any]], only: str | None = None) -> dict[str, float]:
+    """Seconds per check (the shared pass already ran or runs on first use)."""
+    from auditkit.check import Skip
+
+    seconds: dict[str, float] = {}
+    for check_id, (cls, params) in checks.items():
+        if only is not None and check_id != only:
+            continue
+        started = time.perf_counter()
+        try:
+            cls().run(ctx, params)
+        except Skip as skip:
+            seconds[f"{check_id} (skipped: {skip})"] = 0.0
+            continue
+        seconds[check_id] = time.perf_counter() - started
+    return seconds
+
+
+def shared(spec: Any, checks: Mapping[str, tuple[type[Any], Any]], out: Path) -> dict[str, Any]:
+    """auditkit's way: load once, decode once, one pass, then every check over the cache."""
+    from auditkit.context import AuditContext
+    from auditkit.data import load_dataset
+    from auditkit.model import ModelAdapter
+
+    started = time.perf_counter()
+    adapter = ModelAdapter(spec, device="cpu")
+    dataset = load_dataset(spec, roles=_roles(checks))
+    loaded = time.perf_counter()
+    ctx = AuditContext(spec, adapter, dataset, out)
+    splits, features = _plan(checks, dataset)
+    ctx.prepare(splits, features=features)
+    prepared = time.perf_counter()
+    per_check = run_checks(ctx, checks)
+    finished = time.perf_counter()
+    study = {name: dataset.splits[name].n for name in ("eval", "train") if name in dataset.splits}
+    return {
+        "load_decode_s": loaded - started,
+        "pass_s": prepared - loaded,
+        "checks_s": finished - prepared,
+        "total_s": finished - started,
+        "per_check": per_check,
+        "per_split": dict(adapter.stats.per_split),
+        "builtin_ood_s": sum(v for k, v in adapter.stats.seconds_per_split.items() if k.startswith("ood:builtin:")),
+        "study": study,
+        "images_decoded": dataset.images_decoded,
+        "manifest_rows": len(dataset.manifest.rows),
+        "images": [dataset.splits[name].images for name in study],
+        "module": adapter.module,
+    }
+
+
+def adapter_module(spec: Any) -> nn.Module:
+    from auditkit.model import ModelAdapter
+
+    return ModelAdapter(spec, device="cpu").module
+
+
+def naive(spec: Any, checks: Mapping[str, tuple[type[Any], Any]], out: Path) -> float:
+    """The glued baseline: every check loads the model, decodes and predicts on its own."""
+    from auditkit.context import AuditContext
+    from auditkit.data import load_dataset
+    from auditkit.model import ModelAdapter
+
+    started = time.perf_counter()
+    for check_id, (cls, params) in checks.items():
+        one = {check_id: (cls, params)}
+        adapter = ModelAdapter(spec, device="cpu")
+        dataset = load_dataset(spec, roles=_roles(one))
+        ctx = AuditContext(spec, adapter, dataset, out)
+        splits, features = _plan(one, dataset)
+        ctx.prepare(splits, features=features)
+        run_checks(ctx, one)
+    return time.perf_counter() - started
+
+
+def _fmt_checks(per_check: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:.2f}" for name, seconds in per_check.items())
+
+
+def measure_model(
+    spec_path: Path, model: str, checks: Mapping[str, tuple[type[Any], Any]], out: Path, *, repeats: int
+) -> list[str]:
+    spec = bench_spec(spec_path, model)
+    plain_pass(adapter_module(spec), [torch.rand(8, 1, 64, 64)])  # warm-up
+    runs: list[dict[str, Any]] = []
+    naive_runs: list[float] = []
+    plain_times: list[float] = []
+    for _ in range(repeats):  # ours, plain and naive alternate; medians are kept
+        runs.append(shared(spec, checks, out))
+        plain_times.append(plain_pass(runs[-1]["module"], runs[-1]["images"]))
+        naive_runs.append(naive(spec, checks, out))
+    ours, ours_again = runs[0], runs[-1]
+    plain = statistics.median(plain_times)
+    ours_total = statistics.median([r["total_s"] for r in runs])
+    naive_total = statistics.median(naive_runs)
+    pass_and_checks = statistics.median([r["pass_s"] + r["checks_s"] for r in runs])
+    pass_s = statistics.median([r["pass_s"] for r in runs])
+    builtin_s = statistics.median([r["builtin_ood_s"] for r in runs])
+    n_study = sum(ours["study"].values())
+    study_forwarded = sum(ours["per_split"].get(name, 0) for name in ours["study"])
+    extra = {k: v for k, v in ours["per_split"].items() if k not in ours["study"]}
+    return [
+        f"[{model}] {n_study} study images ({ours['study']}), plain pass {plain:.3f} s"
+        f" ({n_study / plain:.0f} images/s)",
+        f"  1. shared pass + checks / plain pass   {pass_and_checks / plain:7.2f}x  (target <= 1.3x)"
+        f"   [pass alone / plain pass {pass_s / plain:.2f}x; checks {_fmt_checks(ours_again['per_check'])} s,"
+        f" of which the OOD check's inference on its built-in sets {builtin_s:.2f} s]",
+        f"  2. forward passes per study image      {study_forwarded / n_study:7.2f}   (must be 1.0);"
+        f" images decoded per manifest image {ours['images_decoded'] / ours['manifest_rows']:.2f} (must be 1.0);"
+        f" OOD built-in sets forwarded once each: {sum(extra.values())} new images",
+        f"  3. naive glued baseline / ours         {naive_total / ours_total:7.2f}x  (target >= 2.5x)"
+        f"   [naive {naive_total:.1f} s, ours {ours_total:.1f} s end to end: load, decode, pass, checks]",
+    ]
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def _status_mib(key: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc, else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _memory_child(spec_path: str) -> dict[str, Any]:
+    """In a fresh process: decode, pass, prediction-based checks; report peak RSS."""
+    from auditkit.context import AuditContext
+    from auditkit.data import load_dataset
+    from auditkit.model import ModelAdapter
+    from auditkit.spec import load_spec
+
+    checks, _notes = prediction_checks()
+    spec = load_spec(Path(spec_path))
+    baseline = _status_mib("VmRSS")
+    adapter = ModelAdapter(spec, device="cpu")
+    dataset = load_dataset(spec, roles=_roles(checks))
+    with tempfile.TemporaryDirectory(prefix="auditkit-mem-") as out:
+        ctx = AuditContext(spec, adapter, dataset, Path(out))
+        splits, features = _plan(checks, dataset)
+        ctx.prepare(splits, features=features)
+        run_checks(ctx, checks)
+    images = [s.images for s in dataset.splits.values()]
+    return {
+        "n_images": sum(int(i.shape[0]) for i in images),
+        "dtype": str(images[0].dtype).removeprefix("torch."),
+        "image_bytes": sum(i.element_size() * i.nelement() for i in images),
+        "baseline_mb": baseline,
+        "peak_mb": _status_mib("VmHWM"),
+    }
+
+
+def peak_memory(spec_path: Path) -> dict[str, Any]:
+    """Run :func:`_memory_child` in a fresh interpreter (peak RSS never goes down in-process)."""
+    code = (
+        "import json, sys; from benchmarks.bench_shared_pass import _memory_child;"
+        " print(json.dumps(_memory_child(sys.argv[1])))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(spec_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def memory_lines(demo_spec: Path, tmp: Path) -> list[str]:
+    from auditkit.demo import prepare_demo
+
+    big_spec = prepare_demo(tmp / "x10", n_patients=DEMO_PATIENTS * 10, image_size=64)
+    lines = ["  6. peak resident memory (fresh process: decode, shared pass, prediction-based checks):"]
+    for label, path in (("demo study", demo_spec), ("10x study", big_spec)):
+        m = peak_memory(path)
+        lines.append(
+            f"     {label:<10} {m['n_images']:>5} images held as {m['dtype']} ({m['image_bytes'] / 2**20:.1f} MiB):"
+            f" peak {m['peak_mb']:.0f} MiB (resident after imports {m['baseline_mb']:.0f} MiB)"
+        )
+    return lines
+
+
+def main(models: tuple[str, ...] = ("tiny_cnn", "resnet18")) -> list[str]:
+    """Measure figures 1, 2, 3 and 6; return the report lines."""
+    from auditkit.demo import prepare_demo
+
+    torch.manual_seed(0)
+    checks, notes = prediction_checks()
+    lines = [
+        f"prediction-based checks: {', '.join(checks)}" + (f" ({'; '.join(notes)})" if notes else ""),
+        f"demo study (DICOM, {DEMO_PATIENTS} patients), CPU, {torch.get_num_threads()} threads; batch size 64",
+    ]
+    with tempfile.TemporaryDirectory(prefix="auditkit-bench-") as name:
+        tmp = Path(name)
+        spec_path = prepare_demo(tmp / "demo", n_patients=DEMO_PATIENTS)
+        for model in models:
+            lines += measure_model(spec_path, model, checks, tmp / "out", repeats=2 if model == "tiny_cnn" else 1)
+        lines += memory_lines(spec_path, tmp)
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(main()))

@@ -1,0 +1,52 @@
+"""The benchmark harness's own logic (speed itself is measured in ``benchmarks/``, never asserted)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+import torch
+from pydantic import BaseModel
+
+from benchmarks import bench_shared_pass, gpu
+
+
+class _TriggerToggle:
+    class Params(BaseModel):
+        trigger_search: bool = True
+        n_boot: int = 100
+
+
+class _MethodList:
+    class Params(BaseModel):
+        methods: list[str] = ["activation_clustering", "spectral_signatures", "strip", "neural_cleanse"]
+
+
+class _NoToggle:
+    Params: ClassVar[type[BaseModel]] = BaseModel
+
+
+def test_backdoor_is_configured_without_its_trigger_search() -> None:
+    assert bench_shared_pass.backdoor_params(_TriggerToggle)[0] == {"trigger_search": False}
+    params, _note = bench_shared_pass.backdoor_params(_MethodList)
+    assert params == {"methods": ["activation_clustering", "spectral_signatures", "strip"]}
+    params, note = bench_shared_pass.backdoor_params(_NoToggle)
+    assert params is None and "left out" in note
+
+
+def test_prediction_based_checks_are_the_installed_ones() -> None:
+    checks, notes = bench_shared_pass.prediction_checks()
+    assert {"calibration", "ood", "bias", "leakage"} <= set(checks)
+    assert not {"adversarial", "corruption", "phi"} & set(checks)
+    assert ("backdoor" in checks) or any("backdoor" in note for note in notes)
+
+
+def test_resnet_factory_takes_one_channel() -> None:
+    model = bench_shared_pass.resnet18_gray().eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 64, 64)).shape == (2, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_script_says_its_figures_are_missing_without_cuda() -> None:
+    assert gpu.main() == ["GPU figures missing: no CUDA GPU on this machine (run `python -m benchmarks.gpu` on one)"]
