@@ -36,7 +36,7 @@ def test_manifest_lists_inputs_outputs_and_environment(bundle: Path, demo_spec: 
     assert set(roles) >= {"spec", "weights", "data_manifest", "policy"}
     assert roles["spec"]["sha256"] == sha256_file(demo_spec)
     outputs = {entry["path"] for entry in manifest["outputs"]}
-    assert {"results.json", "report.html", "checkpoints/calibration.json"} <= outputs
+    assert {"results.json", "report.html", "checkpoints/calibration.json", "metrics.csv", "findings.csv"} <= outputs
     assert any(name.startswith("artifacts/calibration/") for name in outputs)
     assert manifest["environment"]["torch"] and manifest["environment"]["python"]
     assert verify_bundle(bundle).ok
@@ -75,8 +75,9 @@ def test_tampered_or_absent_manifest(bundle: Path, tmp_path: Path) -> None:
 def test_report_command_rerenders_and_keeps_the_bundle_verifiable(bundle: Path) -> None:
     before = json.loads((bundle / "manifest.json").read_text())["inputs"]
     (bundle / "report.html").unlink()
+    (bundle / "metrics.csv").unlink()
     assert main(["report", str(bundle), "--no-pdf"]) == 0
-    assert (bundle / "report.html").is_file()
+    assert (bundle / "report.html").is_file() and (bundle / "metrics.csv").is_file()  # rewritten too
     assert main(["verify", str(bundle)]) == 0
     after = json.loads((bundle / "manifest.json").read_text())["inputs"]
     assert sorted(after, key=lambda e: e["role"]) == sorted(before, key=lambda e: e["role"])
