@@ -35,6 +35,7 @@ DEMO_SPEC = {
         "adversarial": {},
         "leakage": {},
         "phi": {},
+        "backdoor": {},
     },
     "policy": "medical-imaging-default",
     "device": "auto",
