@@ -20,12 +20,12 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from auditkit.results import write_text_atomic
 
 __all__ = [
     "FINDINGS_CSV",
@@ -163,19 +163,6 @@ def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_csv_exports(out_dir: Path, results: Mapping[str, Any]) -> list[Path]:
     """Write ``metrics.csv`` and ``findings.csv`` into ``out_dir`` (atomically, UTF-8).
 
@@ -188,8 +175,8 @@ def write_csv_exports(out_dir: Path, results: Mapping[str, Any]) -> list[Path]:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_CSV
-    _write_text_atomic(metrics_path, _csv_text(METRICS_COLUMNS, metrics_rows(results)))
+    write_text_atomic(metrics_path, _csv_text(METRICS_COLUMNS, metrics_rows(results)))
     columns, rows = findings_rows(results)
     findings_path = out_dir / FINDINGS_CSV
-    _write_text_atomic(findings_path, _csv_text(columns, rows))
+    write_text_atomic(findings_path, _csv_text(columns, rows))
     return [metrics_path, findings_path]

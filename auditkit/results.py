@@ -43,13 +43,13 @@ def dumps(data: Any) -> str:
     return json.dumps(jsonable(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    text = dumps(data)
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8, newlines as given) to a temporary file in the same folder, fsync,
+    then rename it over ``path``: a reader sees the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
@@ -57,6 +57,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """:func:`write_text_atomic` of the canonical JSON of ``data``."""
+    write_text_atomic(path, dumps(data))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

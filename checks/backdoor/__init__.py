@@ -193,17 +193,7 @@ class BackdoorCheck(Check):
         classes = list(ctx.classes)
         if not ctx.has_split("train"):
             reason = "no train split"
-            for method in METHODS:
-                for name in classes:
-                    result.metrics.append(
-                        Metric(
-                            "backdoor.suspicious_fraction",
-                            None,
-                            "lower_is_better",
-                            labels={"method": method, "class": name},
-                            reason=reason,
-                        )
-                    )
+            result.metrics += [_undefined_fraction(method, name, reason) for method in METHODS for name in classes]
             result.metrics.append(Metric("backdoor.strip_entropy_gap", None, "lower_is_better", reason=reason))
             return None
         train = ctx.split("train")
@@ -230,21 +220,12 @@ class BackdoorCheck(Check):
                     detection = spectral_signature(features[members], z_threshold=p.spectral_z)
                 flagged[members] = detection.flagged
                 scores[members] = detection.scores
-                result.metrics.append(_fraction(method, name, detection.flagged, detection.statistic))
+                result.metrics.append(_fraction(method, name, detection.flagged))
             data.flagged[method], data.scores[method] = flagged, scores
         if p.strip:
             self._strip(ctx, p, result, data, labels)
         else:
-            for name in classes:
-                result.metrics.append(
-                    Metric(
-                        "backdoor.suspicious_fraction",
-                        None,
-                        "lower_is_better",
-                        labels={"method": "strip", "class": name},
-                        reason="STRIP disabled (strip: false)",
-                    )
-                )
+            result.metrics += [_undefined_fraction("strip", name, "STRIP disabled (strip: false)") for name in classes]
             data.strip_gap_reason = "STRIP disabled (strip: false)"
         if data.strip_gap is None:
             reason = data.strip_gap_reason or "STRIP not run"
@@ -296,7 +277,7 @@ class BackdoorCheck(Check):
             if members.size < p.min_class_size:
                 result.metrics.append(_too_small("strip", name, members.size, p.min_class_size))
                 continue
-            result.metrics.append(_fraction("strip", name, below[members], None))
+            result.metrics.append(_fraction("strip", name, below[members]))
         gaps = [
             float(eval_entropy[eval_predicted == k].mean() - train_entropy[usable & (train_predicted == k)].mean())
             for k in range(len(classes))
@@ -528,27 +509,31 @@ def _search_order(
     return sorted(indices, key=lambda k: (-suspicion(k), k))
 
 
-def _fraction(method: str, name: str, flagged: NDArray[np.bool_], statistic: float | None) -> Metric:
-    del statistic  # kept in the detection; the metric is the share flagged
+def _fraction(method: str, name: str, flagged: NDArray[np.bool_]) -> Metric:
+    """The share of a label's training samples a method flagged."""
     return Metric(
         "backdoor.suspicious_fraction",
-        float(np.mean(flagged)) if flagged.size else None,
+        float(np.mean(flagged)),
         "lower_is_better",
         labels={"method": method, "class": name},
         n=int(flagged.size),
-        reason=None if flagged.size else "no sample",
     )
 
 
-def _too_small(method: str, name: str, size: int, minimum: int) -> Metric:
+def _undefined_fraction(method: str, name: str, reason: str, n: int | None = None) -> Metric:
     return Metric(
         "backdoor.suspicious_fraction",
         None,
         "lower_is_better",
         labels={"method": method, "class": name},
-        n=int(size),
-        reason=f"{size} training samples with this label, fewer than min_class_size={minimum}",
+        n=n,
+        reason=reason,
     )
+
+
+def _too_small(method: str, name: str, size: int, minimum: int) -> Metric:
+    reason = f"{size} training samples with this label, fewer than min_class_size={minimum}"
+    return _undefined_fraction(method, name, reason, n=int(size))
 
 
 def _data_findings(

@@ -30,6 +30,7 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = ["Detection", "activation_clustering", "spectral_signature"]
 
 _MAD_CONSISTENCY = 1.4826
+_MIN_SAMPLES = 10  # fewer samples of a label are not judged
 
 
 @dataclass
@@ -48,13 +49,22 @@ class Detection:
     statistic: float
 
 
-def _validated(features: ArrayLike) -> NDArray[np.float64]:
+def _principal(features: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Validated ``(n, d)`` features: centred copy, singular values and right singular vectors."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"features must be (n, d), got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("features must be finite, got NaN or infinite values")
-    return x
+    centred = x - x.mean(axis=0)
+    if x.shape[0] < _MIN_SAMPLES:
+        return centred, np.zeros(0), np.zeros((0, x.shape[1]))
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred, singular, vt
+
+
+def _nothing(n: int) -> Detection:
+    return Detection(np.zeros(n), np.zeros(n, dtype=bool), float("nan"))
 
 
 def activation_clustering(
@@ -90,12 +100,10 @@ def activation_clustering(
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
-    x = _validated(features)
-    n = x.shape[0]
-    if n < 10:
-        return Detection(np.zeros(n), np.zeros(n, dtype=bool), float("nan"))
-    centred = x - x.mean(axis=0)
-    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    centred, singular, vt = _principal(features)
+    n = centred.shape[0]
+    if n < _MIN_SAMPLES:
+        return _nothing(n)
     keep = max(1, min(components, int((singular > singular[0] * 1e-9).sum())))
     projected = centred @ vt[:keep].T
     labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(projected)
@@ -140,12 +148,10 @@ def spectral_signature(features: ArrayLike, *, z_threshold: float = 3.5) -> Dete
         The :class:`Detection` (statistic: the largest robust z); nothing flagged for fewer than
         10 samples.
     """
-    x = _validated(features)
-    n = x.shape[0]
-    if n < 10:
-        return Detection(np.zeros(n), np.zeros(n, dtype=bool), float("nan"))
-    centred = x - x.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    centred, _, vt = _principal(features)
+    n = centred.shape[0]
+    if n < _MIN_SAMPLES:
+        return _nothing(n)
     projection = centred @ vt[0]
     scores = projection**2
     median = float(np.median(projection))
