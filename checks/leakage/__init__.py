@@ -38,6 +38,7 @@ from auditkit.checks.leakage.hashing import (
 )
 from auditkit.checks.leakage.identity import header_text, overlap, series_surrogates
 from auditkit.checks.leakage.shortcut import AucResult, encode_levels, metadata_auroc
+from auditkit.context import serial_blas
 from auditkit.data import SplitData
 from auditkit.stats import stable_seed
 
@@ -200,6 +201,7 @@ class LeakageCheck(Check):
         "leakage.metadata_auc",
     )
 
+    @serial_blas
     def run(self, ctx: AuditContext, params: Any) -> CheckResult:
         """Measure identity overlap, duplicates and shortcut signals."""
         p: LeakageCheck.Params = params
