@@ -7,6 +7,7 @@ testable without the engine; :class:`OODCheck` applies them to the shared pass.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -48,6 +49,7 @@ from auditkit.checks.ood.metrics import (
 from auditkit.checks.ood.plots import roc_curves, score_histograms
 from auditkit.checks.ood.scoring import ScoredSet, Scorer, score_builtin_sets, score_spec_sets
 from auditkit.checks.ood.sets import BUILTIN_SETS, load_other_modality, synthetic_shift
+from auditkit.context import serial_blas
 from auditkit.stats import bootstrap_cis, stable_seed
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ __all__ = [
     "OODCheck",
     "aupr",
     "auroc",
+    "builtin_size",
     "energy_score",
     "fit_class_gaussians",
     "fpr_at_tpr",
@@ -140,7 +143,15 @@ class OODCheck(Check):
             detectors: detectors to run, from msp, max_logit, energy, mahalanobis, knn, odin.
             builtin_sets: built-in OOD sets, from noise, inverted, blank, corrupted,
                 other_modality (``[]``: the spec's sets only).
-            max_builtin_images: eval images sampled for each synthetic shift.
+            builtin_fraction: share of the eval images each synthetic shift (noise, inverted,
+                blank, corrupted) is made from, so the four together cost about one pass over
+                eval whatever its size: ``ceil(builtin_fraction * n_eval)`` images per shift,
+                at least ``min(n_eval, min_builtin_images)`` and at most ``max_builtin_images``.
+                The shifts' images are the check's own inputs, each forwarded once. Smaller
+                sets give wider (reported) AUROC and FPR intervals; at the default each set
+                holds a quarter as many images as eval, and at least 32.
+            min_builtin_images: floor of each synthetic shift's size (small eval splits).
+            max_builtin_images: cap of each synthetic shift's size (large eval splits).
             knn_k: the neighbour rank of k-NN (capped at the fit set's size).
             fit_fraction: share of eval (stratified by class) fitting Mahalanobis and k-NN when
                 the run has no train split.
@@ -151,6 +162,8 @@ class OODCheck(Check):
 
         detectors: tuple[DetectorName, ...] = DEFAULT_DETECTORS
         builtin_sets: tuple[BuiltinSetName, ...] = BUILTIN_SETS
+        builtin_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
+        min_builtin_images: int = Field(default=32, ge=1, le=100_000)
         max_builtin_images: int = Field(default=256, ge=1, le=100_000)
         knn_k: int = Field(default=10, ge=1)
         fit_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
@@ -186,6 +199,7 @@ class OODCheck(Check):
         "ood.coverage",
     )
 
+    @serial_blas
     def run(self, ctx: AuditContext, params: Any) -> CheckResult:
         """Score in- and out-of-distribution images with every detector and compare them."""
         p: OODCheck.Params = params
@@ -209,7 +223,7 @@ class OODCheck(Check):
             ctx,
             scorer,
             p.builtin_sets,
-            max_images=p.max_builtin_images,
+            n_images=builtin_size(preds.n, p.builtin_fraction, p.min_builtin_images, p.max_builtin_images),
             rng=np.random.default_rng(stable_seed(seed_root, "builtin_sets")),
         )
 
@@ -241,6 +255,11 @@ class OODCheck(Check):
                 }
             )
         return result
+
+
+def builtin_size(n_eval: int, fraction: float, floor: int, cap: int) -> int:
+    """Images per synthetic shift: ``ceil(fraction * n_eval)`` within ``[min(n_eval, floor), cap]``."""
+    return max(0, min(n_eval, cap, max(floor, math.ceil(fraction * n_eval))))
 
 
 def _eval_features(ctx: AuditContext, scorer: Scorer) -> torch.Tensor | None:

@@ -251,18 +251,18 @@ def score_builtin_sets(
     scorer: Scorer,
     names: Sequence[str],
     *,
-    max_images: int,
+    n_images: int,
     rng: np.random.Generator,
 ) -> list[ScoredSet]:
     """Build each built-in set, run its new images through the model once and score them.
 
-    The synthetic shifts use the same ``max_images`` eval images (sampled without replacement);
-    each set's pass is counted under split ``ood:builtin:<name>``.
+    The synthetic shifts use the same ``n_images`` eval images (sampled without replacement,
+    at most all of eval); each set's pass is counted under split ``ood:builtin:<name>``.
     """
     from auditkit.data import window_setting
 
     n_eval = ctx.predictions("eval").n
-    sample = np.sort(rng.choice(n_eval, size=min(n_eval, max_images), replace=False))
+    sample = np.sort(rng.choice(n_eval, size=min(n_eval, n_images), replace=False))
     eval_images = ctx.images("eval", sample) if set(names) & set(SYNTHETIC_SHIFTS) else None
     # One seed per set name, so adding or dropping a set leaves the others' images unchanged.
     seed_root = int(rng.integers(0, 2**63 - 1))

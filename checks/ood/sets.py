@@ -7,7 +7,7 @@
   Robustness to Common Corruptions and Perturbations", ICLR).
 * A real other-modality set (:func:`load_other_modality`): the single-frame grayscale CT and MR
   images that pydicom ships in its package test data (``pydicom/data/test_files``), found by a
-  header-only listing of that folder (never downloaded), decoded with
+  listing of four header elements of each file in that folder (never downloaded), decoded with
   :func:`auditkit.loaders.decode_image` to the model's input, and de-duplicated by decoded
   pixels (pydicom ships the same MR slice in several transfer syntaxes).
 """
@@ -17,19 +17,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from auditkit.errors import UnreadableImage
-from auditkit.loaders import DecodeBudget, WindowSetting, decode_image, read_dicom_header
+from auditkit.loaders import DecodeBudget, WindowSetting, _quiet_pydicom, decode_image
 
 __all__ = [
     "BUILTIN_SETS",
     "OTHER_MODALITIES",
     "SYNTHETIC_SHIFTS",
     "OtherModalitySet",
+    "clear_caches",
     "describe",
     "find_other_modality_files",
     "load_other_modality",
@@ -126,15 +127,21 @@ class OtherModalitySet:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
+_LISTING_TAGS = ("Modality", "Rows", "NumberOfFrames", "SamplesPerPixel")
+
+
 @functools.lru_cache(maxsize=4)
 def find_other_modality_files(folder: Path) -> tuple[tuple[Path, str], ...]:
     """Single-frame, single-sample CT and MR files under ``folder``, sorted by relative path.
 
-    Header-only reads (:func:`auditkit.loaders.read_dicom_header`); unreadable files, other
-    modalities, multi-frame and colour images are left out. Returns ``(path, modality)`` pairs.
-    The listing of an installed package's data does not change while the process runs, so it
-    is cached (the images themselves are decoded again by each run).
+    Reads only the four header elements that decide (``specific_tags``): the folder is
+    pydicom's own packaged test data, not user input, and a full header read of its ~170 files
+    cost about two seconds per audit. Unreadable files, other modalities, multi-frame and colour
+    images are left out; the images themselves are decoded by :func:`load_other_modality` under
+    the full, bounded decoder. Returns ``(path, modality)`` pairs, cached per folder.
     """
+    import pydicom
+
     found: list[tuple[Path, str]] = []
     if not folder.is_dir():
         return ()
@@ -142,18 +149,15 @@ def find_other_modality_files(folder: Path) -> tuple[tuple[Path, str], ...]:
         if not path.is_file() or path.suffix.lower() not in ("", ".dcm"):
             continue
         try:
-            header = read_dicom_header(path)
-        except UnreadableImage:
+            with _quiet_pydicom():
+                header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_LISTING_TAGS))
+                modality = str(header.get("Modality", "") or "")
+                rows = header.get("Rows")
+                frames = int(header.get("NumberOfFrames", 1) or 1)
+                samples = int(header.get("SamplesPerPixel", 1) or 1)
+        except Exception:
             continue
-        modality = str(header.get("Modality", "") or "")
-        if modality not in OTHER_MODALITIES or "Rows" not in header:
-            continue
-        try:
-            frames = int(header.get("NumberOfFrames", 1) or 1)
-            samples = int(header.get("SamplesPerPixel", 1) or 1)
-        except (TypeError, ValueError):
-            continue
-        if frames == 1 and samples == 1:
+        if modality in OTHER_MODALITIES and rows is not None and frames == 1 and samples == 1:
             found.append((path, modality))
     return tuple(found)
 
@@ -179,11 +183,33 @@ def load_other_modality(
         folder: where to look (default :func:`pydicom_test_files`).
 
     Returns:
-        The set; ``images`` has zero rows when the folder is missing or nothing decodes.
+        The set; ``images`` has zero rows when the folder is missing or nothing decodes. The
+        decoded set is cached per argument set for the life of the process (installed package
+        data do not change), so repeated audits in one process decode it once; the caller gets
+        its own copy of the images. :func:`clear_caches` empties the cache.
     """
     root = folder if folder is not None else pydicom_test_files()
-    window = window or WindowSetting()
-    budget = budget or DecodeBudget()
+    loaded = _load_other_modality(channels, height, width, window or WindowSetting(), budget or DecodeBudget(), root)
+    return replace(
+        loaded,
+        images=loaded.images.clone(),
+        files=list(loaded.files),
+        modalities=list(loaded.modalities),
+        duplicates=list(loaded.duplicates),
+        skipped=[dict(s) for s in loaded.skipped],
+    )
+
+
+def clear_caches() -> None:
+    """Forget the listing and the decoded other-modality set (the next audit reads them again)."""
+    find_other_modality_files.cache_clear()
+    _load_other_modality.cache_clear()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_other_modality(
+    channels: int, height: int, width: int, window: WindowSetting, budget: DecodeBudget, root: Path
+) -> OtherModalitySet:
     images: list[torch.Tensor] = []
     files: list[str] = []
     modalities: list[str] = []

@@ -31,6 +31,7 @@ from auditkit.checks.ood import (
     OODCheck,
     aupr,
     auroc,
+    builtin_size,
     energy_score,
     fit_class_gaussians,
     fpr_at_tpr,
@@ -47,7 +48,7 @@ from auditkit.checks.ood import (
     threshold_at_tpr,
 )
 from auditkit.checks.ood.scoring import stratified_split
-from auditkit.checks.ood.sets import find_other_modality_files, pydicom_test_files
+from auditkit.checks.ood.sets import SYNTHETIC_SHIFTS, find_other_modality_files, pydicom_test_files
 from auditkit.context import AuditContext
 from auditkit.data import load_dataset
 from auditkit.model import ModelAdapter
@@ -307,6 +308,7 @@ def test_other_modality_set_is_decoded_once_and_deduplicated(
         return original(path, **kwargs)
 
     monkeypatch.setattr(sets_module, "decode_image", counting)
+    sets_module.clear_caches()
     folder = pydicom_test_files()
     candidates = find_other_modality_files(folder)
     loaded = load_other_modality(channels=1, height=32, width=32)
@@ -321,6 +323,23 @@ def test_other_modality_set_is_decoded_once_and_deduplicated(
     assert len(loaded.files) >= 20
     empty = load_other_modality(channels=3, height=8, width=8, folder=Path("/nonexistent"))
     assert empty.images.shape == (0, 3, 8, 8)
+    # A second load in the same process decodes nothing and hands out its own copy.
+    again = load_other_modality(channels=1, height=32, width=32)
+    assert sorted(Counter(decoded).values()) == [1] * len(candidates)
+    assert torch.equal(again.images, loaded.images) and again.files == loaded.files
+    again.images.zero_()
+    assert not torch.equal(again.images, load_other_modality(channels=1, height=32, width=32).images)
+    sets_module.clear_caches()
+    load_other_modality(channels=1, height=32, width=32)
+    assert sorted(Counter(decoded).values()) == [2] * len(candidates)
+
+
+@pytest.mark.parametrize(
+    ("n_eval", "expected"),
+    [(0, 0), (10, 10), (40, 32), (125, 32), (200, 50), (1000, 250), (5000, 256)],
+)
+def test_builtin_sets_scale_with_eval(n_eval: int, expected: int) -> None:
+    assert builtin_size(n_eval, 0.25, 32, 256) == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,7 +484,10 @@ def test_demo_runs_no_extra_eval_pass(demo_results: dict[str, Any]) -> None:
     sizes = {f["ood_set"]: f["n_images"] for f in record["findings"] if f["kind"] == "ood_set"}
     for name, size in sizes.items():
         assert per_split[f"ood:{name}"] == size  # one pass per built-in set
-    assert sizes["builtin:noise"] == min(n_eval, OODCheck.Params().max_builtin_images)
+    params = OODCheck.Params()
+    expected = builtin_size(n_eval, params.builtin_fraction, params.min_builtin_images, params.max_builtin_images)
+    assert sizes["builtin:noise"] == expected
+    assert sum(sizes[f"builtin:{s}"] for s in SYNTHETIC_SHIFTS) <= max(n_eval + 3, 4 * 32)
     for artifact in record["artifacts"]:
         assert artifact["media_type"] == "image/svg+xml"
 
