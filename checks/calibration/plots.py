@@ -88,8 +88,22 @@ def reliability_diagram(
             "font.size": 9.0,
         }
     ):
-        fig = Figure(figsize=(5.5, 6.0), layout="constrained")
-        top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3.0, 1.0]})
+        # Fixed margins (the axes' tick labels are always 0.0-1.0-like), not constrained layout,
+        # which measured every text artist again and took about half of the drawing time.
+        fig = Figure(figsize=(5.5, 6.0))
+        top, bottom = fig.subplots(
+            2,
+            1,
+            sharex=True,
+            gridspec_kw={
+                "height_ratios": [3.0, 1.0],
+                "left": 0.8 / 5.5,
+                "right": 1 - 0.2 / 5.5,
+                "top": 1 - 0.6 / 6.0,
+                "bottom": 0.55 / 6.0,
+                "hspace": 0.06,
+            },
+        )
         top.bar(
             centers[filled],
             accuracy[filled],
