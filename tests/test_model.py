@@ -176,6 +176,7 @@ def test_precision_parity_by_hand() -> None:
 
 def test_cpu_defaults_are_fp32_in_process(tiny_study: Path) -> None:
     adapter = ModelAdapter(load_spec(tiny_study), device="cpu")
+    # This model has no 2-D convolution, so it stays in NCHW.
     assert (adapter.precision, adapter.channels_last, adapter.workers, adapter.pin_memory) == ("fp32", False, 0, False)
     adapter.forward_pass(torch.rand(3, 1, 16, 16), split="eval")
     assert adapter.stats.parity is None and adapter.stats.precision == "fp32"
@@ -203,8 +204,19 @@ def test_bf16_falls_back_to_fp32_when_parity_fails(tiny_study: Path, monkeypatch
     assert adapter.precision == "fp32" and adapter.stats.precision_fallback is not None
 
 
+def test_cpu_convolutional_models_run_channels_last(demo_spec: Path) -> None:
+    adapter = ModelAdapter(load_spec(demo_spec), device="cpu")  # the demo CNN: 2-D convolutions
+    assert adapter.channels_last and adapter.stats.channels_last and adapter.precision == "fp32"
+    reference = ModelAdapter(load_spec(demo_spec), device="cpu", options=InferenceOptions(channels_last=False))
+    images = torch.rand(6, 1, 64, 64)
+    torch.testing.assert_close(adapter.forward_pass(images)[0], reference.forward_pass(images)[0])
+
+
 def test_loader_workers_and_channels_last_give_the_same_outputs(tiny_study: Path) -> None:
-    plain = ModelAdapter(load_spec(tiny_study), device="cpu", batch_size=4)
+    plain = ModelAdapter(
+        load_spec(tiny_study), device="cpu", batch_size=4, options=InferenceOptions(channels_last=False)
+    )
+    assert not plain.channels_last
     loaded = ModelAdapter(
         load_spec(tiny_study),
         device="cpu",
