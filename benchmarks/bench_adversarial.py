@@ -40,7 +40,7 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def main(repeats: int = 7, n_images: int = 32) -> list[str]:
+def main(repeats: int = 3, n_images: int = 32) -> list[str]:
     """Measure and return the report lines."""
     import torchattacks
 

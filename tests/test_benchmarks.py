@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -50,3 +51,23 @@ def test_resnet_factory_takes_one_channel() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_gpu_script_says_its_figures_are_missing_without_cuda() -> None:
     assert gpu.main() == ["GPU figures missing: no CUDA GPU on this machine (run `python -m benchmarks.gpu` on one)"]
+
+
+class _TriggerAndStrip:
+    class Params(BaseModel):
+        trigger_search: bool = True
+        strip: bool = True
+        strip_blends: int = 16
+
+
+def test_backdoor_strip_is_turned_off_with_the_trigger_search() -> None:
+    params, note = bench_shared_pass.backdoor_params(_TriggerAndStrip)
+    assert params == {"trigger_search": False, "strip": False}
+    assert "strip=false" in note
+
+
+def test_resnet_configuration_decodes_to_224(demo_spec: Path) -> None:
+    spec = bench_shared_pass.bench_spec(demo_spec, "resnet18_224")
+    assert (spec.model.input.height, spec.model.input.width) == (224, 224)
+    assert spec.model.weights is None
+    assert bench_shared_pass.bench_spec(demo_spec, "tiny_cnn").model.input.height == 64
