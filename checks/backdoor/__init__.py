@@ -199,12 +199,14 @@ class BackdoorCheck(Check):
         train = ctx.split("train")
         labels = np.asarray(ctx.labels("train"), dtype=np.int64)
         features = ctx.features("train").float().cpu().numpy().astype(np.float64)
+        # A sample whose embedding is not finite cannot be placed; it is left out of the detectors.
+        finite = np.isfinite(features).all(axis=1)
         data = _DataLevel(flagged={}, scores={})
         for method in ("activation_clustering", "spectral_signature"):
             flagged = np.zeros(labels.shape[0], dtype=bool)
             scores = np.zeros(labels.shape[0])
             for k, name in enumerate(classes):
-                members = np.flatnonzero(labels == k)
+                members = np.flatnonzero((labels == k) & finite)
                 if members.size < p.min_class_size:
                     result.metrics.append(_too_small(method, name, members.size, p.min_class_size))
                     continue
@@ -532,7 +534,7 @@ def _undefined_fraction(method: str, name: str, reason: str, n: int | None = Non
 
 
 def _too_small(method: str, name: str, size: int, minimum: int) -> Metric:
-    reason = f"{size} training samples with this label, fewer than min_class_size={minimum}"
+    reason = f"{size} training samples with this label (and finite embeddings), fewer than min_class_size={minimum}"
     return _undefined_fraction(method, name, reason, n=int(size))
 
 
