@@ -38,6 +38,7 @@ from auditkit.checks.backdoor.trigger import (
     feature_excursion,
     reverse_engineer_trigger,
 )
+from auditkit.context import serial_blas
 from auditkit.stats import stable_seed
 
 if TYPE_CHECKING:
@@ -174,6 +175,7 @@ class BackdoorCheck(Check):
         "backdoor.strip_entropy_gap",
     )
 
+    @serial_blas
     def run(self, ctx: AuditContext, params: Any) -> CheckResult:
         """Data-level detectors on the train split, then the trigger search per class."""
         p: BackdoorCheck.Params = params
