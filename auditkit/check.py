@@ -138,6 +138,23 @@ class Skip(Exception):
     """Raised inside ``run`` when the check cannot apply: recorded as ``skipped``, with reason."""
 
 
+def require_finite_logits(logits: Any, what: str = "eval image") -> Any:
+    """Which rows of ``(N, K)`` logits are finite; :class:`Skip` when none of ``N >= 1`` is.
+
+    A model that outputs only NaN or infinite logits leaves nothing to measure: an argmax over
+    NaN would pick class 0 and score it as a lucky guess.
+
+    Returns:
+        Boolean NumPy array ``(N,)``.
+    """
+    import numpy as np
+
+    finite = np.isfinite(np.asarray(logits, dtype=np.float64)).all(axis=1)
+    if finite.size and not finite.any():
+        raise Skip(f"the logits of every {what} are non-finite")
+    return finite
+
+
 class Check:
     """Base class of every check.
 

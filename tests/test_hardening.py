@@ -1122,20 +1122,18 @@ def test_all_logits_nan_leave_nothing_measured(tiny_study: Path) -> None:
     assert bias["status"] == "skipped" and "non-finite" in bias["reason"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="checks/ood, adversarial and corruption score all-NaN logits as numbers (AUROC 0.5, accuracy"
-    " 0.5) instead of undefined; reported to their owners (issue 10)",
-)
 def test_all_logits_nan_leave_no_ood_adversarial_or_corruption_number(tiny_study: Path) -> None:
     checks = {
         "ood": {"detectors": ["msp"], "builtin_sets": ["noise"], "n_boot": 0},
         "adversarial": {"attacks": ["fgsm"], "eps": [0.004], "n_samples": 8, "sanity_checks": False},
         "corruption": {"corruptions": ["gaussian_noise"], "severities": [1], "n_boot": 0},
+        "backdoor": {"trigger_samples": 8, "trigger_steps": 5},
     }
     results = _nan_run(tiny_study, 1, checks)
     measured = [(c["id"], m["name"]) for c in results["checks"] for m in c["metrics"] if m["value"] is not None]
     assert measured == []
+    assert {c["id"]: c["status"] for c in results["checks"]} == dict.fromkeys(checks, "skipped")
+    assert all("non-finite" in c["reason"] for c in results["checks"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1355,7 +1353,7 @@ FAULTS = (
     "out of memory above 4 images per batch (simulated CUDA OOM on the CPU)",
     "NaN, +inf and -inf logits for some images",
     "NaN logits for every image (calibration, bias)",
-    "NaN logits for every image (ood, adversarial, corruption: known gap, strict xfail)",
+    "NaN logits for every image (ood, adversarial, corruption, backdoor: skipped with the reason)",
 )
 
 

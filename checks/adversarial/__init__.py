@@ -18,7 +18,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator, model_validator
 
-from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs
+from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs, Skip
 from auditkit.checks.adversarial.attacks import (
     ATTACKS,
     L2_EPS,
@@ -287,7 +287,10 @@ class AdversarialCheck(Check):
         log.info("adversarial: %d images, attacks %s, on %s", n, p.attacks, ctx.device)
 
         # Clean predictions in the attacks' precision (fp32), so robust <= clean holds exactly.
-        clean = (predict(model, images, batch_size=p.batch_size) == labels).numpy()
+        predicted = predict(model, images, batch_size=p.batch_size)
+        if bool((predicted < 0).all()):
+            raise Skip(f"the logits of every one of the {n} sampled eval images are non-finite")
+        clean = (predicted == labels).numpy()
         robust: dict[tuple[str, float], NDArray[np.bool_]] = {}
         for attack in p.attacks:
             grid = p.grid(attack)

@@ -247,13 +247,15 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    """Predicted classes (int64, CPU) of ``images``, in fp32 without gradients."""
+    """Predicted classes (int64, CPU) of ``images``, in fp32 without gradients; -1 for non-finite logits."""
     device = _device_of(model)
     parts = [torch.zeros(0, dtype=torch.long)]
     with torch.no_grad():
         for _, rows in _batches(images.shape[0], batch_size):
             logits = model(images[rows].to(device, dtype=torch.float32))
-            parts.append(logits.argmax(dim=1).cpu())
+            # -1 (never a label) where the logits are not finite: no lucky argmax over NaN.
+            finite = torch.isfinite(logits).all(dim=1)
+            parts.append(torch.where(finite, logits.argmax(dim=1), -1).cpu())
     return torch.cat(parts)
 
 

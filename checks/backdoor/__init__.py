@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 from pydantic import Field
 from torch import nn
 
-from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs
+from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
 from auditkit.checks.adversarial.sampling import stratified_sample
 from auditkit.checks.backdoor.signatures import Detection, activation_clustering, spectral_signature
 from auditkit.checks.backdoor.strip import class_thresholds, strip_entropy
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 Method = Literal["activation_clustering", "spectral_signature", "strip"]
 METHODS: tuple[Method, ...] = ("activation_clustering", "spectral_signature", "strip")
+_STRIP_CHUNK = 512  # images widened to float32 at a time
 
 
 @dataclass
@@ -123,8 +124,9 @@ class BackdoorCheck(Check):
     from an adversarial patch. The data-level detectors judge a label with at least
     ``min_class_size`` samples. Spectral signatures miss poison that is a large share of its label
     (a third, on the multi-class fixture). STRIP needs eval images of the predicted class, is weak
-    when the trigger fades under superimposition (recall 0.68 on the binary fixture), and flags a
-    few percent of clean training images, of which a model is surer than of eval images.
+    when the trigger fades under superimposition (recall 0.14 on the binary fixture) and, with a
+    larger ``strip_alpha``, flags a few percent of clean training images, of which a model is
+    surer than of eval images.
     """
 
     id: ClassVar[str] = "backdoor"
@@ -158,9 +160,10 @@ class BackdoorCheck(Check):
         spectral_z: float = Field(default=3.5, gt=0, description="robust z of the spectral cut")
         strip: bool = Field(default=True, description="run STRIP on the training images")
         strip_blends: int = Field(default=16, ge=1)
-        strip_alpha: float = Field(default=0.7, gt=0, lt=1, description="weight of the inspected image")
+        strip_alpha: float = Field(default=0.6, gt=0, lt=1, description="weight of the inspected image")
         strip_false_rejection: float = Field(default=0.005, ge=0, lt=0.5)
         strip_max_images: int | None = Field(default=None, ge=1, description="training images STRIP inspects")
+        strip_overlays: int = Field(default=512, ge=1, description="eval images drawn as the overlay pool, at most")
         batch_size: int = Field(default=128, ge=1)
         top_findings: int = Field(default=20, ge=0, description="top-ranked samples listed per method")
 
@@ -181,6 +184,7 @@ class BackdoorCheck(Check):
         p: BackdoorCheck.Params = params
         result = CheckResult()
         classes = list(ctx.classes)
+        require_finite_logits(ctx.predictions("eval").logits)
         data = self._data_level(ctx, p, result)
         order = _search_order(classes, data, ctx.labels("train") if data is not None else None, p)
         if p.trigger_search:
@@ -250,22 +254,36 @@ class BackdoorCheck(Check):
         def predict(batch: torch.Tensor) -> torch.Tensor:
             return model(batch.to(device))  # type: ignore[no-any-return]
 
-        eval_images = ctx.images("eval")
         eval_predicted = ctx.predictions("eval").predicted
         train_predicted = ctx.predictions("train").predicted
         n_train = labels.shape[0]
         inspected = np.arange(n_train)
         if p.strip_max_images is not None and n_train > p.strip_max_images:
             inspected = np.sort(ctx.rng("backdoor").choice(n_train, size=p.strip_max_images, replace=False))
+        n_eval = eval_predicted.shape[0]
+        pool = np.arange(n_eval)
+        if n_eval > p.strip_overlays:
+            pool = np.sort(ctx.rng("backdoor-overlays").choice(n_eval, size=p.strip_overlays, replace=False))
+        overlays = ctx.images("eval", pool)
         kwargs: dict[str, Any] = {
             "blends": p.strip_blends,
             "alpha": p.strip_alpha,
             "batch_size": p.batch_size,
             "generator": generator,
         }
-        eval_entropy = strip_entropy(predict, eval_images, eval_images, **kwargs)
+
+        def entropies(split: str, rows: NDArray[Any]) -> NDArray[np.float64]:
+            # Decoded images are held as float16; a chunk at a time is widened, so memory stays
+            # bounded by the chunk and the overlay pool whatever the study's size.
+            parts = [
+                strip_entropy(predict, ctx.images(split, rows[i : i + _STRIP_CHUNK]), overlays, **kwargs)
+                for i in range(0, rows.shape[0], _STRIP_CHUNK)
+            ]
+            return np.concatenate(parts) if parts else np.zeros(0)
+
+        eval_entropy = entropies("eval", np.arange(n_eval))
         train_entropy = np.full(n_train, np.nan)
-        train_entropy[inspected] = strip_entropy(predict, ctx.images("train", inspected), eval_images, **kwargs)
+        train_entropy[inspected] = entropies("train", inspected)
         thresholds = class_thresholds(
             eval_entropy, eval_predicted, len(classes), false_rejection=p.strip_false_rejection
         )

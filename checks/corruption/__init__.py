@@ -16,7 +16,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
-from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs
+from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
 from auditkit.checks.adversarial.sampling import stratified_sample
 from auditkit.checks.corruption.plots import severity_plot
 from auditkit.checks.corruption.transforms import (
@@ -198,11 +198,13 @@ class CorruptionCheck(Check):
             result.metrics += _undefined(p, "no eval images", 0)
             return result
 
+        finite_clean = require_finite_logits(preds.logits)
         rng = ctx.rng("corruption")
         indices = stratified_sample(all_labels, p.n_samples, rng)
         seed_root = int(rng.integers(0, 2**62))
         labels = all_labels[indices]
-        clean = np.asarray(preds.predicted)[indices] == labels
+        # A non-finite clean output is a wrong answer, never a lucky argmax.
+        clean = (np.asarray(preds.predicted)[indices] == labels) & finite_clean[indices]
         manifest_rows = np.asarray(ctx.split("eval").rows)[indices]
         conditions = [(name, s) for name in p.corruptions for s in p.severities]
         correct = np.zeros((len(conditions), len(indices)), dtype=bool)

@@ -25,6 +25,7 @@ from auditkit.check import (
     Metric,
     Needs,
     Skip,
+    require_finite_logits,
 )
 from auditkit.checks.ood.detectors import (
     DETECTORS,
@@ -207,6 +208,7 @@ class OODCheck(Check):
         preds = ctx.predictions("eval")
         if preds.n == 0:
             raise Skip("no eval images (every eval image was quarantined)")
+        require_finite_logits(preds.logits)
         if not p.builtin_sets and not any(s.startswith("ood:") for s in ctx.split_names):
             raise Skip("no out-of-distribution sets: data.ood is empty and builtin_sets is []")
         scorer = Scorer.fit(
