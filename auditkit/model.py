@@ -373,6 +373,15 @@ class ModelAdapter:
     def has_features(self) -> bool:
         return self._feature_module is not None
 
+    @property
+    def feature_module(self) -> nn.Module | None:
+        """The module whose input (default) or output (``model.feature_layer``) is the embedding.
+
+        A check that forwards new images itself (the backdoor check's triggered images) hooks it to
+        get embeddings comparable with the shared pass's; ``None`` when embeddings are unavailable.
+        """
+        return self._feature_module
+
     def _autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
         if precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)

@@ -417,7 +417,7 @@ class BackdoorCheck(Check):
         judgeable = bool(triggers) and (bool(excursions) or searched_norms.size >= 3)
         if judgeable:
             result.metrics.append(
-                Metric("backdoor.model_suspected", float(bool(suspected)), "lower_is_better", n=len(triggers))
+                Metric("backdoor.model_suspected", float(bool(suspected)), "lower_is_better", n=int(labels.shape[0]))
             )
         else:
             reason = (
@@ -483,13 +483,13 @@ def _is_suspected(
 
 def _anomaly_reason(count: int) -> str:
     if count < 3:
-        return "the MAD anomaly index is degenerate with fewer than three classes searched"
+        return "degenerate with fewer than three classes searched"
     return "the MAD of the trigger norms is zero"
 
 
 def _embedder(ctx: AuditContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Images in [0, 1] -> the embeddings the shared pass caches (same layer, same hook rule)."""
-    feature_module: nn.Module | None = getattr(ctx.model, "_feature_module", None)
+    feature_module = ctx.model.feature_module
     if feature_module is None:
         return None
     use_input = ctx.spec.model.feature_layer is None

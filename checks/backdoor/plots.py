@@ -49,11 +49,14 @@ def trigger_figure(
             painted = trigger.mask[None] * trigger.pattern
             shown = painted.mean(axis=0) if painted.shape[0] != 3 else np.moveaxis(painted, 0, -1)
             left.imshow(trigger.mask, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
-            right.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            # Scaled to its own maximum: a faint trigger stays visible.
+            right.imshow(shown, cmap="gray", vmin=0.0, vmax=max(float(shown.max()), 1e-6), interpolation="nearest")
             verdict = "SUSPECTED" if suspected else "not suspected"
             excursion_text = "n/a" if excursion is None else f"{excursion:.2f}"
-            left.set_title(f"{name}: mask, L1 {trigger.norm:.1f} px", color="#c44e52" if suspected else "black")
-            right.set_title(f"flips {trigger.success_rate:.0%}; excursion {excursion_text}; {verdict}")
+            colour = "#c44e52" if suspected else "black"
+            left.set_title(f"{name}: mask, L1 {trigger.norm:.1f} px", color=colour)
+            flips = f"painted (scaled); flips {trigger.success_rate:.0%}"
+            right.set_title(f"{flips}\nexcursion {excursion_text}: {verdict}")
             for axis in (left, right):
                 axis.set_xticks([])
                 axis.set_yticks([])
