@@ -112,6 +112,7 @@ class AuditContext:
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._with_features: dict[str, bool] = {}
         self._predictions: dict[str, Predictions] = {}
+        self._raw_headers: dict[str, list[pydicom.Dataset | None]] = {}
         self._headers: dict[str, list[pydicom.Dataset | None]] = {}
 
     # ----------------------------------------------------------------- splits and labels
@@ -214,12 +215,9 @@ class AuditContext:
             raise Skip(f"embeddings unavailable ({self.model.feature_layer})")
         return self._cached(split, features=True)[1]
 
-    def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]:
-        """Header-only DICOM reads (no pixels), ``None`` for non-DICOM or unreadable files.
-
-        The datasets hold patient data: use them to measure, never copy values into results.
-        """
-        if split not in self._headers:
+    def _read_headers(self, split: str) -> list[pydicom.Dataset | None]:
+        """Header-only reads of a split's DICOM files, elements left raw (read once per split)."""
+        if split not in self._raw_headers:
             from auditkit.errors import UnreadableImage
             from auditkit.loaders import read_dicom_header
 
@@ -230,11 +228,48 @@ class AuditContext:
                     headers.append(None)
                     continue
                 try:
-                    headers.append(read_dicom_header(path))
+                    headers.append(read_dicom_header(path, convert=False))
                 except UnreadableImage:
                     headers.append(None)
-            self._headers[split] = headers
+            self._raw_headers[split] = headers
+        return self._raw_headers[split]
+
+    def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]:
+        """Header-only DICOM reads (no pixels), ``None`` for non-DICOM or unreadable files.
+
+        Every element is converted (while pydicom is silenced), so any access is safe. The
+        datasets hold patient data: use them to measure, never copy values into results.
+        """
+        if split not in self._headers:
+            from auditkit.loaders import convert_elements
+
+            converted: list[pydicom.Dataset | None] = []
+            for header in self._read_headers(split):
+                if header is None:
+                    converted.append(None)
+                    continue
+                try:
+                    convert_elements(header)
+                except Exception:  # an element pydicom cannot convert: the header is unreadable
+                    converted.append(None)
+                    continue
+                converted.append(header)
+            self._headers[split] = converted
         return self._headers[split]
+
+    def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]:
+        """Text values of a few header elements per image; ``None`` for non-DICOM or unreadable files.
+
+        Only the named elements are converted (:func:`auditkit.loaders.header_texts`), which is
+        about three times cheaper than :meth:`headers` for a check that needs a handful of them;
+        the files are read once whichever of the two is called first. A value is ``None`` when
+        absent, empty, binary or unconvertible. The values are patient data: measure with them,
+        never copy them into results.
+        """
+        from auditkit.loaders import header_texts
+
+        wanted = tuple(dict.fromkeys(keywords))
+        return [None if h is None else header_texts(h, wanted) for h in self._read_headers(split)]
 
     # ----------------------------------------------------------------- per-check helpers
     def rng(self, check_id: str) -> np.random.Generator:

@@ -32,8 +32,10 @@ from auditkit.errors import ConfigError, UnreadableImage
 from auditkit.loaders import (
     DecodeBudget,
     WindowSetting,
+    convert_elements,
     decode_image,
     header_info,
+    header_texts,
     image_kind,
     invert_monochrome1,
     min_max_scale,
@@ -497,6 +499,64 @@ def test_pydicom_warnings_and_logs_do_not_leak_values(tmp_path: Path, caplog: py
         assert str(ds.SeriesInstanceUID) == leaked_uid  # converted already: no warning now
     messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "Doe" in m], messages
+
+
+def _with_broken_element(path: Path) -> Path:
+    """Give a written file a US element of three bytes, which pydicom cannot convert."""
+    ds = pydicom.dcmread(path)
+    ds.add_new((0x0018, 0x1164), "DS", "0.5\\0.5")  # ImagerPixelSpacing, to be replaced raw
+    pydicom.dcmwrite(path, ds)
+    data = path.read_bytes()
+    # (0018,1164) DS "0.5\0.5" -> (0018,1240) US with three bytes of value (explicit VR LE).
+    element = b"\x18\x00\x64\x11DS\x08\x000.5\\0.5 "
+    assert element in data
+    broken = b"\x18\x00\x40\x12US\x03\x00\x01\x02\x03"
+    path.write_bytes(data.replace(element, broken))
+    return path
+
+
+def test_header_texts_convert_only_what_is_asked_and_stay_silent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    leaked_uid = "1.2.3.Doe^Jane"  # invalid UI value that pydicom would quote when it warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = make_dicom(tmp_path / "a.dcm", ramp12(), SeriesInstanceUID=leaked_uid, PixelSpacing=[0.5, 0.25])
+    wanted = ["SeriesInstanceUID", "PixelSpacing", "Rows", "StationName", "PatientID"]
+    eager = read_dicom_header(path)
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        raw = read_dicom_header(path, convert=False)
+        texts = header_texts(raw, wanted)
+        assert isinstance(raw.get_item("PatientName"), pydicom.dataelem.RawDataElement)  # not asked: raw
+        assert not isinstance(raw.get_item("SeriesInstanceUID"), pydicom.dataelem.RawDataElement)
+        convert_elements(raw)
+        assert header_texts(raw, wanted) == texts  # the same before and after full conversion
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "Doe" in m], messages
+    assert texts == {
+        "SeriesInstanceUID": leaked_uid,
+        "PixelSpacing": "0.5\\0.25",
+        "Rows": "2",
+        "StationName": None,
+        "PatientID": PATIENT_ID,
+    }
+    assert header_texts(eager, wanted) == texts
+
+
+def test_an_unconvertible_element_spoils_only_itself_in_header_texts(tmp_path: Path) -> None:
+    path = _with_broken_element(make_dicom(tmp_path / "a.dcm", ramp12()))
+    with pytest.raises(UnreadableImage, match="cannot parse the DICOM header: BytesLengthException"):
+        read_dicom_header(path)  # eager conversion: the whole header is unreadable
+    raw = read_dicom_header(path, convert=False)
+    broken = raw.get_item((0x0018, 0x1240))
+    assert broken is not None and broken.length == 3
+    texts = header_texts(raw, ["UpperLowerPixelValues", "PatientID", "Rows", "ExposureTime"])
+    assert texts == {"UpperLowerPixelValues": None, "PatientID": PATIENT_ID, "Rows": "2", "ExposureTime": None}
+    with pytest.raises(Exception, match="bytes per value"):
+        convert_elements(raw)
 
 
 def test_image_kind(tmp_path: Path) -> None:

@@ -36,15 +36,13 @@ from auditkit.checks.leakage.hashing import (
     pixel_digests,
     unpack_bits,
 )
-from auditkit.checks.leakage.identity import header_text, overlap, series_surrogates
-from auditkit.checks.leakage.shortcut import AucResult, encode_levels, metadata_auroc
+from auditkit.checks.leakage.identity import HeaderTexts, header_text, overlap, series_surrogates
+from auditkit.checks.leakage.shortcut import AucResult, encode_levels, fold_plan, metadata_auroc
 from auditkit.context import serial_blas
 from auditkit.data import SplitData
 from auditkit.stats import stable_seed
 
 if TYPE_CHECKING:
-    import pydicom
-
     from auditkit.context import AuditContext
 
 __all__ = [
@@ -210,7 +208,9 @@ class LeakageCheck(Check):
         if splits["eval"].n == 0:
             raise Skip("no eval images (every eval image was quarantined)")
         report = _Report(p.max_findings)
-        headers = {role: ctx.headers(role) for role in splits}
+        searched = [c for c, source in columns if source == "header" and c != IMAGE_SIZE]
+        keywords = ["SeriesInstanceUID", "Rows", "Columns", *searched]
+        headers = {role: ctx.header_texts(role, keywords) for role in splits}
         _identity_overlap(report, splits, headers)
         _duplicates(report, ctx, splits, p)
         _shortcuts(report, ctx, splits, headers, columns, p)
@@ -273,7 +273,7 @@ def _surrogates(split: SplitData, attribute: str, positions: Sequence[int]) -> l
 def _identity_overlap(
     report: _Report,
     splits: dict[str, SplitData],
-    headers: dict[str, list[pydicom.Dataset | None]],
+    headers: dict[str, list[HeaderTexts]],
 ) -> None:
     series = series_surrogates(splits, headers)
     identifiers = {
@@ -455,7 +455,7 @@ def _near_within(split: SplitData, role: str, near: NearPairs, k: int) -> dict[s
 # Shortcut signals
 
 
-def _image_size(header: pydicom.Dataset | None) -> str | None:
+def _image_size(header: HeaderTexts) -> str | None:
     rows, columns = header_text(header, "Rows"), header_text(header, "Columns")
     return f"{rows}x{columns}" if rows and columns else None
 
@@ -487,7 +487,7 @@ def _shortcuts(
     report: _Report,
     ctx: AuditContext,
     splits: dict[str, SplitData],
-    headers: dict[str, list[pydicom.Dataset | None]],
+    headers: dict[str, list[HeaderTexts]],
     columns: list[tuple[str, Literal["group", "header"]]],
     p: LeakageCheck.Params,
 ) -> None:
@@ -496,6 +496,14 @@ def _shortcuts(
     patients = [patient for r in roles for patient in splits[r].patients]
     pooled_headers = [h for r in roles for h in headers[r]]
     seed_root = int(ctx.rng("leakage").integers(0, 2**63 - 1))
+    # One fold assignment for every column: comparable AUROCs, and the grouped split (the slow
+    # part) is made once.
+    plan = fold_plan(
+        labels,
+        groups=patients,
+        folds=p.cv_folds,
+        rng=np.random.default_rng(stable_seed(seed_root, "shortcut-folds")),
+    )
     results: list[tuple[str, AucResult]] = []
     for column, source in columns:
         if source == "group":
@@ -513,6 +521,7 @@ def _shortcuts(
             folds=p.cv_folds,
             n_boot=p.n_boot,
             rng=np.random.default_rng(stable_seed(seed_root, "shortcut", column)),
+            plan=plan,
         )
         del values  # header values stay inside this loop
         report.metric(

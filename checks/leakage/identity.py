@@ -7,15 +7,15 @@ manifest row order. Raw identifiers stay in memory inside these functions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
 from auditkit.data import SplitData, Surrogates
 
-if TYPE_CHECKING:
-    import pydicom
+__all__ = ["HeaderTexts", "header_text", "overlap", "series_surrogates"]
 
-__all__ = ["header_text", "overlap", "series_surrogates"]
+HeaderTexts = Mapping[str, str | None] | None
+"""One image's header values as text (:meth:`auditkit.context.AuditContext.header_texts`), or
+``None`` for a file without a readable DICOM header."""
 
 
 def overlap(first: Sequence[str | None], second: Sequence[str | None]) -> dict[str, tuple[list[int], list[int]]]:
@@ -37,25 +37,17 @@ def overlap(first: Sequence[str | None], second: Sequence[str | None]) -> dict[s
     return {key: (a[key], b[key]) for key in sorted(a.keys() & b.keys())}
 
 
-def header_text(header: pydicom.Dataset | None, keyword: str) -> str | None:
-    """A header value as text, in memory only (``None`` when absent, empty or unreadable)."""
-    if header is None:
-        return None
-    try:
-        value = header.get(keyword)
-    except Exception:  # a malformed element must not end the check
-        return None
-    if value is None or isinstance(value, bytes):
-        return None
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        text = "\\".join(str(item).strip() for item in value)
-    else:
-        text = str(value).strip()
-    return text or None
+def header_text(header: HeaderTexts, keyword: str) -> str | None:
+    """A header value as text, in memory only (``None`` when absent, empty or unreadable).
+
+    Raises:
+        KeyError: ``keyword`` was not among the keywords the texts were read for.
+    """
+    return None if header is None else header[keyword]
 
 
 def series_surrogates(
-    splits: dict[str, SplitData], headers: dict[str, list[pydicom.Dataset | None]]
+    splits: dict[str, SplitData], headers: Mapping[str, Sequence[HeaderTexts]]
 ) -> dict[str, list[str | None]]:
     """SeriesInstanceUID surrogates per split, numbered in manifest row order."""
     raw = {role: [header_text(h, "SeriesInstanceUID") for h in headers[role]] for role in splits}

@@ -28,7 +28,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from auditkit.stats import bootstrap_cis
 
-__all__ = ["MISSING", "AucResult", "encode_levels", "metadata_auroc", "out_of_fold_scores"]
+__all__ = ["MISSING", "AucResult", "FoldPlan", "encode_levels", "fold_plan", "metadata_auroc", "out_of_fold_scores"]
 
 MISSING = "\x00missing"
 """The level of an image whose column value is absent (never shown: levels are not reported)."""
@@ -143,6 +143,66 @@ def _batched_auroc(scores: NDArray[np.float64], positive: NDArray[np.bool_]):  #
     return statistic
 
 
+@dataclass(frozen=True)
+class FoldPlan:
+    """The cross-validation folds of a shortcut search, shared by every column searched.
+
+    The folds depend on the labels and patients only, never on a column's values, so one plan
+    serves every column: each column is then scored on the same folds (comparable AUROCs) and
+    the grouped fold assignment, the slow part, is computed once.
+
+    Attributes:
+        folds: ``(fit, test)`` row index pairs; empty when the AUROC is undefined.
+        k: number of folds (0 when undefined by the labels).
+        reason: why no folds could be made, else ``None``.
+    """
+
+    folds: list[tuple[NDArray[np.intp], NDArray[np.intp]]]
+    k: int
+    reason: str | None = None
+
+
+def fold_plan(
+    labels: NDArray[np.int64],
+    *,
+    groups: Sequence[str | None] | None,
+    folds: int,
+    rng: np.random.Generator,
+) -> FoldPlan:
+    """Stratified folds that keep each patient's images together.
+
+    Args:
+        labels: ``int64`` class index per image.
+        groups: patient surrogate per image (``None`` entries are singletons), or ``None`` for
+            ungrouped (stratified only) folds.
+        folds: number of folds wanted; reduced to the smallest class count (images, or patients
+            when grouped) when that is smaller.
+        rng: draws the seed of the fold assignment (one integer).
+
+    Returns:
+        The :class:`FoldPlan`; its ``reason`` says why there are none (a single class, fewer than
+        2 images or patients of some class).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    present = np.unique(labels)
+    if present.size < 2:
+        return FoldPlan([], 0, "the labels hold a single class")
+    k = int(min(folds, np.bincount(labels)[present].min()))
+    if k < 2:
+        return FoldPlan([], k, "fewer than 2 images of some class for 2 folds")
+    seed = int(rng.integers(0, 2**31 - 1))
+    placeholder = np.zeros((labels.size, 1))  # the splitters read only the number of rows
+    if groups is not None and any(g is not None for g in groups):
+        group_ids = np.array([g if g is not None else f"\x00image{i}" for i, g in enumerate(groups)], dtype=object)
+        patients_per_class = min(len(set(group_ids[labels == c].tolist())) for c in present.tolist())
+        k = min(k, patients_per_class)
+        if k < 2:
+            return FoldPlan([], k, "fewer than 2 patients of some class for 2 folds")
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        return FoldPlan(list(splitter.split(placeholder, labels, groups=group_ids)), k)
+    return FoldPlan(list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(placeholder, labels)), k)
+
+
 def metadata_auroc(
     values: Sequence[str | None],
     labels: NDArray[np.int64],
@@ -154,6 +214,7 @@ def metadata_auroc(
     n_boot: int,
     rng: np.random.Generator,
     max_levels: int = 20,
+    plan: FoldPlan | None = None,
 ) -> AucResult:
     """Cross-validated AUROC of predicting ``labels`` from one column alone.
 
@@ -168,8 +229,10 @@ def metadata_auroc(
             patient's images together.
         folds: number of folds (reduced to the smallest class count when that is smaller).
         n_boot: bootstrap resamples of the interval (binary labels); 0 for none.
-        rng: generator of the fold assignment and the bootstrap.
+        rng: generator of the fold assignment (unless ``plan`` is given) and the bootstrap.
         max_levels: see :func:`encode_levels`.
+        plan: folds made by :func:`fold_plan` on the same ``labels`` (and ``groups``), to score
+            several columns on the same folds; ``groups`` and ``folds`` are then not used.
 
     Returns:
         The :class:`AucResult`.
@@ -188,20 +251,13 @@ def metadata_auroc(
         return result(None, None, 0, "the labels hold a single class")
     if n_missing == labels.size:
         return result(None, None, 0, "no image has a value")
-    k = int(min(folds, np.bincount(labels)[present].min()))
-    if k < 2:
-        return result(None, None, k, "fewer than 2 images of some class for 2 folds")
-    seed = int(rng.integers(0, 2**31 - 1))
-    if groups is not None and any(g is not None for g in groups):
-        group_ids = np.array([g if g is not None else f"\x00image{i}" for i, g in enumerate(groups)], dtype=object)
-        patients_per_class = min(len(set(group_ids[labels == c].tolist())) for c in present.tolist())
-        k = min(k, patients_per_class)
-        if k < 2:
-            return result(None, None, k, "fewer than 2 patients of some class for 2 folds")
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        split = list(splitter.split(codes, labels, groups=group_ids))
-    else:
-        split = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(codes, labels))
+    if plan is None:
+        plan = fold_plan(labels, groups=groups, folds=folds, rng=rng)
+    elif any(test.size and int(test.max()) >= labels.size for _, test in plan.folds):
+        raise ValueError(f"the fold plan indexes rows beyond the {labels.size} labels given")
+    if plan.reason is not None:
+        return result(None, None, plan.k, plan.reason)
+    split, k = plan.folds, plan.k
     scores = out_of_fold_scores(codes, labels, split, n_classes)
     scored = ~np.isnan(scores).any(axis=1)
     if present.size == 2:

@@ -36,7 +36,8 @@ from auditkit.checks.leakage import (
     unpack_bits,
 )
 from auditkit.checks.leakage.hashing import low_frequencies
-from auditkit.checks.leakage.shortcut import out_of_fold_scores
+from auditkit.checks.leakage.identity import header_text
+from auditkit.checks.leakage.shortcut import fold_plan, out_of_fold_scores
 from auditkit.context import AuditContext
 from auditkit.data import load_dataset
 from auditkit.fixtures.leaky import LEAKY_SITES, LeakyStudy, generate_leaky_study
@@ -307,6 +308,32 @@ def test_metadata_auroc_equals_sklearn_on_the_out_of_fold_scores() -> None:
     assert 0.75 < result.value < 0.95
 
 
+def test_a_fold_plan_scores_every_column_on_the_same_folds() -> None:
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, 240)
+    patients = [f"P{i // 2}" for i in range(240)]
+    labels = np.repeat(labels[::2], 2)  # a patient's two images share the label
+    plan = fold_plan(labels, groups=patients, folds=5, rng=np.random.default_rng(1))
+    assert plan.k == 5 and plan.reason is None
+    tested = np.concatenate([test for _, test in plan.folds])
+    assert sorted(tested.tolist()) == list(range(240))  # every image scored once
+    for _, test in plan.folds:  # a patient's images never straddle two folds
+        inside = {patients[i] for i in test.tolist()}
+        assert all(patients[j] not in inside for j in range(240) if j not in set(test.tolist()))
+    # Without a plan the folds are drawn from rng: the same as a plan drawn from the same rng.
+    site = [f"s{v}" for v in rng.integers(0, 3, 240)]
+    by_plan = _auc(site, labels, groups=patients, plan=plan)
+    by_rng = _auc(site, labels, groups=patients, rng=np.random.default_rng(1))
+    assert by_plan == by_rng
+    by_hand = out_of_fold_scores(encode_levels(site), labels, plan.folds, 2)
+    assert by_plan.value == pytest.approx(roc_auc_score(labels, by_hand[:, 1]))
+    single = fold_plan(np.ones(10, dtype=np.int64), groups=None, folds=5, rng=np.random.default_rng(0))
+    assert single.reason == "the labels hold a single class" and single.folds == []
+    assert _auc(["a", "b"] * 5, np.arange(10) % 2, plan=single).reason == "the labels hold a single class"
+    with pytest.raises(ValueError, match="beyond the 100 labels"):
+        _auc(site[:100], labels[:100], plan=plan)
+
+
 def test_metadata_auroc_keeps_a_patient_in_one_fold() -> None:
     # A patient ID column predicts the label perfectly *within* a patient; grouped folds never
     # let a patient's other image score it, so the column carries no information.
@@ -495,6 +522,22 @@ def _run(ctx: AuditContext, **params: Any) -> Audited:
     result = LeakageCheck().run(ctx, LeakageCheck.Params(**params))
     record = {"metrics": [m.to_json() for m in result.metrics], "findings": result.findings}
     return Audited(None, record)  # type: ignore[arg-type]
+
+
+def test_header_texts_equal_the_fully_converted_headers(leaky_ctx: AuditContext) -> None:
+    keywords = ["SeriesInstanceUID", "Rows", "Columns", "Manufacturer", "StationName", "InstitutionName"]
+    texts = leaky_ctx.header_texts("eval", keywords)
+    full = leaky_ctx.headers("eval")
+    assert len(texts) == len(full) == leaky_ctx.split("eval").n
+    for text, header in zip(texts, full, strict=True):
+        assert header is not None and text is not None
+        for keyword in keywords:
+            value = header.get(keyword)
+            expected = None if value is None else (str(value).strip() or None)
+            assert text[keyword] == expected
+    assert leaky_ctx.header_texts("eval", keywords) == texts  # the same after full conversion
+    with pytest.raises(KeyError):
+        header_text(texts[0], "PatientName")  # not read: an error, not a silent None
 
 
 def test_findings_are_capped(leaky_ctx: AuditContext) -> None:
