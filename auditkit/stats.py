@@ -28,15 +28,20 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = [
     "MAX_UNDEFINED_FRACTION",
     "BatchedStatistic",
+    "auroc_from_counts",
     "bootstrap_ci",
     "bootstrap_cis",
     "bootstrap_indices",
     "percentile_interval",
+    "resample_counts",
     "stable_seed",
 ]
 
 IndexMatrix = NDArray[np.intp]
 """Row indices of bootstrap resamples, shape ``(n_boot, n)``."""
+
+CountMatrix = NDArray[np.intp]
+"""Multiplicities of rows in bootstrap resamples, shape ``(n_boot, n)`` (see :func:`resample_counts`)."""
 
 BatchedStatistic = Callable[[IndexMatrix], ArrayLike]
 """A statistic evaluated on many resamples at once: ``(B, n)`` row indices -> ``(B,)`` values."""
@@ -177,6 +182,122 @@ def bootstrap_cis(
                 raise ValueError(f"batched statistic {name!r} must return shape ({size},), got {out.shape}")
             values[name][start : start + size] = out
     return {name: percentile_interval(vals, alpha=alpha) for name, vals in values.items()}
+
+
+def resample_counts(idx: IndexMatrix, n: int) -> CountMatrix:
+    """How many times each row appears in each resample.
+
+    A resample only repeats rows of the sample, so a statistic that depends on the multiset of
+    rows (not their order) can be computed from these multiplicities with the rows sorted once,
+    instead of re-sorting every resample (see :func:`auroc_from_counts`).
+
+    Args:
+        idx: row indices of ``B`` resamples, shape ``(B, m)``, values in ``[0, n)`` (the output of
+            :func:`bootstrap_indices`, where ``m == n``).
+        n: number of rows the indices refer to.
+
+    Returns:
+        Integer array ``counts`` of shape ``(B, n)``: ``counts[b, j]`` is the number of times row
+        ``j`` occurs in ``idx[b]``; every row of ``counts`` sums to ``m``.
+
+    Raises:
+        ValueError: ``idx`` is not 2-D or not integer, ``n`` is negative, or an index is outside
+            ``[0, n)``.
+    """
+    index = np.asarray(idx)
+    if index.ndim != 2 or not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"idx must be a 2-D integer index matrix, got shape {index.shape}, dtype {index.dtype}")
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    if index.size and (int(index.min()) < 0 or int(index.max()) >= n):
+        bad = index[(index < 0) | (index >= n)].flat[0]
+        raise ValueError(f"idx must hold row indices in [0, {n}), got {bad}")
+    n_boot = index.shape[0]
+    # One bincount over all resamples: resample b's rows are shifted into the bins [b * n, (b + 1) * n).
+    offsets = n * np.arange(n_boot, dtype=np.intp)[:, None]
+    counts = np.bincount((index.astype(np.intp, copy=False) + offsets).ravel(), minlength=n_boot * n)
+    return counts.reshape(n_boot, n).astype(np.intp, copy=False)
+
+
+def auroc_from_counts(scores: ArrayLike, positive: ArrayLike, counts: ArrayLike) -> NDArray[np.float64]:
+    """AUROC of every resample given as row multiplicities, sorting the scores once.
+
+    The Mann-Whitney statistic ``P(s_pos > s_neg) + P(s_pos = s_neg) / 2`` (Hanley & McNeil
+    1982), equal to scikit-learn's ``roc_auc_score(positive[idx[b]], scores[idx[b]])`` on the
+    resample ``idx[b]`` whose multiplicities are ``counts[b]``. A resample repeats rows, and a
+    repeated row is a tie of itself, so with rows of equal score forming one tie group ``g``::
+
+        AUROC_b = sum_g pos_w[b, g] * (neg_below[b, g] + neg_w[b, g] / 2) / (n_pos[b] * n_neg[b])
+
+    where ``pos_w`` and ``neg_w`` are a group's positive and negative weight in resample ``b``
+    and ``neg_below`` the negative weight of the groups below it. The negative rows are sorted
+    once and every positive row finds its group's bounds by binary search, so one cumulative
+    sum of the negative weights per resample gives ``neg_below`` and ``neg_below + neg_w``;
+    ``-inf`` ties with ``-inf``. The sums are carried in integers (twice the numerator), so the
+    only rounding is the final division.
+
+    Args:
+        scores: one score per row, shape ``(n,)``, higher = more positive; ``±inf`` allowed,
+            NaN is not.
+        positive: boolean class of each row, shape ``(n,)``.
+        counts: non-negative integer row multiplicities, shape ``(B, n)`` (see
+            :func:`resample_counts`).
+
+    Returns:
+        Shape ``(B,)`` float64 values in ``[0, 1]``; NaN for a resample without a positive or
+        without a negative row.
+
+    Raises:
+        ValueError: a shape mismatch, a NaN score, a non-boolean ``positive``, or non-integer
+            or negative ``counts``.
+
+    Example:
+        >>> import numpy as np
+        >>> scores = np.array([0.1, 0.4, 0.35, 0.8])
+        >>> positive = np.array([False, False, True, True])
+        >>> idx = np.array([[0, 1, 2, 3], [0, 0, 3, 3], [2, 1, 1, 3]])
+        >>> auroc_from_counts(scores, positive, resample_counts(idx, 4)).tolist()
+        [0.75, 1.0, 0.5]
+    """
+    values, is_positive, weights = _validate_weighted_sample(scores, positive, counts)
+    positive_rows = np.flatnonzero(is_positive)
+    negative_rows = np.flatnonzero(~is_positive)
+    negative_order = negative_rows[np.argsort(values[negative_rows], kind="stable")]
+    negative_scores = values[negative_order]
+    # Column i of the cumulative matrix: negative weight of the i lowest negative rows.
+    negative_through = np.zeros((weights.shape[0], negative_order.size + 1), dtype=np.intp)
+    np.cumsum(weights[:, negative_order], axis=1, out=negative_through[:, 1:])
+    positive_scores = values[positive_rows]
+    below = negative_through[:, np.searchsorted(negative_scores, positive_scores, side="left")]
+    at_most = negative_through[:, np.searchsorted(negative_scores, positive_scores, side="right")]
+    positive_weight = weights[:, positive_rows]
+    twice_u = (positive_weight * (below + at_most)).sum(axis=1)
+    twice_pairs = 2 * positive_weight.sum(axis=1) * negative_through[:, -1]
+    defined = twice_pairs > 0
+    return np.where(defined, twice_u / np.where(defined, twice_pairs, 1), np.nan)
+
+
+def _validate_weighted_sample(
+    scores: ArrayLike, positive: ArrayLike, counts: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.bool_], CountMatrix]:
+    """Check and convert the inputs of the count-based rank statistics."""
+    values = np.asarray(scores, dtype=np.float64)
+    is_positive = np.asarray(positive)
+    weights = np.asarray(counts)
+    if values.ndim != 1:
+        raise ValueError(f"scores must be 1-D, got shape {values.shape}")
+    if np.isnan(values).any():
+        raise ValueError(f"scores hold {int(np.isnan(values).sum())} NaN value(s); expected numbers or ±inf")
+    if is_positive.shape != values.shape or is_positive.dtype != np.bool_:
+        raise ValueError(
+            f"positive must be a boolean mask of shape {values.shape}, got shape {is_positive.shape},"
+            f" dtype {is_positive.dtype}"
+        )
+    if weights.ndim != 2 or weights.shape[1] != values.size:
+        raise ValueError(f"counts must have shape (B, {values.size}), got {weights.shape}")
+    if not np.issubdtype(weights.dtype, np.integer) or (weights.size and int(weights.min()) < 0):
+        raise ValueError(f"counts must be non-negative integers, got dtype {weights.dtype}")
+    return values, is_positive, weights.astype(np.intp, copy=False)
 
 
 def bootstrap_ci(

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
 
 from auditkit import stats
 from auditkit.stats import (
+    auroc_from_counts,
     bootstrap_ci,
     bootstrap_cis,
     bootstrap_indices,
     percentile_interval,
+    resample_counts,
     stable_seed,
 )
 
@@ -181,3 +184,130 @@ def test_interval_of_the_mean_is_ordered_and_within_the_data(values: list[float]
     lo, hi = interval
     tolerance = 1e-9 * (1.0 + np.abs(x).max())
     assert x.min() - tolerance <= lo <= hi <= x.max() + tolerance
+
+
+# --------------------------------------------------------------------------------------------
+# Resamples as row multiplicities, and the AUROC computed from them
+
+
+def sklearn_auroc_per_resample(scores: np.ndarray, positive: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """scikit-learn's AUROC of every resample ``scores[idx[b]]``; NaN where one class is missing."""
+    # scikit-learn refuses infinite scores; the AUROC only sees their order and ties, which the
+    # dense ranks keep (-inf becomes the lowest rank).
+    ranks = np.unique(scores, return_inverse=True)[1].astype(float)
+    out = np.full(idx.shape[0], np.nan)
+    for b, row in enumerate(idx):
+        if positive[row].all() or not positive[row].any():
+            continue
+        out[b] = roc_auc_score(positive[row], ranks[row])
+    return out
+
+
+def test_resample_counts_hand_computed() -> None:
+    idx = np.array([[0, 0, 2], [1, 2, 3], [3, 3, 3]])
+    expected = [[2, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 3]]
+    np.testing.assert_array_equal(resample_counts(idx, 4), expected)
+    # Resamples of another length than n; no resamples; no rows.
+    np.testing.assert_array_equal(resample_counts(np.array([[4, 4]]), 5), [[0, 0, 0, 0, 2]])
+    assert resample_counts(np.empty((0, 3), dtype=np.intp), 3).shape == (0, 3)
+    assert resample_counts(np.empty((2, 0), dtype=np.intp), 0).shape == (2, 0)
+
+
+def test_resample_counts_equal_a_bincount_per_resample() -> None:
+    strata = np.r_[np.zeros(7, dtype=int), np.ones(11, dtype=int)]
+    idx = bootstrap_indices(strata.size, n_boot=300, rng=np.random.default_rng(0), strata=strata)
+    counts = resample_counts(idx, strata.size)
+    assert counts.shape == (300, 18)
+    assert np.issubdtype(counts.dtype, np.integer)
+    for row, count in zip(idx, counts, strict=True):
+        np.testing.assert_array_equal(count, np.bincount(row, minlength=18))
+    # Stratified resamples keep the stratum sizes.
+    np.testing.assert_array_equal(counts[:, :7].sum(axis=1), 7)
+    np.testing.assert_array_equal(counts[:, 7:].sum(axis=1), 11)
+
+
+def test_resample_counts_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"idx must hold row indices in \[0, 3\), got 3"):
+        resample_counts(np.array([[0, 3]]), 3)
+    with pytest.raises(ValueError, match=r"idx must hold row indices in \[0, 3\), got -1"):
+        resample_counts(np.array([[-1, 0]]), 3)
+    with pytest.raises(ValueError, match="2-D integer index matrix, got shape \\(3,\\)"):
+        resample_counts(np.array([0, 1, 2]), 3)
+    with pytest.raises(ValueError, match="dtype float64"):
+        resample_counts(np.zeros((2, 2)), 3)
+
+
+def test_auroc_from_counts_hand_computed() -> None:
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.4])
+    positive = np.array([False, False, True, True, True])
+    idx = np.array([[0, 1, 2, 3, 4], [0, 0, 3, 3, 3], [2, 1, 1, 3, 3], [4, 1, 0, 4, 4], [0, 1, 1, 0, 1]])
+    # Row 0: 0.35 beats 0.1; 0.8 beats both; 0.4 beats 0.1 and ties 0.4: (1 + 2 + 1.5) / 6.
+    # Row 2: 0.35 loses to both 0.4, each 0.8 beats both: 4 / 6. Row 3: three 0.4 against 0.4
+    # and 0.1, each scores 1.5 of 2. Row 4: no positive.
+    expected = [4.5 / 6, 1.0, 4 / 6, 0.75, np.nan]
+    got = auroc_from_counts(scores, positive, resample_counts(idx, 5))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auroc_from_counts_equals_sklearn_per_resample(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 40))
+    if seed % 2:  # heavy ties, -inf included
+        scores = rng.integers(-1, 3, n).astype(float)
+        scores[scores == -1] = -np.inf
+    else:
+        scores = rng.normal(size=n)
+        scores[rng.random(n) < 0.2] = -np.inf
+    positive = rng.random(n) < 0.4
+    positive[:2] = [True, False]
+    # Unstratified resamples: some miss a class (NaN expected, sklearn refuses them).
+    idx = bootstrap_indices(n, n_boot=200, rng=rng)
+    got = auroc_from_counts(scores, positive, resample_counts(idx, n))
+    np.testing.assert_allclose(got, sklearn_auroc_per_resample(scores, positive, idx), rtol=0, atol=1e-12)
+
+
+def test_auroc_from_counts_two_rows_and_single_class_resamples() -> None:
+    scores, positive = np.array([-np.inf, 1.0]), np.array([True, False])
+    idx = np.array([[0, 1], [1, 0], [0, 0], [1, 1]])
+    got = auroc_from_counts(scores, positive, resample_counts(idx, 2))
+    np.testing.assert_array_equal(got, [0.0, 0.0, np.nan, np.nan])
+    np.testing.assert_array_equal(auroc_from_counts(np.array([2.0, 2.0]), np.array([True, False]), [[1, 3]]), [0.5])
+    # One class only, or no rows: every resample is undefined.
+    assert np.isnan(auroc_from_counts(np.array([1.0, 2.0]), np.array([True, True]), [[1, 1]])).all()
+    assert auroc_from_counts(np.empty(0), np.empty(0, dtype=bool), np.empty((3, 0), dtype=np.intp)).shape == (3,)
+
+
+def test_auroc_from_counts_reject_bad_input() -> None:
+    positive = np.array([True, False])
+    with pytest.raises(ValueError, match="1 NaN"):
+        auroc_from_counts(np.array([np.nan, 1.0]), positive, [[1, 1]])
+    with pytest.raises(ValueError, match="boolean mask of shape \\(2,\\)"):
+        auroc_from_counts(np.array([0.0, 1.0]), np.array([1, 0]), [[1, 1]])
+    with pytest.raises(ValueError, match=r"counts must have shape \(B, 2\), got \(1, 3\)"):
+        auroc_from_counts(np.array([0.0, 1.0]), positive, [[1, 1, 1]])
+    with pytest.raises(ValueError, match="non-negative integers"):
+        auroc_from_counts(np.array([0.0, 1.0]), positive, [[1, -1]])
+    with pytest.raises(ValueError, match="non-negative integers"):
+        auroc_from_counts(np.array([0.0, 1.0]), positive, [[1.0, 1.0]])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 1.0, np.inf]), st.booleans()), min_size=2, max_size=20
+    ),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_auroc_from_counts_property(rows: list[tuple[float, bool]], seed: int) -> None:
+    scores = np.array([score for score, _ in rows])
+    positive = np.array([label for _, label in rows])
+    idx = bootstrap_indices(scores.size, n_boot=20, rng=np.random.default_rng(seed))
+    got = auroc_from_counts(scores, positive, resample_counts(idx, scores.size))
+    np.testing.assert_allclose(got, sklearn_auroc_per_resample(scores, positive, idx), rtol=0, atol=1e-12)
+    defined = got[np.isfinite(got)]
+    assert ((defined >= 0.0) & (defined <= 1.0)).all()
+    # Swapping the classes and negating the scores leaves the AUROC unchanged.
+    swapped = auroc_from_counts(-scores, ~positive, resample_counts(idx, scores.size))
+    np.testing.assert_allclose(swapped, got, rtol=0, atol=1e-12)

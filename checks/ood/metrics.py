@@ -19,13 +19,17 @@ the same score are accepted or rejected together), and agrees with scikit-learn'
   first point of the ROC curve with ``tpr >= 0.95``), as reported by Hendrycks & Gimpel (2017),
   Liang et al. (2018) and Liu et al. (2020).
 
-The ``*_rows`` functions evaluate the same statistics on many resamples at once (one row each),
-so bootstrap intervals cost one vectorised pass.
+The ``*_rows`` functions evaluate the same statistics on many resamples at once (one row each).
+The bootstrap of :func:`separation_metrics` uses the ``*_from_counts`` functions instead: a
+resample only repeats rows, so it is given by its row multiplicities
+(:func:`auditkit.stats.resample_counts`) and the scores are sorted once for all resamples; a
+repeated row is a tie of itself, so the values equal the ``*_rows`` ones.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Literal
 
@@ -33,7 +37,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import rankdata
 
-from auditkit.stats import bootstrap_cis
+from auditkit.stats import auroc_from_counts, bootstrap_cis, resample_counts
 
 __all__ = [
     "TARGET_TPR",
@@ -126,6 +130,115 @@ def average_precision_rows(scores: FloatArray, positive: NDArray[np.bool_]) -> F
     group_end = np.minimum.accumulate(group_end[:, ::-1], axis=1)[:, ::-1]
     group_precision = np.take_along_axis(precision, group_end, axis=1)
     return np.asarray((hits * group_precision).sum(axis=1) / positive.sum(), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted statistics: one row of multiplicities per resample, scores sorted once
+
+
+class _SortedCounts:
+    """Resample weights of the in- and out-of-distribution rows, each set sorted once by score.
+
+    ``counts`` ``(B, n)`` are row multiplicities (:func:`auditkit.stats.resample_counts`). Every
+    statistic below needs, for a score ``s``, the weight of one set at or above, at or below or
+    strictly below ``s`` in each resample: a binary search of ``s`` in the set's sorted scores
+    (which finds the bounds of its tie group, ``-inf`` included) indexes one cumulative sum of
+    the set's weights per resample. Weights and sums are integers, so they are exact.
+    """
+
+    def __init__(self, scores: FloatArray, is_in: NDArray[np.bool_], counts: NDArray[np.intp]) -> None:
+        in_rows, out_rows = np.flatnonzero(is_in), np.flatnonzero(~is_in)
+        in_order = in_rows[np.argsort(scores[in_rows], kind="stable")]
+        out_order = out_rows[np.argsort(scores[out_rows], kind="stable")]
+        self.in_scores, self.out_scores = scores[in_order], scores[out_order]
+        self.in_weight, self.out_weight = counts[:, in_order], counts[:, out_order]
+        # Column i: the weight of the set's i lowest-scoring rows.
+        self.in_through = _cumulative(self.in_weight)
+        self.out_through = _cumulative(self.out_weight)
+        self.n_in, self.n_out = self.in_through[:, -1], self.out_through[:, -1]
+
+    def average_precision_in(self) -> FloatArray:
+        """AP with in-distribution images as positives, ranked by descending score."""
+        in_at_least = self.n_in[:, None] - self.in_through[:, _search(self.in_scores, self.in_scores, "left")]
+        out_at_least = self.n_out[:, None] - self.out_through[:, _search(self.out_scores, self.in_scores, "left")]
+        return _mean_precision(self.in_weight, in_at_least, out_at_least, self.n_in)
+
+    def average_precision_out(self) -> FloatArray:
+        """AP with out-of-distribution images as positives, ranked by ascending score."""
+        out_at_most = self.out_through[:, _search(self.out_scores, self.out_scores, "right")]
+        in_at_most = self.in_through[:, _search(self.in_scores, self.out_scores, "right")]
+        return _mean_precision(self.out_weight, out_at_most, in_at_most, self.n_out)
+
+    def fpr_at_tpr(self, tpr: float) -> FloatArray:
+        """FPR at the ``k``-th largest in-distribution score, ``k = accepted_count(n_in, tpr)``."""
+        if self.in_scores.size == 0:
+            return np.full(self.n_in.shape, np.nan)
+        # Stratified resamples share one n_in: accepted_count runs once per distinct size.
+        sizes, size_of_resample = np.unique(self.n_in, return_inverse=True)
+        accepted = np.array([accepted_count(int(size), tpr) for size in sizes], dtype=np.intp)[size_of_resample]
+        # The k-th largest is the sorted in-distribution row m with the most rows at or above
+        # it still weighing >= k, i.e. the last m whose weight below it is <= n_in - k.
+        at_threshold = (self.in_through[:, :-1] <= (self.n_in - accepted)[:, None]).sum(axis=1) - 1
+        defined = (at_threshold >= 0) & (self.n_out > 0)
+        threshold_row = np.maximum(at_threshold, 0)
+        out_below = self.out_through[:, _search(self.out_scores, self.in_scores, "left")]
+        out_accepted = self.n_out - np.take_along_axis(out_below, threshold_row[:, None], axis=1)[:, 0]
+        return np.where(defined, out_accepted / np.where(defined, self.n_out, 1), np.nan)
+
+
+def _cumulative(weights: NDArray[np.intp]) -> NDArray[np.intp]:
+    """Cumulative sums along each row with a leading zero column, shape ``(B, m + 1)``."""
+    through = np.zeros((weights.shape[0], weights.shape[1] + 1), dtype=np.intp)
+    np.cumsum(weights, axis=1, out=through[:, 1:])
+    return through
+
+
+def _search(sorted_scores: FloatArray, scores: FloatArray, side: Literal["left", "right"]) -> NDArray[np.intp]:
+    """Positions of ``scores`` in ``sorted_scores``: before (``left``) or after (``right``) their ties."""
+    return np.searchsorted(sorted_scores, scores, side=side)
+
+
+def _mean_precision(
+    weight: NDArray[np.intp],
+    positives_reached: NDArray[np.intp],
+    negatives_reached: NDArray[np.intp],
+    n_positive: NDArray[np.intp],
+) -> FloatArray:
+    """Weighted mean over positive rows of the precision at the end of each row's tie group.
+
+    Every member of a tie group gets the precision at the group's end, exactly as in
+    :func:`average_precision_rows` (a resample's repeated rows are ties of one another).
+    """
+    reached = positives_reached + negatives_reached
+    # A row absent from a resample (weight 0) may reach no row at all; its precision is unused.
+    precision = np.divide(positives_reached, reached, out=np.zeros(reached.shape), where=reached > 0)
+    defined = n_positive > 0
+    return np.where(defined, (weight * precision).sum(axis=1) / np.where(defined, n_positive, 1), np.nan)
+
+
+def average_precision_from_counts(
+    scores: FloatArray, positive: NDArray[np.bool_], counts: NDArray[np.intp]
+) -> FloatArray:
+    """Average precision of every resample given as row multiplicities ``counts`` ``(B, n)``.
+
+    Equals :func:`average_precision_rows` on ``scores[idx]`` when ``counts`` are the
+    multiplicities of ``idx`` (higher scores rank first, each tie group is one threshold), with
+    the scores sorted once. NaN for a resample without a positive row.
+    """
+    return _SortedCounts(scores, positive, counts).average_precision_in()
+
+
+def fpr_at_tpr_from_counts(
+    scores: FloatArray, is_in: NDArray[np.bool_], counts: NDArray[np.intp], tpr: float = TARGET_TPR
+) -> FloatArray:
+    """FPR at ``tpr`` of every resample given as row multiplicities ``counts`` ``(B, n)``.
+
+    Equals :func:`fpr_at_tpr_rows` on the in- and out-of-distribution rows of ``scores[idx]``
+    when ``counts`` are the multiplicities of ``idx``, with the scores sorted once. NaN for a
+    resample without an in- or without an out-of-distribution row.
+    """
+    _check_tpr(tpr)
+    return _SortedCounts(scores, is_in, counts).fpr_at_tpr(tpr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,26 +369,63 @@ def separation_metrics(
     combined = np.r_[s_in, s_out]
     is_in = np.r_[np.ones(n_in, dtype=bool), np.zeros(s_out.size, dtype=bool)]
 
-    statistics: dict[str, Callable[[NDArray[np.intp]], FloatArray]] = {
-        "auroc": lambda idx: _blocked(lambda rows: auroc_rows(combined[rows], n_in), idx),
-        "aupr_out": lambda idx: _blocked(lambda rows: average_precision_rows(-combined[rows], ~is_in), idx),
-        "aupr_in": lambda idx: _blocked(lambda rows: average_precision_rows(combined[rows], is_in), idx),
-        "fpr_at_tpr": lambda idx: _blocked(
-            lambda rows: fpr_at_tpr_rows(combined[rows[:, :n_in]], combined[rows[:, n_in:]], tpr),
-            idx,
-        ),
+    # Point values: the plain row functions on the sample itself.
+    point = combined[None, :]
+    values = {
+        "auroc": float(auroc_rows(point, n_in)[0]),
+        "aupr_out": float(average_precision_rows(-point, ~is_in)[0]),
+        "aupr_in": float(average_precision_rows(point, is_in)[0]),
+        "fpr_at_tpr": float(fpr_at_tpr_rows(point[:, :n_in], point[:, n_in:], tpr)[0]),
     }
-    identity = np.arange(combined.size)[None, :]
-    values = {name: float(statistic(identity)[0]) for name, statistic in statistics.items()}
+
+    def replicates(rows: NDArray[np.intp]) -> dict[str, FloatArray]:
+        counts = resample_counts(rows, combined.size)
+        sorted_counts = _SortedCounts(combined, is_in, counts)
+        return {
+            "auroc": auroc_from_counts(combined, is_in, counts),
+            "aupr_out": sorted_counts.average_precision_out(),
+            "aupr_in": sorted_counts.average_precision_in(),
+            "fpr_at_tpr": sorted_counts.fpr_at_tpr(tpr),
+        }
+
+    shared = _SharedReplicates(replicates)
+    statistics = {name: shared.statistic(name) for name in values}
     # Stratum codes: 0 for in-distribution rows, 1 for out-of-distribution rows, so column j of
-    # every resample holds a row of the same set as row j (the first n_in columns stay "in").
+    # every resample holds a row of the same set as row j (every resample keeps n_in and n_out).
     cis = bootstrap_cis(statistics, combined.size, n_boot=n_boot, rng=rng, strata=(~is_in).astype(np.int8))
-    return {name: (values[name], cis[name]) for name in statistics}
+    return {name: (values[name], cis[name]) for name in values}
 
 
-def _blocked(statistic: Callable[[NDArray[np.intp]], FloatArray], idx: NDArray[np.intp]) -> FloatArray:
-    """Evaluate a row statistic on blocks of resamples, so memory stays bounded."""
+class _SharedReplicates:
+    """The four bootstrap statistics of one index matrix, computed together in one pass.
+
+    :func:`~auditkit.stats.bootstrap_cis` calls each named statistic with the same index matrix
+    in turn; the first call computes all of them (sharing the counts and the sorted cumulative
+    weights), block by block so memory stays bounded, and the others read the result. The matrix is held by a weak
+    reference, so a finished block is freed as before.
+    """
+
+    def __init__(self, compute: Callable[[NDArray[np.intp]], dict[str, FloatArray]]) -> None:
+        self._compute = compute
+        self._idx: weakref.ref[NDArray[np.intp]] | None = None
+        self._values: dict[str, FloatArray] = {}
+
+    def statistic(self, name: str) -> Callable[[NDArray[np.intp]], FloatArray]:
+        def evaluate(idx: NDArray[np.intp]) -> FloatArray:
+            if self._idx is None or self._idx() is not idx:
+                self._values = _blocked_replicates(self._compute, idx)
+                self._idx = weakref.ref(idx)
+            return self._values[name]
+
+        return evaluate
+
+
+def _blocked_replicates(
+    compute: Callable[[NDArray[np.intp]], dict[str, FloatArray]], idx: NDArray[np.intp]
+) -> dict[str, FloatArray]:
+    """Evaluate several statistics on blocks of resamples, so memory stays bounded."""
     rows_per_block = max(1, _MAX_BLOCK_ELEMENTS // max(1, idx.shape[1]))
     if idx.shape[0] <= rows_per_block:
-        return statistic(idx)
-    return np.concatenate([statistic(idx[i : i + rows_per_block]) for i in range(0, idx.shape[0], rows_per_block)])
+        return compute(idx)
+    blocks = [compute(idx[i : i + rows_per_block]) for i in range(0, idx.shape[0], rows_per_block)]
+    return {name: np.concatenate([block[name] for block in blocks]) for name in blocks[0]}

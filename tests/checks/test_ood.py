@@ -47,6 +47,14 @@ from auditkit.checks.ood import (
     synthetic_shift,
     threshold_at_tpr,
 )
+from auditkit.checks.ood import metrics as ood_metrics
+from auditkit.checks.ood.metrics import (
+    auroc_rows,
+    average_precision_from_counts,
+    average_precision_rows,
+    fpr_at_tpr_from_counts,
+    fpr_at_tpr_rows,
+)
 from auditkit.checks.ood.scoring import stratified_split
 from auditkit.checks.ood.sets import SYNTHETIC_SHIFTS, find_other_modality_files, pydicom_test_files
 from auditkit.context import AuditContext
@@ -54,6 +62,7 @@ from auditkit.data import load_dataset
 from auditkit.model import ModelAdapter
 from auditkit.runner import RunOptions, run_audit
 from auditkit.spec import AuditSpec, load_spec
+from auditkit.stats import auroc_from_counts, bootstrap_cis, bootstrap_indices, resample_counts
 
 FAST = {"n_boot": 50}
 FAR_OOD = ("builtin:noise", "builtin:other_modality")
@@ -734,3 +743,121 @@ def test_user_ood_manifest_with_broken_rows(demo_spec: Path, tmp_path: Path, mon
     per_split = results["run"]["images_forwarded_per_split"]
     assert per_split["eval"] == n_eval
     assert per_split["ood:scanner_b"] == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap from row multiplicities (scores sorted once) equals the per-resample row functions
+
+
+def study_scores(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """In- and out-of-distribution scores: continuous, or heavily tied; -inf in both kinds."""
+    rng = np.random.default_rng(seed)
+    n_in, n_out = (int(v) for v in rng.integers(1, 50, size=2))
+    if seed % 2:
+        in_scores = rng.integers(-1, 4, n_in).astype(float)
+        out_scores = rng.integers(-1, 3, n_out).astype(float)
+    else:
+        in_scores, out_scores = rng.normal(1.0, 1.0, n_in), rng.normal(0.0, 1.0, n_out)
+    in_scores[rng.random(n_in) < 0.1] = -np.inf
+    out_scores[rng.random(n_out) < 0.2] = -np.inf
+    return in_scores, out_scores
+
+
+def old_separation_intervals(
+    in_scores: np.ndarray, out_scores: np.ndarray, *, n_boot: int, seed: int, tpr: float = 0.95
+) -> dict[str, tuple[float, float] | None]:
+    """The intervals as computed before the sort-once bootstrap: every resample re-sorted."""
+    n_in = in_scores.size
+    combined = np.r_[in_scores, out_scores]
+    is_in = np.arange(combined.size) < n_in
+    statistics = {
+        "auroc": lambda idx: auroc_rows(combined[idx], n_in),
+        "aupr_out": lambda idx: average_precision_rows(-combined[idx], ~is_in),
+        "aupr_in": lambda idx: average_precision_rows(combined[idx], is_in),
+        "fpr_at_tpr": lambda idx: fpr_at_tpr_rows(combined[idx[:, :n_in]], combined[idx[:, n_in:]], tpr),
+    }
+    strata = (~is_in).astype(np.int8)
+    return bootstrap_cis(statistics, combined.size, n_boot=n_boot, rng=np.random.default_rng(seed), strata=strata)
+
+
+def assert_intervals_equal(
+    new: dict[str, tuple[float, tuple[float, float] | None]], old: dict[str, tuple[float, float] | None]
+) -> None:
+    assert new.keys() == old.keys()
+    for name, (_, interval) in new.items():
+        expected = old[name]
+        assert (interval is None) == (expected is None), name
+        if interval is not None and expected is not None:
+            np.testing.assert_allclose(interval, expected, rtol=0, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("tpr", [0.5, 0.95, 1.0])
+def test_weighted_statistics_equal_the_row_functions(seed: int, tpr: float) -> None:
+    in_scores, out_scores = study_scores(seed)
+    n_in = in_scores.size
+    combined = np.r_[in_scores, out_scores]
+    is_in = np.arange(combined.size) < n_in
+    idx = bootstrap_indices(combined.size, n_boot=100, rng=np.random.default_rng(seed), strata=(~is_in).astype(np.int8))
+    counts = resample_counts(idx, combined.size)
+    resampled = combined[idx]
+    pairs = {
+        "auroc": (auroc_from_counts(combined, is_in, counts), auroc_rows(resampled, n_in)),
+        "aupr_in": (
+            average_precision_from_counts(combined, is_in, counts),
+            average_precision_rows(resampled, is_in),
+        ),
+        "aupr_out": (
+            average_precision_from_counts(-combined, ~is_in, counts),
+            average_precision_rows(-resampled, ~is_in),
+        ),
+        "fpr_at_tpr": (
+            fpr_at_tpr_from_counts(combined, is_in, counts, tpr),
+            fpr_at_tpr_rows(resampled[:, :n_in], resampled[:, n_in:], tpr),
+        ),
+    }
+    for name, (weighted, per_row) in pairs.items():
+        assert weighted.shape == (100,)
+        np.testing.assert_allclose(weighted, per_row, rtol=0, atol=1e-12, err_msg=name)
+    # The identity resample gives the point values.
+    identity = np.ones((1, combined.size), dtype=np.intp)
+    assert fpr_at_tpr_from_counts(combined, is_in, identity, tpr)[0] == fpr_at_tpr(in_scores, out_scores, tpr)
+    assert average_precision_from_counts(combined, is_in, identity)[0] == pytest.approx(
+        aupr(in_scores, out_scores, positive="in"), abs=1e-12
+    )
+
+
+def test_weighted_statistics_of_a_resample_without_a_class_are_undefined() -> None:
+    scores = np.array([1.0, 2.0, 0.0, -np.inf])
+    is_in = np.array([True, True, False, False])
+    counts = np.array([[2, 0, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(np.isnan(average_precision_from_counts(scores, is_in, counts)), [False, True, False])
+    np.testing.assert_array_equal(np.isnan(fpr_at_tpr_from_counts(scores, is_in, counts)), [True, True, False])
+    np.testing.assert_array_equal(np.isnan(auroc_from_counts(scores, is_in, counts)), [True, True, False])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_separation_metrics_intervals_equal_the_old_bootstrap(seed: int) -> None:
+    in_scores, out_scores = study_scores(seed)
+    new = separation_metrics(in_scores, out_scores, n_boot=300, rng=np.random.default_rng(seed))
+    assert_intervals_equal(new, old_separation_intervals(in_scores, out_scores, n_boot=300, seed=seed))
+    expected_points = {
+        "auroc": auroc(in_scores, out_scores),
+        "aupr_out": aupr(in_scores, out_scores, positive="out"),
+        "aupr_in": aupr(in_scores, out_scores, positive="in"),
+        "fpr_at_tpr": fpr_at_tpr(in_scores, out_scores),
+    }
+    assert {name: value for name, (value, _) in new.items()} == expected_points
+
+
+def test_separation_metrics_blocks_equal_the_old_bootstrap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from auditkit import stats
+
+    in_scores, out_scores = study_scores(3)
+    n = in_scores.size + out_scores.size
+    # Several index blocks from bootstrap_cis (the shared replicates must follow each one) and,
+    # within each, several blocks of resamples.
+    monkeypatch.setattr(stats, "_MAX_BLOCK_ELEMENTS", 40 * n)
+    monkeypatch.setattr(ood_metrics, "_MAX_BLOCK_ELEMENTS", 7 * n)
+    new = separation_metrics(in_scores, out_scores, n_boot=150, rng=np.random.default_rng(5), tpr=0.8)
+    assert_intervals_equal(new, old_separation_intervals(in_scores, out_scores, n_boot=150, seed=5, tpr=0.8))
