@@ -22,11 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from auditkit.stats import bootstrap_cis
+from auditkit.stats import auroc_from_counts, bootstrap_cis, resample_counts
 
 __all__ = ["MISSING", "AucResult", "FoldPlan", "encode_levels", "fold_plan", "metadata_auroc", "out_of_fold_scores"]
 
@@ -129,16 +128,11 @@ def out_of_fold_scores(
 
 
 def _batched_auroc(scores: NDArray[np.float64], positive: NDArray[np.bool_]):  # type: ignore[no-untyped-def]
-    """AUROC of many resamples at once (Mann-Whitney U with mid-ranks for ties)."""
+    """AUROC of many resamples at once: Mann-Whitney U with mid-ranks for ties, the scores sorted
+    once and each resample given by its row multiplicities."""
 
     def statistic(idx: NDArray[np.intp]) -> NDArray[np.float64]:
-        s, y = scores[idx], positive[idx]
-        ranks = rankdata(s, axis=1)
-        n_pos = y.sum(axis=1)
-        n_neg = y.shape[1] - n_pos
-        with np.errstate(invalid="ignore", divide="ignore"):
-            u = (ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
-            return np.asarray(u / (n_pos * n_neg), dtype=np.float64)
+        return auroc_from_counts(scores, positive, resample_counts(idx, scores.size))
 
     return statistic
 
