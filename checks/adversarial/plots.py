@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from auditkit.checks.adversarial.attacks import ATTACKS, eps_label
+from auditkit.plotting import figure_style, fixed_ticks, inch_margins, legend_columns, save_svg, text_width
 
 __all__ = ["robust_accuracy_plot"]
 
@@ -17,6 +20,18 @@ _COLOURS = {
     "square": "#55a868",
     "autoattack": "#c44e52",
 }
+_FONT_SIZE = 9.0
+_ACCURACY_TICKS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# Geometry in inches, matplotlib's paddings in points.
+_OUTER_INCHES = 0.08
+_RIGHT_INCHES = 0.25
+_GAP_INCHES = 0.3
+_TITLE_LINE_INCHES = 1.2 * _FONT_SIZE * 1.25 / 72.0
+"""A line of the suptitle or of a panel title (matplotlib draws both 1.2 times the font size)."""
+_TICK_POINTS = 3.5
+_TICK_PAD_POINTS = 3.5
+_LABEL_PAD_POINTS = 4.0
+_TITLE_PAD_POINTS = 6.0
 
 
 def robust_accuracy_plot(
@@ -42,9 +57,8 @@ def robust_accuracy_plot(
     Raises:
         ValueError: no curve to draw, or an unknown attack.
     """
-    import matplotlib
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import NullLocator
 
     unknown = sorted(set(curves) - set(ATTACKS))
     if unknown:
@@ -52,17 +66,40 @@ def robust_accuracy_plot(
     norms = [norm for norm in ("Linf", "L2") if any(ATTACKS[a].norm == norm for a in curves)]
     if not norms or not any(curves.values()):
         raise ValueError("nothing to draw: no attack has a robust accuracy")
-    with matplotlib.rc_context(
-        {
-            "svg.hashsalt": "auditkit-adversarial",
-            "svg.id": "robust-accuracy",
-            "svg.fonttype": "path",
-            "font.family": "DejaVu Sans",
-            "font.size": 9.0,
-        }
-    ):
-        fig = Figure(figsize=(4.0 * len(norms) + 1.0, 4.0), layout="constrained")
-        axes = fig.subplots(1, len(norms), squeeze=False)[0]
+    grids = {norm: sorted({e for a, c in curves.items() if ATTACKS[a].norm == norm for e in c}) for norm in norms}
+    width = 4.0 * len(norms) + 1.0
+    # The legend's entries in drawing order: each panel's attacks, the clean line after the first.
+    entries = [a for a, c in curves.items() if ATTACKS[a].norm == norms[0] and c]
+    entries += ["clean", *(a for a, c in curves.items() if len(norms) > 1 and ATTACKS[a].norm == norms[1] and c)]
+    legend_ncols = legend_columns(entries, _FONT_SIZE, width - 2 * _OUTER_INCHES)
+    legend_height = (1.75 * math.ceil(len(entries) / legend_ncols) + 0.8) * _FONT_SIZE / 72.0
+
+    # Fixed margins in inches from the labels known here (constrained layout measured every
+    # tick label of both panels twice and was about half of the drawing time).
+    line = _FONT_SIZE * 1.25 / 72.0  # one line of text, descent included
+    widest_eps = max((text_width(eps_label(e), _FONT_SIZE) for grid in grids.values() for e in grid), default=0.0)
+    tick_room = (_TICK_POINTS + _TICK_PAD_POINTS) / 72.0
+    # Tick labels turned by 45 degrees: their height is (width + line) / sqrt(2).
+    below_axes = tick_room + (widest_eps + line) / math.sqrt(2.0) + _LABEL_PAD_POINTS / 72.0 + line
+    bottom = _OUTER_INCHES + legend_height + below_axes
+    beside_axes = tick_room + text_width("0.0", _FONT_SIZE) + _LABEL_PAD_POINTS / 72.0 + line
+    left = _OUTER_INCHES + beside_axes
+    top = _OUTER_INCHES + 2 * _TITLE_LINE_INCHES + _TITLE_PAD_POINTS / 72.0 + 0.1
+    height = 3.7 + legend_height
+    panel_width = (width - left - _RIGHT_INCHES - (len(norms) - 1) * (beside_axes + _GAP_INCHES)) / len(norms)
+
+    with figure_style("robust-accuracy", hashsalt="auditkit-adversarial", font_size=_FONT_SIZE):
+        fig = Figure(figsize=(width, height))
+        axes = fig.subplots(
+            1,
+            len(norms),
+            squeeze=False,
+            gridspec_kw={
+                **inch_margins(width, height, left=left, right=_RIGHT_INCHES, top=top, bottom=bottom),
+                "wspace": (beside_axes + _GAP_INCHES) / panel_width,
+            },
+        )[0]
+        handles: dict[str, Any] = {}
         for axis, norm in zip(axes, norms, strict=True):
             for attack, curve in curves.items():
                 if ATTACKS[attack].norm != norm or not curve:
@@ -71,7 +108,7 @@ def robust_accuracy_plot(
                 accuracy = [curve[e] for e in eps]
                 colour = _COLOURS[attack]
                 style = "--" if attack == "fgsm" else "-"
-                axis.plot(
+                (handles[attack],) = axis.plot(
                     eps,
                     accuracy,
                     marker="o",
@@ -93,18 +130,30 @@ def robust_accuracy_plot(
                         elinewidth=0.8,
                         capsize=2.0,
                     )
-            axis.axhline(clean_accuracy, color="0.4", linestyle=":", linewidth=1.0, label="clean")
+            handles["clean"] = axis.axhline(clean_accuracy, color="0.4", linestyle=":", linewidth=1.0, label="clean")
             axis.set_xscale("log")
-            # Ticks at the budgets measured, labelled as the metrics label them.
-            grid = sorted({e for a, c in curves.items() if ATTACKS[a].norm == norm for e in c})
+            # Ticks at the budgets measured, labelled as the metrics label them; no minor ticks
+            # (unlabelled, and each one a tick's five artists).
+            grid = grids[norm]
             axis.set_xticks(grid, [eps_label(e) for e in grid], rotation=45)
-            axis.xaxis.set_minor_formatter(NullFormatter())
+            axis.xaxis.set_minor_locator(NullLocator())
+            if grid:  # the limits autoscaling would give: 5% margins in log space
+                low, high = math.log10(grid[0]), math.log10(grid[-1])
+                margin = 0.05 * (high - low) if high > low else 0.1
+                axis.set_xlim(10 ** (low - margin), 10 ** (high + margin))
             axis.set_ylim(-0.02, 1.02)
+            fixed_ticks(axis.yaxis, _ACCURACY_TICKS)
             axis.set_xlabel(f"eps ({'L-infinity' if norm == 'Linf' else 'L2'}, [0, 1] units)")
             axis.set_ylabel("robust accuracy")
             axis.set_title(f"{'L-infinity' if norm == 'Linf' else 'L2'} attacks")
-            axis.legend(loc="center right", frameon=False)
-        fig.suptitle(f"Robust accuracy against perturbation budget (n = {n})")
-        out = Path(path)
-        fig.savefig(out, format="svg", metadata={"Date": None})
-    return out
+        # One legend below the panels, away from the curves (inside a panel it covered them).
+        fig.legend(
+            [handles[entry] for entry in entries],
+            entries,
+            loc="lower center",
+            ncols=legend_ncols,
+            frameon=False,
+            borderaxespad=0.2,
+        )
+        fig.suptitle(f"Robust accuracy against perturbation budget (n = {n})", y=1.0 - _OUTER_INCHES / height, va="top")
+        return save_svg(fig, path)

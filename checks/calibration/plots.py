@@ -15,6 +15,9 @@ from auditkit.checks.calibration.metrics import (
     _top_label,
     expected_calibration_error,
 )
+from auditkit.plotting import figure_style, fixed_ticks, inch_margins, range_ticks, save_svg
+
+_UNIT_TICKS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 # --------------------------------------------------------------------------------------------
 # Reliability diagram
@@ -58,7 +61,6 @@ def reliability_diagram(
     Raises:
         ValueError: invalid input or ``N == 0``.
     """
-    import matplotlib
     from matplotlib.figure import Figure
 
     _check_bins(bins)
@@ -79,15 +81,7 @@ def reliability_diagram(
     title = f"ECE {expected_calibration_error(p, y, bins):.3f}"
 
     # A fixed hash salt and id make the SVG's internal ids, hence its bytes, reproducible.
-    with matplotlib.rc_context(
-        {
-            "svg.hashsalt": "auditkit-reliability",
-            "svg.id": "reliability-diagram",
-            "svg.fonttype": "path",
-            "font.family": "DejaVu Sans",
-            "font.size": 9.0,
-        }
-    ):
+    with figure_style("reliability-diagram", hashsalt="auditkit-reliability", font_size=9.0):
         # Fixed margins (the axes' tick labels are always 0.0-1.0-like), not constrained layout,
         # which measured every text artist again and took about half of the drawing time.
         fig = Figure(figsize=(5.5, 6.0))
@@ -97,10 +91,7 @@ def reliability_diagram(
             sharex=True,
             gridspec_kw={
                 "height_ratios": [3.0, 1.0],
-                "left": 0.8 / 5.5,
-                "right": 1 - 0.2 / 5.5,
-                "top": 1 - 0.6 / 6.0,
-                "bottom": 0.55 / 6.0,
+                **inch_margins(5.5, 6.0, left=0.8, right=0.2, top=0.6, bottom=0.55),
                 "hspace": 0.06,
             },
         )
@@ -132,9 +123,10 @@ def reliability_diagram(
             linewidth=1.0,
             label="perfect calibration",
         )
+        shares = counts / counts.sum()
         bottom.bar(
             centers,
-            counts / counts.sum(),
+            shares,
             width=width,
             color="#4c72b0",
             edgecolor="white",
@@ -153,9 +145,11 @@ def reliability_diagram(
                 linewidth=1.2,
                 label="after temperature scaling",
             )
+            shares_a = counts_a / counts_a.sum()
+            shares = np.maximum(shares, shares_a)
             bottom.step(
                 edges,
-                np.r_[counts_a / counts_a.sum(), 0.0],
+                np.r_[shares_a, 0.0],
                 where="post",
                 color="#dd8452",
                 linewidth=1.2,
@@ -164,6 +158,12 @@ def reliability_diagram(
             title += f" → {expected_calibration_error(after, y, bins):.3f} after temperature scaling"
         top.set_xlim(0.0, 1.0)
         top.set_ylim(0.0, 1.0)
+        # Explicit ticks and limits: no locator runs, and no tick outside the axes is made.
+        fixed_ticks(bottom.xaxis, _UNIT_TICKS)
+        fixed_ticks(top.yaxis, _UNIT_TICKS)
+        share_range = (0.0, 1.05 * float(shares.max()))  # what autoscaling gives: 5% above the top
+        bottom.set_ylim(*share_range)
+        range_ticks(bottom.yaxis, *share_range, nbins=4)
         top.set_ylabel("accuracy")
         top.set_title(f"Reliability diagram (n = {p.shape[0]}, {bins} bins)\n{title}")
         top.legend(loc="upper left", frameon=False)
@@ -171,6 +171,4 @@ def reliability_diagram(
         bottom.set_ylabel("share of images")
         if after is not None:
             bottom.legend(loc="upper left", frameon=False)
-        out = Path(path)
-        fig.savefig(out, format="svg", metadata={"Date": None})
-    return out
+        return save_svg(fig, path)
