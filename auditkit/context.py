@@ -216,12 +216,16 @@ class AuditContext:
         return self._cached(split, features=True)[1]
 
     def _read_headers(self, split: str) -> list[pydicom.Dataset | None]:
-        """Header-only reads of a split's DICOM files, elements left raw (read once per split)."""
+        """A split's DICOM headers, elements left raw: those kept by the decoder
+        (``load_dataset(..., keep_headers=True)``), else header-only reads (once per split)."""
         if split not in self._raw_headers:
             from auditkit.errors import UnreadableImage
             from auditkit.loaders import read_dicom_header
 
             data = self.split(split)
+            if data.headers is not None:
+                self._raw_headers[split] = data.headers
+                return data.headers
             headers: list[pydicom.Dataset | None] = []
             for path, kind in zip(data.paths, data.kinds, strict=True):
                 if kind != "dicom":

@@ -37,7 +37,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -223,6 +223,10 @@ class DecodedImage:
         header: Identifiers and attributes for DICOM, else ``None``.
         notes: Fixed phrases describing the conversions applied (no values), e.g.
             ``"min-max scaling (no window in header)"``.
+        dataset: With ``decode_image(..., keep_header=True)``, the DICOM data set the pixels came
+            from, without its pixel data and read buffer (elements not used by the decoder stay
+            raw: read them through :func:`header_texts` or :func:`convert_elements`), else
+            ``None``. Patient data: keep it in memory only.
     """
 
     pixels: npt.NDArray[np.float32]
@@ -230,6 +234,7 @@ class DecodedImage:
     source_shape: tuple[int, ...]
     header: HeaderInfo | None
     notes: tuple[str, ...] = ()
+    dataset: Dataset | None = field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1054,9 +1059,23 @@ def _colour_dicom(
     return np.clip(np.moveaxis(values, -1, 0), 0.0, 1.0), notes
 
 
+# Bulk pixel elements dropped from a data set kept as a header.
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+
+
+def _as_header(ds: Dataset) -> Dataset:
+    """``ds`` without its pixel data and without the buffer it was read from (in place)."""
+    for tag in _PIXEL_TAGS:
+        if tag in ds:
+            del ds[tag]
+    if isinstance(ds, pydicom.dataset.FileDataset):
+        ds.buffer = None  # the whole file's bytes
+    return ds
+
+
 def _decode_dicom(
-    path: Path, window: WindowSetting, budget: DecodeBudget
-) -> tuple[FloatArray, tuple[int, ...], HeaderInfo, list[str]]:
+    path: Path, window: WindowSetting, budget: DecodeBudget, *, keep_header: bool = False
+) -> tuple[FloatArray, tuple[int, ...], HeaderInfo, list[str], Dataset | None]:
     data = _read_bytes(path, budget)
     secrets = _path_secrets(path)
     with _quiet_pydicom():
@@ -1064,7 +1083,8 @@ def _decode_dicom(
         try:
             ds = _dcmread(io.BytesIO(data), stop_before_pixels=False, budget=budget)
             image, source_shape, notes = _dicom_to_image(ds, window, budget)
-            return image, source_shape, header_info(ds), notes
+            info = header_info(ds)
+            return image, source_shape, info, notes, (_as_header(ds) if keep_header else None)
         except UnreadableImage:
             raise
         except InvalidDicomError as exc:
@@ -1287,6 +1307,7 @@ def decode_image(
     width: int,
     window: WindowSetting = WindowSetting(),
     budget: DecodeBudget = DecodeBudget(),
+    keep_header: bool = False,
 ) -> DecodedImage:
     """Decode one image file into the model input, ``float32`` ``(channels, height, width)``.
 
@@ -1304,6 +1325,8 @@ def decode_image(
         width: Model input width.
         window: DICOM intensity window.
         budget: Size limits checked before decoding.
+        keep_header: Keep the DICOM data set, without its pixel data, in
+            :attr:`DecodedImage.dataset`, so header checks need not read the file again.
 
     Returns:
         The :class:`DecodedImage`.
@@ -1319,8 +1342,9 @@ def decode_image(
     file_path = Path(path)
     kind = image_kind(file_path)
     header: HeaderInfo | None = None
+    dataset: Dataset | None = None
     if kind == "dicom":
-        image, source_shape, header, notes = _decode_dicom(file_path, window, budget)
+        image, source_shape, header, notes, dataset = _decode_dicom(file_path, window, budget, keep_header=keep_header)
     elif kind in ("png", "jpeg"):
         image, source_shape, notes = _decode_pillow(file_path, kind, budget)
     else:
@@ -1335,4 +1359,5 @@ def decode_image(
         source_shape=source_shape,
         header=header,
         notes=(*notes, *channel_notes),
+        dataset=dataset,
     )

@@ -145,6 +145,11 @@ def plan_features(selected: Sequence[SelectedCheck]) -> bool:
     return any(s.cls.needs.features for s in selected if s.cls is not None)
 
 
+def plan_headers(selected: Sequence[SelectedCheck]) -> bool:
+    """Whether any selected check reads DICOM headers (then the decoder keeps them)."""
+    return any(s.cls.needs.headers for s in selected if s.cls is not None)
+
+
 def _roles(selected: Sequence[SelectedCheck]) -> list[str]:
     needs = [s.cls.needs for s in selected if s.cls is not None]
     roles = ["eval"]
@@ -356,7 +361,7 @@ def run_audit(
         "manifest_sha256": sha256_file(spec.manifest_path) if spec.manifest_path.is_file() else None,
         "weights_sha256": sha256_file(weights) if weights is not None else None,
     }
-    dataset = load_dataset(spec, roles=_roles(selected), progress=options.progress)
+    dataset = load_dataset(spec, roles=_roles(selected), progress=options.progress, keep_headers=plan_headers(selected))
     ctx = AuditContext(spec, model, dataset, out_dir, progress=options.progress)
 
     records: dict[str, dict[str, Any]] = {}

@@ -220,3 +220,55 @@ def test_patient_ids_from_dicom_headers_become_surrogates(tmp_path: Path) -> Non
         assert set(split.groups["PatientSex"].tolist()) <= {"F", "M"}
     surrogates = {p for s in dataset.splits.values() for p in s.patients}
     assert not any(p.startswith("SYN") for p in surrogates if p)
+
+
+def test_headers_kept_by_the_decoder_spare_a_second_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """keep_headers: each DICOM image's data set comes from the decode pass (no pixel data, no
+    file buffer), and the context's header reads use it instead of opening the files again."""
+    import pydicom
+    import yaml
+
+    import auditkit.loaders
+    from auditkit.context import AuditContext
+    from auditkit.fixtures.synthetic import generate_study
+    from auditkit.model import ModelAdapter
+
+    study = generate_study(tmp_path / "study", n_patients=12, image_size=64)
+    spec_path = tmp_path / "study" / "audit.yaml"
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "factory": "auditkit.fixtures.models:tiny_cnn",
+                    "classes": ["normal", "nodule"],
+                    "input": {"channels": 1, "height": 64, "width": 64},
+                },
+                "data": {"root": ".", "manifest": "manifest.csv", "splits": {"eval": "test", "train": "train"}},
+            }
+        )
+    )
+    broken = sorted((tmp_path / "study").rglob("*.dcm"))[0]
+    broken.write_bytes(broken.read_bytes()[:300])  # quarantined: its header is not kept
+    spec = load_spec(spec_path)
+    plain = load_dataset(spec)
+    kept = load_dataset(spec, keep_headers=True)
+    assert all(split.headers is None for split in plain.splits.values())
+    assert len(kept.quarantine) == 1 and kept.images_decoded == plain.images_decoded == len(study.rows)
+    keywords = ["PatientID", "SeriesInstanceUID", "Rows", "Manufacturer", "PatientSex"]
+    read_back = AuditContext(spec, ModelAdapter(spec, device="cpu"), plain, tmp_path / "a")
+    expected = {name: read_back.header_texts(name, keywords) for name in plain.splits}
+
+    def no_second_read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a kept header was read from its file again")
+
+    monkeypatch.setattr(auditkit.loaders, "read_dicom_header", no_second_read)
+    ctx = AuditContext(spec, ModelAdapter(spec, device="cpu"), kept, tmp_path / "b")
+    for name, split in kept.splits.items():
+        assert split.headers is not None and len(split.headers) == split.n
+        for header in split.headers:
+            assert isinstance(header, pydicom.Dataset)
+            assert "PixelData" not in header and getattr(header, "buffer", None) is None
+        assert ctx.header_texts(name, keywords) == expected[name]
+        assert all(t is not None and t["PatientID"] for t in expected[name])
+        full = ctx.headers(name)  # every element converted, silenced
+        assert [str(h.PatientID) for h in full if h is not None] == [t["PatientID"] for t in expected[name] if t]
