@@ -194,7 +194,9 @@ def mahalanobis_score(features: ArrayLike | torch.Tensor, fit: ClassGaussians) -
     distances = np.empty((x.shape[0], fit.means.shape[0]))
     for k, mean in enumerate(fit.means):
         delta = safe - mean
-        distances[:, k] = np.einsum("nd,de,ne->n", delta, fit.precision, delta)
+        # (delta @ P) . delta row by row: one matrix product (BLAS) instead of einsum's
+        # unoptimised three-operand loop, 20-50x slower at D = 512.
+        distances[:, k] = np.einsum("nd,nd->n", delta @ fit.precision, delta)
     return _with_nan(-distances.min(axis=1), finite)
 
 
