@@ -295,7 +295,7 @@ class SplitData:
     kinds: list[str]
     paths: list[Path] = field(repr=False)
     quarantined_groups: dict[str, dict[str, int]] = field(default_factory=dict)
-    headers: list[pydicom.Dataset | None] | None = field(default=None, repr=False)
+    headers: list[pydicom.Dataset | None] | None = field(default=None, repr=False, compare=False)
     """With ``load_dataset(..., keep_headers=True)``: each image's DICOM data set as decoded,
     without pixel data (``None`` for other kinds); elements the decoder did not use stay raw.
     Patient data: read through :meth:`auditkit.context.AuditContext.headers` or

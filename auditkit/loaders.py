@@ -224,7 +224,8 @@ class DecodedImage:
         notes: Fixed phrases describing the conversions applied (no values), e.g.
             ``"min-max scaling (no window in header)"``.
         dataset: With ``decode_image(..., keep_header=True)``, the DICOM data set the pixels came
-            from, without its pixel data and read buffer (elements not used by the decoder stay
+            from, as a header-only read gives it (nothing from the pixel data on, no read buffer;
+            elements not used by the decoder stay
             raw: read them through :func:`header_texts` or :func:`convert_elements`), else
             ``None``. Patient data: keep it in memory only.
     """
@@ -234,7 +235,7 @@ class DecodedImage:
     source_shape: tuple[int, ...]
     header: HeaderInfo | None
     notes: tuple[str, ...] = ()
-    dataset: Dataset | None = field(default=None, repr=False)
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1059,15 +1060,17 @@ def _colour_dicom(
     return np.clip(np.moveaxis(values, -1, 0), 0.0, 1.0), notes
 
 
-# Bulk pixel elements dropped from a data set kept as a header.
-_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+# The first pixel data element: a header read stops before it (``stop_before_pixels``).
+_FIRST_PIXEL_TAG = 0x7FE00008
 
 
 def _as_header(ds: Dataset) -> Dataset:
-    """``ds`` without its pixel data and without the buffer it was read from (in place)."""
-    for tag in _PIXEL_TAGS:
-        if tag in ds:
-            del ds[tag]
+    """``ds`` as a header-only read would give it, in place: without its pixel data, without any
+    element after it (trailing padding, private groups, signatures: what ``stop_before_pixels``
+    never reads) and without the buffer it was read from."""
+    # keys(), not iteration: iterating a Dataset converts every element it yields.
+    for tag in [tag for tag in ds.keys() if tag >= _FIRST_PIXEL_TAG]:  # noqa: SIM118
+        del ds[tag]
     if isinstance(ds, pydicom.dataset.FileDataset):
         ds.buffer = None  # the whole file's bytes
     return ds

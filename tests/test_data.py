@@ -179,33 +179,35 @@ def test_unknown_eval_split_value(tiny_study: Path) -> None:
         load_dataset(spec)
 
 
+def _tiny_cnn_spec(study: Path, groups: dict[str, dict[str, object]] | None = None) -> Path:
+    """Write ``audit.yaml`` for a generated study (test/train splits) and the packaged tiny CNN."""
+    import yaml
+
+    data: dict[str, object] = {"root": ".", "manifest": "manifest.csv", "splits": {"eval": "test", "train": "train"}}
+    if groups is not None:
+        data["groups"] = groups
+    spec = {
+        "model": {
+            "factory": "auditkit.fixtures.models:tiny_cnn",
+            "classes": ["normal", "nodule"],
+            "input": {"channels": 1, "height": 64, "width": 64},
+        },
+        "data": data,
+    }
+    path = study / "audit.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def test_patient_ids_from_dicom_headers_become_surrogates(tmp_path: Path) -> None:
     """No patient_id column: PatientID is read from each header and kept only as a surrogate."""
-    import yaml
 
     from auditkit.fixtures.synthetic import generate_study
 
     study = generate_study(tmp_path / "study", n_patients=16, image_size=64, patient_id_in_manifest=False)
     header = study.manifest_path.read_text().splitlines()[0]
     assert "patient_id" not in header
-    spec_path = tmp_path / "study" / "audit.yaml"
-    spec_path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {
-                    "factory": "auditkit.fixtures.models:tiny_cnn",
-                    "classes": ["normal", "nodule"],
-                    "input": {"channels": 1, "height": 64, "width": 64},
-                },
-                "data": {
-                    "root": ".",
-                    "manifest": "manifest.csv",
-                    "splits": {"eval": "test", "train": "train"},
-                    "groups": {"site": {}, "PatientSex": {}},
-                },
-            }
-        )
-    )
+    spec_path = _tiny_cnn_spec(tmp_path / "study", groups={"site": {}, "PatientSex": {}})
     dataset = load_dataset(load_spec(spec_path))
     for name, split_value in (("eval", "test"), ("train", "train")):
         split = dataset.splits[name]
@@ -226,7 +228,6 @@ def test_headers_kept_by_the_decoder_spare_a_second_read(tmp_path: Path, monkeyp
     """keep_headers: each DICOM image's data set comes from the decode pass (no pixel data, no
     file buffer), and the context's header reads use it instead of opening the files again."""
     import pydicom
-    import yaml
 
     import auditkit.loaders
     from auditkit.context import AuditContext
@@ -234,19 +235,7 @@ def test_headers_kept_by_the_decoder_spare_a_second_read(tmp_path: Path, monkeyp
     from auditkit.model import ModelAdapter
 
     study = generate_study(tmp_path / "study", n_patients=12, image_size=64)
-    spec_path = tmp_path / "study" / "audit.yaml"
-    spec_path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {
-                    "factory": "auditkit.fixtures.models:tiny_cnn",
-                    "classes": ["normal", "nodule"],
-                    "input": {"channels": 1, "height": 64, "width": 64},
-                },
-                "data": {"root": ".", "manifest": "manifest.csv", "splits": {"eval": "test", "train": "train"}},
-            }
-        )
-    )
+    spec_path = _tiny_cnn_spec(tmp_path / "study")
     broken = sorted((tmp_path / "study").rglob("*.dcm"))[0]
     broken.write_bytes(broken.read_bytes()[:300])  # quarantined: its header is not kept
     spec = load_spec(spec_path)

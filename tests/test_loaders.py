@@ -559,6 +559,25 @@ def test_an_unconvertible_element_spoils_only_itself_in_header_texts(tmp_path: P
         convert_elements(raw)
 
 
+def test_a_kept_header_is_what_a_header_only_read_gives(tmp_path: Path) -> None:
+    """decode_image(keep_header=True) keeps the header without pixel data and without anything
+    after it (a private group, padding): exactly the elements of a header-only read."""
+    path = make_dicom(tmp_path / "a.dcm", ramp12())
+    ds = pydicom.dcmread(path)
+    ds.add_new((0x7FE1, 0x0010), "LO", "VENDOR CSA NON-IMAGE")
+    ds.add_new((0x7FE1, 0x1010), "OB", b"\x01" * 4096)
+    ds.add_new((0xFFFC, 0xFFFC), "OB", b"\x00" * 64)  # DataSetTrailingPadding
+    pydicom.dcmwrite(path, ds)
+    decoded = decode_image(path, channels=1, height=2, width=4, keep_header=True)
+    kept = decoded.dataset
+    assert kept is not None and decoded.header is not None
+    header_only = read_dicom_header(path)
+    assert list(kept.keys()) == list(header_only.keys())
+    assert max(kept.keys()) < 0x7FE00008 and getattr(kept, "buffer", None) is None
+    assert decode_image(path, channels=1, height=2, width=4).dataset is None  # kept only on request
+    np.testing.assert_array_equal(decoded.pixels, decode_image(path, channels=1, height=2, width=4).pixels)
+
+
 def test_image_kind(tmp_path: Path) -> None:
     assert image_kind(tmp_path / "x.DCM") == "dicom"
     assert image_kind(tmp_path / "x.jpeg") == "jpeg"

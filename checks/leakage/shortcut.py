@@ -149,11 +149,13 @@ class FoldPlan:
         folds: ``(fit, test)`` row index pairs; empty when the AUROC is undefined.
         k: number of folds (0 when undefined by the labels).
         reason: why no folds could be made, else ``None``.
+        n: number of images the plan was made for.
     """
 
     folds: list[tuple[NDArray[np.intp], NDArray[np.intp]]]
     k: int
     reason: str | None = None
+    n: int | None = None
 
 
 def fold_plan(
@@ -180,10 +182,10 @@ def fold_plan(
     labels = np.asarray(labels, dtype=np.int64)
     present = np.unique(labels)
     if present.size < 2:
-        return FoldPlan([], 0, "the labels hold a single class")
+        return FoldPlan([], 0, "the labels hold a single class", labels.size)
     k = int(min(folds, np.bincount(labels)[present].min()))
     if k < 2:
-        return FoldPlan([], k, "fewer than 2 images of some class for 2 folds")
+        return FoldPlan([], k, "fewer than 2 images of some class for 2 folds", labels.size)
     seed = int(rng.integers(0, 2**31 - 1))
     placeholder = np.zeros((labels.size, 1))  # the splitters read only the number of rows
     if groups is not None and any(g is not None for g in groups):
@@ -191,10 +193,11 @@ def fold_plan(
         patients_per_class = min(len(set(group_ids[labels == c].tolist())) for c in present.tolist())
         k = min(k, patients_per_class)
         if k < 2:
-            return FoldPlan([], k, "fewer than 2 patients of some class for 2 folds")
+            return FoldPlan([], k, "fewer than 2 patients of some class for 2 folds", labels.size)
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        return FoldPlan(list(splitter.split(placeholder, labels, groups=group_ids)), k)
-    return FoldPlan(list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(placeholder, labels)), k)
+        return FoldPlan(list(splitter.split(placeholder, labels, groups=group_ids)), k, n=labels.size)
+    split = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(placeholder, labels)
+    return FoldPlan(list(split), k, n=labels.size)
 
 
 def metadata_auroc(
@@ -247,8 +250,8 @@ def metadata_auroc(
         return result(None, None, 0, "no image has a value")
     if plan is None:
         plan = fold_plan(labels, groups=groups, folds=folds, rng=rng)
-    elif any(test.size and int(test.max()) >= labels.size for _, test in plan.folds):
-        raise ValueError(f"the fold plan indexes rows beyond the {labels.size} labels given")
+    elif plan.n != labels.size:
+        raise ValueError(f"the fold plan was made for {plan.n} images, but {labels.size} labels are given")
     if plan.reason is not None:
         return result(None, None, plan.k, plan.reason)
     split, k = plan.folds, plan.k

@@ -132,7 +132,8 @@ class PHICheck(Check):
     Method: every DICOM file of the audit (the eval and train splits, their quarantined files,
     whose images could not be decoded but whose headers may still be read, and the spec's OOD
     sets) is read header-only (:func:`auditkit.loaders.read_dicom_header`: bounded, pixel data
-    skipped, pydicom's value-quoting warnings silenced) and each attribute, nested ones
+    skipped, pydicom's value-quoting warnings silenced; a decoded image's header is kept from the
+    decode pass with exactly the elements such a read gives) and each attribute, nested ones
     included, is judged against Table E.1-1 of DICOM PS3.15 Annex E (Application Level
     Confidentiality Profile Attributes, 2024b; packaged copy). An attribute the applicable
     action removes (X) that is present, or blanks or replaces (Z, D, C) that holds a value, is

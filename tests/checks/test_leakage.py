@@ -330,7 +330,7 @@ def test_a_fold_plan_scores_every_column_on_the_same_folds() -> None:
     single = fold_plan(np.ones(10, dtype=np.int64), groups=None, folds=5, rng=np.random.default_rng(0))
     assert single.reason == "the labels hold a single class" and single.folds == []
     assert _auc(["a", "b"] * 5, np.arange(10) % 2, plan=single).reason == "the labels hold a single class"
-    with pytest.raises(ValueError, match="beyond the 100 labels"):
+    with pytest.raises(ValueError, match="made for 240 images, but 100 labels are given"):
         _auc(site[:100], labels[:100], plan=plan)
 
 
