@@ -270,10 +270,12 @@ class AuditContext:
         absent, empty, binary or unconvertible. The values are patient data: measure with them,
         never copy them into results.
         """
-        from auditkit.loaders import header_texts
+        from auditkit.loaders import _quiet_pydicom, header_texts
 
         wanted = tuple(dict.fromkeys(keywords))
-        return [None if h is None else header_texts(h, wanted) for h in self._read_headers(split)]
+        headers = self._read_headers(split)
+        with _quiet_pydicom():  # one silenced period for the split, not one per file
+            return [None if h is None else header_texts(h, wanted) for h in headers]
 
     # ----------------------------------------------------------------- per-check helpers
     def rng(self, check_id: str) -> np.random.Generator:
