@@ -52,22 +52,56 @@ def _format_value(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.4f}"
 
 
+def _quarantine_lines(split: str, data: dict[str, Any], limit: int = 5) -> list[str]:
+    """The quarantine of one split: counts by reason, commonest first, and the first rows."""
+    entries = [q for q in data.get("quarantine", []) if q.get("split") == split]
+    by_reason: dict[str, list[int]] = {}
+    for entry in entries:
+        by_reason.setdefault(str(entry.get("reason")), []).append(int(entry.get("row", -1)))
+    ordered = sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0]))
+    lines = []
+    for reason, rows in ordered[:limit]:
+        shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        lines.append(f"      {len(rows)} x {reason} (row{'s' if len(rows) > 1 else ''} {shown})")
+    if len(ordered) > limit:
+        lines.append(f"      ... {len(ordered) - limit} other reason(s): results.json data.quarantine")
+    return lines
+
+
 def print_summary(results: dict[str, Any], out: TextIO | None = None) -> None:
-    """A short, CI-log-friendly summary: data, checks with headline metrics, verdict."""
+    """A short, CI-log-friendly summary: data coverage, checks with headline metrics, rules, verdict."""
     out = out or sys.stdout
     run, data = results["run"], results["data"]
     out.write(f"auditkit {run['auditkit_version']} on {run['device']}, {run['duration_s']:.1f} s\n")
+    coverage = data.get("coverage") or {}
     for name, split in data["splits"].items():
-        out.write(
-            f"  split {name}: {split['n_images']} images, {split['n_quarantined']} quarantined,"
-            f" {split['n_patients']} patients\n"
-        )
+        counts = coverage.get(name)
+        if counts:
+            share = f" ({100 * counts['quarantined_fraction']:.1f}%)" if counts["quarantined"] else ""
+            out.write(
+                f"  split {name}: {counts['read']} of {counts['listed']} images read,"
+                f" {counts['quarantined']} quarantined{share}, {split['n_patients']} patients\n"
+            )
+        else:
+            out.write(
+                f"  split {name}: {split['n_images']} images, {split['n_quarantined']} quarantined,"
+                f" {split['n_patients']} patients\n"
+            )
+        for line in _quarantine_lines(name, data):
+            out.write(line + "\n")
     out.write(
         f"  forward pass: {run['images_forwarded']} images in {run['forward_calls']} batches"
         f" of <= {run['batch_size']}\n"
     )
+    selection = run.get("selection") or {}
     for check in results["checks"]:
-        line = f"[{check['status']:>7}] {check['id']} ({check['duration_s']:.1f} s)"
+        if check["id"] == "coverage":
+            continue
+        status = "reused" if check.get("resumed") else check["status"]
+        when = f"{check['duration_s']:.1f} s"
+        if check.get("resumed"):
+            when += " in the earlier run"
+        line = f"[{status:>7}] {check['id']} ({when})"
         if check["status"] == "skipped":
             line += f": {check['reason']}"
         if check["status"] == "error":
@@ -80,6 +114,12 @@ def print_summary(results: dict[str, Any], out: TextIO | None = None) -> None:
             ci = metric["ci"]
             interval = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
             out.write(f"          {metric['name']:<36} {_format_value(metric['value'])}{interval}\n")
+    if selection.get("not_run"):
+        narrowing = ", ".join(f"{key} {selection[key]}" for key in ("only", "skip") if selection.get(key))
+        out.write(
+            f"[not run] {', '.join(selection['not_run'])} ({narrowing or 'narrowed'},"
+            f" from the {selection.get('source', 'spec')})\n"
+        )
     rules = results.get("rules") or []
     for rule in rules:
         if rule["status"] in ("fail", "warn"):
@@ -99,9 +139,14 @@ def print_summary(results: dict[str, Any], out: TextIO | None = None) -> None:
             f" {sum(r['status'] == 'fail' for r in rules)} failed,"
             f" {sum(r['status'] == 'not_evaluated' for r in rules)} not evaluated;"
             f" AI RMF subcategories: {counts.get('met', 0)} met, {counts.get('not_met', 0)} not met,"
-            f" {counts.get('attested', 0)} attested, {counts.get('not_assessed', 0)} not assessed\n"
+            f" {counts.get('not_evaluated', 0)} not evaluated, {counts.get('attested', 0)} attested,"
+            f" {counts.get('not_assessed', 0)} not assessed (of {sum(counts.values())})\n"
         )
-    out.write(f"verdict: {results['verdict'].upper()}\n")
+    verdict = results["verdict"].upper()
+    evaluated = policy.get("evaluated") or {}
+    if evaluated.get("text"):
+        verdict += f" ({evaluated['text']})"
+    out.write(f"verdict: {verdict}\n")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

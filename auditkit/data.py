@@ -148,56 +148,57 @@ def read_manifest(
     missing = [c for c in required if c not in columns]
     missing += [c for c in group_columns if c not in columns and c not in header_group_columns]
     if missing:
-        raise InputError(f"{source.name}: missing column(s) {missing}; the header has {columns}")
+        raise InputError(
+            f"{source.name}: missing column(s) {missing}; the header has {columns}"
+            + _delimiter_hint(columns)
+            + _task_hint(columns, classes, require_label)
+        )
     if len(set(columns)) != len(columns):
         duplicates = sorted({c for c in columns if columns.count(c) > 1})
         raise InputError(f"{source.name}: duplicate column name(s) {duplicates}")
 
     root = root.resolve()
     problems: list[str] = []
+    n_problems = 0
     rows: list[ManifestRow] = []
     seen: dict[Path, int] = {}
     class_index = {name: i for i, name in enumerate(classes)} if classes is not None else {}
     labels_seen: dict[str, int] = {}
     for row, record in enumerate(_records(reader, source)):
+        problem = None
         if None in record:  # more cells than header columns
-            problems.append(
-                f"{_where(source, row)}: {len(columns) + len(record[None])} cells, the header has {len(columns)}"
-            )
-            continue
-        values = {k: (v or "").strip() for k, v in record.items()}
+            problem = f"{len(columns) + len(record[None])} cells, the header has {len(columns)}"
+        values = {k: (v or "").strip() for k, v in record.items() if k is not None}
         raw_path = values.get("path", "")
-        if not raw_path:
-            problems.append(f"{_where(source, row)}: column 'path' is empty")
-            continue
-        if "\x00" in raw_path:
-            problems.append(f"{_where(source, row)}: column 'path' contains a NUL character")
-            continue
-        candidate = Path(raw_path)
-        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-        if not resolved.is_relative_to(root):
-            problems.append(
-                f"{_where(source, row)}: column 'path' value {raw_path!r} resolves outside"
-                f" data.root ({root}); every path must stay inside it"
-            )
-            continue
-        if resolved in seen:
-            problems.append(f"{_where(source, row)}: column 'path' value {raw_path!r} duplicates row {seen[resolved]}")
-            continue
-        seen[resolved] = row
+        if problem is None and not raw_path:
+            problem = "column 'path' is empty"
+        if problem is None and "\x00" in raw_path:
+            problem = "column 'path' contains a NUL character"
+        resolved = root
+        if problem is None:
+            resolved = _resolve_manifest_path(raw_path, root)
+            if not resolved.is_relative_to(root):
+                problem = (
+                    f"column 'path' value {raw_path!r} resolves outside data.root ({root});"
+                    " every path must stay inside it"
+                )
+            elif resolved in seen:
+                problem = f"column 'path' value {raw_path!r} duplicates row {seen[resolved]}"
         label = -1
-        if "label" in values:
+        if problem is None and "label" in values:
             text_label = values["label"]
-            if classes is not None:
-                if text_label not in class_index:
-                    problems.append(
-                        f"{_where(source, row)}: column 'label' value {text_label!r} is not one of"
-                        f" model.classes {list(classes)}"
-                    )
-                    continue
+            if classes is None:
+                label = labels_seen.setdefault(text_label, len(labels_seen))
+            elif text_label in class_index:
                 label = class_index[text_label]
             else:
-                label = labels_seen.setdefault(text_label, len(labels_seen))
+                problem = f"column 'label' value {text_label!r} is not one of model.classes {list(classes)}"
+        if problem is not None:
+            n_problems += 1
+            if len(problems) < MAX_REPORTED_PROBLEMS:
+                problems.append(f"{_where(source, row)}: {problem}")
+            continue
+        seen[resolved] = row
         rows.append(
             ManifestRow(
                 row=row,
@@ -209,14 +210,71 @@ def read_manifest(
                 groups={c: values[c] for c in group_columns if c in values},
             )
         )
-        if len(problems) >= MAX_REPORTED_PROBLEMS:
-            break
     if problems:
-        more = " (stopped after 20 problems)" if len(problems) >= MAX_REPORTED_PROBLEMS else ""
-        raise InputError(f"{source} has {len(problems)} problem(s){more}:\n  " + "\n  ".join(problems))
+        shown = f"; the first {len(problems)}" if n_problems > len(problems) else ""
+        raise InputError(
+            f"{source} has {n_problems} problem(s){shown}:\n  " + "\n  ".join(problems) + _label_hint(problems, classes)
+        )
     if not rows:
         raise InputError(f"{source.name}: no data rows")
     return Manifest(source=source, columns=columns, rows=rows)
+
+
+def _resolve_manifest_path(raw_path: str, root: Path) -> Path:
+    """The absolute path of a manifest cell; Windows separators work when no such file exists.
+
+    A backslash is a legal character in a POSIX file name, so ``img\\a.png`` is first taken
+    literally and read as ``img/a.png`` only when the literal file is absent.
+    """
+    candidate = Path(raw_path)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if "\\" in raw_path and not resolved.exists():
+        posix = Path(raw_path.replace("\\", "/"))
+        if not re.match(r"^[A-Za-z]:", str(posix)):  # a drive letter cannot be made relative
+            alternative = (posix if posix.is_absolute() else root / posix).resolve()
+            if alternative.exists():
+                return alternative
+    return resolved
+
+
+def _delimiter_hint(columns: Sequence[str]) -> str:
+    """A hint when the header looks ``;``- or tab-separated (Excel in many locales writes ``;``)."""
+    if len(columns) == 1:
+        for delimiter, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "pipes")):
+            if delimiter in columns[0]:
+                return (
+                    f". The header is one column that holds {name}: a manifest is comma-separated;"
+                    " save it as CSV with ',' between cells"
+                )
+    return ""
+
+
+def _task_hint(columns: Sequence[str], classes: Sequence[str] | None, require_label: bool) -> str:
+    """Name the multi-label layout (a 0/1 column per class) and the segmentation ``mask`` column,
+    which this version does not read, instead of only saying that ``label`` is missing."""
+    if not require_label or "label" in columns:
+        return ""
+    if "mask" in columns:
+        return (
+            ". A 'mask' column is the layout of a segmentation study, which this version does not"
+            " audit; it reads one 'label' class name per image"
+        )
+    if classes is not None and sum(c in columns for c in classes) >= 2:
+        return (
+            ". The header has one column per class: the layout of a multi-label study, which this"
+            " version does not audit; it reads one 'label' class name per image"
+        )
+    return ""
+
+
+def _label_hint(problems: Sequence[str], classes: Sequence[str] | None) -> str:
+    """When labels are numbers or 0/1 flags, say how labels are written."""
+    if classes is None or not any("column 'label' value" in p for p in problems):
+        return ""
+    return (
+        "\n  labels are class names from model.classes, e.g. "
+        f"{classes[0]!r}; a numeric label column needs its names in model.classes in the same spelling"
+    )
 
 
 def _records(reader: csv.DictReader[str], source: Path) -> Iterator[dict[str | Any, str | Any]]:

@@ -51,9 +51,7 @@ def packaged_weights() -> Path:
         return Path(path)
 
 
-def prepare_demo(
-    out: Path, *, n_patients: int = 240, fmt: str = "dicom", seed: int = 0, image_size: int = 256
-) -> Path:
+def prepare_demo(out: Path, *, n_patients: int = 240, fmt: str = "dicom", seed: int = 0, image_size: int = 256) -> Path:
     """Write the synthetic study, the model weights and ``audit.yaml`` under ``out/study``.
 
     Returns the spec's path. Paths in the spec are relative, so the folder can be moved.

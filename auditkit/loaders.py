@@ -439,6 +439,12 @@ def image_kind(path: str | os.PathLike[str]) -> str:
     """
     file_path = Path(path)
     suffix = file_path.suffix.lower()
+    if file_path.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")):
+        raise UnreadableImage(f"a volume file ({_volume_suffix(file_path.name)}); this version reads 2-D images")
+    if file_path.is_dir():
+        raise UnreadableImage(
+            "a folder, not a file (a DICOM series?); this version reads 2-D images, one file per manifest row"
+        )
     if suffix in _DICOM_SUFFIXES:
         return "dicom"
     if suffix in _PNG_SUFFIXES:
@@ -460,6 +466,11 @@ def image_kind(path: str | os.PathLike[str]) -> str:
     shown = suffix if suffix.isascii() and suffix[1:].isalnum() and len(suffix) <= 8 else ""
     what = f"unsupported file type {shown!r}" if shown else "unsupported file type"
     raise UnreadableImage(f"{what}: expected .dcm, .dicom, .png, .jpg, .jpeg, .npy or DICOM content")
+
+
+def _volume_suffix(name: str) -> str:
+    lower = name.lower()
+    return ".nii.gz" if lower.endswith(".nii.gz") else lower[lower.rfind(".") :]
 
 
 def _looks_like_dicom(head: bytes) -> bool:
@@ -808,7 +819,10 @@ def _check_declared_size(ds: Dataset, budget: DecodeBudget) -> tuple[int, int, b
         raise UnreadableImage("BitsAllocated must be 1 or a multiple of 8 up to 64")
     frames = _positive_int(ds, "NumberOfFrames", default=1)
     if frames > 1:
-        raise UnreadableImage(f"multi-frame image with {frames} frames; expected a single frame")
+        raise UnreadableImage(
+            f"multi-frame image with {frames} frames (a volume or cine loop); this version reads single-frame 2-D"
+            " images"
+        )
     declared = math.ceil(rows * columns * samples * frames * bits_allocated / 8)
     if declared > budget.max_pixel_bytes:
         raise UnreadableImage(
@@ -1147,7 +1161,10 @@ def _decode_pillow(path: Path, kind: str, budget: DecodeBudget) -> tuple[FloatAr
                 raise UnreadableImage(f"image of {width * height} pixels exceeds the budget of {budget.max_pixels}")
             frames = int(getattr(image, "n_frames", 1))
             if frames > 1:
-                raise UnreadableImage(f"multi-frame image with {frames} frames; expected a single frame")
+                raise UnreadableImage(
+                    f"multi-frame image with {frames} frames (a volume or cine loop); this version reads single-frame 2-D"
+                    " images"
+                )
             image.load()
             array, notes = _pillow_to_array(image)
     except UnreadableImage:
@@ -1269,6 +1286,11 @@ def _npy_to_image(
     elif last_is_channels:
         chw = np.moveaxis(loaded, -1, 0)
         notes.append("channels-last array transposed")
+    elif loaded.ndim == 3:
+        raise UnreadableImage(
+            f"3-D array {source_shape}: a volume (D, H, W)? This version reads 2-D images: (H, W), (C, H, W) or"
+            " (H, W, C) with C in {1, 3, 4}"
+        )
     else:
         raise UnreadableImage(
             f"array shape has {loaded.ndim} dimensions; expected (H, W), (C, H, W) or (H, W, C) with C in {{1, 3, 4}}"

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import sys
 import time
 import zipfile
@@ -99,10 +100,36 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith(("/code/", "constants.pkl")) or "/code/" in name for name in archive.namelist())
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message without terminal colour codes (torch adds some)."""
+    lines = _ANSI.sub("", str(error)).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def _refuse_artefacts(path: Path) -> None:
+    """Exported artefacts this version cannot run, named as such instead of failing to unpickle."""
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        raise ModelLoadError(
+            f"model.weights: {path.name} is an ONNX model, which this version cannot run (an ONNX"
+            " Runtime adapter is planned); audit the PyTorch module it was exported from: model.factory"
+            " and its state_dict as model.weights"
+        )
+    if suffix in (".engine", ".plan", ".tflite", ".pb", ".h5", ".keras", ".mlmodel"):
+        raise ModelLoadError(
+            f"model.weights: {path.name} is not a PyTorch file; this version audits PyTorch modules"
+            " (a .safetensors or .pt state_dict, or TorchScript with trust_code: true)"
+        )
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state_dict without executing code: safetensors, or ``weights_only=True`` pickles."""
     if not path.is_file():
         raise ModelLoadError(f"model.weights: file not found: {path}")
+    _refuse_artefacts(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -110,7 +137,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as error:
-            raise ModelLoadError(f"model.weights: {path.name} is not a readable safetensors file: {error}") from None
+            raise ModelLoadError(
+                f"model.weights: {path.name} is not a readable safetensors file: {first_line(error)}"
+            ) from None
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         if _is_torchscript(path):
             raise ModelLoadError(
@@ -122,7 +151,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except Exception as error:
             raise ModelLoadError(
                 f"model.weights: {path.name} is not a plain state_dict (torch.load with"
-                f" weights_only=True refused it: {str(error).splitlines()[0]})."
+                f" weights_only=True refused it: {first_line(error)})."
                 " A pickled module can run code while loading; save model.state_dict()"
                 " instead, or set model.trust_code: true if you trust its origin"
             ) from None
@@ -141,11 +170,20 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_trusted_module(path: Path) -> nn.Module:
     """TorchScript or a whole pickled module; only reached with ``trust_code: true``."""
+    if not path.is_file():
+        raise ModelLoadError(f"model.weights: file not found: {path}")
+    _refuse_artefacts(path)
     log.warning("loading %s with trust_code: true; it may execute code", path.name)
-    if _is_torchscript(path):
-        module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
-    else:
-        module = torch.load(path, map_location="cpu", weights_only=False)  # trust_code gate
+    try:
+        if _is_torchscript(path):
+            module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+        else:
+            module = torch.load(path, map_location="cpu", weights_only=False)  # trust_code gate
+    except Exception as error:
+        raise ModelLoadError(
+            f"model.weights: {path.name} is neither a TorchScript archive nor a pickled torch module"
+            f" ({type(error).__name__}: {first_line(error)})"
+        ) from None
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"model.weights: {path.name} holds a {type(module).__name__}, expected a module")
     return module
@@ -182,7 +220,13 @@ def build_module(spec: ModelSpec, base_dir: Path, weights: Path | None) -> nn.Mo
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            raise ModelLoadError(f"model.weights: {weights.name}: {error}") from None
+            raise ModelLoadError(f"model.weights: {weights.name}: {first_line(error)}") from None
+    lazy = [n for n, p in module.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ModelLoadError(
+            f"model.factory: {spec.factory} returned a model with uninitialised lazy parameters ({lazy[0]}, ...);"
+            " give model.weights, or run one batch through it inside the factory"
+        )
     return module
 
 
@@ -310,6 +354,8 @@ class ModelAdapter:
         self.spec = spec.model
         self.device = resolve_device(device or spec.device)
         user_module = build_module(spec.model, spec.base_dir, spec.weights_path)
+        self.user_module: nn.Module = user_module
+        """The user's model without the normalisation wrapper (same parameters as ``module``)."""
         norm = spec.model.normalize
         self.module: nn.Module = NormalizedModel(user_module, norm.mean if norm else None, norm.std if norm else None)
         self.module.eval().to(self.device)

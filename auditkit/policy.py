@@ -28,6 +28,9 @@ from auditkit.errors import ConfigError
 from auditkit.spec import format_validation_error
 
 RuleStatus = Literal["pass", "warn", "fail", "not_evaluated"]
+NotEvaluatedCause = Literal["not_selected", "skipped", "errored", "undefined", "not_emitted"]
+"""Why a rule is ``not_evaluated``: its check was not selected (``only``/``skip``), was skipped
+with a reason, errored, emitted the metric without a value, or does not emit it at all."""
 ControlStatus = Literal["met", "not_met", "not_evaluated", "attested", "not_assessed"]
 RULE_STATUSES: tuple[RuleStatus, ...] = ("pass", "warn", "fail", "not_evaluated")
 CONTROL_STATUSES: tuple[ControlStatus, ...] = (
@@ -165,7 +168,7 @@ def parse_policy(data: Any, source: str) -> Policy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, source)) from None
+        raise ConfigError(format_validation_error(error, source, Policy)) from None
     return _validate_controls(policy, source)
 
 
@@ -222,7 +225,7 @@ def load_attestations(path: Path, framework: Framework) -> list[Attestation]:
     try:
         parsed = Attestations.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, str(path))) from None
+        raise ConfigError(format_validation_error(error, str(path), Attestations)) from None
     for item in parsed.attestations:
         if item.control not in framework.subcategories:
             raise ConfigError(f"{path}: attestations: control {item.control!r} is not a {framework.id} subcategory")
@@ -269,15 +272,18 @@ def evaluate_rule(rule: Rule, metrics: Iterable[Mapping[str, Any]]) -> dict[str,
         "rationale": rule.rationale,
         "matched": len(candidates),
         "note": None,
+        "cause": None,
     }
     if not candidates:
         record["note"] = "metric not emitted (check skipped, errored or not selected)"
+        record["cause"] = "not_emitted"
         return record
     judged = [(m, *_judged_value(m, rule.use)) for m in candidates]
     defined = [(m, v, note) for m, v, note in judged if v is not None]
     if not defined:
         record["note"] = f"metric undefined: {judged[0][2]}"
         record["labels"] = dict(candidates[0].get("labels", {}))
+        record["cause"] = "undefined"
         return record
     pick = max if rule.bound == "max" else min
     metric, value, note = pick(defined, key=lambda item: item[1])
@@ -308,16 +314,87 @@ def control_status(rule_records: Sequence[Mapping[str, Any]], attested: bool) ->
     return "not_evaluated" if statuses else "not_assessed"
 
 
+def explain_absence(
+    record: dict[str, Any],
+    checks: Sequence[Mapping[str, Any]],
+    emitters: Mapping[str, str],
+    not_run: Iterable[str],
+) -> None:
+    """Say why an unmatched rule's metric is absent: which check emits it and what became of it."""
+    check_id = emitters.get(record["metric"])
+    if check_id is None:
+        record["note"] = "no installed check emits this metric"
+        return
+    by_id = {c.get("id"): c for c in checks}
+    check = by_id.get(check_id)
+    if check_id in set(not_run) or check is None:
+        record["cause"] = "not_selected"
+        record["note"] = f"check {check_id} not selected (only/skip)"
+    elif check.get("status") == "skipped":
+        record["cause"] = "skipped"
+        record["note"] = f"check {check_id} skipped: {check.get('reason')}"
+    elif check.get("status") == "error":
+        record["cause"] = "errored"
+        error = check.get("error") or {}
+        record["note"] = f"check {check_id} errored: {error.get('type')}"
+    else:
+        record["note"] = f"check {check_id} ran but emitted no {record['metric']} with these labels"
+
+
+def evaluated_summary(rules: Sequence[Mapping[str, Any]], not_run: Sequence[str]) -> dict[str, Any]:
+    """How much of the policy this run judged, and the one-line statement of it.
+
+    A narrowed audit (``not_run`` non-empty) is ``partial``: its verdict covers only the rules of
+    the checks that ran, and every report of the verdict says so.
+    """
+    evaluated = sum(r["status"] in ("pass", "warn", "fail") for r in rules)
+    total = len(rules)
+    partial = bool(not_run)
+    text = f"{evaluated} of {total} rules evaluated"
+    if partial:
+        text = f"partial: {text}; not run: {', '.join(not_run)}"
+    else:
+        causes: dict[str, int] = {}
+        for rule in rules:
+            if rule["status"] == "not_evaluated":
+                cause = str(rule.get("cause") or "not_emitted")
+                causes[cause] = causes.get(cause, 0) + 1
+        if causes:
+            text += " (not evaluated: " + ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in causes.items()) + ")"
+    return {
+        "rules_evaluated": evaluated,
+        "rules_total": total,
+        "partial": partial,
+        "not_run": list(not_run),
+        "text": text,
+    }
+
+
 def evaluate(
     policy: Policy,
     checks: Sequence[Mapping[str, Any]],
     *,
     attestations: Sequence[Attestation] = (),
+    emitters: Mapping[str, str] | None = None,
+    not_run: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Judge a run's check records: rule outcomes, subcategory statuses and the verdict."""
+    """Judge a run's check records: rule outcomes, subcategory statuses and the verdict.
+
+    Args:
+        policy: the rules.
+        checks: the run's check records.
+        attestations: evidence for controls no test measures.
+        emitters: metric name -> id of the check that emits it (from the checks' ``emits``), to
+            say why a rule's metric is absent.
+        not_run: installed checks this run did not select; rules of theirs are ``not_selected``
+            and the verdict is partial.
+    """
     framework = load_framework(policy.framework)
     metrics = [m for check in checks for m in check.get("metrics", [])]
     rules = [evaluate_rule(rule, metrics) for rule in policy.rules]
+    for record in rules:
+        if record["cause"] == "not_emitted" and emitters is not None:
+            explain_absence(record, checks, emitters, not_run)
     attested = {a.control: a for a in attestations}
     controls = []
     for sub in framework.subcategories.values():
@@ -344,6 +421,7 @@ def evaluate(
             "rule_counts": {s: sum(r["status"] == s for r in rules) for s in RULE_STATUSES},
             "control_counts": {s: sum(c["status"] == s for c in controls) for s in CONTROL_STATUSES},
             "checks_errored": errored,
+            "evaluated": evaluated_summary(rules, not_run),
         },
         "rules": rules,
         "controls": controls,

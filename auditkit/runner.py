@@ -1,12 +1,17 @@
-"""Plan, then execute: the audit run (DESIGN sections 2, 5 and 7).
+"""Plan, then execute: the audit run.
 
-1. resolve the selected checks and validate their parameters (before any slow work);
-2. load the model, then decode every image the plan needs, once;
-3. run ONE forward pass per split that any selected check needs;
-4. run each check as an independent unit over the cached results; an exception becomes an
+1. resolve the selected checks (every installed one unless ``only``/``skip`` narrow them) and
+   validate their parameters (before any slow work);
+2. load the model and run the preflight (:mod:`auditkit.preflight`): a model that does not fit
+   its spec is a usage error before anything is decoded;
+3. decode every image the plan needs, once; measure coverage and stop when no eval image is
+   readable (:mod:`auditkit.coverage`);
+4. run ONE forward pass per split that any selected check needs;
+5. run each check as an independent unit over the cached results; an exception becomes an
    ``error`` result and the others still run; each finished check is checkpointed atomically, so
    ``--resume`` continues a run that died;
-5. write ``results.json`` (schema ``auditkit.results/v1``).
+6. judge the records against the policy and write ``results.json`` (schema
+   ``auditkit.results/v1``), the exports, the report and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from auditkit import __version__
 from auditkit.bundle import write_manifest
 from auditkit.check import Check, CheckResult, Needs, Skip
 from auditkit.context import AuditContext, ProgressFactory
+from auditkit.coverage import CoverageCheck, coverage_record, require_readable_eval, split_coverage
 from auditkit.data import Dataset, load_dataset
 from auditkit.errors import ConfigError
 from auditkit.export import write_csv_exports
 from auditkit.model import InferenceOptions, ModelAdapter, Precision
 from auditkit.policy import evaluate, load_attestations, load_framework, load_policy
+from auditkit.preflight import run_preflight
 from auditkit.registry import BrokenCheck, discover
 from auditkit.results import (
     SCHEMA,
@@ -90,29 +97,94 @@ def _split_ids(values: Sequence[str] | None) -> list[str]:
     return [item.strip() for value in values or () for item in value.split(",") if item.strip()]
 
 
-def select_checks(
+@dataclass
+class Selection:
+    """Which checks run, and why the others do not.
+
+    Attributes:
+        checks: the selected checks with validated parameters, in run order.
+        installed: every installed check id (broken plug-ins included).
+        not_run: installed checks left out by ``only``/``skip``.
+        only, skip: the narrowing that applied, and where it came from (``source``).
+    """
+
+    checks: list[SelectedCheck]
+    installed: list[str]
+    not_run: list[str]
+    only: list[str]
+    skip: list[str]
+    source: str
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.not_run)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "installed": list(self.installed),
+            "run": [s.id for s in self.checks],
+            "not_run": list(self.not_run),
+            "only": list(self.only),
+            "skip": list(self.skip),
+            "source": self.source,
+            "partial": self.partial,
+        }
+
+
+def _unknown_ids(source: str, ids: Sequence[str], known: Sequence[str]) -> None:
+    import difflib
+
+    unknown = [cid for cid in ids if cid not in known]
+    if unknown:
+        hints = [difflib.get_close_matches(cid, list(known), n=1) for cid in unknown]
+        suggestion = "; ".join(f"did you mean {h[0]!r} for {u!r}?" for u, h in zip(unknown, hints, strict=True) if h)
+        raise ConfigError(
+            f"{source}: unknown check(s) {unknown}; installed checks are {list(known)}"
+            + (f" ({suggestion})" if suggestion else "")
+        )
+
+
+def choose_checks(
     spec: AuditSpec,
     available: Mapping[str, type[Check]],
     broken: Sequence[BrokenCheck] = (),
     *,
     only: Sequence[str] | None = None,
     skip: Sequence[str] = (),
-) -> list[SelectedCheck]:
-    """The checks to run, with validated parameters; unknown ids are usage errors."""
+) -> Selection:
+    """Every installed check, narrowed by ``only``/``skip``, each with its validated parameters.
+
+    ``spec.checks`` only configures parameters. The narrowing comes from the command line when it
+    gives ``--only`` or ``--skip`` (then the spec's ``only``/``skip`` are ignored: the command
+    line wins), else from the spec. Checks the spec configures run first, in its order, then the
+    others by id.
+
+    Raises:
+        ConfigError: an unknown check id, invalid parameters, or nothing left to run.
+    """
     broken_by_id = {b.id: b for b in broken}
     known = sorted(set(available) | set(broken_by_id))
-    wanted: dict[str, dict[str, Any]] = dict(spec.checks) if spec.checks is not None else {cid: {} for cid in known}
-    only_ids, skip_ids = _split_ids(only), _split_ids(skip)
-    for source, ids in (("checks", list(wanted)), ("--only", only_ids), ("--skip", skip_ids)):
-        unknown = [cid for cid in ids if cid not in known]
-        if unknown:
-            raise ConfigError(f"{source}: unknown check(s) {unknown}; installed checks are {known}")
-    if only_ids:
-        wanted = {cid: wanted.get(cid, {}) for cid in only_ids}
-    for cid in skip_ids:
-        wanted.pop(cid, None)
+    cli_only, cli_skip = _split_ids(only), _split_ids(skip)
+    if cli_only or cli_skip:
+        only_ids, skip_ids, source = cli_only, cli_skip, "command line"
+    else:
+        only_ids, skip_ids = _split_ids(spec.only), _split_ids(spec.skip)
+        source = "spec" if only_ids or skip_ids else "all installed"
+    only_source = "--only" if source == "command line" else "only"
+    skip_source = "--skip" if source == "command line" else "skip"
+    for label, ids in (("checks", list(spec.checks)), (only_source, only_ids), (skip_source, skip_ids)):
+        _unknown_ids(label, ids, known)
+    order = list(dict.fromkeys([*spec.checks, *known]))
+    wanted = [cid for cid in (only_ids or order) if cid not in skip_ids]
+    wanted = list(dict.fromkeys(wanted))
+    if not wanted:
+        raise ConfigError(
+            f"no check left to run: only {only_ids or 'every check'} minus skip {skip_ids};"
+            f" installed checks are {known}"
+        )
     selected: list[SelectedCheck] = []
-    for cid, raw in wanted.items():
+    for cid in wanted:
+        raw = spec.checks.get(cid, {})
         if cid in broken_by_id:
             selected.append(SelectedCheck(cid, None, None, raw, broken_by_id[cid]))
             continue
@@ -122,9 +194,22 @@ def select_checks(
         try:
             params = cls.Params(**raw)
         except ValidationError as error:
-            raise ConfigError(format_validation_error(error, f"checks.{cid}")) from None
+            raise ConfigError(format_validation_error(error, f"checks.{cid}", cls.Params)) from None
         selected.append(SelectedCheck(cid, cls, params, raw))
-    return selected
+    not_run = [cid for cid in known if cid not in wanted]
+    return Selection(selected, known, not_run, only_ids, skip_ids, source)
+
+
+def select_checks(
+    spec: AuditSpec,
+    available: Mapping[str, type[Check]],
+    broken: Sequence[BrokenCheck] = (),
+    *,
+    only: Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+) -> list[SelectedCheck]:
+    """The checks to run, with validated parameters (:func:`choose_checks` without the record)."""
+    return choose_checks(spec, available, broken, only=only, skip=skip).checks
 
 
 def plan_splits(selected: Sequence[SelectedCheck], dataset: Dataset) -> list[str]:
@@ -332,7 +417,8 @@ def run_audit(
     broken: list[BrokenCheck] = []
     if checks is None:
         checks, broken = discover()
-    selected = select_checks(spec, checks, broken, only=options.only, skip=options.skip)
+    selection = choose_checks(spec, checks, broken, only=options.only, skip=options.skip)
+    selected = selection.checks
     policy, policy_text = load_policy(spec.policy, base_dir=spec.base_dir)
     attestations = (
         load_attestations(spec.attestations_path, load_framework(policy.framework))
@@ -357,11 +443,14 @@ def run_audit(
             precision=options.precision, channels_last=options.channels_last, workers=options.workers
         ),
     )
+    preflight = run_preflight(model)
     inputs = {
         "manifest_sha256": sha256_file(spec.manifest_path) if spec.manifest_path.is_file() else None,
         "weights_sha256": sha256_file(weights) if weights is not None else None,
     }
     dataset = load_dataset(spec, roles=_roles(selected), progress=options.progress, keep_headers=plan_headers(selected))
+    coverage = split_coverage(dataset)
+    require_readable_eval(coverage, data_root=str(spec.data_root), manifest=spec.manifest_path.name)
     ctx = AuditContext(spec, model, dataset, out_dir, progress=options.progress)
 
     records: dict[str, dict[str, Any]] = {}
@@ -371,7 +460,7 @@ def run_audit(
         for s in selected:
             record = _load_checkpoint(checkpoints / f"{s.id}.json", fingerprints[s.id])
             if record is not None:
-                records[s.id] = record
+                records[s.id] = {**record, "resumed": True}
                 resumed.append(s.id)
     pending = [s for s in selected if s.id not in records]
     ctx.prepare(plan_splits(pending, dataset), features=plan_features(pending))
@@ -382,8 +471,10 @@ def run_audit(
         records[s.id] = record
         write_json_atomic(checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record})
 
-    check_records = [records[s.id] for s in selected]
-    judged = evaluate(policy, check_records, attestations=attestations)
+    check_records = [coverage_record(coverage), *(records[s.id] for s in selected)]
+    emitters = {name: cid for cid, cls in checks.items() for name in cls.emits}
+    emitters.update({name: CoverageCheck.id for name in CoverageCheck.emits})
+    judged = evaluate(policy, check_records, attestations=attestations, emitters=emitters, not_run=selection.not_run)
     finished_at = datetime.now(UTC)
     stats = model.stats
     results: dict[str, Any] = {
@@ -414,6 +505,7 @@ def run_audit(
             "inference_s_per_split": {k: round(v, 4) for k, v in stats.seconds_per_split.items()},
             "images_decoded": dataset.images_decoded,
             "resumed_checks": resumed,
+            "selection": selection.to_json(),
         },
         "environment": _environment(),
         "model": {
@@ -430,6 +522,7 @@ def run_audit(
             "feature_layer": model.feature_layer,
             "trust_code": spec.model.trust_code,
             "n_parameters": model.num_parameters,
+            "preflight": preflight.to_json(),
         },
         "data": {
             "manifest": spec.manifest_path.name,
@@ -437,6 +530,7 @@ def run_audit(
             "groups": {k: v.model_dump() for k, v in spec.data.groups.items()},
             "dicom_window": spec.data.dicom.window,
             "splits": _split_summary(dataset, spec),
+            "coverage": {name: {k: v for k, v in c.items() if k != "first_rows"} for name, c in coverage.items()},
             "quarantine": [q.to_json() for q in dataset.quarantine],
         },
         "checks": check_records,

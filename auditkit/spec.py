@@ -1,15 +1,27 @@
-"""The audit spec (DESIGN section 3): one YAML file that says what to audit and how.
+"""The audit spec: one YAML file that says what to audit and how.
 
 Relative paths resolve against the spec file's folder, and that folder is put on the import path
-when the model factory is imported. Unknown keys are errors, so a typo never silently falls back
-to a default.
+when the model factory is imported. Unknown keys are errors (with the closest known key as a
+suggestion), so a typo never silently falls back to a default.
+
+Which checks run and how they are configured are separate keys: ``checks:`` only sets parameters
+(``checks: {calibration: {bins: 15}}`` tunes calibration and leaves every other check running);
+``only:`` and ``skip:`` narrow the selection, and a narrowed audit says so in its verdict.
+
+Keys of model kinds this version does not audit yet (``model.task`` other than
+``classification``, ``model.input.depth``, ``model.format: onnx``, ``model.output_names``, ...)
+are accepted by name and refused with a message that says so, instead of an "unknown key".
 """
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import re
+import types
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,12 +45,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def unsupported(what: str, planned: str) -> str:
+    """The message for a spec key this version knows by name but cannot audit yet."""
+    from auditkit import __version__
+
+    return f"{what} is not supported by auditkit {__version__}, which audits {planned}"
+
+
+_CLASSIFIERS = "2-D single-label classifiers (one logit per class in model.classes, softmax)"
+
+
 class InputShape(_Strict):
     """The model's input: channels and spatial size every image is resized to."""
 
     channels: int = Field(ge=1, le=64)
     height: int = Field(ge=8, le=4096)
     width: int = Field(ge=8, le=4096)
+    depth: int | None = None
+
+    @field_validator("depth")
+    @classmethod
+    def _no_volumes(cls, depth: int | None) -> int | None:
+        if depth is not None:
+            raise ValueError(
+                unsupported(f"a 3-D input (depth: {depth})", "2-D images (N, C, H, W); remove input.depth")
+            )
+        return depth
 
 
 class Normalize(_Strict):
@@ -64,9 +96,15 @@ class Normalize(_Strict):
         return self
 
 
+TASKS = ("classification", "multilabel", "segmentation", "regression")
+FORMATS = ("auto", "torch", "torchscript", "onnx", "monai_bundle")
+
+
 class ModelSpec(_Strict):
     """Where the model comes from and how to call it."""
 
+    task: str = "classification"
+    format: str = "auto"
     factory: str | None = None
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: Path | None = None
@@ -76,6 +114,48 @@ class ModelSpec(_Strict):
     normalize: Normalize | None = None
     feature_layer: str | None = None
     trust_code: bool = False
+    output_names: list[str] | None = None
+    reference: dict[str, Any] | None = None
+    operating_point: dict[str, float] | None = None
+    claims: dict[str, float] | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, task: str) -> str:
+        if task not in TASKS:
+            raise ValueError(f"expected one of {list(TASKS)}, got {task!r}")
+        if task != "classification":
+            what = {
+                "multilabel": "a multi-label model (task: multilabel, sigmoid outputs)",
+                "segmentation": "a segmentation model (task: segmentation)",
+                "regression": "a regression model (task: regression)",
+            }[task]
+            raise ValueError(unsupported(what, _CLASSIFIERS))
+        return task
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, fmt: str) -> str:
+        if fmt not in FORMATS:
+            raise ValueError(f"expected one of {list(FORMATS)}, got {fmt!r}")
+        if fmt in ("onnx", "monai_bundle"):
+            raise ValueError(
+                unsupported(f"format: {fmt}", "PyTorch modules (format: torch) and, with trust_code, TorchScript")
+            )
+        return fmt
+
+    @field_validator("output_names", "reference", "operating_point", "claims")
+    @classmethod
+    def _planned(cls, value: Any, info: Any) -> Any:
+        if value is not None:
+            what = {
+                "output_names": "masking outputs by name (output_names)",
+                "reference": "a reference model for parity (reference)",
+                "operating_point": "custom decision thresholds (operating_point)",
+                "claims": "claimed performance figures (claims)",
+            }[info.field_name]
+            raise ValueError(unsupported(what, _CLASSIFIERS + " at the argmax; remove the key"))
+        return value
 
     @field_validator("factory")
     @classmethod
@@ -197,7 +277,9 @@ class AuditSpec(_Strict):
 
     model: ModelSpec
     data: DataSpec
-    checks: dict[str, dict[str, Any]] | None = None
+    checks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    only: list[str] = Field(default_factory=list)
+    skip: list[str] = Field(default_factory=list)
     policy: str = "medical-imaging-default"
     attestations: Path | None = None
     device: str = "auto"
@@ -208,12 +290,28 @@ class AuditSpec(_Strict):
 
     @field_validator("checks", mode="before")
     @classmethod
-    def _checks_none_params(cls, checks: Any) -> Any:
-        if isinstance(checks, list):  # `checks: [calibration, ood]` means defaults for each
-            return {str(c): {} for c in checks}
+    def _checks_are_parameters(cls, checks: Any) -> Any:
+        if checks is None:
+            return {}
+        if isinstance(checks, list):
+            # Older specs used a list to choose checks; now a list would silently run everything.
+            names = ", ".join(str(c) for c in checks)
+            raise ValueError(
+                "expected a mapping of check parameters (e.g. {calibration: {bins: 15}}); a list"
+                f" does not choose which checks run: to run only these, write only: [{names}]"
+            )
         if isinstance(checks, dict):
             return {k: ({} if v is None else v) for k, v in checks.items()}
         return checks
+
+    @field_validator("only", "skip", mode="before")
+    @classmethod
+    def _check_ids(cls, ids: Any) -> Any:
+        if ids is None:
+            return []
+        if isinstance(ids, str):  # `only: calibration` or `only: calibration, ood`
+            return [part.strip() for part in ids.split(",") if part.strip()]
+        return ids
 
     @field_validator("device")
     @classmethod
@@ -251,8 +349,52 @@ class AuditSpec(_Strict):
         return self.model_dump(mode="json", exclude={"base_dir", "source_file"}, exclude_none=False)
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """One line per problem: ``source: field.path: what was expected, got <value>``."""
+def _model_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The pydantic model that holds the last key of ``loc`` (mappings of models are stepped over)."""
+    model: Any = root
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        annotation = fields[part].annotation
+        model = _model_in(annotation)
+        if model is None:
+            # dict[str, Model]: the next part is a user-chosen key (a group or OOD set name)
+            args = typing.get_args(annotation) if typing.get_origin(annotation) is dict else ()
+            value_model = _model_in(args[-1]) if args else None
+            if value_model is None or not parts:
+                return None
+            parts.pop(0)
+            model = value_model
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # Model | None
+        for arg in typing.get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None
+
+
+def unknown_key_message(key: str, known: Sequence[str]) -> str:
+    """``unknown key; did you mean 'model'? (allowed: ...)`` for a key not in ``known``."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key{hint} (allowed here: {', '.join(known)})"
+
+
+def format_validation_error(error: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: ``source: field.path: what was expected, got <value>``.
+
+    ``model`` is the validated class (default :class:`AuditSpec`), for "did you mean" hints on
+    unknown keys.
+    """
+    model = model or AuditSpec
     lines = []
     for item in error.errors():
         loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -260,11 +402,13 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see DESIGN section 3)"
+            holder = _model_at(model, item["loc"])
+            known = [name for name, f in holder.model_fields.items() if not f.exclude] if holder else []
+            message = unknown_key_message(str(item["loc"][-1]), known) if known else "unknown key"
         elif item["type"] == "missing":
             message = "required but missing"
         got = item.get("input")
-        shown = "" if item["type"] in ("missing",) or "got " in message else f", got {got!r}"
+        shown = "" if item["type"] in ("missing", "extra_forbidden") or "got " in message else f", got {got!r}"
         if isinstance(got, dict) and item["type"] != "extra_forbidden":
             shown = ""
         lines.append(f"{source}: {loc}: {message}{shown}")

@@ -19,7 +19,8 @@ def test_run_exit_0_and_results(tiny_study: Path, capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert code == 0
     results = json.loads((tiny_study.parent / "out" / "results.json").read_text())
-    assert results["checks"][0]["id"] == "calibration" and results["checks"][0]["status"] == "ok"
+    assert [c["id"] for c in results["checks"]] == ["coverage", "calibration"]
+    assert results["checks"][1]["status"] == "ok"
     assert "results.json" in out
 
 

@@ -146,7 +146,8 @@ def test_results_json_schema_and_strictness(tiny_study: Path) -> None:
         "verdict",
     ]
     assert results["schema"] == "auditkit.results/v1"
-    check = results["checks"][0]
+    assert results["checks"][0]["id"] == "coverage"  # the engine's own measurement comes first
+    check = results["checks"][1]
     assert set(check) >= {
         "id",
         "status",
@@ -197,12 +198,13 @@ def test_a_run_that_dies_resumes_to_the_same_results(tiny_study: Path) -> None:
     resumed = run_audit(spec, RunOptions(resume=True), checks=checks)
     assert MeanConfidence.calls == 1  # the finished check was not recomputed
     assert resumed.results["run"]["resumed_checks"] == ["mean_confidence"]
+    assert [c["id"] for c in resumed.results["checks"] if c.get("resumed")] == ["mean_confidence"]
     assert resumed.results["run"]["images_forwarded_per_split"] == {"eval": 16}  # no train pass needed
     fresh = run_audit(spec, RunOptions(out_dir=tiny_study.parent / "fresh"), checks=checks)
     assert MeanConfidence.calls == 2
 
     def strip(results: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{k: v for k, v in c.items() if k != "duration_s"} for c in results["checks"]]
+        return [{k: v for k, v in c.items() if k not in ("duration_s", "resumed")} for c in results["checks"]]
 
     assert strip(resumed.results) == strip(fresh.results)
 
@@ -213,7 +215,7 @@ def test_resume_ignores_checkpoints_of_other_parameters(tiny_study: Path) -> Non
     changed = spec.model_copy(update={"checks": {"accuracy": {"scale": 2.0}}})
     outcome = run_audit(changed, RunOptions(resume=True), checks={"accuracy": Accuracy})
     assert outcome.results["run"]["resumed_checks"] == []
-    value = outcome.results["checks"][0]["metrics"][0]["value"]
+    value = outcome.results["checks"][1]["metrics"][0]["value"]
     assert value > 1.0
 
 
@@ -234,16 +236,48 @@ def test_selection_errors_are_usage_errors(tiny_study: Path) -> None:
         )
 
 
+def _ran(outcome: Any) -> list[str]:
+    return [c["id"] for c in outcome.results["checks"] if c["id"] != "coverage"]
+
+
 def test_only_and_skip(tiny_study: Path) -> None:
     spec = load_spec(tiny_study)
     checks = {"accuracy": Accuracy, "boom": Boom}
-    assert [c["id"] for c in run_audit(spec, RunOptions(skip=["boom"]), checks=checks).results["checks"]] == [
-        "accuracy"
-    ]
-    assert [c["id"] for c in run_audit(spec, RunOptions(only=["boom,accuracy"]), checks=checks).results["checks"]] == [
-        "boom",
-        "accuracy",
-    ]
+    skipped = run_audit(spec, RunOptions(skip=["boom"]), checks=checks)
+    assert _ran(skipped) == ["accuracy"]
+    assert skipped.results["run"]["selection"]["not_run"] == ["boom"]
+    assert skipped.results["policy"]["evaluated"]["partial"] is True
+    assert _ran(run_audit(spec, RunOptions(only=["boom,accuracy"]), checks=checks)) == ["boom", "accuracy"]
+
+
+def test_checks_configures_parameters_and_never_selects(tiny_study: Path) -> None:
+    """`checks: {accuracy: {...}}` tunes accuracy; every other check still runs (issue: the
+    README's example silently narrowed an audit to one check)."""
+    spec = load_spec(tiny_study).model_copy(update={"checks": {"accuracy": {"scale": 2.0}}})
+    outcome = run_audit(spec, checks={"accuracy": Accuracy, "mean_confidence": MeanConfidence})
+    assert _ran(outcome) == ["accuracy", "mean_confidence"]
+    assert outcome.results["checks"][1]["params"] == {"scale": 2.0}
+    selection = outcome.results["run"]["selection"]
+    assert selection["not_run"] == [] and selection["partial"] is False
+    assert outcome.results["policy"]["evaluated"]["partial"] is False
+
+
+def test_spec_only_and_skip_and_the_command_line_wins(tiny_study: Path) -> None:
+    checks = {"accuracy": Accuracy, "mean_confidence": MeanConfidence}
+    spec = load_spec(tiny_study).model_copy(update={"only": ["accuracy"]})
+    assert _ran(run_audit(spec, checks=checks)) == ["accuracy"]
+    spec = load_spec(tiny_study).model_copy(update={"skip": ["accuracy"]})
+    outcome = run_audit(spec, checks=checks)
+    assert _ran(outcome) == ["mean_confidence"]
+    assert outcome.results["run"]["selection"]["source"] == "spec"
+    # the command line's --only replaces the spec's narrowing, skip included
+    cli = run_audit(spec, RunOptions(only=["accuracy"]), checks=checks)
+    assert _ran(cli) == ["accuracy"]
+    assert cli.results["run"]["selection"]["source"] == "command line"
+    with pytest.raises(ConfigError, match=r"no check left to run"):
+        run_audit(spec, RunOptions(only=["accuracy"], skip=["accuracy"]), checks=checks)
+    with pytest.raises(ConfigError, match=r"did you mean 'accuracy'"):
+        run_audit(spec, RunOptions(only=["acuracy"]), checks=checks)
 
 
 def test_seeded_generators_are_stable(tiny_study: Path) -> None:

@@ -128,9 +128,57 @@ def test_config_error_is_also_value_error(tmp_path: Path) -> None:
         parse_spec(_with("device", "tpu"), base_dir=tmp_path)
 
 
-def test_checks_as_a_list_means_defaults(tmp_path: Path) -> None:
-    spec = parse_spec(_with("checks", ["calibration"]), base_dir=tmp_path)
-    assert spec.checks == {"calibration": {}}
+def test_checks_as_a_list_is_refused_with_the_selection_keys_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"checks: expected a mapping of check parameters.*only: \[calibration\]"):
+        parse_spec(_with("checks", ["calibration"]), base_dir=tmp_path)
+
+
+def test_only_and_skip_accept_lists_and_comma_strings(tmp_path: Path) -> None:
+    spec = parse_spec({**BASE, "only": "calibration, ood", "skip": ["bias"]}, base_dir=tmp_path)
+    assert spec.only == ["calibration", "ood"] and spec.skip == ["bias"]
+    assert parse_spec(BASE, base_dir=tmp_path).only == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("modle", {}, "modle: unknown key; did you mean 'model'?"),
+        ("model.weigths", "w.pt", "model.weigths: unknown key; did you mean 'weights'?"),
+        ("model.input.chanels", 3, "model.input.chanels: unknown key; did you mean 'channels'?"),
+        ("data.groups.age.binz", [0, 1], "data.groups.age.binz: unknown key; did you mean 'bins'?"),
+        ("data.ood.other_modality.manifset", "x", "did you mean 'manifest'?"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_known_key(tmp_path: Path, path: str, value: Any, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_spec(_with(path, value), base_dir=tmp_path, source="audit.yaml")
+    assert expected in str(info.value)
+    assert "DESIGN" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("model.task", "multilabel", "model.task: a multi-label model (task: multilabel, sigmoid outputs) is not supported"),
+        ("model.task", "segmentation", "model.task: a segmentation model (task: segmentation) is not supported"),
+        ("model.task", "regression", "model.task: a regression model (task: regression) is not supported"),
+        ("model.task", "detection", "model.task: expected one of ['classification', 'multilabel'"),
+        ("model.input.depth", 32, "model.input.depth: a 3-D input (depth: 32) is not supported"),
+        ("model.format", "onnx", "model.format: format: onnx is not supported"),
+        ("model.output_names", ["a", "b", "c"], "model.output_names: masking outputs by name (output_names) is not supported"),
+        ("model.claims", {"performance.auroc": 0.9}, "model.claims: claimed performance figures (claims) is not supported"),
+    ],
+)
+def test_planned_keys_are_named_as_unsupported(tmp_path: Path, path: str, value: Any, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_spec(_with(path, value), base_dir=tmp_path, source="audit.yaml")
+    assert expected in str(info.value)
+    assert "unknown key" not in str(info.value)
+
+
+def test_the_default_task_is_accepted_explicitly(tmp_path: Path) -> None:
+    spec = parse_spec(_with("model.task", "classification"), base_dir=tmp_path)
+    assert spec.model.task == "classification" and spec.model.format == "auto"
 
 
 def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:

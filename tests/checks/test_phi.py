@@ -282,7 +282,7 @@ def test_every_planted_attribute_is_reported_with_its_file_count(
 
 
 def test_quarantined_files_are_skipped_on_request(phi_study: PhiStudy, tmp_path: Path) -> None:
-    spec = load_spec(phi_study.spec_path).model_copy(update={"checks": {"phi": {"include_quarantined": False}}})
+    spec = load_spec(phi_study.spec_path).model_copy(update={"checks": {"phi": {"include_quarantined": False}}, "only": ["phi"]})
     outcome = run_audit(spec, RunOptions(out_dir=tmp_path, report=False, pdf=False), checks={"phi": PHICheck})
     (record,) = outcome.results["checks"]
     assert _metric(record, "phi.files_with_identifiers")["n"] == len(phi_study.base.rows) - 1
@@ -318,7 +318,7 @@ def test_no_planted_value_reaches_any_output(
     phi_study: PhiStudy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    spec = load_spec(phi_study.spec_path).model_copy(update={"checks": {"phi": {}, "leakage": {"n_boot": 0}}})
+    spec = load_spec(phi_study.spec_path).model_copy(update={"checks": {"phi": {}, "leakage": {"n_boot": 0}}, "only": ["phi", "leakage"]})
     outcome = run_audit(
         spec,
         RunOptions(out_dir=tmp_path, report=True, pdf=True),

@@ -1,0 +1,230 @@
+"""The preflight: one small batch through the model before any image is decoded.
+
+A model that does not fit its spec (three input channels against ``input.channels: 1``, a 3-D
+network given 2-D slices, a segmentation or regression head, a final Softmax or Sigmoid) would
+otherwise fail deep inside the shared pass with a PyTorch traceback, or, worse, run and return
+numbers that mean nothing (a softmax over probabilities). The preflight runs two mid-grey images
+of the spec's input shape through the model on its device and turns every such mismatch into a
+:class:`~auditkit.errors.ModelLoadError` (exit code 2) that names the spec field, what the model
+expects, and, when the output is not a classifier's, the kind of model its shape suggests.
+
+Mid-grey images rather than the first decoded image: the question is the model's interface, not
+the data, and asking it before the decode means a mismatch costs a second, not a decode of the
+study.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from auditkit import __version__
+from auditkit.errors import ModelLoadError
+from auditkit.model import ModelAdapter, first_line
+
+log = logging.getLogger(__name__)
+
+PREFLIGHT_IMAGES = 2
+_SUPPORTED = f"auditkit {__version__} audits 2-D single-label classifiers that return one logit per class"
+_CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
+_MATMUL = re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)")
+
+
+@dataclass
+class PreflightReport:
+    """What the preflight saw; written into ``results.json`` under ``model.preflight``.
+
+    Attributes:
+        input_shape: the batch's shape.
+        output_shape: the model's output shape.
+        first_layer: the first convolution or linear layer that ran, with its expected input.
+        final_module: the last leaf module that ran (``Softmax``, ``Sigmoid``, ``Linear``...).
+        warnings: notes that do not stop the audit.
+    """
+
+    input_shape: list[int]
+    output_shape: list[int] = field(default_factory=list)
+    first_layer: str | None = None
+    final_module: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "input_shape": self.input_shape,
+            "output_shape": self.output_shape,
+            "first_layer": self.first_layer,
+            "final_module": self.final_module,
+            "warnings": list(self.warnings),
+        }
+
+
+class _Abort(Exception):
+    """Raised from a forward pre-hook to stop the preflight with a finished message."""
+
+
+def _describe_layer(name: str, module: nn.Module) -> str:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"{name or 'the model'} ({type(module).__name__}, {module.in_channels} input channels)"
+    if isinstance(module, nn.Linear):
+        return f"{name or 'the model'} (Linear, {module.in_features} input features)"
+    return name or type(module).__name__
+
+
+def run_preflight(adapter: ModelAdapter) -> PreflightReport:
+    """Two mid-grey images of the spec's input through the model; every mismatch is a clear error.
+
+    Raises:
+        ModelLoadError: naming the spec field and what the model expects.
+    """
+    spec = adapter.spec
+    shape = (PREFLIGHT_IMAGES, spec.input.channels, spec.input.height, spec.input.width)
+    report = PreflightReport(input_shape=list(shape))
+    batch = torch.full(shape, 0.5, device=adapter.device)
+    if adapter.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+
+    names = {id(m): n for n, m in adapter.user_module.named_modules()}
+    first: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    leaves: list[nn.Module] = []
+
+    def before(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        tensor = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if not first and tensor is not None:
+            first.append((names.get(id(module), ""), module, tuple(tensor.shape)))
+        if isinstance(module, nn.Conv3d) and tensor is not None and tensor.ndim == 4:
+            raise _Abort(
+                f"model.input: the model's first convolution {_describe_layer(names.get(id(module), ''), module)}"
+                f" is 3-D: it expects volumes (N, C, D, H, W), and was given 2-D images {tuple(tensor.shape)}."
+                f" 3-D models (input.depth) are not supported: {_SUPPORTED}"
+            )
+
+    def after(module: nn.Module, _inputs: tuple[Any, ...], _output: Any) -> None:
+        if not list(module.children()):
+            leaves.append(module)
+
+    handles = []
+    if not isinstance(adapter.user_module, torch.jit.ScriptModule):  # scripted modules take no hooks
+        for module in adapter.user_module.modules():
+            if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+                handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.register_forward_hook(after))
+    try:
+        with torch.inference_mode():
+            output = adapter.module(batch)
+    except _Abort as abort:
+        raise ModelLoadError(str(abort)) from None
+    except Exception as error:
+        raise ModelLoadError(_explain_failure(error, first, shape)) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if first:
+        report.first_layer = _describe_layer(first[0][0], first[0][1])
+    if leaves:
+        report.final_module = type(leaves[-1]).__name__
+    _check_output(output, adapter, report)
+    for warning in report.warnings:
+        log.warning("preflight: %s", warning)
+    return report
+
+
+def _explain_failure(
+    error: BaseException, first: list[tuple[str, nn.Module, tuple[int, ...]]], shape: tuple[int, ...]
+) -> str:
+    """The failure of the preflight batch, said in terms of the spec."""
+    message = first_line(error)
+    given = f"{shape[1]} channel(s) of {shape[2]}x{shape[3]} (model.input)"
+    channels = _CHANNELS.search(message)
+    if channels:
+        expected = int(channels.group(1))
+        return (
+            f"model.input.channels is {shape[1]} but the model expects {expected} input channels"
+            f"{' at ' + _describe_layer(first[0][0], first[0][1]) if first else ''}; set model.input.channels:"
+            f" {expected} (images are converted to that many channels), or give a model built for {shape[1]}"
+        )
+    if first and isinstance(first[0][1], nn.modules.conv._ConvNd) and first[0][1].in_channels != shape[1]:
+        expected = int(first[0][1].in_channels)
+        return (
+            f"model.input.channels is {shape[1]} but the model's first layer"
+            f" {_describe_layer(first[0][0], first[0][1])} expects {expected}; set model.input.channels: {expected}"
+        )
+    matmul = _MATMUL.search(message)
+    if matmul:
+        return (
+            f"the model does not fit model.input ({shape[2]}x{shape[3]}): a linear layer expects"
+            f" {matmul.group(3)} input features and got {matmul.group(2)}. The model was probably built for"
+            " another image size; set model.input.height and width to the size it was trained on"
+        )
+    return (
+        f"the model failed on a preflight batch of {shape[0]} images with {given}:"
+        f" {type(error).__name__}: {message}. Check model.input and model.factory_kwargs against the model"
+    )
+
+
+def _check_output(output: Any, adapter: ModelAdapter, report: PreflightReport) -> None:
+    classes = adapter.classes
+    k = len(classes)
+    if not isinstance(output, torch.Tensor):
+        kind = type(output).__name__
+        hint = " (a dict or tuple of heads: wrap the model so it returns the classification logits)"
+        raise ModelLoadError(f"the model returns a {kind}; auditkit needs one tensor of logits (N, {k}){hint}")
+    report.output_shape = [int(n) for n in output.shape]
+    shown = tuple(report.output_shape)
+    if not output.dtype.is_floating_point:
+        raise ModelLoadError(
+            f"the model returns {output.dtype} values {shown}: class indices or labels, not logits; {_SUPPORTED}"
+            " (the scores before argmax)"
+        )
+    if output.ndim in (4, 5) and output.shape[0] == PREFLIGHT_IMAGES:
+        spatial = "a volume" if output.ndim == 5 else "an image"
+        raise ModelLoadError(
+            f"the model returns {shown}: a segmentation output (a score per class for every pixel of"
+            f" {spatial}); segmentation models are not supported: {_SUPPORTED}"
+        )
+    if output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1):
+        raise ModelLoadError(
+            f"the model returns one value per image {shown}: a regression model, or a binary classifier"
+            f" with a single logit (sigmoid). {_SUPPORTED}; for a single-logit binary model, wrap it to"
+            " return torch.cat([torch.zeros_like(z), z], dim=1), whose softmax is sigmoid(z)"
+        )
+    if output.ndim != 2 or output.shape[0] != PREFLIGHT_IMAGES:
+        raise ModelLoadError(f"the model returns {shown} for {PREFLIGHT_IMAGES} images; expected logits (N, {k})")
+    if output.shape[1] != k:
+        extra = (
+            " A model with more outputs than audited classes (e.g. torchxrayvision's 18) needs masking by"
+            " output_names, which this version does not support"
+            if output.shape[1] > k
+            else ""
+        )
+        raise ModelLoadError(
+            f"the model returns {output.shape[1]} logits per image but model.classes lists {k} classes"
+            f" {classes}; give one class name per output, in the model's output order.{extra}"
+        )
+    final = report.final_module
+    if final == "Softmax":
+        raise ModelLoadError(
+            "the model's forward ends in Softmax: it returns probabilities, not logits, and auditkit applies"
+            " softmax itself (a second softmax flattens every confidence and corrupts calibration). Remove the"
+            " final Softmax, or end in LogSoftmax"
+        )
+    if final == "Sigmoid":
+        raise ModelLoadError(
+            "the model's forward ends in Sigmoid: it returns independent probabilities per output (a multi-label"
+            f" model), not logits. Multi-label models (task: multilabel) are not supported: {_SUPPORTED}"
+        )
+    values = output.detach().double().cpu()
+    if torch.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
+        if torch.allclose(values.sum(dim=1), torch.ones(values.shape[0], dtype=torch.float64), atol=1e-4):
+            raise ModelLoadError(
+                "the model returns probabilities that sum to 1 (a softmax inside forward), not logits;"
+                " auditkit applies softmax itself. Return the scores before the softmax (or their log)"
+            )
+        report.warnings.append(
+            "every output of the preflight batch lies in [0, 1]: if the model applies a sigmoid inside"
+            " forward, its outputs are probabilities, not logits, and the audit's softmax is wrong"
+        )
