@@ -289,14 +289,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from auditkit.compare import compare, format_markdown, format_text
 
-    comparison = compare(Path(args.base), Path(args.new), tolerance=args.tolerance)
+    comparison = compare(
+        Path(args.base), Path(args.new), tolerance=args.tolerance, allow_different=args.allow_different
+    )
     if args.format == "json":
         print(json.dumps(comparison.to_json(), indent=2, allow_nan=False))
     elif args.format == "markdown":
         print(format_markdown(comparison), end="")
     else:
         print(format_text(comparison, all_metrics=args.all), end="")
-    return 1 if comparison.regressed else 0
+    return int(comparison.exit_code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,12 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("dir", help="an auditkit output folder")
     verify.set_defaults(func=_cmd_verify)
 
-    cmp = sub.add_parser("compare", help="metric and rule deltas between two audits; exit 1 on regression")
+    cmp = sub.add_parser(
+        "compare",
+        help="metric, rule and check deltas between two audits; exit 1 on regression, 2 when not comparable",
+    )
     cmp.add_argument("base", help="the reference audit's output folder")
     cmp.add_argument("new", help="the candidate audit's output folder")
     cmp.add_argument("--format", choices=["text", "markdown", "json"], default="text")
     cmp.add_argument("--all", action="store_true", help="list every metric, not only the changes")
     cmp.add_argument("--tolerance", type=float, default=1e-9, help="changes below this are unchanged")
+    cmp.add_argument(
+        "--allow-different",
+        action="store_true",
+        help="compare audits of different data or classes anyway (exit 0/1, not 2); the warnings stay",
+    )
     cmp.set_defaults(func=_cmd_compare)
     return parser
 

@@ -109,6 +109,17 @@ def first_line(error: BaseException) -> str:
     return lines[0].strip() if lines else type(error).__name__
 
 
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _weights_only_refusal(error: BaseException) -> str:
+    """Why ``weights_only=True`` refused a file, in one clause (torch's message is a page long)."""
+    found = _GLOBAL.search(_ANSI.sub("", str(error)))
+    if found:
+        return f"it pickles {found.group(1)}, which is code, not only tensors"
+    return first_line(error)
+
+
 def _refuse_artefacts(path: Path) -> None:
     """Exported artefacts this version cannot run, named as such instead of failing to unpickle."""
     suffix = path.suffix.lower()
@@ -151,7 +162,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except Exception as error:
             raise ModelLoadError(
                 f"model.weights: {path.name} is not a plain state_dict (torch.load with"
-                f" weights_only=True refused it: {first_line(error)})."
+                f" weights_only=True refused it: {_weights_only_refusal(error)})."
                 " A pickled module can run code while loading; save model.state_dict()"
                 " instead, or set model.trust_code: true if you trust its origin"
             ) from None

@@ -68,11 +68,12 @@ class _Abort(Exception):
 
 
 def _describe_layer(name: str, module: nn.Module) -> str:
+    where = f"layer {name!r}" if name else "the model"
     if isinstance(module, nn.modules.conv._ConvNd):
-        return f"{name or 'the model'} ({type(module).__name__}, {module.in_channels} input channels)"
+        return f"{where} ({type(module).__name__}, {module.in_channels} input channels)"
     if isinstance(module, nn.Linear):
-        return f"{name or 'the model'} (Linear, {module.in_features} input features)"
-    return name or type(module).__name__
+        return f"{where} (Linear, {module.in_features} input features)"
+    return where
 
 
 def run_preflight(adapter: ModelAdapter) -> PreflightReport:
@@ -98,7 +99,7 @@ def run_preflight(adapter: ModelAdapter) -> PreflightReport:
             first.append((names.get(id(module), ""), module, tuple(tensor.shape)))
         if isinstance(module, nn.Conv3d) and tensor is not None and tensor.ndim == 4:
             raise _Abort(
-                f"model.input: the model's first convolution {_describe_layer(names.get(id(module), ''), module)}"
+                f"model.input: the model's first convolution, {_describe_layer(names.get(id(module), ''), module)},"
                 f" is 3-D: it expects volumes (N, C, D, H, W), and was given 2-D images {tuple(tensor.shape)}."
                 f" 3-D models (input.depth) are not supported: {_SUPPORTED}"
             )

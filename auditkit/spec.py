@@ -408,7 +408,8 @@ def format_validation_error(error: ValidationError, source: str, model: type[Bas
         elif item["type"] == "missing":
             message = "required but missing"
         got = item.get("input")
-        shown = "" if item["type"] in ("missing", "extra_forbidden") or "got " in message else f", got {got!r}"
+        said = "got " in message or "is not supported by auditkit" in message  # the value is in the message
+        shown = "" if item["type"] in ("missing", "extra_forbidden") or said else f", got {got!r}"
         if isinstance(got, dict) and item["type"] != "extra_forbidden":
             shown = ""
         lines.append(f"{source}: {loc}: {message}{shown}")

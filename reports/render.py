@@ -39,6 +39,7 @@ STATUS_CLASSES = {
     "ok",
     "skipped",
     "error",
+    "not_run",
 }
 STATUS_WORDS = {
     "pass": "pass",
@@ -52,6 +53,7 @@ STATUS_WORDS = {
     "ok": "ok",
     "skipped": "skipped",
     "error": "ERROR",
+    "not_run": "not run",
 }
 ARTIFACT_TYPES = {".svg": "image/svg+xml", ".png": "image/png"}
 MAX_ARTIFACT_BYTES = 8 * 2**20
@@ -162,12 +164,15 @@ def parse_docstring(doc: str | None) -> CheckDoc:
 
 
 def _check_docs(ids: Sequence[str]) -> dict[str, CheckDoc]:
+    from auditkit.coverage import CoverageCheck
+
     try:
         from auditkit.registry import discover
 
         classes, _ = discover()
     except Exception:  # the report must render even when plugins are broken
         classes = {}
+    classes = {**classes, CoverageCheck.id: CoverageCheck}  # the engine's own measurement
     return {cid: parse_docstring(classes[cid].__doc__) if cid in classes else CheckDoc() for cid in ids}
 
 
@@ -313,7 +318,11 @@ def build_view(results: Mapping[str, Any], bundle: Path) -> dict[str, Any]:
     model = results.get("model", {})
     model_label = str(model.get("factory") or model.get("weights") or "model")
     status_counts = Counter(c.get("status") for c in results.get("controls", []))
+    policy = results.get("policy") or {}
     return {
+        "evaluated": policy.get("evaluated") or {},
+        "selection": results.get("run", {}).get("selection") or {},
+        "coverage": results.get("data", {}).get("coverage") or {},
         "results": results,
         "model": model,
         "model_label": model_label,

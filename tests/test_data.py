@@ -88,6 +88,44 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     assert "row 2 (line 4): 3 cells, the header has 2" in message
 
 
+@pytest.mark.parametrize("n_bad", [19, 20, 21, 200])
+def test_the_problem_count_is_the_true_count_and_20_are_shown(tmp_path: Path, n_bad: int) -> None:
+    """200 bad rows said '21 problem(s) (stopped after 20)' and then listed 300 lines."""
+    rows = "".join(f"img/{i}.png,{'cat' if i % 2 else ''}{'' if i % 3 else ',extra'}\n" for i in range(n_bad))
+    path = _manifest(tmp_path, "path,label\n" + rows + "ok.png,normal\n")
+    with pytest.raises(InputError) as info:
+        _read(path)
+    message = str(info.value)
+    listed = [line for line in message.splitlines() if line.startswith("  manifest.csv: row")]
+    assert f"has {n_bad} problem(s)" in message
+    assert len(listed) == min(n_bad, 20)
+    assert ("; the first 20:" in message) == (n_bad > 20)
+
+
+def test_hints_for_other_layouts_and_delimiters(tmp_path: Path) -> None:
+    cases = {
+        "path;label\na.png;normal\n": "one column that holds semicolons",
+        "path\tlabel\na.png\tnormal\n": "one column that holds tabs",
+        "path,normal,nodule\na.png,1,0\n": "the layout of a multi-label study",
+        "path,mask\na.png,a_mask.png\n": "the layout of a segmentation study",
+    }
+    for text, hint in cases.items():
+        with pytest.raises(InputError, match=hint):
+            _read(_manifest(tmp_path, text))
+    with pytest.raises(InputError, match="labels are class names from model.classes"):
+        _read(_manifest(tmp_path, "path,label\na.png,1\n"))
+
+
+def test_windows_separators_resolve_when_the_literal_name_does_not_exist(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "a.png").write_bytes(b"png")
+    (root / "literal\\b.png").write_bytes(b"png")  # a POSIX name holding a backslash is kept as is
+    path = _manifest(tmp_path, "path,label\nimg\\a.png,normal\nliteral\\b.png,nodule\n")
+    manifest = read_manifest(path, root=root, classes=["normal", "nodule"])
+    assert [r.path for r in manifest.rows] == [(root / "img" / "a.png").resolve(), (root / "literal\\b.png").resolve()]
+
+
 def test_empty_manifest_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="manifest not found"):
         _read(tmp_path / "nope.csv")

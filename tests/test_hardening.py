@@ -263,7 +263,7 @@ HOSTILE_FILES: list[Hostile] = [
     Hostile(
         "multi-frame image (3 frames)",
         lambda p: make_dicom(p, _pixels(), pixel_bytes=_pixels().tobytes() * 3, NumberOfFrames=3),
-        "multi-frame image with 3 frames; expected a single frame",
+        "multi-frame image with 3 frames (a volume or cine loop)",
     ),
     Hostile(
         "NumberOfFrames 100000 with one frame of data",
@@ -445,7 +445,7 @@ HOSTILE_FILES: list[Hostile] = [
         "unsupported file type",
         suffix=".1.2.840.113619",
     ),
-    Hostile("a folder named like a DICOM file", lambda p: p.mkdir(), "not a regular file"),
+    Hostile("a folder named like a DICOM file", lambda p: p.mkdir(), "a folder, not a file"),
     Hostile("a FIFO named like a DICOM file (would block a reader)", lambda p: os.mkfifo(p), "not a regular file"),
     # other formats
     Hostile("PNG declaring 60000 x 60000 pixels in 100 bytes", _png_bomb, "decompression-bomb limit", suffix=".png"),
@@ -931,7 +931,7 @@ def _wait_for(paths: list[Path], process: subprocess.Popen[bytes], stderr: Path,
 def _comparable(results: dict[str, Any]) -> dict[str, Any]:
     """Results minus what differs between two runs of the same audit (ids, times, the command)."""
     keep = {k: v for k, v in results.items() if k not in ("run", "environment")}
-    keep["checks"] = [{k: v for k, v in c.items() if k != "duration_s"} for c in results["checks"]]
+    keep["checks"] = [{k: v for k, v in c.items() if k not in ("duration_s", "resumed")} for c in results["checks"]]
     keep["run"] = {k: results["run"][k] for k in ("seed", "device", "precision", "batch_size", "images_decoded")}
     return keep
 
@@ -978,7 +978,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(
     results = json.loads((out / "results.json").read_text(), parse_constant=_refuse_constant)
     assert results["run"]["resumed_checks"] == ["calibration"]
     assert (finished.read_bytes(), finished.stat().st_mtime_ns) == before  # not recomputed, not rewritten
-    assert [c["id"] for c in results["checks"]] == ["calibration", "gate", "bias"]
+    assert [c["id"] for c in results["checks"]] == ["coverage", "calibration", "gate", "bias"]
+    assert [c["id"] for c in results["checks"] if c.get("resumed")] == ["calibration"]
+    assert "[ reused] calibration" in resumed.stdout.decode()
     lost = [cid for cid in ("calibration",) if cid not in results["run"]["resumed_checks"]]
     TALLY["results_lost"] += len(lost)
     assert lost == []
@@ -1048,7 +1050,7 @@ def test_out_of_memory_at_a_large_batch_completes_with_a_smaller_one(tiny_study:
     plain = run_audit(spec, RunOptions(out_dir=tiny_study.parent / "plain", **options))  # type: ignore[arg-type]
     run = outcome.results["run"]
     assert run["batch_size"] <= 4 and run["batch_halvings"] >= 4  # 64 -> 32 -> 16 -> 8 -> 4
-    assert [c["status"] for c in outcome.results["checks"]] == ["ok", "ok"]
+    assert [c["status"] for c in outcome.results["checks"]] == ["ok", "ok", "ok"]  # coverage, calibration, bias
     # batch size changes the floating-point reduction order, so values agree to rounding, not bit for bit
     for halved, whole in zip(outcome.results["checks"], plain.results["checks"], strict=True):
         assert len(halved["metrics"]) == len(whole["metrics"]) > 0
@@ -1092,7 +1094,11 @@ def _nan_run(study: Path, every: int, checks: dict[str, Any]) -> dict[str, Any]:
     (study.parent / f"{module}.py").write_text(NAN_MODEL.replace("{every}", str(every)), encoding="utf-8")
     spec = load_spec(study)
     spec = spec.model_copy(
-        update={"model": spec.model.model_copy(update={"factory": f"{module}:build"}), "checks": checks}
+        update={
+            "model": spec.model.model_copy(update={"factory": f"{module}:build"}),
+            "checks": checks,
+            "only": list(checks),
+        }
     )
     outcome = run_audit(spec, RunOptions(report=True, pdf=False))
     text = (outcome.out_dir / "results.json").read_text(encoding="utf-8")
@@ -1101,6 +1107,8 @@ def _nan_run(study: Path, every: int, checks: dict[str, Any]) -> dict[str, Any]:
         for metric in check["metrics"]:
             assert metric["value"] is None or np.isfinite(metric["value"])
             assert metric["value"] is not None or metric.get("reason"), metric
+    assert results["checks"][0]["id"] == "coverage"  # the engine's count of images read, always measured
+    results["checks"] = results["checks"][1:]
     return results
 
 
@@ -1361,6 +1369,7 @@ def inventory() -> dict[str, int]:
     """What this module (and the corpus and byte-fuzzing tests it builds on) tries, by kind."""
     import test_export
     import test_loaders
+    import test_user_mistakes
 
     byte_fuzz = test_loaders.test_mutated_dicom_bytes_only_raise_unreadable_image
     counts = {
@@ -1373,6 +1382,7 @@ def inventory() -> dict[str, int]:
         "hostile manifests": len(MANIFESTS) + 1,
         "spreadsheet formula cells": len(test_export.FORMULA_CELLS),
         "faults": len(FAULTS),
+        "spec, data and model mistakes through the CLI": len(test_user_mistakes.MISTAKES),
     }
     counts["bad inputs tried"] = sum(counts.values())
     return counts
@@ -1389,6 +1399,10 @@ def test_inventory_matches_the_documented_counts() -> None:
         if kind != "bad inputs tried":
             assert f"| {kind} | {count} |" in text, f"docs/hardening.md: row '| {kind} | {count} |' missing"
     assert len(IDENTIFIER_TOKENS) == 13 and "13 planted identifier" in text
+    import test_user_mistakes
+
+    for mistake in test_user_mistakes.MISTAKES:
+        assert f"| {mistake} |" in text, f"docs/hardening.md: the mistake '{mistake}' is not in its table"
 
 
 def test_zz_no_crash_and_no_result_lost_in_this_session(capsys: pytest.CaptureFixture[str]) -> None:

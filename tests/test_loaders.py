@@ -332,7 +332,9 @@ def test_multi_frame_is_refused(tmp_path: Path) -> None:
     path = make_dicom(tmp_path / "mf.dcm", frames[0], pixel_bytes=frames.tobytes(), NumberOfFrames=3)
     with pytest.raises(UnreadableImage) as info:
         decode_native(path)
-    assert str(info.value) == "multi-frame image with 3 frames; expected a single frame"
+    assert str(info.value) == (
+        "multi-frame image with 3 frames (a volume or cine loop); this version reads single-frame 2-D images"
+    )
 
 
 def test_declared_size_over_budget_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -290,7 +290,10 @@ def test_a_narrowed_audit_says_so_and_what_did_not_run(
     assert code in (0, 1)
     verdict = next(line for line in out.splitlines() if line.startswith("verdict:"))
     assert "(partial: " in verdict and "rules evaluated; not run: adversarial, backdoor, bias" in verdict
-    assert "[not run] adversarial, backdoor, bias, corruption, leakage, ood, phi (only ['calibration'], from the spec)" in out
+    assert (
+        "[not run] adversarial, backdoor, bias, corruption, leakage, ood, phi (only ['calibration'], from the spec)"
+        in out
+    )
     results = json.loads((study.parent / "out" / "results.json").read_text())
     ood_rules = [r for r in results["rules"] if r["metric"].startswith("ood.")]
     assert ood_rules and all(r["cause"] == "not_selected" for r in ood_rules)
