@@ -16,6 +16,7 @@ from auditkit import __version__
 from auditkit.errors import AuditkitError
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3  # the audit could not complete, like a check that errored
 
 
 class _Parser(argparse.ArgumentParser):
@@ -384,6 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except Exception as error:  # a bug, not a user error: no traceback unless asked for (-v)
+        logging.getLogger("auditkit").info("internal error", exc_info=True)
+        print(
+            f"auditkit: internal error: {type(error).__name__}: {error}. This is a bug in auditkit or a"
+            " plug-in, not in your inputs; finished checks are checkpointed (--resume). Rerun with -v for"
+            " the traceback, and please report it.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     return code
 
 

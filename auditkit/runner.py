@@ -37,9 +37,9 @@ from auditkit.check import Check, CheckResult, Needs, Skip
 from auditkit.context import AuditContext, ProgressFactory
 from auditkit.coverage import CoverageCheck, coverage_record, require_readable_eval, split_coverage
 from auditkit.data import Dataset, load_dataset
-from auditkit.errors import ConfigError
+from auditkit.errors import ConfigError, ModelLoadError
 from auditkit.export import write_csv_exports
-from auditkit.model import InferenceOptions, ModelAdapter, Precision
+from auditkit.model import InferenceOptions, ModelAdapter, Precision, first_line, is_out_of_memory
 from auditkit.policy import evaluate, load_attestations, load_framework, load_policy
 from auditkit.preflight import run_preflight
 from auditkit.registry import BrokenCheck, discover
@@ -463,7 +463,16 @@ def run_audit(
                 records[s.id] = {**record, "resumed": True}
                 resumed.append(s.id)
     pending = [s for s in selected if s.id not in records]
-    ctx.prepare(plan_splits(pending, dataset), features=plan_features(pending))
+    try:
+        ctx.prepare(plan_splits(pending, dataset), features=plan_features(pending))
+    except Exception as error:  # the preflight passed: the failure depends on the images themselves
+        if is_out_of_memory(error):
+            raise
+        raise ModelLoadError(
+            f"the model failed in the shared pass over the study's images ({type(error).__name__}:"
+            f" {first_line(error)}); it ran on the preflight's mid-grey images, so the failure depends on"
+            " the image content"
+        ) from error
 
     for s in pending:
         log.info("running check %s", s.id)

@@ -91,6 +91,23 @@ MODELS = textwrap.dedent(
 
     def dict_output() -> nn.Module:
         return _Heads()
+
+
+    class _Picky(nn.Module):
+        """Fine on mid-grey images, fails on real ones (a model that validates its input)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(256, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool((x.amax(dim=(1, 2, 3)) > 0.5).any()):
+                raise ValueError("intensity out of the expected range")
+            return self.fc(x.flatten(1))
+
+
+    def picky() -> nn.Module:
+        return _Picky()
     '''
 )
 
@@ -314,6 +331,33 @@ def test_quarantine_is_on_the_console_by_reason_with_rows(
     assert "split eval: 13 of 16 images read, 3 quarantined (18.8%)" in out
     assert "2 x cannot access the file (FileNotFoundError) (rows 3, 6)" in out
     assert "FAIL COV-EVAL-QUARANTINE" in out
+
+
+def test_a_model_that_fails_on_the_study_images_is_exit_2(
+    study_factory: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = study_factory()
+    _use_model(study, "picky")
+    assert main(["run", str(study), "--only", "calibration", "--quiet", "--no-pdf"]) == 2
+    err = capsys.readouterr().err
+    assert "the model failed in the shared pass over the study's images (ValueError: intensity out" in err
+    assert "Traceback" not in err
+
+
+def test_an_internal_error_is_exit_3_without_a_traceback(
+    study_factory: Callable[..., Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import auditkit.runner
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ZeroDivisionError("planted bug")
+
+    monkeypatch.setattr(auditkit.runner, "write_bundle", broken)
+    study = study_factory()
+    assert main(["run", str(study), "--only", "calibration", "--quiet", "--no-pdf"]) == 3
+    err = capsys.readouterr().err
+    assert "auditkit: internal error: ZeroDivisionError: planted bug. This is a bug" in err
+    assert "Traceback" not in err
 
 
 def test_the_console_script_prints_no_traceback(study_factory: Callable[..., Path]) -> None:
