@@ -17,6 +17,7 @@ from auditkit.stats import (
     bootstrap_ci,
     bootstrap_cis,
     bootstrap_indices,
+    median_centred_interval,
     percentile_interval,
     resample_counts,
     stable_seed,
@@ -170,6 +171,141 @@ def test_percentile_interval() -> None:
     assert percentile_interval(np.r_[np.arange(100.0), np.nan]) is not None
 
 
+# --------------------------------------------------------------------------------------------
+# The median-centred percentile interval: every interval contains its estimate
+
+
+def test_median_centred_interval_hand_computed() -> None:
+    replicates = [1.0, 2.0, 3.0, 4.0, 5.0]  # quartiles 2, 3, 4 (linear interpolation)
+    # Estimate below the median: the percentile interval (2, 4) moves down by 1.5.
+    assert median_centred_interval(replicates, 1.5, alpha=0.5) == (0.5, 2.5)
+    # ... above it: up by 1.
+    assert median_centred_interval(replicates, 4.0, alpha=0.5) == (3.0, 5.0)
+    # The median is the estimate: exactly the percentile interval.
+    assert median_centred_interval(replicates, 3.0, alpha=0.5) == percentile_interval(replicates, alpha=0.5) == (2, 4)
+    assert median_centred_interval(np.arange(101.0), 50.0) == pytest.approx((2.5, 97.5))
+    # A point-mass bootstrap away from the estimate gives the estimate itself.
+    assert median_centred_interval([2.0, 2.0, 2.0], 1.0) == (1.0, 1.0)
+    # Skew is kept: (Q(.5) - Q(.025), Q(.975) - Q(.5)) = (0.5, 4.5) around the estimate 10.
+    skewed = np.r_[np.full(50, 1.0), np.full(50, 1.5), [6.0] * 5]
+    lo_q, mid, hi_q = np.quantile(skewed, [0.025, 0.5, 0.975])
+    assert median_centred_interval(skewed, 10.0) == pytest.approx((10.0 - (mid - lo_q), 10.0 + (hi_q - mid)))
+
+
+def test_median_centred_interval_fixes_the_demo_ece_after_temperature() -> None:
+    # The demo's calibration.ece_after_temperature: 0.0142 with the percentile interval
+    # [0.0143, 0.0598] -- every replicate above the estimate, as a biased ECE near 0 gives.
+    rng = np.random.default_rng(0)
+    replicates = 0.0143 + rng.gamma(2.0, 0.008, size=1000)
+    percentile = percentile_interval(replicates)
+    assert percentile is not None and percentile[0] > 0.0142
+    lo, hi = median_centred_interval(replicates, 0.0142, bounds=(0.0, 1.0)) or (np.nan, np.nan)
+    assert 0.0 <= lo <= 0.0142 <= hi < percentile[1]
+
+
+def test_median_centred_interval_bounds_undefined_and_errors() -> None:
+    # Cut to the statistic's range, never past the estimate.
+    assert median_centred_interval([0.1, 0.2, 0.3], 0.0, alpha=0.5) == pytest.approx((-0.05, 0.05))
+    assert median_centred_interval([0.1, 0.2, 0.3], 0.0, alpha=0.5, bounds=(0.0, 1.0)) == pytest.approx((0.0, 0.05))
+    assert median_centred_interval([0.8, 0.9, 1.0], 1.0, alpha=0.5, bounds=(0.0, 1.0)) == pytest.approx((0.95, 1.0))
+    # An estimate outside the range stays inside its interval.
+    assert median_centred_interval([1.0, 2.0], 5.0, alpha=0.5, bounds=(0.0, 1.0)) == pytest.approx((4.75, 5.0))
+    # Undefined estimate or too many undefined replicates: no interval.
+    assert median_centred_interval([1.0, 2.0], math.nan) is None
+    assert median_centred_interval([], 1.0) is None
+    assert median_centred_interval([np.nan] * 2 + [1.0] * 8, 1.0) is None
+    assert median_centred_interval([np.nan] + [1.0] * 9, 1.0) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        median_centred_interval([1.0], 1.0, alpha=0.0)
+    with pytest.raises(ValueError, match="bounds"):
+        median_centred_interval([1.0], 1.0, bounds=(1.0, 0.0))
+
+
+finite_values = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    replicates=st.lists(finite_values, min_size=1, max_size=60),
+    estimate=finite_values,
+    alpha=st.floats(min_value=0.01, max_value=0.5),
+    shift=st.floats(min_value=-1e3, max_value=1e3, allow_nan=False),
+)
+def test_median_centred_interval_properties(
+    replicates: list[float], estimate: float, alpha: float, shift: float
+) -> None:
+    values = np.asarray(replicates)
+    interval = median_centred_interval(values, estimate, alpha=alpha)
+    assert interval is not None
+    lo, hi = interval
+    assert lo <= estimate <= hi  # always, whatever the bias of the replicates
+    # Width and skew are the bootstrap distribution's.
+    q_lo, q_mid, q_hi = np.quantile(values, [alpha / 2, 0.5, 1 - alpha / 2])
+    tolerance = 1e-9 * (1.0 + abs(estimate) + np.abs(values).max())
+    assert estimate - lo == pytest.approx(q_mid - q_lo, abs=tolerance)
+    assert hi - estimate == pytest.approx(q_hi - q_mid, abs=tolerance)
+    # It reduces to the percentile interval when the bootstrap median is the estimate.
+    assert median_centred_interval(values, float(q_mid), alpha=alpha) == percentile_interval(values, alpha=alpha)
+    # Shifting replicates and estimate together shifts the interval.
+    moved = median_centred_interval(values + shift, estimate + shift, alpha=alpha)
+    assert moved is not None
+    assert moved == pytest.approx((lo + shift, hi + shift), abs=tolerance + 1e-9 * abs(shift))
+
+
+biased_statistics: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    # Biased under resampling, each in its own way: |mean| (the kink of an ECE at zero), the
+    # maximum (never above the sample's), the median of a small sample (discrete), a ratio.
+    "abs_mean": lambda values: np.abs(values.mean(axis=-1)),
+    "max": lambda values: values.max(axis=-1),
+    "median": lambda values: np.median(values, axis=-1),
+    "ratio": lambda values: values.mean(axis=-1) / (1.0 + np.abs(values).mean(axis=-1)),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(min_value=-100, max_value=100, allow_nan=False), min_size=2, max_size=30),
+    name=st.sampled_from(sorted(biased_statistics)),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_bootstrap_interval_of_a_statistic_contains_its_value(values: list[float], name: str, seed: int) -> None:
+    x = np.asarray(values)
+    statistic = biased_statistics[name]
+    value = float(statistic(x))
+    interval = bootstrap_ci(
+        lambda idx: statistic(x[idx]), x, n_boot=60, rng=np.random.default_rng(seed), batched=True, estimate=value
+    )
+    assert interval is not None
+    assert interval[0] <= value <= interval[1]
+    # Centred on the statistic of the sample whether or not the caller passes it.
+    assert bootstrap_ci(lambda idx: statistic(x[idx]), x, n_boot=60, rng=np.random.default_rng(seed), batched=True) == (
+        pytest.approx(interval, rel=1e-9, abs=1e-12)
+    )
+
+
+def test_bootstrap_cis_centre_on_the_statistic_of_the_sample_itself() -> None:
+    x = np.array([0.0, 0.0, 0.0, 1.0, 3.0])
+
+    def largest(idx: np.ndarray) -> np.ndarray:
+        return np.asarray(x[idx].max(axis=1), dtype=np.float64)
+
+    # The maximum of a resample never exceeds the sample's (3.0), and most resamples reach it
+    # only by chance: the percentile interval may end below it; this one cannot.
+    cis = bootstrap_cis({"max": largest}, x.size, n_boot=200, rng=np.random.default_rng(0))
+    assert cis["max"] is not None and cis["max"][0] <= 3.0 <= cis["max"][1]
+    # A given estimate is used when it agrees with the statistic on the sample ...
+    same = bootstrap_cis({"max": largest}, x.size, n_boot=200, rng=np.random.default_rng(0), estimates={"max": 3.0})
+    assert same == cis
+    # ... and is refused when it does not: the interval would describe another number.
+    with pytest.raises(ValueError, match=r"estimate of 'max' is 2.5, but the statistic on the sample itself gives 3.0"):
+        bootstrap_cis({"max": largest}, x.size, n_boot=20, rng=np.random.default_rng(0), estimates={"max": 2.5})
+    # Bounds, for all statistics or per name.
+    mean = {"mean": lambda idx: x[idx].mean(axis=1), "max": largest}
+    cut = bootstrap_cis(mean, x.size, n_boot=200, rng=np.random.default_rng(1), bounds={"mean": (0.5, 1.0)})
+    assert cut["mean"] is not None and 0.5 <= cut["mean"][0] <= 0.8 <= cut["mean"][1] <= 1.0
+    assert cut["max"] is not None and cut["max"][1] >= 3.0
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     values=st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=2, max_size=40),
@@ -177,13 +313,22 @@ def test_percentile_interval() -> None:
 )
 def test_interval_of_the_mean_is_ordered_and_within_the_data(values: list[float], seed: int) -> None:
     x = np.asarray(values)
+    mean = float(x.mean())
     interval = bootstrap_ci(
-        lambda idx: x[idx].mean(axis=1), x, n_boot=50, rng=np.random.default_rng(seed), batched=True
+        lambda idx: x[idx].mean(axis=1),
+        x,
+        n_boot=50,
+        rng=np.random.default_rng(seed),
+        batched=True,
+        estimate=mean,
+        bounds=(float(x.min()), float(x.max())),
     )
     assert interval is not None
     lo, hi = interval
+    assert lo <= mean <= hi
+    # The mean of equal values can round past them; the interval then ends at the mean.
     tolerance = 1e-9 * (1.0 + np.abs(x).max())
-    assert x.min() - tolerance <= lo <= hi <= x.max() + tolerance
+    assert x.min() - tolerance <= lo and hi <= x.max() + tolerance
 
 
 # --------------------------------------------------------------------------------------------

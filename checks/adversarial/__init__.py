@@ -129,8 +129,10 @@ class AdversarialCheck(Check):
     The gradient-masking sanity tests of Carlini et al. 2019 ("On Evaluating Adversarial
     Robustness", arXiv:1902.06705) then read the curves: accuracy must not rise with epsilon,
     PGD must beat FGSM, an unbounded attack must reach about zero accuracy, and the black-box
-    attack must not beat the white-box ones. Intervals are 95% percentile bootstraps over the
-    sample, stratified by class, all from one draw.
+    attack must not beat the white-box ones. Intervals are 95% bootstraps over the sample,
+    stratified by class, all from one draw: the median-centred percentile interval of
+    :mod:`auditkit.stats`, which always contains the value (the success rate is a ratio, biased
+    under resampling) and is the percentile interval when the resampling is unbiased.
 
     Inputs: eval-split images (any size, grayscale or multi-channel) and labels; the model's
     input gradients (``Needs(gradients=True, images=True)``). Runs on the context's device.
@@ -422,7 +424,10 @@ def _intervals(
     n_boot: int,
     seed_root: int,
 ) -> dict[str, tuple[float, float] | None]:
-    """95% intervals of every accuracy and success rate, from one class-stratified draw."""
+    """95% intervals of every accuracy and success rate, from one class-stratified draw.
+
+    Each is centred on the value :func:`_metrics` reports (see :mod:`auditkit.stats`).
+    """
     clean_f = clean.astype(np.float64)
 
     def accuracy(values: NDArray[np.float64]) -> Any:
@@ -437,15 +442,20 @@ def _intervals(
         return statistic
 
     statistics: dict[str, Any] = {"clean": accuracy(clean_f)}
+    estimates = {"clean": float(clean.mean())}
     for (attack, eps), survived in robust.items():
         statistics[f"robust:{attack}:{eps!r}"] = accuracy(survived.astype(np.float64))
         statistics[f"success:{attack}:{eps!r}"] = success((clean & ~survived).astype(np.float64))
+        estimates[f"robust:{attack}:{eps!r}"] = float(survived.mean())
+        estimates[f"success:{attack}:{eps!r}"] = _success_rate(clean, survived)
     return bootstrap_cis(
         statistics,
         len(clean),
         n_boot=n_boot,
         rng=np.random.default_rng(stable_seed(seed_root, "bootstrap")),
         strata=labels,
+        estimates=estimates,
+        bounds=(0.0, 1.0),
     )
 
 

@@ -8,6 +8,13 @@ Seeding: each batch of each attack at each epsilon is attacked under
 ``torch.random.fork_rng`` after ``torch.manual_seed(seed + batch_index)``, so random starts are
 reproducible and the caller's random state is left untouched. For one batch this is exactly
 ``torch.manual_seed(seed); attack(images, labels)``, the direct torchattacks call.
+
+Memory layout: torchattacks flattens images, perturbations and input gradients with
+``Tensor.view``, which needs the contiguous (NCHW) layout. The engine runs convolutional models
+``channels_last`` (NHWC), and autograd then returns the input gradient in that layout; for one
+channel the two layouts coincide, for RGB they do not. Every attack therefore gets contiguous
+images and the model wrapped by :class:`ContiguousGradients`, which hands back contiguous input
+gradients; the model itself keeps its layout (and its speed).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ __all__ = [
     "LINF_EPS",
     "AttackConfig",
     "AttackInfo",
+    "ContiguousGradients",
     "build_attack",
     "eps_label",
     "minimum_norm_perturbations",
@@ -150,6 +158,47 @@ class AttackConfig:
         return self.pgd_step_size * eps / self.pgd_steps
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity forward; the backward pass returns the incoming gradient in contiguous layout."""
+
+    @staticmethod
+    def forward(ctx: Any, images: torch.Tensor) -> torch.Tensor:
+        return images.view_as(images)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+class ContiguousGradients(nn.Module):
+    """``model`` with input gradients in the contiguous layout, whatever layout it runs in.
+
+    A ``channels_last`` model returns ``channels_last`` input gradients for a 3-channel input,
+    and ``grad.view(batch, -1)`` in torchattacks' PGD-L2 (and other attacks) then fails with
+    "view size is not compatible with input tensor's size and stride". The forward pass is
+    unchanged (same module, parameters, mode and device), so the logits are identical.
+
+    Args:
+        model: images in ``[0, 1]`` -> logits.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's logits; gradients flowing back to ``images`` are made contiguous."""
+        logits: torch.Tensor = self.model(_ContiguousGradient.apply(images))
+        return logits
+
+
+def _attack_inputs(
+    images: torch.Tensor, labels: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch on ``device`` in fp32 and the contiguous layout that torchattacks' views need."""
+    return images.to(device, dtype=torch.float32).contiguous(), labels.to(device)
+
+
 def eps_label(eps: float) -> str:
     """The ``eps`` label of a metric: two significant digits (``2/255`` -> ``"0.0078"``)."""
     return f"{eps:.2g}"
@@ -166,7 +215,9 @@ def build_attack(name: str, model: nn.Module, eps: float | None, config: AttackC
         seed: seed of the attacks that take one (Square, AutoAttack).
 
     Returns:
-        A ``torchattacks.Attack``; call it with ``(images, labels)``.
+        A ``torchattacks.Attack`` on ``model`` wrapped by :class:`ContiguousGradients` (so it
+        works whatever memory layout the model runs in); call it with contiguous
+        ``(images, labels)``.
 
     Raises:
         ValueError: unknown attack, or a budget missing for a bounded attack.
@@ -175,6 +226,8 @@ def build_attack(name: str, model: nn.Module, eps: float | None, config: AttackC
 
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; expected one of {sorted(ATTACKS)}")
+    if not isinstance(model, ContiguousGradients):
+        model = ContiguousGradients(model)
     if name == "cw_l2":
         return torchattacks.CW(model, c=config.cw_c, kappa=config.cw_kappa, steps=config.cw_steps, lr=config.cw_lr)
     if eps is None:
@@ -296,8 +349,7 @@ def still_correct(
     device = _device_of(model)
     parts = [torch.zeros(0, dtype=torch.bool)]
     for index, rows in _batches(images.shape[0], batch_size):
-        x = images[rows].to(device, dtype=torch.float32)
-        y = labels[rows].to(device)
+        x, y = _attack_inputs(images[rows], labels[rows], device)
         with seeded(seed + index, device):
             attack = build_attack(name, model, eps, config, seed=seed + index)
             adversarial = attack(x, y)
@@ -328,8 +380,7 @@ def minimum_norm_perturbations(
     fooled_parts = [torch.zeros(0, dtype=torch.bool)]
     norm_parts = [torch.zeros(0, dtype=torch.float64)]
     for index, rows in _batches(images.shape[0], batch_size):
-        x = images[rows].to(device, dtype=torch.float32)
-        y = labels[rows].to(device)
+        x, y = _attack_inputs(images[rows], labels[rows], device)
         with seeded(seed + index, device):
             adversarial = build_attack("cw_l2", model, None, config)(x, y)
         with torch.no_grad():

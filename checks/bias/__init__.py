@@ -78,9 +78,12 @@ class BiasCheck(Check):
     Supervised Learning", NeurIPS: the larger of the TPR and FPR gaps) and the demographic-parity
     difference (selection-rate gap), as ``fairlearn.metrics`` defines them; the smallest group's
     size. Intervals come from one seeded bootstrap per grouping, stratified by group and class:
-    95% percentile intervals per group, and for gaps the simultaneous max-type interval of all
-    pairwise differences (Beran 1988; Westfall & Young 1993), because the percentile interval of
-    ``max - min`` is biased upwards and would fail fair models (see :mod:`.gaps`).
+    per group the median-centred percentile interval of :mod:`auditkit.stats` (a group's ECE and
+    ratios are biased under resampling; this interval always contains the value and is the
+    percentile interval when the resampling is unbiased), and for gaps the simultaneous max-type
+    interval of all pairwise differences (Beran 1988; Westfall & Young 1993), because the
+    percentile interval of ``max - min`` is biased upwards and would fail fair models (see
+    :mod:`.gaps`). Every interval contains its value.
 
     Binary view: the positive class is ``model.positive_class`` (the second class of a binary
     model without one); a prediction is its arg-max class. Multi-class models are measured
@@ -101,7 +104,7 @@ class BiasCheck(Check):
 
     Metrics (``n`` = images behind each value):
         ``bias.group_metric`` {metric, group_by, group}: metric one of n, prevalence, accuracy,
-        sensitivity, specificity, ppv, npv, selection_rate, auroc, ece, with a percentile ``ci``
+        sensitivity, specificity, ppv, npv, selection_rate, auroc, ece, with a bootstrap ``ci``
         (none for n and prevalence, which the stratified resampling holds fixed; ece is
         ``lower_is_better``, the rest ``higher_is_better``, which for n, prevalence and
         selection rate is only descriptive). ``bias.max_gap`` {metric, group_by}: metric one of

@@ -1,8 +1,10 @@
 """Between-group gaps of one grouping and their simultaneous bootstrap intervals.
 
 A *grouping* is one group column (``sex``) or the intersection of two (``sex×site``).
-:func:`analyse_grouping` gives every group's metrics (:mod:`.metrics`), with 95% percentile
-bootstrap intervals, and per metric the largest gap between groups, with a 95% interval.
+:func:`analyse_grouping` gives every group's metrics (:mod:`.metrics`), with 95% bootstrap
+intervals (the median-centred percentile interval of :func:`auditkit.stats.median_centred_interval`,
+which contains the group's value even where the resampled metric is biased, such as the ECE of a
+small group), and per metric the largest gap between groups, with a 95% interval.
 
 Which groups are compared: those with at least ``min_group_size`` images and a defined value of
 the metric. Smaller groups are *insufficient*: their ``n`` is reported, every other value is
@@ -57,7 +59,7 @@ from auditkit.checks.bias.metrics import (
     count_text,
     metric_frame,
 )
-from auditkit.stats import bootstrap_indices, percentile_interval
+from auditkit.stats import bootstrap_indices, median_centred_interval, percentile_interval
 
 __all__ = [
     "EQUALIZED_ODDS_RATES",
@@ -91,7 +93,7 @@ class GroupSummary:
         sufficient: ``n >= min_group_size``; only sufficient groups get values and intervals.
         values: metric -> value, ``None`` where undefined (see ``reasons``); ``n`` is always set.
         reasons: metric -> why it is undefined.
-        cis: metric -> 95% percentile bootstrap interval (absent: not computed).
+        cis: metric -> 95% median-centred bootstrap interval (absent: not computed).
     """
 
     group: str
@@ -324,11 +326,15 @@ def _summaries(
 
 
 def _with_intervals(summary: GroupSummary, replicates: Mapping[str, FloatArray] | None) -> GroupSummary:
-    """The summary with 95% percentile intervals of its defined, non-descriptive metrics."""
+    """The summary with 95% intervals of its defined, non-descriptive metrics, around their values.
+
+    Every such metric is a rate or an ECE, within [0, 1]."""
     if replicates is None:
         return summary
     cis = {
-        metric: percentile_interval(replicates[metric], alpha=1.0 - _LEVEL)
+        metric: median_centred_interval(
+            replicates[metric], float(summary.values[metric] or 0.0), alpha=1.0 - _LEVEL, bounds=(0.0, 1.0)
+        )
         for metric in GROUP_METRICS
         if metric not in DESCRIPTIVE and summary.values[metric] is not None
     }

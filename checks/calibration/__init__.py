@@ -7,6 +7,7 @@ split, overall and per subgroup.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -52,6 +53,7 @@ __all__ = [
     "maximum_calibration_error",
     "negative_log_likelihood",
     "reliability_diagram",
+    "temperature_did_not_help",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -69,8 +71,12 @@ class CalibrationCheck(Check):
     rules. Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks",
     ICML) is fitted by maximum likelihood on the eval split; its effect is measured by stratified
     K-fold cross-fitting, so the after-scaling ECE is never measured on the data its temperature
-    was fitted on. Intervals are 95% percentile bootstraps stratified by class (the class counts
-    of the split are kept in every resample); the after-scaling interval holds the fold
+    was fitted on. Intervals are 95% bootstraps stratified by class (the class counts of the
+    split are kept in every resample): the median-centred percentile interval of
+    :mod:`auditkit.stats`, because the calibration errors are biased under resampling (a
+    resample's ECE exceeds the sample's, most of all near zero, where a plain percentile interval
+    can lie entirely above the estimate); it always contains the value, and equals the percentile
+    interval when the resampling is unbiased. The after-scaling interval holds the fold
     temperatures fixed.
 
     Inputs: eval-split logits and labels (``Needs(predictions=True)``); the spec's subgroup
@@ -82,9 +88,22 @@ class CalibrationCheck(Check):
         ``min_group_size`` get no interval); ``calibration.ece_after_temperature`` overall.
 
     Findings: ``temperature_scaling`` (temperature fitted on the whole eval split, per-fold
-    temperatures, folds); ``non_finite_logits`` (count) when some logits are NaN or infinite.
+    temperatures, folds); ``temperature_scaling_did_not_help`` when the cross-fitted
+    ``ece_after_temperature`` exceeds ``ece`` (both values, the increase and its paired
+    bootstrap interval, the temperatures, and the likely causes, see Limitations);
+    ``non_finite_logits`` (count) when some logits are NaN or infinite.
 
     Artifacts: ``reliability_diagram`` (SVG).
+
+    Limitations: ``ece_after_temperature`` can exceed ``ece``. Temperature scaling minimises the
+    NLL, not the ECE, and one temperature cannot repair a miscalibration that differs between
+    confidence levels or classes. A model that is already calibrated (fitted temperature near 1)
+    has nothing to gain, while cross-fitting still adds the noise of K temperatures, each fitted
+    on (K - 1)/K of a small split; and the ECE of equal-width bins has a noise floor of its own
+    (its value moves by about its interval's width between resamples). The
+    ``temperature_scaling_did_not_help`` finding names which of these apply; read the two ECEs
+    with their intervals, and the increase with its paired interval, before concluding that
+    scaling would harm the model.
 
     NIST AI RMF 1.0: MEASURE 2.5 (validity and reliability: confidence that means what it says),
     MEASURE 2.6 (safe failure: overconfident errors are the unsafe ones), MEASURE 2.11 (fairness:
@@ -135,7 +154,7 @@ class CalibrationCheck(Check):
             result.findings.append({"kind": "non_finite_logits", "split": "eval", "count": len(labels) - n_finite})
 
         # Overall, then the eval split cut by every subgroup column.
-        result.metrics += _scope_metrics(
+        overall = _scope_metrics(
             probs,
             labels,
             finite,
@@ -145,10 +164,10 @@ class CalibrationCheck(Check):
             min_size=2,
             seed=stable_seed(seed_root, "overall"),
         )
-        after = _after_temperature(logits[finite], labels[finite], p, seed_root)
+        result.metrics += overall
+        after = _after_temperature(logits[finite], probs[finite], labels[finite], p, seed_root)
         result.metrics.append(after.metric)
-        if after.finding is not None:
-            result.findings.append(after.finding)
+        result.findings += after.findings
         for column, values in sorted(ctx.group_labels("eval").items()):
             values = np.asarray(values).astype(str)
             if values.shape != labels.shape:
@@ -197,7 +216,7 @@ class CalibrationCheck(Check):
 
 class _AfterTemperature(NamedTuple):
     metric: Metric
-    finding: dict[str, Any] | None = None
+    findings: list[dict[str, Any]]
     probs_after: FloatArray | None = None
 
 
@@ -263,6 +282,8 @@ def _scope_metrics(
             n_boot=p.n_boot,
             rng=np.random.default_rng(seed),
             strata=labels[mask],
+            estimates=values,
+            bounds=_metric_bounds(probs.shape[1]),
         )
     return [
         Metric(
@@ -277,37 +298,193 @@ def _scope_metrics(
     ]
 
 
+def _metric_bounds(n_classes: int) -> dict[str, tuple[float, float]]:
+    """The range of each metric, which cuts its interval (see :mod:`auditkit.stats`)."""
+    return {
+        "ece": (0.0, 1.0),
+        "mce": (0.0, 1.0),
+        "ace": (0.0, 1.0),
+        "brier": (0.0, 1.0 if n_classes == 2 else 2.0),
+        "nll": (0.0, math.inf),
+    }
+
+
 def _after_temperature(
-    logits: FloatArray, labels: NDArray[np.intp], p: CalibrationCheck.Params, seed_root: int
+    logits: FloatArray,
+    probs: FloatArray,
+    labels: NDArray[np.intp],
+    p: CalibrationCheck.Params,
+    seed_root: int,
 ) -> _AfterTemperature:
-    """Cross-fitted ECE after temperature scaling and its ``temperature_scaling`` finding."""
+    """Cross-fitted ECE after temperature scaling and its ``temperature_scaling`` finding.
+
+    ``probs`` are the same rows' probabilities before scaling (those of ``calibration.ece``);
+    when the ECE after scaling exceeds theirs, a ``temperature_scaling_did_not_help`` finding
+    follows.
+    """
     n = logits.shape[0]
     if n == 0:
-        return _AfterTemperature(_undefined_after("the logits of all eval images are non-finite", 0))
+        return _AfterTemperature(_undefined_after("the logits of all eval images are non-finite", 0), [])
     if n < p.temperature_folds:
         reason = f"{n} images are too few for {p.temperature_folds}-fold cross-fitted temperature scaling"
-        return _AfterTemperature(_undefined_after(reason, n))
+        return _AfterTemperature(_undefined_after(reason, n), [])
     probs_after, fold_temperatures = cross_fitted_temperature_probs(
         logits,
         labels,
         p.temperature_folds,
         rng=np.random.default_rng(stable_seed(seed_root, "temperature_folds")),
     )
-    finding = {
-        "kind": "temperature_scaling",
-        "temperature": fit_temperature(logits, labels),
-        "fold_temperatures": fold_temperatures,
-        "folds": p.temperature_folds,
-        "bounds": list(TEMPERATURE_BOUNDS),
-    }
-    stats = _Statistics(probs_after, labels, p.bins, p.bins)
+    temperature = fit_temperature(logits, labels)
+    findings: list[dict[str, Any]] = [
+        {
+            "kind": "temperature_scaling",
+            "temperature": temperature,
+            "fold_temperatures": fold_temperatures,
+            "folds": p.temperature_folds,
+            "bounds": list(TEMPERATURE_BOUNDS),
+        }
+    ]
+    after = _Statistics(probs_after, labels, p.bins, p.bins)
+    value = float(after.ece(after.identity())[0])
     ci = bootstrap_cis(
-        {"ece": stats.ece},
+        {"ece": after.ece},
         n,
         n_boot=p.n_boot,
         strata=labels,
         rng=np.random.default_rng(stable_seed(seed_root, "after_temperature")),
+        estimates={"ece": value},
+        bounds=(0.0, 1.0),
     )["ece"]
-    value = float(stats.ece(stats.identity())[0])
     metric = Metric("calibration.ece_after_temperature", value, "lower_is_better", ci=ci, n=n)
-    return _AfterTemperature(metric, finding, probs_after)
+    if value > expected_calibration_error(probs, labels, p.bins):
+        findings.append(
+            temperature_did_not_help(
+                probs,
+                probs_after,
+                labels,
+                temperature,
+                fold_temperatures,
+                bins=p.bins,
+                n_boot=p.n_boot,
+                rng=np.random.default_rng(stable_seed(seed_root, "temperature_difference")),
+            )
+        )
+    return _AfterTemperature(metric, findings, probs_after)
+
+
+ALREADY_CALIBRATED = 1.1
+"""A fitted temperature within a factor of this of 1 counts as "already calibrated"."""
+
+FOLD_DISAGREEMENT = 1.1
+"""Fold temperatures whose largest and smallest differ by more than this factor are noisy."""
+
+
+def temperature_did_not_help(
+    probs_before: FloatArray,
+    probs_after: FloatArray,
+    labels: NDArray[np.intp],
+    temperature: float,
+    fold_temperatures: list[float],
+    *,
+    bins: int,
+    n_boot: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """The ``temperature_scaling_did_not_help`` finding: the ECE rose after temperature scaling.
+
+    The increase ``ECE_after - ECE_before`` gets a paired bootstrap interval (both ECEs on the
+    same resamples, stratified by class, fold temperatures fixed), and the finding names the
+    likely causes that the numbers support:
+
+    * ``already_calibrated``: the temperature fitted on the whole split is within a factor
+      :data:`ALREADY_CALIBRATED` of 1, so scaling has little to fix;
+    * ``cross_fitting_noise``: the fold temperatures differ by more than a factor
+      :data:`FOLD_DISAGREEMENT` (each is fitted on ``(K - 1)/K`` of the split), so the held-out
+      folds are scaled by temperatures that disagree;
+    * ``ece_binning_noise``: the paired interval of the increase contains 0, so the rise is within
+      the resampling noise of two binned ECEs;
+    * ``not_uniform_miscalibration``: none of the above; one temperature, fitted to the NLL,
+      cannot repair a miscalibration that differs between confidence levels or classes.
+
+    Args:
+        probs_before: the eval rows' probabilities before scaling, ``(N, K)``.
+        probs_after: the same rows' cross-fitted, temperature-scaled probabilities.
+        labels: the rows' classes, ``(N,)`` (also the resampling strata).
+        temperature: the temperature fitted on the whole split.
+        fold_temperatures: the temperature of each fold.
+        bins: equal-width bins of the ECE.
+        n_boot: resamples of the paired interval (0: none).
+        rng: the generator of the resamples.
+
+    Returns:
+        The finding.
+    """
+    before = _Statistics(probs_before, labels, bins, bins)
+    after = _Statistics(probs_after, labels, bins, bins)
+    identity = before.identity()
+    ece_before = float(before.ece(identity)[0])
+    ece_after = float(after.ece(identity)[0])
+    increase = ece_after - ece_before
+    interval = bootstrap_cis(
+        {"increase": lambda idx: after.ece(idx) - before.ece(idx)},
+        before.n,
+        n_boot=n_boot,
+        rng=rng,
+        strata=labels,
+        estimates={"increase": increase},
+        bounds=(-1.0, 1.0),
+    )["increase"]
+    causes: list[dict[str, str]] = []
+    if abs(math.log(temperature)) < math.log(ALREADY_CALIBRATED):
+        causes.append(
+            {
+                "cause": "already_calibrated",
+                "detail": f"the temperature fitted on all {before.n} images is {temperature:.3g}, close to 1: the"
+                " confidences are already right on average, so scaling has little to fix and adds the noise"
+                " of fitting",
+            }
+        )
+    spread = max(fold_temperatures) / min(fold_temperatures)
+    if spread > FOLD_DISAGREEMENT:
+        per_fold = round(before.n * (len(fold_temperatures) - 1) / len(fold_temperatures))
+        causes.append(
+            {
+                "cause": "cross_fitting_noise",
+                "detail": f"the {len(fold_temperatures)} fold temperatures range from {min(fold_temperatures):.3g} to"
+                f" {max(fold_temperatures):.3g}, each fitted on about {per_fold} images: a small sample fits"
+                " noisy temperatures",
+            }
+        )
+    if interval is not None and interval[0] <= 0.0 <= interval[1]:
+        causes.append(
+            {
+                "cause": "ece_binning_noise",
+                "detail": f"the increase {increase:.4f} is within the resampling noise of the two ECEs"
+                f" ({before.bins} equal-width bins, {before.n} images): its paired 95% interval"
+                f" [{interval[0]:.4f}, {interval[1]:.4f}] contains 0",
+            }
+        )
+    if not causes:
+        causes.append(
+            {
+                "cause": "not_uniform_miscalibration",
+                "detail": "one temperature, fitted to the NLL, cannot repair a miscalibration that differs"
+                " between confidence levels or classes",
+            }
+        )
+    return {
+        "kind": "temperature_scaling_did_not_help",
+        "ece": ece_before,
+        "ece_after_temperature": ece_after,
+        "increase": increase,
+        "increase_ci": list(interval) if interval is not None else None,
+        "temperature": temperature,
+        "fold_temperatures": list(fold_temperatures),
+        "n": before.n,
+        "bins": before.bins,
+        "likely_causes": causes,
+        "detail": (
+            f"The ECE after cross-fitted temperature scaling ({ece_after:.4f}) exceeds the ECE before it"
+            f" ({ece_before:.4f}); likely: " + "; ".join(c["cause"].replace("_", " ") for c in causes) + "."
+        ),
+    }

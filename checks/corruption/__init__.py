@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,7 +31,7 @@ from auditkit.checks.corruption.transforms import (
     draw_randomness,
     poisson_quantile,
 )
-from auditkit.stats import bootstrap_indices, percentile_interval, stable_seed
+from auditkit.stats import bootstrap_indices, median_centred_interval, stable_seed
 
 if TYPE_CHECKING:
     from auditkit.context import AuditContext
@@ -121,7 +122,10 @@ class CorruptionCheck(Check):
     noise. Clean predictions come from the shared pass; each corrupted batch is one forward
     pass through the model adapter on the context's device (split ``corruption:<name>:<s>``).
     The relative drop is ``(clean - corrupted) / clean`` on the same images; intervals are
-    paired 95% percentile bootstraps stratified by class, all from one draw.
+    paired 95% bootstraps stratified by class, all from one draw: the median-centred percentile
+    interval of :mod:`auditkit.stats`, which always contains the value (a relative drop is a
+    ratio, biased under resampling) and is the percentile interval when the resampling is
+    unbiased (an accuracy's, as a rule).
 
     Inputs: eval-split images (any size, grayscale or multi-channel), labels and predictions
     (``Needs(predictions=True, images=True)``).
@@ -283,6 +287,11 @@ def _undefined(p: CorruptionCheck.Params, reason: str, n: int) -> list[Metric]:
     return metrics
 
 
+ACCURACY_RANGE = (0.0, 1.0)
+DROP_RANGE = (-math.inf, 1.0)
+"""A relative drop ``(clean - corrupted) / clean`` is at most 1 (accuracy 0 under corruption)."""
+
+
 def _metrics(
     clean: NDArray[np.bool_],
     correct: NDArray[np.bool_],
@@ -295,8 +304,11 @@ def _metrics(
     boot_clean = replicates[:, 0]
     boot_corrupted = replicates[:, 1:]
 
-    def interval(values: NDArray[np.float64]) -> tuple[float, float] | None:
-        return percentile_interval(values) if values.size else None
+    def interval(
+        values: NDArray[np.float64], estimate: float, bounds: tuple[float, float]
+    ) -> tuple[float, float] | None:
+        # Centred on the reported value; a relative drop is a ratio, biased under resampling.
+        return median_centred_interval(values, estimate, bounds=bounds) if values.size else None
 
     with np.errstate(invalid="ignore", divide="ignore"):
         boot_drops = (boot_clean[:, None] - boot_corrupted) / boot_clean[:, None]
@@ -306,7 +318,7 @@ def _metrics(
             clean_accuracy,
             "higher_is_better",
             labels=CLEAN_LABELS,
-            ci=interval(boot_clean),
+            ci=interval(boot_clean, clean_accuracy, ACCURACY_RANGE),
             n=n,
         )
     ]
@@ -319,7 +331,7 @@ def _metrics(
                 float(accuracies[k]),
                 "higher_is_better",
                 labels=labels,
-                ci=interval(boot_corrupted[:, k]),
+                ci=interval(boot_corrupted[:, k], float(accuracies[k]), ACCURACY_RANGE),
                 n=n,
             )
         )
@@ -330,7 +342,7 @@ def _metrics(
                 None if np.isnan(drop) else drop,
                 "lower_is_better",
                 labels=labels,
-                ci=interval(boot_drops[:, k]),
+                ci=interval(boot_drops[:, k], drop, DROP_RANGE),
                 n=n,
                 reason=no_clean if np.isnan(drop) else None,
             )
@@ -341,7 +353,7 @@ def _metrics(
             "corruption.mean_relative_drop",
             None if np.isnan(mean_drop) else mean_drop,
             "lower_is_better",
-            ci=interval(boot_drops.mean(axis=1)) if boot_drops.size else None,
+            ci=interval(boot_drops.mean(axis=1), mean_drop, DROP_RANGE) if boot_drops.size else None,
             n=n,
             reason=no_clean if np.isnan(mean_drop) else None,
         )

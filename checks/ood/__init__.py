@@ -108,7 +108,9 @@ class OODCheck(Check):
     ``other_modality``, the CT and MR slices in pydicom's package test data.
 
     Metrics (labels ``{detector, ood_set}``; ``ood_set`` is the spec's set name or
-    ``builtin:<name>``; each with ``n`` = in + out images and a stratified bootstrap ``ci``):
+    ``builtin:<name>``; each with ``n`` = in + out images and a stratified bootstrap ``ci``,
+    the median-centred percentile interval of :mod:`auditkit.stats`, which always contains the
+    value; in the AUPRs' bootstrap a resampled row's copies are not ties, see :mod:`.metrics`):
         ``ood.auroc`` (higher is better), ``ood.aupr`` (AUPR-Out: OOD images are the
         positives), ``ood.aupr_in`` (AUPR-In), ``ood.fpr_at_95_tpr`` (share of OOD images
         accepted at the threshold keeping 95% of in-distribution images; lower is better).
@@ -360,13 +362,15 @@ def _recommend(
         keep = resampled >= threshold_rows(resampled, TARGET_TPR)[:, None]
         return np.asarray((correct[idx] * keep).sum(axis=1) / keep.sum(axis=1))
 
+    accuracy = float(correct[accepted].mean())
     ci = bootstrap_cis(
         {"selective_accuracy": selective_accuracy},
         scores.size,
         n_boot=p.n_boot,
         rng=np.random.default_rng(stable_seed(seed_root, "selective", detector)),
+        estimates={"selective_accuracy": accuracy},
+        bounds=(0.0, 1.0),
     )["selective_accuracy"]
-    accuracy = float(correct[accepted].mean())
     coverage = float(accepted.mean())
     labels = {"detector": detector}
     n_accepted = int(accepted.sum())

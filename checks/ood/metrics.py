@@ -22,8 +22,23 @@ the same score are accepted or rejected together), and agrees with scikit-learn'
 The ``*_rows`` functions evaluate the same statistics on many resamples at once (one row each).
 The bootstrap of :func:`separation_metrics` uses the ``*_from_counts`` functions instead: a
 resample only repeats rows, so it is given by its row multiplicities
-(:func:`auditkit.stats.resample_counts`) and the scores are sorted once for all resamples; a
-repeated row is a tie of itself, so the values equal the ``*_rows`` ones.
+(:func:`auditkit.stats.resample_counts`) and the scores are sorted once for all resamples. AUROC
+and FPR compare the two sets only, and a row's copies belong to one set, so for them a repeated
+row may count as a tie of itself and the values equal the ``*_rows`` ones.
+
+Average precision is different: it gives every member of a tie group the precision at the
+group's end, so copies of one positive row, treated as a tie, all get the precision *after* the
+last copy, which exceeds the precisions the copies would have at consecutive ranks. Every
+resample repeats some rows, so the resampled AP was biased upwards by ties the data do not have:
+a detector that ranks every OOD image as more in-distribution than every eval image has the
+smallest AP-Out its set sizes allow (0.3190 for 32 + 32 images on the 60-patient demo), yet every
+resample scored above it and the percentile interval [0.3204, 0.3381] excluded it. In the
+bootstrap the copies of a row whose score no other row of the sample shares are therefore ranked
+as consecutive, distinct observations (the limit of a smoothed bootstrap whose bandwidth tends to
+zero; Silverman & Young 1987, "The bootstrap: to smooth or not to smooth?", Biometrika 74(3)),
+while rows that share a score in the sample (a saturated softmax, ``-inf``, identical images)
+stay one tie group, as in the point estimate. On the sample itself (every multiplicity 1) both
+conventions give the same value, scikit-learn's.
 """
 
 from __future__ import annotations
@@ -151,6 +166,11 @@ class _SortedCounts:
         in_order = in_rows[np.argsort(scores[in_rows], kind="stable")]
         out_order = out_rows[np.argsort(scores[out_rows], kind="stable")]
         self.in_scores, self.out_scores = scores[in_order], scores[out_order]
+        # Rows whose score no other row of the sample shares: their copies are not ties (see the
+        # module docstring).
+        _, inverse, multiplicity = np.unique(scores, return_inverse=True, return_counts=True)
+        alone = multiplicity[inverse.ravel()] == 1
+        self.in_alone, self.out_alone = alone[in_order], alone[out_order]
         self.in_weight, self.out_weight = counts[:, in_order], counts[:, out_order]
         # Column i: the weight of the set's i lowest-scoring rows.
         self.in_through = _cumulative(self.in_weight)
@@ -161,13 +181,13 @@ class _SortedCounts:
         """AP with in-distribution images as positives, ranked by descending score."""
         in_at_least = self.n_in[:, None] - self.in_through[:, _search(self.in_scores, self.in_scores, "left")]
         out_at_least = self.n_out[:, None] - self.out_through[:, _search(self.out_scores, self.in_scores, "left")]
-        return _mean_precision(self.in_weight, in_at_least, out_at_least, self.n_in)
+        return _mean_precision(self.in_weight, in_at_least, out_at_least, self.n_in, self.in_alone)
 
     def average_precision_out(self) -> FloatArray:
         """AP with out-of-distribution images as positives, ranked by ascending score."""
         out_at_most = self.out_through[:, _search(self.out_scores, self.out_scores, "right")]
         in_at_most = self.in_through[:, _search(self.in_scores, self.out_scores, "right")]
-        return _mean_precision(self.out_weight, out_at_most, in_at_most, self.n_out)
+        return _mean_precision(self.out_weight, out_at_most, in_at_most, self.n_out, self.out_alone)
 
     def fpr_at_tpr(self, tpr: float) -> FloatArray:
         """FPR at the ``k``-th largest in-distribution score, ``k = accepted_count(n_in, tpr)``."""
@@ -203,17 +223,30 @@ def _mean_precision(
     positives_reached: NDArray[np.intp],
     negatives_reached: NDArray[np.intp],
     n_positive: NDArray[np.intp],
+    alone: NDArray[np.bool_],
 ) -> FloatArray:
-    """Weighted mean over positive rows of the precision at the end of each row's tie group.
+    """Weighted mean over positive rows of their precision, as the AP of the resample.
 
-    Every member of a tie group gets the precision at the group's end, exactly as in
-    :func:`average_precision_rows` (a resample's repeated rows are ties of one another).
+    A row in a tie group of the sample gets, for each of its copies, the precision at the end
+    of its group, exactly as in :func:`average_precision_rows`. The ``w`` copies of a row that is
+    ``alone`` (no other row shares its score) rank consecutively instead: with ``P`` positives
+    and ``A`` rows reached at the last copy, they get ``sum_{i < w} (P - i) / (A - i)``, which is
+    ``P / A`` for ``w = 1`` (see the module docstring).
     """
     reached = positives_reached + negatives_reached
     # A row absent from a resample (weight 0) may reach no row at all; its precision is unused.
     precision = np.divide(positives_reached, reached, out=np.zeros(reached.shape), where=reached > 0)
+    contribution = weight * precision
+    copies = alone[None, :] & (weight > 1)
+    if copies.any():
+        # The i-th copy from the last ranks i rows earlier: i fewer positives and rows reached.
+        spread = precision.copy()
+        for i in range(1, int(weight[copies].max())):
+            earlier = copies & (weight > i)
+            spread += np.divide(positives_reached - i, reached - i, out=np.zeros(reached.shape), where=earlier)
+        contribution = np.where(copies, spread, contribution)
     defined = n_positive > 0
-    return np.where(defined, (weight * precision).sum(axis=1) / np.where(defined, n_positive, 1), np.nan)
+    return np.where(defined, contribution.sum(axis=1) / np.where(defined, n_positive, 1), np.nan)
 
 
 def average_precision_from_counts(
@@ -221,9 +254,12 @@ def average_precision_from_counts(
 ) -> FloatArray:
     """Average precision of every resample given as row multiplicities ``counts`` ``(B, n)``.
 
-    Equals :func:`average_precision_rows` on ``scores[idx]`` when ``counts`` are the
-    multiplicities of ``idx`` (higher scores rank first, each tie group is one threshold), with
-    the scores sorted once. NaN for a resample without a positive row.
+    Higher scores rank first and each tie group of the sample is one threshold, as in
+    :func:`average_precision_rows`; the copies of a row whose score no other row shares rank as
+    consecutive distinct observations (see the module docstring). So this equals
+    :func:`average_precision_rows` on ``scores[idx]`` after breaking those copies apart, and on
+    the sample itself (every count 1) it equals scikit-learn's ``average_precision_score``. The
+    scores are sorted once. NaN for a resample without a positive row.
     """
     return _SortedCounts(scores, positive, counts).average_precision_in()
 
@@ -348,11 +384,14 @@ def separation_metrics(
     rng: np.random.Generator,
     tpr: float = TARGET_TPR,
 ) -> dict[str, tuple[float, Interval]]:
-    """AUROC, AUPR-Out, AUPR-In and FPR at ``tpr`` with 95% percentile bootstrap intervals.
+    """AUROC, AUPR-Out, AUPR-In and FPR at ``tpr`` with 95% bootstrap intervals.
 
     Resamples are stratified (in- and out-of-distribution images are resampled separately, so
     every resample keeps both set sizes) and shared by the four statistics; the threshold of the
-    FPR is re-estimated in each resample.
+    FPR is re-estimated in each resample, and the copies of a row are not ties in the AUPRs
+    (module docstring). Each interval is the median-centred percentile interval of
+    :func:`auditkit.stats.median_centred_interval` around the value (the AUPRs and the FPR are
+    biased under resampling, and a plain percentile interval could exclude them), within [0, 1].
 
     Args:
         in_scores: in-distribution scores ``(n_in,)``.
@@ -392,7 +431,15 @@ def separation_metrics(
     statistics = {name: shared.statistic(name) for name in values}
     # Stratum codes: 0 for in-distribution rows, 1 for out-of-distribution rows, so column j of
     # every resample holds a row of the same set as row j (every resample keeps n_in and n_out).
-    cis = bootstrap_cis(statistics, combined.size, n_boot=n_boot, rng=rng, strata=(~is_in).astype(np.int8))
+    cis = bootstrap_cis(
+        statistics,
+        combined.size,
+        n_boot=n_boot,
+        rng=rng,
+        strata=(~is_in).astype(np.int8),
+        estimates=values,
+        bounds=(0.0, 1.0),
+    )
     return {name: (values[name], cis[name]) for name in values}
 
 

@@ -33,6 +33,7 @@ from auditkit.checks.adversarial import (
     stratified_allocation,
     stratified_sample,
 )
+from auditkit.checks.adversarial.attacks import ContiguousGradients
 from auditkit.checks.adversarial.sanity import masking_suspected, slack
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -376,7 +377,8 @@ def test_check_pgd_equals_a_direct_torchattacks_call(plain_result: CheckResult, 
     with torch.no_grad():
         clean = model(images).argmax(1) == labels
         survived = model(adversarial).argmax(1) == labels
-    assert robust(plain_result, "pgd_linf", eps) == float((clean & survived).float().mean())
+    # float64, as the check counts: a float32 mean of 2/24 is not the float64 one.
+    assert robust(plain_result, "pgd_linf", eps) == float((clean & survived).double().mean())
 
 
 def test_check_on_demo_study(plain_result: CheckResult, demo_context: Any) -> None:
@@ -454,3 +456,59 @@ def test_attacks_run_on_cuda_and_keep_rng_state() -> None:
     still_correct(model, images, labels, "square", 0.05, config, seed=3, batch_size=8)
     fooled, norms = minimum_norm_perturbations(model, images, labels, config, seed=3, batch_size=8)
     assert fooled.device.type == norms.device.type == "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Memory layout: RGB models run channels_last
+
+
+def rgb_models() -> tuple[nn.Module, nn.Module]:
+    """The same 3-channel tiny CNN, once channels_last (as the engine runs it) and once not."""
+    from auditkit.fixtures.models import tiny_cnn
+
+    torch.manual_seed(0)
+    contiguous = tiny_cnn(num_classes=2, in_channels=3).eval()
+    channels_last = tiny_cnn(num_classes=2, in_channels=3).eval()
+    channels_last.load_state_dict(contiguous.state_dict())
+    return channels_last.to(memory_format=torch.channels_last), contiguous
+
+
+def test_contiguous_gradients_of_a_channels_last_rgb_model() -> None:
+    channels_last, _ = rgb_models()
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    # The problem: the input gradient of a channels_last model is channels_last (with the
+    # PyTorch of this writing), and for three channels that layout cannot be viewed flat.
+    (gradient,) = torch.autograd.grad(channels_last(images).sum(), images)
+    if not gradient.is_contiguous():
+        with pytest.raises(RuntimeError, match="view size is not compatible"):
+            gradient.view(2, -1)
+    # The wrapper: same logits, same gradient values, contiguous layout.
+    wrapped = ContiguousGradients(channels_last)
+    logits = wrapped(images)
+    assert torch.equal(logits, channels_last(images))
+    (wrapped_gradient,) = torch.autograd.grad(logits.sum(), images)
+    assert wrapped_gradient.is_contiguous()
+    assert torch.equal(wrapped_gradient, gradient)
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_every_attack_runs_on_a_channels_last_rgb_model(attack: str) -> None:
+    channels_last, contiguous = rgb_models()
+    # Inputs in either layout: the attacks get contiguous copies.
+    images = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 1, 0, 1])
+    config = AttackConfig(pgd_steps=3, cw_steps=3, square_queries=5, random_start=False)
+    outcomes = []
+    for model in (channels_last, contiguous):
+        if ATTACKS[attack].minimum_norm:
+            fooled, norms = minimum_norm_perturbations(model, images, labels, config, seed=0, batch_size=4)
+            outcomes.append((fooled, norms))
+            continue
+        # AutoAttack at an unbounded budget: its first attack fools every image, so the 5000
+        # queries of its Square stage are never spent.
+        eps = 1.0 if attack == "autoattack" else 4 / 255
+        outcomes.append((still_correct(model, images, labels, attack, eps, config, seed=0, batch_size=4),))
+    # The layout does not change what the attack finds.
+    assert torch.equal(outcomes[0][0], outcomes[1][0])
+    if ATTACKS[attack].minimum_norm:
+        torch.testing.assert_close(outcomes[0][1], outcomes[1][1], rtol=1e-4, atol=1e-5)

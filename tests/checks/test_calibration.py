@@ -32,6 +32,7 @@ from auditkit.checks.calibration import (
     maximum_calibration_error,
     negative_log_likelihood,
     reliability_diagram,
+    temperature_did_not_help,
 )
 
 with warnings.catch_warnings():
@@ -457,9 +458,12 @@ def test_check_run_emits_every_metric_with_intervals(tmp_path: Path) -> None:
 
     for metric in result.metrics:
         if metric.ci is not None:
-            assert metric.ci[0] <= metric.ci[1]
+            assert metric.value is not None
+            assert metric.ci[0] <= metric.value <= metric.ci[1], metric
     metrics_json(result)  # raises on NaN
 
+    # Scaling an overconfident model helps: no finding says otherwise.
+    assert not [f for f in result.findings if f["kind"] == "temperature_scaling_did_not_help"]
     (scaling,) = [f for f in result.findings if f["kind"] == "temperature_scaling"]
     assert scaling["folds"] == 5
     assert len(scaling["fold_temperatures"]) == 5
@@ -540,3 +544,76 @@ def test_check_without_bootstrap(tmp_path: Path) -> None:
     result = run_check(make_context(tmp_path, logits, labels, groups), n_boot=0)
     assert all(m.ci is None for m in result.metrics)
     assert all(m.value is not None for m in result.metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# When temperature scaling does not help
+
+
+def test_calibrated_model_cross_fitting_is_unbiased_on_average() -> None:
+    # The cross-fitted estimate works as intended: on calibrated logits (nothing to fix) the
+    # ECE after scaling is about as often above as below the ECE before, and not worse on
+    # average; on overconfident ones it is always better.
+    rises, changes = 0, []
+    for seed in range(20):
+        logits, labels = calibrated_logits(np.random.default_rng(seed), 300, 2)
+        before = expected_calibration_error(softmax(logits, axis=1), labels)
+        after, _ = cross_fitted_temperature_probs(logits, labels, 5, rng=np.random.default_rng(seed))
+        changes.append(expected_calibration_error(after, labels) - before)
+        rises += changes[-1] > 0
+        scaled, _ = cross_fitted_temperature_probs(3.0 * logits, labels, 5, rng=np.random.default_rng(seed))
+        assert expected_calibration_error(scaled, labels) < expected_calibration_error(
+            softmax(3.0 * logits, axis=1), labels
+        )
+    assert 3 <= rises <= 17
+    assert abs(float(np.mean(changes))) < 0.01
+
+
+def test_a_calibrated_model_gets_a_finding_when_scaling_raises_the_ece(tmp_path: Path) -> None:
+    # Logits drawn from their own softmax: calibrated by construction, so temperature scaling
+    # cannot help; this seed is one where the cross-fitted ECE comes out higher.
+    logits, labels = calibrated_logits(np.random.default_rng(1), 300, 2)
+    result = run_check(make_context(tmp_path, logits, labels, {}), n_boot=200)
+    overall = {m.name: m for m in result.metrics if not m.labels}
+    before, after = overall["calibration.ece"].value, overall["calibration.ece_after_temperature"].value
+    assert before is not None and after is not None and after > before
+
+    (scaling,) = [f for f in result.findings if f["kind"] == "temperature_scaling"]
+    (finding,) = [f for f in result.findings if f["kind"] == "temperature_scaling_did_not_help"]
+    assert (finding["ece"], finding["ece_after_temperature"]) == (before, after)
+    assert finding["increase"] == pytest.approx(after - before)
+    assert finding["temperature"] == scaling["temperature"] == pytest.approx(1.0, abs=0.1)
+    assert finding["fold_temperatures"] == scaling["fold_temperatures"]
+    assert (finding["n"], finding["bins"]) == (300, 15)
+    low, high = finding["increase_ci"]
+    assert low <= 0.0 <= high and low <= finding["increase"] <= high
+    causes = [c["cause"] for c in finding["likely_causes"]]
+    assert "already_calibrated" in causes and "ece_binning_noise" in causes
+    assert "not_uniform_miscalibration" not in causes
+    assert all(c["detail"] for c in finding["likely_causes"])
+    assert f"{after:.4f}" in finding["detail"] and f"{before:.4f}" in finding["detail"]
+    json.dumps(result.findings, allow_nan=False)
+    # The interval of the after-scaling ECE contains it, as every interval does.
+    ci = overall["calibration.ece_after_temperature"].ci
+    assert ci is not None and ci[0] <= after <= ci[1]
+
+
+def test_a_real_rise_is_put_down_to_miscalibration_scaling_cannot_fix() -> None:
+    # Before: calibrated. "After": every confidence pushed to 0.99, a rise far beyond the ECE's
+    # noise, with a temperature far from 1 and folds that agree, so none of the benign causes
+    # applies.
+    logits, labels = calibrated_logits(np.random.default_rng(5), 400, 2)
+    probs = softmax(logits, axis=1)
+    pushed = np.where(probs.argmax(axis=1)[:, None] == np.arange(2), 0.99, 0.01)
+    finding = temperature_did_not_help(
+        probs, pushed, labels, 3.0, [3.0] * 5, bins=15, n_boot=200, rng=np.random.default_rng(0)
+    )
+    assert finding["increase"] > 0.1
+    assert finding["increase_ci"][0] > 0.0
+    assert [c["cause"] for c in finding["likely_causes"]] == ["not_uniform_miscalibration"]
+    # Without a bootstrap the increase has no interval and binning noise cannot be judged.
+    quiet = temperature_did_not_help(
+        probs, pushed, labels, 1.0, [1.0] * 5, bins=15, n_boot=0, rng=np.random.default_rng(0)
+    )
+    assert quiet["increase_ci"] is None
+    assert [c["cause"] for c in quiet["likely_causes"]] == ["already_calibrated"]

@@ -416,3 +416,18 @@ def test_non_finite_logits_count_as_errors(tmp_path: Path) -> None:
     assert accuracy_at(metrics, "gamma", 1) == 1.0
     assert accuracy_at(metrics, "gamma", 5) == 0.0
     assert {"kind": "non_finite_logits", "corruption": "gamma", "severity": 5, "count": 6} in result.findings
+
+
+@pytest.mark.parametrize("name", CORRUPTION_NAMES)
+def test_rgb_channels_last_images_corrupt_as_contiguous_ones(name: str) -> None:
+    # The engine runs convolutional models channels_last, so images may arrive in that layout;
+    # for three channels it is not the contiguous one. No corruption may depend on it.
+    images = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    assert not channels_last.is_contiguous()
+    draw = draw_randomness(name, tuple(images.shape), [11, 12, 13])
+    for severity in (1, 5):
+        expected = apply_corruption(images, name, severity, draw=draw)
+        got = apply_corruption(channels_last, name, severity, draw=draw)
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

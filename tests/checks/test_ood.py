@@ -447,7 +447,9 @@ def demo_results(demo_spec: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     calibration check, which shares the eval pass."""
     from auditkit.checks.calibration import CalibrationCheck
 
-    spec = load_spec(demo_spec).model_copy(update={"checks": {"ood": FAST, "calibration": {"n_boot": 20}}})
+    spec = load_spec(demo_spec).model_copy(
+        update={"checks": {"ood": FAST, "calibration": {"n_boot": 20}}, "only": ["ood", "calibration"]}
+    )
     out = tmp_path_factory.mktemp("ood-audit")
     outcome = run_audit(
         spec,
@@ -729,7 +731,7 @@ def test_user_ood_manifest_with_broken_rows(demo_spec: Path, tmp_path: Path, mon
     assert all(decoded[p] == 1 for p in ood_paths), decoded  # broken rows too: decoded once
     assert max(decoded.values()) == 1  # eval and the other-modality files as well
 
-    (record,) = results["checks"]
+    (record,) = [c for c in results["checks"] if c["id"] == "ood"]
     assert record["status"] == "ok", record["error"]
     (user_set,) = [f for f in record["findings"] if f.get("ood_set") == "scanner_b"]
     assert (user_set["n_images"], user_set["n_quarantined"]) == (5, 2)
@@ -763,6 +765,24 @@ def study_scores(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return in_scores, out_scores
 
 
+def copies_apart(scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Sort keys of the resamples ``scores[idx]`` in which a lone row's copies are not ties.
+
+    Dense ranks keep the order and the ties of the sample; the k-th copy of a row whose score no
+    other row shares is moved up by ``k / (n + 1)`` of a rank, so its copies rank consecutively
+    without crossing another score (the bootstrap convention of the AUPRs).
+    """
+    _, dense, multiplicity = np.unique(scores, return_inverse=True, return_counts=True)
+    alone = multiplicity[dense] == 1
+    copy_number = np.zeros(idx.shape)
+    for b, row in enumerate(idx):
+        seen: dict[int, int] = {}
+        for j, r in enumerate(row.tolist()):
+            copy_number[b, j] = seen.get(r, 0)
+            seen[r] = seen.get(r, 0) + 1
+    return dense[idx] + np.where(alone[idx], copy_number / (scores.size + 1), 0.0)
+
+
 def old_separation_intervals(
     in_scores: np.ndarray, out_scores: np.ndarray, *, n_boot: int, seed: int, tpr: float = 0.95
 ) -> dict[str, tuple[float, float] | None]:
@@ -772,12 +792,14 @@ def old_separation_intervals(
     is_in = np.arange(combined.size) < n_in
     statistics = {
         "auroc": lambda idx: auroc_rows(combined[idx], n_in),
-        "aupr_out": lambda idx: average_precision_rows(-combined[idx], ~is_in),
-        "aupr_in": lambda idx: average_precision_rows(combined[idx], is_in),
+        "aupr_out": lambda idx: average_precision_rows(-copies_apart(combined, idx), ~is_in),
+        "aupr_in": lambda idx: average_precision_rows(copies_apart(combined, idx), is_in),
         "fpr_at_tpr": lambda idx: fpr_at_tpr_rows(combined[idx[:, :n_in]], combined[idx[:, n_in:]], tpr),
     }
     strata = (~is_in).astype(np.int8)
-    return bootstrap_cis(statistics, combined.size, n_boot=n_boot, rng=np.random.default_rng(seed), strata=strata)
+    return bootstrap_cis(
+        statistics, combined.size, n_boot=n_boot, rng=np.random.default_rng(seed), strata=strata, bounds=(0.0, 1.0)
+    )
 
 
 def assert_intervals_equal(
@@ -805,11 +827,11 @@ def test_weighted_statistics_equal_the_row_functions(seed: int, tpr: float) -> N
         "auroc": (auroc_from_counts(combined, is_in, counts), auroc_rows(resampled, n_in)),
         "aupr_in": (
             average_precision_from_counts(combined, is_in, counts),
-            average_precision_rows(resampled, is_in),
+            average_precision_rows(copies_apart(combined, idx), is_in),
         ),
         "aupr_out": (
             average_precision_from_counts(-combined, ~is_in, counts),
-            average_precision_rows(-resampled, ~is_in),
+            average_precision_rows(-copies_apart(combined, idx), ~is_in),
         ),
         "fpr_at_tpr": (
             fpr_at_tpr_from_counts(combined, is_in, counts, tpr),
@@ -825,6 +847,65 @@ def test_weighted_statistics_equal_the_row_functions(seed: int, tpr: float) -> N
     assert average_precision_from_counts(combined, is_in, identity)[0] == pytest.approx(
         aupr(in_scores, out_scores, positive="in"), abs=1e-12
     )
+
+
+def test_average_precision_of_a_resample_ranks_a_lone_rows_copies_apart() -> None:
+    # In-distribution rows are the positives of AUPR-In, ranked by descending score.
+    scores = np.array([0.9, 0.1, 0.5])
+    is_in = np.array([True, True, False])
+    # The sample: 0.9 (in), 0.5 (out), 0.1 (in): precisions 1 and 2/3.
+    assert average_precision_from_counts(scores, is_in, np.ones((1, 3), dtype=np.intp))[0] == pytest.approx(5 / 6)
+    # A resample without row 0 and with row 1 twice: 0.5 (out), 0.1, 0.1. The two copies of the
+    # lone row 1 rank one after the other (precisions 1/2 and 2/3), not as a tie that gives both
+    # the precision after the last copy (2/3 and 2/3).
+    resample = np.array([[0, 2, 1]])
+    assert average_precision_from_counts(scores, is_in, resample)[0] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # Rows that share a score in the sample are one tie group, copies included, as in the
+    # point estimate: 0.1 (in, twice) tied with 0.1 (out).
+    tied = np.array([0.9, 0.1, 0.1])
+    assert average_precision_from_counts(tied, is_in, np.ones((1, 3), dtype=np.intp))[0] == pytest.approx(
+        aupr(tied[:2], tied[2:], positive="in")
+    )
+    assert average_precision_from_counts(tied, is_in, resample)[0] == pytest.approx(2 / 3)
+
+
+def test_a_detector_that_ranks_every_ood_image_first_gets_an_interval_around_its_value() -> None:
+    # The demo's ood.aupr of msp on builtin:inverted: every inverted image scored as more
+    # in-distribution than every eval image, so AUPR-Out is the least its set sizes allow. Copies
+    # treated as ties put every resample above it (percentile interval [0.3204, 0.3381] for
+    # 0.3190). Ranked apart, every resample has the same order of classes, hence the same value
+    # (up to the rounding of its sum).
+    rng = np.random.default_rng(0)
+    in_scores, out_scores = rng.normal(0.0, 1.0, 32), rng.normal(10.0, 1.0, 32)
+    measured = separation_metrics(in_scores, out_scores, n_boot=300, rng=np.random.default_rng(1))
+    for name in ("aupr_out", "aupr_in", "auroc", "fpr_at_tpr"):
+        value, interval = measured[name]
+        assert interval is not None and interval[0] <= value <= interval[1], name
+        assert interval == pytest.approx((value, value), abs=1e-12), name
+    assert measured["auroc"][0] == 0.0
+    assert measured["aupr_out"][0] == pytest.approx(aupr(in_scores, out_scores, positive="out"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_in=st.integers(1, 25),
+    n_out=st.integers(1, 25),
+    kind=st.sampled_from(["continuous", "tied", "separated"]),
+)
+def test_separation_intervals_contain_their_values(seed: int, n_in: int, n_out: int, kind: str) -> None:
+    rng = np.random.default_rng(seed)
+    if kind == "tied":
+        in_scores, out_scores = rng.integers(0, 3, n_in).astype(float), rng.integers(0, 3, n_out).astype(float)
+        in_scores[rng.random(n_in) < 0.2] = -np.inf
+    else:
+        shift = 20.0 if kind == "separated" else 0.5
+        in_scores, out_scores = rng.normal(0.0, 1.0, n_in), rng.normal(shift, 1.0, n_out)
+    for name, (value, interval) in separation_metrics(
+        in_scores, out_scores, n_boot=40, rng=np.random.default_rng(seed)
+    ).items():
+        if interval is not None:
+            assert 0.0 <= interval[0] <= value <= interval[1] <= 1.0, (name, value, interval)
 
 
 def test_weighted_statistics_of_a_resample_without_a_class_are_undefined() -> None:
@@ -861,3 +942,23 @@ def test_separation_metrics_blocks_equal_the_old_bootstrap(monkeypatch: pytest.M
     monkeypatch.setattr(ood_metrics, "_MAX_BLOCK_ELEMENTS", 7 * n)
     new = separation_metrics(in_scores, out_scores, n_boot=150, rng=np.random.default_rng(5), tpr=0.8)
     assert_intervals_equal(new, old_separation_intervals(in_scores, out_scores, n_boot=150, seed=5, tpr=0.8))
+
+
+def test_rgb_channels_last_inputs_score_as_contiguous_ones() -> None:
+    # The engine runs convolutional models channels_last; for three channels that layout is not
+    # the contiguous one. The synthetic shifts and ODIN (which takes input gradients) must not
+    # depend on it.
+    from auditkit.fixtures.models import tiny_cnn
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    for name in SYNTHETIC_SHIFTS:
+        expected = synthetic_shift(name, images, torch.Generator().manual_seed(1))
+        got = synthetic_shift(name, channels_last, torch.Generator().manual_seed(1))
+        assert torch.equal(got, expected), name
+    torch.manual_seed(0)
+    model = tiny_cnn(num_classes=2, in_channels=3).eval()
+    expected_odin = odin_score(model, images, epsilon=0.01)
+    model = model.to(memory_format=torch.channels_last)
+    for batch in (images, channels_last):
+        np.testing.assert_allclose(odin_score(model, batch, epsilon=0.01), expected_odin, rtol=1e-5, atol=1e-6)
