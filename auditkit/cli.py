@@ -49,8 +49,29 @@ def _progress_factory(enabled: bool) -> Callable[[str, int], Callable[[int], Non
     return factory
 
 
-def _format_value(value: float | None) -> str:
-    return "undefined" if value is None else f"{value:.4f}"
+def _format_value(value: float | None, *, count: bool = False) -> str:
+    if value is None:
+        return "undefined"
+    if count and float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4f}"
+
+
+_COUNTS = frozenset(
+    {
+        "coverage.images_read",
+        "bias.min_group_size",
+        "leakage.patient_overlap",
+        "leakage.study_overlap",
+        "leakage.series_overlap",
+        "leakage.exact_duplicates",
+        "leakage.near_duplicates",
+        "phi.files_with_identifiers",
+        "phi.burned_in_annotation_files",
+        "phi.identity_not_removed_files",
+    }
+)
+"""Metrics whose values are counts, printed without decimals."""
 
 
 def _quarantine_lines(split: str, data: dict[str, Any], limit: int = 5) -> list[str]:
@@ -129,7 +150,8 @@ def print_summary(results: dict[str, Any], out: TextIO | None = None) -> None:
             bound = "<=" if rule["bound"] == "max" else ">="
             out.write(
                 f"  {rule['status'].upper():<4} {rule['id']}: {rule['metric']}"
-                f" {_format_value(rule['observed'])}{interval} ({rule['use']}) {bound} {rule['threshold']}\n"
+                f" {_format_value(rule['observed'], count=rule['metric'] in _COUNTS)}{interval}"
+                f" ({rule['use']}) {bound} {rule['threshold']}\n"
             )
     policy = results.get("policy") or {}
     if policy:
