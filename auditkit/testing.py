@@ -120,8 +120,17 @@ def _identifying_values(study: Path) -> set[str]:
     return values
 
 
-def _strip_volatile(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k != "duration_s"}
+WALL_CLOCK_KEYS = frozenset({"duration_s", "seconds"})
+"""Keys whose values are wall-clock times: they may differ between two runs with the same seed."""
+
+
+def _strip_volatile(value: Any) -> Any:
+    """The record without wall-clock times, at any depth (a check may time its stages in findings)."""
+    if isinstance(value, dict):
+        return {k: _strip_volatile(v) for k, v in value.items() if k not in WALL_CLOCK_KEYS}
+    if isinstance(value, list):
+        return [_strip_volatile(v) for v in value]
+    return value
 
 
 def check_check(cls: type[Check], *, workdir: Path | None = None, n_patients: int = 24) -> ConformanceReport:

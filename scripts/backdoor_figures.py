@@ -3,8 +3,11 @@
 Runs the check with its default parameters on the binary and multi-class studies of
 ``auditkit.fixtures.poison`` (poisoned model on the poisoned study, clean twin on the clean one)
 and prints, per model, the trigger search per class (mask norm, feature excursion against the
-eval and train ranges, anomaly index, steps, seconds) and the verdict; per data-level method,
-recall and precision on the poisoned rows and the share of the clean twin's training set flagged.
+eval and train ranges, anomaly index, steps, seconds), the verdict and its evidence; every
+data-level candidate population with its share, the eval split's share and the confirmation's p;
+per data-level method, recall and precision on the poisoned rows and the share of the clean twin's
+training set flagged. The population figures (clean models the check was not tuned on) come from
+``scripts/backdoor_population.py``.
 
     python scripts/backdoor_figures.py [--threads 2]
 """
@@ -34,16 +37,16 @@ def main() -> None:
         root = Path(folder)
         for task in ("binary", "multiclass"):
             checks: dict[str, Any] = {}
-            studies = {"poisoned": generate_poisoned_study(root / f"{task}-p", task)}  # type: ignore[arg-type]
-            studies["clean"] = generate_clean_study(root / f"{task}-c", task)  # type: ignore[arg-type]
+            studies = {"poisoned": generate_poisoned_study(root / f"{task}-p", task)}
+            studies["clean"] = generate_clean_study(root / f"{task}-c", task)
             for variant, study in studies.items():
-                spec = write_backdoor_spec(study, variant, checks={"backdoor": {}})  # type: ignore[arg-type]
+                spec = write_backdoor_spec(study, variant, checks={"backdoor": {}})
                 outcome = run_audit(
                     load_spec(spec),
                     RunOptions(out_dir=root / f"{task}-{variant}-out", pdf=False, report=False),
                     checks={"backdoor": BackdoorCheck},
                 )
-                (checks[variant],) = outcome.results["checks"]
+                checks[variant] = next(c for c in outcome.results["checks"] if c["id"] == "backdoor")
             poisoned = studies["poisoned"]
             truth = set(poisoned.poisoned_rows)
             n_clean_train = studies["clean"].study.split_counts["train"]
@@ -51,8 +54,8 @@ def main() -> None:
             for variant, check in checks.items():
                 metrics = {(m["name"], tuple(sorted(m["labels"].items()))): m for m in check["metrics"]}
                 suspected = metrics[("backdoor.model_suspected", ())]["value"]
-                targets = [f["class"] for f in check["findings"] if f["kind"] == "suspected_target"]
-                print(f"{variant:9s} model_suspected={suspected} suspected classes={targets}")
+                targets = {f["class"]: f["evidence"] for f in check["findings"] if f["kind"] == "suspected_target"}
+                print(f"{variant:9s} model_suspected={suspected} suspected classes and evidence={targets}")
                 for search in (f for f in check["findings"] if f["kind"] == "trigger_search"):
                     label = (("class", search["class"]),)
                     norm = metrics[("backdoor.trigger_norm", label)]["value"]
@@ -63,6 +66,13 @@ def main() -> None:
                         f" train {search['train_excursion']:5.2f}  anomaly "
                         f"{'  n/a' if index is None else f'{index:5.2f}'}  steps {search['steps']:3d}"
                         f"  {search['seconds']:6.1f} s"
+                    )
+                for candidate in (f for f in check["findings"] if f["kind"] == "candidate_population"):
+                    eval_share = "  n/a" if candidate["eval_share"] is None else f"{candidate['eval_share']:.3f}"
+                    p_value = "n/a" if candidate["p_value"] is None else f"{candidate['p_value']:.2g}"
+                    print(
+                        f"  candidate {candidate['method']:22s} {candidate['class']:8s} share {candidate['share']:.3f}"
+                        f"  eval share {eval_share}  p {p_value}  confirmed {candidate['confirmed']}"
                     )
             for method in ("activation_clustering", "spectral_signature", "strip"):
                 found = {

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -29,7 +29,13 @@ from torch import nn
 
 from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
 from auditkit.checks.adversarial.sampling import stratified_sample
-from auditkit.checks.backdoor.signatures import Detection, activation_clustering, spectral_signature
+from auditkit.checks.backdoor.signatures import (
+    Detection,
+    absent_from_reference,
+    activation_clustering,
+    confirm_population,
+    spectral_signature,
+)
 from auditkit.checks.backdoor.strip import class_thresholds, strip_entropy
 from auditkit.checks.backdoor.trigger import (
     TriggerResult,
@@ -48,10 +54,12 @@ __all__ = [
     "BackdoorCheck",
     "Detection",
     "TriggerResult",
+    "absent_from_reference",
     "activation_clustering",
     "anomaly_indices",
     "apply_trigger",
     "class_thresholds",
+    "confirm_population",
     "feature_excursion",
     "reverse_engineer_trigger",
     "spectral_signature",
@@ -67,10 +75,12 @@ _STRIP_CHUNK = 512  # images widened to float32 at a time
 
 @dataclass
 class _DataLevel:
-    """Per method: flagged mask and scores over the train split (``None`` if not run)."""
+    """Per method: flagged mask and scores over the train split (``None`` if not run), and the
+    class indices where a method's candidate population was confirmed against the eval split."""
 
     flagged: dict[str, NDArray[np.bool_]]
     scores: dict[str, NDArray[np.float64]]
+    confirmed: dict[int, list[str]] = field(default_factory=dict)
     strip_gap: float | None = None
     strip_gap_reason: str | None = None
 
@@ -80,20 +90,41 @@ class BackdoorCheck(Check):
 
     Method: Neural Cleanse (Wang et al., IEEE S&P 2019) reverse-engineers, for each candidate
     target class, the smallest mask and pattern that flip clean eval images of the other classes
-    to it. Small masks alone do not mean a backdoor: lesion evidence is small and local too (a
-    clean nodule detector flips on a one- or two-pixel blob). A class is suspected when its
-    trigger flips the sample and either (a) it is a *shortcut*: it drives the model's embedding
-    far beyond the range clean eval images reach (the trigger's feature excursion, after the
-    neuron elevation of ABS, Liu et al., CCS 2019) yet stays within the range of the training
-    images, which the poisoned ones taught it - a trigger beyond both ranges is an adversarial
-    patch, not a planted backdoor; or (b) with three or more classes searched, its mask norm is an
-    outlier: the paper's MAD anomaly index, computed on log norms, of at least 2. With two classes
-    the anomaly index is degenerate (+-0.6745 for any two norms) and only (a) judges.
-    On the train split, activation clustering (Chen et al., 2018) and spectral signatures (Tran
-    et al., NeurIPS 2018) look for a small separate population inside each label's cached
-    embeddings, and STRIP (Gao et al., ACSAC 2019) flags training images whose prediction stays
+    to it. On the train split, activation clustering (Chen et al., 2018) and spectral signatures
+    (Tran et al., NeurIPS 2018) look for a small separate population inside each label's cached
+    embeddings, and STRIP (Gao et al., ACSAC 2019) marks training images whose prediction stays
     confident when clean eval images are superimposed (thresholds per predicted class from the
     eval split).
+
+    The papers' criteria also fire on clean models (issue 16): a label's natural sub-populations
+    (bilateral effusions, one site's stain, inverted shapes) form small, separated clusters, a
+    class that is naturally easy to paint has an outlying small mask, and a model is surer of its
+    own training images than of eval ones. What no clean model has is a population of training
+    images that clean images do not share - poison exists only in the training split. So a
+    data-level candidate (the small cluster, the spectral tail, STRIP's marks) is *confirmed*
+    only when the eval images of the same label avoid its region of the embedding: the one-sided
+    binomial probability of so few of them there, were it as common among clean images, is at
+    most ``confirm_alpha`` (0.05) and their share there at most ``confirm_max_ratio`` (0.25) of
+    the training share (:mod:`.signatures`); unconfirmed candidates are reported as
+    ``candidate_population`` findings and flag nothing. A class is a suspected target when its
+    trigger reached the success threshold and either (a) it is a *shortcut*: it drives the
+    embedding beyond the range clean eval images reach (feature excursion of at least 2, after
+    the neuron elevation of ABS, Liu et al., CCS 2019) yet within the training images' range (below
+    2, and at most 1/1.75 of the eval excursion), which the poisoned images taught it - a trigger
+    beyond both ranges is an adversarial patch; or (b) a data-level population of its label is
+    confirmed. The MAD anomaly index of the mask norms (on log norms) is reported; it decides
+    only without a train split or with ``confirm: false`` (the papers' rules).
+
+    Figures (``docs/backdoor.md``; ``scripts/backdoor_population.py``): on a population of clean
+    models of five architectures, three data kinds (shapes, textures, chest phantoms with natural
+    sub-populations) and 2-5 classes, and poisoned twins (BadNets patches of 3-5 pixels in every
+    corner, faint blended triggers, source-specific triggers, triggers on the lesion class of
+    binary chest models), the rule was chosen on 94 models (58 clean) and measured once on 41
+    held-out models of new seeds: no clean model suspected (0/25, 95% Wilson interval 0-13%), no
+    class of a clean model above 2% flagged by any method (0/25), 11 of 16 twins found with their
+    target (69%, 44-86%), and BadNets poisoned rows found by activation clustering at recall 0.68,
+    precision 0.98 (0.83 and 0.99 on the tuning parts). The papers' rules on the first tuning
+    part: 2 of 10 clean models suspected, STRIP flagging up to 10% of a clean class.
 
     Inputs: the eval split's images, predictions and embeddings; the train split's embeddings,
     predictions and images when the spec has a train split (otherwise the data-level metrics
@@ -108,25 +139,30 @@ class BackdoorCheck(Check):
         (mean STRIP entropy of eval minus train images, for the predicted class where it is
         largest).
 
-    Findings: ``suspected_target`` (the class, its norm, excursion and success rate),
-    ``trigger_search`` (per class: searched or not, steps, seconds), ``poisoning_suspected``
-    (per method and class: the flagged training rows), ``suspicious_training_sample`` (the top
-    ranked samples per method: split, row, patient surrogate, class, score) - rows and
-    surrogates only.
+    Findings: ``suspected_target`` (the class, its norm, excursion, success rate, anomaly index,
+    the ``evidence`` that decided - ``shortcut``, ``confirmed_population:<method>`` or
+    ``anomaly_index`` - and whether its mask is among the smaller half), ``trigger_search`` (per
+    class: searched or not, steps, seconds), ``candidate_population`` (per method and class with
+    a candidate: its size and share, the eval split's share, the binomial p, confirmed or not),
+    ``poisoning_suspected`` (per method and class: the flagged training rows),
+    ``suspicious_training_sample`` (the top ranked flagged samples per method: split, row,
+    patient surrogate, class, score) - rows and surrogates only.
 
     Limitations: the trigger search is bounded by ``trigger_steps`` (with early stopping),
     ``trigger_samples`` (default 32 images on the CPU, 128 on a GPU) and ``max_classes`` (classes
-    beyond the cap are reported as not searched; ``class_order`` says which go first); a trigger
-    that only
-    works on some inputs (source-specific) or a dynamic trigger can evade it. The feature
-    excursion needs embeddings (``model.feature_layer``); without them only the anomaly index
-    judges, and only with three or more classes; without a train split a shortcut cannot be told
-    from an adversarial patch. The data-level detectors judge a label with at least
-    ``min_class_size`` samples. Spectral signatures miss poison that is a large share of its label
-    (a third, on the multi-class fixture). STRIP needs eval images of the predicted class, is weak
-    when the trigger fades under superimposition (recall 0.14 on the binary fixture) and, with a
-    larger ``strip_alpha``, flags a few percent of clean training images, of which a model is
-    surer than of eval images.
+    beyond the cap are reported as not searched; ``class_order`` says which go first); a
+    source-specific or dynamic trigger evades it, and a faint blended trigger mostly evades both
+    levels (4 of 11 blends found in the population). Confirmation assumes the eval split is clean and drawn like the
+    training split; it needs eval images of the label (with 40 of them, a population below about
+    7% of its label cannot be confirmed) and loses poison that k-means does not separate from a
+    label's natural sub-populations. A source-specific attack's cover images (stamped, label
+    kept) are a confirmed population too, so their class can be named beside the target. The
+    feature excursion needs embeddings (``model.feature_layer``); without a train split the
+    model level falls back on the excursion and the anomaly index, which are not confirmed
+    (on the population's first tuning part the anomaly index called 2 of 10 clean models
+    trojaned). The data-level detectors judge a label with at least ``min_class_size`` samples.
+    Spectral signatures miss poison that is a large share of its label (a third, on the
+    multi-class fixture); STRIP is weak when the trigger fades under superimposition.
     """
 
     id: ClassVar[str] = "backdoor"
@@ -152,12 +188,29 @@ class BackdoorCheck(Check):
             "then class index; or class index only",
         )
         excursion_threshold: float = Field(default=2.0, gt=0, description="feature excursion of a planted trigger")
+        shortcut_ratio: float = Field(
+            default=1.75,
+            ge=1,
+            description="with a train split, a shortcut's excursion against the eval range over that against the "
+            "training range, at least",
+        )
         anomaly_threshold: float = Field(default=2.0, gt=0, description="MAD anomaly index of an outlier")
         min_class_size: int = Field(default=10, ge=2, description="training samples a label needs to be judged")
         clustering_components: int = Field(default=10, ge=1)
-        clustering_max_relative_size: float = Field(default=0.35, gt=0, lt=0.5)
-        clustering_min_silhouette: float = Field(default=0.5, gt=0, lt=1)
+        clustering_max_relative_size: float = Field(default=0.45, gt=0, lt=0.5)
+        clustering_min_silhouette: float = Field(default=0.25, ge=0, lt=1)
         spectral_z: float = Field(default=3.5, gt=0, description="robust z of the spectral cut")
+        confirm: bool = Field(
+            default=True,
+            description="flag a data-level population only when the eval split's images of the label avoid it "
+            "(false: the papers' unconfirmed rules, and the model level falls back to shortcut or anomaly index)",
+        )
+        confirm_alpha: float = Field(
+            default=0.05, gt=0, lt=1, description="largest binomial p of the eval images' absence that confirms"
+        )
+        confirm_max_ratio: float = Field(
+            default=0.25, gt=0, le=1, description="largest eval share / training share of a confirmed population"
+        )
         strip: bool = Field(default=True, description="run STRIP on the training images")
         strip_blends: int = Field(default=16, ge=1)
         strip_alpha: float = Field(default=0.6, gt=0, lt=1, description="weight of the inspected image")
@@ -188,7 +241,7 @@ class BackdoorCheck(Check):
         data = self._data_level(ctx, p, result)
         order = _search_order(classes, data, ctx.labels("train") if data is not None else None, p)
         if p.trigger_search:
-            self._model_level(ctx, p, result, order)
+            self._model_level(ctx, p, result, order, data)
         else:
             reason = "trigger search disabled (trigger_search: false)"
             result.metrics.append(Metric("backdoor.model_suspected", None, "lower_is_better", reason=reason))
@@ -206,7 +259,8 @@ class BackdoorCheck(Check):
         labels = np.asarray(ctx.labels("train"), dtype=np.int64)
         features = ctx.features("train").float().cpu().numpy().astype(np.float64)
         # A sample whose embedding is not finite cannot be placed; it is left out of the detectors.
-        finite = np.isfinite(features).all(axis=1)
+        finite: NDArray[np.bool_] = np.asarray(np.isfinite(features).all(axis=1))
+        references = _references(ctx, len(classes)) if p.confirm else None
         data = _DataLevel(flagged={}, scores={})
         for method in ("activation_clustering", "spectral_signature"):
             flagged = np.zeros(labels.shape[0], dtype=bool)
@@ -216,22 +270,33 @@ class BackdoorCheck(Check):
                 if members.size < p.min_class_size:
                     result.metrics.append(_too_small(method, name, members.size, p.min_class_size))
                     continue
+                reference = None if references is None else references[k]
                 if method == "activation_clustering":
                     detection = activation_clustering(
                         features[members],
+                        reference=reference,
                         components=p.clustering_components,
                         max_relative_size=p.clustering_max_relative_size,
                         min_silhouette=p.clustering_min_silhouette,
+                        confirm_alpha=p.confirm_alpha,
+                        confirm_max_ratio=p.confirm_max_ratio,
                         seed=stable_seed(ctx.spec.seed, "backdoor", "clustering", name) % 2**31,
                     )
                 else:
-                    detection = spectral_signature(features[members], z_threshold=p.spectral_z)
+                    detection = spectral_signature(
+                        features[members],
+                        reference=reference,
+                        z_threshold=p.spectral_z,
+                        confirm_alpha=p.confirm_alpha,
+                        confirm_max_ratio=p.confirm_max_ratio,
+                    )
+                _record_candidate(result, data, method, k, name, detection)
                 flagged[members] = detection.flagged
                 scores[members] = detection.scores
                 result.metrics.append(_fraction(method, name, detection.flagged))
             data.flagged[method], data.scores[method] = flagged, scores
         if p.strip:
-            self._strip(ctx, p, result, data, labels)
+            self._strip(ctx, p, result, data, labels, features, finite, references)
         else:
             result.metrics += [_undefined_fraction("strip", name, "STRIP disabled (strip: false)") for name in classes]
             data.strip_gap_reason = "STRIP disabled (strip: false)"
@@ -245,7 +310,17 @@ class BackdoorCheck(Check):
         _data_findings(result, data, train.rows, train.patients, labels, classes, p.top_findings)
         return data
 
-    def _strip(self, ctx: AuditContext, p: Params, result: CheckResult, data: _DataLevel, labels: NDArray[Any]) -> None:
+    def _strip(
+        self,
+        ctx: AuditContext,
+        p: Params,
+        result: CheckResult,
+        data: _DataLevel,
+        labels: NDArray[Any],
+        features: NDArray[np.float64],
+        finite: NDArray[np.bool_],
+        references: list[NDArray[np.float64]] | None,
+    ) -> None:
         classes = list(ctx.classes)
         model = ctx.model.module
         device = ctx.device
@@ -292,14 +367,31 @@ class BackdoorCheck(Check):
         limit = thresholds[train_predicted]
         usable = judged & ~np.isnan(limit)
         below[usable] = train_entropy[usable] < limit[usable]
-        data.flagged["strip"] = below
         data.scores["strip"] = np.where(judged, -np.nan_to_num(train_entropy, nan=0.0), -np.inf)
         for k, name in enumerate(classes):
             members = np.flatnonzero((labels == k) & judged)
             if members.size < p.min_class_size:
                 result.metrics.append(_too_small("strip", name, members.size, p.min_class_size))
+                below[members] = False
                 continue
+            if references is not None and below[members].any():
+                # STRIP flags clean training images too (a model is surer of them than of eval
+                # images); like the clustering's populations, its flags stand only where the
+                # label's clean eval images avoid them in the embedding.
+                placed = members[finite[members]]
+                detection = confirm_population(
+                    features[placed],
+                    below[placed],
+                    references[k],
+                    components=p.clustering_components,
+                    alpha=p.confirm_alpha,
+                    max_ratio=p.confirm_max_ratio,
+                )
+                _record_candidate(result, data, "strip", k, name, detection)
+                below[members] = False
+                below[placed] = detection.flagged
             result.metrics.append(_fraction("strip", name, below[members]))
+        data.flagged["strip"] = below
         gaps = [
             float(eval_entropy[eval_predicted == k].mean() - train_entropy[usable & (train_predicted == k)].mean())
             for k in range(len(classes))
@@ -311,7 +403,9 @@ class BackdoorCheck(Check):
             data.strip_gap_reason = "no class is predicted in both the eval and the train split"
 
     # ----------------------------------------------------------------- model level
-    def _model_level(self, ctx: AuditContext, p: Params, result: CheckResult, order: Sequence[int]) -> None:
+    def _model_level(
+        self, ctx: AuditContext, p: Params, result: CheckResult, order: Sequence[int], data: _DataLevel | None
+    ) -> None:
         classes = list(ctx.classes)
         labels_all = np.asarray(ctx.labels("eval"), dtype=np.int64)
         budget = p.trigger_samples or (128 if ctx.device.type == "cuda" else 32)
@@ -359,6 +453,7 @@ class BackdoorCheck(Check):
         if searched_norms.size >= 3:
             indices[~np.isnan(norms)] = anomaly_indices(searched_norms)
         suspected: list[int] = []
+        evidences: dict[int, list[str]] = {}
         for k, name in enumerate(classes):
             label = {"class": name}
             trigger = triggers.get(k)
@@ -369,7 +464,9 @@ class BackdoorCheck(Check):
                     else "no eval image of another class in the sample"
                 )
                 for metric in ("trigger_norm", "trigger_success_rate", "trigger_excursion", "anomaly_index"):
-                    direction = "higher_is_better" if metric == "trigger_norm" else "lower_is_better"
+                    direction: Literal["higher_is_better", "lower_is_better"] = (
+                        "higher_is_better" if metric == "trigger_norm" else "lower_is_better"
+                    )
                     result.metrics.append(Metric(f"backdoor.{metric}", None, direction, labels=label, reason=reason))
                 result.findings.append({"kind": "trigger_search", "class": name, "searched": False, "reason": reason})
                 continue
@@ -400,8 +497,10 @@ class BackdoorCheck(Check):
                     reason=None if np.isfinite(index) else _anomaly_reason(searched_norms.size),
                 )
             )
-            if _is_suspected(trigger, excursion, train_excursions.get(k), index, p):
+            evidence = _evidence(trigger, excursion, train_excursions.get(k), index, data, k, p)
+            if evidence:
                 suspected.append(k)
+                evidences[k] = evidence
             result.findings.append(
                 {
                     "kind": "trigger_search",
@@ -453,32 +552,90 @@ class BackdoorCheck(Check):
                     "trigger_success_rate": round(trigger.success_rate, 4),
                     "trigger_excursion": None if k not in excursions else round(excursions[k], 3),
                     "anomaly_index": None if not np.isfinite(indices[k]) else round(float(indices[k]), 3),
+                    "evidence": evidences[k],
+                    "trigger_norm_at_most_median": bool(trigger.norm <= float(np.median(searched_norms))),
                     "artifact": artifact_name,
                 }
             )
 
 
-def _is_suspected(
+def _evidence(
     trigger: TriggerResult,
     excursion: float | None,
     train_excursion: float | None,
     index: float,
+    data: _DataLevel | None,
+    k: int,
     p: BackdoorCheck.Params,
-) -> bool:
-    """The decision rule (see the class docstring): a shortcut, or an outlier among 3+ classes.
+) -> list[str]:
+    """The decision rule (see the class docstring): why class ``k`` is a suspected target.
 
-    A shortcut drives the embedding beyond the clean eval images' range; when the train split is
-    there it must also stay within the training images' range (the poisoned images taught it),
-    which tells a planted trigger from an adversarial patch that no image, clean or poisoned,
-    reaches.
+    Empty when it is not. A trigger that never reached the success threshold suspects nothing.
+    Otherwise:
+
+    * ``shortcut``: the trigger drives the embedding beyond the clean eval images' range (feature
+      excursion at least ``excursion_threshold``) and, with a train split, stays within the
+      training images' range (below the threshold, and at most ``1 / shortcut_ratio`` of the
+      eval excursion) - the poisoned ones taught it; a trigger beyond both is an adversarial
+      patch;
+    * ``confirmed_population:<method>``: with a train split and confirmation on, a data-level
+      method found a population inside label ``k`` that the label's clean eval images avoid -
+      training images that only the training split holds, which is what poison is. The trigger
+      search need not agree: it cannot find a source-specific trigger (measured: a confirmed
+      target with a mask above the median was missed when agreement was required), so whether
+      it does is reported beside the verdict (``trigger_norm_at_most_median``);
+    * ``anomaly_index`` (only without a train split, or with ``confirm: false``): with three or
+      more classes searched, a MAD anomaly index of at least ``anomaly_threshold``. Measured on
+      clean models it is no evidence by itself - a class that is naturally easy to paint (a
+      cross among round shapes) has an outlying small mask - so with a train split it is
+      reported, never decisive.
     """
     if not trigger.reached:
-        return False
+        return []
+    reasons: list[str] = []
     shortcut = excursion is not None and np.isfinite(excursion) and excursion >= p.excursion_threshold
-    if shortcut and train_excursion is not None and np.isfinite(train_excursion):
-        shortcut = train_excursion < p.excursion_threshold
-    outlier = bool(np.isfinite(index) and index >= p.anomaly_threshold)
-    return bool(shortcut or outlier)
+    if shortcut and excursion is not None and train_excursion is not None and np.isfinite(train_excursion):
+        # The poisoned training images reach the trigger's excursion: against the training range
+        # it is small, and much smaller than against the eval range.
+        shortcut = train_excursion < p.excursion_threshold and excursion >= p.shortcut_ratio * train_excursion
+    if shortcut:
+        reasons.append("shortcut")
+    if data is not None and p.confirm:
+        reasons += [f"confirmed_population:{method}" for method in data.confirmed.get(k, [])]
+    elif np.isfinite(index) and index >= p.anomaly_threshold:
+        reasons.append("anomaly_index")
+    return reasons
+
+
+def _references(ctx: AuditContext, num_classes: int) -> list[NDArray[np.float64]]:
+    """The eval split's finite embeddings per label: the clean images a population must avoid."""
+    features = ctx.features("eval").float().cpu().numpy().astype(np.float64)
+    labels = np.asarray(ctx.labels("eval"), dtype=np.int64)
+    finite = np.isfinite(features).all(axis=1)
+    return [features[(labels == k) & finite] for k in range(num_classes)]
+
+
+def _record_candidate(
+    result: CheckResult, data: _DataLevel, method: str, k: int, name: str, detection: Detection
+) -> None:
+    """A finding for every candidate population, confirmed or not, with the numbers that judged it."""
+    if detection.candidate is None or not detection.candidate.any():
+        return
+    if detection.confirmed:
+        data.confirmed.setdefault(k, []).append(method)
+    result.findings.append(
+        {
+            "kind": "candidate_population",
+            "method": method,
+            "class": name,
+            "split": "train",
+            "count": int(detection.candidate.sum()),
+            "share": round(detection.candidate_share, 4),
+            "eval_share": None if detection.reference_share is None else round(detection.reference_share, 4),
+            "p_value": None if detection.confirmation_p is None else round(detection.confirmation_p, 6),
+            "confirmed": detection.confirmed,
+        }
+    )
 
 
 def _anomaly_reason(count: int) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["Detection", "activation_clustering", "spectral_signature"]
+__all__ = ["Detection", "absent_from_reference", "activation_clustering", "confirm_population", "spectral_signature"]
 
 _MAD_CONSISTENCY = 1.4826
 _MIN_SAMPLES = 10  # fewer samples of a label are not judged
@@ -39,14 +39,52 @@ class Detection:
 
     Attributes:
         scores: Suspicion per sample (higher = more suspicious), shape ``(n,)``.
-        flagged: Boolean per sample: beyond the data-driven cut.
+        flagged: Boolean per sample: the candidate population, kept only when confirmed (or
+            when no reference was given).
         statistic: The detector's summary (silhouette for clustering, the largest robust z for
             spectral signatures).
+        candidate: The population the detector found before confirmation, shape ``(n,)``.
+        reference_share: Share of the clean reference samples (eval images of the same label)
+            that fall into the candidate population's region; ``None`` without a reference or
+            a candidate.
+        confirmation_p: One-sided binomial probability of seeing that few reference samples
+            there if the candidate were a natural sub-population of the label (as common among
+            clean images as among training ones); ``None`` without a reference or a candidate.
+        confirmed: Whether the candidate is confirmed as poison-like (``confirmation_p`` at most
+            the level); ``None`` without a reference or a candidate.
     """
 
     scores: NDArray[np.float64]
     flagged: NDArray[np.bool_]
     statistic: float
+    candidate: NDArray[np.bool_] | None = None
+    reference_share: float | None = None
+    confirmation_p: float | None = None
+    confirmed: bool | None = None
+
+    @property
+    def candidate_share(self) -> float:
+        """Share of the label's samples in the candidate population (0 without one)."""
+        return 0.0 if self.candidate is None or self.candidate.size == 0 else float(self.candidate.mean())
+
+
+def absent_from_reference(train_share: float, reference_hits: int, reference_size: int) -> float:
+    """One-sided binomial p-value that a region holding ``train_share`` of a label's training
+    samples holds only ``reference_hits`` of ``reference_size`` clean samples of the label.
+
+    A natural sub-population (bilateral effusions, one site's images) is as common among the
+    clean reference images as among the training ones; poison exists in the training split
+    only. Small p: the region is under-populated by clean images. 1 when there is no reference.
+
+    Example:
+        >>> round(absent_from_reference(0.25, 0, 40), 6)  # 0.75 ** 40
+        1e-05
+    """
+    if reference_size <= 0 or train_share <= 0.0:
+        return 1.0
+    from scipy.stats import binom
+
+    return float(binom.cdf(reference_hits, reference_size, min(train_share, 1.0)))
 
 
 def _principal(features: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
@@ -70,28 +108,45 @@ def _nothing(n: int) -> Detection:
 def activation_clustering(
     features: ArrayLike,
     *,
+    reference: ArrayLike | None = None,
     components: int = 10,
-    max_relative_size: float = 0.35,
+    max_relative_size: float = 0.45,
     min_silhouette: float = 0.25,
+    confirm_alpha: float = 0.05,
+    confirm_max_ratio: float = 0.25,
     seed: int = 0,
 ) -> Detection:
-    """Chen et al.'s activation clustering of one label's embeddings.
+    """Chen et al.'s activation clustering of one label's embeddings, confirmed on clean data.
 
     The embeddings are centred and projected on their ``components`` leading principal
     components (the paper uses ICA to 10 components; PCA is deterministic and keeps the same
     subspace up to rotation, which k-means on Euclidean distances barely notices), then split by
-    k-means with two clusters (10 restarts). The smaller cluster is flagged when its share is at
-    most ``max_relative_size`` and the mean silhouette of the split is at least
+    k-means with two clusters (10 restarts). The smaller cluster is a *candidate* when its share
+    is at most ``max_relative_size`` and the mean silhouette of the split is at least
     ``min_silhouette`` (the paper's two criteria).
+
+    The paper's criteria also fire on natural sub-populations of a label (bilateral effusions,
+    one site's images, inverted shapes). With ``reference`` - clean images of the same label,
+    the eval split - the candidate is *confirmed* only when the clean images under-populate
+    it: each reference embedding goes to its nearest cluster centre (same centring and
+    projection), and the one-sided binomial probability of so few of them landing in the small
+    cluster, were it as common among clean images as among training ones
+    (:func:`absent_from_reference`), must be at most ``confirm_alpha``. Poison exists only in
+    the training split.
 
     A sample's score is how much closer it lies to the smaller cluster's centre than to the
     larger one's, in units of the larger cluster's spread: positive inside the small cluster.
 
     Args:
         features: ``(n, d)`` embeddings of the samples with one training label.
+        reference: ``(m, d)`` embeddings of clean samples with the same label (the eval split),
+            or ``None`` to flag unconfirmed candidates (the paper's rule).
         components: Principal components kept (at most ``min(n, d)``).
         max_relative_size: Largest share of the smaller cluster that can be poison.
         min_silhouette: Smallest mean silhouette of a split into a real second population.
+        confirm_alpha: Largest binomial probability that confirms a candidate.
+        confirm_max_ratio: Largest ratio of the reference share to the training share in the
+            candidate's region that confirms it.
         seed: k-means seed.
 
     Returns:
@@ -100,13 +155,15 @@ def activation_clustering(
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
-    centred, singular, vt = _principal(features)
+    x = np.asarray(features, dtype=np.float64)
+    centred, singular, vt = _principal(x)
     n = centred.shape[0]
     if n < _MIN_SAMPLES:
         return _nothing(n)
     keep = max(1, min(components, int((singular > singular[0] * 1e-9).sum())))
     projected = centred @ vt[:keep].T
-    labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(projected)
+    kmeans = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(projected)
+    labels = kmeans.labels_
     counts = np.bincount(labels, minlength=2)
     if counts.min() == 0:
         return Detection(np.zeros(n), np.zeros(n, dtype=bool), 0.0)
@@ -118,19 +175,120 @@ def activation_clustering(
     scores = (
         np.linalg.norm(projected - large_centre, axis=1) - np.linalg.norm(projected - small_centre, axis=1)
     ) / large_spread
-    suspicious = counts[small] / n <= max_relative_size and silhouette >= min_silhouette
-    flagged = (labels == small) if suspicious else np.zeros(n, dtype=bool)
-    return Detection(scores, flagged, silhouette)
+    share = counts[small] / n
+    candidate = (labels == small) if share <= max_relative_size and silhouette >= min_silhouette else None
+    detection = Detection(scores, np.zeros(n, dtype=bool), silhouette, candidate=candidate)
+    if candidate is None:
+        return detection
+    if reference is None:
+        detection.flagged = candidate.copy()
+        return detection
+    ref = _finite_rows(reference, x.shape[1])
+    ref_projected = (ref - x.mean(axis=0)) @ vt[:keep].T
+    hits = int((kmeans.predict(ref_projected) == small).sum()) if ref.shape[0] else 0
+    return _confirm(detection, share, hits, ref.shape[0], confirm_alpha, confirm_max_ratio)
 
 
-def spectral_signature(features: ArrayLike, *, z_threshold: float = 3.5) -> Detection:
+def _finite_rows(reference: ArrayLike, width: int) -> NDArray[np.float64]:
+    ref = np.asarray(reference, dtype=np.float64)
+    if ref.ndim != 2 or ref.shape[1] != width:
+        raise ValueError(f"reference must be (m, {width}), got shape {ref.shape}")
+    return ref[np.isfinite(ref).all(axis=1)]
+
+
+def _confirm(
+    detection: Detection, region_share: float, hits: int, size: int, alpha: float, max_ratio: float
+) -> Detection:
+    """Keep the candidate when clean reference samples avoid its region: significantly (binomial
+    p at most ``alpha``) and by a wide margin (their share at most ``max_ratio`` times the
+    training share)."""
+    assert detection.candidate is not None
+    detection.reference_share = hits / size if size else None
+    detection.confirmation_p = absent_from_reference(region_share, hits, size)
+    detection.confirmed = bool(
+        size > 0 and detection.confirmation_p <= alpha and hits / size <= max_ratio * region_share
+    )
+    detection.flagged = detection.candidate.copy() if detection.confirmed else np.zeros_like(detection.candidate)
+    return detection
+
+
+def confirm_population(
+    features: ArrayLike,
+    candidate: ArrayLike,
+    reference: ArrayLike,
+    *,
+    components: int = 10,
+    alpha: float = 0.05,
+    max_ratio: float = 0.25,
+) -> Detection:
+    """Confirm a suspicious subset of one label's training samples against clean samples.
+
+    For detectors that flag samples without a region of their own (STRIP): the label's
+    embeddings are projected on their ``components`` leading principal components, the
+    region is the set of points nearer to the candidate's centroid than to the rest's, and the
+    candidate is confirmed as in :func:`activation_clustering` when the clean ``reference``
+    samples avoid that region: the binomial probability of so few of them there, were the
+    candidate's share of the label (not the larger region's) as common among clean images, is at
+    most ``alpha``, and their share there is at most ``max_ratio`` times the candidate's.
+
+    Args:
+        features: ``(n, d)`` embeddings of the samples with one training label.
+        candidate: ``(n,)`` boolean, the suspicious samples.
+        reference: ``(m, d)`` embeddings of clean samples with the same label.
+        components: Principal components kept.
+        alpha: Largest binomial probability that confirms.
+        max_ratio: Largest ratio of the reference share to the training share in the region.
+
+    Returns:
+        A :class:`Detection` whose ``scores`` are zero and ``statistic`` the training share of
+        the region; ``flagged`` is the candidate when confirmed. Nothing is flagged for fewer
+        than 10 samples, an empty candidate or a candidate of every sample.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    chosen = np.asarray(candidate, dtype=bool)
+    if chosen.shape != (x.shape[0],):
+        raise ValueError(f"candidate must have shape ({x.shape[0]},), got {chosen.shape}")
+    centred, singular, vt = _principal(x)
+    n = centred.shape[0]
+    if n < _MIN_SAMPLES or not chosen.any() or chosen.all():
+        return _nothing(n)
+    keep = max(1, min(components, int((singular > singular[0] * 1e-9).sum())))
+    projected = centred @ vt[:keep].T
+    inside, outside = projected[chosen].mean(axis=0), projected[~chosen].mean(axis=0)
+
+    def in_region(points: NDArray[np.float64]) -> NDArray[np.bool_]:
+        nearer: NDArray[np.bool_] = np.linalg.norm(points - inside, axis=1) < np.linalg.norm(points - outside, axis=1)
+        return nearer
+
+    region = in_region(projected)
+    ref = _finite_rows(reference, x.shape[1])
+    hits = int(in_region((ref - x.mean(axis=0)) @ vt[:keep].T).sum()) if ref.shape[0] else 0
+    detection = Detection(np.zeros(n), np.zeros(n, dtype=bool), float(region.mean()), candidate=chosen.copy())
+    # The region (a half-space) holds more than the candidate; judging the clean images found
+    # there against the candidate's own, smaller share is the conservative side.
+    return _confirm(detection, detection.candidate_share, hits, ref.shape[0], alpha, max_ratio)
+
+
+def spectral_signature(
+    features: ArrayLike,
+    *,
+    reference: ArrayLike | None = None,
+    z_threshold: float = 3.5,
+    confirm_alpha: float = 0.05,
+    confirm_max_ratio: float = 0.25,
+) -> Detection:
     """Tran et al.'s spectral signature of one label's embeddings, with a data-driven cut.
 
     The centred embeddings are projected on their top right singular vector. The paper removes
     a fixed multiple of the *expected* poisoning rate from the top of the squared projections;
     the rate is unknown to an auditor, so the cut here is found in the data: the projection's
     robust z-score ``|p - median(p)| / (1.4826 MAD(p))`` above ``z_threshold`` (3.5: a clean,
-    roughly normal projection exceeds it for ~0.05% of samples).
+    roughly normal projection exceeds it for ~0.05% of samples). The samples beyond the cut are
+    the *candidate*; with ``reference`` (clean samples of the label) it is confirmed as in
+    :func:`activation_clustering`: the reference samples, projected and scored with the
+    training median and MAD, must significantly avoid the region beyond the cut
+    (:func:`absent_from_reference` at most ``confirm_alpha``). A heavy natural tail of the
+    projection is as heavy among clean images.
 
     The cut assumes the poison is a minority of its label: when it is a large share (about a
     third of the label on the packaged multi-class fixture) it inflates the MAD itself and the
@@ -142,13 +300,19 @@ def spectral_signature(features: ArrayLike, *, z_threshold: float = 3.5) -> Dete
 
     Args:
         features: ``(n, d)`` embeddings of the samples with one training label.
+        reference: ``(m, d)`` embeddings of clean samples with the same label, or ``None`` to
+            flag the unconfirmed cut.
         z_threshold: Robust z beyond which a sample is flagged.
+        confirm_alpha: Largest binomial probability that confirms a candidate.
+        confirm_max_ratio: Largest ratio of the reference share to the training share beyond
+            the cut that confirms it.
 
     Returns:
         The :class:`Detection` (statistic: the largest robust z); nothing flagged for fewer than
         10 samples.
     """
-    centred, _, vt = _principal(features)
+    x = np.asarray(features, dtype=np.float64)
+    centred, _, vt = _principal(x)
     n = centred.shape[0]
     if n < _MIN_SAMPLES:
         return _nothing(n)
@@ -159,4 +323,11 @@ def spectral_signature(features: ArrayLike, *, z_threshold: float = 3.5) -> Dete
     if mad <= 0.0:
         return Detection(scores, np.zeros(n, dtype=bool), 0.0)
     robust_z = np.abs(projection - median) / mad
-    return Detection(scores, robust_z > z_threshold, float(robust_z.max()))
+    beyond = robust_z > z_threshold
+    detection = Detection(scores, beyond.copy(), float(robust_z.max()), candidate=beyond if beyond.any() else None)
+    if reference is None or detection.candidate is None:
+        return detection
+    ref = _finite_rows(reference, x.shape[1])
+    ref_z = np.abs((ref - x.mean(axis=0)) @ vt[0] - median) / mad
+    hits = int((ref_z > z_threshold).sum())
+    return _confirm(detection, detection.candidate_share, hits, ref.shape[0], confirm_alpha, confirm_max_ratio)

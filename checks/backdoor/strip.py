@@ -25,8 +25,10 @@ Two adjustments for medical images, both measured on the packaged fixtures:
 A limit no threshold from the eval split avoids: a model is more confident on the images it was
 trained on, so clean training images fall below an eval-set quantile more often than the
 false-rejection rate says (on the packaged clean multi-class twin at alpha 0.7, 2.6% of them fall
-below even the lowest eval entropy of their class), which is what the lower default weight buys
-back.
+below even the lowest eval entropy of their class; on a population of clean models at the default
+0.6, up to 10% of a class). The check therefore keeps STRIP's flags in a label only when the
+label's clean eval images avoid them in the embedding (:func:`.signatures.confirm_population`),
+as it does for the clustering's populations.
 """
 
 from __future__ import annotations

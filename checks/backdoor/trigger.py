@@ -32,10 +32,19 @@ one lesion class to another) a clean model can be pushed beyond its clean range 
 4.3 and 4.8 on the clean multi-class twin). A planted trigger differs in that the poisoned
 training images taught it, so it stays within the range of the *training* images; the patch
 exceeds both. The check therefore judges the excursion against the eval split's range and,
-when there is a train split, requires it to stay within the train split's. With three or more
-classes the MAD anomaly index (on log norms, see :func:`anomaly_indices`) also judges: the
-multi-class fixture's planted trigger reaches its target through in-range channels (excursion
-0.88) but with a mask 5x smaller than any other class's (index 5.0).
+when there is a train split, requires it to stay within the train split's (below the threshold,
+and at most 1/1.75 of the eval excursion: on a clean held-out shapes CNN a natural trigger
+reached 2.09 against the eval range and 1.39 against the training range, planted ones 2.0-5.9
+times less against the training range).
+
+The MAD anomaly index (on log norms, see :func:`anomaly_indices`) is reported but, measured on
+a population of clean models (``docs/backdoor.md``), it is no evidence by itself: with three to
+five classes the MAD of the log norms is that of two or three numbers, and a class that is
+naturally easy to paint - a cross among round shapes - has a mask ten to twenty times smaller
+than the median (indices 4-6 on clean models, 44 in the report of issue 16). With a train split
+the check suspects a class whose trigger is not a shortcut only when the training data confirm
+it (a population of the label that the clean eval images avoid, see :mod:`.signatures`) and its
+mask is among the smaller half; the index alone judges only without a train split.
 """
 
 from __future__ import annotations

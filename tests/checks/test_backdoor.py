@@ -4,6 +4,7 @@ planted backdoors found (with their target class and poisoned rows) while the cl
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,10 +19,12 @@ from torch import nn
 
 from auditkit.checks.backdoor import (
     BackdoorCheck,
+    absent_from_reference,
     activation_clustering,
     anomaly_indices,
     apply_trigger,
     class_thresholds,
+    confirm_population,
     feature_excursion,
     reverse_engineer_trigger,
     spectral_signature,
@@ -176,6 +179,72 @@ def test_detectors_refuse_bad_input_and_skip_tiny_labels(detector: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Confirmation against the clean eval split: poison lives in the training split only
+
+
+def test_absent_from_reference_is_the_binomial_lower_tail() -> None:
+    assert absent_from_reference(0.25, 0, 40) == pytest.approx(0.75**40)
+    expected = sum(math.comb(10, i) * 0.2**i * 0.8 ** (10 - i) for i in range(4))
+    assert absent_from_reference(0.2, 3, 10) == pytest.approx(expected)
+    assert absent_from_reference(0.3, 0, 0) == 1.0  # no reference: nothing can be confirmed
+    assert absent_from_reference(0.0, 0, 40) == 1.0
+
+
+def natural(seed: int, n: int, share: float, d: int = 16) -> np.ndarray:
+    """Clean samples holding :func:`planted`'s second population at ``share``: a natural
+    sub-population that the reference images share."""
+    rng = np.random.default_rng(seed)
+    rng.normal(size=(200, d))  # planted()'s clean samples
+    direction = rng.normal(size=d)  # planted()'s direction
+    other = np.random.default_rng(1_000 + seed)
+    features = other.normal(size=(n, d))
+    features[other.random(n) < share] += 8.0 * direction / np.linalg.norm(direction)
+    return features
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("detector", [activation_clustering, spectral_signature])
+def test_a_population_the_clean_images_avoid_is_confirmed(detector: Any, seed: int) -> None:
+    features, truth = planted(seed)
+    reference = np.random.default_rng(50 + seed).normal(size=(40, 16))
+    found = detector(features, reference=reference)
+    # 9% of the label, none of 40 clean images there: p = (1 - share) ** 40 < 0.05.
+    assert found.confirmed and found.reference_share == 0.0
+    assert found.confirmation_p == pytest.approx((1 - found.candidate_share) ** 40)
+    recall = (found.flagged & truth).sum() / truth.sum()
+    precision = (found.flagged & truth).sum() / found.flagged.sum()
+    assert recall >= 0.9 and precision >= 0.9
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("detector", [activation_clustering, spectral_signature])
+def test_a_natural_sub_population_is_not_confirmed(detector: Any, seed: int) -> None:
+    # The same separated population, but the clean reference images hold it as often (~9%):
+    # what the papers' rules flag on clean models (bilateral effusions, one site's images).
+    features, truth = planted(seed)
+    reference = natural(seed, 200, truth.mean())
+    found = detector(features, reference=reference)
+    assert found.candidate is not None and found.candidate[truth].mean() >= 0.9  # the papers' rule fires
+    assert found.confirmed is False and found.confirmation_p > 0.05
+    assert not found.flagged.any()
+
+
+def test_confirm_population_places_a_flagged_subset_by_its_centroid() -> None:
+    features, truth = planted(3)
+    clean = np.random.default_rng(9).normal(size=(40, 16))
+    found = confirm_population(features, truth, clean)
+    assert found.confirmed and np.array_equal(found.flagged, truth)
+    assert found.statistic == pytest.approx(truth.mean())  # the region holds the poison only
+    shared = confirm_population(features, truth, natural(3, 200, truth.mean()))
+    assert shared.confirmed is False and not shared.flagged.any()
+    assert not confirm_population(features, np.zeros_like(truth), clean).flagged.any()
+    with pytest.raises(ValueError, match="candidate must have shape"):
+        confirm_population(features, truth[:5], clean)
+    with pytest.raises(ValueError, match="reference must be"):
+        activation_clustering(features, reference=clean[:, :3])
+
+
+# --------------------------------------------------------------------------------------------
 # STRIP
 
 
@@ -310,7 +379,7 @@ def backdoor_runs(studies: Mapping[str, Any], tmp_path_factory: pytest.TempPathF
             RunOptions(out_dir=out / key, pdf=False, report=False),
             checks={"backdoor": BackdoorCheck},
         )
-        (check,) = outcome.results["checks"]
+        check = next(c for c in outcome.results["checks"] if c["id"] == "backdoor")
         assert check["status"] == "ok", check.get("error")
         runs[key] = {"check": check, "results": outcome.results, "study": study, "out_dir": out / key}
     return runs
@@ -360,7 +429,9 @@ def flagged_rows(check: Mapping[str, Any], method: str) -> set[int]:
 REACHES = [
     ("binary", "activation_clustering", 0.8),
     ("binary", "spectral_signature", 0.8),
-    ("binary", "strip", 0.1),  # measured 0.14: the binary trigger fades under superimposition
+    # Measured 0.14 before confirmation; the 4 images STRIP marks are 2% of their label, too few to
+    # confirm against the eval split (p 0.14), so nothing is flagged now: 0.0.
+    ("binary", "strip", 0.0),
     ("multiclass", "activation_clustering", 0.8),
     ("multiclass", "spectral_signature", 0.0),  # misses: the poison is a third of its label (documented)
     ("multiclass", "strip", 0.8),
@@ -417,7 +488,9 @@ def test_no_train_split_leaves_the_data_level_undefined(study_factory: Any, tmp_
     from auditkit.runner import RunOptions, run_audit
     from auditkit.spec import load_spec
 
-    spec_path = study_factory(spec_overrides={"checks": {"backdoor": {"trigger_samples": 8, "trigger_steps": 20}}})
+    spec_path = study_factory(
+        spec_overrides={"checks": {"backdoor": {"trigger_samples": 8, "trigger_steps": 20}}, "only": ["backdoor"]}
+    )
     spec = yaml.safe_load(spec_path.read_text())
     spec["data"]["splits"] = {"eval": spec["data"]["splits"]["eval"]}
     spec_path.write_text(yaml.safe_dump(spec))
@@ -426,7 +499,7 @@ def test_no_train_split_leaves_the_data_level_undefined(study_factory: Any, tmp_
         RunOptions(out_dir=tmp_path / "out", pdf=False, report=False),
         checks={"backdoor": BackdoorCheck},
     )
-    (check,) = outcome.results["checks"]
+    check = next(c for c in outcome.results["checks"] if c["id"] == "backdoor")
     assert check["status"] == "ok", check.get("error")
     fractions = [m for m in check["metrics"] if m["name"] == "backdoor.suspicious_fraction"]
     assert fractions and all(m["value"] is None and m["reason"] == "no train split" for m in fractions)
@@ -438,13 +511,13 @@ def test_the_class_cap_reports_unsearched_classes(study_factory: Any, tmp_path: 
     from auditkit.spec import load_spec
 
     params = {"trigger_samples": 8, "trigger_steps": 10, "max_classes": 1, "class_order": "index"}
-    spec_path = study_factory(spec_overrides={"checks": {"backdoor": params}})
+    spec_path = study_factory(spec_overrides={"checks": {"backdoor": params}, "only": ["backdoor"]})
     outcome = run_audit(
         load_spec(spec_path),
         RunOptions(out_dir=tmp_path / "out", pdf=False, report=False),
         checks={"backdoor": BackdoorCheck},
     )
-    (check,) = outcome.results["checks"]
+    check = next(c for c in outcome.results["checks"] if c["id"] == "backdoor")
     searches = [f for f in check["findings"] if f["kind"] == "trigger_search"]
     assert [f["searched"] for f in searches] == [True, False]
     assert "max_classes=1" in searches[1]["reason"]
