@@ -1,12 +1,25 @@
-"""Benchmark of the leakage check's near-duplicate search (Hamming radius over perceptual hashes).
+"""Benchmark of the leakage check's near-duplicate searches at ``n`` and ``4n`` images per split.
 
-Synthetic 256-bit hashes (the check's default length) stand in for images: a train set of ``n``
-uniform random hashes and an eval set of ``n`` hashes, a tenth of which are copies of train
-hashes with 2 to 40 bits flipped (planted near duplicates). The search is the check's own
-(:func:`auditkit.checks.leakage.hashing.hamming_pairs`, exhaustive XOR and population count in
-bounded tiles) at the check's default radius (0.195 x 256 = 49 bits). It is timed at ``n`` and
-``4n``; an exhaustive search does ``n^2`` hash comparisons, so the time should grow about 16-fold.
-The planted pairs must all be found (recall is printed), so the timing is of a correct search.
+Three measurements, each on synthetic stand-ins (the decoding and the shared pass are timed by
+``bench_shared_pass``):
+
+* **Hamming search** (the perceptual-hash search, the previous detector's only search and still
+  the check's search in a heterogeneous study): ``n`` eval against ``n`` train 256-bit hashes,
+  a tenth of eval planted as copies of train hashes with 2 to 40 bits flipped, at the default
+  radius (0.195 x 256 = 49 bits), by the check's own
+  :func:`auditkit.checks.leakage.hashing.hamming_pairs` (exhaustive XOR and population count in
+  bounded tiles). Quadratic: the time should grow about 16-fold from ``n`` to ``4n``.
+* **Fingerprint search** (:func:`auditkit.checks.leakage.fingerprint.similar_pairs`): the
+  ``2n`` fingerprints of both splits pooled (train-eval and within-split pairs in one search),
+  2,304-dimensional unit vectors whose pairwise similarities spread like a homogeneous study's
+  (robust standard deviation ~0.06), a hundredth planted as copies (similarity ~0.8), at the
+  bound such a study calibrates (0.45). Above 8,192 images it runs on a 384-dimensional random
+  sketch and measures the candidates exactly. Quadratic too.
+* **Fingerprinting** (:func:`auditkit.checks.leakage.fingerprint.fingerprints`: registration to
+  the study template, ranks, band pass, projection) of 2,048 smooth random 64 x 64 images, as
+  images per second; linear in the number of images.
+
+Planted pairs must all be found (recall is printed), so the timings are of correct searches.
 
 Run: ``make bench`` / ``python -m benchmarks bench_leakage`` (or this module directly).
 """
@@ -16,16 +29,21 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
+from auditkit.checks.leakage.fingerprint import fingerprints, similar_pairs
 from auditkit.checks.leakage.hashing import hamming_pairs, pack_bits, unpack_bits
 
 BITS = 256
 RADIUS = int(0.195 * BITS)
-# n and 4n. 12,500 -> 50,000 shows the quadratic growth in ~30 s on two cores; the
-# 100,000 x 100,000 search costs ~4x the 50,000 one (about 100 s there), which the ten-minute
-# budget of `make bench` cannot spare. `python -m benchmarks.bench_leakage 100000` runs it.
+# n and 4n images per split. 12,500 -> 50,000 shows the quadratic growth; the fingerprint search
+# of 100,000 pooled images takes about two minutes on two cores. `python -m
+# benchmarks.bench_leakage 100000` runs n = 25,000 and 100,000.
 SIZES = (12_500, 50_000)
 SEED = 0
+FINGERPRINT_DIMENSION = 48 * 48
+SIMILARITY_BOUND = 0.45
+FINGERPRINTED_IMAGES = 2048
 
 
 def synthetic_hashes(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
@@ -58,13 +76,60 @@ def time_search(n: int) -> dict[str, float]:
     }
 
 
-def main(sizes: tuple[int, int] = SIZES) -> list[str]:
-    """Measure the near-duplicate search at n and 4n; return the report lines.
+def synthetic_fingerprints(images: int, seed: int) -> tuple[torch.Tensor, int]:
+    """``(vectors, planted)``: unit vectors, the last ``planted`` copies of the first ones.
 
-    One timed run per size (the 4n search takes a minute or more on two CPU cores; the
+    Vectors drawn from a 300-dimensional subspace have pairwise similarities with a standard
+    deviation of ~0.06, like the fingerprints of a homogeneous study.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(300, FINGERPRINT_DIMENSION, generator=generator)
+    vectors = torch.nn.functional.normalize(torch.randn(images, 300, generator=generator) @ basis, dim=1)
+    planted = images // 100
+    noise = torch.nn.functional.normalize(torch.randn(planted, FINGERPRINT_DIMENSION, generator=generator), dim=1)
+    vectors[images - planted :] = torch.nn.functional.normalize(vectors[:planted] + 0.7 * noise, dim=1)
+    return vectors, planted
+
+
+def time_fingerprint_search(n: int) -> dict[str, float]:
+    """Seconds to search the pooled fingerprints of two splits of ``n`` images, and the recall."""
+    images = 2 * n
+    vectors, planted = synthetic_fingerprints(images, SEED + n)
+    started = time.perf_counter()
+    i, j, _ = similar_pairs(vectors, SIMILARITY_BOUND)
+    seconds = time.perf_counter() - started
+    found = int(np.count_nonzero(j - i == images - planted))
+    return {
+        "n": n,
+        "seconds": seconds,
+        "pairs": float(i.size),
+        "recall": found / planted,
+        "ns_per_comparison": seconds / (images * (images - 1) / 2) * 1e9,
+    }
+
+
+def time_fingerprinting(images: int = FINGERPRINTED_IMAGES) -> float:
+    """Images fingerprinted per second (smooth random 64 x 64 images)."""
+    generator = torch.Generator().manual_seed(SEED)
+    coarse = torch.rand(images, 1, 12, 12, generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(64, 64), mode="bicubic", align_corners=False)
+    started = time.perf_counter()
+    fingerprints(smooth.clamp(0, 1))
+    return images / (time.perf_counter() - started)
+
+
+def _growth(small: dict[str, float], large: dict[str, float]) -> str:
+    ratio = large["seconds"] / small["seconds"]
+    return f"  growth n -> 4n: x{ratio:.1f} (an exhaustive search is quadratic: x16 expected)"
+
+
+def main(sizes: tuple[int, int] = SIZES) -> list[str]:
+    """Measure both searches at n and 4n and the fingerprinting rate; return the report lines.
+
+    One timed run per size (the 4n searches take a minute or more on two CPU cores; the
     harness's interleaved repeats would multiply that).
     """
-    lines = [f"near-duplicate search: {BITS}-bit pHash, radius {RADIUS} bits, exhaustive tiles"]
+    lines = [f"hash search: {BITS}-bit pHash, radius {RADIUS} bits, exhaustive tiles (n eval x n train)"]
     results = [time_search(n) for n in sizes]
     for r in results:
         lines.append(
@@ -72,10 +137,23 @@ def main(sizes: tuple[int, int] = SIZES) -> list[str]:
             f"  ({r['ns_per_comparison']:.2f} ns per hash pair, {int(r['pairs']):,} pairs found,"
             f" planted recall {r['recall']:.3f})"
         )
-    small, large = results
+    lines.append(_growth(*results))
     lines.append(
-        f"  growth n -> 4n: x{large['seconds'] / small['seconds']:.1f}"
-        " (an exhaustive search is quadratic: x16 expected)"
+        f"fingerprint search: {FINGERPRINT_DIMENSION}-d fingerprints of both splits pooled, bound"
+        f" {SIMILARITY_BOUND} (every pair, train-eval and within)"
+    )
+    prints = [time_fingerprint_search(n) for n in sizes]
+    for r in prints:
+        lines.append(
+            f"  n={int(r['n']):>7,} per split ({2 * int(r['n']):,} pooled): {r['seconds']:8.2f} s"
+            f"  ({r['ns_per_comparison']:.2f} ns per image pair, {int(r['pairs']):,} pairs found,"
+            f" planted recall {r['recall']:.3f})"
+        )
+    lines.append(_growth(*prints))
+    rate = time_fingerprinting()
+    lines.append(
+        f"fingerprinting: {rate:,.0f} images/s ({FINGERPRINTED_IMAGES:,} images; linear, so"
+        f" {2 * sizes[1] / rate:,.0f} s for {2 * sizes[1]:,})"
     )
     return lines
 

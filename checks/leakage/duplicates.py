@@ -1,29 +1,54 @@
 """Exact and near duplicates across two splits and within one split (plain functions).
 
 Exact duplicates are images whose decoded model-input pixels are bit-identical (equal
-:func:`.hashing.pixel_digests`). Near duplicates are pairs whose perceptual hashes
-(:func:`.hashing.perceptual_hash`) differ in at most ``radius`` bits, whose embeddings from the
-shared pass have a cosine similarity of at least ``min_cosine`` (when embeddings are given), and
-which are not exact duplicates. Counting follows DESIGN section 4: pairs of images, one from each
-split for the train-eval counts, ``i < j`` inside one split.
+:func:`.hashing.pixel_digests`). Near duplicates (:func:`near_duplicate_search`) are pairs that
+are not exact duplicates, whose embeddings from the shared pass have a cosine similarity of at
+least ``min_cosine`` (when embeddings are given), and which are found by either of two searches:
+
+* **acquisition fingerprints** (:mod:`.fingerprint`): the fingerprint similarity reaches the
+  bound calibrated on the study's own pairs (median + ``z`` robust standard deviations, at least
+  ``floor``). This is what tells a copy from another patient's look-alike in a homogeneous study;
+* **perceptual hashes** (:func:`.hashing.perceptual_hash`) within a Hamming radius, the radius
+  also calibrated on the study: at most ``max_radius``, and at least ``hash_z`` robust standard
+  deviations below the median distance of the study's random pairs. In a heterogeneous study
+  (random pairs ~120 of 256 bits apart) the radius is ``max_radius``; in a homogeneous one the
+  hashes of different patients are close (median ~80 bits, spread ~20) and the search is off.
+
+Counting follows DESIGN section 4: pairs of images, one from each split for the train-eval counts,
+``i < j`` inside one split.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
-from auditkit.checks.leakage.hashing import HashArray, hamming_pairs, hamming_pairs_within
+from auditkit.checks.leakage.fingerprint import (
+    MIN_CALIBRATION_PAIRS,
+    Calibration,
+    calibrate,
+    fingerprints,
+    robust_location,
+    sample_pairs,
+    similar_pairs,
+)
+from auditkit.checks.leakage.hashing import HashArray, hamming_distance, hamming_pairs, hamming_pairs_within
 
 __all__ = [
     "DigestGroup",
     "NearPairs",
+    "NearSearch",
     "cosine_rows",
+    "duplicate_labels",
     "exact_groups_across",
     "exact_groups_within",
+    "hash_radius",
+    "near_duplicate_search",
     "near_pairs_across",
     "near_pairs_within",
 ]
@@ -153,3 +178,139 @@ def near_pairs_within(
     exact = np.array([digests[a] == digests[b] for a, b in zip(i, j, strict=True)], dtype=bool)
     pair = (features, features) if features is not None else None
     return _confirm(i, j, d, exact, pair, min_cosine)
+
+
+def duplicate_labels(digests: Sequence[str]) -> NDArray[np.int64]:
+    """A label per image: the same label >= 0 for bit-identical images, -1 for unique ones."""
+    table: dict[str, int] = {}
+    labels = np.array([table.setdefault(d, len(table)) for d in digests], dtype=np.int64)
+    counts = np.bincount(labels, minlength=len(table)) if labels.size else np.zeros(0, dtype=np.int64)
+    return np.where(counts[labels] > 1, labels, -1) if labels.size else labels
+
+
+def hash_radius(
+    hashes: HashArray, pairs: tuple[torch.Tensor, torch.Tensor], *, max_radius: int, z: float
+) -> tuple[int, float, float]:
+    """The Hamming radius of the hash search, calibrated on the study's own pairs.
+
+    Returns:
+        ``(radius, median, scale)``: ``min(max_radius, floor(median - z * scale))`` of the
+        Hamming distances of ``pairs`` (their median and robust standard deviation); ``-1``
+        (no search) when that is negative. A study with fewer than 20 pairs keeps ``max_radius``.
+    """
+    i, j = (index.numpy() for index in pairs)
+    distances = hamming_distance(hashes[i], hashes[j]).astype(np.float64)
+    median, scale = robust_location(distances)
+    if distances.size < MIN_CALIBRATION_PAIRS or not math.isfinite(median):
+        return max_radius, median, scale
+    return max(-1, min(max_radius, math.floor(median - z * scale))), median, scale
+
+
+@dataclass(frozen=True)
+class NearSearch:
+    """Near-duplicate candidates of one pooled set of images, and how the bounds were set.
+
+    Attributes:
+        i: positions of the first image of each pair (``i < j``).
+        j: positions of the second image.
+        similarity: fingerprint similarity of each pair.
+        hamming: Hamming distance of their perceptual hashes.
+        cosine: embedding cosine (NaN without embeddings).
+        by_fingerprint: the fingerprint similarity reached the bound.
+        by_hash: the Hamming distance was within the radius.
+        confirmed: the embeddings confirm the pair (every pair without embeddings).
+        calibration: the fingerprint bound and the pair similarities it came from.
+        radius: the Hamming radius used (-1: the hash search was off).
+        hash_median: median Hamming distance of the study's random pairs.
+        hash_scale: their robust standard deviation.
+        components: principal axes projected out of the fingerprints.
+        moved: images registered away from the identity pose.
+    """
+
+    i: NDArray[np.int64]
+    j: NDArray[np.int64]
+    similarity: NDArray[np.float64]
+    hamming: NDArray[np.int64]
+    cosine: NDArray[np.float64]
+    by_fingerprint: NDArray[np.bool_]
+    by_hash: NDArray[np.bool_]
+    confirmed: NDArray[np.bool_]
+    calibration: Calibration
+    radius: int
+    hash_median: float
+    hash_scale: float
+    components: int
+    moved: int
+
+
+def near_duplicate_search(
+    images: torch.Tensor,
+    hashes: HashArray,
+    digests: Sequence[str],
+    *,
+    features: NDArray[np.floating] | None,
+    z: float,
+    z_per_decade: float,
+    floor: float,
+    components: int,
+    max_radius: int,
+    hash_z: float,
+    min_cosine: float,
+    rng: np.random.Generator,
+) -> NearSearch:
+    """Near-duplicate candidates among ``N`` images (every split pooled; see the module docstring).
+
+    Args:
+        images: ``(N, C, H, W)`` decoded images.
+        hashes: ``(N, W)`` perceptual hashes of the same images.
+        digests: their pixel digests (pairs of bit-identical images are left out).
+        features: ``(N, D)`` embeddings confirming each pair, or ``None``.
+        z: robust standard deviations above the median pair similarity of a near duplicate
+            (up to 40,000 pairs compared).
+        z_per_decade: added to ``z`` per tenfold more pairs compared (:func:`.fingerprint.calibrate`).
+        floor: smallest fingerprint similarity of a near duplicate.
+        components: most principal axes projected out of the fingerprints.
+        max_radius: largest Hamming radius of the hash search.
+        hash_z: robust standard deviations below the median pair distance the radius must stay.
+        min_cosine: smallest embedding cosine of a confirmed pair.
+        rng: draws the calibration pairs of a large study.
+
+    Returns:
+        The :class:`NearSearch`; callers keep ``confirmed`` pairs.
+    """
+    labels = duplicate_labels(digests)
+    prints = fingerprints(images, components=components)
+    pairs = sample_pairs(images.shape[0], rng, exclude=labels)
+    calibration = calibrate(prints.vectors, pairs, z=z, floor=floor, z_per_decade=z_per_decade)
+    radius, hash_median, hash_scale = hash_radius(hashes, pairs, max_radius=max_radius, z=hash_z)
+    found: dict[tuple[int, int], list[bool]] = {}
+    fi, fj, _ = similar_pairs(prints.vectors, calibration.threshold, exclude=labels)
+    for a, b in zip(fi.tolist(), fj.tolist(), strict=True):
+        found[(a, b)] = [True, False]
+    if radius >= 0:
+        hi, hj, _ = hamming_pairs_within(hashes, radius)
+        for a, b in zip(hi.tolist(), hj.tolist(), strict=True):
+            if labels[a] < 0 or labels[a] != labels[b]:
+                found.setdefault((a, b), [False, False])[1] = True
+    keys = sorted(found)
+    i = np.array([k[0] for k in keys], dtype=np.int64)
+    j = np.array([k[1] for k in keys], dtype=np.int64)
+    similarity = (prints.vectors[i] * prints.vectors[j]).sum(dim=1).double().numpy() if keys else np.empty(0)
+    cosine = cosine_rows(features, features, i, j) if features is not None else np.full(i.size, np.nan)
+    confirmed = cosine >= min_cosine if features is not None else np.ones(i.size, dtype=bool)
+    return NearSearch(
+        i=i,
+        j=j,
+        similarity=similarity,
+        hamming=hamming_distance(hashes[i], hashes[j]).astype(np.int64),
+        cosine=cosine,
+        by_fingerprint=np.array([found[k][0] for k in keys], dtype=bool),
+        by_hash=np.array([found[k][1] for k in keys], dtype=bool),
+        confirmed=confirmed,
+        calibration=calibration,
+        radius=radius,
+        hash_median=hash_median,
+        hash_scale=hash_scale,
+        components=prints.components,
+        moved=prints.moved,
+    )

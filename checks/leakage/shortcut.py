@@ -264,7 +264,14 @@ def metadata_auroc(
         value = float(roc_auc_score(y, s))
         ci = None
         if n_boot > 0:
-            ci = bootstrap_cis({"auroc": _batched_auroc(s, y)}, int(s.size), n_boot=n_boot, rng=rng)["auroc"]
+            ci = bootstrap_cis(
+                {"auroc": _batched_auroc(s, y)},
+                int(s.size),
+                n_boot=n_boot,
+                rng=rng,
+                estimates={"auroc": value},  # centred on the reported scikit-learn value exactly
+                bounds=(0.0, 1.0),
+            )["auroc"]
         return result(value, ci, k)
     value = float(np.mean([roc_auc_score(labels[scored] == k, scores[scored, k]) for k in present.tolist()]))
     return result(value, None, k)

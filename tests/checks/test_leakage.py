@@ -35,12 +35,24 @@ from auditkit.checks.leakage import (
     pixel_digests,
     unpack_bits,
 )
+from auditkit.checks.leakage.duplicates import duplicate_labels, hash_radius, near_duplicate_search
+from auditkit.checks.leakage.fingerprint import (
+    calibrate,
+    central_cdf,
+    fingerprints,
+    rank_normalise,
+    register_to_template,
+    sample_pairs,
+    similar_pairs,
+    warp_affine,
+)
 from auditkit.checks.leakage.hashing import low_frequencies
 from auditkit.checks.leakage.identity import header_text
 from auditkit.checks.leakage.shortcut import fold_plan, out_of_fold_scores
 from auditkit.context import AuditContext
 from auditkit.data import load_dataset
 from auditkit.fixtures.leaky import LEAKY_SITES, LeakyStudy, generate_leaky_study
+from auditkit.fixtures.lookalike import COPY_KINDS, LookalikeStudy, generate_lookalike_study
 from auditkit.model import ModelAdapter
 from auditkit.runner import RunOptions, run_audit
 from auditkit.spec import load_spec
@@ -237,6 +249,182 @@ def test_overlap_by_hand() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Acquisition fingerprints
+
+
+def test_rank_normalise_averages_ties_by_hand() -> None:
+    ranks = rank_normalise(torch.tensor([[3.0, 1.0, 3.0, 2.0]]))
+    # ranks from 0: 1.0 -> 0, 2.0 -> 1, the two 3.0 share (2 + 3) / 2; scaled (r + 0.5) / 4 - 0.5
+    assert torch.allclose(ranks, torch.tensor([[0.25, -0.375, 0.25, -0.125]]))
+    assert rank_normalise(torch.empty(2, 0)).shape == (2, 0)
+
+
+@given(seed=st.integers(0, 2**32 - 1), gamma=st.floats(0.3, 3.0), gain=st.floats(0.1, 10.0))
+@settings(max_examples=25, deadline=None)
+def test_ranks_ignore_a_monotone_change_of_tone(seed: int, gamma: float, gain: float) -> None:
+    values = torch.from_numpy(np.random.default_rng(seed).random((3, 1, 8, 8))).float() + 0.01
+    toned = gain * values**gamma - 0.2  # window, level, gamma: increasing
+    assert torch.allclose(rank_normalise(toned.reshape(3, -1)), rank_normalise(values.reshape(3, -1)))
+    assert torch.allclose(central_cdf(toned), central_cdf(values))
+    assert float(central_cdf(values).abs().max()) <= 0.5
+
+
+def test_warp_affine_equals_torch_affine_grid() -> None:
+    rng = np.random.default_rng(8)
+    images = torch.from_numpy(rng.random((4, 1, 16, 16))).float()
+    theta = torch.eye(2, 3).repeat(4, 1, 1) + torch.from_numpy(rng.normal(0, 0.05, (4, 2, 3))).float()
+    grid = torch.nn.functional.affine_grid(theta, [4, 1, 16, 16], align_corners=False)
+    reference = torch.nn.functional.grid_sample(images, grid, padding_mode="border", align_corners=False)
+    assert torch.allclose(warp_affine(images, theta), reference, atol=1e-5)
+
+
+def test_registration_undoes_a_known_shift_and_zoom() -> None:
+    template = smooth_images(np.random.default_rng(9), 1, size=32)
+    true = torch.tensor([[[1.06, 0.0, 0.08], [0.0, 0.97, -0.05]]])
+    moving = warp_affine(template, true)  # moving(x) = template(true x)
+    theta, improved = register_to_template(moving, template, iterations=20)
+    inverse = torch.linalg.inv(torch.cat([true[0], torch.tensor([[0.0, 0.0, 1.0]])]))[:2]
+    assert bool(improved[0])
+    assert torch.allclose(theta[0], inverse, atol=0.01)
+
+
+def test_calibration_is_median_plus_z_robust_deviations_and_grows_with_pairs() -> None:
+    rng = np.random.default_rng(10)
+    vectors = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(300, 400))).float(), dim=1)
+    pairs = sample_pairs(300, rng)  # 44,850 pairs > 20,000: a random sample
+    assert pairs[0].numel() == 20_000 and bool((pairs[0] != pairs[1]).all())
+    flat = calibrate(vectors, pairs, z=8.0, floor=0.1)
+    values = (vectors[pairs[0]] * vectors[pairs[1]]).sum(dim=1).numpy()
+    q1, median, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+    assert flat.median == pytest.approx(median) and flat.scale == pytest.approx((q3 - q1) / 1.349)
+    assert abs(flat.median) < 0.01 and flat.scale == pytest.approx(400**-0.5, rel=0.1)
+    assert flat.z == 8.0 and flat.threshold == pytest.approx(flat.median + 8.0 * flat.scale)
+    grown = calibrate(vectors, pairs, z=8.0, floor=0.1, z_per_decade=1.75, reference_pairs=4_485)
+    assert grown.z == pytest.approx(8.0 + 1.75)  # 44,850 pairs compared: ten times the reference
+    assert calibrate(vectors, pairs, z=8.0, floor=0.9).threshold == 0.9
+    labels = np.array([0, 0, 0] + [-1] * 297)
+    assert sample_pairs(300, rng, exclude=labels, max_pairs=10**6)[0].numel() == 300 * 299 // 2 - 3
+
+
+def test_similar_pairs_equal_brute_force_and_skip_exact_duplicates() -> None:
+    rng = np.random.default_rng(11)
+    vectors = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(50, 8))).float(), dim=1)
+    vectors[40:] = vectors[:10] + 0.05 * torch.from_numpy(rng.normal(size=(10, 8))).float()
+    vectors = torch.nn.functional.normalize(vectors, dim=1)
+    scores = (vectors @ vectors.T).numpy()
+    expected = {(a, b) for a in range(50) for b in range(a + 1, 50) if scores[a, b] >= 0.8}
+    i, j, s = similar_pairs(vectors, 0.8, block=7)  # blocks that do not divide 50
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == expected and len(expected) >= 10
+    assert np.allclose(s, scores[i, j], atol=1e-5)
+    labels = np.full(50, -1)
+    labels[[0, 40]] = 3  # an exact pair: counted apart
+    i, _, _ = similar_pairs(vectors, 0.8, exclude=labels)
+    assert len(i) == len(expected) - 1
+    # A large search runs on a random sketch first, then measures its candidates exactly.
+    wide = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(300, 1000))).float(), dim=1)
+    wide[200:] = torch.nn.functional.normalize(wide[:100] + 0.8 * torch.nn.functional.normalize(
+        torch.from_numpy(rng.normal(size=(100, 1000))).float(), dim=1), dim=1)  # fmt: skip
+    exact = similar_pairs(wide, 0.5)
+    sketched = similar_pairs(wide, 0.5, exact_limit=100)
+    assert len(exact[0]) >= 95 and all(np.array_equal(a, b) for a, b in zip(exact, sketched, strict=True))
+    assert duplicate_labels(["a", "b", "a", "c"]).tolist() == [0, -1, 0, -1]
+
+
+def test_hash_radius_is_off_in_a_homogeneous_study_and_full_in_a_heterogeneous_one() -> None:
+    rng = np.random.default_rng(12)
+    unrelated = random_hashes(rng, 200, 4)
+    pairs = sample_pairs(200, rng)
+    radius, median, _ = hash_radius(unrelated, pairs, max_radius=49, z=5.0)
+    assert radius == 49 and 120 <= median <= 136
+    # Look-alikes: each hash a few to 60 bits from a shared template, so pairs are 0-120 bits apart.
+    bits = unpack_bits(np.repeat(unrelated[:1], 200, axis=0))
+    for row in bits:
+        row[rng.choice(256, size=int(rng.integers(2, 61)), replace=False)] ^= True
+    radius, median, scale = hash_radius(pack_bits(bits), pairs, max_radius=49, z=5.0)
+    assert radius == -1 and median - 5 * scale < 0
+    assert hash_radius(pack_bits(bits), pairs, max_radius=49, z=0.5)[0] == int(np.floor(median - 0.5 * scale))
+
+
+@dataclass
+class Decoded:
+    study: LookalikeStudy
+    images: torch.Tensor
+    rows: np.ndarray
+
+
+def _decode_lookalike(root: Path, planted: bool) -> Decoded:
+    study = generate_lookalike_study(root, planted=planted, n_patients=120, image_size=128, n_cross=2, n_within=1)
+    splits = load_dataset(load_spec(study.spec_path), roles=("eval", "train")).splits
+    images = torch.cat([splits["train"].images, splits["eval"].images])
+    rows = np.concatenate([splits["train"].rows, splits["eval"].rows])
+    return Decoded(study, images, rows)
+
+
+@pytest.fixture(scope="module")
+def lookalike(tmp_path_factory: pytest.TempPathFactory) -> Decoded:
+    return _decode_lookalike(tmp_path_factory.mktemp("lookalike") / "study", planted=True)
+
+
+@pytest.fixture(scope="module")
+def lookalike_clean(tmp_path_factory: pytest.TempPathFactory) -> Decoded:
+    return _decode_lookalike(tmp_path_factory.mktemp("lookalike_clean") / "study", planted=False)
+
+
+def _near_rows(decoded: Decoded, images: torch.Tensor | None = None) -> set[tuple[int, int]]:
+    """Near-duplicate row pairs the check's search finds (defaults, no embeddings)."""
+    images = decoded.images if images is None else images
+    defaults = LeakageCheck.Params()
+    search = near_duplicate_search(
+        images, perceptual_hash(images), pixel_digests(images), features=None, z=defaults.near_z,
+        z_per_decade=defaults.near_z_per_decade, floor=defaults.near_min_similarity,
+        components=defaults.near_components, max_radius=49, hash_z=defaults.near_hash_z, min_cosine=0.5,
+        rng=np.random.default_rng(0),
+    )  # fmt: skip
+    assert search.confirmed.all()
+    rows = np.concatenate([decoded.rows, np.arange(images.shape[0] - decoded.rows.size) + 10_000])
+    return {(min(rows[a], rows[b]), max(rows[a], rows[b])) for a, b in zip(search.i, search.j, strict=True)}
+
+
+def test_planted_copies_are_told_from_look_alike_patients(lookalike: Decoded) -> None:
+    copies = lookalike.study.copies
+    assert {c.kind for c in copies} == set(COPY_KINDS) and len(copies) == 30
+    truth = {(min(c.original_row, c.copy_row), max(c.original_row, c.copy_row)): c.kind for c in copies}
+    found = _near_rows(lookalike)
+    precision, recall = precision_recall(found, set(truth))
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall, found ^ set(truth))
+    for kind in COPY_KINDS:  # every re-acquisition and re-processing step, alone and combined
+        assert any(truth[pair] == kind for pair in found & set(truth)), kind
+
+
+def test_look_alike_clean_twin_has_no_near_duplicate_though_its_hashes_are_close(lookalike_clean: Decoded) -> None:
+    assert lookalike_clean.study.copies == ()
+    assert _near_rows(lookalike_clean) == set()
+    # What makes the study hard: different patients' global hashes lie within the old radius.
+    hashes = perceptual_hash(lookalike_clean.images)
+    assert hamming_pairs_within(hashes, 49)[0].size > 500
+
+
+def test_a_group_of_copies_cannot_hide_in_the_principal_axes(lookalike_clean: Decoded) -> None:
+    # Twelve re-noised copies of one image: unweighted, they would make themselves a principal
+    # axis and project their shared detail away.
+    rng = np.random.default_rng(13)
+    group = lookalike_clean.images[:1].float().repeat(12, 1, 1, 1)
+    group = (group + torch.from_numpy(rng.normal(0, 0.004, group.shape)).float()).clamp(0, 1)
+    images = torch.cat([lookalike_clean.images.float(), group])
+    found = _near_rows(lookalike_clean, images)
+    members = [int(lookalike_clean.rows[0])] + [10_000 + k for k in range(12)]
+    expected = {(a, b) for a in members for b in members if a < b}
+    assert found == expected
+
+
+def test_fingerprints_of_an_empty_or_tiny_set() -> None:
+    assert fingerprints(torch.empty(0, 1, 64, 64)).vectors.shape == (0, 0)
+    tiny = fingerprints(smooth_images(np.random.default_rng(14), 3, size=20))
+    assert tiny.vectors.shape == (3, 48 * 48) and tiny.components == 0
+    assert torch.allclose(tiny.vectors.norm(dim=1), torch.ones(3), atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
 # Shortcut AUROC
 
 
@@ -372,9 +560,9 @@ class Audited:
 
 
 def _audit(study: LeakyStudy, out: Path, params: dict[str, Any] | None = None) -> Audited:
-    spec = load_spec(study.spec_path).model_copy(update={"checks": {"leakage": params or FAST}})
+    spec = load_spec(study.spec_path).model_copy(update={"checks": {"leakage": params or FAST}, "only": ["leakage"]})
     outcome = run_audit(spec, RunOptions(out_dir=out, report=False, pdf=False), checks={"leakage": LeakageCheck})
-    (record,) = outcome.results["checks"]
+    (record,) = [r for r in outcome.results["checks"] if r["id"] == "leakage"]
     assert record["status"] == "ok", record["error"]
     json.dumps(record, allow_nan=False)
     return Audited(study, record)
@@ -457,7 +645,12 @@ def test_planted_duplicates_found_with_precision_and_recall(leaky: Audited, scop
     assert precision_recall(exact, planted_exact) == (1.0, 1.0)
     assert leaky.metric("leakage.exact_duplicates", **labels)["value"] == len(planted_exact)
 
-    near = _near_pairs(leaky.findings("near_duplicate", **match), scope)
+    findings = leaky.findings("near_duplicate", **match)
+    for finding in findings:  # the evidence of each pair, strongest first
+        assert finding["found_by"] and set(finding["found_by"]) <= {"fingerprint", "hash"}
+        assert -1.0 <= finding["similarity"] <= 1.0 and 0 <= finding["hamming"] <= 256
+    assert [f["similarity"] for f in findings] == sorted((f["similarity"] for f in findings), reverse=True)
+    near = _near_pairs(findings, scope)
     planted_near = truth.pairs("near", scope)
     if scope != "cross":
         near, planted_near = _sorted_pairs(near), _sorted_pairs(planted_near)
@@ -497,6 +690,7 @@ def test_clean_twin_reports_nothing(clean: Audited) -> None:
     }  # fmt: skip
     (search,) = clean.findings("duplicate_search")
     assert search["embedding_confirmation"] is True and search["radius_bits"] == 49
+    assert search["z"] == 8.0 and search["similarity_threshold"] >= 0.25 and search["pairs_measured"] > 1000
 
 
 def test_findings_carry_no_header_value(leaky: Audited) -> None:
@@ -566,9 +760,9 @@ def test_without_a_train_split_cross_metrics_are_undefined(leaky: Audited, tmp_p
     data = yaml.safe_load(leaky.study.spec_path.read_text(encoding="utf-8"))
     data["data"]["splits"] = {"eval": "test"}
     spec_path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    spec = load_spec(spec_path).model_copy(update={"checks": {"leakage": {"n_boot": 0}}})
+    spec = load_spec(spec_path).model_copy(update={"checks": {"leakage": {"n_boot": 0}}, "only": ["leakage"]})
     outcome = run_audit(spec, RunOptions(out_dir=tmp_path, report=False, pdf=False), checks={"leakage": LeakageCheck})
-    (record,) = outcome.results["checks"]
+    (record,) = [r for r in outcome.results["checks"] if r["id"] == "leakage"]
     assert record["status"] == "ok", record["error"]
     audited = Audited(leaky.study, record)
     for name in ("patient", "study", "series"):
@@ -601,11 +795,11 @@ def png_study(root: Path) -> tuple[Path, int]:
 
 def test_non_dicom_study_uses_the_manifest_and_explains_missing_headers(tmp_path: Path) -> None:
     spec_path, moved = png_study(tmp_path / "png")
-    spec = load_spec(spec_path).model_copy(update={"checks": {"leakage": {"n_boot": 0}}})
+    spec = load_spec(spec_path).model_copy(update={"checks": {"leakage": {"n_boot": 0}}, "only": ["leakage"]})
     outcome = run_audit(
         spec, RunOptions(out_dir=tmp_path / "out", report=False, pdf=False), checks={"leakage": LeakageCheck}
     )
-    (record,) = outcome.results["checks"]
+    (record,) = [r for r in outcome.results["checks"] if r["id"] == "leakage"]
     assert record["status"] == "ok", record["error"]
     audited = Audited(None, record)  # type: ignore[arg-type]
     (finding,) = audited.findings("patient_overlap")
@@ -631,6 +825,8 @@ def test_check_contract_and_params() -> None:
     assert "MAP 2.3" in (LeakageCheck.__doc__ or "") and "MEASURE 2.1" in (LeakageCheck.__doc__ or "")
     params = LeakageCheck.Params()
     assert (params.hash_bits, params.near_max_distance, params.near_min_cosine) == (256, 0.195, 0.5)
+    assert (params.near_z, params.near_z_per_decade, params.near_min_similarity) == (8.0, 1.75, 0.25)
+    assert (params.near_components, params.near_hash_z) == (64, 5.0)
     with pytest.raises(ValidationError, match="expected each column once"):
         LeakageCheck.Params(shortcut_columns=("site", "site"))
     with pytest.raises(ValidationError):
