@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -452,12 +453,12 @@ def test_the_audit_item_fails_when_coverage_failed(pytester: pytest.Pytester) ->
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 
-def test_a_run_that_measured_nothing_fails_the_session(pytester: pytest.Pytester, tmp_path: Path) -> None:
+def test_a_run_that_measured_nothing_fails_the_session(
+    pytester: pytest.Pytester, study_factory: Callable[..., Path]
+) -> None:
     """A manifest whose files are all missing: the session must not go green, and must say why."""
-    from conftest import make_tiny_study
-
-    spec = make_tiny_study(tmp_path / "study", n=12)
-    for image in (tmp_path / "study" / "data" / "img").iterdir():
+    spec = study_factory(n=12)
+    for image in (spec.parent / "data" / "img").iterdir():
         image.unlink()
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "--audit", str(spec), "--audit-only", "calibration", "--audit-no-pdf",
