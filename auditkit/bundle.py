@@ -1,4 +1,4 @@
-"""The evidence bundle's hash manifest (DESIGN section 7) and ``auditkit verify``.
+"""The evidence bundle's hash manifest (docs/architecture.md, "The results document") and ``auditkit verify``.
 
 ``manifest.json`` records the SHA-256 of every input (spec, weights, data manifest, policy,
 attestations) and of every file the run wrote (results, report, artifacts, checkpoints), with the

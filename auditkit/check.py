@@ -1,20 +1,51 @@
-"""The check contract (DESIGN section 4): what a check declares, what it returns.
+"""The check contract (docs/architecture.md, "The check contract"): what a check declares, what
+it reads, what it returns.
 
-A check measures; it never decides pass or fail (policies judge) and never renders HTML.
-Third-party checks subclass :class:`Check` and register under the entry-point group
+A check measures; it never decides pass or fail (policies judge) and never renders HTML. It reads
+the audit only through :class:`CheckContext` - class names, splits and their row data, the shared
+pass's predictions and embeddings, images, DICOM headers, a :class:`ModelHandle`, seeded
+generators and an artifact writer, all bound to the check's id - and only what its :class:`Needs`
+declare. Third-party checks subclass :class:`Check` and register under the entry-point group
 ``auditkit.checks`` exactly as the built-ins do.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
+import numpy as np
+from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict
 
+from auditkit.errors import Skip
+
 if TYPE_CHECKING:
-    from auditkit.context import AuditContext
+    import pydicom
+    import torch
+    from torch import nn
+
+__all__ = [
+    "Artifact",
+    "Check",
+    "CheckContext",
+    "CheckParams",
+    "CheckResult",
+    "Direction",
+    "InputGeometry",
+    "Metric",
+    "ModelHandle",
+    "Needs",
+    "Predictions",
+    "QuarantinedRow",
+    "Skip",
+    "SplitRows",
+    "Status",
+    "require_finite_logits",
+]
 
 Direction = Literal["higher_is_better", "lower_is_better"]
 Status = Literal["ok", "skipped", "error"]
@@ -134,8 +165,193 @@ class CheckResult:
     artifacts: list[Artifact] = field(default_factory=list)
 
 
-class Skip(Exception):
-    """Raised inside ``run`` when the check cannot apply: recorded as ``skipped``, with reason."""
+@dataclass(frozen=True)
+class Predictions:
+    """Model outputs for one split, aligned with the split's rows.
+
+    Attributes:
+        logits: float32 (N, K) on the CPU.
+        probs: float64 (N, K) softmax of the logits (rows with non-finite logits are NaN).
+        labels: int64 (N,) class indices (``-1`` for unlabelled out-of-distribution sets).
+    """
+
+    logits: torch.Tensor
+    probs: NDArray[np.float64]
+    labels: NDArray[np.int64]
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def predicted(self) -> NDArray[np.int64]:
+        return np.asarray(self.probs.argmax(axis=1), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """The row data of one split as a check sees it: no pixels, no paths, surrogates only.
+
+    Attributes:
+        name: the split's role: ``eval``, ``train`` or ``ood:<name>``.
+        rows: manifest row numbers of the readable images (quarantined rows left out).
+        labels: class index per image (``-1`` where unlabelled).
+        groups: group column -> banded group label per image.
+        patients: surrogate patient id per image (``None`` where the manifest has none).
+        studies: surrogate study id per image.
+        kinds: decoded file kind per image (``dicom``, ``png``, ``npy``, ...).
+        quarantined_groups: group column -> group label -> how many quarantined rows it lost.
+    """
+
+    name: str
+    rows: NDArray[np.int64]
+    labels: NDArray[np.int64]
+    groups: dict[str, NDArray[Any]]
+    patients: Sequence[str | None]
+    studies: Sequence[str | None]
+    kinds: Sequence[str]
+    quarantined_groups: dict[str, dict[str, int]]
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.shape[0])
+
+
+@dataclass(frozen=True)
+class QuarantinedRow:
+    """A manifest row the loader refused: its split, row number and reason (never a header value)."""
+
+    split: str
+    row: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """What the model takes: channels, height, width, and how DICOM intensities map to [0, 1]
+    (a :class:`auditkit.decode.WindowSetting`), for a check that decodes images of its own."""
+
+    channels: int
+    height: int
+    width: int
+    window: Any
+
+
+class ModelHandle(Protocol):
+    """The candidate model as a check may use it: images in [0, 1], (N, C, H, W), float32.
+
+    ``predict`` and ``predict_with_features`` run batched, without gradients, in the shared
+    pass's precision, and count their images under ``label`` in the run's inference statistics.
+    ``differentiable`` is the model itself (normalisation included) for attacks and trigger
+    searches; only a check that declares ``Needs(gradients=True)`` may ask for it.
+    """
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def has_features(self) -> bool: ...
+
+    def predict(self, images: torch.Tensor, *, label: str = "") -> torch.Tensor:
+        """Logits (N, K) on the CPU."""
+        ...
+
+    def predict_with_features(self, images: torch.Tensor, *, label: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, K) and embeddings (N, D) from the layer the shared pass reads, on the CPU."""
+        ...
+
+    def differentiable(self) -> nn.Module:
+        """The model on its device in eval mode, parameters frozen, gradients through inputs."""
+        ...
+
+
+class CheckContext(Protocol):
+    """Everything a check may read, bound to the check's id and held to its ``needs``.
+
+    A read that ``needs`` does not declare (features without ``features``, headers without
+    ``headers``, pixels without ``images``, the model's gradients without ``gradients``, the train
+    split without ``train``/``train_optional``, an OOD set without ``ood``) raises
+    :class:`auditkit.errors.UndeclaredRead`; a missing train or OOD split raises :class:`Skip`.
+    """
+
+    @property
+    def check_id(self) -> str: ...
+
+    @property
+    def classes(self) -> list[str]: ...
+
+    @property
+    def positive_index(self) -> int | None: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def split_names(self) -> list[str]: ...
+
+    @property
+    def group_columns(self) -> list[str]:
+        """The spec's group columns (``data.groups``), in order."""
+        ...
+
+    @property
+    def input_geometry(self) -> InputGeometry: ...
+
+    @property
+    def model(self) -> ModelHandle: ...
+
+    def has_split(self, split: str) -> bool: ...
+
+    def split(self, split: str) -> SplitRows: ...
+
+    def labels(self, split: str = "eval") -> NDArray[np.int64]: ...
+
+    def group_labels(self, split: str = "eval") -> dict[str, NDArray[Any]]: ...
+
+    def quarantine(self) -> list[QuarantinedRow]: ...
+
+    def predictions(self, split: str = "eval") -> Predictions: ...
+
+    def features(self, split: str = "eval") -> torch.Tensor: ...
+
+    def images(self, split: str = "eval", indices: NDArray[Any] | Iterable[int] | None = None) -> torch.Tensor: ...
+
+    def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]: ...
+
+    def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]: ...
+
+    def quarantined_headers(
+        self, splits: Iterable[str]
+    ) -> Iterable[tuple[QuarantinedRow, pydicom.Dataset | str | None]]:
+        """Header-only reads of the quarantined rows of ``splits``: the header, ``"non-dicom"``, or
+        ``None`` when unreadable."""
+        ...
+
+    def rng(self, *salt: object) -> np.random.Generator:
+        """A NumPy generator seeded from the audit's seed, the check's id and ``salt``."""
+        ...
+
+    def torch_generator(self, *salt: object) -> torch.Generator: ...
+
+    def seed(self, *salt: object) -> int:
+        """A 64-bit seed from the audit's seed, the check's id and ``salt`` (same every run)."""
+        ...
+
+    def write_artifact(
+        self,
+        name: str,
+        filename: str,
+        write: Callable[[Path], object],
+        *,
+        description: str,
+        media_type: str = "image/svg+xml",
+    ) -> Artifact:
+        """Call ``write(path)`` with the file's path under ``artifacts/<check id>/`` and return
+        the record for ``CheckResult.artifacts``."""
+        ...
 
 
 def require_finite_logits(logits: Any, what: str = "eval image") -> Any:
@@ -147,18 +363,20 @@ def require_finite_logits(logits: Any, what: str = "eval image") -> Any:
     Returns:
         Boolean NumPy array ``(N,)``.
     """
-    import numpy as np
-
     finite = np.isfinite(np.asarray(logits, dtype=np.float64)).all(axis=1)
     if finite.size and not finite.any():
         raise Skip(f"the logits of every {what} are non-finite")
     return finite
 
 
-class Check:
-    """Base class of every check.
+P = TypeVar("P", bound=CheckParams)
 
-    Subclasses set ``id``, ``family``, ``Params``, ``needs`` and ``emits`` and implement ``run``.
+
+class Check(Generic[P]):
+    """Base class of every check, generic in its parameters: ``class MyCheck(Check[MyParams])``.
+
+    Subclasses set ``id``, ``family``, ``Params`` (the class ``P``), ``needs`` and ``emits`` and
+    implement ``run(ctx, params)``, where ``params`` is a validated, frozen ``P``.
     The class docstring names the method and its paper, the inputs it needs, the metrics it emits
     and the NIST AI RMF subcategories it informs; ``auditkit checks`` shows its first line.
     ``emits`` lists every metric name ``run`` can produce, so policies can be checked against the
@@ -171,7 +389,7 @@ class Check:
     needs: ClassVar[Needs] = Needs()
     emits: ClassVar[tuple[str, ...]] = ()
 
-    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+    def run(self, ctx: CheckContext, params: P) -> CheckResult:
         raise NotImplementedError
 
     @classmethod

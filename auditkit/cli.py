@@ -1,4 +1,4 @@
-"""The ``auditkit`` command line (DESIGN section 8).
+"""The ``auditkit`` command line (docs/architecture.md, "Data flow").
 
 Exit codes: 0 pass, 1 policy failed, 2 usage or input error, 3 a check errored.
 """

@@ -1,10 +1,12 @@
-"""The shared inference context (DESIGN section 5).
+"""The shared inference context (docs/architecture.md, "The shared pass and the context").
 
-Checks read everything through :class:`AuditContext`: the model, the decoded splits, and cached
-results computed once per run — logits, probabilities and embeddings from ONE forward pass per
-split, header-only DICOM reads, and a seeded random generator per check. The runner asks every
-selected check what it needs (:class:`auditkit.check.Needs`) and calls :meth:`prepare` before the
-first check, so no check triggers a second pass.
+:class:`AuditContext` is the engine's: the model adapter, the decoded splits, and what is computed
+once per run — logits, probabilities and embeddings from ONE forward pass per split, header-only
+DICOM reads. The runner asks every selected check what it needs (:class:`auditkit.check.Needs`)
+and calls :meth:`AuditContext.prepare` before the first check, so no check triggers a second pass.
+
+A check never sees it: it gets a :class:`CheckView` (:meth:`AuditContext.for_check`), the
+:class:`auditkit.check.CheckContext` bound to the check's id and held to its ``needs``.
 """
 
 from __future__ import annotations
@@ -12,21 +14,26 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
-from auditkit.check import Skip
+from auditkit.check import Artifact, InputGeometry, Needs, Predictions, QuarantinedRow, SplitRows
 from auditkit.data import Dataset, SplitData
+from auditkit.errors import Skip, UndeclaredRead
 from auditkit.model import ModelAdapter
 from auditkit.spec import AuditSpec
 from auditkit.stats import stable_seed
 
 if TYPE_CHECKING:
     import pydicom
+    from torch import nn
+
+    from auditkit.check import Check
+
+__all__ = ["AuditContext", "CheckView", "Predictions", "serial_blas"]
 
 log = logging.getLogger(__name__)
 
@@ -61,29 +68,6 @@ def serial_blas(function: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-@dataclass(frozen=True)
-class Predictions:
-    """Model outputs for one split, aligned with the split's rows.
-
-    Attributes:
-        logits: float32 (N, K) on the CPU.
-        probs: float64 (N, K) softmax of the logits (rows with non-finite logits are NaN).
-        labels: int64 (N,) class indices (``-1`` for unlabelled out-of-distribution sets).
-    """
-
-    logits: torch.Tensor
-    probs: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def predicted(self) -> np.ndarray:
-        return np.asarray(self.probs.argmax(axis=1), dtype=np.int64)
-
-
 class AuditContext:
     """What every check sees.
 
@@ -97,18 +81,37 @@ class AuditContext:
 
     def __init__(
         self,
-        spec: AuditSpec,
-        model: ModelAdapter,
+        spec: AuditSpec | None,
+        model: ModelAdapter | None,
         dataset: Dataset,
         out_dir: Path,
         *,
         progress: ProgressFactory | None = None,
+        seed: int | None = None,
+        classes: list[str] | None = None,
+        positive_index: int | None = None,
+        group_columns: list[str] | None = None,
+        geometry: InputGeometry | None = None,
     ) -> None:
         self.spec = spec
-        self.model = model
+        self._model = model
         self.dataset = dataset
         self.out_dir = out_dir
         self._progress = progress
+        if spec is not None:
+            from auditkit.data import window_setting
+
+            shape = spec.model.input
+            seed, classes, positive_index = spec.seed, list(spec.model.classes), spec.model.positive_index
+            group_columns = list(spec.data.groups)
+            geometry = InputGeometry(shape.channels, shape.height, shape.width, window_setting(spec))
+        if classes is None or seed is None:
+            raise ValueError("an AuditContext without a spec needs classes and a seed")
+        self.seed = seed
+        self._classes = classes
+        self._positive_index = positive_index
+        self.group_columns = group_columns or []
+        self.geometry = geometry
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._with_features: dict[str, bool] = {}
         self._predictions: dict[str, Predictions] = {}
@@ -117,16 +120,22 @@ class AuditContext:
 
     # ----------------------------------------------------------------- splits and labels
     @property
+    def model(self) -> ModelAdapter:
+        if self._model is None:
+            raise Skip("this context has no model")
+        return self._model
+
+    @property
     def classes(self) -> list[str]:
-        return list(self.spec.model.classes)
+        return list(self._classes)
 
     @property
     def positive_index(self) -> int | None:
-        return self.spec.model.positive_index
+        return self._positive_index
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self._model.device if self._model is not None else torch.device("cpu")
 
     @property
     def split_names(self) -> list[str]:
@@ -211,6 +220,11 @@ class AuditContext:
         Raises :class:`Skip` when the model offers none (TorchScript, or no ``nn.Linear`` and no
         ``model.feature_layer``).
         """
+        if self._model is None:
+            embeddings = self._cached(split)[1]
+            if embeddings.shape[1] == 0:
+                raise Skip("embeddings unavailable (none given to this context)")
+            return embeddings
         if not self.model.has_features:
             raise Skip(f"embeddings unavailable ({self.model.feature_layer})")
         return self._cached(split, features=True)[1]
@@ -219,8 +233,8 @@ class AuditContext:
         """A split's DICOM headers, elements left raw: those kept by the decoder
         (``load_dataset(..., keep_headers=True)``), else header-only reads (once per split)."""
         if split not in self._raw_headers:
+            from auditkit.decode import read_dicom_header
             from auditkit.errors import UnreadableImage
-            from auditkit.loaders import read_dicom_header
 
             data = self.split(split)
             if data.headers is not None:
@@ -245,7 +259,7 @@ class AuditContext:
         datasets hold patient data: use them to measure, never copy values into results.
         """
         if split not in self._headers:
-            from auditkit.loaders import convert_elements
+            from auditkit.decode import convert_elements
 
             converted: list[pydicom.Dataset | None] = []
             for header in self._read_headers(split):
@@ -264,27 +278,27 @@ class AuditContext:
     def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]:
         """Text values of a few header elements per image; ``None`` for non-DICOM or unreadable files.
 
-        Only the named elements are converted (:func:`auditkit.loaders.header_texts`), which is
+        Only the named elements are converted (:func:`auditkit.decode.header_texts`), which is
         about three times cheaper than :meth:`headers` for a check that needs a handful of them;
         the files are read once whichever of the two is called first. A value is ``None`` when
         absent, empty, binary or unconvertible. The values are patient data: measure with them,
         never copy them into results.
         """
-        from auditkit.loaders import _quiet_pydicom, header_texts
+        from auditkit.decode import header_texts, quiet_pydicom
 
         wanted = tuple(dict.fromkeys(keywords))
         headers = self._read_headers(split)
-        with _quiet_pydicom():  # one silenced period for the split, not one per file
+        with quiet_pydicom():  # one silenced period for the split, not one per file
             return [None if h is None else header_texts(h, wanted) for h in headers]
 
     # ----------------------------------------------------------------- per-check helpers
     def rng(self, check_id: str) -> np.random.Generator:
         """A NumPy generator seeded from the spec's seed and the check id (same every run)."""
-        return np.random.default_rng(stable_seed(self.spec.seed, check_id))
+        return np.random.default_rng(stable_seed(self.seed, check_id))
 
     def torch_generator(self, check_id: str) -> torch.Generator:
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(stable_seed(self.spec.seed, check_id, "torch"))
+        generator.manual_seed(stable_seed(self.seed, check_id, "torch"))
         return generator
 
     def artifact_path(self, check_id: str, filename: str) -> tuple[Path, str]:
@@ -295,3 +309,247 @@ class AuditContext:
         absolute = self.out_dir / relative
         absolute.parent.mkdir(parents=True, exist_ok=True)
         return absolute, relative.as_posix()
+
+    # ----------------------------------------------------------------- what checks see
+    def for_check(self, check: type[Check[Any]] | str, needs: Needs | None = None) -> CheckView:
+        """The :class:`CheckView` of one check: its id, held to its ``needs``."""
+        if isinstance(check, str):
+            return CheckView(self, check, needs if needs is not None else Needs())
+        return CheckView(self, check.id, needs if needs is not None else check.needs)
+
+    def quarantined_headers(
+        self, splits: Iterable[str]
+    ) -> Iterable[tuple[QuarantinedRow, pydicom.Dataset | str | None]]:
+        """Header-only reads of the quarantined rows of ``splits`` (paths from their manifests)."""
+        from auditkit.data import read_manifest
+        from auditkit.decode import image_kind, read_dicom_header
+        from auditkit.errors import UnreadableImage
+
+        wanted = [q for q in self.dataset.quarantine if q.split in set(splits)]
+        if not wanted:
+            return
+        paths: dict[tuple[str, int], Path] = {}
+        main = {row.row: row.path for row in self.dataset.manifest.rows}
+        for entry in wanted:
+            if entry.split in ("eval", "train") and entry.row in main:
+                paths[entry.split, entry.row] = main[entry.row]
+        ood_names = {q.split.removeprefix("ood:") for q in wanted if q.split.startswith("ood:")}
+        for name in sorted(ood_names if self.spec is not None else ()):
+            assert self.spec is not None
+            ood = self.spec.data.ood.get(name)
+            if ood is None:
+                continue
+            manifest = read_manifest(
+                self.spec.resolve(ood.manifest), root=self.spec.data_root, classes=None, require_label=False
+            )
+            for row in manifest.rows:
+                paths[f"ood:{name}", row.row] = row.path
+        for entry in wanted:
+            path = paths.get((entry.split, entry.row))
+            if path is None:
+                continue
+            record = QuarantinedRow(entry.split, entry.row, entry.reason)
+            try:
+                if image_kind(path) != "dicom":
+                    yield record, "non-dicom"
+                    continue
+                yield record, read_dicom_header(path)
+            except UnreadableImage:
+                yield record, None
+
+
+class _ModelHandle:
+    """:class:`auditkit.check.ModelHandle` over the adapter, held to the check's ``needs``."""
+
+    def __init__(self, engine: AuditContext, view: CheckView) -> None:
+        self._engine = engine
+        self._view = view
+
+    @property
+    def _adapter(self) -> ModelAdapter:
+        return self._engine.model
+
+    @property
+    def device(self) -> torch.device:
+        return self._adapter.device
+
+    @property
+    def batch_size(self) -> int:
+        return self._adapter.batch_size
+
+    @property
+    def has_features(self) -> bool:
+        return self._adapter.has_features
+
+    def predict(self, images: torch.Tensor, *, label: str = "") -> torch.Tensor:
+        self._view._require("predictions", "model.predict")
+        logits, _ = self._adapter.forward_pass(images, split=label, features=False)
+        return logits
+
+    def predict_with_features(self, images: torch.Tensor, *, label: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        self._view._require("features", "model.predict_with_features")
+        if not self._adapter.has_features:
+            raise Skip(f"embeddings unavailable ({self._adapter.feature_layer})")
+        return self._adapter.forward_pass(images, split=label, features=True)
+
+    def differentiable(self) -> nn.Module:
+        self._view._require("gradients", "model.differentiable")
+        return self._adapter.module
+
+
+class CheckView:
+    """The :class:`auditkit.check.CheckContext` of one check over the engine's context.
+
+    Every read is held to the check's ``needs``: an undeclared one raises
+    :class:`auditkit.errors.UndeclaredRead` naming the read and the flag to declare, and is
+    recorded in :attr:`undeclared` (the conformance kit reports it even when the check catches
+    the error). Seeds and artifact paths are the check's own.
+    """
+
+    def __init__(self, engine: AuditContext, check_id: str, needs: Needs) -> None:
+        self._engine = engine
+        self._id = check_id
+        self._needs = needs
+        self.undeclared: list[str] = []
+        self._model = _ModelHandle(engine, self)
+
+    # ----------------------------------------------------------------- the guard
+    def _require(self, flag: str, read: str, split: str | None = None) -> None:
+        needs = self._needs
+        if split is not None:
+            if split == "train" and not (needs.train or needs.train_optional):
+                self._refuse(f"{read}('train')", "train=True or train_optional=True")
+            if split.startswith("ood") and not needs.ood:
+                self._refuse(f"{read}({split!r})", "ood=True")
+        declared = getattr(needs, flag)
+        if flag == "predictions":
+            declared = needs.predictions or needs.features
+        if not declared:
+            where = f"{read}({split!r})" if split is not None else read
+            self._refuse(where, f"{flag}=True")
+
+    def _refuse(self, read: str, flag: str) -> None:
+        message = f"check {self._id!r} read {read} without declaring it: set needs = Needs(..., {flag})"
+        self.undeclared.append(message)
+        raise UndeclaredRead(message)
+
+    # ----------------------------------------------------------------- identity and row data
+    @property
+    def check_id(self) -> str:
+        return self._id
+
+    @property
+    def classes(self) -> list[str]:
+        return self._engine.classes
+
+    @property
+    def positive_index(self) -> int | None:
+        return self._engine.positive_index
+
+    @property
+    def device(self) -> torch.device:
+        return self._engine.device
+
+    @property
+    def split_names(self) -> list[str]:
+        return self._engine.split_names
+
+    @property
+    def group_columns(self) -> list[str]:
+        return list(self._engine.group_columns)
+
+    @property
+    def input_geometry(self) -> InputGeometry:
+        if self._engine.geometry is None:
+            raise Skip("this context does not know the model's input geometry")
+        return self._engine.geometry
+
+    @property
+    def model(self) -> _ModelHandle:
+        return self._model
+
+    def has_split(self, split: str) -> bool:
+        return self._engine.has_split(split)
+
+    def _split(self, split: str, read: str) -> SplitData:
+        if split == "train" and not (self._needs.train or self._needs.train_optional):
+            self._refuse(f"{read}('train')", "train=True or train_optional=True")
+        if split.startswith("ood") and not self._needs.ood:
+            self._refuse(f"{read}({split!r})", "ood=True")
+        return self._engine.split(split)
+
+    def split(self, split: str) -> SplitRows:
+        data = self._split(split, "split")
+        return SplitRows(
+            name=data.name,
+            rows=data.rows,
+            labels=data.labels,
+            groups=dict(data.groups),
+            patients=tuple(data.patients),
+            studies=tuple(data.studies),
+            kinds=tuple(data.kinds),
+            quarantined_groups=data.quarantined_groups,
+        )
+
+    def labels(self, split: str = "eval") -> np.ndarray:
+        return self._split(split, "labels").labels
+
+    def group_labels(self, split: str = "eval") -> dict[str, np.ndarray]:
+        return dict(self._split(split, "group_labels").groups)
+
+    def quarantine(self) -> list[QuarantinedRow]:
+        return [QuarantinedRow(q.split, q.row, q.reason) for q in self._engine.dataset.quarantine]
+
+    # ----------------------------------------------------------------- the shared pass, pixels, headers
+    def predictions(self, split: str = "eval") -> Predictions:
+        self._require("predictions", "predictions", split)
+        return self._engine.predictions(split)
+
+    def features(self, split: str = "eval") -> torch.Tensor:
+        self._require("features", "features", split)
+        return self._engine.features(split)
+
+    def images(self, split: str = "eval", indices: np.ndarray | Iterable[int] | None = None) -> torch.Tensor:
+        self._require("images", "images", split)
+        return self._engine.images(split, indices)
+
+    def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]:
+        self._require("headers", "headers", split)
+        return self._engine.headers(split)
+
+    def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]:
+        self._require("headers", "header_texts", split)
+        return self._engine.header_texts(split, keywords)
+
+    def quarantined_headers(
+        self, splits: Iterable[str]
+    ) -> Iterable[tuple[QuarantinedRow, pydicom.Dataset | str | None]]:
+        splits = list(splits)
+        for split in splits:
+            self._require("headers", "quarantined_headers", split)
+        return self._engine.quarantined_headers(splits)
+
+    # ----------------------------------------------------------------- seeds and artifacts
+    def seed(self, *salt: object) -> int:
+        return stable_seed(self._engine.seed, self._id, *salt)
+
+    def rng(self, *salt: object) -> np.random.Generator:
+        return np.random.default_rng(self.seed(*salt))
+
+    def torch_generator(self, *salt: object) -> torch.Generator:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(self.seed(*salt, "torch"))
+        return generator
+
+    def write_artifact(
+        self,
+        name: str,
+        filename: str,
+        write: Callable[[Path], object],
+        *,
+        description: str,
+        media_type: str = "image/svg+xml",
+    ) -> Artifact:
+        path, relative = self._engine.artifact_path(self._id, filename)
+        write(path)
+        return Artifact(name=name, path=relative, media_type=media_type, description=description)

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from auditkit.check import Check, CheckResult, Metric
+from auditkit.check import Check, CheckParams, CheckResult, Metric
 from auditkit.data import Dataset
 from auditkit.errors import InputError
 
@@ -26,7 +26,7 @@ SHOWN_ROWS = 10
 """Quarantined rows named per reason on the console and in findings (row numbers only)."""
 
 
-class CoverageCheck(Check):
+class CoverageCheck(Check[CheckParams]):
     """Coverage: images listed, read and quarantined per split (the engine's own measurement).
 
     Method: every manifest row assigned to a split is decoded once; a row whose file is missing,

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from auditkit.decode import DecodeBudget, DecodedImage, WindowSetting, decode_image
 from auditkit.errors import InputError, UnreadableImage
-from auditkit.loaders import DecodeBudget, DecodedImage, WindowSetting, decode_image
 from auditkit.spec import AuditSpec, GroupSpec
 
 if TYPE_CHECKING:

@@ -29,3 +29,13 @@ class UnreadableImage(AuditkitError, ValueError):
     The message is the quarantine reason. It must never contain header values (patient data):
     name the attribute keyword and the expectation instead.
     """
+
+
+class Skip(Exception):
+    """Raised inside a check's ``run`` when it cannot apply: recorded as ``skipped``, with the reason."""
+
+
+class UndeclaredRead(AuditkitError, RuntimeError):
+    """A check read something its ``needs`` does not declare (features, headers, images, a split,
+    gradients). The engine plans one shared pass from ``needs``, so an undeclared read would cost
+    a second pass or read data the audit never planned; the check errors with this message."""

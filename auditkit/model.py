@@ -363,12 +363,64 @@ class ModelAdapter:
         options: InferenceOptions | None = None,
     ) -> None:
         self.spec = spec.model
-        self.device = resolve_device(device or spec.device)
         user_module = build_module(spec.model, spec.base_dir, spec.weights_path)
+        norm = spec.model.normalize
+        self._setup(
+            user_module,
+            classes=spec.model.classes,
+            mean=norm.mean if norm else None,
+            std=norm.std if norm else None,
+            feature_layer=spec.model.feature_layer,
+            device=resolve_device(device or spec.device),
+            batch_size=batch_size,
+            options=options,
+        )
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        classes: list[str],
+        device: str = "cpu",
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        feature_layer: str | None = None,
+        batch_size: int = 64,
+        options: InferenceOptions | None = None,
+    ) -> ModelAdapter:
+        """An adapter over a module already built (tests, the conformance kit, notebooks)."""
+        adapter = cls.__new__(cls)
+        adapter._setup(
+            module,
+            classes=classes,
+            mean=mean,
+            std=std,
+            feature_layer=feature_layer,
+            device=resolve_device(device),
+            batch_size=batch_size,
+            options=options,
+        )
+        return adapter
+
+    def _setup(
+        self,
+        user_module: nn.Module,
+        *,
+        classes: list[str],
+        mean: list[float] | None,
+        std: list[float] | None,
+        feature_layer: str | None,
+        device: torch.device,
+        batch_size: int,
+        options: InferenceOptions | None,
+    ) -> None:
+        self.device = device
+        self._classes = list(classes)
+        self._feature_layer_name = feature_layer
         self.user_module: nn.Module = user_module
         """The user's model without the normalisation wrapper (same parameters as ``module``)."""
-        norm = spec.model.normalize
-        self.module: nn.Module = NormalizedModel(user_module, norm.mean if norm else None, norm.std if norm else None)
+        self.module: nn.Module = NormalizedModel(user_module, mean, std)
         self.module.eval().to(self.device)
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
@@ -400,22 +452,23 @@ class ModelAdapter:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.spec.classes)
+        return list(self._classes)
 
     @property
     def feature_layer(self) -> str:
         return self._feature_source
 
     def _find_feature_module(self, module: nn.Module) -> tuple[nn.Module | None, str]:
-        if self.spec.feature_layer is not None:
+        layer = self._feature_layer_name
+        if layer is not None:
             modules = dict(module.named_modules())
-            if self.spec.feature_layer not in modules:
+            if layer not in modules:
                 names = [n for n in modules if n][:12]
                 raise ConfigError(
-                    f"model.feature_layer: no module named {self.spec.feature_layer!r};"
+                    f"model.feature_layer: no module named {layer!r};"
                     f" expected one of {names}{'...' if len(modules) > 13 else ''}"
                 )
-            return modules[self.spec.feature_layer], f"output of {self.spec.feature_layer}"
+            return modules[layer], f"output of {layer}"
         if isinstance(module, torch.jit.ScriptModule):
             log.warning("TorchScript model: embeddings unavailable (hooks cannot be added after scripting)")
             return None, "unavailable: TorchScript module"
@@ -448,7 +501,7 @@ class ModelAdapter:
         self, images: torch.Tensor, *, features: bool = True, precision: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         captured: list[torch.Tensor] = []
-        use_input = self.spec.feature_layer is None
+        use_input = self._feature_layer_name is None
         feature_module = self._feature_module if features else None
 
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:

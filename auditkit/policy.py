@@ -1,4 +1,4 @@
-"""Policies judge measurements (DESIGN section 6).
+"""Policies judge measurements (docs/architecture.md, "Policies and frameworks").
 
 A policy is data: rules that bound a metric, each mapped to NIST AI RMF 1.0 subcategories. The
 engine turns the checks' metrics into rule outcomes (``pass``, ``warn``, ``fail``,

@@ -1,4 +1,4 @@
-"""auditkit as a pytest plugin: one test item per policy rule (DESIGN section 9).
+"""auditkit as a pytest plugin: one test item per policy rule (README, "Use in CI").
 
 ``pytest --audit SPEC`` runs the audit once per session — once in total under pytest-xdist, in
 the controller, before the workers collect — or ``--audit-results DIR`` reuses a finished one.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
 from auditkit.check import Check
 
@@ -26,9 +27,9 @@ class BrokenCheck:
     reason: str
 
 
-def discover() -> tuple[dict[str, type[Check]], list[BrokenCheck]]:
+def discover() -> tuple[dict[str, type[Check[Any]]], list[BrokenCheck]]:
     """All installed checks by id, and the entry points that could not be loaded."""
-    checks: dict[str, type[Check]] = {}
+    checks: dict[str, type[Check[Any]]] = {}
     broken: list[BrokenCheck] = []
     for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
         try:

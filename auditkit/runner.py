@@ -80,7 +80,7 @@ class RunOptions:
 @dataclass
 class SelectedCheck:
     id: str
-    cls: type[Check] | None
+    cls: type[Check[Any]] | None
     params: Any
     raw_params: dict[str, Any]
     broken: BrokenCheck | None = None
@@ -146,7 +146,7 @@ def _unknown_ids(source: str, ids: Sequence[str], known: Sequence[str]) -> None:
 
 def choose_checks(
     spec: AuditSpec,
-    available: Mapping[str, type[Check]],
+    available: Mapping[str, type[Check[Any]]],
     broken: Sequence[BrokenCheck] = (),
     *,
     only: Sequence[str] | None = None,
@@ -202,7 +202,7 @@ def choose_checks(
 
 def select_checks(
     spec: AuditSpec,
-    available: Mapping[str, type[Check]],
+    available: Mapping[str, type[Check[Any]]],
     broken: Sequence[BrokenCheck] = (),
     *,
     only: Sequence[str] | None = None,
@@ -285,8 +285,9 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
         )
         return record
     started = time.perf_counter()
+    view = ctx.for_check(selected.cls)
     try:
-        result = selected.cls().run(ctx, selected.params)
+        result = selected.cls().run(view, selected.params)
         if not isinstance(result, CheckResult):
             raise TypeError(f"run() returned {type(result).__name__}, expected CheckResult")
         undeclared = sorted({m.name for m in result.metrics} - set(selected.cls.emits))
@@ -305,6 +306,8 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
         log.error("check %s failed: %s: %s", selected.id, type(error).__name__, error)
         record["status"] = "error"
         record["error"] = _error_record(error)
+    if view.undeclared:
+        record["undeclared_reads"] = list(view.undeclared)
     record["duration_s"] = round(time.perf_counter() - started, 4)
     return record
 
@@ -399,7 +402,7 @@ def run_audit(
     spec: AuditSpec,
     options: RunOptions | None = None,
     *,
-    checks: Mapping[str, type[Check]] | None = None,
+    checks: Mapping[str, type[Check[Any]]] | None = None,
 ) -> AuditOutcome:
     """Run the audit described by ``spec`` and write ``results.json``.
 

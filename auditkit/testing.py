@@ -1,12 +1,13 @@
 """A conformance kit for third-party checks, as scikit-learn ships ``check_estimator``.
 
 ``check_check(MyCheck)`` runs a check through the real engine on a small synthetic DICOM study
-(generated on the fly, with pseudonymous but realistic headers) and verifies the contract of
-DESIGN section 4: metadata (id, family, docstring, ``Params`` with valid defaults and no unknown
-keys, ``needs``, ``emits``), the result schema (declared metric names, directions, undefined values
-with a reason, ordered intervals, findings with a ``kind``), determinism under the seed (two runs,
-identical results), and that no DICOM header value that identifies a patient or study ever
-appears in the metrics, findings or artifacts.
+(generated on the fly, with pseudonymous but realistic headers) and verifies the check contract
+(docs/architecture.md): metadata (id, family, docstring, ``Params`` with valid defaults and no
+unknown keys, ``needs``, ``emits``), the result schema (declared metric names, directions,
+undefined values with a reason, ordered intervals, findings with a ``kind``), determinism under
+the seed (two runs, identical results), that it reads nothing its ``needs`` do not declare, and
+that no DICOM header value that identifies a patient or study ever appears in the metrics,
+findings or artifacts.
 
 Use it in the check's own test suite::
 
@@ -14,6 +15,8 @@ Use it in the check's own test suite::
 
     def test_conformance():
         check_check(MyCheck)
+
+``make_context(...)`` builds a small in-memory context for a check's unit tests.
 """
 
 from __future__ import annotations
@@ -21,13 +24,19 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from auditkit.check import Check, CheckParams, Needs
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from auditkit.context import CheckView
 
 IDENTIFYING_KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "PatientAddress",
@@ -53,7 +62,7 @@ class ConformanceReport:
         self.problems.append(message)
 
 
-def _metadata(cls: type[Check], report: ConformanceReport) -> None:
+def _metadata(cls: type[Check[Any]], report: ConformanceReport) -> None:
     cid = getattr(cls, "id", None)
     if not isinstance(cid, str) or not _ID.match(cid):
         report.fail(f"id must be a lowercase identifier, got {cid!r}")
@@ -83,7 +92,9 @@ def _metadata(cls: type[Check], report: ConformanceReport) -> None:
         report.fail(f"metric names must be '<check id>.<metric>', got {bad}")
 
 
-def _record_problems(record: dict[str, Any], cls: type[Check], report: ConformanceReport) -> None:
+def _record_problems(record: dict[str, Any], cls: type[Check[Any]], report: ConformanceReport) -> None:
+    for read in record.get("undeclared_reads", []):
+        report.fail(f"undeclared read: {read}")
     if record["status"] == "error":
         error = record.get("error") or {}
         report.fail(f"run() raised {error.get('type')}: {error.get('message')} (at {error.get('where')})")
@@ -133,7 +144,7 @@ def _strip_volatile(value: Any) -> Any:
     return value
 
 
-def check_check(cls: type[Check], *, workdir: Path | None = None, n_patients: int = 24) -> ConformanceReport:
+def check_check(cls: type[Check[Any]], *, workdir: Path | None = None, n_patients: int = 24) -> ConformanceReport:
     """Verify ``cls`` against the check contract; raise :class:`CheckConformanceError` if broken.
 
     Args:
@@ -189,3 +200,115 @@ def rules_for(check_id: str, policy: str = "medical-imaging-default") -> Any:
 
     loaded, _ = load_policy(policy)
     return loaded.model_copy(update={"rules": [r for r in loaded.rules if r.metric.startswith(f"{check_id}.")]})
+
+
+def make_context(
+    labels: Any,
+    *,
+    classes: Sequence[str] | None = None,
+    positive_class: str | None = None,
+    probs: Any = None,
+    logits: Any = None,
+    features: Any = None,
+    images: Any = None,
+    groups: Mapping[str, Any] | None = None,
+    patients: Sequence[str | None] | None = None,
+    rows: Any = None,
+    quarantined_groups: Mapping[str, Mapping[str, int]] | None = None,
+    train: Mapping[str, Any] | None = None,
+    ood: Mapping[str, Mapping[str, Any]] | None = None,
+    model: nn.Module | None = None,
+    check: type[Check[Any]] | str = "test",
+    needs: Needs | None = None,
+    seed: int = 0,
+    out_dir: Path | None = None,
+) -> CheckView:
+    """A small in-memory :class:`auditkit.check.CheckContext` for a check's unit tests.
+
+        The eval split is given by its ``labels`` and whatever the test needs: model outputs
+        (``logits``, or ``probs`` whose logs become the logits), embeddings, images ``(N, C, H, W)`` in
+        [0, 1], group columns, surrogate patient ids, manifest row numbers (default ``0..N-1``) and the
+        quarantined rows per group. ``train`` takes the same keys for a train split, ``ood`` maps set
+    names to the same keys for out-of-distribution sets (labels ``-1``). With ``model`` the
+        predictions and embeddings not given come from one pass of it over the images, as in a run.
+        The context holds the check to its ``needs`` (those of ``check`` when it is a class), so a test
+        fails loudly on an undeclared read.
+
+        Example::
+
+            ctx = make_context([0, 1, 1], probs=[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], check=CalibrationCheck)
+            result = CalibrationCheck().run(ctx, CalibrationCheck.Params(n_boot=0))
+    """
+    import numpy as np
+    import torch
+
+    from auditkit.context import AuditContext
+    from auditkit.data import Dataset, Manifest, SplitData
+    from auditkit.model import ModelAdapter
+
+    def split(name: str, spec: Mapping[str, Any]) -> tuple[SplitData, tuple[torch.Tensor, torch.Tensor] | None]:
+        y = np.asarray(spec["labels"], dtype=np.int64)
+        n = int(y.shape[0])
+        pixels = spec.get("images")
+        stored = torch.as_tensor(np.asarray(pixels), dtype=torch.float32).half() if pixels is not None else None
+        data = SplitData(
+            name=name,
+            manifest=Path("<memory>"),
+            rows=np.asarray(spec.get("rows", np.arange(n)), dtype=np.int64),
+            labels=y,
+            images=stored if stored is not None else torch.zeros(n, 0, dtype=torch.float16),
+            patients=list(spec.get("patients") or [None] * n),
+            studies=[None] * n,
+            groups={k: np.asarray(v) for k, v in (spec.get("groups") or {}).items()},
+            kinds=["npy"] * n,
+            paths=[Path(f"<memory>/{name}/{i}") for i in range(n)],
+            quarantined_groups={k: dict(v) for k, v in (spec.get("quarantined_groups") or {}).items()},
+        )
+        out = spec.get("logits")
+        if out is None and spec.get("probs") is not None:
+            with np.errstate(divide="ignore"):
+                out = np.log(np.asarray(spec["probs"], dtype=np.float64))
+        outputs = None
+        if out is not None:
+            emb = spec.get("features")
+            outputs = (
+                torch.as_tensor(np.asarray(out), dtype=torch.float32),
+                torch.as_tensor(np.asarray(emb), dtype=torch.float32) if emb is not None else torch.empty(n, 0),
+            )
+        return data, outputs
+
+    eval_spec = {
+        "labels": labels, "probs": probs, "logits": logits, "features": features, "images": images,
+        "groups": groups, "patients": patients, "quarantined_groups": quarantined_groups,
+    }  # fmt: skip
+    if rows is not None:
+        eval_spec["rows"] = rows
+    splits = {"eval": split("eval", eval_spec)}
+    if train is not None:
+        splits["train"] = split("train", train)
+    for name, values in (ood or {}).items():
+        splits[f"ood:{name}"] = split(f"ood:{name}", values)
+    n_classes = int(max(int(np.max(s.labels, initial=0)) for s, _ in splits.values())) + 1
+    names = list(classes) if classes is not None else [f"class{k}" for k in range(max(n_classes, 2))]
+    adapter = ModelAdapter.from_module(model, classes=names) if model is not None else None
+    dataset = Dataset(
+        splits={name: data for name, (data, _) in splits.items()},
+        quarantine=[],
+        manifest=Manifest(source=Path("<memory>"), columns=[], rows=[]),
+    )
+    folder = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="auditkit-context-"))
+    ctx = AuditContext(
+        None,
+        adapter,
+        dataset,
+        folder,
+        seed=seed,
+        classes=names,
+        positive_index=names.index(positive_class) if positive_class is not None else (1 if len(names) == 2 else None),
+        group_columns=sorted({k for data, _ in splits.values() for k in data.groups}),
+    )
+    for name, (_, outputs) in splits.items():
+        if outputs is not None:
+            ctx._outputs[name] = outputs
+            ctx._with_features[name] = outputs[1].shape[1] > 0
+    return ctx.for_check(check, needs)

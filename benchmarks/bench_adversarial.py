@@ -90,7 +90,7 @@ def main(repeats: int = 3, n_images: int = 32) -> list[str]:
         params = AdversarialCheck.Params(
             attacks=["pgd_linf"], eps=[EPS], n_samples=n, pgd_steps=STEPS, sanity_checks=False, n_boot=0
         )
-        run_times = [_timed(lambda: AdversarialCheck().run(ctx, params), device)]
+        run_times = [_timed(lambda: AdversarialCheck().run(ctx.for_check(AdversarialCheck), params), device)]
 
     shape = "x".join(str(s) for s in images.shape[1:])
     return [

@@ -46,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -69,7 +69,7 @@ def resnet18_gray(num_classes: int = 2) -> nn.Module:
 
     model = resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    return model
+    return cast(nn.Module, model)
 
 
 def backdoor_params(check: type[Any]) -> tuple[dict[str, Any] | None, str]:
@@ -131,7 +131,7 @@ def bench_spec(spec_path: Path, model: str) -> Any:
     if model == "tiny_cnn":
         return spec
     shape = spec.model.input.model_copy(update={"height": BENCH_SIZE, "width": BENCH_SIZE})
-    update = {
+    update: dict[str, Any] = {
         "factory": "benchmarks.bench_shared_pass:resnet18_gray",
         "factory_kwargs": {},
         "weights": None,
@@ -210,7 +210,7 @@ def run_checks(ctx: Any, checks: Mapping[str, tuple[type[Any], Any]], only: str 
             continue
         started = time.perf_counter()
         try:
-            cls().run(ctx, params)
+            cls().run(ctx.for_check(cls), params)
         except Skip as skip:
             seconds[f"{check_id} (skipped: {skip})"] = 0.0
             continue

@@ -19,6 +19,7 @@ GPU figures are missing and exits 0 (``make bench`` calls it last). ``--device c
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -97,7 +98,7 @@ def main(device_name: str | None = None, n_images: int = 512, size: int = 224, b
                 spec, batch_size=batch_size, device=device_name, options=InferenceOptions(precision=precision)
             )
             adapters[precision] = adapter
-            rates[precision] = n / _median_time(lambda a=adapter: a.forward_pass(images), device)
+            rates[precision] = n / _median_time(functools.partial(adapter.forward_pass, images), device)
         bf16 = adapters["bf16"]
         parity = bf16.stats.parity or {}
         lines.append(

@@ -1,6 +1,6 @@
 """Render ``results.json`` into ``report.html`` and ``report.pdf``.
 
-Safety (DESIGN section 10): templates come only from this package and autoescape is on; no value
+Safety (docs/hardening.md): templates come only from this package and autoescape is on; no value
 from the results ever lands in a ``src``, ``href`` or ``style`` attribute (anchors are numbered,
 CSS classes pass through a whitelist, plots are embedded as ``data:`` URIs of the bundle's own
 artifact files); WeasyPrint gets a URL fetcher that serves ``data:`` URIs only, so neither
@@ -214,7 +214,7 @@ def _metric_tables(metrics: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
                 "title": "Overall" if not keys else "By " + ", ".join(keys),
             }
         )
-    tables.sort(key=lambda t: len(t["label_keys"]))
+    tables.sort(key=lambda t: len(t["label_keys"]))  # type: ignore[arg-type]
     return tables
 
 

@@ -77,7 +77,7 @@ def audit(name: str, spec_path: Path, out: Path, truth: dict[Pair, str]) -> Figu
     ctx.prepare(["eval", "train"])
     params = LeakageCheck.Params(n_boot=0, shortcut_columns=("site",))
     started = time.perf_counter()
-    result = LeakageCheck().run(ctx, params)
+    result = LeakageCheck().run(ctx.for_check(LeakageCheck), params)
     seconds = time.perf_counter() - started
     found: set[Pair] = set()
     search: dict[str, Any] = {}

@@ -52,11 +52,16 @@ def test_summary_counts_every_ai_rmf_status_and_says_when_the_audit_was_narrowed
     assert main(["run", str(tiny_study), "--only", "calibration", "--no-pdf"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "AI RMF subcategories:" in x)
-    counts = dict((name, int(n)) for n, name in re.findall(r"(\d+) (met|not met|not evaluated|attested|not assessed)", line))
+    counts = dict(
+        (name, int(n)) for n, name in re.findall(r"(\d+) (met|not met|not evaluated|attested|not assessed)", line)
+    )
     assert set(counts) == {"met", "not met", "not evaluated", "attested", "not assessed"}
     assert counts["not evaluated"] > 0 and sum(counts.values()) == 72 and "(of 72)" in line
     assert re.search(r"^verdict: PASS \(partial: \d+ of \d+ rules evaluated; not run: adversarial, backdoor", out, re.M)
-    assert "[not run] adversarial, backdoor, bias, corruption, leakage, ood, phi (only ['calibration'], from the command line)" in out
+    assert (
+        "[not run] adversarial, backdoor, bias, corruption, leakage, ood, phi (only ['calibration'], from the command line)"
+        in out
+    )
 
 
 def test_broken_spec_is_exit_2_naming_the_field(tiny_study: Path, capsys: pytest.CaptureFixture[str]) -> None:

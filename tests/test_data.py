@@ -112,7 +112,7 @@ def test_hints_for_other_layouts_and_delimiters(tmp_path: Path) -> None:
     for text, hint in cases.items():
         with pytest.raises(InputError, match=hint):
             _read(_manifest(tmp_path, text))
-    with pytest.raises(InputError, match="labels are class names from model.classes"):
+    with pytest.raises(InputError, match=r"labels are class names from model\.classes"):
         _read(_manifest(tmp_path, "path,label\na.png,1\n"))
 
 
@@ -267,7 +267,7 @@ def test_headers_kept_by_the_decoder_spare_a_second_read(tmp_path: Path, monkeyp
     file buffer), and the context's header reads use it instead of opening the files again."""
     import pydicom
 
-    import auditkit.loaders
+    import auditkit.decode
     from auditkit.context import AuditContext
     from auditkit.fixtures.synthetic import generate_study
     from auditkit.model import ModelAdapter
@@ -288,7 +288,7 @@ def test_headers_kept_by_the_decoder_spare_a_second_read(tmp_path: Path, monkeyp
     def no_second_read(*args: object, **kwargs: object) -> None:
         raise AssertionError("a kept header was read from its file again")
 
-    monkeypatch.setattr(auditkit.loaders, "read_dicom_header", no_second_read)
+    monkeypatch.setattr(auditkit.decode, "read_dicom_header", no_second_read)
     ctx = AuditContext(spec, ModelAdapter(spec, device="cpu"), kept, tmp_path / "b")
     for name, split in kept.splits.items():
         assert split.headers is not None and len(split.headers) == split.n

@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # also importable when run as a 
 
 from test_loaders import PATIENT_ID, PATIENT_NAME, make_dicom
 
+from auditkit.decode import DecodeBudget, decode_image
 from auditkit.errors import InputError, ModelLoadError, UnreadableImage
-from auditkit.loaders import DecodeBudget, decode_image
 
 
 def _load_make_tiny_study() -> Callable[..., Path]:

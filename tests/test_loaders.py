@@ -1,4 +1,4 @@
-"""Tests for :mod:`auditkit.loaders`: window maths, DICOM/PNG/JPEG/npy decoding, hostile files."""
+"""Tests for :mod:`auditkit.decode`: window maths, DICOM/PNG/JPEG/npy decoding, hostile files."""
 
 from __future__ import annotations
 
@@ -27,9 +27,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from auditkit import loaders
-from auditkit.errors import ConfigError, UnreadableImage
-from auditkit.loaders import (
+from auditkit import decode as loaders
+from auditkit.decode import (
     DecodeBudget,
     WindowSetting,
     convert_elements,
@@ -45,6 +44,8 @@ from auditkit.loaders import (
     window_linear_exact,
     window_sigmoid,
 )
+from auditkit.decode import dicom as decode_dicom
+from auditkit.errors import ConfigError, UnreadableImage
 
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-0042-SECRET"
@@ -348,7 +349,7 @@ def test_declared_size_over_budget_is_refused_before_decoding(tmp_path: Path, mo
         decoded_pixels.append(True)
         raise RuntimeError("pixel decoding must not be reached")
 
-    monkeypatch.setattr(loaders, "_decode_dicom_pixels", spy)
+    monkeypatch.setattr(decode_dicom, "_decode_dicom_pixels", spy)
     with pytest.raises(UnreadableImage, match="declared pixel data of 8589672450 bytes"):
         decode_image(path, channels=1, height=8, width=8)
     assert not decoded_pixels

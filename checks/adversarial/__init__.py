@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator, model_validator
 
-from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs, Skip
+from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, Skip
 from auditkit.checks.adversarial.attacks import (
     ATTACKS,
     L2_EPS,
@@ -33,17 +32,17 @@ from auditkit.checks.adversarial.attacks import (
     still_correct,
 )
 from auditkit.checks.adversarial.plots import robust_accuracy_plot
-from auditkit.checks.adversarial.sampling import stratified_allocation, stratified_sample
 from auditkit.checks.adversarial.sanity import (
     MaskingTest,
     gradient_masking_tests,
     masking_suspected,
     slack,
 )
+from auditkit.sampling import stratified_allocation, stratified_sample
 from auditkit.stats import bootstrap_cis, stable_seed
 
 if TYPE_CHECKING:
-    from auditkit.context import AuditContext
+    from auditkit.check import CheckContext
 
 __all__ = [
     "ATTACKS",
@@ -114,7 +113,111 @@ def _increasing(values: list[float], field: str, upper: float | None) -> list[fl
     return values
 
 
-class AdversarialCheck(Check):
+class AdversarialParams(CheckParams):
+    """Parameters of :class:`AdversarialCheck`.
+
+    Attributes:
+        attacks: attacks to run: ``fgsm``, ``pgd_linf``, ``square``, ``autoattack``
+            (L-infinity budgets ``eps``), ``pgd_l2``, ``cw_l2`` (L2 budgets ``eps_l2``).
+        eps: L-infinity budgets in [0, 1] intensity units, strictly increasing
+            (default 0.5, 1, 2, 4, 8 grey levels of 8 bits).
+        eps_l2: L2 budgets over the whole image, strictly increasing.
+        n_samples: images attacked (class-stratified, seeded); all if the split is smaller.
+        batch_size: images per attack call.
+        pgd_steps: PGD iterations.
+        pgd_step_size: PGD step as a multiple of ``eps / pgd_steps``.
+        random_start: PGD starts from a random point of the budget.
+        cw_c: Carlini-Wagner weight of the classification loss.
+        cw_kappa: Carlini-Wagner confidence margin.
+        cw_steps: Carlini-Wagner Adam steps.
+        cw_lr: Carlini-Wagner learning rate.
+        square_queries: Square attack queries per image.
+        sanity_checks: run the gradient-masking tests.
+        unbounded_eps: L-infinity budget of the unbounded-attack test (1.0: any image).
+        unbounded_steps: PGD steps of the unbounded-attack test.
+        masking_tolerance: slack of the sanity tests on accuracies (at least one image).
+        n_boot: bootstrap resamples per interval; 0 disables intervals.
+
+    Budgets scale with the data set and the device. ``n_samples`` is capped by the eval split's
+    size. On a CPU, the budgets a spec leaves unset take the values of :data:`CPU_BUDGETS`
+    (``n_samples`` 48, ``cw_steps`` 30, ``square_queries`` 100: about a minute on two cores for
+    the tiny demo model) instead of the defaults above, which are sized for a GPU; every
+    attack still runs. Values a spec sets are never changed, and the ``attack_setup`` finding
+    records the budgets used.
+    """
+
+    attacks: list[AttackName] = Field(default_factory=lambda: list(DEFAULT_ATTACKS), min_length=1)
+    eps: list[float] = Field(default_factory=lambda: list(LINF_EPS), min_length=1)
+    eps_l2: list[float] = Field(default_factory=lambda: list(L2_EPS), min_length=1)
+    n_samples: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    pgd_steps: int = Field(default=20, ge=1, le=10_000)
+    pgd_step_size: float = Field(default=2.5, gt=0.0)
+    random_start: bool = True
+    cw_c: float = Field(default=1.0, gt=0.0)
+    cw_kappa: float = Field(default=0.0, ge=0.0)
+    cw_steps: int = Field(default=100, ge=1, le=100_000)
+    cw_lr: float = Field(default=0.01, gt=0.0)
+    square_queries: int = Field(default=1000, ge=1, le=100_000)
+    sanity_checks: bool = True
+    unbounded_eps: float = Field(default=1.0, gt=0.0, le=1.0)
+    unbounded_steps: int = Field(default=50, ge=1, le=10_000)
+    masking_tolerance: float = Field(default=0.02, ge=0.0, lt=1.0)
+    n_boot: int = Field(default=1000, ge=0, le=100_000)
+
+    @field_validator("attacks")
+    @classmethod
+    def _unique_attacks(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"attacks must not repeat, got {value}")
+        return value
+
+    @field_validator("eps")
+    @classmethod
+    def _linf_grid(cls, value: list[float]) -> list[float]:
+        return _increasing(value, "eps", 1.0)
+
+    @field_validator("eps_l2")
+    @classmethod
+    def _l2_grid(cls, value: list[float]) -> list[float]:
+        return _increasing(value, "eps_l2", None)
+
+    @model_validator(mode="after")
+    def _unbounded_above_grid(self) -> AdversarialParams:
+        if self.sanity_checks and self.unbounded_eps <= max(self.eps):
+            raise ValueError(f"unbounded_eps must exceed the largest eps {max(self.eps)}, got {self.unbounded_eps}")
+        return self
+
+    def attack_config(self, n_classes: int) -> AttackConfig:
+        return AttackConfig(
+            pgd_steps=self.pgd_steps,
+            pgd_step_size=self.pgd_step_size,
+            random_start=self.random_start,
+            cw_c=self.cw_c,
+            cw_kappa=self.cw_kappa,
+            cw_steps=self.cw_steps,
+            cw_lr=self.cw_lr,
+            square_queries=self.square_queries,
+            n_classes=n_classes,
+        )
+
+    def for_device(self, device: torch.device) -> AdversarialParams:
+        """These parameters with the unset budgets scaled to ``device`` (see the class docstring)."""
+        if device.type != "cpu":
+            return self
+        scaled = {k: v for k, v in CPU_BUDGETS.items() if k not in self.model_fields_set}
+        return self.model_copy(update=scaled) if scaled else self
+
+    def scaled_fields(self, device: torch.device) -> list[str]:
+        """The budgets :meth:`for_device` changes on ``device``."""
+        return [] if device.type != "cpu" else sorted(set(CPU_BUDGETS) - self.model_fields_set)
+
+    def grid(self, attack: str) -> list[float]:
+        """The budgets of ``attack`` (its norm's grid)."""
+        return list(self.eps if ATTACKS[attack].norm == "Linf" else self.eps_l2)
+
+
+class AdversarialCheck(Check[AdversarialParams]):
     """Adversarial robustness: robust accuracy under FGSM, PGD, CW, Square and AutoAttack.
 
     Method: a class-stratified, seeded sample of the eval split (default 256 images) is attacked
@@ -158,108 +261,7 @@ class AdversarialCheck(Check):
     id: ClassVar[str] = "adversarial"
     family: ClassVar[str] = "adversarial"
 
-    class Params(CheckParams):
-        """Parameters of :class:`AdversarialCheck`.
-
-        Attributes:
-            attacks: attacks to run: ``fgsm``, ``pgd_linf``, ``square``, ``autoattack``
-                (L-infinity budgets ``eps``), ``pgd_l2``, ``cw_l2`` (L2 budgets ``eps_l2``).
-            eps: L-infinity budgets in [0, 1] intensity units, strictly increasing
-                (default 0.5, 1, 2, 4, 8 grey levels of 8 bits).
-            eps_l2: L2 budgets over the whole image, strictly increasing.
-            n_samples: images attacked (class-stratified, seeded); all if the split is smaller.
-            batch_size: images per attack call.
-            pgd_steps: PGD iterations.
-            pgd_step_size: PGD step as a multiple of ``eps / pgd_steps``.
-            random_start: PGD starts from a random point of the budget.
-            cw_c: Carlini-Wagner weight of the classification loss.
-            cw_kappa: Carlini-Wagner confidence margin.
-            cw_steps: Carlini-Wagner Adam steps.
-            cw_lr: Carlini-Wagner learning rate.
-            square_queries: Square attack queries per image.
-            sanity_checks: run the gradient-masking tests.
-            unbounded_eps: L-infinity budget of the unbounded-attack test (1.0: any image).
-            unbounded_steps: PGD steps of the unbounded-attack test.
-            masking_tolerance: slack of the sanity tests on accuracies (at least one image).
-            n_boot: bootstrap resamples per interval; 0 disables intervals.
-
-        Budgets scale with the data set and the device. ``n_samples`` is capped by the eval split's
-        size. On a CPU, the budgets a spec leaves unset take the values of :data:`CPU_BUDGETS`
-        (``n_samples`` 48, ``cw_steps`` 30, ``square_queries`` 100: about a minute on two cores for
-        the tiny demo model) instead of the defaults above, which are sized for a GPU; every
-        attack still runs. Values a spec sets are never changed, and the ``attack_setup`` finding
-        records the budgets used.
-        """
-
-        attacks: list[AttackName] = Field(default_factory=lambda: list(DEFAULT_ATTACKS), min_length=1)
-        eps: list[float] = Field(default_factory=lambda: list(LINF_EPS), min_length=1)
-        eps_l2: list[float] = Field(default_factory=lambda: list(L2_EPS), min_length=1)
-        n_samples: int = Field(default=256, ge=1)
-        batch_size: int = Field(default=128, ge=1)
-        pgd_steps: int = Field(default=20, ge=1, le=10_000)
-        pgd_step_size: float = Field(default=2.5, gt=0.0)
-        random_start: bool = True
-        cw_c: float = Field(default=1.0, gt=0.0)
-        cw_kappa: float = Field(default=0.0, ge=0.0)
-        cw_steps: int = Field(default=100, ge=1, le=100_000)
-        cw_lr: float = Field(default=0.01, gt=0.0)
-        square_queries: int = Field(default=1000, ge=1, le=100_000)
-        sanity_checks: bool = True
-        unbounded_eps: float = Field(default=1.0, gt=0.0, le=1.0)
-        unbounded_steps: int = Field(default=50, ge=1, le=10_000)
-        masking_tolerance: float = Field(default=0.02, ge=0.0, lt=1.0)
-        n_boot: int = Field(default=1000, ge=0, le=100_000)
-
-        @field_validator("attacks")
-        @classmethod
-        def _unique_attacks(cls, value: list[str]) -> list[str]:
-            if len(set(value)) != len(value):
-                raise ValueError(f"attacks must not repeat, got {value}")
-            return value
-
-        @field_validator("eps")
-        @classmethod
-        def _linf_grid(cls, value: list[float]) -> list[float]:
-            return _increasing(value, "eps", 1.0)
-
-        @field_validator("eps_l2")
-        @classmethod
-        def _l2_grid(cls, value: list[float]) -> list[float]:
-            return _increasing(value, "eps_l2", None)
-
-        @model_validator(mode="after")
-        def _unbounded_above_grid(self) -> AdversarialCheck.Params:
-            if self.sanity_checks and self.unbounded_eps <= max(self.eps):
-                raise ValueError(f"unbounded_eps must exceed the largest eps {max(self.eps)}, got {self.unbounded_eps}")
-            return self
-
-        def attack_config(self, n_classes: int) -> AttackConfig:
-            return AttackConfig(
-                pgd_steps=self.pgd_steps,
-                pgd_step_size=self.pgd_step_size,
-                random_start=self.random_start,
-                cw_c=self.cw_c,
-                cw_kappa=self.cw_kappa,
-                cw_steps=self.cw_steps,
-                cw_lr=self.cw_lr,
-                square_queries=self.square_queries,
-                n_classes=n_classes,
-            )
-
-        def for_device(self, device: torch.device) -> AdversarialCheck.Params:
-            """These parameters with the unset budgets scaled to ``device`` (see the class docstring)."""
-            if device.type != "cpu":
-                return self
-            scaled = {k: v for k, v in CPU_BUDGETS.items() if k not in self.model_fields_set}
-            return self.model_copy(update=scaled) if scaled else self
-
-        def scaled_fields(self, device: torch.device) -> list[str]:
-            """The budgets :meth:`for_device` changes on ``device``."""
-            return [] if device.type != "cpu" else sorted(set(CPU_BUDGETS) - self.model_fields_set)
-
-        def grid(self, attack: str) -> list[float]:
-            """The budgets of ``attack`` (its norm's grid)."""
-            return list(self.eps if ATTACKS[attack].norm == "Linf" else self.eps_l2)
+    Params = AdversarialParams
 
     needs: ClassVar[Needs] = Needs(gradients=True, images=True)
     emits: ClassVar[tuple[str, ...]] = (
@@ -269,21 +271,21 @@ class AdversarialCheck(Check):
         "adversarial.gradient_masking_suspected",
     )
 
-    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+    def run(self, ctx: CheckContext, params: AdversarialParams) -> CheckResult:
         """Attack a stratified sample of the eval split and test the results for masking."""
         scaled = params.scaled_fields(ctx.device)
-        p: AdversarialCheck.Params = params.for_device(ctx.device)
+        p: AdversarialParams = params.for_device(ctx.device)
         result = CheckResult()
         all_labels = np.asarray(ctx.labels("eval"), dtype=np.int64)
         if all_labels.shape[0] == 0:
             result.metrics += _undefined(p, "no eval images")
             return result
 
-        plan = plan_sample(all_labels, p.n_samples, ctx.rng("adversarial"))
+        plan = plan_sample(all_labels, p.n_samples, ctx.rng())
         labels_np = all_labels[plan.indices]
         labels = torch.as_tensor(labels_np, dtype=torch.long)
         images = ctx.images("eval", plan.indices)
-        model = ctx.model.module
+        model = ctx.model.differentiable()
         n = int(labels.shape[0])
         config = p.attack_config(len(ctx.classes))
         log.info("adversarial: %d images, attacks %s, on %s", n, p.attacks, ctx.device)
@@ -356,19 +358,17 @@ class AdversarialCheck(Check):
             if finding["kind"] == "attack_setup":
                 finding["scaled_for_device"] = {name: getattr(p, name) for name in scaled}
 
-        abs_path, rel_path = ctx.artifact_path("adversarial", "robust_accuracy.svg")
-        robust_accuracy_plot(
-            curves,
-            float(clean.mean()),
-            abs_path,
-            n=n,
-            cis={key: cis[f"robust:{key[0]}:{key[1]!r}"] for key in robust},
-        )
         result.artifacts.append(
-            Artifact(
-                name="robust_accuracy",
-                path=Path(rel_path).as_posix(),
-                media_type="image/svg+xml",
+            ctx.write_artifact(
+                "robust_accuracy",
+                "robust_accuracy.svg",
+                lambda path: robust_accuracy_plot(
+                    curves,
+                    float(clean.mean()),
+                    path,
+                    n=n,
+                    cis={key: cis[f"robust:{key[0]}:{key[1]!r}"] for key in robust},
+                ),
                 description=(
                     f"Robust accuracy against the perturbation budget on {n} eval images "
                     f"(attacks: {', '.join(p.attacks)}), with 95% bootstrap intervals; the dotted "
@@ -383,7 +383,7 @@ class AdversarialCheck(Check):
 # Helpers of the check
 
 
-def _undefined(p: AdversarialCheck.Params, reason: str) -> list[Metric]:
+def _undefined(p: AdversarialParams, reason: str) -> list[Metric]:
     metrics = [Metric("adversarial.clean_accuracy", None, "higher_is_better", n=0, reason=reason)]
     for attack in p.attacks:
         for eps in p.grid(attack):
@@ -463,7 +463,7 @@ def _metrics(
     clean: NDArray[np.bool_],
     robust: dict[tuple[str, float], NDArray[np.bool_]],
     cis: dict[str, tuple[float, float] | None],
-    p: AdversarialCheck.Params,
+    p: AdversarialParams,
     tests: list[MaskingTest],
 ) -> list[Metric]:
     n = len(clean)
@@ -512,10 +512,10 @@ def _metrics(
 
 
 def _findings(
-    ctx: AuditContext,
+    ctx: CheckContext,
     plan: SamplePlan,
     labels: NDArray[np.int64],
-    p: AdversarialCheck.Params,
+    p: AdversarialParams,
     config: AttackConfig,
     tests: list[MaskingTest],
     unbounded_accuracy: float | None,

@@ -25,10 +25,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from pydantic import Field
-from torch import nn
 
-from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
-from auditkit.checks.adversarial.sampling import stratified_sample
+from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
 from auditkit.checks.backdoor.signatures import (
     Detection,
     absent_from_reference,
@@ -45,10 +43,10 @@ from auditkit.checks.backdoor.trigger import (
     reverse_engineer_trigger,
 )
 from auditkit.context import serial_blas
-from auditkit.stats import stable_seed
+from auditkit.sampling import stratified_sample
 
 if TYPE_CHECKING:
-    from auditkit.context import AuditContext
+    from auditkit.check import CheckContext
 
 __all__ = [
     "BackdoorCheck",
@@ -85,7 +83,60 @@ class _DataLevel:
     strip_gap_reason: str | None = None
 
 
-class BackdoorCheck(Check):
+class BackdoorParams(CheckParams):
+    trigger_search: bool = Field(default=True, description="run the model-level trigger search")
+    trigger_samples: int | None = Field(
+        default=None,
+        ge=2,
+        description="eval images in the trigger search (stratified); default 32 on the CPU, 128 on a GPU",
+    )
+    trigger_steps: int = Field(default=300, ge=1, description="optimisation steps per class, at most")
+    trigger_early_stop: int = Field(
+        default=40, ge=1, description="steps without a 1% smaller successful mask before a search stops"
+    )
+    trigger_learning_rate: float = Field(default=0.1, gt=0)
+    success_threshold: float = Field(default=0.99, gt=0, le=1, description="share of the sample to flip")
+    max_classes: int = Field(default=10, ge=1, description="classes searched at most")
+    class_order: Literal["suspicion", "index"] = Field(
+        default="suspicion",
+        description="order in which classes are searched under the cap: most data-level suspicion first, "
+        "then class index; or class index only",
+    )
+    excursion_threshold: float = Field(default=2.0, gt=0, description="feature excursion of a planted trigger")
+    shortcut_ratio: float = Field(
+        default=1.75,
+        ge=1,
+        description="with a train split, a shortcut's excursion against the eval range over that against the "
+        "training range, at least",
+    )
+    anomaly_threshold: float = Field(default=2.0, gt=0, description="MAD anomaly index of an outlier")
+    min_class_size: int = Field(default=10, ge=2, description="training samples a label needs to be judged")
+    clustering_components: int = Field(default=10, ge=1)
+    clustering_max_relative_size: float = Field(default=0.45, gt=0, lt=0.5)
+    clustering_min_silhouette: float = Field(default=0.25, ge=0, lt=1)
+    spectral_z: float = Field(default=3.5, gt=0, description="robust z of the spectral cut")
+    confirm: bool = Field(
+        default=True,
+        description="flag a data-level population only when the eval split's images of the label avoid it "
+        "(false: the papers' unconfirmed rules, and the model level falls back to shortcut or anomaly index)",
+    )
+    confirm_alpha: float = Field(
+        default=0.05, gt=0, lt=1, description="largest binomial p of the eval images' absence that confirms"
+    )
+    confirm_max_ratio: float = Field(
+        default=0.25, gt=0, le=1, description="largest eval share / training share of a confirmed population"
+    )
+    strip: bool = Field(default=True, description="run STRIP on the training images")
+    strip_blends: int = Field(default=16, ge=1)
+    strip_alpha: float = Field(default=0.6, gt=0, lt=1, description="weight of the inspected image")
+    strip_false_rejection: float = Field(default=0.005, ge=0, lt=0.5)
+    strip_max_images: int | None = Field(default=None, ge=1, description="training images STRIP inspects")
+    strip_overlays: int = Field(default=512, ge=1, description="eval images drawn as the overlay pool, at most")
+    batch_size: int = Field(default=128, ge=1)
+    top_findings: int = Field(default=20, ge=0, description="top-ranked samples listed per method")
+
+
+class BackdoorCheck(Check[BackdoorParams]):
     """Backdoor and data-poisoning detection (NIST AI RMF MEASURE 2.7, MANAGE 2.4, MAP 4.1).
 
     Method: Neural Cleanse (Wang et al., IEEE S&P 2019) reverse-engineers, for each candidate
@@ -168,57 +219,7 @@ class BackdoorCheck(Check):
     id: ClassVar[str] = "backdoor"
     family: ClassVar[str] = "poisoning"
 
-    class Params(CheckParams):
-        trigger_search: bool = Field(default=True, description="run the model-level trigger search")
-        trigger_samples: int | None = Field(
-            default=None,
-            ge=2,
-            description="eval images in the trigger search (stratified); default 32 on the CPU, 128 on a GPU",
-        )
-        trigger_steps: int = Field(default=300, ge=1, description="optimisation steps per class, at most")
-        trigger_early_stop: int = Field(
-            default=40, ge=1, description="steps without a 1% smaller successful mask before a search stops"
-        )
-        trigger_learning_rate: float = Field(default=0.1, gt=0)
-        success_threshold: float = Field(default=0.99, gt=0, le=1, description="share of the sample to flip")
-        max_classes: int = Field(default=10, ge=1, description="classes searched at most")
-        class_order: Literal["suspicion", "index"] = Field(
-            default="suspicion",
-            description="order in which classes are searched under the cap: most data-level suspicion first, "
-            "then class index; or class index only",
-        )
-        excursion_threshold: float = Field(default=2.0, gt=0, description="feature excursion of a planted trigger")
-        shortcut_ratio: float = Field(
-            default=1.75,
-            ge=1,
-            description="with a train split, a shortcut's excursion against the eval range over that against the "
-            "training range, at least",
-        )
-        anomaly_threshold: float = Field(default=2.0, gt=0, description="MAD anomaly index of an outlier")
-        min_class_size: int = Field(default=10, ge=2, description="training samples a label needs to be judged")
-        clustering_components: int = Field(default=10, ge=1)
-        clustering_max_relative_size: float = Field(default=0.45, gt=0, lt=0.5)
-        clustering_min_silhouette: float = Field(default=0.25, ge=0, lt=1)
-        spectral_z: float = Field(default=3.5, gt=0, description="robust z of the spectral cut")
-        confirm: bool = Field(
-            default=True,
-            description="flag a data-level population only when the eval split's images of the label avoid it "
-            "(false: the papers' unconfirmed rules, and the model level falls back to shortcut or anomaly index)",
-        )
-        confirm_alpha: float = Field(
-            default=0.05, gt=0, lt=1, description="largest binomial p of the eval images' absence that confirms"
-        )
-        confirm_max_ratio: float = Field(
-            default=0.25, gt=0, le=1, description="largest eval share / training share of a confirmed population"
-        )
-        strip: bool = Field(default=True, description="run STRIP on the training images")
-        strip_blends: int = Field(default=16, ge=1)
-        strip_alpha: float = Field(default=0.6, gt=0, lt=1, description="weight of the inspected image")
-        strip_false_rejection: float = Field(default=0.005, ge=0, lt=0.5)
-        strip_max_images: int | None = Field(default=None, ge=1, description="training images STRIP inspects")
-        strip_overlays: int = Field(default=512, ge=1, description="eval images drawn as the overlay pool, at most")
-        batch_size: int = Field(default=128, ge=1)
-        top_findings: int = Field(default=20, ge=0, description="top-ranked samples listed per method")
+    Params = BackdoorParams
 
     needs: ClassVar[Needs] = Needs(predictions=True, features=True, gradients=True, images=True, train_optional=True)
     emits: ClassVar[tuple[str, ...]] = (
@@ -232,9 +233,9 @@ class BackdoorCheck(Check):
     )
 
     @serial_blas
-    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+    def run(self, ctx: CheckContext, params: BackdoorParams) -> CheckResult:
         """Data-level detectors on the train split, then the trigger search per class."""
-        p: BackdoorCheck.Params = params
+        p = params
         result = CheckResult()
         classes = list(ctx.classes)
         require_finite_logits(ctx.predictions("eval").logits)
@@ -248,7 +249,7 @@ class BackdoorCheck(Check):
         return result
 
     # ----------------------------------------------------------------- data level
-    def _data_level(self, ctx: AuditContext, p: Params, result: CheckResult) -> _DataLevel | None:
+    def _data_level(self, ctx: CheckContext, p: BackdoorParams, result: CheckResult) -> _DataLevel | None:
         classes = list(ctx.classes)
         if not ctx.has_split("train"):
             reason = "no train split"
@@ -280,7 +281,7 @@ class BackdoorCheck(Check):
                         min_silhouette=p.clustering_min_silhouette,
                         confirm_alpha=p.confirm_alpha,
                         confirm_max_ratio=p.confirm_max_ratio,
-                        seed=stable_seed(ctx.spec.seed, "backdoor", "clustering", name) % 2**31,
+                        seed=ctx.seed("clustering", name) % 2**31,
                     )
                 else:
                     detection = spectral_signature(
@@ -312,8 +313,8 @@ class BackdoorCheck(Check):
 
     def _strip(
         self,
-        ctx: AuditContext,
-        p: Params,
+        ctx: CheckContext,
+        p: BackdoorParams,
         result: CheckResult,
         data: _DataLevel,
         labels: NDArray[Any],
@@ -322,9 +323,9 @@ class BackdoorCheck(Check):
         references: list[NDArray[np.float64]] | None,
     ) -> None:
         classes = list(ctx.classes)
-        model = ctx.model.module
+        model = ctx.model.differentiable()
         device = ctx.device
-        generator = ctx.torch_generator("backdoor")
+        generator = ctx.torch_generator()
 
         def predict(batch: torch.Tensor) -> torch.Tensor:
             return model(batch.to(device))  # type: ignore[no-any-return]
@@ -334,11 +335,11 @@ class BackdoorCheck(Check):
         n_train = labels.shape[0]
         inspected = np.arange(n_train)
         if p.strip_max_images is not None and n_train > p.strip_max_images:
-            inspected = np.sort(ctx.rng("backdoor").choice(n_train, size=p.strip_max_images, replace=False))
+            inspected = np.sort(ctx.rng().choice(n_train, size=p.strip_max_images, replace=False))
         n_eval = eval_predicted.shape[0]
         pool = np.arange(n_eval)
         if n_eval > p.strip_overlays:
-            pool = np.sort(ctx.rng("backdoor-overlays").choice(n_eval, size=p.strip_overlays, replace=False))
+            pool = np.sort(ctx.rng("overlays").choice(n_eval, size=p.strip_overlays, replace=False))
         overlays = ctx.images("eval", pool)
         kwargs: dict[str, Any] = {
             "blends": p.strip_blends,
@@ -404,15 +405,15 @@ class BackdoorCheck(Check):
 
     # ----------------------------------------------------------------- model level
     def _model_level(
-        self, ctx: AuditContext, p: Params, result: CheckResult, order: Sequence[int], data: _DataLevel | None
+        self, ctx: CheckContext, p: BackdoorParams, result: CheckResult, order: Sequence[int], data: _DataLevel | None
     ) -> None:
         classes = list(ctx.classes)
         labels_all = np.asarray(ctx.labels("eval"), dtype=np.int64)
         budget = p.trigger_samples or (128 if ctx.device.type == "cuda" else 32)
-        sample = stratified_sample(labels_all, min(budget, labels_all.shape[0]), ctx.rng("backdoor"))
+        sample = stratified_sample(labels_all, min(budget, labels_all.shape[0]), ctx.rng())
         labels = labels_all[sample]
         images = ctx.images("eval", sample).to(ctx.device)
-        model = ctx.model.module
+        model = ctx.model.differentiable()
         embed = _embedder(ctx)
         clean_features = ctx.features("eval").float().cpu().numpy() if embed is not None else None
         train_features = (
@@ -426,7 +427,7 @@ class BackdoorCheck(Check):
             others = images[torch.as_tensor(labels != k, device=images.device)]
             if others.shape[0] == 0:
                 continue
-            generator = torch.Generator().manual_seed(stable_seed(ctx.spec.seed, "backdoor", "trigger", k) % 2**63)
+            generator = torch.Generator().manual_seed(ctx.seed("trigger", k))
             log.info("backdoor: trigger search for class %s on %d images (%s)", classes[k], others.shape[0], ctx.device)
             trigger = reverse_engineer_trigger(
                 model,
@@ -529,19 +530,16 @@ class BackdoorCheck(Check):
         if triggers:
             from auditkit.checks.backdoor.plots import trigger_figure
 
-            path, relative = ctx.artifact_path(self.id, "triggers.svg")
-            trigger_figure(
-                [(classes[k], triggers[k], excursions.get(k), k in suspected) for k in sorted(triggers)], path
+            artifact = ctx.write_artifact(
+                "triggers",
+                "triggers.svg",
+                lambda path: trigger_figure(
+                    [(classes[k], triggers[k], excursions.get(k), k in suspected) for k in sorted(triggers)], path
+                ),
+                description="Reverse-engineered triggers per class: mask, and mask times pattern",
             )
-            artifact_name = relative
-            result.artifacts.append(
-                Artifact(
-                    name="triggers",
-                    path=relative,
-                    media_type="image/svg+xml",
-                    description="Reverse-engineered triggers per class: mask, and mask times pattern",
-                )
-            )
+            artifact_name = artifact.path
+            result.artifacts.append(artifact)
         for k in suspected:
             trigger = triggers[k]
             result.findings.append(
@@ -566,7 +564,7 @@ def _evidence(
     index: float,
     data: _DataLevel | None,
     k: int,
-    p: BackdoorCheck.Params,
+    p: BackdoorParams,
 ) -> list[str]:
     """The decision rule (see the class docstring): why class ``k`` is a suspected target.
 
@@ -607,7 +605,7 @@ def _evidence(
     return reasons
 
 
-def _references(ctx: AuditContext, num_classes: int) -> list[NDArray[np.float64]]:
+def _references(ctx: CheckContext, num_classes: int) -> list[NDArray[np.float64]]:
     """The eval split's finite embeddings per label: the clean images a population must avoid."""
     features = ctx.features("eval").float().cpu().numpy().astype(np.float64)
     labels = np.asarray(ctx.labels("eval"), dtype=np.int64)
@@ -644,34 +642,19 @@ def _anomaly_reason(count: int) -> str:
     return "the MAD of the trigger norms is zero"
 
 
-def _embedder(ctx: AuditContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Images in [0, 1] -> the embeddings the shared pass caches (same layer, same hook rule)."""
-    feature_module = ctx.model.feature_module
-    if feature_module is None:
+def _embedder(ctx: CheckContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Images in [0, 1] -> embeddings from the shared pass's layer (``None`` when the model has none)."""
+    if not ctx.model.has_features:
         return None
-    use_input = ctx.spec.model.feature_layer is None
-    model = ctx.model.module
-    device = ctx.device
 
     def embed(images: torch.Tensor) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
-
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            captured.append((inputs[0] if use_input else output).detach().flatten(1))
-
-        handle = feature_module.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                model(images.to(device))
-        finally:
-            handle.remove()
-        return captured[-1]
+        return ctx.model.predict_with_features(images, label="backdoor:triggered")[1]
 
     return embed
 
 
 def _search_order(
-    classes: Sequence[str], data: _DataLevel | None, train_labels: NDArray[Any] | None, p: BackdoorCheck.Params
+    classes: Sequence[str], data: _DataLevel | None, train_labels: NDArray[Any] | None, p: BackdoorParams
 ) -> list[int]:
     """Class indices in search order: most data-level suspicion first (ties by index), or by index."""
     indices = list(range(len(classes)))

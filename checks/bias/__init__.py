@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -42,7 +41,7 @@ from auditkit.errors import InputError
 from auditkit.stats import stable_seed
 
 if TYPE_CHECKING:
-    from auditkit.context import AuditContext
+    from auditkit.check import CheckContext
 
 __all__ = [
     "FOREST_METRICS",
@@ -65,7 +64,26 @@ __all__ = [
 ]
 
 
-class BiasCheck(Check):
+class BiasParams(CheckParams):
+    """Parameters of :class:`BiasCheck`.
+
+    Attributes:
+        min_group_size: groups with fewer images are reported as insufficient, not measured.
+        n_boot: bootstrap resamples per grouping; 0 disables intervals.
+        intersections: also analyse every pairwise intersection of two group columns.
+        bins: equal-width confidence bins of the per-group ECE.
+        max_groups: a grouping with more groups than this is skipped with a finding (an
+            unbanded numeric column would otherwise make one group per value).
+    """
+
+    min_group_size: int = Field(default=30, ge=1)
+    n_boot: int = Field(default=1000, ge=0, le=100_000)
+    intersections: bool = True
+    bins: int = Field(default=15, ge=1, le=1000)
+    max_groups: int = Field(default=64, ge=2, le=10_000)
+
+
+class BiasCheck(Check[BiasParams]):
     """Subgroup performance and bias: per-group metrics, gaps with intervals, equalized odds.
 
     Method: the eval split is cut by every group column of the spec (``data.groups``: sex,
@@ -142,23 +160,7 @@ class BiasCheck(Check):
     id: ClassVar[str] = "bias"
     family: ClassVar[str] = "bias"
 
-    class Params(CheckParams):
-        """Parameters of :class:`BiasCheck`.
-
-        Attributes:
-            min_group_size: groups with fewer images are reported as insufficient, not measured.
-            n_boot: bootstrap resamples per grouping; 0 disables intervals.
-            intersections: also analyse every pairwise intersection of two group columns.
-            bins: equal-width confidence bins of the per-group ECE.
-            max_groups: a grouping with more groups than this is skipped with a finding (an
-                unbanded numeric column would otherwise make one group per value).
-        """
-
-        min_group_size: int = Field(default=30, ge=1)
-        n_boot: int = Field(default=1000, ge=0, le=100_000)
-        intersections: bool = True
-        bins: int = Field(default=15, ge=1, le=1000)
-        max_groups: int = Field(default=64, ge=2, le=10_000)
+    Params = BiasParams
 
     needs: ClassVar[Needs] = Needs(predictions=True)
     emits: ClassVar[tuple[str, ...]] = (
@@ -169,9 +171,9 @@ class BiasCheck(Check):
         "bias.min_group_size",
     )
 
-    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+    def run(self, ctx: CheckContext, params: BiasParams) -> CheckResult:
         """Measure every grouping of the eval split and draw the forest plot."""
-        p: BiasCheck.Params = params
+        p = params
         preds = ctx.predictions("eval")
         if preds.n == 0:
             raise Skip("no eval images (every eval image was quarantined)")
@@ -246,7 +248,7 @@ def _groupings(
     columns: Mapping[str, NDArray[np.str_]],
     quarantined: Mapping[str, Mapping[str, int]],
     finite: NDArray[np.bool_],
-    p: BiasCheck.Params,
+    p: BiasParams,
 ) -> list[tuple[str, NDArray[np.str_], list[str]]]:
     """(group_by, labels of the finite rows, every known group) per column, then per pair."""
     known = {
@@ -410,16 +412,13 @@ def _insufficient_findings(analyses: Sequence[GroupingAnalysis], min_group_size:
     ]
 
 
-def _plot(ctx: AuditContext, analyses: list[GroupingAnalysis], outcomes: Outcomes) -> Artifact:
+def _plot(ctx: CheckContext, analyses: list[GroupingAnalysis], outcomes: Outcomes) -> Artifact:
     everyone = batched_group_metrics(outcomes, np.arange(outcomes.n, dtype=np.intp)[None, :])
     overall = {metric: float(values[0]) if np.isfinite(values[0]) else None for metric, values in everyone.items()}
-    abs_path, rel_path = ctx.artifact_path("bias", "forest.svg")
-    Path(abs_path).parent.mkdir(parents=True, exist_ok=True)
-    forest_plot(analyses, abs_path, overall=overall)
-    return Artifact(
-        name="forest_plot",
-        path=Path(rel_path).as_posix(),
-        media_type="image/svg+xml",
+    return ctx.write_artifact(
+        "forest_plot",
+        "forest.svg",
+        lambda path: forest_plot(analyses, path, overall=overall),
         description=(
             f"Forest plot of {', '.join(FOREST_METRICS)} per group with 95% bootstrap intervals,"
             f" for {len(analyses)} groupings of the eval split ({outcomes.n} images); groups below"

@@ -8,14 +8,13 @@ split, overall and per subgroup.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import Field
 
-from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs
+from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs
 from auditkit.checks.calibration.metrics import (
     METRIC_NAMES,
     FloatArray,
@@ -38,7 +37,7 @@ from auditkit.errors import InputError
 from auditkit.stats import bootstrap_cis, stable_seed
 
 if TYPE_CHECKING:
-    from auditkit.context import AuditContext
+    from auditkit.check import CheckContext
 
 
 __all__ = [
@@ -60,7 +59,25 @@ __all__ = [
 # The check
 
 
-class CalibrationCheck(Check):
+class CalibrationParams(CheckParams):
+    """Parameters of :class:`CalibrationCheck`.
+
+    Attributes:
+        bins: equal-width confidence bins of ECE, MCE and the reliability diagram.
+        adaptive_bins: equal-mass bins of ACE; ``None`` uses ``bins``.
+        n_boot: bootstrap resamples per interval; 0 disables intervals.
+        temperature_folds: folds of the cross-fitted temperature scaling.
+        min_group_size: subgroups with fewer images get values but no interval.
+    """
+
+    bins: int = Field(default=15, ge=2, le=1000)
+    adaptive_bins: int | None = Field(default=None, ge=2, le=1000)
+    n_boot: int = Field(default=1000, ge=0, le=100_000)
+    temperature_folds: int = Field(default=5, ge=2, le=20)
+    min_group_size: int = Field(default=10, ge=2)
+
+
+class CalibrationCheck(Check[CalibrationParams]):
     """Calibration of predicted probabilities: ECE, MCE, ACE, Brier, NLL, temperature scaling.
 
     Method: the top-label confidence (largest softmax probability) is compared with accuracy in
@@ -113,22 +130,7 @@ class CalibrationCheck(Check):
     id: ClassVar[str] = "calibration"
     family: ClassVar[str] = "calibration"
 
-    class Params(CheckParams):
-        """Parameters of :class:`CalibrationCheck`.
-
-        Attributes:
-            bins: equal-width confidence bins of ECE, MCE and the reliability diagram.
-            adaptive_bins: equal-mass bins of ACE; ``None`` uses ``bins``.
-            n_boot: bootstrap resamples per interval; 0 disables intervals.
-            temperature_folds: folds of the cross-fitted temperature scaling.
-            min_group_size: subgroups with fewer images get values but no interval.
-        """
-
-        bins: int = Field(default=15, ge=2, le=1000)
-        adaptive_bins: int | None = Field(default=None, ge=2, le=1000)
-        n_boot: int = Field(default=1000, ge=0, le=100_000)
-        temperature_folds: int = Field(default=5, ge=2, le=20)
-        min_group_size: int = Field(default=10, ge=2)
+    Params = CalibrationParams
 
     needs: ClassVar[Needs] = Needs(predictions=True)
     emits: ClassVar[tuple[str, ...]] = (
@@ -136,12 +138,12 @@ class CalibrationCheck(Check):
         "calibration.ece_after_temperature",
     )
 
-    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+    def run(self, ctx: CheckContext, params: CalibrationParams) -> CheckResult:
         """Measure calibration on the eval split, overall and per subgroup."""
-        p: CalibrationCheck.Params = params
+        p = params
         result = CheckResult()
         preds = ctx.predictions("eval")
-        seed_root = int(ctx.rng("calibration").integers(0, 2**63 - 1))
+        seed_root = int(ctx.rng().integers(0, 2**63 - 1))
         if preds.n == 0:
             result.metrics += _undefined_scope("no eval images", 0, {})
             result.metrics.append(_undefined_after("no eval images", 0))
@@ -188,14 +190,13 @@ class CalibrationCheck(Check):
                 )
 
         if n_finite > 0:
-            abs_path, rel_path = ctx.artifact_path("calibration", "reliability.svg")
-            Path(abs_path).parent.mkdir(parents=True, exist_ok=True)
-            reliability_diagram(probs[finite], labels[finite], p.bins, abs_path, probs_after=after.probs_after)
             result.artifacts.append(
-                Artifact(
-                    name="reliability_diagram",
-                    path=Path(rel_path).as_posix(),
-                    media_type="image/svg+xml",
+                ctx.write_artifact(
+                    "reliability_diagram",
+                    "reliability.svg",
+                    lambda path: reliability_diagram(
+                        probs[finite], labels[finite], p.bins, path, probs_after=after.probs_after
+                    ),
                     description=(
                         f"Reliability diagram of the eval split ({n_finite} images, {p.bins} "
                         "equal-width bins): accuracy versus top-label confidence"
@@ -257,7 +258,7 @@ def _scope_metrics(
     labels: NDArray[np.intp],
     mask: NDArray[np.bool_],
     scope: dict[str, str],
-    p: CalibrationCheck.Params,
+    p: CalibrationParams,
     *,
     total: int,
     min_size: int,
@@ -313,7 +314,7 @@ def _after_temperature(
     logits: FloatArray,
     probs: FloatArray,
     labels: NDArray[np.intp],
-    p: CalibrationCheck.Params,
+    p: CalibrationParams,
     seed_root: int,
 ) -> _AfterTemperature:
     """Cross-fitted ECE after temperature scaling and its ``temperature_scaling`` finding.

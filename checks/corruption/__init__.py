@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -17,8 +16,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
-from auditkit.check import Artifact, Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
-from auditkit.checks.adversarial.sampling import stratified_sample
+from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
 from auditkit.checks.corruption.plots import severity_plot
 from auditkit.checks.corruption.transforms import (
     CORRUPTION_NAMES,
@@ -31,10 +29,11 @@ from auditkit.checks.corruption.transforms import (
     draw_randomness,
     poisson_quantile,
 )
+from auditkit.sampling import stratified_sample
 from auditkit.stats import bootstrap_indices, median_centred_interval, stable_seed
 
 if TYPE_CHECKING:
-    from auditkit.context import AuditContext
+    from auditkit.check import CheckContext
 
 __all__ = [
     "CORRUPTIONS",
@@ -107,7 +106,42 @@ def bootstrap_accuracies(
     return out
 
 
-class CorruptionCheck(Check):
+class CorruptionParams(CheckParams):
+    """Parameters of :class:`CorruptionCheck`.
+
+    Attributes:
+        corruptions: corruptions to apply (default: all of :data:`CORRUPTION_NAMES`).
+        severities: severities to run, strictly increasing in 1..5 (0 is the clean image).
+        n_samples: images corrupted (class-stratified, seeded); ``None`` takes the whole
+            eval split.
+        batch_size: images corrupted and forwarded together.
+        n_boot: bootstrap resamples per interval; 0 disables intervals.
+    """
+
+    corruptions: list[CorruptionName] = Field(default_factory=lambda: list(CORRUPTION_NAMES), min_length=1)
+    severities: list[int] = Field(default_factory=lambda: list(range(1, MAX_SEVERITY + 1)), min_length=1)
+    n_samples: int | None = Field(default=1000, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    n_boot: int = Field(default=1000, ge=0, le=100_000)
+
+    @field_validator("corruptions")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"corruptions must not repeat, got {value}")
+        return value
+
+    @field_validator("severities")
+    @classmethod
+    def _severity_grid(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= s <= MAX_SEVERITY for s in value):
+            raise ValueError(f"severities must lie in 1..{MAX_SEVERITY} (0 is the clean image), got {value}")
+        if any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError(f"severities must be strictly increasing, got {value}")
+        return value
+
+
+class CorruptionCheck(Check[CorruptionParams]):
     """Corruption robustness: accuracy under medical acquisition shifts at five severities.
 
     Method: in the spirit of ImageNet-C (Hendrycks & Dietterich 2019, "Benchmarking Neural
@@ -151,39 +185,7 @@ class CorruptionCheck(Check):
     id: ClassVar[str] = "corruption"
     family: ClassVar[str] = "corruption"
 
-    class Params(CheckParams):
-        """Parameters of :class:`CorruptionCheck`.
-
-        Attributes:
-            corruptions: corruptions to apply (default: all of :data:`CORRUPTION_NAMES`).
-            severities: severities to run, strictly increasing in 1..5 (0 is the clean image).
-            n_samples: images corrupted (class-stratified, seeded); ``None`` takes the whole
-                eval split.
-            batch_size: images corrupted and forwarded together.
-            n_boot: bootstrap resamples per interval; 0 disables intervals.
-        """
-
-        corruptions: list[CorruptionName] = Field(default_factory=lambda: list(CORRUPTION_NAMES), min_length=1)
-        severities: list[int] = Field(default_factory=lambda: list(range(1, MAX_SEVERITY + 1)), min_length=1)
-        n_samples: int | None = Field(default=1000, ge=1)
-        batch_size: int = Field(default=64, ge=1)
-        n_boot: int = Field(default=1000, ge=0, le=100_000)
-
-        @field_validator("corruptions")
-        @classmethod
-        def _unique(cls, value: list[str]) -> list[str]:
-            if len(set(value)) != len(value):
-                raise ValueError(f"corruptions must not repeat, got {value}")
-            return value
-
-        @field_validator("severities")
-        @classmethod
-        def _severity_grid(cls, value: list[int]) -> list[int]:
-            if any(not 1 <= s <= MAX_SEVERITY for s in value):
-                raise ValueError(f"severities must lie in 1..{MAX_SEVERITY} (0 is the clean image), got {value}")
-            if any(b <= a for a, b in itertools.pairwise(value)):
-                raise ValueError(f"severities must be strictly increasing, got {value}")
-            return value
+    Params = CorruptionParams
 
     needs: ClassVar[Needs] = Needs(predictions=True, images=True)
     emits: ClassVar[tuple[str, ...]] = (
@@ -192,9 +194,9 @@ class CorruptionCheck(Check):
         "corruption.mean_relative_drop",
     )
 
-    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+    def run(self, ctx: CheckContext, params: CorruptionParams) -> CheckResult:
         """Corrupt a stratified sample of the eval split and measure accuracy per severity."""
-        p: CorruptionCheck.Params = params
+        p = params
         result = CheckResult()
         preds = ctx.predictions("eval")
         all_labels = np.asarray(preds.labels, dtype=np.int64)
@@ -203,7 +205,7 @@ class CorruptionCheck(Check):
             return result
 
         finite_clean = require_finite_logits(preds.logits)
-        rng = ctx.rng("corruption")
+        rng = ctx.rng()
         indices = stratified_sample(all_labels, p.n_samples, rng)
         seed_root = int(rng.integers(0, 2**62))
         labels = all_labels[indices]
@@ -229,7 +231,7 @@ class CorruptionCheck(Check):
                 draw = draw_randomness(name, tuple(images.shape), seeds)
                 for severity in p.severities:
                     corrupted = apply_corruption(images, name, severity, draw=draw)
-                    logits, _ = ctx.model.forward_pass(corrupted, split=f"corruption:{name}:{severity}")
+                    logits = ctx.model.predict(corrupted, label=f"corruption:{name}:{severity}")
                     row = conditions.index((name, severity))
                     # A non-finite output is a failure of the model, never a lucky argmax.
                     finite = torch.isfinite(logits).all(dim=1).numpy()
@@ -250,17 +252,15 @@ class CorruptionCheck(Check):
             if count
         ]
 
-        abs_path, rel_path = ctx.artifact_path("corruption", "corruption_accuracy.svg")
         curves = {
             name: {s: float(correct[conditions.index((name, s))].mean()) for s in p.severities}
             for name in p.corruptions
         }
-        severity_plot(curves, float(clean.mean()), abs_path, n=len(indices))
         result.artifacts.append(
-            Artifact(
-                name="corruption_accuracy",
-                path=Path(rel_path).as_posix(),
-                media_type="image/svg+xml",
+            ctx.write_artifact(
+                "corruption_accuracy",
+                "corruption_accuracy.svg",
+                lambda path: severity_plot(curves, float(clean.mean()), path, n=len(indices)),
                 description=(
                     f"Accuracy against corruption severity on {len(indices)} eval images, one "
                     "line per acquisition shift; severity 0 is the clean accuracy."
@@ -274,7 +274,7 @@ class CorruptionCheck(Check):
 # Helpers of the check
 
 
-def _undefined(p: CorruptionCheck.Params, reason: str, n: int) -> list[Metric]:
+def _undefined(p: CorruptionParams, reason: str, n: int) -> list[Metric]:
     metrics = [Metric("corruption.accuracy", None, "higher_is_better", labels=CLEAN_LABELS, n=n, reason=reason)]
     for name in p.corruptions:
         for severity in p.severities:
@@ -362,8 +362,8 @@ def _metrics(
 
 
 def _findings(
-    ctx: AuditContext,
-    p: CorruptionCheck.Params,
+    ctx: CheckContext,
+    p: CorruptionParams,
     manifest_rows: NDArray[Any],
     labels: NDArray[np.int64],
     seed_root: int,

@@ -19,7 +19,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
-from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, Skip
+from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, Skip, SplitRows
 from auditkit.checks.leakage.duplicates import (
     DigestGroup,
     NearSearch,
@@ -43,11 +43,10 @@ from auditkit.checks.leakage.hashing import (
 from auditkit.checks.leakage.identity import HeaderTexts, header_text, overlap, series_surrogates
 from auditkit.checks.leakage.shortcut import AucResult, encode_levels, fold_plan, metadata_auroc
 from auditkit.context import serial_blas
-from auditkit.data import SplitData
 from auditkit.stats import stable_seed
 
 if TYPE_CHECKING:
-    from auditkit.context import AuditContext
+    from auditkit.check import CheckContext
 
 __all__ = [
     "DEFAULT_HEADER_COLUMNS",
@@ -87,7 +86,66 @@ NO_TRAIN = "no train split (set data.splits.train in the spec)"
 ROLES = ("train", "eval")
 
 
-class LeakageCheck(Check):
+class LeakageParams(CheckParams):
+    """Parameters of :class:`LeakageCheck`.
+
+    Attributes:
+        near_z: robust standard deviations above the median similarity of the study's image
+            pairs that a near duplicate's fingerprint similarity must reach (the study's own
+            pairs are almost all different acquisitions; see ``docs/leakage.md`` for how 8
+            was chosen).
+        near_z_per_decade: added to ``near_z`` per tenfold more image pairs compared than
+            40,000 (about 280 images), so the expected number of look-alike pairs above the
+            bound does not grow with the study (the far tail of look-alike similarities
+            falls by about tenfold per 1.75 robust standard deviations).
+        near_min_similarity: smallest fingerprint similarity of a near duplicate, whatever
+            the study (a correlation; different patients of a homogeneous study score about
+            0.0 +- 0.06, copies 0.5-1.0).
+        near_components: most principal axes of the study's detail images projected out of
+            the fingerprints (at most one per ten images is used).
+        hash_bits: perceptual hash length, 64, 128 or 256.
+        near_max_distance: largest Hamming radius of the perceptual-hash search, as a fraction
+            of ``hash_bits`` (0.195 of 256 = 49 bits).
+        near_hash_z: the radius used stays this many robust standard deviations below the
+            median Hamming distance of the study's image pairs, so in a homogeneous study
+            (where different patients' hashes are close) the hash search is off.
+        near_min_cosine: smallest cosine similarity of the pair's embeddings (from the shared
+            pass) confirming a near duplicate. The default only rejects pairs the model sees as
+            clearly different. Each near-duplicate finding gives its cosine.
+        shortcut_columns: columns searched for shortcuts; ``None`` = the spec's group
+            columns and ``header_columns``. Each name is a group column, a DICOM keyword or
+            ``image_size``.
+        header_columns: DICOM fields searched besides the group columns when
+            ``shortcut_columns`` is ``None``.
+        cv_folds: folds of the shortcut AUROC.
+        n_boot: bootstrap resamples of each AUROC interval; 0 disables intervals.
+        max_findings: findings listed per kind (and scope); the rest are counted in a
+            ``findings_truncated`` finding.
+    """
+
+    near_z: float = Field(default=8.0, gt=0.0, le=100.0)
+    near_z_per_decade: float = Field(default=1.75, ge=0.0, le=10.0)
+    near_min_similarity: float = Field(default=0.25, ge=0.0, le=1.0)
+    near_components: int = Field(default=64, ge=0, le=512)
+    hash_bits: Literal[64, 128, 256] = 256
+    near_max_distance: float = Field(default=0.195, ge=0.0, le=0.5)
+    near_hash_z: float = Field(default=5.0, ge=0.0, le=100.0)
+    near_min_cosine: float = Field(default=0.5, ge=-1.0, le=1.0)
+    shortcut_columns: tuple[str, ...] | None = None
+    header_columns: tuple[str, ...] = DEFAULT_HEADER_COLUMNS
+    cv_folds: int = Field(default=5, ge=2, le=20)
+    n_boot: int = Field(default=200, ge=0, le=100_000)
+    max_findings: int = Field(default=100, ge=0)
+
+    @field_validator("shortcut_columns", "header_columns")
+    @classmethod
+    def _unique(cls, values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if values is not None and len(set(values)) != len(values):
+            raise ValueError(f"expected each column once, got {list(values)}")
+        return values
+
+
+class LeakageCheck(Check[LeakageParams]):
     """Data leakage: shared patients, studies and series, duplicate images, metadata shortcuts.
 
     Method (identity overlap): patients and studies present in both the train and the eval
@@ -190,63 +248,7 @@ class LeakageCheck(Check):
     id: ClassVar[str] = "leakage"
     family: ClassVar[str] = "leakage"
 
-    class Params(CheckParams):
-        """Parameters of :class:`LeakageCheck`.
-
-        Attributes:
-            near_z: robust standard deviations above the median similarity of the study's image
-                pairs that a near duplicate's fingerprint similarity must reach (the study's own
-                pairs are almost all different acquisitions; see ``docs/leakage.md`` for how 8
-                was chosen).
-            near_z_per_decade: added to ``near_z`` per tenfold more image pairs compared than
-                40,000 (about 280 images), so the expected number of look-alike pairs above the
-                bound does not grow with the study (the far tail of look-alike similarities
-                falls by about tenfold per 1.75 robust standard deviations).
-            near_min_similarity: smallest fingerprint similarity of a near duplicate, whatever
-                the study (a correlation; different patients of a homogeneous study score about
-                0.0 +- 0.06, copies 0.5-1.0).
-            near_components: most principal axes of the study's detail images projected out of
-                the fingerprints (at most one per ten images is used).
-            hash_bits: perceptual hash length, 64, 128 or 256.
-            near_max_distance: largest Hamming radius of the perceptual-hash search, as a fraction
-                of ``hash_bits`` (0.195 of 256 = 49 bits).
-            near_hash_z: the radius used stays this many robust standard deviations below the
-                median Hamming distance of the study's image pairs, so in a homogeneous study
-                (where different patients' hashes are close) the hash search is off.
-            near_min_cosine: smallest cosine similarity of the pair's embeddings (from the shared
-                pass) confirming a near duplicate. The default only rejects pairs the model sees as
-                clearly different. Each near-duplicate finding gives its cosine.
-            shortcut_columns: columns searched for shortcuts; ``None`` = the spec's group
-                columns and ``header_columns``. Each name is a group column, a DICOM keyword or
-                ``image_size``.
-            header_columns: DICOM fields searched besides the group columns when
-                ``shortcut_columns`` is ``None``.
-            cv_folds: folds of the shortcut AUROC.
-            n_boot: bootstrap resamples of each AUROC interval; 0 disables intervals.
-            max_findings: findings listed per kind (and scope); the rest are counted in a
-                ``findings_truncated`` finding.
-        """
-
-        near_z: float = Field(default=8.0, gt=0.0, le=100.0)
-        near_z_per_decade: float = Field(default=1.75, ge=0.0, le=10.0)
-        near_min_similarity: float = Field(default=0.25, ge=0.0, le=1.0)
-        near_components: int = Field(default=64, ge=0, le=512)
-        hash_bits: Literal[64, 128, 256] = 256
-        near_max_distance: float = Field(default=0.195, ge=0.0, le=0.5)
-        near_hash_z: float = Field(default=5.0, ge=0.0, le=100.0)
-        near_min_cosine: float = Field(default=0.5, ge=-1.0, le=1.0)
-        shortcut_columns: tuple[str, ...] | None = None
-        header_columns: tuple[str, ...] = DEFAULT_HEADER_COLUMNS
-        cv_folds: int = Field(default=5, ge=2, le=20)
-        n_boot: int = Field(default=200, ge=0, le=100_000)
-        max_findings: int = Field(default=100, ge=0)
-
-        @field_validator("shortcut_columns", "header_columns")
-        @classmethod
-        def _unique(cls, values: tuple[str, ...] | None) -> tuple[str, ...] | None:
-            if values is not None and len(set(values)) != len(values):
-                raise ValueError(f"expected each column once, got {list(values)}")
-            return values
+    Params = LeakageParams
 
     needs: ClassVar[Needs] = Needs(features=True, train_optional=True, headers=True, images=True)
     emits: ClassVar[tuple[str, ...]] = (
@@ -259,9 +261,9 @@ class LeakageCheck(Check):
     )
 
     @serial_blas
-    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+    def run(self, ctx: CheckContext, params: LeakageParams) -> CheckResult:
         """Measure identity overlap, duplicates and shortcut signals."""
-        p: LeakageCheck.Params = params
+        p = params
         columns = _columns(ctx, p)  # configuration errors before any work
         splits = {role: ctx.split(role) for role in ROLES if ctx.has_split(role)}
         if splits["eval"].n == 0:
@@ -316,11 +318,11 @@ class _Report:
         return CheckResult(metrics=self.metrics, findings=self.findings)
 
 
-def _rows(split: SplitData, positions: Sequence[int]) -> list[int]:
+def _rows(split: SplitRows, positions: Sequence[int]) -> list[int]:
     return [int(split.rows[i]) for i in positions]
 
 
-def _surrogates(split: SplitData, attribute: str, positions: Sequence[int]) -> list[str | None]:
+def _surrogates(split: SplitRows, attribute: str, positions: Sequence[int]) -> list[str | None]:
     values: list[str | None] = getattr(split, attribute)
     return sorted({values[i] for i in positions}, key=lambda v: (v is None, v or ""))
 
@@ -331,7 +333,7 @@ def _surrogates(split: SplitData, attribute: str, positions: Sequence[int]) -> l
 
 def _identity_overlap(
     report: _Report,
-    splits: dict[str, SplitData],
+    splits: dict[str, SplitRows],
     headers: dict[str, list[HeaderTexts]],
 ) -> None:
     series = series_surrogates(splits, headers)
@@ -381,16 +383,18 @@ def _identity_overlap(
 # Duplicates
 
 
-def _embeddings(ctx: AuditContext, roles: Sequence[str]) -> dict[str, NDArray[np.float32]] | None:
+def _embeddings(ctx: CheckContext, roles: Sequence[str]) -> dict[str, NDArray[np.float32]] | None:
     try:
         return {role: ctx.features(role).numpy() for role in roles}
     except Skip:
         return None
 
 
-def _duplicates(report: _Report, ctx: AuditContext, splits: dict[str, SplitData], p: LeakageCheck.Params) -> None:
+def _duplicates(report: _Report, ctx: CheckContext, splits: dict[str, SplitRows], p: LeakageParams) -> None:
     roles = list(splits)
-    digests = {role: pixel_digests(s.images) for role, s in splits.items()}
+    # As stored (float16): equal digests are bit-identical decoded images.
+    stored = {role: ctx.images(role).half() for role in roles}
+    digests = {role: pixel_digests(stored[role]) for role in roles}
     features = _embeddings(ctx, roles)
     n_eval = splits["eval"].n
 
@@ -411,12 +415,13 @@ def _duplicates(report: _Report, ctx: AuditContext, splits: dict[str, SplitData]
 
     # One search over every split pooled: the fingerprints' template and principal axes and the
     # calibration of both bounds describe the study, not one split.
-    images = torch.cat([splits[role].images for role in roles])
+    images = torch.cat([stored[role] for role in roles])
+    del stored
     split_of = np.concatenate([np.full(splits[role].n, k) for k, role in enumerate(roles)])
     starts = np.cumsum([0] + [splits[r].n for r in roles])[:-1]
     offsets = {role: int(start) for role, start in zip(roles, starts, strict=True)}
     pooled_features = np.concatenate([features[role] for role in roles]) if features is not None else None
-    seed = stable_seed(int(ctx.rng("leakage").integers(0, 2**63 - 1)), "near-duplicates")
+    seed = stable_seed(int(ctx.rng().integers(0, 2**63 - 1)), "near-duplicates")
     search = near_duplicate_search(
         images,
         perceptual_hash(images, bits=p.hash_bits),
@@ -483,7 +488,7 @@ def _rounded(value: float) -> float | None:
     return round(float(value), 6) if np.isfinite(value) else None
 
 
-def _exact_across(train: SplitData, test: SplitData, group: DigestGroup) -> dict[str, Any]:
+def _exact_across(train: SplitRows, test: SplitRows, group: DigestGroup) -> dict[str, Any]:
     return {
         "kind": "exact_duplicate",
         "scope": "train_eval",
@@ -495,7 +500,7 @@ def _exact_across(train: SplitData, test: SplitData, group: DigestGroup) -> dict
     }
 
 
-def _exact_within(split: SplitData, role: str, group: DigestGroup) -> dict[str, Any]:
+def _exact_within(split: SplitRows, role: str, group: DigestGroup) -> dict[str, Any]:
     return {
         "kind": "exact_duplicate",
         "scope": "within_split",
@@ -517,7 +522,7 @@ def _evidence(search: NearSearch, k: int) -> dict[str, Any]:
     }
 
 
-def _near_across(splits: dict[str, SplitData], offsets: dict[str, int], search: NearSearch, k: int) -> dict[str, Any]:
+def _near_across(splits: dict[str, SplitRows], offsets: dict[str, int], search: NearSearch, k: int) -> dict[str, Any]:
     a, b = int(search.i[k]), int(search.j[k])
     train, test = splits["train"], splits["eval"]
     if not offsets["train"] <= a < offsets["train"] + train.n:  # the pooled order may put eval first
@@ -534,7 +539,7 @@ def _near_across(splits: dict[str, SplitData], offsets: dict[str, int], search: 
     }
 
 
-def _near_within(split: SplitData, role: str, offset: int, search: NearSearch, k: int) -> dict[str, Any]:
+def _near_within(split: SplitRows, role: str, offset: int, search: NearSearch, k: int) -> dict[str, Any]:
     i, j = int(search.i[k]) - offset, int(search.j[k]) - offset
     return {
         "kind": "near_duplicate",
@@ -555,11 +560,11 @@ def _image_size(header: HeaderTexts) -> str | None:
     return f"{rows}x{columns}" if rows and columns else None
 
 
-def _columns(ctx: AuditContext, p: LeakageCheck.Params) -> list[tuple[str, Literal["group", "header"]]]:
+def _columns(ctx: CheckContext, p: LeakageParams) -> list[tuple[str, Literal["group", "header"]]]:
     """The columns to search, each with its source; unknown names are configuration errors."""
     from pydicom.datadict import keyword_dict
 
-    groups = list(ctx.spec.data.groups)
+    groups = ctx.group_columns
     if p.shortcut_columns is None:
         wanted = groups + [c for c in p.header_columns if c not in groups]
     else:
@@ -580,17 +585,17 @@ def _columns(ctx: AuditContext, p: LeakageCheck.Params) -> list[tuple[str, Liter
 
 def _shortcuts(
     report: _Report,
-    ctx: AuditContext,
-    splits: dict[str, SplitData],
+    ctx: CheckContext,
+    splits: dict[str, SplitRows],
     headers: dict[str, list[HeaderTexts]],
     columns: list[tuple[str, Literal["group", "header"]]],
-    p: LeakageCheck.Params,
+    p: LeakageParams,
 ) -> None:
     roles = list(splits)
     labels = np.concatenate([splits[r].labels for r in roles])
     patients = [patient for r in roles for patient in splits[r].patients]
     pooled_headers = [h for r in roles for h in headers[r]]
-    seed_root = int(ctx.rng("leakage").integers(0, 2**63 - 1))
+    seed_root = int(ctx.rng().integers(0, 2**63 - 1))
     # One fold assignment for every column: comparable AUROCs, and the grouped split (the slow
     # part) is made once.
     plan = fold_plan(

@@ -14,7 +14,7 @@ least ``min_cosine`` (when embeddings are given), and which are found by either 
   (random pairs ~120 of 256 bits apart) the radius is ``max_radius``; in a homogeneous one the
   hashes of different patients are close (median ~80 bits, spread ~20) and the search is off.
 
-Counting follows DESIGN section 4: pairs of images, one from each split for the train-eval counts,
+Counting (docs/leakage.md): pairs of images, one from each split for the train-eval counts,
 ``i < j`` inside one split.
 """
 

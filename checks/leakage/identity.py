@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from auditkit.data import SplitData, Surrogates
+from auditkit.check import SplitRows
+from auditkit.data import Surrogates
 
 __all__ = ["HeaderTexts", "header_text", "overlap", "series_surrogates"]
 
 HeaderTexts = Mapping[str, str | None] | None
-"""One image's header values as text (:meth:`auditkit.context.AuditContext.header_texts`), or
+"""One image's header values as text (:meth:`auditkit.check.CheckContext.header_texts`), or
 ``None`` for a file without a readable DICOM header."""
 
 
@@ -47,7 +48,7 @@ def header_text(header: HeaderTexts, keyword: str) -> str | None:
 
 
 def series_surrogates(
-    splits: dict[str, SplitData], headers: Mapping[str, Sequence[HeaderTexts]]
+    splits: Mapping[str, SplitRows], headers: Mapping[str, Sequence[HeaderTexts]]
 ) -> dict[str, list[str | None]]:
     """SeriesInstanceUID surrogates per split, numbered in manifest row order."""
     raw = {role: [header_text(h, "SeriesInstanceUID") for h in headers[role]] for role in splits}

@@ -8,8 +8,7 @@ testable without the engine; :class:`OODCheck` applies them to the shared pass.
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -17,7 +16,6 @@ from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
 from auditkit.check import (
-    Artifact,
     Check,
     CheckParams,
     CheckResult,
@@ -54,7 +52,7 @@ from auditkit.context import serial_blas
 from auditkit.stats import bootstrap_cis, stable_seed
 
 if TYPE_CHECKING:
-    from auditkit.context import AuditContext
+    from auditkit.check import CheckContext
 
 __all__ = [
     "OODCheck",
@@ -83,7 +81,57 @@ BuiltinSetName = Literal["noise", "inverted", "blank", "corrupted", "other_modal
 DEFAULT_DETECTORS: tuple[DetectorName, ...] = ("msp", "max_logit", "energy", "mahalanobis", "knn")
 
 
-class OODCheck(Check):
+class OODParams(CheckParams):
+    """Parameters of :class:`OODCheck`.
+
+    Attributes:
+        detectors: detectors to run, from msp, max_logit, energy, mahalanobis, knn, odin.
+        builtin_sets: built-in OOD sets, from noise, inverted, blank, corrupted,
+            other_modality (``[]``: the spec's sets only).
+        builtin_fraction: share of the eval images each synthetic shift (noise, inverted,
+            blank, corrupted) is made from, so the four together cost about one pass over
+            eval whatever its size: ``ceil(builtin_fraction * n_eval)`` images per shift,
+            at least ``min(n_eval, min_builtin_images)`` and at most ``max_builtin_images``.
+            The shifts' images are the check's own inputs, each forwarded once. Smaller
+            sets give wider (reported) AUROC and FPR intervals; at the default each set
+            holds a quarter as many images as eval, and at least 32.
+        min_builtin_images: floor of each synthetic shift's size (small eval splits).
+        max_builtin_images: cap of each synthetic shift's size (large eval splits).
+        knn_k: the neighbour rank of k-NN (capped at the fit set's size).
+        fit_fraction: share of eval (stratified by class) fitting Mahalanobis and k-NN when
+            the run has no train split.
+        odin_temperature: ODIN's softmax temperature.
+        odin_epsilon: ODIN's perturbation in [0, 1] image units.
+        n_boot: bootstrap resamples per interval; 0 disables intervals.
+    """
+
+    detectors: tuple[DetectorName, ...] = DEFAULT_DETECTORS
+    builtin_sets: tuple[BuiltinSetName, ...] = BUILTIN_SETS
+    builtin_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
+    min_builtin_images: int = Field(default=32, ge=1, le=100_000)
+    max_builtin_images: int = Field(default=256, ge=1, le=100_000)
+    knn_k: int = Field(default=10, ge=1)
+    fit_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    odin_temperature: float = Field(default=1000.0, gt=0.0)
+    odin_epsilon: float = Field(default=0.0014, ge=0.0, le=1.0)
+    n_boot: int = Field(default=1000, ge=0, le=100_000)
+
+    @field_validator("detectors", "builtin_sets")
+    @classmethod
+    def _unique(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"expected each name once, got {list(values)}")
+        return values
+
+    @field_validator("detectors")
+    @classmethod
+    def _not_empty(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        if not values:
+            raise ValueError(f"expected at least one detector of {list(DETECTORS)}, got []")
+        return values
+
+
+class OODCheck(Check[OODParams]):
     """Out-of-distribution detection: AUROC, AUPR and FPR at 95% TPR of five detectors.
 
     Methods (each score is higher for more in-distribution images):
@@ -139,58 +187,13 @@ class OODCheck(Check):
     id: ClassVar[str] = "ood"
     family: ClassVar[str] = "ood"
 
-    class Params(CheckParams):
-        """Parameters of :class:`OODCheck`.
-
-        Attributes:
-            detectors: detectors to run, from msp, max_logit, energy, mahalanobis, knn, odin.
-            builtin_sets: built-in OOD sets, from noise, inverted, blank, corrupted,
-                other_modality (``[]``: the spec's sets only).
-            builtin_fraction: share of the eval images each synthetic shift (noise, inverted,
-                blank, corrupted) is made from, so the four together cost about one pass over
-                eval whatever its size: ``ceil(builtin_fraction * n_eval)`` images per shift,
-                at least ``min(n_eval, min_builtin_images)`` and at most ``max_builtin_images``.
-                The shifts' images are the check's own inputs, each forwarded once. Smaller
-                sets give wider (reported) AUROC and FPR intervals; at the default each set
-                holds a quarter as many images as eval, and at least 32.
-            min_builtin_images: floor of each synthetic shift's size (small eval splits).
-            max_builtin_images: cap of each synthetic shift's size (large eval splits).
-            knn_k: the neighbour rank of k-NN (capped at the fit set's size).
-            fit_fraction: share of eval (stratified by class) fitting Mahalanobis and k-NN when
-                the run has no train split.
-            odin_temperature: ODIN's softmax temperature.
-            odin_epsilon: ODIN's perturbation in [0, 1] image units.
-            n_boot: bootstrap resamples per interval; 0 disables intervals.
-        """
-
-        detectors: tuple[DetectorName, ...] = DEFAULT_DETECTORS
-        builtin_sets: tuple[BuiltinSetName, ...] = BUILTIN_SETS
-        builtin_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
-        min_builtin_images: int = Field(default=32, ge=1, le=100_000)
-        max_builtin_images: int = Field(default=256, ge=1, le=100_000)
-        knn_k: int = Field(default=10, ge=1)
-        fit_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
-        odin_temperature: float = Field(default=1000.0, gt=0.0)
-        odin_epsilon: float = Field(default=0.0014, ge=0.0, le=1.0)
-        n_boot: int = Field(default=1000, ge=0, le=100_000)
-
-        @field_validator("detectors", "builtin_sets")
-        @classmethod
-        def _unique(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-            if len(set(values)) != len(values):
-                raise ValueError(f"expected each name once, got {list(values)}")
-            return values
-
-        @field_validator("detectors")
-        @classmethod
-        def _not_empty(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-            if not values:
-                raise ValueError(f"expected at least one detector of {list(DETECTORS)}, got []")
-            return values
+    Params = OODParams
 
     # Mahalanobis and k-NN fall back to a held-out part of eval without a train split, so the
     # train split is optional, not required (a required one would skip the check without it).
-    needs: ClassVar[Needs] = Needs(predictions=True, features=True, ood=True, train_optional=True)
+    needs: ClassVar[Needs] = Needs(
+        predictions=True, features=True, images=True, gradients=True, ood=True, train_optional=True
+    )
     emits: ClassVar[tuple[str, ...]] = (
         "ood.auroc",
         "ood.aupr",
@@ -203,9 +206,9 @@ class OODCheck(Check):
     )
 
     @serial_blas
-    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+    def run(self, ctx: CheckContext, params: OODParams) -> CheckResult:
         """Score in- and out-of-distribution images with every detector and compare them."""
-        p: OODCheck.Params = params
+        p = params
         seed_root = int(ctx.rng(self.id).integers(0, 2**63 - 1))
         preds = ctx.predictions("eval")
         if preds.n == 0:
@@ -266,7 +269,7 @@ def builtin_size(n_eval: int, fraction: float, floor: int, cap: int) -> int:
     return max(0, min(n_eval, cap, max(floor, math.ceil(fraction * n_eval))))
 
 
-def _eval_features(ctx: AuditContext, scorer: Scorer) -> torch.Tensor | None:
+def _eval_features(ctx: CheckContext, scorer: Scorer) -> torch.Tensor | None:
     return ctx.features("eval") if scorer.has_features else None
 
 
@@ -325,8 +328,8 @@ def _choose(detectors: tuple[str, ...], sets: list[ScoredSet], measured: Measure
 
 def _recommend(
     result: CheckResult,
-    ctx: AuditContext,
-    p: OODCheck.Params,
+    ctx: CheckContext,
+    p: OODParams,
     scorer: Scorer,
     in_scores: dict[str, FloatArray],
     sets: list[ScoredSet],
@@ -396,7 +399,7 @@ def _recommend(
 
 def _plots(
     result: CheckResult,
-    ctx: AuditContext,
+    ctx: CheckContext,
     in_scores: dict[str, FloatArray],
     sets: list[ScoredSet],
 ) -> None:
@@ -406,24 +409,20 @@ def _plots(
         return
     out_scores = {d: {s.name: s.scores[d] for s in scored} for d in in_scores}
     thresholds = {d: threshold_at_tpr(v) for d, v in in_scores.items()}
-    path, relative = ctx.artifact_path("ood", "score_histograms.svg")
-    score_histograms(in_scores, out_scores, thresholds, Path(path))
     result.artifacts.append(
-        Artifact(
+        ctx.write_artifact(
             "score_histograms",
-            relative,
-            "image/svg+xml",
-            "Detector scores of the in-distribution images and of each OOD set, with each"
+            "score_histograms.svg",
+            lambda path: score_histograms(in_scores, out_scores, thresholds, path),
+            description="Detector scores of the in-distribution images and of each OOD set, with each"
             " detector's threshold at 95% in-distribution TPR.",
         )
     )
-    path, relative = ctx.artifact_path("ood", "roc_curves.svg")
-    roc_curves(in_scores, out_scores, Path(path))
     result.artifacts.append(
-        Artifact(
+        ctx.write_artifact(
             "roc_curves",
-            relative,
-            "image/svg+xml",
-            "ROC curves of every detector against each OOD set.",
+            "roc_curves.svg",
+            lambda path: roc_curves(in_scores, out_scores, path),
+            description="ROC curves of every detector against each OOD set.",
         )
     )

@@ -38,7 +38,7 @@ from auditkit.checks.ood.sets import (
 from auditkit.stats import stable_seed
 
 if TYPE_CHECKING:
-    from auditkit.context import AuditContext
+    from auditkit.check import CheckContext
 
 __all__ = ["ScoredSet", "Scorer", "score_builtin_sets", "score_spec_sets", "stratified_split"]
 
@@ -83,7 +83,7 @@ class Scorer:
             the model offers embeddings).
     """
 
-    ctx: AuditContext
+    ctx: CheckContext
     detectors: Sequence[str]
     odin: tuple[float, float]
     in_rows: dict[str, NDArray[np.intp]]
@@ -98,7 +98,7 @@ class Scorer:
     @classmethod
     def fit(
         cls,
-        ctx: AuditContext,
+        ctx: CheckContext,
         detectors: Sequence[str],
         *,
         knn_k: int,
@@ -188,7 +188,7 @@ class Scorer:
             else:
                 batch = images(split)
                 scores = odin_score(
-                    self.ctx.model.module,
+                    self.ctx.model.differentiable(),
                     batch,
                     temperature=self.odin[0],
                     epsilon=self.odin[1],
@@ -221,13 +221,13 @@ class ScoredSet:
     reason: str | None = None
 
 
-def score_spec_sets(ctx: AuditContext, scorer: Scorer) -> list[ScoredSet]:
+def score_spec_sets(ctx: CheckContext, scorer: Scorer) -> list[ScoredSet]:
     """The spec's OOD sets (splits ``ood:<name>``), scored from the shared pass."""
     out = []
     for split in (s for s in ctx.split_names if s.startswith("ood:")):
         name = split.removeprefix("ood:")
         preds = ctx.predictions(split)
-        quarantined = sum(1 for q in ctx.dataset.quarantine if q.split == split)
+        quarantined = sum(1 for q in ctx.quarantine() if q.split == split)
         finding = {
             "kind": "ood_set",
             "ood_set": name,
@@ -247,7 +247,7 @@ def score_spec_sets(ctx: AuditContext, scorer: Scorer) -> list[ScoredSet]:
 
 
 def score_builtin_sets(
-    ctx: AuditContext,
+    ctx: CheckContext,
     scorer: Scorer,
     names: Sequence[str],
     *,
@@ -259,7 +259,6 @@ def score_builtin_sets(
     The synthetic shifts use the same ``n_images`` eval images (sampled without replacement,
     at most all of eval); each set's pass is counted under split ``ood:builtin:<name>``.
     """
-    from auditkit.data import window_setting
 
     n_eval = ctx.predictions("eval").n
     sample = np.sort(rng.choice(n_eval, size=min(n_eval, n_images), replace=False))
@@ -277,12 +276,12 @@ def score_builtin_sets(
             "forward_split": f"ood:{label}",
         }
         if name == "other_modality":
-            shape = ctx.spec.model.input
+            shape = ctx.input_geometry
             loaded = load_other_modality(
                 channels=shape.channels,
                 height=shape.height,
                 width=shape.width,
-                window=window_setting(ctx.spec),
+                window=shape.window,
             )
             images = loaded.images
             finding.update(
@@ -302,7 +301,10 @@ def score_builtin_sets(
             out.append(ScoredSet(label, 0, {}, finding, reason))
             continue
         split = finding["forward_split"]
-        logits, features = ctx.model.forward_pass(images, split=split)
+        if ctx.model.has_features:
+            logits, features = ctx.model.predict_with_features(images, label=split)
+        else:
+            logits, features = ctx.model.predict(images, label=split), torch.empty(images.shape[0], 0)
         scores = scorer.score(split, logits, features, _held(images))
         out.append(ScoredSet(label, int(images.shape[0]), scores, finding))
     return out

@@ -8,7 +8,7 @@
 * A real other-modality set (:func:`load_other_modality`): the single-frame grayscale CT and MR
   images that pydicom ships in its package test data (``pydicom/data/test_files``), found by a
   listing of four header elements of each file in that folder (never downloaded), decoded with
-  :func:`auditkit.loaders.decode_image` to the model's input, and de-duplicated by decoded
+  :func:`auditkit.decode.decode_image` to the model's input, and de-duplicated by decoded
   pixels (pydicom ships the same MR slice in several transfer syntaxes).
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from auditkit.decode import DecodeBudget, WindowSetting, decode_image, quiet_pydicom
 from auditkit.errors import UnreadableImage
-from auditkit.loaders import DecodeBudget, WindowSetting, _quiet_pydicom, decode_image
 
 __all__ = [
     "BUILTIN_SETS",
@@ -149,7 +149,7 @@ def find_other_modality_files(folder: Path) -> tuple[tuple[Path, str], ...]:
         if not path.is_file() or path.suffix.lower() not in ("", ".dcm"):
             continue
         try:
-            with _quiet_pydicom():
+            with quiet_pydicom():
                 header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_LISTING_TAGS))
                 modality = str(header.get("Modality", "") or "")
                 rows = header.get("Rows")
@@ -179,7 +179,7 @@ def load_other_modality(
         width: model input width.
         window: the spec's DICOM window (the deployed pipeline would apply the same); default
             ``auto``.
-        budget: decoding limits; default :class:`~auditkit.loaders.DecodeBudget`.
+        budget: decoding limits; default :class:`~auditkit.decode.DecodeBudget`.
         folder: where to look (default :func:`pydicom_test_files`).
 
     Returns:

@@ -11,7 +11,6 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
@@ -36,7 +35,7 @@ from auditkit.checks.phi.profile import (
 if TYPE_CHECKING:
     import pydicom
 
-    from auditkit.context import AuditContext
+    from auditkit.check import CheckContext
 
 __all__ = [
     "BASIC_PROFILE",
@@ -76,7 +75,7 @@ class FileVerdict:
 
     @property
     def identity_removed(self) -> bool:
-        return self.declaration.identity_removed
+        return bool(self.declaration.identity_removed)
 
 
 def judge_header(ds: pydicom.Dataset, table: ConfidentialityTable | None = None) -> FileVerdict:
@@ -126,12 +125,24 @@ class _Tally:
         }
 
 
-class PHICheck(Check):
+class PHIParams(CheckParams):
+    """Parameters of :class:`PHICheck`.
+
+    Attributes:
+        include_quarantined: also read the headers of quarantined files.
+        max_rows_listed: row numbers listed per finding and split.
+    """
+
+    include_quarantined: bool = True
+    max_rows_listed: int = Field(default=100, ge=0)
+
+
+class PHICheck(Check[PHIParams]):
     """Protected health information left in DICOM headers, judged against DICOM PS3.15 E.1-1.
 
     Method: every DICOM file of the audit (the eval and train splits, their quarantined files,
     whose images could not be decoded but whose headers may still be read, and the spec's OOD
-    sets) is read header-only (:func:`auditkit.loaders.read_dicom_header`: bounded, pixel data
+    sets) is read header-only (:func:`auditkit.decode.read_dicom_header`: bounded, pixel data
     skipped, pydicom's value-quoting warnings silenced; a decoded image's header is kept from the
     decode pass with exactly the elements such a read gives) and each attribute, nested ones
     included, is judged against Table E.1-1 of DICOM PS3.15 Annex E (Application Level
@@ -175,16 +186,7 @@ class PHICheck(Check):
     id: ClassVar[str] = "phi"
     family: ClassVar[str] = "phi"
 
-    class Params(CheckParams):
-        """Parameters of :class:`PHICheck`.
-
-        Attributes:
-            include_quarantined: also read the headers of quarantined files.
-            max_rows_listed: row numbers listed per finding and split.
-        """
-
-        include_quarantined: bool = True
-        max_rows_listed: int = Field(default=100, ge=0)
+    Params = PHIParams
 
     needs: ClassVar[Needs] = Needs(headers=True, train_optional=True, ood=True)
     emits: ClassVar[tuple[str, ...]] = (
@@ -193,9 +195,9 @@ class PHICheck(Check):
         "phi.identity_not_removed_files",
     )
 
-    def run(self, ctx: AuditContext, params: Any) -> CheckResult:
+    def run(self, ctx: CheckContext, params: PHIParams) -> CheckResult:
         """Read every DICOM header of the audit and count the identifying files."""
-        p: PHICheck.Params = params
+        p = params
         table = load_table()
         keywords: dict[str, _Tally] = {}
         meta: dict[str, tuple[str, str]] = {}
@@ -287,11 +289,8 @@ class PHICheck(Check):
         return result
 
 
-def _headers(ctx: AuditContext, include_quarantined: bool) -> Iterator[tuple[_File, pydicom.Dataset | str | None]]:
+def _headers(ctx: CheckContext, include_quarantined: bool) -> Iterator[tuple[_File, pydicom.Dataset | str | None]]:
     """(file, header) for every audited file: a Dataset, ``None`` (unreadable) or ``non-dicom``."""
-    from auditkit.errors import UnreadableImage
-    from auditkit.loaders import image_kind, read_dicom_header
-
     roles = [name for name in ctx.split_names if not name.startswith("ood:builtin:")]
     for role in roles:
         split = ctx.split(role)
@@ -300,45 +299,5 @@ def _headers(ctx: AuditContext, include_quarantined: bool) -> Iterator[tuple[_Fi
             yield file, ("non-dicom" if split.kinds[position] != "dicom" else header)
     if not include_quarantined:
         return
-    paths = _quarantined_paths(ctx, roles)
-    for entry in ctx.dataset.quarantine:
-        path = paths.get((entry.split, entry.row))
-        if path is None:
-            continue
-        file = _File(entry.split, entry.row, quarantined=True)
-        try:
-            if image_kind(path) != "dicom":
-                yield file, "non-dicom"
-                continue
-            yield file, read_dicom_header(path)
-        except UnreadableImage:
-            yield file, None
-
-
-def _quarantined_paths(ctx: AuditContext, roles: list[str]) -> dict[tuple[str, int], Path]:
-    """Paths of the quarantined rows of the audited splits, from their manifests."""
-    from auditkit.data import read_manifest
-
-    wanted = {(q.split, q.row) for q in ctx.dataset.quarantine if q.split in roles}
-    if not wanted:
-        return {}
-    paths: dict[tuple[str, int], Path] = {}
-    main = {row.row: row.path for row in ctx.dataset.manifest.rows}
-    for split, row in wanted:
-        if split in ("eval", "train") and row in main:
-            paths[split, row] = main[row]
-    ood_names = {split.removeprefix("ood:") for split, _ in wanted if split.startswith("ood:")}
-    for name in ood_names:
-        ood = ctx.spec.data.ood.get(name)
-        if ood is None:
-            continue
-        manifest = read_manifest(
-            ctx.spec.resolve(ood.manifest),
-            root=ctx.spec.data_root,
-            classes=None,
-            require_label=False,
-        )
-        for entry in manifest.rows:
-            if (f"ood:{name}", entry.row) in wanted:
-                paths[f"ood:{name}", entry.row] = entry.path
-    return paths
+    for entry, quarantined in ctx.quarantined_headers(roles):
+        yield _File(entry.split, entry.row, quarantined=True), quarantined

@@ -5,9 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -35,6 +33,9 @@ from auditkit.checks.adversarial import (
 )
 from auditkit.checks.adversarial.attacks import ContiguousGradients
 from auditkit.checks.adversarial.sanity import masking_suspected, slack
+from auditkit.context import AuditContext, CheckView
+from auditkit.model import ModelAdapter
+from auditkit.testing import make_context
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -48,54 +49,25 @@ FAST = {"pgd_steps": 10, "square_queries": 100, "unbounded_steps": 20, "n_boot":
 # Contexts
 
 
-class SwappedContext:
+def swapped_context(base: AuditContext, module: nn.Module, out: Path) -> CheckView:
     """The demo context with another model and its own artifact folder."""
-
-    def __init__(self, base: Any, module: nn.Module, out: Path) -> None:
-        self._base = base
-        self.model = SimpleNamespace(module=module)
-        self._out = out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._base, name)
-
-    def artifact_path(self, check_id: str, filename: str) -> tuple[Path, str]:
-        relative = f"artifacts/{check_id}/{filename}"
-        (self._out / relative).parent.mkdir(parents=True, exist_ok=True)
-        return self._out / relative, relative
+    adapter = ModelAdapter.from_module(module, classes=base.classes)
+    return AuditContext(base.spec, adapter, base.dataset, out).for_check(AdversarialCheck)
 
 
-@dataclass
-class TensorContext:
-    """The slice of ``AuditContext`` the adversarial check reads, over in-memory tensors."""
-
-    module: nn.Module
-    data: torch.Tensor
-    targets: np.ndarray
-    out: Path
-    classes: list[str] = field(default_factory=lambda: ["a", "b"])
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def model(self) -> SimpleNamespace:
-        return SimpleNamespace(module=self.module)
-
-    def labels(self, split: str) -> np.ndarray:
-        return self.targets
-
-    def images(self, split: str, indices: Any) -> torch.Tensor:
-        return self.data[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
-
-    def split(self, split: str) -> SimpleNamespace:
-        return SimpleNamespace(rows=np.arange(len(self.targets)) + 100)
-
-    def rng(self, check_id: str) -> np.random.Generator:
-        return np.random.default_rng(0)
-
-    def artifact_path(self, check_id: str, filename: str) -> tuple[Path, str]:
-        relative = f"artifacts/{check_id}/{filename}"
-        (self.out / relative).parent.mkdir(parents=True, exist_ok=True)
-        return self.out / relative, relative
+def tensor_context(
+    module: nn.Module, data: torch.Tensor, targets: np.ndarray, out: Path, classes: list[str] | None = None
+) -> CheckView:
+    """In-memory tensors (manifest rows from 100) through the kit's context."""
+    return make_context(
+        targets,
+        images=data,
+        rows=np.arange(len(targets)) + 100,
+        classes=classes or ["a", "b"],
+        model=module,
+        check=AdversarialCheck,
+        out_dir=out,
+    )
 
 
 class RoundedInput(nn.Module):
@@ -320,7 +292,7 @@ def test_every_attack_on_multichannel_non_square_images(tmp_path: Path) -> None:
     model.eval().requires_grad_(False)
     images = torch.rand(9, 3, 20, 28)
     targets = predict(model, images).numpy()
-    ctx = TensorContext(model, images, targets, tmp_path, classes=["a", "b", "c"])
+    ctx = tensor_context(model, images, targets, tmp_path, classes=["a", "b", "c"])
     params = AdversarialCheck.Params(
         attacks=list(ATTACKS),
         eps=[0.3],
@@ -332,7 +304,7 @@ def test_every_attack_on_multichannel_non_square_images(tmp_path: Path) -> None:
         n_boot=50,
         batch_size=4,
     )
-    result = AdversarialCheck().run(ctx, params)  # type: ignore[arg-type]
+    result = AdversarialCheck().run(ctx, params)
     metrics = by_key(result)
     assert metrics[("adversarial.clean_accuracy", ())].value == 1.0
     for attack in ATTACKS:
@@ -348,9 +320,9 @@ def test_every_attack_on_multichannel_non_square_images(tmp_path: Path) -> None:
 
 def test_empty_eval_split(tmp_path: Path) -> None:
     model = linear_mean_model()
-    ctx = TensorContext(model, torch.zeros(0, 1, 4, 4), np.zeros(0, dtype=np.int64), tmp_path)
+    ctx = tensor_context(model, torch.zeros(0, 1, 4, 4), np.zeros(0, dtype=np.int64), tmp_path)
     params = AdversarialCheck.Params(attacks=["fgsm", "cw_l2"], eps=[0.01], eps_l2=[0.5])
-    result = AdversarialCheck().run(ctx, params)  # type: ignore[arg-type]
+    result = AdversarialCheck().run(ctx, params)
     assert len(result.metrics) == 1 + 2 * 2 + 1
     assert all(m.value is None and m.reason == "no eval images" for m in result.metrics)
 
@@ -362,7 +334,7 @@ def test_empty_eval_split(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def plain_result(demo_context: Any) -> CheckResult:
     params = AdversarialCheck.Params(attacks=["fgsm", "pgd_linf", "square"], eps=EPS, n_samples=24, **FAST)
-    return AdversarialCheck().run(demo_context, params)
+    return AdversarialCheck().run(demo_context.for_check(AdversarialCheck), params)
 
 
 def test_check_pgd_equals_a_direct_torchattacks_call(plain_result: CheckResult, demo_context: Any) -> None:
@@ -418,11 +390,11 @@ def test_plain_model_is_not_flagged(plain_result: CheckResult) -> None:
 
 
 def test_masked_gradients_are_flagged(demo_context: Any, tmp_path: Path) -> None:
-    ctx = SwappedContext(demo_context, RoundedInput(demo_context.model.module), tmp_path)
+    ctx = swapped_context(demo_context, RoundedInput(demo_context.model.module), tmp_path)
     params = AdversarialCheck.Params(
         attacks=["fgsm", "pgd_linf"], eps=[2 / 255, 8 / 255], n_samples=24, **{**FAST, "n_boot": 0}
     )
-    result = AdversarialCheck().run(ctx, params)  # type: ignore[arg-type]
+    result = AdversarialCheck().run(ctx, params)
     assert by_key(result)[("adversarial.gradient_masking_suspected", ())].value == 1.0
     failed = [f for f in result.findings if f["kind"] == "gradient_masking_suspected"]
     assert "unbounded_attack_succeeds" in [f["test"] for f in failed]
@@ -432,7 +404,7 @@ def test_masked_gradients_are_flagged(demo_context: Any, tmp_path: Path) -> None
 
 def test_check_without_sanity_checks(demo_context: Any) -> None:
     params = AdversarialCheck.Params(attacks=["fgsm"], eps=[4 / 255], n_samples=8, sanity_checks=False, n_boot=0)
-    result = AdversarialCheck().run(demo_context, params)
+    result = AdversarialCheck().run(demo_context.for_check(AdversarialCheck), params)
     masking = by_key(result)[("adversarial.gradient_masking_suspected", ())]
     assert masking.value is None and masking.reason is not None and "disabled" in masking.reason
     assert [f["kind"] for f in result.findings] == ["adversarial_sample", "attack_setup"]

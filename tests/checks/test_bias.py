@@ -6,14 +6,11 @@ import json
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fairlearn.metrics import (
     MetricFrame,
     count,
@@ -48,9 +45,10 @@ from auditkit.checks.bias import (
 )
 from auditkit.checks.bias.plots import _plain
 from auditkit.checks.calibration import expected_calibration_error
+from auditkit.context import CheckView
 from auditkit.policy import evaluate
 from auditkit.stats import stable_seed
-from auditkit.testing import rules_for
+from auditkit.testing import make_context, rules_for
 
 
 def proposed_policy() -> Any:
@@ -460,47 +458,37 @@ def test_forest_plot_is_byte_reproducible_and_escapes_labels(tmp_path: Path) -> 
 # The check on a fake context
 
 
-@dataclass
-class FakeContext:
-    """The parts of :class:`AuditContext` the bias check reads."""
-
-    probs: np.ndarray
-    labels: np.ndarray
-    groups: dict[str, np.ndarray]
-    out_dir: Path
-    classes: list[str] = field(default_factory=lambda: ["normal", "nodule"])
-    positive_index: int | None = 1
-    quarantined: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def predictions(self, split: str) -> Any:
-        logits = torch.from_numpy(np.log(np.clip(self.probs, 1e-12, 1.0)))
-        return SimpleNamespace(n=len(self.labels), probs=self.probs, labels=self.labels, logits=logits)
-
-    def group_labels(self, split: str) -> dict[str, np.ndarray]:
-        return dict(self.groups)
-
-    def split(self, split: str) -> Any:
-        return SimpleNamespace(quarantined_groups=self.quarantined)
-
-    def rng(self, check_id: str) -> np.random.Generator:
-        return np.random.default_rng(stable_seed(0, check_id))
-
-    def artifact_path(self, check_id: str, filename: str) -> tuple[Path, str]:
-        relative = Path("artifacts") / check_id / filename
-        (self.out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-        return self.out_dir / relative, relative.as_posix()
-
-
-def fake_context(tmp_path: Path, seed: int = 0, n: int = 200, k: int = 2, **kw: Any) -> FakeContext:
+def fake_context(
+    tmp_path: Path,
+    seed: int = 0,
+    n: int = 200,
+    k: int = 2,
+    classes: list[str] | None = None,
+    positive_index: int | None = 1,
+    quarantined: dict[str, dict[str, int]] | None = None,
+    nan_rows: int = 0,
+    with_groups: bool = True,
+) -> CheckView:
+    """A random case in the kit's in-memory context, held to the bias check's needs."""
     probs, labels, sex = random_case(seed, n=n, k=k, groups="FM")
     site = np.random.default_rng(seed + 1).choice(["A", "B"], size=n)
-    return FakeContext(probs, labels, {"sex": sex, "site": site}, tmp_path, **kw)
+    names = classes or (["normal", "nodule"] if k == 2 else [f"class{i}" for i in range(k)])
+    probs = probs.copy()
+    probs[:nan_rows] = np.nan
+    return make_context(
+        labels,
+        probs=probs,
+        groups={"sex": sex, "site": site} if with_groups else {},
+        classes=names,
+        positive_class=names[positive_index] if positive_index is not None else None,
+        quarantined_groups=quarantined,
+        check=BiasCheck,
+        out_dir=tmp_path,
+    )
 
 
-def run_check(ctx: FakeContext, **params: Any) -> CheckResult:
-    context: Any = ctx  # a duck-typed stand-in for AuditContext
-    result: CheckResult = BiasCheck().run(context, BiasCheck.Params(**params))
-    return result
+def run_check(ctx: CheckView, **params: Any) -> CheckResult:
+    return BiasCheck().run(ctx, BiasCheck.Params(**params))
 
 
 def test_check_emits_its_declared_metrics_with_labels(tmp_path: Path) -> None:
@@ -528,7 +516,7 @@ def test_check_emits_its_declared_metrics_with_labels(tmp_path: Path) -> None:
 
 def test_check_reports_quarantine_per_group_and_small_groups(tmp_path: Path) -> None:
     ctx = fake_context(tmp_path, quarantined={"sex": {"F": 3}, "site": {"A": 1, "Z": 2}}, n=120)
-    ctx.groups["site"][:4] = "C"
+    ctx.group_labels("eval")["site"][:4] = "C"
     result = run_check(ctx, n_boot=20, intersections=False)
     quarantine = {f["group_by"]: f for f in result.findings if f["kind"] == "quarantined_by_group"}
     assert quarantine["sex"]["quarantined"] == {"F": 3}
@@ -545,9 +533,7 @@ def test_check_reports_quarantine_per_group_and_small_groups(tmp_path: Path) -> 
 
 
 def test_check_excludes_and_counts_non_finite_rows(tmp_path: Path) -> None:
-    ctx = fake_context(tmp_path)
-    ctx.probs = ctx.probs.copy()
-    ctx.probs[:5] = np.nan
+    ctx = fake_context(tmp_path, nan_rows=5)
     result = run_check(ctx, n_boot=10, intersections=False)
     (finding,) = [f for f in result.findings if f["kind"] == "non_finite_logits"]
     assert finding["count"] == 5
@@ -563,15 +549,14 @@ def test_multiclass_is_one_vs_rest_or_skipped(tmp_path: Path) -> None:
     ctx = fake_context(tmp_path, k=3, classes=["a", "b", "c"], positive_index=None)
     with pytest.raises(Skip, match="positive_class"):
         run_check(ctx)
-    ctx.positive_index = 2
+    ctx = fake_context(tmp_path, k=3, classes=["a", "b", "c"], positive_index=2)
     result = run_check(ctx, n_boot=10, intersections=False)
     sensitivity = [m for m in result.metrics if m.name == "bias.group_metric" and m.labels["metric"] == "sensitivity"]
     assert sensitivity and all(m.value is not None for m in sensitivity)
 
 
 def test_check_skips_without_groups(tmp_path: Path) -> None:
-    ctx = fake_context(tmp_path)
-    ctx.groups = {}
+    ctx = fake_context(tmp_path, with_groups=False)
     with pytest.raises(Skip, match=r"data\.groups"):
         run_check(ctx)
 

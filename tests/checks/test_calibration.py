@@ -6,7 +6,6 @@ import json
 import math
 import warnings
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from pydantic import ValidationError
 from scipy.special import softmax
 from sklearn.metrics import brier_score_loss, log_loss
 
+from auditkit import testing
 from auditkit.check import CheckResult
 from auditkit.checks.calibration import (
     CalibrationCheck,
@@ -34,6 +34,7 @@ from auditkit.checks.calibration import (
     reliability_diagram,
     temperature_did_not_help,
 )
+from auditkit.context import CheckView
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -348,50 +349,12 @@ def test_reliability_diagram_is_valid_and_reproducible(tmp_path: Path) -> None:
 # The check on a fake context
 
 
-@dataclass
-class FakePredictions:
-    logits: torch.Tensor
-    probs: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass
-class FakeContext:
-    """The slice of ``AuditContext`` that the calibration check uses."""
-
-    preds: FakePredictions
-    groups: dict[str, np.ndarray]
-    out: Path
-    classes: list[str] = field(default_factory=lambda: ["normal", "nodule"])
-    seed: int = 0
-
-    def predictions(self, split: str) -> FakePredictions:
-        assert split == "eval"
-        return self.preds
-
-    def group_labels(self, split: str) -> dict[str, np.ndarray]:
-        assert split == "eval"
-        return self.groups
-
-    def rng(self, check_id: str) -> np.random.Generator:
-        return np.random.default_rng([self.seed, len(check_id)])
-
-    def artifact_path(self, check_id: str, name: str) -> tuple[Path, str]:
-        rel = f"artifacts/{check_id}/{name}"
-        path = self.out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path, rel
-
-
-def make_context(tmp_path: Path, logits: np.ndarray, labels: np.ndarray, groups: dict[str, np.ndarray]) -> FakeContext:
-    tensor = torch.from_numpy(logits.astype(np.float32))
-    probs = torch.softmax(tensor.double(), dim=1).numpy()
+def make_context(tmp_path: Path, logits: np.ndarray, labels: np.ndarray, groups: dict[str, np.ndarray]) -> CheckView:
+    """The kit's in-memory context, held to the calibration check's needs."""
     classes = [f"class{i}" for i in range(logits.shape[1])]
-    return FakeContext(FakePredictions(tensor, probs, labels.astype(np.int64)), groups, tmp_path, classes)
+    return testing.make_context(
+        labels, logits=logits, groups=groups, classes=classes, check=CalibrationCheck, out_dir=tmp_path
+    )
 
 
 def study(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -404,9 +367,9 @@ def study(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str
     return 3.0 * logits, labels, groups  # overconfident
 
 
-def run_check(ctx: FakeContext, **params: Any) -> CheckResult:
+def run_check(ctx: CheckView, **params: Any) -> CheckResult:
     check = CalibrationCheck()
-    return check.run(ctx, CalibrationCheck.Params(**params))  # type: ignore[arg-type]
+    return check.run(ctx, CalibrationCheck.Params(**params))
 
 
 def metrics_json(result: CheckResult) -> str:

@@ -8,7 +8,6 @@ import math
 import typing
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from auditkit.checks.corruption import (
     severity_plot,
 )
 from auditkit.checks.corruption.transforms import CorruptionName
+from auditkit.testing import make_context
 
 NOISE = ("gaussian_noise", "poisson_noise", "rician_noise")
 
@@ -269,7 +269,7 @@ def demo_result(demo_context: Any) -> tuple[CheckResult, dict[str, int], dict[st
     demo_context.predictions("eval")  # the shared pass, as the runner would plan it
     before = dict(demo_context.model.stats.per_split)
     params = CorruptionCheck.Params(n_boot=200)
-    result = CorruptionCheck().run(demo_context, params)
+    result = CorruptionCheck().run(demo_context.for_check(CorruptionCheck), params)
     return result, before, dict(demo_context.model.stats.per_split)
 
 
@@ -336,8 +336,8 @@ def test_check_is_deterministic(demo_context: Any) -> None:
     params = CorruptionCheck.Params(
         corruptions=["poisson_noise", "kspace_spike"], severities=[2, 5], n_samples=20, n_boot=50
     )
-    first = CorruptionCheck().run(demo_context, params)
-    second = CorruptionCheck().run(demo_context, params)
+    first = CorruptionCheck().run(demo_context.for_check(CorruptionCheck), params)
+    second = CorruptionCheck().run(demo_context.for_check(CorruptionCheck), params)
     assert [m.to_json() for m in first.metrics] == [m.to_json() for m in second.metrics]
     assert first.findings == second.findings
     assert first.findings[0]["n"] == 20
@@ -345,12 +345,9 @@ def test_check_is_deterministic(demo_context: Any) -> None:
 
 
 def test_check_on_empty_split(tmp_path: Path) -> None:
-    empty = np.zeros(0, dtype=np.int64)
-    ctx = SimpleNamespace(
-        predictions=lambda split: SimpleNamespace(labels=empty, predicted=empty),
-    )
+    ctx = make_context(np.zeros(0, dtype=np.int64), logits=np.zeros((0, 2)), check=CorruptionCheck, out_dir=tmp_path)
     params = CorruptionCheck.Params(corruptions=["blur"], severities=[1, 2])
-    result = CorruptionCheck().run(ctx, params)  # type: ignore[arg-type]
+    result = CorruptionCheck().run(ctx, params)
     assert len(result.metrics) == 1 + 2 * 2 + 1
     assert all(m.value is None and m.reason == "no eval images" for m in result.metrics)
     assert result.artifacts == []
@@ -388,29 +385,20 @@ class NanOnDarkImages(torch.nn.Module):
 
 
 def test_non_finite_logits_count_as_errors(tmp_path: Path) -> None:
-    from auditkit.context import Predictions
-
     images = torch.full((6, 1, 8, 8), 0.6)  # class 0 wins (0.6 > 0.4) until contrast fades
     labels = np.zeros(6, dtype=np.int64)
     model = NanOnDarkImages()
-    logits = model(images)
-    stats = SimpleNamespace(per_split={})
-
-    def forward_pass(batch: torch.Tensor, *, split: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        return model(batch), torch.empty(batch.shape[0], 0)
-
-    ctx = SimpleNamespace(
-        predictions=lambda split: Predictions(logits, torch.softmax(logits.double(), 1).numpy(), labels),
-        rng=lambda check_id: np.random.default_rng(0),
-        split=lambda split: SimpleNamespace(rows=np.arange(6)),
-        images=lambda split, indices: images[torch.as_tensor(indices)],
-        model=SimpleNamespace(forward_pass=forward_pass, stats=stats),
-        device=torch.device("cpu"),
+    ctx = make_context(
+        labels,
+        logits=model(images),
+        images=images,
+        model=model,
         classes=["bright", "dark"],
-        artifact_path=lambda check_id, name: (tmp_path / name, f"artifacts/{check_id}/{name}"),
+        check=CorruptionCheck,
+        out_dir=tmp_path,
     )
     params = CorruptionCheck.Params(corruptions=["gamma"], severities=[1, 5], n_boot=0)
-    result = CorruptionCheck().run(ctx, params)  # type: ignore[arg-type]
+    result = CorruptionCheck().run(ctx, params)
     metrics = metric_map(result)
     # gamma 1.25: 0.6 -> 0.53, still class 0; gamma 3: 0.6 -> 0.216 < 0.3, NaN logits.
     assert accuracy_at(metrics, "gamma", 1) == 1.0

@@ -713,7 +713,7 @@ def leaky_ctx(leaky: Audited, tmp_path_factory: pytest.TempPathFactory) -> Audit
 
 
 def _run(ctx: AuditContext, **params: Any) -> Audited:
-    result = LeakageCheck().run(ctx, LeakageCheck.Params(**params))
+    result = LeakageCheck().run(ctx.for_check(LeakageCheck), LeakageCheck.Params(**params))
     record = {"metrics": [m.to_json() for m in result.metrics], "findings": result.findings}
     return Audited(None, record)  # type: ignore[arg-type]
 

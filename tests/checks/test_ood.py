@@ -8,10 +8,8 @@ import threading
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -26,6 +24,7 @@ from scipy.special import softmax
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from auditkit import testing
 from auditkit.check import CheckResult, Skip
 from auditkit.checks.ood import (
     OODCheck,
@@ -429,7 +428,7 @@ def make_context(spec: AuditSpec, out: Path, roles: tuple[str, ...]) -> AuditCon
 
 
 def run_check(ctx: AuditContext, **params: Any) -> CheckResult:
-    return OODCheck().run(ctx, OODCheck.Params(**{**FAST, **params}))
+    return OODCheck().run(ctx.for_check(OODCheck), OODCheck.Params(**{**FAST, **params}))
 
 
 def by_key(result: CheckResult, name: str) -> dict[tuple[str, str], Any]:
@@ -577,69 +576,19 @@ def test_check_skips_without_any_ood_set(demo_spec: Path, tmp_path: Path) -> Non
         run_check(ctx, builtin_sets=[])
 
 
-@dataclass
-class StubPredictions:
-    logits: torch.Tensor
-    labels: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def predicted(self) -> np.ndarray:
-        return self.logits.argmax(dim=1).numpy()
-
-
-@dataclass
-class StubContext:
-    """The slice of ``AuditContext`` the check reads, for a model without embeddings."""
-
-    preds: dict[str, StubPredictions]
-    out: Path
-    dataset: Any = field(default_factory=lambda: SimpleNamespace(quarantine=[]))
-
-    @property
-    def split_names(self) -> list[str]:
-        return list(self.preds)
-
-    def predictions(self, split: str) -> StubPredictions:
-        return self.preds[split]
-
-    def labels(self, split: str) -> np.ndarray:
-        return self.preds[split].labels
-
-    def features(self, split: str) -> torch.Tensor:
-        raise Skip("embeddings unavailable (unavailable: TorchScript module)")
-
-    def has_split(self, split: str) -> bool:
-        return split in self.preds
-
-    def images(self, split: str) -> torch.Tensor:
-        raise AssertionError(f"no detector here reads images, yet images({split!r}) was called")
-
-    def rng(self, check_id: str) -> np.random.Generator:
-        return np.random.default_rng(0)
-
-    def artifact_path(self, check_id: str, name: str) -> tuple[Path, str]:
-        rel = f"artifacts/{check_id}/{name}"
-        (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
-        return self.out / rel, rel
-
-
 def test_check_without_embeddings_and_with_non_finite_logits(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     in_logits = torch.from_numpy(rng.normal(size=(40, 2)) * 3.0).float()
     in_logits[0] = float("nan")
     out_logits = torch.from_numpy(rng.normal(size=(20, 2))).float()
-    ctx = StubContext(
-        {
-            "eval": StubPredictions(in_logits, rng.integers(0, 2, 40)),
-            "ood:other_site": StubPredictions(out_logits, np.full(20, -1)),
-        },
-        tmp_path,
+    ctx = testing.make_context(
+        rng.integers(0, 2, 40),
+        logits=in_logits,
+        ood={"other_site": {"labels": np.full(20, -1), "logits": out_logits}},
+        check=OODCheck,
+        out_dir=tmp_path,
     )
-    result = OODCheck().run(ctx, OODCheck.Params(builtin_sets=[], n_boot=20))  # type: ignore[arg-type]
+    result = OODCheck().run(ctx, OODCheck.Params(builtin_sets=[], n_boot=20))
     metrics = by_key(result, "ood.auroc")
     assert set(metrics) == {(d, "other_site") for d in OODCheck.Params().detectors}
     for detector in ("mahalanobis", "knn"):

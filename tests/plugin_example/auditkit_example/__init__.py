@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from pydantic import Field
 
-from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs
+from auditkit.check import Check, CheckContext, CheckParams, CheckResult, Metric, Needs
 from auditkit.stats import bootstrap_ci
 
 
@@ -17,7 +17,11 @@ def mean_entropy(probs: np.ndarray) -> float:
     return float(-(clipped * np.log(clipped)).sum(axis=1).mean())
 
 
-class PredictionEntropyCheck(Check):
+class PredictionEntropyParams(CheckParams):
+    n_boot: int = Field(default=200, ge=0)
+
+
+class PredictionEntropyCheck(Check[PredictionEntropyParams]):
     """Predictive entropy: how undecided the model is, overall and per subgroup.
 
     Method: mean Shannon entropy of the softmax distribution (Shannon 1948) with a percentile
@@ -35,12 +39,11 @@ class PredictionEntropyCheck(Check):
     needs: ClassVar[Needs] = Needs(predictions=True)
     emits: ClassVar[tuple[str, ...]] = ("prediction_entropy.mean",)
 
-    class Params(CheckParams):
-        n_boot: int = Field(default=200, ge=0)
+    Params = PredictionEntropyParams
 
-    def run(self, ctx: Any, params: Any) -> CheckResult:
+    def run(self, ctx: CheckContext, params: PredictionEntropyParams) -> CheckResult:
         preds = ctx.predictions("eval")
-        rng = ctx.rng(self.id)
+        rng = ctx.rng()
         scopes = [({}, np.ones(preds.n, dtype=bool))]
         for column, values in ctx.group_labels("eval").items():
             scopes += [({"group_by": column, "group": str(g)}, values == g) for g in sorted(set(values))]

@@ -1,4 +1,4 @@
-"""Class-stratified, seeded samples of an evaluation split (shared by the robustness checks)."""
+"""Class-stratified, seeded samples of a split (drawn by the robustness and backdoor checks)."""
 
 from __future__ import annotations
 
