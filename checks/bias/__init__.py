@@ -205,7 +205,7 @@ class BiasCheck(Check[BiasParams]):
             raise Skip("the logits of every eval image are non-finite")
         outcomes = Outcomes.from_probs(probs[finite], labels[finite], positive_index, bins=p.bins)
         positive = ctx.classes[positive_index]
-        seed_root = int(ctx.rng(self.id).integers(0, 2**63 - 1))
+        seed_root = int(ctx.rng().integers(0, 2**63 - 1))
 
         analyses: list[GroupingAnalysis] = []
         for group_by, values, known in _groupings(columns, quarantined, finite, p):

@@ -209,7 +209,7 @@ class OODCheck(Check[OODParams]):
     def run(self, ctx: CheckContext, params: OODParams) -> CheckResult:
         """Score in- and out-of-distribution images with every detector and compare them."""
         p = params
-        seed_root = int(ctx.rng(self.id).integers(0, 2**63 - 1))
+        seed_root = int(ctx.rng().integers(0, 2**63 - 1))
         preds = ctx.predictions("eval")
         if preds.n == 0:
             raise Skip("no eval images (every eval image was quarantined)")
