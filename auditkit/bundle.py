@@ -1,4 +1,5 @@
-"""The evidence bundle's hash manifest (docs/architecture.md, "The results document") and ``auditkit verify``.
+"""The evidence bundle: writing it (:func:`write_bundle`), its hash manifest and ``auditkit verify``
+(docs/architecture.md, "The results document").
 
 ``manifest.json`` records the SHA-256 of every input (spec, weights, data manifest, policy,
 attestations) and of every file the run wrote (results, report, artifacts, checkpoints), with the
@@ -9,13 +10,21 @@ or appeared.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from auditkit.errors import InputError
-from auditkit.results import sha256_file, write_json_atomic
+from auditkit.export import write_csv_exports
+from auditkit.jsonio import sha256_file, write_json_atomic
+from auditkit.results import write_results
+
+if TYPE_CHECKING:
+    from auditkit.spec import AuditSpec
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = "auditkit.manifest/v1"
@@ -124,3 +133,50 @@ def verify_bundle(out_dir: Path) -> VerifyReport:
         if name not in listed:
             report.unexpected.append(name)
     return report
+
+
+def write_bundle(
+    out_dir: Path,
+    results: dict[str, Any],
+    *,
+    spec: AuditSpec | None,
+    report: bool = True,
+    pdf: bool = True,
+) -> None:
+    """results.json, the CSV exports, then report.html/report.pdf, then manifest.json over all of them."""
+    write_results(out_dir, results)
+    write_csv_exports(out_dir, results)
+    if report:
+        from auditkit.reports.render import write_report
+
+        write_report(out_dir, results, pdf=pdf)
+    inputs: dict[str, Path | None] = {}
+    if spec is not None:
+        inputs = {
+            "spec": spec.source_file,
+            "weights": spec.weights_path,
+            "data_manifest": spec.manifest_path,
+            "attestations": spec.attestations_path,
+        }
+        policy_path = spec.resolve(Path(spec.policy))
+        if policy_path.is_file():
+            inputs["policy"] = policy_path
+    previous: list[dict[str, Any]] = []
+    if spec is None and (out_dir / "manifest.json").is_file():
+        import json
+
+        try:
+            previous = list(json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["inputs"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("manifest.json unreadable; its input hashes are not carried over")
+    extra = {}
+    policy = results.get("policy") or {}
+    if policy.get("sha256") and "policy" not in inputs:
+        extra["policy"] = (f"{policy.get('name')} (packaged)", policy["sha256"])
+    write_manifest(
+        out_dir,
+        inputs=inputs,
+        environment=results.get("environment", {}),
+        extra_inputs=extra,
+        previous_inputs=previous,
+    )

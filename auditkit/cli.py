@@ -260,28 +260,12 @@ def _cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_results(folder: Path) -> dict[str, Any]:
-    import json
-
-    from auditkit.errors import InputError
-
-    path = folder / "results.json"
-    try:
-        results: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{folder}: no results.json; pass an auditkit output folder") from None
-    except ValueError as error:
-        raise InputError(f"{path}: not valid JSON: {error}") from None
-    if not isinstance(results, dict) or results.get("schema") != "auditkit.results/v1":
-        raise InputError(f"{path}: expected schema 'auditkit.results/v1'")
-    return results
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
-    from auditkit.runner import write_bundle
+    from auditkit.bundle import write_bundle
+    from auditkit.results import load_results
 
     folder = Path(args.dir)
-    results = _load_results(folder)
+    results = load_results(folder)
     write_bundle(folder, results, spec=None, report=True, pdf=not args.no_pdf)
     print(f"report: {folder / ('report.html' if args.no_pdf else 'report.pdf')}")
     return 0

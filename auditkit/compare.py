@@ -40,7 +40,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from auditkit.errors import InputError
+from auditkit.results import load_results
 
 Judgement = Literal["regression", "improvement", "within_noise", "changed", "unchanged", "added", "removed"]
 RULE_RANK = {"pass": 0, "not_evaluated": 1, "warn": 2, "fail": 3}
@@ -254,19 +254,6 @@ class Comparison:
             "rules": [asdict(r) for r in self.rules],
             "metrics": [asdict(m) for m in self.metrics],
         }
-
-
-def load_results(folder: Path) -> dict[str, Any]:
-    path = folder / "results.json" if folder.is_dir() else folder
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{folder}: no results.json (pass an auditkit output folder)") from None
-    except ValueError as error:
-        raise InputError(f"{path}: not valid JSON: {error}") from None
-    if not isinstance(data, dict) or data.get("schema") != "auditkit.results/v1":
-        raise InputError(f"{path}: expected schema 'auditkit.results/v1'")
-    return data
 
 
 def _key(check: str, metric: Mapping[str, Any]) -> tuple[str, str, str]:

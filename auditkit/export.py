@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from auditkit.results import write_text_atomic
+from auditkit.jsonio import write_text_atomic
 
 __all__ = [
     "FINDINGS_CSV",

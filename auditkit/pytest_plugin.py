@@ -92,16 +92,13 @@ class AuditResults:
 
     @classmethod
     def load(cls, folder: Path) -> AuditResults:
-        path = folder / "results.json"
+        from auditkit.errors import InputError
+        from auditkit.results import load_results
+
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise pytest.UsageError(f"--audit-results: no results.json in {folder}") from None
-        except ValueError as error:
-            raise pytest.UsageError(f"--audit-results: {path} is not valid JSON: {error}") from None
-        if not isinstance(data, dict) or data.get("schema") != "auditkit.results/v1":
-            raise pytest.UsageError(f"--audit-results: {path} is not an auditkit.results/v1 file")
-        return cls(data, folder)
+            return cls(load_results(folder), folder)
+        except InputError as error:
+            raise pytest.UsageError(f"--audit-results: {error}") from None
 
     @property
     def verdict(self) -> str:

@@ -1,80 +1,266 @@
-"""Plain-JSON helpers for the evidence bundle: safe conversion, atomic writes, hashing."""
+"""``results.json``: the one document every reader of an audit uses (docs/architecture.md,
+"The results document").
+
+This module owns it: the schema version (:data:`SCHEMA`, written here and nowhere else), the
+sections the runner fills (:func:`model_section`, :func:`data_section`, :func:`run_section`,
+:func:`assemble`), writing (:func:`write_results`) and loading with validation
+(:func:`load_results`). The report, ``auditkit compare``, the pytest plugin, ``auditkit report``
+and the exports read it through :func:`load_results`; nothing else parses the file.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
-import tempfile
-from collections.abc import Mapping
+import platform
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from auditkit.errors import InputError
+from auditkit.jsonio import write_json_atomic
+
+if TYPE_CHECKING:
+    from auditkit.data import Dataset
+    from auditkit.model import ModelAdapter
+    from auditkit.preflight import PreflightReport
+    from auditkit.spec import AuditSpec
+
+__all__ = [
+    "FILENAME",
+    "SCHEMA",
+    "assemble",
+    "data_section",
+    "load_results",
+    "model_section",
+    "results_path",
+    "run_section",
+    "validate_results",
+    "write_results",
+]
 
 SCHEMA = "auditkit.results/v1"
+"""The schema version of ``results.json``; a reader refuses any other."""
+
+FILENAME = "results.json"
+
+_REQUIRED = ("checks", "rules", "verdict")
+"""What every reader needs; the other sections are read where present."""
 
 
-def jsonable(value: Any) -> Any:
-    """Convert NumPy/torch scalars, arrays, paths and tuples to JSON types; NaN/inf become None."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
-        return [jsonable(v) for v in items]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return jsonable(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, Path):
-        return value.as_posix()
-    if hasattr(value, "tolist"):  # torch tensors without importing torch here
-        return jsonable(value.tolist())
-    raise TypeError(f"cannot store a {type(value).__name__} in results.json")
+def results_path(location: Path) -> Path:
+    """``location`` itself when it is a file, else ``location/results.json``."""
+    return location if location.is_file() else location / FILENAME
 
 
-def dumps(data: Any) -> str:
-    """Canonical, strict JSON (no NaN) with a trailing newline."""
-    return json.dumps(jsonable(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
+def validate_results(data: Any, source: Path | str) -> dict[str, Any]:
+    """``data`` when it is an ``auditkit.results/v1`` document; :class:`InputError` naming what is wrong."""
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a JSON object with schema {SCHEMA!r}, got {type(data).__name__}")
+    if data.get("schema") != SCHEMA:
+        raise InputError(f"{source}: expected schema {SCHEMA!r}, got {data.get('schema')!r}")
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing:
+        raise InputError(f"{source}: an {SCHEMA} document without {', '.join(missing)}")
+    if not isinstance(data["checks"], list) or not all(isinstance(c, dict) and "id" in c for c in data["checks"]):
+        raise InputError(f"{source}: 'checks' must be a list of check records with an 'id'")
+    return data
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8, newlines as given) to a temporary file in the same folder, fsync,
-    then rename it over ``path``: a reader sees the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def load_results(location: Path) -> dict[str, Any]:
+    """Read and validate ``results.json`` from an audit's output folder (or the file itself).
+
+    Raises:
+        InputError: no such file, not JSON, or not an ``auditkit.results/v1`` document; the
+            message names the path and what was expected.
+    """
+    path = results_path(location)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"no {FILENAME} in {location} (pass an auditkit output folder)") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot be read ({error.strerror})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise InputError(f"{path}: not valid JSON: {error}") from None
+    return validate_results(data, path)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """:func:`write_text_atomic` of the canonical JSON of ``data``."""
-    write_text_atomic(path, dumps(data))
+def write_results(out_dir: Path, results: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/results.json`` atomically (a reader sees the old file or the new one)."""
+    path = out_dir / FILENAME
+    write_json_atomic(path, results)
+    return path
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def environment() -> dict[str, Any]:
+    """Python, platform, devices, and the versions of the libraries the measurements depend on."""
+    import os
+
+    import numpy
+    import pydicom
+    import torch
+
+    from auditkit import __version__
+
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if cuda else None,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "numpy": numpy.__version__,
+        "pydicom": pydicom.__version__,
+        "auditkit": __version__,
+        "packages": _package_versions(),
+    }
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def _package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("torchvision", "scipy", "scikit-learn", "netcal", "fairlearn", "torchattacks", "pillow",
+             "safetensors", "pydantic", "matplotlib", "weasyprint", "jinja2", "monai")  # fmt: skip
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
-def sha256_json(data: Any) -> str:
-    return hashlib.sha256(json.dumps(jsonable(data), sort_keys=True).encode()).hexdigest()
+def model_section(
+    spec: AuditSpec, model: ModelAdapter, preflight: PreflightReport, weights_sha256: str | None
+) -> dict[str, Any]:
+    """What was audited: the model's identity, its input pipeline and the preflight."""
+    m = spec.model
+    return {
+        "factory": m.factory,
+        "factory_kwargs": m.factory_kwargs,
+        "weights": m.weights.name if m.weights else None,
+        "weights_sha256": weights_sha256,
+        "classes": m.classes,
+        "positive_class": m.classes[m.positive_index] if m.positive_index is not None else None,
+        "input": m.input.model_dump(),
+        "normalize": m.normalize.model_dump() if m.normalize else None,
+        "feature_layer": model.feature_layer,
+        "trust_code": m.trust_code,
+        "n_parameters": model.num_parameters,
+        "preflight": preflight.to_json(),
+    }
+
+
+def _split_summary(dataset: Dataset, spec: AuditSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    quarantined: dict[str, int] = {}
+    for entry in dataset.quarantine:
+        quarantined[entry.split] = quarantined.get(entry.split, 0) + 1
+    for name, split in dataset.splits.items():
+        counts = {c: int((split.labels == i).sum()) for i, c in enumerate(spec.model.classes)}
+        groups = {
+            col: {str(g): int((values == g).sum()) for g in sorted(set(values.tolist()))}
+            for col, values in split.groups.items()
+        }
+        out[name] = {
+            "manifest": split.manifest.name,
+            "split_value": {"eval": spec.data.splits.eval, "train": spec.data.splits.train}.get(name),
+            "n_images": split.n,
+            "n_quarantined": quarantined.get(name, 0),
+            "n_patients": len({p for p in split.patients if p is not None}),
+            "class_counts": counts if not name.startswith("ood:") else None,
+            "group_counts": groups,
+            "quarantined_by_group": split.quarantined_groups,
+        }
+    return out
+
+
+def data_section(
+    spec: AuditSpec, dataset: Dataset, coverage: Mapping[str, Mapping[str, Any]], manifest_sha256: str | None
+) -> dict[str, Any]:
+    """What was read: the manifest, groups, per-split counts, coverage and the quarantine list."""
+    return {
+        "manifest": spec.manifest_path.name,
+        "manifest_sha256": manifest_sha256,
+        "groups": {k: v.model_dump() for k, v in spec.data.groups.items()},
+        "dicom_window": spec.data.dicom.window,
+        "splits": _split_summary(dataset, spec),
+        "coverage": {name: {k: v for k, v in c.items() if k != "first_rows"} for name, c in coverage.items()},
+        "quarantine": [q.to_json() for q in dataset.quarantine],
+    }
+
+
+def run_section(
+    *,
+    run_id: str,
+    started_at: str,
+    finished_at: str,
+    duration_s: float,
+    version: str,
+    command: Sequence[str],
+    seed: int,
+    model: ModelAdapter,
+    images_decoded: int,
+    resumed: Sequence[str],
+    selection: Mapping[str, Any],
+) -> dict[str, Any]:
+    """How the audit ran: times, command, seed, and the shared pass's settings and statistics."""
+    stats = model.stats
+    return {
+        "id": run_id,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "duration_s": duration_s,
+        "auditkit_version": version,
+        "command": list(command),
+        "seed": seed,
+        "device": str(model.device),
+        # The shared pass's settings; attacks and other gradient work always run in fp32.
+        "precision": stats.precision,
+        "precision_parity": stats.parity,
+        "precision_fallback": stats.precision_fallback,
+        "channels_last": stats.channels_last,
+        "loader_workers": stats.workers,
+        "pin_memory": stats.pin_memory,
+        "batch_size": stats.batch_size,
+        "batch_halvings": stats.batch_halvings,
+        "forward_calls": stats.forward_calls,
+        "images_forwarded": stats.images_forwarded,
+        "images_forwarded_per_split": stats.per_split,
+        # Every forward pass through the adapter: the shared one, built-in OOD sets, corruptions.
+        "inference_s": round(stats.seconds, 4),
+        "inference_s_per_split": {k: round(v, 4) for k, v in stats.seconds_per_split.items()},
+        "images_decoded": images_decoded,
+        "resumed_checks": list(resumed),
+        "selection": dict(selection),
+    }
+
+
+def assemble(
+    *,
+    run: dict[str, Any],
+    model: dict[str, Any],
+    data: dict[str, Any],
+    checks: list[dict[str, Any]],
+    judged: Mapping[str, Any],
+    policy_source: str,
+    policy_sha256: str,
+) -> dict[str, Any]:
+    """The document, its sections in their fixed order."""
+    return {
+        "schema": SCHEMA,
+        "run": run,
+        "environment": environment(),
+        "model": model,
+        "data": data,
+        "checks": checks,
+        "policy": {**judged["policy"], "source": policy_source, "sha256": policy_sha256},
+        "rules": judged["rules"],
+        "controls": judged["controls"],
+        "verdict": judged["verdict"],
+    }

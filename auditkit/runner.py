@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 import sys
 import time
@@ -32,25 +31,18 @@ from typing import Any
 from pydantic import ValidationError
 
 from auditkit import __version__
-from auditkit.bundle import write_manifest
+from auditkit.bundle import write_bundle
 from auditkit.check import Check, CheckResult, Needs, Skip
 from auditkit.context import AuditContext, ProgressFactory
 from auditkit.coverage import CoverageCheck, coverage_record, require_readable_eval, split_coverage
 from auditkit.data import Dataset, load_dataset
 from auditkit.errors import ConfigError, ModelLoadError
-from auditkit.export import write_csv_exports
+from auditkit.jsonio import jsonable, sha256_file, sha256_json, sha256_text, write_json_atomic
 from auditkit.model import InferenceOptions, ModelAdapter, Precision, first_line, is_out_of_memory
 from auditkit.policy import evaluate, load_attestations, load_framework, load_policy
 from auditkit.preflight import run_preflight
 from auditkit.registry import BrokenCheck, discover
-from auditkit.results import (
-    SCHEMA,
-    jsonable,
-    sha256_file,
-    sha256_json,
-    sha256_text,
-    write_json_atomic,
-)
+from auditkit.results import assemble, data_section, model_section, run_section
 from auditkit.spec import AuditSpec, format_validation_error
 
 log = logging.getLogger(__name__)
@@ -212,37 +204,52 @@ def select_checks(
     return choose_checks(spec, available, broken, only=only, skip=skip).checks
 
 
-def plan_splits(selected: Sequence[SelectedCheck], dataset: Dataset) -> list[str]:
-    """The splits whose forward pass the selected checks need (each computed once)."""
-    needs = [s.cls.needs for s in selected if s.cls is not None]
-    if not any(n.predictions or n.features for n in needs):
-        return []
-    splits = ["eval"]
-    if any((n.train or n.train_optional) and (n.predictions or n.features) for n in needs):
-        splits.append("train")
-    if any(n.ood and (n.predictions or n.features) for n in needs):
-        splits += [name for name in dataset.splits if name.startswith("ood:")]
-    return [s for s in splits if s in dataset.splits]
+@dataclass(frozen=True)
+class Plan:
+    """What the selected checks need, read from their ``needs`` once, before any slow work.
 
+    Attributes:
+        roles: the split roles to load (``eval``, and ``train``/``ood`` when a check reads them).
+        pass_train: the shared pass covers the train split.
+        pass_ood: the shared pass covers the OOD sets.
+        any_pass: some check reads predictions or embeddings at all.
+        features: the pass captures embeddings (else the feature hook is skipped).
+        headers: the decoder keeps DICOM headers (else checks would read the files again).
+    """
 
-def plan_features(selected: Sequence[SelectedCheck]) -> bool:
-    """Whether any selected check reads embeddings (else the pass skips the feature hook)."""
-    return any(s.cls.needs.features for s in selected if s.cls is not None)
+    roles: tuple[str, ...]
+    any_pass: bool
+    pass_train: bool
+    pass_ood: bool
+    features: bool
+    headers: bool
 
+    @classmethod
+    def of(cls, selected: Sequence[SelectedCheck]) -> Plan:
+        needs = [s.cls.needs for s in selected if s.cls is not None]
+        forward = [n for n in needs if n.predictions or n.features]
+        roles = ["eval"]
+        if any(n.train or n.train_optional for n in needs):
+            roles.append("train")
+        if any(n.ood for n in needs):
+            roles.append("ood")
+        return cls(
+            roles=tuple(roles),
+            any_pass=bool(forward),
+            pass_train=any(n.train or n.train_optional for n in forward),
+            pass_ood=any(n.ood for n in forward),
+            features=any(n.features for n in needs),
+            headers=any(n.headers for n in needs),
+        )
 
-def plan_headers(selected: Sequence[SelectedCheck]) -> bool:
-    """Whether any selected check reads DICOM headers (then the decoder keeps them)."""
-    return any(s.cls.needs.headers for s in selected if s.cls is not None)
-
-
-def _roles(selected: Sequence[SelectedCheck]) -> list[str]:
-    needs = [s.cls.needs for s in selected if s.cls is not None]
-    roles = ["eval"]
-    if any(n.train or n.train_optional for n in needs):
-        roles.append("train")
-    if any(n.ood for n in needs):
-        roles.append("ood")
-    return roles
+    def pass_splits(self, dataset: Dataset) -> list[str]:
+        """The loaded splits whose forward pass is needed (each computed once)."""
+        if not self.any_pass:
+            return []
+        splits = ["eval"] + (["train"] if self.pass_train else [])
+        if self.pass_ood:
+            splits += [name for name in dataset.splits if name.startswith("ood:")]
+        return [s for s in splits if s in dataset.splits]
 
 
 def _error_record(error: BaseException) -> dict[str, Any]:
@@ -312,43 +319,6 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
     return record
 
 
-def _environment() -> dict[str, Any]:
-    import numpy
-    import pydicom
-    import torch
-
-    cuda = torch.cuda.is_available()
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda if cuda else None,
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "numpy": numpy.__version__,
-        "pydicom": pydicom.__version__,
-        "auditkit": __version__,
-        "packages": _package_versions(),
-    }
-
-
-def _package_versions() -> dict[str, str | None]:
-    """Versions of the libraries whose numbers the measurements depend on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = ("torchvision", "scipy", "scikit-learn", "netcal", "fairlearn", "torchattacks", "pillow",
-             "safetensors", "pydantic", "matplotlib", "weasyprint", "jinja2", "monai")  # fmt: skip
-    versions: dict[str, str | None] = {}
-    for name in names:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def _fingerprint(spec: AuditSpec, selected: SelectedCheck, inputs: dict[str, str | None]) -> str:
     return sha256_json(
         {
@@ -372,30 +342,6 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
         return None
     record: dict[str, Any] = saved["record"]
     return record
-
-
-def _split_summary(dataset: Dataset, spec: AuditSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    quarantined: dict[str, int] = {}
-    for entry in dataset.quarantine:
-        quarantined[entry.split] = quarantined.get(entry.split, 0) + 1
-    for name, split in dataset.splits.items():
-        counts = {c: int((split.labels == i).sum()) for i, c in enumerate(spec.model.classes)}
-        groups = {
-            col: {str(g): int((values == g).sum()) for g in sorted(set(values.tolist()))}
-            for col, values in split.groups.items()
-        }
-        out[name] = {
-            "manifest": split.manifest.name,
-            "split_value": {"eval": spec.data.splits.eval, "train": spec.data.splits.train}.get(name),
-            "n_images": split.n,
-            "n_quarantined": quarantined.get(name, 0),
-            "n_patients": len({p for p in split.patients if p is not None}),
-            "class_counts": counts if not name.startswith("ood:") else None,
-            "group_counts": groups,
-            "quarantined_by_group": split.quarantined_groups,
-        }
-    return out
 
 
 def run_audit(
@@ -451,7 +397,8 @@ def run_audit(
         "manifest_sha256": sha256_file(spec.manifest_path) if spec.manifest_path.is_file() else None,
         "weights_sha256": sha256_file(weights) if weights is not None else None,
     }
-    dataset = load_dataset(spec, roles=_roles(selected), progress=options.progress, keep_headers=plan_headers(selected))
+    plan = Plan.of(selected)
+    dataset = load_dataset(spec, roles=list(plan.roles), progress=options.progress, keep_headers=plan.headers)
     coverage = split_coverage(dataset)
     require_readable_eval(coverage, data_root=str(spec.data_root), manifest=spec.manifest_path.name)
     ctx = AuditContext(spec, model, dataset, out_dir, progress=options.progress)
@@ -467,7 +414,8 @@ def run_audit(
                 resumed.append(s.id)
     pending = [s for s in selected if s.id not in records]
     try:
-        ctx.prepare(plan_splits(pending, dataset), features=plan_features(pending))
+        remaining = Plan.of(pending)
+        ctx.prepare(remaining.pass_splits(dataset), features=remaining.features)
     except Exception as error:  # the preflight passed: the failure depends on the images themselves
         if is_out_of_memory(error):
             raise
@@ -488,69 +436,27 @@ def run_audit(
     emitters.update({name: CoverageCheck.id for name in CoverageCheck.emits})
     judged = evaluate(policy, check_records, attestations=attestations, emitters=emitters, not_run=selection.not_run)
     finished_at = datetime.now(UTC)
-    stats = model.stats
-    results: dict[str, Any] = {
-        "schema": SCHEMA,
-        "run": {
-            "id": uuid.uuid4().hex,
-            "started_at": started_at.isoformat(timespec="seconds"),
-            "finished_at": finished_at.isoformat(timespec="seconds"),
-            "duration_s": round(time.perf_counter() - started, 3),
-            "auditkit_version": __version__,
-            "command": options.argv or sys.argv,
-            "seed": spec.seed,
-            "device": str(model.device),
-            # The shared pass's settings; attacks and other gradient work always run in fp32.
-            "precision": stats.precision,
-            "precision_parity": stats.parity,
-            "precision_fallback": stats.precision_fallback,
-            "channels_last": stats.channels_last,
-            "loader_workers": stats.workers,
-            "pin_memory": stats.pin_memory,
-            "batch_size": stats.batch_size,
-            "batch_halvings": stats.batch_halvings,
-            "forward_calls": stats.forward_calls,
-            "images_forwarded": stats.images_forwarded,
-            "images_forwarded_per_split": stats.per_split,
-            # Every forward pass through the adapter: the shared one, built-in OOD sets, corruptions.
-            "inference_s": round(stats.seconds, 4),
-            "inference_s_per_split": {k: round(v, 4) for k, v in stats.seconds_per_split.items()},
-            "images_decoded": dataset.images_decoded,
-            "resumed_checks": resumed,
-            "selection": selection.to_json(),
-        },
-        "environment": _environment(),
-        "model": {
-            "factory": spec.model.factory,
-            "factory_kwargs": spec.model.factory_kwargs,
-            "weights": spec.model.weights.name if spec.model.weights else None,
-            "weights_sha256": inputs["weights_sha256"],
-            "classes": spec.model.classes,
-            "positive_class": spec.model.classes[spec.model.positive_index]
-            if spec.model.positive_index is not None
-            else None,
-            "input": spec.model.input.model_dump(),
-            "normalize": spec.model.normalize.model_dump() if spec.model.normalize else None,
-            "feature_layer": model.feature_layer,
-            "trust_code": spec.model.trust_code,
-            "n_parameters": model.num_parameters,
-            "preflight": preflight.to_json(),
-        },
-        "data": {
-            "manifest": spec.manifest_path.name,
-            "manifest_sha256": inputs["manifest_sha256"],
-            "groups": {k: v.model_dump() for k, v in spec.data.groups.items()},
-            "dicom_window": spec.data.dicom.window,
-            "splits": _split_summary(dataset, spec),
-            "coverage": {name: {k: v for k, v in c.items() if k != "first_rows"} for name, c in coverage.items()},
-            "quarantine": [q.to_json() for q in dataset.quarantine],
-        },
-        "checks": check_records,
-        "policy": {**judged["policy"], "source": spec.policy, "sha256": sha256_text(policy_text)},
-        "rules": judged["rules"],
-        "controls": judged["controls"],
-        "verdict": judged["verdict"],
-    }
+    results = assemble(
+        run=run_section(
+            run_id=uuid.uuid4().hex,
+            started_at=started_at.isoformat(timespec="seconds"),
+            finished_at=finished_at.isoformat(timespec="seconds"),
+            duration_s=round(time.perf_counter() - started, 3),
+            version=__version__,
+            command=options.argv or sys.argv,
+            seed=spec.seed,
+            model=model,
+            images_decoded=dataset.images_decoded,
+            resumed=resumed,
+            selection=selection.to_json(),
+        ),
+        model=model_section(spec, model, preflight, inputs["weights_sha256"]),
+        data=data_section(spec, dataset, coverage, inputs["manifest_sha256"]),
+        checks=check_records,
+        judged=judged,
+        policy_source=spec.policy,
+        policy_sha256=sha256_text(policy_text),
+    )
     write_bundle(out_dir, results, spec=spec, report=options.report, pdf=options.pdf)
     return AuditOutcome(results=results, out_dir=out_dir, exit_code=exit_code_for(results))
 
@@ -560,50 +466,3 @@ def exit_code_for(results: Mapping[str, Any]) -> int:
     if any(c.get("status") == "error" for c in results.get("checks", [])):
         return EXIT_CHECK_ERROR
     return EXIT_POLICY_FAILED if results.get("verdict") == "fail" else EXIT_PASS
-
-
-def write_bundle(
-    out_dir: Path,
-    results: dict[str, Any],
-    *,
-    spec: AuditSpec | None,
-    report: bool = True,
-    pdf: bool = True,
-) -> None:
-    """results.json, the CSV exports, then report.html/report.pdf, then manifest.json over all of them."""
-    write_json_atomic(out_dir / "results.json", results)
-    write_csv_exports(out_dir, results)
-    if report:
-        from auditkit.reports.render import write_report
-
-        write_report(out_dir, results, pdf=pdf)
-    inputs: dict[str, Path | None] = {}
-    if spec is not None:
-        inputs = {
-            "spec": spec.source_file,
-            "weights": spec.weights_path,
-            "data_manifest": spec.manifest_path,
-            "attestations": spec.attestations_path,
-        }
-        policy_path = spec.resolve(Path(spec.policy))
-        if policy_path.is_file():
-            inputs["policy"] = policy_path
-    previous: list[dict[str, Any]] = []
-    if spec is None and (out_dir / "manifest.json").is_file():
-        import json
-
-        try:
-            previous = list(json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["inputs"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("manifest.json unreadable; its input hashes are not carried over")
-    extra = {}
-    policy = results.get("policy") or {}
-    if policy.get("sha256") and "policy" not in inputs:
-        extra["policy"] = (f"{policy.get('name')} (packaged)", policy["sha256"])
-    write_manifest(
-        out_dir,
-        inputs=inputs,
-        environment=results.get("environment", {}),
-        extra_inputs=extra,
-        previous_inputs=previous,
-    )

@@ -147,26 +147,23 @@ def clear_process_caches() -> None:
     clear_caches()
 
 
-def _roles(checks: Mapping[str, tuple[type[Any], Any]]) -> list[str]:
-    from auditkit.runner import SelectedCheck, _roles
+def _plan_of(checks: Mapping[str, tuple[type[Any], Any]]) -> Any:
+    from auditkit.runner import Plan, SelectedCheck
 
-    return _roles([SelectedCheck(cid, cls, params, {}) for cid, (cls, params) in checks.items()])
+    return Plan.of([SelectedCheck(cid, cls, params, {}) for cid, (cls, params) in checks.items()])
 
 
 def _plan(checks: Mapping[str, tuple[type[Any], Any]], dataset: Any) -> tuple[list[str], bool]:
-    from auditkit.runner import SelectedCheck, plan_features, plan_splits
-
-    selected = [SelectedCheck(cid, cls, params, {}) for cid, (cls, params) in checks.items()]
-    return plan_splits(selected, dataset), plan_features(selected)
+    plan = _plan_of(checks)
+    return plan.pass_splits(dataset), plan.features
 
 
 def _load(spec: Any, checks: Mapping[str, tuple[type[Any], Any]]) -> Any:
     """Decode what the checks need, as the runner does (headers kept when a check reads them)."""
     from auditkit.data import load_dataset
-    from auditkit.runner import SelectedCheck, plan_headers
 
-    selected = [SelectedCheck(cid, cls, params, {}) for cid, (cls, params) in checks.items()]
-    return load_dataset(spec, roles=_roles(checks), keep_headers=plan_headers(selected))
+    plan = _plan_of(checks)
+    return load_dataset(spec, roles=list(plan.roles), keep_headers=plan.headers)
 
 
 def plain_pass(

@@ -11,7 +11,7 @@ import pytest
 from auditkit.bundle import verify_bundle
 from auditkit.cli import main
 from auditkit.errors import InputError
-from auditkit.results import sha256_file
+from auditkit.jsonio import sha256_file
 from auditkit.runner import RunOptions, run_audit
 from auditkit.spec import load_spec
 
