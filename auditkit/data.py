@@ -20,7 +20,7 @@ import math
 import os
 import re
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,6 +437,48 @@ def window_setting(spec: AuditSpec) -> WindowSetting:
     return WindowSetting(mode=window)
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """What the loader takes from a spec, paths resolved: where the data are, which rows are which
+    split, the group columns, the OOD manifests, and the model input the images are decoded to.
+
+    Attributes:
+        root: the folder manifest paths are relative to.
+        manifest: the main manifest (eval and train rows).
+        eval_split, train_split: the ``split`` column values of the eval and train rows.
+        groups: group column -> its spec (banding).
+        ood: OOD set name -> its manifest.
+        classes: the label names, in the model's output order.
+        shape: ``(channels, height, width)`` of the model input.
+        window: how DICOM intensities map to [0, 1].
+    """
+
+    root: Path
+    manifest: Path
+    eval_split: str
+    train_split: str | None
+    groups: Mapping[str, GroupSpec]
+    ood: Mapping[str, Path]
+    classes: Sequence[str]
+    shape: tuple[int, int, int]
+    window: WindowSetting
+
+    @classmethod
+    def from_spec(cls, spec: AuditSpec) -> DataSource:
+        shape = spec.model.input
+        return cls(
+            root=spec.data_root,
+            manifest=spec.manifest_path,
+            eval_split=spec.data.splits.eval,
+            train_split=spec.data.splits.train,
+            groups=dict(spec.data.groups),
+            ood={name: spec.resolve(ood.manifest) for name, ood in spec.data.ood.items()},
+            classes=list(spec.model.classes),
+            shape=(shape.channels, shape.height, shape.width),
+            window=window_setting(spec),
+        )
+
+
 @dataclass
 class Dataset:
     """Every split the audit uses, the quarantine list and the surrogate tables' sizes."""
@@ -453,7 +495,7 @@ def build_split(
     manifest: Path,
     decoded: DecodeResult,
     *,
-    spec: AuditSpec,
+    source: DataSource,
     patients: Surrogates,
     studies: Surrogates,
     quarantine: list[QuarantineEntry],
@@ -464,10 +506,10 @@ def build_split(
     ``keep_headers``: the rows' DICOM data sets (decoded with ``keep_headers``) go into
     :attr:`SplitData.headers`.
     """
-    shape = (spec.model.input.channels, spec.model.input.height, spec.model.input.width)
+    shape = source.shape
     keep: list[int] = []
-    group_values: dict[str, list[str]] = {g: [] for g in spec.data.groups}
-    quarantined_groups: dict[str, dict[str, int]] = {g: {} for g in spec.data.groups}
+    group_values: dict[str, list[str]] = {g: [] for g in source.groups}
+    quarantined_groups: dict[str, dict[str, int]] = {g: {} for g in source.groups}
     patient_ids: list[str | None] = []
     study_ids: list[str | None] = []
     for i, row in enumerate(rows):
@@ -476,7 +518,7 @@ def build_split(
         patient = patients(row.patient_id or (header.patient_id if header else None))
         study = studies(row.study_id or (header.study_uid if header else None))
         groups: dict[str, str] = {}
-        for column, group_spec in spec.data.groups.items():
+        for column, group_spec in source.groups.items():
             raw = row.groups.get(column)
             if raw is None:  # read from the DICOM header instead
                 raw = header.attributes.get(column, "") if header else ""
@@ -519,7 +561,7 @@ def build_split(
 
 
 def load_dataset(
-    spec: AuditSpec,
+    spec: AuditSpec | DataSource,
     *,
     roles: Iterable[str] = ("eval", "train", "ood"),
     budget: DecodeBudget | None = None,
@@ -529,7 +571,7 @@ def load_dataset(
     """Validate the manifests, decode every image the audit needs once, quarantine failures.
 
     Args:
-        spec: the audit spec.
+        spec: the audit spec, or just the parts the loader uses (:class:`DataSource`).
         roles: which roles to load (``eval`` always; ``train`` and ``ood`` when a check needs them).
         budget: decoding limits.
         progress: ``progress(label, total)`` returns a per-image callback (or None).
@@ -537,26 +579,27 @@ def load_dataset(
             (:attr:`SplitData.headers`) for checks that read headers, instead of their reading
             every file again (about 22 KB per image of memory, against a second parse).
     """
+    source = spec if isinstance(spec, DataSource) else DataSource.from_spec(spec)
     roles = set(roles) | {"eval"}
     budget = budget or DecodeBudget()
-    root = spec.data_root
+    root = source.root
     if not root.is_dir():
         raise InputError(f"data.root: folder not found: {root}")
-    group_columns = list(spec.data.groups)
+    group_columns = list(source.groups)
     manifest = read_manifest(
-        spec.manifest_path,
+        source.manifest,
         root=root,
-        classes=spec.model.classes,
+        classes=list(source.classes),
         group_columns=group_columns,
         header_group_columns=HEADER_GROUP_KEYWORDS,
     )
     has_split_column = "split" in manifest.columns
-    wanted = {"eval": spec.data.splits.eval}
-    if spec.data.splits.train is not None:
-        wanted["train"] = spec.data.splits.train
+    wanted = {"eval": source.eval_split}
+    if source.train_split is not None:
+        wanted["train"] = source.train_split
     if not has_split_column and "train" in wanted:
         raise InputError(
-            f"{manifest.source.name}: data.splits.train is {spec.data.splits.train!r} but the"
+            f"{manifest.source.name}: data.splits.train is {source.train_split!r} but the"
             " manifest has no 'split' column"
         )
     by_role: dict[str, list[ManifestRow]] = {}
@@ -565,27 +608,24 @@ def load_dataset(
     if not by_role["eval"]:
         present = sorted({r.split or "" for r in manifest.rows})
         raise InputError(
-            f"{manifest.source.name}: no rows with split {spec.data.splits.eval!r}"
+            f"{manifest.source.name}: no rows with split {source.eval_split!r}"
             f" (data.splits.eval); the split column holds {present}"
         )
     if "train" in by_role and not by_role["train"]:
         present = sorted({r.split or "" for r in manifest.rows})
         raise InputError(
-            f"{manifest.source.name}: no rows with split {spec.data.splits.train!r}"
+            f"{manifest.source.name}: no rows with split {source.train_split!r}"
             f" (data.splits.train); the split column holds {present}"
         )
     extra_manifests: dict[str, Manifest] = {}
     if "ood" in roles:
-        for name, ood in spec.data.ood.items():
-            extra_manifests[f"ood:{name}"] = read_manifest(
-                spec.resolve(ood.manifest), root=root, classes=None, require_label=False
-            )
+        for name, path in source.ood.items():
+            extra_manifests[f"ood:{name}"] = read_manifest(path, root=root, classes=None, require_label=False)
 
     patients, studies = Surrogates("P"), Surrogates("S")
     quarantine: list[QuarantineEntry] = []
     splits: dict[str, SplitData] = {}
-    window = window_setting(spec)
-    shape = spec.model.input
+    channels, height, width = source.shape
     plan: list[tuple[str, Sequence[ManifestRow], Path]] = [
         (role, by_role[role], manifest.source) for role in ("eval", "train") if role in by_role and role in roles
     ]
@@ -598,14 +638,14 @@ def load_dataset(
         if r.study_id:
             studies(r.study_id)
     decoded_total = 0
-    for name, rows, source in plan:
+    for name, rows, manifest_path in plan:
         callback = progress(f"decode {name}", len(rows)) if progress else None
         decoded = decode_all(
             [r.path for r in rows],
-            channels=shape.channels,
-            height=shape.height,
-            width=shape.width,
-            window=window,
+            channels=channels,
+            height=height,
+            width=width,
+            window=source.window,
             budget=budget,
             progress=callback,
             keep_headers=keep_headers,
@@ -614,9 +654,9 @@ def load_dataset(
         splits[name] = build_split(
             name,
             rows,
-            source,
+            manifest_path,
             decoded,
-            spec=spec,
+            source=source,
             patients=patients,
             studies=studies,
             quarantine=quarantine,
