@@ -16,6 +16,14 @@ Use it in the check's own test suite::
     def test_conformance():
         check_check(MyCheck)
 
+or one test item per property of the contract::
+
+    from auditkit.testing import check_property, parametrize_with_checks
+
+    @parametrize_with_checks([MyCheck])
+    def test_contract(check, prop):
+        check_property(check, prop)
+
 ``make_context(...)`` builds a small in-memory context for a check's unit tests.
 """
 
@@ -92,17 +100,26 @@ def _metadata(cls: type[Check[Any]], report: ConformanceReport) -> None:
         report.fail(f"metric names must be '<check id>.<metric>', got {bad}")
 
 
-def _record_problems(record: dict[str, Any], cls: type[Check[Any]], report: ConformanceReport) -> None:
+def _declared_reads(record: dict[str, Any], cls: type[Check[Any]], report: ConformanceReport) -> None:
     for read in record.get("undeclared_reads", []):
         report.fail(f"undeclared read: {read}")
+
+
+def _runs_ok(record: dict[str, Any], cls: type[Check[Any]], report: ConformanceReport) -> None:
     if record["status"] == "error":
         error = record.get("error") or {}
         report.fail(f"run() raised {error.get('type')}: {error.get('message')} (at {error.get('where')})")
-        return
+
+
+def _declared_metrics(record: dict[str, Any], cls: type[Check[Any]], report: ConformanceReport) -> None:
+    for metric in record["metrics"]:
+        if metric["name"] not in cls.emits:
+            report.fail(f"metric {metric['name']} {metric['labels']} is not declared in emits")
+
+
+def _well_formed_metrics(record: dict[str, Any], cls: type[Check[Any]], report: ConformanceReport) -> None:
     for metric in record["metrics"]:
         where = f"metric {metric['name']} {metric['labels']}"
-        if metric["name"] not in cls.emits:
-            report.fail(f"{where} is not declared in emits")
         if metric["direction"] not in ("higher_is_better", "lower_is_better"):
             report.fail(f"{where}: direction {metric['direction']!r}")
         if metric["value"] is None and not metric.get("reason"):
@@ -112,6 +129,9 @@ def _record_problems(record: dict[str, Any], cls: type[Check[Any]], report: Conf
             report.fail(f"{where}: interval {ci} is not ordered")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metric["labels"].items()):
             report.fail(f"{where}: labels must map strings to strings")
+
+
+def _findings(record: dict[str, Any], cls: type[Check[Any]], report: ConformanceReport) -> None:
     for finding in record["findings"]:
         if not isinstance(finding, dict) or not isinstance(finding.get("kind"), str):
             report.fail(f"finding {str(finding)[:80]} needs a string 'kind'")
@@ -144,51 +164,135 @@ def _strip_volatile(value: Any) -> Any:
     return value
 
 
+@dataclass
+class _Runs:
+    """Two runs of one check on the synthetic study, and what they published."""
+
+    first: dict[str, Any]
+    second: dict[str, Any]
+    published: str
+    identifying: set[str]
+
+
+_CACHE: dict[tuple[type[Any], int], _Runs] = {}
+
+
+def _run_twice(cls: type[Check[Any]], root: Path, n_patients: int) -> _Runs:
+    from auditkit.demo import prepare_demo
+    from auditkit.runner import RunOptions, run_audit
+    from auditkit.spec import load_spec
+
+    spec_path = prepare_demo(root / "study-root", n_patients=n_patients)
+    spec = load_spec(spec_path).model_copy(update={"checks": {cls.id: {}}, "only": [cls.id]})
+    records = []
+    for attempt in ("first", "second"):
+        outcome = run_audit(spec, RunOptions(out_dir=root / attempt, report=False, pdf=False), checks={cls.id: cls})
+        records.append(next(c for c in outcome.results["checks"] if c["id"] == cls.id))
+    published = json.dumps(records[0], sort_keys=True)
+    for artifact in records[0].get("artifacts", []):
+        path = root / "first" / artifact["path"]
+        if path.is_file():
+            published += path.read_text(encoding="utf-8", errors="ignore")
+    return _Runs(records[0], records[1], published, _identifying_values(spec_path.parent))
+
+
+def _judge_runs(runs: _Runs, cls: type[Check[Any]], report: ConformanceReport, names: Sequence[str]) -> None:
+    first = runs.first
+    report.status = first["status"]
+    report.n_metrics, report.n_findings = len(first["metrics"]), len(first["findings"])
+    judges = {
+        "declared_reads": _declared_reads,
+        "runs": _runs_ok,
+        "declared_metrics": _declared_metrics,
+        "well_formed_metrics": _well_formed_metrics,
+        "findings": _findings,
+    }
+    for name in names:
+        if name in judges:
+            judges[name](first, cls, report)
+        elif name == "deterministic" and _strip_volatile(first) != _strip_volatile(runs.second):
+            report.fail("two runs with the same seed gave different results (seed every random draw from ctx.rng)")
+        elif name == "no_identifiers":
+            leaked = sorted(k for k in runs.identifying if k in runs.published)
+            if leaked:
+                report.fail(f"{len(leaked)} identifying DICOM header value(s) appear in the results or artifacts")
+
+
+PROPERTIES: tuple[str, ...] = (
+    "metadata",
+    "runs",
+    "declared_reads",
+    "declared_metrics",
+    "well_formed_metrics",
+    "findings",
+    "deterministic",
+    "no_identifiers",
+)
+"""The contract, one named property each (:func:`check_property`, :func:`parametrize_with_checks`)."""
+
+
 def check_check(cls: type[Check[Any]], *, workdir: Path | None = None, n_patients: int = 24) -> ConformanceReport:
-    """Verify ``cls`` against the check contract; raise :class:`CheckConformanceError` if broken.
+    """Verify ``cls`` against every property of the check contract at once.
+
+    Raises :class:`CheckConformanceError` listing every problem found.
 
     Args:
         cls: the check class (not an instance).
         workdir: where to write the synthetic study and outputs (default: a temporary folder).
         n_patients: size of the synthetic study.
     """
-    from auditkit.demo import prepare_demo
-    from auditkit.runner import RunOptions, run_audit
-    from auditkit.spec import load_spec
-
     report = ConformanceReport(check=str(getattr(cls, "id", cls.__name__)))
     _metadata(cls, report)
     if report.problems:
         raise CheckConformanceError(f"{report.check}: " + "; ".join(report.problems))
     with tempfile.TemporaryDirectory(prefix="auditkit-conformance-") as tmp:
-        root = workdir or Path(tmp)
-        spec_path = prepare_demo(root / "study-root", n_patients=n_patients)
-        spec = load_spec(spec_path).model_copy(update={"checks": {cls.id: {}}, "only": [cls.id]})
-        records = []
-        for attempt in ("first", "second"):
-            outcome = run_audit(
-                spec,
-                RunOptions(out_dir=root / attempt, report=False, pdf=False),
-                checks={cls.id: cls},
-            )
-            records.append(next(c for c in outcome.results["checks"] if c["id"] == cls.id))
-        first = records[0]
-        report.status = first["status"]
-        report.n_metrics, report.n_findings = len(first["metrics"]), len(first["findings"])
-        _record_problems(first, cls, report)
-        if _strip_volatile(records[0]) != _strip_volatile(records[1]):
-            report.fail("two runs with the same seed gave different results (seed every random draw from ctx.rng)")
-        published = json.dumps(first, sort_keys=True)
-        for artifact in first.get("artifacts", []):
-            path = root / "first" / artifact["path"]
-            if path.is_file():
-                published += path.read_text(encoding="utf-8", errors="ignore")
-        leaked = sorted(k for k in _identifying_values(spec_path.parent) if k in published)
-        if leaked:
-            report.fail(f"{len(leaked)} identifying DICOM header value(s) appear in the results or artifacts")
+        runs = _run_twice(cls, workdir or Path(tmp), n_patients)
+        _judge_runs(runs, cls, report, PROPERTIES)
     if report.problems:
         raise CheckConformanceError(f"{report.check}: " + "; ".join(report.problems))
     return report
+
+
+def check_property(cls: type[Check[Any]], name: str, *, n_patients: int = 24) -> None:
+    """Verify one named property of the contract (see :data:`PROPERTIES`).
+
+    The check runs twice on the synthetic study once per class and process; each property then
+    judges those runs, so a suite of one item per property costs one pair of runs.
+
+    Raises:
+        CheckConformanceError: the property does not hold; the message names each problem.
+        ValueError: an unknown property name.
+    """
+    if name not in PROPERTIES:
+        raise ValueError(f"unknown property {name!r}; expected one of {list(PROPERTIES)}")
+    report = ConformanceReport(check=str(getattr(cls, "id", cls.__name__)))
+    _metadata(cls, report)
+    if name == "metadata" or report.problems:
+        if report.problems:
+            raise CheckConformanceError(f"{report.check} [{name}]: " + "; ".join(report.problems))
+        return
+    key = (cls, n_patients)
+    if key not in _CACHE:
+        _CACHE[key] = _run_twice(cls, Path(tempfile.mkdtemp(prefix="auditkit-conformance-")), n_patients)
+    _judge_runs(_CACHE[key], cls, report, [name])
+    if report.problems:
+        raise CheckConformanceError(f"{report.check} [{name}]: " + "; ".join(report.problems))
+
+
+def parametrize_with_checks(checks: Sequence[type[Check[Any]]]) -> Any:
+    """A ``pytest.mark.parametrize`` over every (check, property) pair, as scikit-learn's
+    ``parametrize_with_checks`` does: one test item per property, named ``<id>-<property>``::
+
+        @parametrize_with_checks([MyCheck])
+        def test_contract(check, prop):
+            check_property(check, prop)
+    """
+    import pytest
+
+    pairs = [(check, prop) for check in checks for prop in PROPERTIES]
+    return pytest.mark.parametrize(
+        ("check", "prop"), pairs, ids=[f"{getattr(c, 'id', c.__name__)}-{p}" for c, p in pairs]
+    )
 
 
 def rules_for(check_id: str, policy: str = "medical-imaging-default") -> Any:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs
-from auditkit.testing import CheckConformanceError, check_check
+from auditkit.testing import CheckConformanceError, check_check, check_property, parametrize_with_checks
 
 sys.path.insert(0, str(Path(__file__).parent / "plugin_example"))
 from auditkit_example import PredictionEntropyCheck
@@ -74,3 +74,19 @@ def test_metadata_problems_are_listed_without_running() -> None:
     assert "family must be a non-empty string" in message
     assert "Params() defaults are invalid" in message
     assert "metric names must be '<check id>.<metric>'" in message
+
+
+@parametrize_with_checks([PredictionEntropyCheck])
+def test_the_example_plugin_property_by_property(check: type[Check[Any]], prop: str) -> None:
+    """One item per property of the contract; the check runs twice for all of them together."""
+    check_property(check, prop)
+
+
+def test_a_failing_property_is_named(tmp_path: Path) -> None:
+    with pytest.raises(CheckConformanceError, match=r"leaky \[deterministic\]: two runs with the same seed"):
+        check_property(Leaky, "deterministic", n_patients=8)
+    with pytest.raises(CheckConformanceError, match=r"leaky \[declared_metrics\]: .*leaky.undeclared"):
+        check_property(Leaky, "declared_metrics", n_patients=8)
+    check_property(Leaky, "findings", n_patients=8)  # its findings do have a kind
+    with pytest.raises(ValueError, match="unknown property 'speed'"):
+        check_property(Leaky, "speed")
