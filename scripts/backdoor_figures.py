@@ -74,7 +74,7 @@ def main() -> None:
                         f"  candidate {candidate['method']:22s} {candidate['class']:8s} share {candidate['share']:.3f}"
                         f"  eval share {eval_share}  p {p_value}  confirmed {candidate['confirmed']}"
                     )
-            for method in ("activation_clustering", "spectral_signature", "strip"):
+            for method in ("activation_clustering", "spectral_signature", "neighbourhood", "strip"):
                 found = {
                     row
                     for f in checks["poisoned"]["findings"]

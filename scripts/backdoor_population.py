@@ -7,14 +7,14 @@ twins - audits each with the backdoor check at its default parameters (CPU), and
 * one row per model: part, data kind, architecture, classes, seed, attack, test accuracy,
   attack success, verdict, suspected target, and per data-level method the largest share of a
   class flagged (for a twin: recall / precision on the poisoned rows);
-* per part (``tuning``, ``held_out_1``, ``held_out_2``, ``held_out_3``; the first three together
-  are what the final rule was chosen on, the last is the reported held-out part): the
+* per part (``tuning``, ``held_out_1``, ``held_out_2``, ``held_out_3``, ``held_out_4``; the first
+  four together are what the final rule was chosen on, the last is the reported held-out part): the
   model-level false-positive rate on clean models, the data-level one (a clean model with more
   than 2% of some class flagged by a method), both with Wilson 95% intervals; the detection
   rate with the right target on poisoned twins, by attack kind; recall and precision on the
   BadNets twins' poisoned rows.
 
-    python scripts/backdoor_population.py [--part held_out_3] [--only chest] [--jobs 2] [--json out.json]
+    python scripts/backdoor_population.py [--part held_out_4] [--only chest] [--jobs 2] [--json out.json]
 
 Trained weights are cached under ``--cache`` (default ``$XDG_CACHE_HOME/auditkit/backdoor-population``,
 outside the repository) keyed by the member and the generator version; audit results are cached
@@ -38,10 +38,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-METHODS = ("activation_clustering", "spectral_signature", "strip")
-SHORT = {"activation_clustering": "AC", "spectral_signature": "SS", "strip": "STRIP"}
+METHODS = ("activation_clustering", "spectral_signature", "neighbourhood", "strip")
+SHORT = {
+    "activation_clustering": "AC",
+    "spectral_signature": "SS",
+    "neighbourhood": "NB",
+    "strip": "STRIP",
+    "any": "any",
+}
+FAIL_RULES = ("activation_clustering", "spectral_signature")  # the policies' fail rules (BD-DATA-*)
 DATA_LIMIT = 0.02  # the policies' BD-DATA-CLUSTER / BD-DATA-SPECTRAL threshold
-PARTS = ("tuning", "held_out_1", "held_out_2", "held_out_3")
+PARTS = ("tuning", "held_out_1", "held_out_2", "held_out_3", "held_out_4")
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -166,6 +173,17 @@ def audit_member(member: Any, cache: Path, *, use_result_cache: bool = True, thr
             "precision": hits / len(rows) if truth and rows else None,
             "flagged_subgroups": sorted({str(dataset.subgroups[r]) or "main" for r in rows - truth}),
         }
+    # "any": a row flagged by some method; its largest class share is bounded by the methods'.
+    rows = {row for f in _findings(check, "poisoning_suspected") for row in f["rows"]}
+    hits = len(rows & truth)
+    shares = [m["max_fraction"] for m in per_method.values() if m["max_fraction"] is not None]
+    per_method["any"] = {
+        "max_fraction": max(shares) if shares else None,
+        "flagged": len(rows),
+        "recall": hits / len(truth) if truth else None,
+        "precision": hits / len(rows) if truth and rows else None,
+        "flagged_subgroups": sorted({str(dataset.subgroups[r]) or "main" for r in rows - truth}),
+    }
     searches = {f["class"]: f for f in _findings(check, "trigger_search")}
     per_class = {
         name: {
@@ -264,7 +282,7 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         summary[f"data_fp_{method}"] = (over, len(clean))
         worst = max((r["methods"][method]["max_fraction"] or 0.0 for r in clean), default=0.0)
         summary[f"data_worst_{method}"] = worst
-    failing = sum(any((r["methods"][m]["max_fraction"] or 0.0) > DATA_LIMIT for m in METHODS[:2]) for r in clean)
+    failing = sum(any((r["methods"][m]["max_fraction"] or 0.0) > DATA_LIMIT for m in FAIL_RULES) for r in clean)
     summary["data_fp_fail_rules"] = (failing, len(clean))
     exact = [r["suspected_targets"] == [r["target"]] for r in twins]
     among = [r["target"] in r["suspected_targets"] for r in twins]
@@ -282,7 +300,7 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         counts[2] += 1
     summary["detected_by_kind"] = {kind: tuple(counts) for kind, counts in by_kind.items()}
     badnets = [r for r in twins if r["attack"] == "badnets"]
-    for method in METHODS:
+    for method in (*METHODS, "any"):
         truth = sum(r["poisoned_rows"] for r in badnets)
         hits = sum(round((r["methods"][method]["recall"] or 0.0) * r["poisoned_rows"]) for r in badnets)
         flagged = sum(r["methods"][method]["flagged"] for r in badnets)
@@ -315,7 +333,7 @@ def print_summary(name: str, summary: Mapping[str, Any], out: Any = sys.stdout) 
     print(f"twins whose attack took (success >= 0.5), target among the suspects: {effective}", file=out)
     for kind, (hits, only, n) in sorted(summary["detected_by_kind"].items()):
         print(f"  {kind:14s} target among suspects {hits}/{n}, only suspect {only}/{n}", file=out)
-    for method in METHODS:
+    for method in (*METHODS, "any"):
         figures = summary[f"badnets_{method}"]
         print(
             f"BadNets poisoned rows, {SHORT[method]:5s}: recall {_fmt(figures['recall'])}, precision "
@@ -362,10 +380,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_table(records)
     summaries = {}
     groups: dict[str, tuple[str, ...]] = {part: (part,) for part in PARTS}
-    groups["tuning + held_out_1 + held_out_2 (what the final rule was chosen on)"] = (
+    groups["tuning + held_out_1 + held_out_2 + held_out_3 (what the final rule was chosen on)"] = (
         "tuning",
         "held_out_1",
         "held_out_2",
+        "held_out_3",
     )
     for label, parts in groups.items():
         chosen = [r for r in records if r["part"] in parts]

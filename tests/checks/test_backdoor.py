@@ -29,6 +29,7 @@ from auditkit.checks.backdoor import (
     reverse_engineer_trigger,
     spectral_signature,
     strip_entropy,
+    train_only_neighbourhood,
 )
 from auditkit.policy import evaluate
 from auditkit.testing import rules_for
@@ -245,6 +246,76 @@ def test_confirm_population_places_a_flagged_subset_by_its_centroid() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Train-only neighbourhoods: poisoned rows have no clean neighbours
+
+
+def one_label(
+    seed: int, *, n_train: int = 120, n_poison: int = 15, n_reference: int = 80, shared: bool = False, d: int = 16
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A label's training embeddings (a separated population of ``n_poison`` rows at the end) and
+    clean reference embeddings of it - which hold the population at the training share when
+    ``shared`` (a natural sub-population: bilateral effusions, one site's images)."""
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=d)
+    direction *= 8.0 / np.linalg.norm(direction)
+    train = np.vstack([rng.normal(size=(n_train, d)), rng.normal(size=(n_poison, d)) + direction])
+    reference = rng.normal(size=(n_reference, d))
+    if shared:
+        reference[: round(n_reference * n_poison / (n_train + n_poison))] += direction
+    return train, reference, np.r_[np.zeros(n_train, bool), np.ones(n_poison, bool)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_train_only_population_is_found_whole(seed: int) -> None:
+    features, reference, truth = one_label(seed)
+    found = train_only_neighbourhood(features, reference)
+    assert found.confirmed and np.array_equal(found.flagged, truth)
+    assert found.reference_share == 0.0 and found.confirmation_p == pytest.approx((1 - truth.mean()) ** 80)
+    assert found.statistic >= 1.15  # the poison's nearest clean image lies beyond its own neighbourhood
+    assert found.scores[truth].min() > found.scores[~truth].max()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_natural_sub_population_shared_with_the_eval_split_is_not_flagged(seed: int) -> None:
+    # The same separated population - what k-means splits off - but the clean images hold it too.
+    features, reference, _ = one_label(seed, shared=True)
+    found = train_only_neighbourhood(features, reference)
+    assert not found.flagged.any() and not found.confirmed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_single_population_has_no_train_only_neighbourhood(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    found = train_only_neighbourhood(rng.normal(size=(300, 16)), rng.normal(size=(120, 16)))
+    assert not found.flagged.any()
+
+
+def test_the_neighbourhood_widens_with_few_reference_images() -> None:
+    # 30 clean images for 135 training rows: a neighbour is a clean image with probability 0.18, so
+    # an empty neighbourhood is significant only from 16 neighbours on - more than the 15 poisoned
+    # rows have of their own: a population must outnumber the widened neighbourhood to be found.
+    features, reference, truth = one_label(0, n_reference=30)
+    assert not train_only_neighbourhood(features, reference).flagged.any()
+    features, reference, truth = one_label(0, n_poison=30, n_reference=30)
+    found = train_only_neighbourhood(features, reference)
+    assert found.confirmed and (found.flagged & truth).sum() >= 0.9 * truth.sum()
+    assert not found.flagged[~truth].any()
+
+
+def test_train_only_neighbourhood_validates_and_skips() -> None:
+    features, reference, _ = one_label(0)
+    with pytest.raises(ValueError, match="reference must be"):
+        train_only_neighbourhood(features, reference[:, :3])
+    with pytest.raises(ValueError, match="finite"):
+        train_only_neighbourhood(np.full((20, 4), np.nan), reference[:, :4])
+    assert not train_only_neighbourhood(features[:5], reference).flagged.any()  # too few samples
+    assert not train_only_neighbourhood(features, reference[:0]).flagged.any()  # no clean image
+    # Duplicated embeddings: a row's neighbours never include itself.
+    doubled = np.vstack([features, features[:10]])
+    assert train_only_neighbourhood(doubled, reference).flagged.sum() >= 15
+
+
+# --------------------------------------------------------------------------------------------
 # STRIP
 
 
@@ -425,7 +496,8 @@ def flagged_rows(check: Mapping[str, Any], method: str) -> set[int]:
 # Activation clustering reaches recall 0.8 at precision 0.5 on both studies; spectral signatures on
 # the binary study only (on the multi-class one the poison is a third of its label and inflates the
 # MAD of the cut); STRIP on the multi-class study only (the binary model's trigger fades under
-# superimposition). A missed figure is recorded as what was measured, so a regression still fails.
+# superimposition); the train-only neighbourhood test on both. A missed figure is recorded as what
+# was measured, so a regression still fails.
 REACHES = [
     ("binary", "activation_clustering", 0.8),
     ("binary", "spectral_signature", 0.8),
@@ -435,6 +507,8 @@ REACHES = [
     ("multiclass", "activation_clustering", 0.8),
     ("multiclass", "spectral_signature", 0.0),  # misses: the poison is a third of its label (documented)
     ("multiclass", "strip", 0.8),
+    ("binary", "neighbourhood", 0.8),
+    ("multiclass", "neighbourhood", 0.8),
 ]
 
 
@@ -452,7 +526,7 @@ def test_data_level_detectors_find_the_poisoned_rows(
 
 
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
-@pytest.mark.parametrize("method", ["activation_clustering", "spectral_signature", "strip"])
+@pytest.mark.parametrize("method", ["activation_clustering", "spectral_signature", "neighbourhood", "strip"])
 def test_data_level_detectors_flag_at_most_2_percent_of_the_clean_twin(
     backdoor_runs: Mapping[str, Any], task: str, method: str
 ) -> None:

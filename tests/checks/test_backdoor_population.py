@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from auditkit.checks.backdoor import BackdoorCheck
+from auditkit.checks.backdoor import METHODS, BackdoorCheck
 
 FAST = {"trigger_samples": 32, "trigger_steps": 200, "trigger_early_stop": 25}
 CLEAN = ("population_shapes3_clean", "population_chest3_clean")
@@ -81,7 +81,7 @@ def test_no_class_of_a_clean_population_model_has_more_than_2_percent_flagged(
 ) -> None:
     check = population_runs[stem]["check"]
     fractions = [m for m in check["metrics"] if m["name"] == "backdoor.suspicious_fraction"]
-    assert len(fractions) == 3 * len(population_runs[stem]["member"].classes)
+    assert len(fractions) == len(METHODS) * len(population_runs[stem]["member"].classes)
     assert all(m["value"] is not None and m["value"] <= 0.02 for m in fractions), fractions
 
 
@@ -111,12 +111,13 @@ def test_the_poisoned_twin_is_found_with_its_target_and_rows(population_runs: Ma
     assert [f["class"] for f in suspects] == [target]
     assert any(reason.startswith("confirmed_population") for reason in suspects[0]["evidence"])
     truth = set(dataset.poisoned_rows)
-    found = _flagged(check, "activation_clustering")
-    recall = len(found & truth) / len(truth)
-    precision = len(found & truth) / max(1, len(found))
-    assert recall >= 0.8 and precision >= 0.5, (recall, precision)
-    # Flags stay in the target's label: a confirmed population elsewhere would be a false alarm.
-    assert {int(dataset.labels[row]) for row in found} == {member.attack.target}
+    for method in ("activation_clustering", "neighbourhood"):
+        found = _flagged(check, method)
+        recall = len(found & truth) / len(truth)
+        precision = len(found & truth) / max(1, len(found))
+        assert recall >= 0.8 and precision >= 0.5, (method, recall, precision)
+        # Flags stay in the target's label: a confirmed population elsewhere would be a false alarm.
+        assert {int(dataset.labels[row]) for row in found} == {member.attack.target}, method
 
 
 def test_the_packaged_population_weights_are_the_ones_the_generator_recorded() -> None:
