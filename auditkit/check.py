@@ -298,6 +298,16 @@ class CheckContext(Protocol):
         ...
 
     @property
+    def operating_point(self) -> dict[str, float]:
+        """Decision thresholds by class (``model.operating_point``); empty: argmax."""
+        ...
+
+    @property
+    def claims(self) -> dict[str, float]:
+        """The manufacturer's claimed figures by metric name (``model.claims``); empty when none."""
+        ...
+
+    @property
     def input_geometry(self) -> InputGeometry: ...
 
     @property

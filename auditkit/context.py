@@ -92,6 +92,8 @@ class AuditContext:
         positive_index: int | None = None,
         group_columns: list[str] | None = None,
         geometry: InputGeometry | None = None,
+        operating_point: dict[str, float] | None = None,
+        claims: dict[str, float] | None = None,
     ) -> None:
         self.spec = spec
         self._model = model
@@ -104,6 +106,7 @@ class AuditContext:
             shape = spec.model.input
             seed, classes, positive_index = spec.seed, list(spec.model.classes), spec.model.positive_index
             group_columns = list(spec.data.groups)
+            operating_point, claims = spec.model.operating_point, spec.model.claims
             geometry = InputGeometry(shape.channels, shape.height, shape.width, window_setting(spec))
         if classes is None or seed is None:
             raise ValueError("an AuditContext without a spec needs classes and a seed")
@@ -112,6 +115,8 @@ class AuditContext:
         self._positive_index = positive_index
         self.group_columns = group_columns or []
         self.geometry = geometry
+        self.operating_point = dict(operating_point or {})
+        self.claims = dict(claims or {})
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._with_features: dict[str, bool] = {}
         self._predictions: dict[str, Predictions] = {}
@@ -457,6 +462,14 @@ class CheckView:
     @property
     def group_columns(self) -> list[str]:
         return list(self._engine.group_columns)
+
+    @property
+    def operating_point(self) -> dict[str, float]:
+        return dict(self._engine.operating_point)
+
+    @property
+    def claims(self) -> dict[str, float]:
+        return dict(self._engine.claims)
 
     @property
     def input_geometry(self) -> InputGeometry:

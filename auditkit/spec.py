@@ -98,6 +98,12 @@ class Normalize(_Strict):
 
 TASKS = ("classification", "multilabel", "segmentation", "regression")
 FORMATS = ("auto", "torch", "torchscript", "onnx", "monai_bundle")
+CLAIMABLE = tuple(
+    f"performance.{m}"
+    for m in ("accuracy", "balanced_accuracy", "auroc", "auprc", "sensitivity", "specificity", "ppv", "npv")
+)
+"""The figures a binary classifier's manufacturer can claim (``model.claims``), held to the measured interval."""
+CLAIMABLE_MULTICLASS = ("performance.accuracy", "performance.balanced_accuracy")
 
 
 class ModelSpec(_Strict):
@@ -144,15 +150,13 @@ class ModelSpec(_Strict):
             )
         return fmt
 
-    @field_validator("output_names", "reference", "operating_point", "claims")
+    @field_validator("output_names", "reference")
     @classmethod
     def _planned(cls, value: Any, info: Any) -> Any:
         if value is not None:
             what = {
                 "output_names": "masking outputs by name (output_names)",
                 "reference": "a reference model for parity (reference)",
-                "operating_point": "custom decision thresholds (operating_point)",
-                "claims": "claimed performance figures (claims)",
             }[info.field_name]
             raise ValueError(unsupported(what, _CLASSIFIERS + " at the argmax; remove the key"))
         return value
@@ -181,12 +185,44 @@ class ModelSpec(_Strict):
             raise ValueError(
                 f"normalize needs 1 or {self.input.channels} values (input.channels), got {len(self.normalize.mean)}"
             )
+        self._check_operating_point()
+        self._check_claims()
         if self.factory is None and not (self.trust_code and self.weights is not None):
             raise ValueError(
                 "factory is required (a model given only as a TorchScript or pickled module file"
                 " needs weights: <file> and trust_code: true)"
             )
         return self
+
+    def _check_operating_point(self) -> None:
+        if self.operating_point is None:
+            return
+        for name, threshold in self.operating_point.items():
+            if name not in self.classes:
+                raise ValueError(f"operating_point names {name!r}, which is not one of model.classes {self.classes}")
+            if not 0.0 < threshold < 1.0:
+                raise ValueError(f"operating_point[{name!r}] must be a probability in (0, 1), got {threshold}")
+        positive = self.positive_index
+        if positive is None or set(self.operating_point) != {self.classes[positive]}:
+            raise ValueError(
+                "operating_point sets the decision threshold of a binary classifier's positive class"
+                f" ({self.classes[positive]!r})"
+                if positive is not None and len(self.classes) == 2
+                else "operating_point needs a binary classifier (two classes); a multi-class model decides by argmax"
+            )
+
+    def _check_claims(self) -> None:
+        if self.claims is None:
+            return
+        allowed = CLAIMABLE if len(self.classes) == 2 else CLAIMABLE_MULTICLASS
+        for metric, value in self.claims.items():
+            if metric not in allowed:
+                raise ValueError(
+                    f"claims names {metric!r}; a claim is one of {list(allowed)}"
+                    + ("" if len(self.classes) == 2 else " for a multi-class model (per-class figures have no claim)")
+                )
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"claims[{metric!r}] must be in [0, 1], got {value}")
 
     @property
     def positive_index(self) -> int | None:

@@ -326,6 +326,8 @@ def make_context(
     needs: Needs | None = None,
     seed: int = 0,
     out_dir: Path | None = None,
+    operating_point: Mapping[str, float] | None = None,
+    claims: Mapping[str, float] | None = None,
 ) -> CheckView:
     """A small in-memory :class:`auditkit.check.CheckContext` for a check's unit tests.
 
@@ -410,6 +412,8 @@ def make_context(
         classes=names,
         positive_index=names.index(positive_class) if positive_class is not None else (1 if len(names) == 2 else None),
         group_columns=sorted({k for data, _ in splits.values() for k in data.groups}),
+        operating_point=dict(operating_point or {}),
+        claims=dict(claims or {}),
     )
     for name, (_, outputs) in splits.items():
         if outputs is not None:

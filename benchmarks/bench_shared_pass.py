@@ -7,7 +7,7 @@ worst case for the ratios, the packaged tiny CNN at 64x64 (inference so cheap th
 cost of the checks shows):
 
 1. shared-pass ratio: the shared pass plus every installed prediction-based check (calibration,
-   ood, bias, leakage, and backdoor's data-level detectors when installed), over one plain
+   ood, bias, leakage, performance, and backdoor's data-level detectors when installed), over one plain
    ``model(x)`` pass (fp32, NCHW, batch 64) over the same decoded eval and train images.
    Target <= 1.3. Each repeat's run is divided by the median of two plain passes made right
    after it, and the median over repeats is reported (on cores shared with other jobs a single
@@ -51,7 +51,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-PREDICTION_CHECKS = ("calibration", "ood", "bias", "leakage", "backdoor")
+PREDICTION_CHECKS = ("calibration", "ood", "bias", "leakage", "performance", "backdoor")
 BENCH_SIZE = 224
 """Side of the images the ResNet-18 configuration decodes to."""
 """The prediction-based checks (figures 1-3); each is included when installed."""

@@ -174,11 +174,6 @@ def test_unknown_keys_suggest_the_closest_known_key(tmp_path: Path, path: str, v
             ["a", "b", "c"],
             "model.output_names: masking outputs by name (output_names) is not supported",
         ),
-        (
-            "model.claims",
-            {"performance.auroc": 0.9},
-            "model.claims: claimed performance figures (claims) is not supported",
-        ),
     ],
 )
 def test_planned_keys_are_named_as_unsupported(tmp_path: Path, path: str, value: Any, expected: str) -> None:
@@ -186,6 +181,32 @@ def test_planned_keys_are_named_as_unsupported(tmp_path: Path, path: str, value:
         parse_spec(_with(path, value), base_dir=tmp_path, source="audit.yaml")
     assert expected in str(info.value)
     assert "unknown key" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("model.claims", {"performance.f1": 0.9}, "claims names 'performance.f1'; a claim is one of"),
+        ("model.claims", {"performance.auroc": 91}, "claims['performance.auroc'] must be in [0, 1], got 91"),
+        ("model.operating_point", {"nodule": 0.5}, "operating_point names 'nodule', which is not one of"),
+        ("model.operating_point", {"CLASS_B": 1.2}, "must be a probability in (0, 1), got 1.2"),
+    ],
+)
+def test_claims_and_operating_points_are_checked(tmp_path: Path, path: str, value: Any, expected: str) -> None:
+    data = _with(path, value)
+    data["model"]["classes"], data["model"]["positive_class"] = ["CLASS_A", "CLASS_B"], "CLASS_B"
+    with pytest.raises(ConfigError) as info:
+        parse_spec(data, base_dir=tmp_path, source="audit.yaml")
+    assert expected in str(info.value)
+
+
+def test_a_claim_and_an_operating_point_are_accepted(tmp_path: Path) -> None:
+    data = _with("model.claims", {"performance.auroc": 0.9, "performance.sensitivity": 0.85})
+    data["model"]["classes"], data["model"]["positive_class"] = ["CLASS_A", "CLASS_B"], "CLASS_B"
+    data["model"]["operating_point"] = {"CLASS_B": 0.3}
+    spec = parse_spec(data, base_dir=tmp_path)
+    assert spec.model.claims == {"performance.auroc": 0.9, "performance.sensitivity": 0.85}
+    assert spec.model.operating_point == {"CLASS_B": 0.3}
 
 
 def test_the_default_task_is_accepted_explicitly(tmp_path: Path) -> None:
