@@ -21,8 +21,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check auditkit checks fixtures reports benchmarks scripts tests
-	$(BIN)/ruff format --check auditkit checks fixtures reports benchmarks scripts tests
+	$(BIN)/ruff check auditkit checks fixtures reports benchmarks scripts tests setup.py
+	$(BIN)/ruff format --check auditkit checks fixtures reports benchmarks scripts tests setup.py
 	$(BIN)/mypy
 
 bench: $(STAMP)
