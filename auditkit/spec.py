@@ -31,6 +31,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -104,6 +105,12 @@ CLAIMABLE = tuple(
 )
 """The figures a binary classifier's manufacturer can claim (``model.claims``), held to the measured interval."""
 CLAIMABLE_MULTICLASS = ("performance.accuracy", "performance.balanced_accuracy")
+
+
+def _positive_index(classes: list[str], positive_class: str | None) -> int | None:
+    if positive_class is not None:
+        return classes.index(positive_class) if positive_class in classes else None
+    return 1 if len(classes) == 2 else None
 
 
 class ModelSpec(_Strict):
@@ -185,8 +192,6 @@ class ModelSpec(_Strict):
             raise ValueError(
                 f"normalize needs 1 or {self.input.channels} values (input.channels), got {len(self.normalize.mean)}"
             )
-        self._check_operating_point()
-        self._check_claims()
         if self.factory is None and not (self.trust_code and self.weights is not None):
             raise ValueError(
                 "factory is required (a model given only as a TorchScript or pickled module file"
@@ -194,42 +199,45 @@ class ModelSpec(_Strict):
             )
         return self
 
-    def _check_operating_point(self) -> None:
-        if self.operating_point is None:
-            return
-        for name, threshold in self.operating_point.items():
-            if name not in self.classes:
-                raise ValueError(f"operating_point names {name!r}, which is not one of model.classes {self.classes}")
+    @field_validator("operating_point")
+    @classmethod
+    def _operating_point(cls, value: dict[str, float] | None, info: ValidationInfo) -> dict[str, float] | None:
+        classes = info.data.get("classes")
+        if value is None or classes is None:
+            return value
+        for name, threshold in value.items():
+            if name not in classes:
+                raise ValueError(f"names {name!r}, which is not one of model.classes {classes}")
             if not 0.0 < threshold < 1.0:
                 raise ValueError(f"operating_point[{name!r}] must be a probability in (0, 1), got {threshold}")
-        positive = self.positive_index
-        if positive is None or set(self.operating_point) != {self.classes[positive]}:
-            raise ValueError(
-                "operating_point sets the decision threshold of a binary classifier's positive class"
-                f" ({self.classes[positive]!r})"
-                if positive is not None and len(self.classes) == 2
-                else "operating_point needs a binary classifier (two classes); a multi-class model decides by argmax"
-            )
+        positive = _positive_index(classes, info.data.get("positive_class"))
+        if positive is None or len(classes) != 2:
+            raise ValueError("needs a binary classifier (two classes); a multi-class model decides by argmax")
+        if set(value) != {classes[positive]}:
+            raise ValueError(f"sets the decision threshold of the positive class ({classes[positive]!r}) only")
+        return value
 
-    def _check_claims(self) -> None:
-        if self.claims is None:
-            return
-        allowed = CLAIMABLE if len(self.classes) == 2 else CLAIMABLE_MULTICLASS
-        for metric, value in self.claims.items():
+    @field_validator("claims")
+    @classmethod
+    def _claims(cls, value: dict[str, float] | None, info: ValidationInfo) -> dict[str, float] | None:
+        classes = info.data.get("classes")
+        if value is None or classes is None:
+            return value
+        allowed = CLAIMABLE if len(classes) == 2 else CLAIMABLE_MULTICLASS
+        for metric, claimed in value.items():
             if metric not in allowed:
                 raise ValueError(
-                    f"claims names {metric!r}; a claim is one of {list(allowed)}"
-                    + ("" if len(self.classes) == 2 else " for a multi-class model (per-class figures have no claim)")
+                    f"names {metric!r}; a claim is one of {list(allowed)}"
+                    + ("" if len(classes) == 2 else " for a multi-class model (per-class figures have no claim)")
                 )
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"claims[{metric!r}] must be in [0, 1], got {value}")
+            if not 0.0 <= claimed <= 1.0:
+                raise ValueError(f"claims[{metric!r}] must be in [0, 1], got {claimed}")
+        return value
 
     @property
     def positive_index(self) -> int | None:
         """Index of the positive class; for two classes without one, the second class."""
-        if self.positive_class is not None:
-            return self.classes.index(self.positive_class)
-        return 1 if len(self.classes) == 2 else None
+        return _positive_index(self.classes, self.positive_class)
 
 
 class GroupSpec(_Strict):

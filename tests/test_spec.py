@@ -186,9 +186,9 @@ def test_planned_keys_are_named_as_unsupported(tmp_path: Path, path: str, value:
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        ("model.claims", {"performance.f1": 0.9}, "claims names 'performance.f1'; a claim is one of"),
+        ("model.claims", {"performance.f1": 0.9}, "model.claims: names 'performance.f1'; a claim is one of"),
         ("model.claims", {"performance.auroc": 91}, "claims['performance.auroc'] must be in [0, 1], got 91"),
-        ("model.operating_point", {"nodule": 0.5}, "operating_point names 'nodule', which is not one of"),
+        ("model.operating_point", {"nodule": 0.5}, "model.operating_point: names 'nodule', which is not one of"),
         ("model.operating_point", {"CLASS_B": 1.2}, "must be a probability in (0, 1), got 1.2"),
     ],
 )

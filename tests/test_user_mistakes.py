@@ -260,6 +260,14 @@ MISTAKES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "input.depth": (_spec_key("model.input.depth", 32), ["model.input.depth: a 3-D input (depth: 32)"]),
     "misspelt key": (_spec_key("model.wieghts", "w.pt"), ["model.wieghts: unknown key; did you mean 'weights'?"]),
     "checks as a list": (_spec_key("checks", ["calibration"]), ["write only: [calibration]"]),
+    "claim of an unknown metric": (
+        _spec_key("model.claims", {"performance.f1": 0.9}),
+        ["model.claims: names 'performance.f1'; a claim is one of"],
+    ),
+    "threshold outside (0, 1)": (
+        _spec_key("model.operating_point", {"bright": 1.5}),
+        ["operating_point['bright'] must be a probability in (0, 1), got 1.5"],
+    ),
     "semicolon CSV": (_semicolons, ["one column that holds semicolons"]),
     "multi-label CSV": (_multilabel_csv, ["one column per class: the layout of a multi-label study"]),
 }
