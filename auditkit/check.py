@@ -327,7 +327,16 @@ class CheckContext(Protocol):
 
     def features(self, split: str = "eval") -> torch.Tensor: ...
 
-    def images(self, split: str = "eval", indices: NDArray[Any] | Iterable[int] | None = None) -> torch.Tensor: ...
+    def images(
+        self,
+        split: str = "eval",
+        indices: NDArray[Any] | Iterable[int] | None = None,
+        *,
+        dtype: torch.dtype = ...,
+    ) -> torch.Tensor:
+        """Decoded images ``(N, C, H, W)`` in [0, 1]: float32 by default; ``torch.float16`` is the
+        stored precision, returned without a copy (read it, never write into it)."""
+        ...
 
     def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]: ...
 

@@ -167,8 +167,18 @@ class AuditContext:
         """Group column -> the (banded) group label of each image of the split."""
         return dict(self.split(split).groups)
 
-    def images(self, split: str = "eval", indices: np.ndarray | Iterable[int] | None = None) -> torch.Tensor:
-        """Decoded images as float32 (N, C, H, W) in [0, 1], on the CPU."""
+    def images(
+        self,
+        split: str = "eval",
+        indices: np.ndarray | Iterable[int] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Decoded images (N, C, H, W) in [0, 1], on the CPU, as ``dtype``.
+
+        ``torch.float16`` is the stored precision: no copy is made, so the caller must not write
+        into the result.
+        """
         stored = self.split(split).images
         if indices is not None:
             stored = stored[
@@ -177,7 +187,7 @@ class AuditContext:
                     dtype=torch.long,
                 )
             ]
-        return stored.float()
+        return stored.to(dtype)
 
     # ----------------------------------------------------------------- the shared pass
     def prepare(self, splits: Iterable[str], *, features: bool = True) -> None:
@@ -419,16 +429,18 @@ class CheckView:
         self._model = _ModelHandle(engine, self)
 
     # ----------------------------------------------------------------- the guard
-    def _require(self, flag: str, read: str, split: str | None = None) -> None:
+    def _require_split(self, split: str, read: str) -> None:
         needs = self._needs
+        if split == "train" and not (needs.train or needs.train_optional):
+            self._refuse(f"{read}('train')", "train=True or train_optional=True")
+        if split.startswith("ood") and not needs.ood:
+            self._refuse(f"{read}({split!r})", "ood=True")
+
+    def _require(self, flag: str, read: str, split: str | None = None) -> None:
         if split is not None:
-            if split == "train" and not (needs.train or needs.train_optional):
-                self._refuse(f"{read}('train')", "train=True or train_optional=True")
-            if split.startswith("ood") and not needs.ood:
-                self._refuse(f"{read}({split!r})", "ood=True")
-        declared = getattr(needs, flag)
-        if flag == "predictions":
-            declared = needs.predictions or needs.features
+            self._require_split(split, read)
+        needs = self._needs
+        declared = (needs.predictions or needs.features) if flag == "predictions" else getattr(needs, flag)
         if not declared:
             where = f"{read}({split!r})" if split is not None else read
             self._refuse(where, f"{flag}=True")
@@ -485,10 +497,7 @@ class CheckView:
         return self._engine.has_split(split)
 
     def _split(self, split: str, read: str) -> SplitData:
-        if split == "train" and not (self._needs.train or self._needs.train_optional):
-            self._refuse(f"{read}('train')", "train=True or train_optional=True")
-        if split.startswith("ood") and not self._needs.ood:
-            self._refuse(f"{read}({split!r})", "ood=True")
+        self._require_split(split, read)
         return self._engine.split(split)
 
     def split(self, split: str) -> SplitRows:
@@ -522,9 +531,15 @@ class CheckView:
         self._require("features", "features", split)
         return self._engine.features(split)
 
-    def images(self, split: str = "eval", indices: np.ndarray | Iterable[int] | None = None) -> torch.Tensor:
+    def images(
+        self,
+        split: str = "eval",
+        indices: np.ndarray | Iterable[int] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         self._require("images", "images", split)
-        return self._engine.images(split, indices)
+        return self._engine.images(split, indices, dtype=dtype)
 
     def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]:
         self._require("headers", "headers", split)

@@ -392,8 +392,8 @@ def _embeddings(ctx: CheckContext, roles: Sequence[str]) -> dict[str, NDArray[np
 
 def _duplicates(report: _Report, ctx: CheckContext, splits: dict[str, SplitRows], p: LeakageParams) -> None:
     roles = list(splits)
-    # As stored (float16): equal digests are bit-identical decoded images.
-    stored = {role: ctx.images(role).half() for role in roles}
+    # As stored (float16, no copy): equal digests are bit-identical decoded images.
+    stored = {role: ctx.images(role, dtype=torch.float16) for role in roles}
     digests = {role: pixel_digests(stored[role]) for role in roles}
     features = _embeddings(ctx, roles)
     n_eval = splits["eval"].n

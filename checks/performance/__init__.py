@@ -19,6 +19,7 @@ from auditkit.checks.performance.metrics import (
     BINARY,
     Decision,
     binary_metrics,
+    cluster_members,
     cluster_resamples,
     counts,
     decide,
@@ -116,8 +117,7 @@ class PerformanceCheck(Check[PerformanceParams]):
             )
 
         estimates = measure(None)
-        known = sum(p is not None for p in patients)
-        unit = "patient" if known else "image"
+        unit = "patient" if any(p is not None for p in patients) else "image"
         replicates: dict[str, list[float]] = {key: [] for key in estimates}
         if params.n_boot and labels.size >= 2:
             for rows in cluster_resamples(patients, params.n_boot, ctx.rng()):
@@ -165,9 +165,7 @@ class PerformanceCheck(Check[PerformanceParams]):
             {
                 "kind": "bootstrap",
                 "unit": unit,
-                "resampled": len(set(p for p in patients if p is not None)) + sum(p is None for p in patients)
-                if known
-                else n,
+                "resampled": len(cluster_members(patients)),
                 "n_boot": params.n_boot,
             },
         ]

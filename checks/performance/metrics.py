@@ -26,6 +26,7 @@ from sklearn.metrics import (
 __all__ = [
     "Decision",
     "binary_metrics",
+    "cluster_members",
     "cluster_resamples",
     "decide",
     "fast_auroc",
@@ -172,20 +173,27 @@ def counts(labels: NDArray[np.int64], predicted: NDArray[np.int64], n_classes: i
     return [[int(v) for v in row] for row in matrix]
 
 
+def cluster_members(clusters: ArrayLike) -> list[NDArray[np.intp]]:
+    """Row indices of each cluster, in order of first id (an image without a cluster is its own)."""
+    ids = [f"row:{i}" if c is None else f"id:{c}" for i, c in enumerate(np.asarray(clusters, dtype=object))]
+    if not ids:
+        return []
+    _, codes = np.unique(np.asarray(ids, dtype=object), return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
+    return np.split(order, starts[1:])
+
+
 def cluster_resamples(clusters: ArrayLike, n_boot: int, rng: np.random.Generator) -> Iterator[NDArray[np.intp]]:
     """Row indices of ``n_boot`` cluster-bootstrap resamples: clusters drawn with replacement, each
-    bringing all of its rows (an image without a cluster is its own).
+    bringing all of its rows (:func:`cluster_members`).
 
     Args:
         clusters: a cluster id per row (``None`` where unknown), shape ``(N,)``.
         n_boot: how many resamples.
         rng: the only source of randomness.
     """
-    ids = [f"row:{i}" if c is None else f"id:{c}" for i, c in enumerate(np.asarray(clusters, dtype=object))]
-    _, codes = np.unique(np.asarray(ids, dtype=object), return_inverse=True)
-    order = np.argsort(codes, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
-    members = np.split(order, starts[1:])
+    members = cluster_members(clusters)
     for _ in range(n_boot):
         chosen = rng.integers(0, len(members), size=len(members))
-        yield np.concatenate([members[c] for c in chosen]) if len(members) else np.zeros(0, dtype=np.intp)
+        yield np.concatenate([members[c] for c in chosen]) if members else np.zeros(0, dtype=np.intp)
