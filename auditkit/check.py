@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "TASK_NAMES",
     "Artifact",
     "Check",
     "CheckContext",
@@ -46,6 +47,14 @@ __all__ = [
     "Status",
     "require_finite_logits",
 ]
+
+TASK_NAMES = {
+    "classification": "a single-label classifier (task: classification)",
+    "multilabel": "a multi-label model (task: multilabel)",
+    "regression": "a regression model (task: regression)",
+    "segmentation": "a segmentation model (task: segmentation)",
+}
+"""How a reason names each ``model.task``."""
 
 Direction = Literal["higher_is_better", "lower_is_better"]
 Status = Literal["ok", "skipped", "error"]
@@ -167,17 +176,23 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Model outputs for one split, aligned with the split's rows.
+    """Model outputs for one split, aligned with the split's rows; their form follows the task.
 
     Attributes:
-        logits: float32 (N, K) on the CPU.
-        probs: float64 (N, K) softmax of the logits (rows with non-finite logits are NaN).
-        labels: int64 (N,) class indices (``-1`` for unlabelled out-of-distribution sets).
+        logits: float32 (N, K) on the CPU: the audited outputs (``model.output_names`` masked).
+        probs: float64 (N, K): classification, the softmax of the logits; multilabel, the sigmoid
+            of each; regression, the predicted values themselves (rows with non-finite outputs
+            are NaN).
+        labels: classification, int64 (N,) class indices (``-1`` for unlabelled OOD sets);
+            multilabel, int64 (N, K) of 1, 0 and -1 (unknown); regression, float64 (N, K)
+            targets (NaN when unlabelled).
+        task: ``model.task``.
     """
 
     logits: torch.Tensor
     probs: NDArray[np.float64]
-    labels: NDArray[np.int64]
+    labels: NDArray[Any]
+    task: str = "classification"
 
     @property
     def n(self) -> int:
@@ -185,6 +200,7 @@ class Predictions:
 
     @property
     def predicted(self) -> NDArray[np.int64]:
+        """The arg-max class per image (classification)."""
         return np.asarray(self.probs.argmax(axis=1), dtype=np.int64)
 
 
@@ -195,7 +211,8 @@ class SplitRows:
     Attributes:
         name: the split's role: ``eval``, ``train`` or ``ood:<name>``.
         rows: manifest row numbers of the readable images (quarantined rows left out).
-        labels: class index per image (``-1`` where unlabelled).
+        labels: as :attr:`Predictions.labels`: class index per image (``-1`` where unlabelled);
+            multilabel (N, K) of 1/0/-1; regression (N, K) float targets.
         groups: group column -> banded group label per image.
         patients: surrogate patient id per image (``None`` where the manifest has none).
         studies: surrogate study id per image.
@@ -205,7 +222,7 @@ class SplitRows:
 
     name: str
     rows: NDArray[np.int64]
-    labels: NDArray[np.int64]
+    labels: NDArray[Any]
     groups: dict[str, NDArray[Any]]
     patients: Sequence[str | None]
     studies: Sequence[str | None]
@@ -281,7 +298,19 @@ class CheckContext(Protocol):
     def check_id(self) -> str: ...
 
     @property
-    def classes(self) -> list[str]: ...
+    def task(self) -> str:
+        """``model.task``: ``classification``, ``multilabel`` or ``regression``."""
+        ...
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names; multilabel: label names; regression: output names."""
+        ...
+
+    @property
+    def units(self) -> dict[str, str]:
+        """Regression: the unit of each output that has one (``model.units``)."""
+        ...
 
     @property
     def positive_index(self) -> int | None: ...
@@ -303,7 +332,7 @@ class CheckContext(Protocol):
         ...
 
     @property
-    def claims(self) -> dict[str, float]:
+    def claims(self) -> dict[str, Any]:
         """The manufacturer's claimed figures by metric name (``model.claims``); empty when none."""
         ...
 
@@ -317,7 +346,7 @@ class CheckContext(Protocol):
 
     def split(self, split: str) -> SplitRows: ...
 
-    def labels(self, split: str = "eval") -> NDArray[np.int64]: ...
+    def labels(self, split: str = "eval") -> NDArray[Any]: ...
 
     def group_labels(self, split: str = "eval") -> dict[str, NDArray[Any]]: ...
 
@@ -394,8 +423,11 @@ P = TypeVar("P", bound=CheckParams)
 class Check(Generic[P]):
     """Base class of every check, generic in its parameters: ``class MyCheck(Check[MyParams])``.
 
-    Subclasses set ``id``, ``family``, ``Params`` (the class ``P``), ``needs`` and ``emits`` and
-    implement ``run(ctx, params)``, where ``params`` is a validated, frozen ``P``.
+    Subclasses set ``id``, ``family``, ``Params`` (the class ``P``), ``needs``, ``emits`` and
+    ``tasks`` and implement ``run(ctx, params)``, where ``params`` is a validated, frozen ``P``.
+    ``tasks`` lists the ``model.task`` values the check measures; on any other the runner skips
+    it with a reason that names the task, never running it to produce a wrong number. A check
+    listing a task may still :class:`Skip` it with a more specific reason.
     The class docstring names the method and its paper, the inputs it needs, the metrics it emits
     and the NIST AI RMF subcategories it informs; ``auditkit checks`` shows its first line.
     ``emits`` lists every metric name ``run`` can produce, so policies can be checked against the
@@ -407,6 +439,7 @@ class Check(Generic[P]):
     Params: ClassVar[type[CheckParams]] = CheckParams
     needs: ClassVar[Needs] = Needs()
     emits: ClassVar[tuple[str, ...]] = ()
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def run(self, ctx: CheckContext, params: P) -> CheckResult:
         raise NotImplementedError

@@ -68,6 +68,17 @@ def serial_blas(function: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+def scores_of(logits: torch.Tensor, task: str) -> np.ndarray:
+    """float64 scores of ``(N, K)`` outputs: softmax (classification), sigmoid (multilabel), the
+    values themselves (regression)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if task == "multilabel":
+            return torch.sigmoid(logits.double()).numpy()
+        if task == "regression":
+            return logits.double().numpy().copy()
+        return torch.softmax(logits.double(), dim=1).numpy()
+
+
 class AuditContext:
     """What every check sees.
 
@@ -93,7 +104,9 @@ class AuditContext:
         group_columns: list[str] | None = None,
         geometry: InputGeometry | None = None,
         operating_point: dict[str, float] | None = None,
-        claims: dict[str, float] | None = None,
+        claims: dict[str, Any] | None = None,
+        task: str = "classification",
+        units: dict[str, str] | None = None,
     ) -> None:
         self.spec = spec
         self._model = model
@@ -107,6 +120,8 @@ class AuditContext:
             seed, classes, positive_index = spec.seed, list(spec.model.classes), spec.model.positive_index
             group_columns = list(spec.data.groups)
             operating_point, claims = spec.model.operating_point, spec.model.claims
+            task = spec.model.task
+            units = {c: u for c in classes if (u := spec.model.unit_of(c)) is not None}
             geometry = InputGeometry(shape.channels, shape.height, shape.width, window_setting(spec))
         if classes is None or seed is None:
             raise ValueError("an AuditContext without a spec needs classes and a seed")
@@ -117,6 +132,8 @@ class AuditContext:
         self.geometry = geometry
         self.operating_point = dict(operating_point or {})
         self.claims = dict(claims or {})
+        self.task = task
+        self.units = dict(units or {})
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._with_features: dict[str, bool] = {}
         self._predictions: dict[str, Predictions] = {}
@@ -221,12 +238,13 @@ class AuditContext:
         return self._outputs[name]
 
     def predictions(self, split: str = "eval") -> Predictions:
-        """Logits, softmax probabilities and labels of a split (computed once, cached)."""
+        """Logits, probabilities (softmax; multilabel: sigmoid; regression: the values) and labels of
+        a split (computed once, cached)."""
         if split not in self._predictions:
             logits, _ = self._cached(split)
-            with np.errstate(invalid="ignore", over="ignore"):
-                probs = torch.softmax(logits.double(), dim=1).numpy()
-            self._predictions[split] = Predictions(logits=logits, probs=probs, labels=self.labels(split))
+            self._predictions[split] = Predictions(
+                logits=logits, probs=scores_of(logits, self.task), labels=self.labels(split), task=self.task
+            )
         return self._predictions[split]
 
     def features(self, split: str = "eval") -> torch.Tensor:
@@ -464,6 +482,14 @@ class CheckView:
         return self._engine.positive_index
 
     @property
+    def task(self) -> str:
+        return self._engine.task
+
+    @property
+    def units(self) -> dict[str, str]:
+        return dict(self._engine.units)
+
+    @property
     def device(self) -> torch.device:
         return self._engine.device
 
@@ -480,7 +506,7 @@ class CheckView:
         return dict(self._engine.operating_point)
 
     @property
-    def claims(self) -> dict[str, float]:
+    def claims(self) -> dict[str, Any]:
         return dict(self._engine.claims)
 
     @property

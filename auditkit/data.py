@@ -1,6 +1,8 @@
 """Manifests, surrogate IDs and decoded splits.
 
-A manifest is a CSV of ``path,label[,patient_id][,study_id][,split][,<group columns>]`` rows.
+A manifest is a CSV of ``path,label[,patient_id][,study_id][,split][,<group columns>]`` rows; a
+multi-label study has one column per label instead of ``label`` (``1``, ``0`` or empty for unknown),
+a regression study a ``target`` column (one output) or one column per output name.
 Every problem is reported with the manifest file, the 0-based data row (and the file's line
 number) and the column, so a user can fix the file. Images are decoded once per run into one
 compact tensor per split; a file that cannot be decoded is quarantined with its reason and the
@@ -65,6 +67,8 @@ class ManifestRow:
     study_id: str | None
     split: str | None
     groups: dict[str, str]
+    values: tuple[float, ...] = ()
+    """Multi-label: ``1.0``/``0.0``/NaN (unknown) per label; regression: the target per output."""
 
 
 @dataclass
@@ -115,6 +119,7 @@ def read_manifest(
     group_columns: Iterable[str] = (),
     header_group_columns: Iterable[str] = (),
     require_label: bool = True,
+    task: str = "classification",
 ) -> Manifest:
     """Read and validate a manifest.
 
@@ -124,7 +129,10 @@ def read_manifest(
         classes: allowed labels; ``None`` accepts any (out-of-distribution sets).
         group_columns: subgroup columns that must be present in the manifest.
         header_group_columns: subgroup columns that may instead come from DICOM headers.
-        require_label: whether the ``label`` column is required.
+        require_label: whether the label columns are required.
+        task: ``classification`` (a ``label`` column of class names), ``multilabel`` (a column per
+            name in ``classes`` holding 1, 0 or empty) or ``regression`` (a ``target`` column for
+            one output, else a column per output name, holding numbers).
 
     Raises:
         InputError: naming the file, the row and the column of every problem (up to 20).
@@ -144,14 +152,17 @@ def read_manifest(
     if not columns:
         raise InputError(f"{source.name}: empty manifest, expected a header line with path,label,...")
     reader.fieldnames = columns
-    required = ["path", "label"] if require_label else ["path"]
+    value_columns = _value_columns(task, columns, classes) if require_label else []
+    label_columns = ["label"] if task == "classification" else value_columns
+    required = ["path", *label_columns] if require_label else ["path"]
     missing = [c for c in required if c not in columns]
     missing += [c for c in group_columns if c not in columns and c not in header_group_columns]
     if missing:
         raise InputError(
             f"{source.name}: missing column(s) {missing}; the header has {columns}"
             + _delimiter_hint(columns)
-            + _task_hint(columns, classes, require_label)
+            + (_task_hint(columns, classes, require_label) if task == "classification" else "")
+            + _value_hint(task, columns)
         )
     if len(set(columns)) != len(columns):
         duplicates = sorted({c for c in columns if columns.count(c) > 1})
@@ -185,7 +196,10 @@ def read_manifest(
             elif resolved in seen:
                 problem = f"column 'path' value {raw_path!r} duplicates row {seen[resolved]}"
         label = -1
-        if problem is None and "label" in values:
+        numbers: tuple[float, ...] = ()
+        if problem is None and value_columns:
+            numbers, problem = _parse_values(task, values, value_columns)
+        if problem is None and task == "classification" and "label" in values:
             text_label = values["label"]
             if classes is None:
                 label = labels_seen.setdefault(text_label, len(labels_seen))
@@ -208,6 +222,7 @@ def read_manifest(
                 study_id=values.get("study_id") or None,
                 split=values.get("split") or None,
                 groups={c: values[c] for c in group_columns if c in values},
+                values=numbers,
             )
         )
     if problems:
@@ -218,6 +233,54 @@ def read_manifest(
     if not rows:
         raise InputError(f"{source.name}: no data rows")
     return Manifest(source=source, columns=columns, rows=rows)
+
+
+_BINARY = {"1": 1.0, "0": 0.0, "1.0": 1.0, "0.0": 0.0, "": math.nan}
+
+
+def _value_columns(task: str, columns: Sequence[str], classes: Sequence[str] | None) -> list[str]:
+    """The columns that hold a multi-label or regression study's labels."""
+    if task == "multilabel":
+        return list(classes or [])
+    if task == "regression":
+        names = list(classes or [])
+        if len(names) == 1 and "target" in columns:
+            return ["target"]
+        return names if len(names) > 1 or names[0] in columns else ["target"]
+    return []
+
+
+def _value_hint(task: str, columns: Sequence[str]) -> str:
+    if task == "multilabel" and "label" in columns:
+        return (
+            ". A multi-label manifest has one column per label in model.classes (1, 0, or empty for unknown)"
+            " instead of one 'label' column"
+        )
+    if task == "regression" and "label" in columns:
+        return ". A regression manifest holds the true value in a 'target' column (or one column per output name)"
+    return ""
+
+
+def _parse_values(task: str, values: Mapping[str, str], columns: Sequence[str]) -> tuple[tuple[float, ...], str | None]:
+    """One row's label vector (multi-label: 1/0/NaN) or targets (regression), or the problem."""
+    numbers: list[float] = []
+    for column in columns:
+        text = values.get(column, "")
+        if task == "multilabel":
+            if text not in _BINARY:
+                hint = (
+                    " (-1 is CheXpert's 'uncertain': map it to 1, 0 or empty before the audit)"
+                    if text in ("-1", "-1.0")
+                    else ""
+                )
+                return (), f"column {column!r} value {text!r}: expected 1, 0 or empty (unknown){hint}"
+            numbers.append(_BINARY[text])
+        else:
+            number = parse_numeric(text) if text else None
+            if number is None or not math.isfinite(number):
+                return (), f"column {column!r} value {text!r}: expected a finite number (the regression target)"
+            numbers.append(number)
+    return tuple(numbers), None
 
 
 def _resolve_manifest_path(raw_path: str, root: Path) -> Path:
@@ -449,6 +512,7 @@ class DataSource:
         groups: group column -> its spec (banding).
         ood: OOD set name -> its manifest.
         classes: the label names, in the model's output order.
+        task: the model's task (``model.task``), which decides the label columns.
         shape: ``(channels, height, width)`` of the model input.
         window: how DICOM intensities map to [0, 1].
     """
@@ -462,6 +526,7 @@ class DataSource:
     classes: Sequence[str]
     shape: tuple[int, int, int]
     window: WindowSetting
+    task: str = "classification"
 
     @classmethod
     def from_spec(cls, spec: AuditSpec) -> DataSource:
@@ -476,6 +541,7 @@ class DataSource:
             classes=list(spec.model.classes),
             shape=(shape.channels, shape.height, shape.width),
             window=window_setting(spec),
+            task=spec.model.task,
         )
 
 
@@ -548,7 +614,7 @@ def build_split(
         name=name,
         manifest=manifest,
         rows=np.array([rows[i].row for i in keep], dtype=np.int64),
-        labels=np.array([rows[i].label for i in keep], dtype=np.int64),
+        labels=split_labels([rows[i] for i in keep], source.task, len(source.classes)),
         images=images,
         patients=patient_ids,
         studies=study_ids,
@@ -558,6 +624,20 @@ def build_split(
         quarantined_groups={c: v for c, v in quarantined_groups.items() if v},
         headers=[decoded.images[i].dataset for i in keep] if keep_headers else None,  # type: ignore[union-attr]
     )
+
+
+def split_labels(rows: Sequence[ManifestRow], task: str, outputs: int) -> np.ndarray:
+    """The labels of a split's rows: class indices (N,) int64; multi-label (N, L) int64 of 1, 0 and
+    -1 (unknown); regression targets (N, T) float64. Unlabelled rows (OOD sets) are -1 / NaN."""
+    if task == "classification":
+        return np.array([r.label for r in rows], dtype=np.int64)
+    values = np.full((len(rows), outputs), np.nan)
+    for i, row in enumerate(rows):
+        if row.values:
+            values[i] = row.values
+    if task == "multilabel":
+        return np.where(np.isnan(values), -1, values).astype(np.int64)
+    return values
 
 
 def load_dataset(
@@ -592,6 +672,7 @@ def load_dataset(
         classes=list(source.classes),
         group_columns=group_columns,
         header_group_columns=HEADER_GROUP_KEYWORDS,
+        task=source.task,
     )
     has_split_column = "split" in manifest.columns
     wanted = {"eval": source.eval_split}

@@ -32,19 +32,44 @@ log = logging.getLogger(__name__)
 
 
 class NormalizedModel(nn.Module):
-    """``model((x - mean) / std)``: the user's model behind its own normalisation."""
+    """``model((x - mean) / std)[:, outputs]``: the user's model behind its own normalisation,
+    its outputs narrowed to the audited ones.
+
+    ``outputs`` are the positions of the audited outputs (``model.output_names``: a model with
+    more outputs than audited labels, whose other outputs are masked, never averaged in);
+    ``None`` keeps all. A regression model's ``(N,)`` output becomes ``(N, 1)``.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
+    outputs: torch.Tensor | None
 
-    def __init__(self, model: nn.Module, mean: list[float] | None, std: list[float] | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: list[float] | None,
+        std: list[float] | None,
+        *,
+        outputs: list[int] | None = None,
+        vector_output: bool = False,
+    ) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean or [0.0]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std or [1.0]).view(1, -1, 1, 1), persistent=False)
+        index = torch.tensor(outputs, dtype=torch.long) if outputs is not None else None
+        self.register_buffer("outputs", index, persistent=False)
+        self.vector_output = vector_output
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - self.mean) / self.std)  # type: ignore[no-any-return]
+        out: torch.Tensor = self.model((images - self.mean) / self.std)
+        if self.vector_output and isinstance(out, torch.Tensor) and out.ndim == 1:
+            out = out.unsqueeze(1)
+        if self.outputs is not None and isinstance(out, torch.Tensor) and out.ndim == 2:
+            if out.shape[1] <= int(self.outputs.max()):
+                return out  # the preflight names the mismatch
+            out = out.index_select(1, self.outputs)
+        return out
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -261,11 +286,16 @@ PARITY_MIN_AGREEMENT = 0.99
 PARITY_MAX_PROB_DIFF = 0.05
 
 
-def precision_parity(reference_logits: torch.Tensor, test_logits: torch.Tensor) -> dict[str, float | int]:
+def precision_parity(
+    reference_logits: torch.Tensor, test_logits: torch.Tensor, task: str = "classification"
+) -> dict[str, float | int]:
     """How far reduced-precision logits stray from fp32 ones on the same images.
 
     Returns ``{"images", "top1_agreement", "max_prob_diff"}``: the share of images whose arg-max
-    class is the same, and the largest absolute difference of any softmax probability.
+    class is the same, and the largest absolute difference of any softmax probability. For a
+    multi-label model: the share whose every label falls on the same side of 0.5, and the largest
+    sigmoid difference; for a regressor: the share whose outputs move by under 1% of the
+    reference's spread, and the largest move in those spreads (so the same bounds apply).
     """
     if reference_logits.shape != test_logits.shape:
         raise ValueError(f"parity needs logits of one shape, got {reference_logits.shape} and {test_logits.shape}")
@@ -273,8 +303,18 @@ def precision_parity(reference_logits: torch.Tensor, test_logits: torch.Tensor) 
     if n == 0:
         return {"images": 0, "top1_agreement": 1.0, "max_prob_diff": 0.0}
     reference, test = reference_logits.double(), test_logits.double()
-    agreement = (reference.argmax(dim=1) == test.argmax(dim=1)).double().mean().item()
-    difference = (torch.softmax(reference, dim=1) - torch.softmax(test, dim=1)).abs().max().item()
+    if task == "multilabel":
+        same = ((reference >= 0) == (test >= 0)).all(dim=1)
+        agreement = same.double().mean().item()
+        difference = (torch.sigmoid(reference) - torch.sigmoid(test)).abs().max().item()
+    elif task == "regression":
+        spread = reference.std(dim=0, unbiased=False).clamp_min(1e-6) if n > 1 else reference.abs().clamp_min(1.0)
+        moved = (reference - test).abs() / spread
+        agreement = (moved < 0.01).all(dim=1).double().mean().item()
+        difference = moved.max().item()
+    else:
+        agreement = (reference.argmax(dim=1) == test.argmax(dim=1)).double().mean().item()
+        difference = (torch.softmax(reference, dim=1) - torch.softmax(test, dim=1)).abs().max().item()
     return {"images": n, "top1_agreement": float(agreement), "max_prob_diff": float(difference)}
 
 
@@ -374,6 +414,8 @@ class ModelAdapter:
             device=resolve_device(device or spec.device),
             batch_size=batch_size,
             options=options,
+            task=spec.model.task,
+            output_names=spec.model.output_names,
         )
 
     @classmethod
@@ -388,6 +430,8 @@ class ModelAdapter:
         feature_layer: str | None = None,
         batch_size: int = 64,
         options: InferenceOptions | None = None,
+        task: str = "classification",
+        output_names: list[str] | None = None,
     ) -> ModelAdapter:
         """An adapter over a module already built (tests, the conformance kit, notebooks)."""
         adapter = cls.__new__(cls)
@@ -400,6 +444,8 @@ class ModelAdapter:
             device=resolve_device(device),
             batch_size=batch_size,
             options=options,
+            task=task,
+            output_names=output_names,
         )
         return adapter
 
@@ -414,13 +460,21 @@ class ModelAdapter:
         device: torch.device,
         batch_size: int,
         options: InferenceOptions | None,
+        task: str = "classification",
+        output_names: list[str] | None = None,
     ) -> None:
         self.device = device
+        self.task = task
         self._classes = list(classes)
+        self.output_names = list(output_names) if output_names is not None else None
+        """Every output the model has (``model.output_names``); ``None``: exactly ``classes``."""
         self._feature_layer_name = feature_layer
         self.user_module: nn.Module = user_module
         """The user's model without the normalisation wrapper (same parameters as ``module``)."""
-        self.module: nn.Module = NormalizedModel(user_module, mean, std)
+        outputs = [self.output_names.index(c) for c in classes] if self.output_names is not None else None
+        self.module: nn.Module = NormalizedModel(
+            user_module, mean, std, outputs=outputs, vector_output=task == "regression" and len(classes) == 1
+        )
         self.module.eval().to(self.device)
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
@@ -545,7 +599,7 @@ class ModelAdapter:
         with torch.inference_mode():
             reference, _ = self._forward_batch(sample, features=False, precision="fp32")
             reduced, _ = self._forward_batch(sample, features=False, precision=self.precision)
-        parity = precision_parity(reference, reduced)
+        parity = precision_parity(reference, reduced, self.task)
         self.stats.parity = parity
         self._parity_pending = False
         if not parity_acceptable(parity):

@@ -30,7 +30,10 @@ from auditkit.model import ModelAdapter, first_line
 log = logging.getLogger(__name__)
 
 PREFLIGHT_IMAGES = 2
-_SUPPORTED = f"auditkit {__version__} audits 2-D single-label classifiers that return one logit per class"
+_SUPPORTED = (
+    f"auditkit {__version__} audits 2-D classifiers that return one logit per class (task: classification,"
+    " softmax; task: multilabel, sigmoid) and regressors that return one value per output (task: regression)"
+)
 _CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
 _MATMUL = re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)")
 
@@ -108,8 +111,10 @@ def run_preflight(adapter: ModelAdapter) -> PreflightReport:
         if not list(module.children()):
             leaves.append(module)
 
+    raw: list[Any] = []
     handles = []
     if not isinstance(adapter.user_module, torch.jit.ScriptModule):  # scripted modules take no hooks
+        handles.append(adapter.user_module.register_forward_hook(lambda _m, _i, out: raw.append(out)))
         for module in adapter.user_module.modules():
             if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
                 handles.append(module.register_forward_pre_hook(before))
@@ -128,7 +133,7 @@ def run_preflight(adapter: ModelAdapter) -> PreflightReport:
         report.first_layer = _describe_layer(first[0][0], first[0][1])
     if leaves:
         report.final_module = type(leaves[-1]).__name__
-    _check_output(output, adapter, report)
+    _check_output(raw[-1] if raw else output, adapter, report, narrowed=not raw)
     for warning in report.warnings:
         log.warning("preflight: %s", warning)
     return report
@@ -167,13 +172,18 @@ def _explain_failure(
     )
 
 
-def _check_output(output: Any, adapter: ModelAdapter, report: PreflightReport) -> None:
-    classes = adapter.classes
-    k = len(classes)
+def _check_output(output: Any, adapter: ModelAdapter, report: PreflightReport, *, narrowed: bool = False) -> None:
+    """The user's model's own output (before ``output_names`` narrows it, unless ``narrowed``)
+    against the spec."""
+    task = adapter.task
+    names = adapter.classes if narrowed else (adapter.output_names or adapter.classes)
+    k = len(names)
+    field_name = "model.output_names" if adapter.output_names is not None else "model.classes"
+    what = "values" if task == "regression" else "logits"
     if not isinstance(output, torch.Tensor):
         kind = type(output).__name__
-        hint = " (a dict or tuple of heads: wrap the model so it returns the classification logits)"
-        raise ModelLoadError(f"the model returns a {kind}; auditkit needs one tensor of logits (N, {k}){hint}")
+        hint = f" (a dict or tuple of heads: wrap the model so it returns the {what})"
+        raise ModelLoadError(f"the model returns a {kind}; auditkit needs one tensor of {what} (N, {k}){hint}")
     report.output_shape = [int(n) for n in output.shape]
     shown = tuple(report.output_shape)
     if not output.dtype.is_floating_point:
@@ -187,39 +197,53 @@ def _check_output(output: Any, adapter: ModelAdapter, report: PreflightReport) -
             f"the model returns {shown}: a segmentation output (a score per class for every pixel of"
             f" {spatial}); segmentation models are not supported: {_SUPPORTED}"
         )
-    if output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1):
+    if task == "regression" and output.ndim == 1 and k == 1 and output.shape[0] == PREFLIGHT_IMAGES:
+        return
+    if task == "classification" and (output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1)):
         raise ModelLoadError(
-            f"the model returns one value per image {shown}: a regression model, or a binary classifier"
-            f" with a single logit (sigmoid). {_SUPPORTED}; for a single-logit binary model, wrap it to"
-            " return torch.cat([torch.zeros_like(z), z], dim=1), whose softmax is sigmoid(z)"
+            f"the model returns one value per image {shown}: a regression model (set model.task: regression and"
+            " name the output in model.classes), or a binary classifier with a single logit (set model.task:"
+            " multilabel with one label, or wrap it to return torch.cat([torch.zeros_like(z), z], dim=1),"
+            " whose softmax is sigmoid(z))"
         )
     if output.ndim != 2 or output.shape[0] != PREFLIGHT_IMAGES:
-        raise ModelLoadError(f"the model returns {shown} for {PREFLIGHT_IMAGES} images; expected logits (N, {k})")
+        raise ModelLoadError(f"the model returns {shown} for {PREFLIGHT_IMAGES} images; expected {what} (N, {k})")
     if output.shape[1] != k:
-        extra = (
-            " A model with more outputs than audited classes (e.g. torchxrayvision's 18) needs masking by"
-            " output_names, which this version does not support"
-            if output.shape[1] > k
-            else ""
-        )
+        extra = ""
+        if output.shape[1] > k and adapter.output_names is None and task != "classification":
+            extra = (
+                " A model with more outputs than audited labels (e.g. torchxrayvision's 18) names every output"
+                " in model.output_names; outputs not in model.classes are then masked"
+            )
+        elif output.shape[1] > k and adapter.output_names is None:
+            extra = " A multi-label model with more outputs than audited labels sets task: multilabel and output_names"
+        unit = "value" if task == "regression" else "logit"
         raise ModelLoadError(
-            f"the model returns {output.shape[1]} logits per image but model.classes lists {k} classes"
-            f" {classes}; give one class name per output, in the model's output order.{extra}"
+            f"the model returns {output.shape[1]} {unit}s per image but {field_name} lists {k} {names};"
+            f" give one name per output, in the model's output order.{extra}"
         )
+    if task == "regression":
+        return
     final = report.final_module
     if final == "Softmax":
         raise ModelLoadError(
             "the model's forward ends in Softmax: it returns probabilities, not logits, and auditkit applies"
             " softmax itself (a second softmax flattens every confidence and corrupts calibration). Remove the"
             " final Softmax, or end in LogSoftmax"
+            if task == "classification"
+            else "the model's forward ends in Softmax, but task: multilabel scores each label independently"
+            " (sigmoid); a model whose classes exclude each other is task: classification"
         )
     if final == "Sigmoid":
         raise ModelLoadError(
             "the model's forward ends in Sigmoid: it returns independent probabilities per output (a multi-label"
-            f" model), not logits. Multi-label models (task: multilabel) are not supported: {_SUPPORTED}"
+            " model), not logits. Set model.task: multilabel and remove the final Sigmoid (auditkit applies it)"
+            if task == "classification"
+            else "the model's forward ends in Sigmoid: it returns probabilities, not logits, and auditkit applies"
+            " the sigmoid itself. Remove the final Sigmoid"
         )
     values = output.detach().double().cpu()
-    if torch.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
+    if task == "classification" and torch.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
         if torch.allclose(values.sum(dim=1), torch.ones(values.shape[0], dtype=torch.float64), atol=1e-4):
             raise ModelLoadError(
                 "the model returns probabilities that sum to 1 (a softmax inside forward), not logits;"
@@ -228,4 +252,9 @@ def _check_output(output: Any, adapter: ModelAdapter, report: PreflightReport) -
         report.warnings.append(
             "every output of the preflight batch lies in [0, 1]: if the model applies a sigmoid inside"
             " forward, its outputs are probabilities, not logits, and the audit's softmax is wrong"
+        )
+    elif task == "multilabel" and torch.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
+        report.warnings.append(
+            "every output of the preflight batch lies in [0, 1]: if the model applies a sigmoid inside"
+            " forward, its outputs are probabilities, not logits, and the audit's sigmoid is applied twice"
         )

@@ -8,9 +8,11 @@ Which checks run and how they are configured are separate keys: ``checks:`` only
 (``checks: {calibration: {bins: 15}}`` tunes calibration and leaves every other check running);
 ``only:`` and ``skip:`` narrow the selection, and a narrowed audit says so in its verdict.
 
-Keys of model kinds this version does not audit yet (``model.task`` other than
-``classification``, ``model.input.depth``, ``model.format: onnx``, ``model.output_names``, ...)
-are accepted by name and refused with a message that says so, instead of an "unknown key".
+``model.task`` is ``classification`` (one class per image, softmax), ``multilabel`` (each name in
+``classes`` independently present, sigmoid) or ``regression`` (continuous outputs named in
+``classes``). Keys of model kinds this version does not audit yet (``task: segmentation``,
+``model.input.depth``, ``model.format: onnx``, ``model.reference``, ...) are accepted by name and
+refused with a message that says so, instead of an "unknown key".
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ def unsupported(what: str, planned: str) -> str:
     return f"{what} is not supported by auditkit {__version__}, which audits {planned}"
 
 
-_CLASSIFIERS = "2-D single-label classifiers (one logit per class in model.classes, softmax)"
+_CLASSIFIERS = (
+    "2-D classifiers (task: classification, softmax; task: multilabel, sigmoid) and regressors (task: regression)"
+)
 
 
 class InputShape(_Strict):
@@ -105,6 +109,11 @@ CLAIMABLE = tuple(
 )
 """The figures a binary classifier's manufacturer can claim (``model.claims``), held to the measured interval."""
 CLAIMABLE_MULTICLASS = ("performance.accuracy", "performance.balanced_accuracy")
+CLAIMABLE_MULTILABEL = ("performance.macro_auroc", "performance.auroc", "performance.auprc")
+"""A multi-label model's claims: the macro AUROC, and per-label AUROC or AUPRC as ``{label: value}``."""
+CLAIMABLE_REGRESSION = ("performance.mae", "performance.rmse", "performance.r2")
+"""A regressor's claims: a number (one output) or ``{output: value}``; MAE and RMSE in the output's units."""
+LOWER_IS_BETTER_CLAIMS = ("performance.mae", "performance.rmse")
 
 
 def _positive_index(classes: list[str], positive_class: str | None) -> int | None:
@@ -121,7 +130,7 @@ class ModelSpec(_Strict):
     factory: str | None = None
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: Path | None = None
-    classes: list[str] = Field(min_length=2)
+    classes: list[str] = Field(min_length=1)
     positive_class: str | None = None
     input: InputShape
     normalize: Normalize | None = None
@@ -130,20 +139,16 @@ class ModelSpec(_Strict):
     output_names: list[str] | None = None
     reference: dict[str, Any] | None = None
     operating_point: dict[str, float] | None = None
-    claims: dict[str, float] | None = None
+    claims: dict[str, float | dict[str, float]] | None = None
+    units: str | dict[str, str] | None = None
 
     @field_validator("task")
     @classmethod
     def _task(cls, task: str) -> str:
         if task not in TASKS:
             raise ValueError(f"expected one of {list(TASKS)}, got {task!r}")
-        if task != "classification":
-            what = {
-                "multilabel": "a multi-label model (task: multilabel, sigmoid outputs)",
-                "segmentation": "a segmentation model (task: segmentation)",
-                "regression": "a regression model (task: regression)",
-            }[task]
-            raise ValueError(unsupported(what, _CLASSIFIERS))
+        if task == "segmentation":
+            raise ValueError(unsupported("a segmentation model (task: segmentation)", _CLASSIFIERS))
         return task
 
     @field_validator("format")
@@ -157,16 +162,32 @@ class ModelSpec(_Strict):
             )
         return fmt
 
-    @field_validator("output_names", "reference")
+    @field_validator("reference")
     @classmethod
-    def _planned(cls, value: Any, info: Any) -> Any:
+    def _planned(cls, value: Any) -> Any:
         if value is not None:
-            what = {
-                "output_names": "masking outputs by name (output_names)",
-                "reference": "a reference model for parity (reference)",
-            }[info.field_name]
-            raise ValueError(unsupported(what, _CLASSIFIERS + " at the argmax; remove the key"))
+            raise ValueError(
+                unsupported(
+                    "a reference model for parity (reference)", "the model given by factory/weights; remove the key"
+                )
+            )
         return value
+
+    @field_validator("output_names")
+    @classmethod
+    def _output_names(cls, names: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if names is None:
+            return None
+        if len(set(names)) != len(names):
+            raise ValueError(f"output names must be unique, got {names}")
+        classes = info.data.get("classes") or []
+        absent = [c for c in classes if c not in names]
+        if absent:
+            raise ValueError(
+                f"names every output of the model, so it must include each of model.classes; {absent} missing"
+                f" from {names}"
+            )
+        return names
 
     @field_validator("factory")
     @classmethod
@@ -186,6 +207,19 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
+        if self.task == "classification" and len(self.classes) < 2:
+            raise ValueError(
+                f"classes: a classifier needs at least two classes, got {self.classes}"
+                " (a model with one continuous output is task: regression; one sigmoid output, task: multilabel)"
+            )
+        if self.positive_class is not None and self.task != "classification":
+            raise ValueError(f"positive_class applies to task: classification, not task: {self.task}")
+        if self.units is not None and self.task != "regression":
+            raise ValueError(f"units applies to task: regression, not task: {self.task}")
+        if isinstance(self.units, dict):
+            unknown = [name for name in self.units if name not in self.classes]
+            if unknown:
+                raise ValueError(f"units names {unknown}, which are not in model.classes {self.classes}")
         if self.positive_class is not None and self.positive_class not in self.classes:
             raise ValueError(f"positive_class must be one of {self.classes}, got {self.positive_class!r}")
         if self.normalize is not None and len(self.normalize.mean) not in (1, self.input.channels):
@@ -205,11 +239,16 @@ class ModelSpec(_Strict):
         classes = info.data.get("classes")
         if value is None or classes is None:
             return value
+        task = info.data.get("task", "classification")
+        if task == "regression":
+            raise ValueError("applies to classifiers; a regression model has no decision threshold")
         for name, threshold in value.items():
             if name not in classes:
                 raise ValueError(f"names {name!r}, which is not one of model.classes {classes}")
             if not 0.0 < threshold < 1.0:
                 raise ValueError(f"operating_point[{name!r}] must be a probability in (0, 1), got {threshold}")
+        if task == "multilabel":
+            return value  # one threshold per label; labels not named decide at 0.5
         positive = _positive_index(classes, info.data.get("positive_class"))
         if positive is None or len(classes) != 2:
             raise ValueError("needs a binary classifier (two classes); a multi-class model decides by argmax")
@@ -219,25 +258,76 @@ class ModelSpec(_Strict):
 
     @field_validator("claims")
     @classmethod
-    def _claims(cls, value: dict[str, float] | None, info: ValidationInfo) -> dict[str, float] | None:
+    def _claims(
+        cls, value: dict[str, float | dict[str, float]] | None, info: ValidationInfo
+    ) -> dict[str, float | dict[str, float]] | None:
         classes = info.data.get("classes")
         if value is None or classes is None:
             return value
-        allowed = CLAIMABLE if len(classes) == 2 else CLAIMABLE_MULTICLASS
+        task = info.data.get("task", "classification")
+        allowed: tuple[str, ...]
+        if task == "multilabel":
+            allowed, what = CLAIMABLE_MULTILABEL, " for a multi-label model"
+        elif task == "regression":
+            allowed, what = CLAIMABLE_REGRESSION, " for a regression model"
+        elif len(classes) == 2:
+            allowed, what = CLAIMABLE, ""
+        else:
+            allowed, what = CLAIMABLE_MULTICLASS, " for a multi-class model (per-class figures have no claim)"
         for metric, claimed in value.items():
             if metric not in allowed:
-                raise ValueError(
-                    f"names {metric!r}; a claim is one of {list(allowed)}"
-                    + ("" if len(classes) == 2 else " for a multi-class model (per-class figures have no claim)")
-                )
-            if not 0.0 <= claimed <= 1.0:
-                raise ValueError(f"claims[{metric!r}] must be in [0, 1], got {claimed}")
+                raise ValueError(f"names {metric!r}; a claim is one of {list(allowed)}{what}")
+            per_output = task == "regression" or (task == "multilabel" and metric != "performance.macro_auroc")
+            if isinstance(claimed, dict):
+                if not per_output:
+                    raise ValueError(f"claims[{metric!r}] is one number, got a mapping")
+                unknown = [name for name in claimed if name not in classes]
+                if unknown:
+                    raise ValueError(f"claims[{metric!r}] names {unknown}, which are not in model.classes {classes}")
+                items = list(claimed.items())
+            else:
+                if task == "multilabel" and per_output:
+                    raise ValueError(
+                        f"claims[{metric!r}] is per label: write {{label: value}}, e.g. {{{classes[0]}: {claimed}}}"
+                    )
+                if task == "regression" and len(classes) > 1:
+                    raise ValueError(
+                        f"claims[{metric!r}]: the model has {len(classes)} outputs; write {{output: value}}"
+                    )
+                items = [("", claimed)]
+            for name, number in items:
+                where = f"claims[{metric!r}]" + (f"[{name!r}]" if name else "")
+                if not math.isfinite(number):
+                    raise ValueError(f"{where} must be a finite number, got {number}")
+                if metric in LOWER_IS_BETTER_CLAIMS:
+                    if number < 0:
+                        raise ValueError(
+                            f"{where} is an error in the output's units and cannot be negative, got {number}"
+                        )
+                elif metric == "performance.r2":
+                    if number > 1.0:
+                        raise ValueError(f"{where} must be at most 1, got {number}")
+                elif not 0.0 <= number <= 1.0:
+                    raise ValueError(f"{where} must be in [0, 1], got {number}")
         return value
+
+    def unit_of(self, output: str) -> str | None:
+        """The unit of a regression output (``model.units``), or ``None`` when not given."""
+        if isinstance(self.units, dict):
+            return self.units.get(output)
+        return self.units
+
+    @property
+    def output_index(self) -> list[int] | None:
+        """Positions of ``classes`` among ``output_names`` (the outputs audited); ``None``: all, in order."""
+        if self.output_names is None:
+            return None
+        return [self.output_names.index(name) for name in self.classes]
 
     @property
     def positive_index(self) -> int | None:
-        """Index of the positive class; for two classes without one, the second class."""
-        return _positive_index(self.classes, self.positive_class)
+        """Index of the positive class; for two classes without one, the second class (classifiers only)."""
+        return _positive_index(self.classes, self.positive_class) if self.task == "classification" else None
 
 
 class GroupSpec(_Strict):

@@ -327,7 +327,9 @@ def make_context(
     seed: int = 0,
     out_dir: Path | None = None,
     operating_point: Mapping[str, float] | None = None,
-    claims: Mapping[str, float] | None = None,
+    claims: Mapping[str, Any] | None = None,
+    task: str = "classification",
+    units: Mapping[str, str] | None = None,
 ) -> CheckView:
     """A small in-memory :class:`auditkit.check.CheckContext` for a check's unit tests.
 
@@ -339,6 +341,10 @@ def make_context(
         predictions and embeddings not given come from one pass of it over the images, as in a run.
         The context holds the check to its ``needs`` (those of ``check`` when it is a class), so a test
         fails loudly on an undeclared read.
+
+        ``task`` is the model's task: for ``multilabel`` the labels are ``(N, K)`` of 1, 0 and -1
+        (unknown) and ``probs`` are per-label sigmoid probabilities; for ``regression`` the labels
+        are targets ``(N,)`` or ``(N, K)`` and ``probs`` (or ``logits``) the predicted values.
 
         Example::
 
@@ -353,7 +359,11 @@ def make_context(
     from auditkit.model import ModelAdapter
 
     def split(name: str, spec: Mapping[str, Any]) -> tuple[SplitData, tuple[torch.Tensor, torch.Tensor] | None]:
-        y = np.asarray(spec["labels"], dtype=np.int64)
+        if task == "regression":
+            y = np.asarray(spec["labels"], dtype=np.float64)
+            y = y.reshape(-1, 1) if y.ndim == 1 else y
+        else:
+            y = np.asarray(spec["labels"], dtype=np.int64)
         n = int(y.shape[0])
         pixels = spec.get("images")
         stored = torch.as_tensor(np.asarray(pixels), dtype=torch.float32).half() if pixels is not None else None
@@ -372,8 +382,14 @@ def make_context(
         )
         out = spec.get("logits")
         if out is None and spec.get("probs") is not None:
+            p = np.asarray(spec["probs"], dtype=np.float64)
             with np.errstate(divide="ignore"):
-                out = np.log(np.asarray(spec["probs"], dtype=np.float64))
+                if task == "multilabel":
+                    out = np.log(p) - np.log1p(-p)
+                elif task == "regression":
+                    out = p.reshape(-1, 1) if p.ndim == 1 else p
+                else:
+                    out = np.log(p)
         outputs = None
         if out is not None:
             emb = spec.get("features")
@@ -394,9 +410,14 @@ def make_context(
         splits["train"] = split("train", train)
     for name, values in (ood or {}).items():
         splits[f"ood:{name}"] = split(f"ood:{name}", values)
-    n_classes = int(max(int(np.max(s.labels, initial=0)) for s, _ in splits.values())) + 1
-    names = list(classes) if classes is not None else [f"class{k}" for k in range(max(n_classes, 2))]
-    adapter = ModelAdapter.from_module(model, classes=names) if model is not None else None
+    if task == "classification":
+        n_classes = int(max(int(np.max(s.labels, initial=0)) for s, _ in splits.values())) + 1
+        default = [f"class{k}" for k in range(max(n_classes, 2))]
+    else:
+        prefix = "label" if task == "multilabel" else "output"
+        default = [f"{prefix}{k}" for k in range(splits["eval"][0].labels.shape[1])]
+    names = list(classes) if classes is not None else default
+    adapter = ModelAdapter.from_module(model, classes=names, task=task) if model is not None else None
     dataset = Dataset(
         splits={name: data for name, (data, _) in splits.items()},
         quarantine=[],
@@ -410,10 +431,16 @@ def make_context(
         folder,
         seed=seed,
         classes=names,
-        positive_index=names.index(positive_class) if positive_class is not None else (1 if len(names) == 2 else None),
+        positive_index=(
+            names.index(positive_class)
+            if positive_class is not None
+            else (1 if len(names) == 2 and task == "classification" else None)
+        ),
         group_columns=sorted({k for data, _ in splits.values() for k in data.groups}),
         operating_point=dict(operating_point or {}),
         claims=dict(claims or {}),
+        task=task,
+        units=dict(units or {}),
     )
     for name, (_, outputs) in splits.items():
         if outputs is not None:
