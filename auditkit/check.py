@@ -440,6 +440,8 @@ class Check(Generic[P]):
     needs: ClassVar[Needs] = Needs()
     emits: ClassVar[tuple[str, ...]] = ()
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    task_reasons: ClassVar[dict[str, str]] = {}
+    """Why a task missing from ``tasks`` is not measured (task -> one sentence), for the skip reason."""
 
     def run(self, ctx: CheckContext, params: P) -> CheckResult:
         raise NotImplementedError

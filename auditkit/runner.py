@@ -262,12 +262,14 @@ def _error_record(error: BaseException) -> dict[str, Any]:
     }
 
 
-def task_refusal(check_id: str, task: str, tasks: Sequence[str]) -> str:
-    """Why a check does not run on a model of ``task``: the task named, and what it measures."""
+def task_refusal(check_id: str, task: str, tasks: Sequence[str], why: str | None = None) -> str:
+    """Why a check does not run on a model of ``task``: the task named, what it measures, and the
+    check's own reason when it gives one (``Check.task_reasons``)."""
     from auditkit.check import TASK_NAMES
 
     measured = " and ".join(f"task: {t}" for t in tasks) or "no task"
-    return f"check '{check_id}' does not measure {TASK_NAMES.get(task, f'task: {task}')}; it measures {measured}"
+    text = f"check '{check_id}' does not measure {TASK_NAMES.get(task, f'task: {task}')}; it measures {measured}"
+    return f"{text}: {why}" if why else text
 
 
 def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
@@ -295,7 +297,10 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
         return record
     needs: Needs = selected.cls.needs
     if ctx.task not in selected.cls.tasks:
-        record["status"], record["reason"] = "skipped", task_refusal(selected.id, ctx.task, selected.cls.tasks)
+        record["status"], record["reason"] = (
+            "skipped",
+            task_refusal(selected.id, ctx.task, selected.cls.tasks, selected.cls.task_reasons.get(ctx.task)),
+        )
         return record
     if needs.train and not ctx.has_split("train"):
         record["status"], record["reason"] = (
