@@ -412,6 +412,14 @@ def evaluate(
         )
     errored = [c["id"] for c in checks if c.get("status") == "error"]
     failed = [r["id"] for r in rules if r["status"] == "fail"]
+    evaluated = evaluated_summary(rules, not_run)
+    # A gate never passes on nothing: when every selected check was skipped, nothing about the
+    # model was measured (the coverage record measures the data, not the model).
+    model_checks = [c for c in checks if c.get("id") != "coverage"]
+    nothing_measured = bool(model_checks) and not any(c.get("status") == "ok" for c in model_checks)
+    if nothing_measured:
+        evaluated["nothing_measured"] = True
+        evaluated["text"] = "no check measured the model (every selected check was skipped); " + evaluated["text"]
     return {
         "policy": {
             "name": policy.name,
@@ -421,9 +429,9 @@ def evaluate(
             "rule_counts": {s: sum(r["status"] == s for r in rules) for s in RULE_STATUSES},
             "control_counts": {s: sum(c["status"] == s for c in controls) for s in CONTROL_STATUSES},
             "checks_errored": errored,
-            "evaluated": evaluated_summary(rules, not_run),
+            "evaluated": evaluated,
         },
         "rules": rules,
         "controls": controls,
-        "verdict": "fail" if failed or errored else "pass",
+        "verdict": "fail" if failed or errored or nothing_measured else "pass",
     }

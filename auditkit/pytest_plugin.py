@@ -518,8 +518,8 @@ class AuditRuleItem(pytest.Item):
 def coverage_problems(results: AuditResults) -> list[str]:
     """Why the audit's coverage failed, one sentence each (empty: it did not).
 
-    A run whose eval split read nothing, whose coverage rules failed, or that evaluated none of
-    its policy's rules measured nothing a release may rest on.
+    A run whose eval split read nothing, whose coverage rules failed, that evaluated none of its
+    policy's rules, or whose every check was skipped measured nothing a release may rest on.
     """
     problems: list[str] = []
     for check in results.data.get("checks", []):
@@ -540,6 +540,8 @@ def coverage_problems(results: AuditResults) -> list[str]:
     rules = results.rules
     if rules and not any(r.get("status") in ("pass", "warn", "fail") for r in rules):
         problems.append(f"no rule of the policy was evaluated ({results.evaluated_text})")
+    elif ((results.data.get("policy") or {}).get("evaluated") or {}).get("nothing_measured"):
+        problems.append(f"no check measured the model ({results.evaluated_text})")
     return problems
 
 

@@ -141,12 +141,17 @@ def model_section(
     """What was audited: the model's identity, its input pipeline and the preflight."""
     m = spec.model
     return {
+        "task": m.task,
         "factory": m.factory,
         "factory_kwargs": m.factory_kwargs,
         "weights": m.weights.name if m.weights else None,
         "weights_sha256": weights_sha256,
         "classes": m.classes,
+        "output_names": m.output_names,
         "positive_class": m.classes[m.positive_index] if m.positive_index is not None else None,
+        "operating_point": m.operating_point,
+        "claims": m.claims,
+        "units": {c: u for c in m.classes if (u := m.unit_of(c)) is not None} if m.task == "regression" else None,
         "input": m.input.model_dump(),
         "normalize": m.normalize.model_dump() if m.normalize else None,
         "feature_layer": model.feature_layer,
@@ -156,13 +161,41 @@ def model_section(
     }
 
 
+def _label_counts(labels: Any, task: str, classes: Sequence[str]) -> dict[str, Any]:
+    """Images per class; multilabel: positives, negatives and unknown entries per label;
+    regression: the targets' count, mean and standard deviation per output (no single value: a
+    minimum or maximum would be one patient's)."""
+    import numpy as np
+
+    if task == "multilabel":
+        return {
+            c: {
+                "positive": int((labels[:, k] == 1).sum()),
+                "negative": int((labels[:, k] == 0).sum()),
+                "unknown": int((labels[:, k] == -1).sum()),
+            }
+            for k, c in enumerate(classes)
+        }
+    if task == "regression":
+        out: dict[str, Any] = {}
+        for k, c in enumerate(classes):
+            column = labels[:, k][np.isfinite(labels[:, k])]
+            out[c] = (
+                {"n": int(column.size), "mean": float(column.mean()), "sd": float(column.std())}
+                if column.size
+                else {"n": 0}
+            )
+        return out
+    return {c: int((labels == i).sum()) for i, c in enumerate(classes)}
+
+
 def _split_summary(dataset: Dataset, spec: AuditSpec) -> dict[str, Any]:
     out: dict[str, Any] = {}
     quarantined: dict[str, int] = {}
     for entry in dataset.quarantine:
         quarantined[entry.split] = quarantined.get(entry.split, 0) + 1
     for name, split in dataset.splits.items():
-        counts = {c: int((split.labels == i).sum()) for i, c in enumerate(spec.model.classes)}
+        counts = _label_counts(split.labels, spec.model.task, spec.model.classes)
         groups = {
             col: {str(g): int((values == g).sum()) for g in sorted(set(values.tolist()))}
             for col, values in split.groups.items()
