@@ -61,7 +61,9 @@ Aspect = Literal["data", "classes", "model", "policy", "checks"]
 UNDIRECTED: Mapping[str, Mapping[str, frozenset[str]] | None] = {
     # A group's size, its base rate and how often the model calls it positive describe the group:
     # a higher selection rate is better only if the group is more often diseased (checks/bias).
-    "bias.group_metric": {"metric": frozenset({"n", "prevalence", "selection_rate"})},
+    # A regressor's mean error (prediction minus target) is best at zero, not at either end.
+    "bias.group_metric": {"metric": frozenset({"n", "prevalence", "selection_rate", "mean_error"})},
+    "performance.mean_error": None,
     # The smallest group's size describes the data, not the model.
     "bias.min_group_size": None,
     # Follows prevalence: where base rates differ between groups, as disease often does, a good
@@ -361,7 +363,8 @@ def _data_differences(base: Mapping[str, Any], new: Mapping[str, Any]) -> list[D
 def _class_differences(base: Mapping[str, Any], new: Mapping[str, Any]) -> list[Difference]:
     b, n = _section(base, "model"), _section(new, "model")
     out: list[Difference] = []
-    for key, what in (("classes", "classes"), ("positive_class", "positive class")):
+    keys = (("task", "task"), ("classes", "classes"), ("positive_class", "positive class"), ("units", "units"))
+    for key, what in keys:
         if key in b and key in n and b[key] != n[key]:
             out.append(
                 Difference(
