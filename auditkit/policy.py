@@ -99,6 +99,23 @@ class Rule(BaseModel):
     severity: Literal["fail", "warn"] = "fail"
     controls: list[str] = Field(default_factory=list)
     rationale: str = ""
+    tasks: list[str] | None = None
+    """The ``model.task`` values the rule applies to (``None``: every task). On another task the
+    rule is not applicable: left out of the judgement and counted as such, not ``not_evaluated``."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str] | None) -> list[str] | None:
+        from auditkit.spec import TASKS
+
+        if tasks is not None:
+            unknown = [t for t in tasks if t not in TASKS]
+            if unknown or not tasks:
+                raise ValueError(f"tasks must be a non-empty list of {list(TASKS)}, got {tasks}")
+        return tasks
+
+    def applies_to(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -377,6 +394,7 @@ def evaluate(
     attestations: Sequence[Attestation] = (),
     emitters: Mapping[str, str] | None = None,
     not_run: Sequence[str] = (),
+    task: str = "classification",
 ) -> dict[str, Any]:
     """Judge a run's check records: rule outcomes, subcategory statuses and the verdict.
 
@@ -388,10 +406,14 @@ def evaluate(
             say why a rule's metric is absent.
         not_run: installed checks this run did not select; rules of theirs are ``not_selected``
             and the verdict is partial.
+        task: the model's task; a rule whose ``tasks`` exclude it is not applicable (listed
+            under ``policy.not_applicable``, neither judged nor counted).
     """
     framework = load_framework(policy.framework)
     metrics = [m for check in checks for m in check.get("metrics", [])]
-    rules = [evaluate_rule(rule, metrics) for rule in policy.rules]
+    applicable = [rule for rule in policy.rules if rule.applies_to(task)]
+    not_applicable = [rule.id for rule in policy.rules if not rule.applies_to(task)]
+    rules = [evaluate_rule(rule, metrics) for rule in applicable]
     for record in rules:
         if record["cause"] == "not_emitted" and emitters is not None:
             explain_absence(record, checks, emitters, not_run)
@@ -413,6 +435,8 @@ def evaluate(
     errored = [c["id"] for c in checks if c.get("status") == "error"]
     failed = [r["id"] for r in rules if r["status"] == "fail"]
     evaluated = evaluated_summary(rules, not_run)
+    if not_applicable:
+        evaluated["text"] += f"; {len(not_applicable)} rules apply to other tasks than {task}"
     # A gate never passes on nothing: when every selected check was skipped, nothing about the
     # model was measured (the coverage record measures the data, not the model).
     model_checks = [c for c in checks if c.get("id") != "coverage"]
@@ -430,6 +454,7 @@ def evaluate(
             "control_counts": {s: sum(c["status"] == s for c in controls) for s in CONTROL_STATUSES},
             "checks_errored": errored,
             "evaluated": evaluated,
+            "not_applicable": {"task": task, "rules": not_applicable},
         },
         "rules": rules,
         "controls": controls,

@@ -451,7 +451,14 @@ def run_audit(
     check_records = [coverage_record(coverage), *(records[s.id] for s in selected)]
     emitters = {name: cid for cid, cls in checks.items() for name in cls.emits}
     emitters.update({name: CoverageCheck.id for name in CoverageCheck.emits})
-    judged = evaluate(policy, check_records, attestations=attestations, emitters=emitters, not_run=selection.not_run)
+    judged = evaluate(
+        policy,
+        check_records,
+        attestations=attestations,
+        emitters=emitters,
+        not_run=selection.not_run,
+        task=spec.model.task,
+    )
     finished_at = datetime.now(UTC)
     results = assemble(
         run=run_section(

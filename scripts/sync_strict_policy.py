@@ -23,7 +23,7 @@ def strict_from_default(default: dict) -> dict:  # type: ignore[type-arg]
     strict = dict(default)
     strict["name"] = "medical-imaging-strict"
     strict["description"] = (
-        "Release gate for diagnostic image classifiers, judged on the conservative end of each 95%"
+        "Release gate for diagnostic imaging models, judged on the conservative end of each 95%"
         " interval, so a model passes only when the evidence says it does."
     )
     strict["rules"] = [{**rule, "use": "ci_high" if "max" in rule else "ci_low"} for rule in default["rules"]]

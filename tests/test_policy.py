@@ -257,3 +257,33 @@ def test_attestations_file(tmp_path: Path) -> None:
     path.write_text("attestations:\n  - {control: GOVERN 1.1, evidence: x, owner: y, date: someday}\n")
     with pytest.raises(ConfigError, match=r"attestations\.0\.date"):
         load_attestations(path, load_framework())
+
+
+def test_a_rule_for_another_task_is_not_applicable_and_not_counted() -> None:
+    checks = [{"id": "calibration", "status": "ok", "metrics": METRICS}]
+    policy = _policy(
+        rule(id="A", labels={}, controls=["MEASURE 2.5"]),
+        rule(id="R", labels={}, tasks=["regression"], controls=["MEASURE 2.6"]),
+    )
+    judged = evaluate(policy, checks)
+    assert [r["id"] for r in judged["rules"]] == ["A"]
+    assert judged["policy"]["not_applicable"] == {"task": "classification", "rules": ["R"]}
+    assert judged["policy"]["evaluated"]["text"].startswith("1 of 1 rules evaluated")
+    assert "1 rules apply to other tasks than classification" in judged["policy"]["evaluated"]["text"]
+    assert {c["id"]: c["status"] for c in judged["controls"]}["MEASURE 2.6"] == "not_assessed"
+    on_regression = evaluate(policy, checks, task="regression")
+    assert [r["id"] for r in on_regression["rules"]] == ["A", "R"]
+    with pytest.raises(ConfigError, match=r"tasks must be a non-empty list of \['classification'"):
+        parse_policy(
+            {"name": "p", "version": 1, "rules": [{"id": "X", "metric": "a.b", "max": 1, "tasks": ["seg"]}]}, "p"
+        )
+
+
+def test_every_check_skipped_is_not_a_pass() -> None:
+    policy = _policy(rule(id="A", labels={}))
+    judged = evaluate(
+        policy, [{"id": "coverage", "status": "ok", "metrics": []}, {"id": "calibration", "status": "skipped"}]
+    )
+    assert judged["verdict"] == "fail"
+    assert judged["policy"]["evaluated"]["nothing_measured"] is True
+    assert judged["policy"]["evaluated"]["text"].startswith("no check measured the model")

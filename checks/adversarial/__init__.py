@@ -1,15 +1,21 @@
 """The adversarial check: how small a change of the image flips the model's diagnosis?
 
-The attacks live in :mod:`.attacks` (on torchattacks), the gradient-masking sanity tests in
-:mod:`.sanity`, the plot in :mod:`.plots` and the class-stratified sample in :mod:`.sampling`;
-:class:`AdversarialCheck` applies them to a sample of the eval split.
+The attacks live in :mod:`.attacks` (on torchattacks, for classifiers) and :mod:`.loss_attacks`
+(FGSM and PGD on a task's loss, for multi-label models and regressors), the gradient-masking
+sanity tests in :mod:`.sanity`, the plot in :mod:`.plots`, and the samples and metrics of the
+multi-label and regression tasks in :mod:`auditkit.tasks` (the class-stratified sample of
+classifiers is :mod:`auditkit.sampling`'s); :class:`AdversarialCheck` applies them to a sample
+of the eval split.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -17,7 +23,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator, model_validator
 
-from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, Skip
+from auditkit.check import Check, CheckParams, CheckResult, Direction, Metric, Needs, Skip
 from auditkit.checks.adversarial.attacks import (
     ATTACKS,
     L2_EPS,
@@ -31,15 +37,36 @@ from auditkit.checks.adversarial.attacks import (
     seeded,
     still_correct,
 )
+from auditkit.checks.adversarial.loss_attacks import (
+    LOSS_ATTACKS,
+    AttackedOutputs,
+    attacked_outputs,
+    model_outputs,
+    multilabel_loss,
+    squared_error_loss,
+)
 from auditkit.checks.adversarial.plots import robust_accuracy_plot
 from auditkit.checks.adversarial.sanity import (
     MaskingTest,
     gradient_masking_tests,
+    loss_masking_tests,
     masking_suspected,
     slack,
 )
 from auditkit.sampling import stratified_allocation, stratified_sample
-from auditkit.stats import bootstrap_cis, stable_seed
+from auditkit.stats import bootstrap_cis, median_centred_interval, stable_seed
+from auditkit.tasks import (
+    absolute_errors,
+    bootstrap_macro_aurocs,
+    bootstrap_maes,
+    label_aurocs,
+    macro_auroc,
+    mae_per_output,
+    regression_units,
+    sample_strata,
+    task_sample,
+    task_scores,
+)
 
 if TYPE_CHECKING:
     from auditkit.check import CheckContext
@@ -48,6 +75,7 @@ __all__ = [
     "ATTACKS",
     "L2_EPS",
     "LINF_EPS",
+    "LOSS_ATTACKS",
     "AdversarialCheck",
     "AttackConfig",
     "MaskingTest",
@@ -56,6 +84,7 @@ __all__ = [
     "build_attack",
     "eps_label",
     "gradient_masking_tests",
+    "loss_masking_tests",
     "minimum_norm_perturbations",
     "plan_sample",
     "predict",
@@ -64,6 +93,7 @@ __all__ = [
     "still_correct",
     "stratified_allocation",
     "stratified_sample",
+    "task_sample",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,9 +117,15 @@ class SamplePlan:
     seed_root: int
 
 
-def plan_sample(labels: NDArray[Any], n_samples: int, rng: np.random.Generator) -> SamplePlan:
-    """Draw the class-stratified sample, then the seed root, from the check's generator."""
-    indices = stratified_sample(labels, n_samples, rng)
+def plan_sample(
+    labels: NDArray[Any], n_samples: int, rng: np.random.Generator, *, task: str = "classification"
+) -> SamplePlan:
+    """Draw the stratified sample, then the seed root, from the check's generator.
+
+    Classification stratifies by class; multilabel and regression samples are those of
+    :func:`auditkit.tasks.task_sample` (every label's both classes, target quintiles).
+    """
+    indices = task_sample(labels, task, n_samples, rng)
     return SamplePlan(indices, int(rng.integers(0, 2**62)))
 
 
@@ -237,22 +273,58 @@ class AdversarialCheck(Check[AdversarialParams]):
     :mod:`auditkit.stats`, which always contains the value (the success rate is a ratio, biased
     under resampling) and is the percentile interval when the resampling is unbiased.
 
-    Inputs: eval-split images (any size, grayscale or multi-channel) and labels; the model's
-    input gradients (``Needs(gradients=True, images=True)``). Runs on the context's device.
+    Multi-label models (``task: multilabel``): torchattacks' attacks maximise the cross-entropy
+    of a class index, which a multi-label model does not have, so FGSM, PGD-Linf and PGD-L2 run
+    as in-house loops (:mod:`.loss_attacks`, torchattacks' step for step: same budgets, steps,
+    step size and random start) on the sum over the known label entries of each image of the
+    binary cross-entropy with logits (unknown entries masked): every label is pushed away from
+    its truth. The sample holds a known positive and negative of every label that has them
+    (:mod:`auditkit.tasks`); the metric is the macro AUROC, the mean over the labels with both
+    classes in the sample of each label's AUROC (Mann-Whitney, as scikit-learn's
+    ``roc_auc_score``) of the sigmoid scores on its known entries; a label with one class is
+    left out and named with the reason (``label_aurocs`` finding). Regressors
+    (``task: regression``): the same attacks maximise the squared error against the target
+    (summed over outputs, each scaled by its target standard deviation when there are several);
+    the metric is the mean absolute error per output in the output's unit (``model.units``,
+    named in the findings). Carlini-Wagner, Square and AutoAttack are built on class margins
+    and are not run for these tasks: their metrics are undefined with that reason and an
+    ``attacks_not_run`` finding names the task. The sanity tests read the attacked loss (the
+    quantity the attack maximises, :func:`.sanity.loss_masking_tests`): it must not fall with
+    epsilon, PGD must reach FGSM's loss, and an unbounded PGD must raise the loss of almost every
+    image above its random starting point (its gradient steps must beat random noise); the
+    black-box comparison does not run (no Square) and says so, naming the task. Intervals are
+    the same median-centred 95% bootstraps, every attack on the same resamples, stratified as
+    the sample is (each image's rarest label class; the target's quintile).
+
+    Inputs: eval-split images (any size, grayscale or multi-channel) and labels (multilabel:
+    1/0/-1 per label; regression: targets); the model's input gradients
+    (``Needs(gradients=True, images=True)``). Runs on the context's device.
 
     Metrics:
-        ``adversarial.clean_accuracy`` (``higher_is_better``) on the attacked sample;
-        ``adversarial.robust_accuracy`` (``higher_is_better``) and
+        classification: ``adversarial.clean_accuracy`` (``higher_is_better``) on the attacked
+        sample; ``adversarial.robust_accuracy`` (``higher_is_better``) and
         ``adversarial.attack_success_rate`` (``lower_is_better``: the share of correctly
         classified images the attack flips) with labels ``{attack, eps}``, eps written with two
         significant digits (``2/255`` -> ``"0.0078"``);
-        ``adversarial.gradient_masking_suspected`` (0/1, ``lower_is_better``).
+        multilabel: ``adversarial.clean_macro_auroc`` and ``adversarial.robust_macro_auroc``
+        ``{attack, eps}`` (``higher_is_better``);
+        regression: ``adversarial.clean_mae`` and ``adversarial.robust_mae`` ``{attack, eps}``
+        (``lower_is_better``, in the output's unit; with several outputs, one per output with
+        an ``output`` label);
+        every task: ``adversarial.gradient_masking_suspected`` (0/1, ``lower_is_better``).
 
-    Findings: ``adversarial_sample`` (manifest rows, class counts), ``attack_setup`` (exact
-    budgets and hyper-parameters, device, seed), ``gradient_masking_tests`` (every test's
-    outcome) and one ``gradient_masking_suspected`` per failed test, naming it.
+    Findings: ``adversarial_sample`` (manifest rows; class counts, per-label counts of known
+    positives, negatives and unknown entries, or target ranges and units), ``attack_setup``
+    (exact budgets and hyper-parameters, device, seed; for multilabel and regression the loss,
+    the metric and the largest perturbation norm of each attack and budget),
+    ``attacks_not_run`` (multilabel, regression), ``label_aurocs`` (multilabel: every label's
+    AUROC clean and attacked, undefined labels with the reason), ``gradient_masking_tests``
+    (every test's outcome; for multilabel and regression the loss curves) and one
+    ``gradient_masking_suspected`` per failed test, naming it.
 
-    Artifacts: ``robust_accuracy`` (SVG): robust accuracy against epsilon per attack.
+    Artifacts: ``robust_accuracy`` (SVG): robust accuracy against epsilon per attack;
+    multilabel ``robust_macro_auroc``, regression ``robust_mae`` (``robust_mae_<k>`` per output
+    when there are several): the task's metric against epsilon.
 
     NIST AI RMF 1.0: MEASURE 2.7 (security and resilience: robustness to adversarial input),
     MEASURE 2.5 (validity: a robustness number obtained through masked gradients is flagged).
@@ -268,11 +340,18 @@ class AdversarialCheck(Check[AdversarialParams]):
         "adversarial.clean_accuracy",
         "adversarial.robust_accuracy",
         "adversarial.attack_success_rate",
+        "adversarial.clean_macro_auroc",
+        "adversarial.robust_macro_auroc",
+        "adversarial.clean_mae",
+        "adversarial.robust_mae",
         "adversarial.gradient_masking_suspected",
     )
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
 
     def run(self, ctx: CheckContext, params: AdversarialParams) -> CheckResult:
         """Attack a stratified sample of the eval split and test the results for masking."""
+        if ctx.task != "classification":
+            return _run_on_task_loss(ctx, params)
         scaled = params.scaled_fields(ctx.device)
         p: AdversarialParams = params.for_device(ctx.device)
         result = CheckResult()
@@ -569,6 +648,499 @@ def _findings(
             "slack": slack(len(labels), p.masking_tolerance),
             "unbounded_eps": p.unbounded_eps,
             "unbounded_robust_accuracy": unbounded_accuracy,
+            "tests": [t.to_json() for t in tests],
+        }
+    )
+    for test in tests:
+        if test.passed is False:
+            findings.append(
+                {
+                    "kind": "gradient_masking_suspected",
+                    "test": test.name,
+                    "detail": test.detail,
+                    "violations": list(test.violations),
+                    "reference": CARLINI_2019,
+                }
+            )
+    return findings
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-label and regression models: attacks on the task's loss
+
+TASK_METRICS: dict[str, tuple[str, str, Direction]] = {
+    "multilabel": ("adversarial.clean_macro_auroc", "adversarial.robust_macro_auroc", "higher_is_better"),
+    "regression": ("adversarial.clean_mae", "adversarial.robust_mae", "lower_is_better"),
+}
+"""task -> (clean metric, robust metric, direction)."""
+
+TASK_LOSS_TEXT = {
+    "multilabel": (
+        "sum over the known label entries of each image of the binary cross-entropy with logits"
+        " (unknown entries masked); maximised: every label pushed away from its truth"
+    ),
+    "regression": (
+        "squared error against the target, summed over the outputs (each divided by its target"
+        " standard deviation in the sample when there are several); maximised"
+    ),
+}
+
+
+def _not_run_reason(attack: str, task: str) -> str:
+    return (
+        f"{attack} is built on class margins (a classification attack) and is not run for task: {task};"
+        f" the attacks on the task's loss are {', '.join(LOSS_ATTACKS)}"
+    )
+
+
+def _output_labels(names: list[str], k: int) -> dict[str, str]:
+    """Regression metrics carry an ``output`` label only when the model has several outputs."""
+    return {"output": names[k]} if len(names) > 1 else {}
+
+
+def _undefined_task(p: AdversarialParams, task: str, names: list[str], reason: str) -> list[Metric]:
+    clean_name, robust_name, direction = TASK_METRICS[task]
+    per_output = [_output_labels(names, k) for k in range(len(names))] if task == "regression" else [{}]
+    metrics = [Metric(clean_name, None, direction, labels=extra, n=0, reason=reason) for extra in per_output]
+    for attack in p.attacks:
+        for eps in p.grid(attack):
+            labels = {"attack": attack, "eps": eps_label(eps)}
+            metrics += [
+                Metric(robust_name, None, direction, labels={**labels, **extra}, n=0, reason=reason)
+                for extra in per_output
+            ]
+    metrics.append(Metric("adversarial.gradient_masking_suspected", None, "lower_is_better", n=0, reason=reason))
+    return metrics
+
+
+def _finite_mean(losses: torch.Tensor) -> float | None:
+    """The mean of the finite per-image losses (a non-finite output has none), ``None`` if none is."""
+    values = losses.double().numpy()
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def _regression_scale(targets: NDArray[np.float64]) -> torch.Tensor | None:
+    """Per-output divisor of the squared error: the target's standard deviation (one output: none)."""
+    if targets.shape[1] < 2:
+        return None
+    with np.errstate(invalid="ignore"):
+        spread = np.nanstd(targets, axis=0)
+    spread = np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
+    return torch.as_tensor(spread, dtype=torch.float32)
+
+
+def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResult:
+    """The check for a multi-label or regression model: FGSM and PGD on the task's loss."""
+    task = ctx.task
+    names = list(ctx.classes)
+    scaled = params.scaled_fields(ctx.device)
+    p: AdversarialParams = params.for_device(ctx.device)
+    result = CheckResult()
+    all_labels = np.asarray(ctx.labels("eval"))
+    if all_labels.shape[0] == 0:
+        result.metrics += _undefined_task(p, task, names, "no eval images")
+        return result
+
+    plan = plan_sample(all_labels, p.n_samples, ctx.rng(), task=task)
+    if task == "regression":
+        targets_np = np.asarray(all_labels[plan.indices], dtype=np.float64).reshape(len(plan.indices), -1)
+        loss = squared_error_loss(_regression_scale(targets_np))
+    else:
+        targets_np = np.asarray(all_labels[plan.indices], dtype=np.int64)
+        loss = multilabel_loss
+    targets = torch.as_tensor(targets_np)
+    images = ctx.images("eval", plan.indices)
+    model = ctx.model.differentiable()
+    n = int(targets.shape[0])
+    config = p.attack_config(len(names))
+    run_attacks = [a for a in p.attacks if a in LOSS_ATTACKS]
+    not_run = [a for a in p.attacks if a not in LOSS_ATTACKS]
+    log.info("adversarial: %d images (task: %s), attacks %s, on %s", n, task, run_attacks, ctx.device)
+
+    clean = model_outputs(model, images, batch_size=p.batch_size)
+    if not bool(torch.isfinite(clean).all(dim=1).any()):
+        raise Skip(f"the outputs of every one of the {n} sampled eval images are non-finite")
+    attacked: dict[tuple[str, float], AttackedOutputs] = {}
+    for attack in run_attacks:
+        for eps in p.grid(attack):
+            attacked[(attack, eps)] = attacked_outputs(
+                model,
+                images,
+                targets,
+                loss,
+                attack,
+                eps,
+                config,
+                seed=attack_seed(plan.seed_root, attack, eps),
+                batch_size=p.batch_size,
+            )
+
+    clean_loss = _finite_mean(loss(clean, targets))
+    loss_curves: dict[str, dict[float, float]] = {}
+    for (attack, eps), outcome in attacked.items():
+        mean_loss = _finite_mean(outcome.losses)
+        if mean_loss is not None:  # every output non-finite: no loss to compare
+            loss_curves.setdefault(attack, {})[eps] = mean_loss
+    tests: list[MaskingTest] = []
+    unbounded: dict[str, Any] | None = None
+    if p.sanity_checks:
+        unbounded_config = AttackConfig(pgd_steps=p.unbounded_steps, pgd_step_size=p.pgd_step_size, random_start=True)
+        outcome = attacked_outputs(
+            model,
+            images,
+            targets,
+            loss,
+            "pgd_linf",
+            p.unbounded_eps,
+            unbounded_config,
+            seed=attack_seed(plan.seed_root, "unbounded", p.unbounded_eps),
+            batch_size=p.batch_size,
+        )
+        stalled = float((outcome.losses <= outcome.start_losses).double().mean())
+        unbounded = {
+            "stalled_share": stalled,
+            "mean_loss": _finite_mean(outcome.losses),
+            "mean_start_loss": _finite_mean(outcome.start_losses),
+            **_unbounded_metric(task, outcome.outputs, targets_np, names),
+        }
+        tests = loss_masking_tests(
+            loss_curves,
+            n,
+            task=task,
+            unbounded_stalled=stalled,
+            unbounded_eps=p.unbounded_eps,
+            unbounded_outcome={k: v for k, v in unbounded.items() if k != "stalled_share"},
+            tolerance=p.masking_tolerance,
+        )
+
+    strata = sample_strata(targets_np, task)
+    rng = np.random.default_rng(stable_seed(plan.seed_root, "bootstrap"))
+    if task == "multilabel":
+        measured = _multilabel_metrics(clean, attacked, targets_np, names, p, rng, strata)
+    else:
+        measured = _regression_metrics(clean, attacked, targets_np, names, dict(ctx.units), p, rng, strata)
+    result.metrics += measured.metrics
+    for attack in not_run:
+        for eps in p.grid(attack):
+            labels = {"attack": attack, "eps": eps_label(eps)}
+            result.metrics += [
+                Metric(
+                    TASK_METRICS[task][1],
+                    None,
+                    TASK_METRICS[task][2],
+                    labels={**labels, **extra},
+                    n=n,
+                    reason=_not_run_reason(attack, task),
+                )
+                for extra in measured.per_output
+            ]
+    result.metrics.append(_masking_metric(p, tests, n))
+    result.findings += _task_findings(
+        ctx, plan, targets_np, p, config, run_attacks, not_run, tests, unbounded, clean_loss, loss_curves, attacked
+    )
+    result.findings += measured.findings
+    for finding in result.findings:
+        if finding["kind"] == "attack_setup":
+            finding["scaled_for_device"] = {name: getattr(p, name) for name in scaled}
+    for plot in measured.plots:
+        result.artifacts.append(
+            ctx.write_artifact(plot.name, f"{plot.name}.svg", plot.writer(n), description=plot.description)
+        )
+    return result
+
+
+def _unbounded_metric(task: str, outputs: torch.Tensor, targets: NDArray[Any], names: list[str]) -> dict[str, Any]:
+    """What the unbounded attack did to the task's metric (recorded with the sanity tests)."""
+    if task == "multilabel":
+        value, _ = macro_auroc(label_aurocs(task_scores(outputs, task), targets, names))
+        return {"macro_auroc": value}
+    maes = mae_per_output(absolute_errors(task_scores(outputs, task), targets))
+    return {"mae": {name: float(v) if np.isfinite(v) else None for name, v in zip(names, maes, strict=True)}}
+
+
+@dataclass(frozen=True)
+class _Plot:
+    name: str
+    curves: dict[str, dict[float, float]]
+    clean: float
+    cis: dict[tuple[str, float], tuple[float, float] | None]
+    metric: str
+    bounded: bool
+    description: str
+
+    def writer(self, n: int) -> Callable[[Path], Path]:
+        """Draw this plot at the path the artifact writer gives."""
+        return lambda path: robust_accuracy_plot(
+            self.curves, self.clean, path, n=n, cis=self.cis, metric=self.metric, bounded=self.bounded
+        )
+
+
+@dataclass
+class _Measured:
+    metrics: list[Metric]
+    findings: list[dict[str, Any]]
+    plots: list[_Plot]
+    per_output: list[dict[str, str]]
+
+
+def _interval(
+    replicates: NDArray[np.float64], estimate: float | None, bounds: tuple[float, float]
+) -> tuple[float, float] | None:
+    if estimate is None or replicates.size == 0 or not np.isfinite(estimate):
+        return None
+    return median_centred_interval(replicates, estimate, bounds=bounds)
+
+
+def _multilabel_metrics(
+    clean: torch.Tensor,
+    attacked: dict[tuple[str, float], AttackedOutputs],
+    targets: NDArray[Any],
+    names: list[str],
+    p: AdversarialParams,
+    rng: np.random.Generator,
+    strata: NDArray[np.int64],
+) -> _Measured:
+    """Macro AUROC (sigmoid scores, known entries) clean and under each attack, with intervals."""
+    n = len(targets)
+    keys = list(attacked)
+    score_sets = [task_scores(clean, "multilabel"), *(task_scores(attacked[key].outputs, "multilabel") for key in keys)]
+    per_label = [label_aurocs(scores, targets, names) for scores in score_sets]
+    values = [macro_auroc(labels) for labels in per_label]
+    replicates = bootstrap_macro_aurocs(score_sets, targets, n_boot=p.n_boot, rng=rng, strata=strata)
+    cis = [_interval(replicates[:, c], values[c][0], (0.0, 1.0)) for c in range(len(score_sets))]
+    clean_name, robust_name, direction = TASK_METRICS["multilabel"]
+    metrics = [Metric(clean_name, values[0][0], direction, ci=cis[0], n=n, reason=values[0][1])]
+    for c, (attack, eps) in enumerate(keys, start=1):
+        labels = {"attack": attack, "eps": eps_label(eps)}
+        metrics.append(Metric(robust_name, values[c][0], direction, labels=labels, ci=cis[c], n=n, reason=values[c][1]))
+    findings: list[dict[str, Any]] = [
+        {
+            "kind": "label_aurocs",
+            "definition": (
+                "per-label AUROC of the sigmoid scores on the known entries (label -1 left out and counted);"
+                " the macro AUROC is their mean over the labels with a known positive and a known negative"
+                " in the sample"
+            ),
+            "clean": [entry.to_json() for entry in per_label[0]],
+            "attacked": {
+                f"{attack}@{eps_label(eps)}": {e.label: e.value for e in per_label[c]}
+                for c, (attack, eps) in enumerate(keys, start=1)
+            },
+            "undefined_labels": [e.to_json() for e in per_label[0] if e.value is None],
+        }
+    ]
+    plots = []
+    clean_value = values[0][0]
+    if clean_value is not None and keys:
+        curves: dict[str, dict[float, float]] = {}
+        plot_cis: dict[tuple[str, float], tuple[float, float] | None] = {}
+        for c, (attack, eps) in enumerate(keys, start=1):
+            attacked_value = values[c][0]
+            if attacked_value is not None:
+                curves.setdefault(attack, {})[eps] = float(attacked_value)
+                plot_cis[(attack, eps)] = cis[c]
+        plots.append(
+            _Plot(
+                "robust_macro_auroc",
+                curves,
+                float(clean_value),
+                plot_cis,
+                "macro AUROC",
+                True,
+                f"Macro AUROC (known label entries) against the perturbation budget on {n} eval images "
+                f"(attacks on the summed binary cross-entropy: {', '.join(sorted({a for a, _ in keys}))}), with "
+                "95% bootstrap intervals; the dotted line is the clean macro AUROC.",
+            )
+        )
+    return _Measured(metrics, findings, plots, [{}])
+
+
+def _regression_metrics(
+    clean: torch.Tensor,
+    attacked: dict[tuple[str, float], AttackedOutputs],
+    targets: NDArray[Any],
+    names: list[str],
+    units: dict[str, str],
+    p: AdversarialParams,
+    rng: np.random.Generator,
+    strata: NDArray[np.int64],
+) -> _Measured:
+    """MAE per output (known targets) clean and under each attack, with intervals."""
+    n = len(targets)
+    keys = list(attacked)
+    error_sets = [absolute_errors(task_scores(clean, "regression"), targets)]
+    error_sets += [absolute_errors(task_scores(attacked[key].outputs, "regression"), targets) for key in keys]
+    maes = np.stack([mae_per_output(errors) for errors in error_sets])  # (C, K)
+    replicates = bootstrap_maes(error_sets, n_boot=p.n_boot, rng=rng, strata=strata)
+    clean_name, robust_name, direction = TASK_METRICS["regression"]
+    per_output = [_output_labels(names, k) for k in range(len(names))]
+
+    def metric(name: str, c: int, k: int, labels: dict[str, str]) -> Metric:
+        value = float(maes[c, k])
+        reason = None
+        if np.isnan(value):
+            reason = f"output {names[k]!r}: no known target in the sample"
+        elif not np.isfinite(value):
+            bad = int(np.isinf(error_sets[c][:, k]).sum())
+            reason = f"output {names[k]!r}: {bad} of {n} predictions are not finite"
+        defined = reason is None
+        ci = _interval(replicates[:, c, k], value if defined else None, (0.0, math.inf)) if defined else None
+        return Metric(name, value if defined else None, direction, labels=labels, ci=ci, n=n, reason=reason)
+
+    metrics = [metric(clean_name, 0, k, per_output[k]) for k in range(len(names))]
+    for c, (attack, eps) in enumerate(keys, start=1):
+        labels = {"attack": attack, "eps": eps_label(eps)}
+        metrics += [metric(robust_name, c, k, {**labels, **per_output[k]}) for k in range(len(names))]
+    plots = []
+    for k, name in enumerate(names):
+        if not np.isfinite(maes[0, k]) or not keys:
+            continue
+        curves: dict[str, dict[float, float]] = {}
+        plot_cis: dict[tuple[str, float], tuple[float, float] | None] = {}
+        for c, (attack, eps) in enumerate(keys, start=1):
+            if np.isfinite(maes[c, k]):
+                curves.setdefault(attack, {})[eps] = float(maes[c, k])
+                plot_cis[(attack, eps)] = _interval(replicates[:, c, k], float(maes[c, k]), (0.0, math.inf))
+        unit = f" ({units[name]})" if units.get(name) else ""
+        plots.append(
+            _Plot(
+                "robust_mae" if len(names) == 1 else f"robust_mae_{k}",
+                curves,
+                float(maes[0, k]),
+                plot_cis,
+                f"MAE{unit}",
+                False,
+                f"MAE of output {name!r}{unit} against the perturbation budget on {n} eval images (attacks "
+                "maximising the squared error), with 95% bootstrap intervals; the dotted line is the clean MAE.",
+            )
+        )
+    return _Measured(metrics, [], plots, per_output)
+
+
+def _masking_metric(p: AdversarialParams, tests: list[MaskingTest], n: int) -> Metric:
+    suspected = masking_suspected(tests)
+    reason = None
+    if not p.sanity_checks:
+        reason = "gradient-masking sanity checks disabled (sanity_checks: false)"
+    elif suspected is None:
+        reason = "no gradient-masking test could run with the selected attacks"
+    return Metric(
+        "adversarial.gradient_masking_suspected",
+        None if suspected is None else float(suspected),
+        "lower_is_better",
+        n=n,
+        reason=reason,
+    )
+
+
+def _task_findings(
+    ctx: CheckContext,
+    plan: SamplePlan,
+    targets: NDArray[Any],
+    p: AdversarialParams,
+    config: AttackConfig,
+    run_attacks: list[str],
+    not_run: list[str],
+    tests: list[MaskingTest],
+    unbounded: dict[str, Any] | None,
+    clean_loss: float | None,
+    loss_curves: dict[str, dict[float, float]],
+    attacked: dict[tuple[str, float], AttackedOutputs],
+) -> list[dict[str, Any]]:
+    task = ctx.task
+    names = list(ctx.classes)
+    manifest_rows = np.asarray(ctx.split("eval").rows)[plan.indices]
+    sample: dict[str, Any] = {
+        "kind": "adversarial_sample",
+        "split": "eval",
+        "task": task,
+        "rows": [int(r) for r in manifest_rows],
+        "n": len(targets),
+    }
+    if task == "multilabel":
+        sample["label_counts"] = {
+            name: {
+                "positive": int((targets[:, k] == 1).sum()),
+                "negative": int((targets[:, k] == 0).sum()),
+                "unknown": int((targets[:, k] < 0).sum()),
+            }
+            for k, name in enumerate(names)
+        }
+    else:
+        units = regression_units(names, dict(ctx.units))
+        sample["targets"] = {
+            name: {
+                "known": int(np.isfinite(targets[:, k]).sum()),
+                "min": float(np.nanmin(targets[:, k])) if np.isfinite(targets[:, k]).any() else None,
+                "max": float(np.nanmax(targets[:, k])) if np.isfinite(targets[:, k]).any() else None,
+                "unit": units[name],
+            }
+            for k, name in enumerate(names)
+        }
+    setup: dict[str, Any] = {
+        "kind": "attack_setup",
+        "task": task,
+        "loss": TASK_LOSS_TEXT[task],
+        "implementation": (
+            "in-house FGSM / PGD loops on the task loss, torchattacks' FGSM, PGD and PGDL2 step for step"
+            " (torchattacks hard-codes the cross-entropy of class indices)"
+        ),
+        "metric": (
+            "macro AUROC of the sigmoid scores over the known label entries"
+            if task == "multilabel"
+            else "mean absolute error per output over the known targets, in the output's unit"
+        ),
+        "device": str(ctx.device),
+        "precision": "fp32",
+        "batch_size": p.batch_size,
+        "seed_root": plan.seed_root,
+        "attacks": {
+            attack: {
+                "norm": ATTACKS[attack].norm,
+                "access": ATTACKS[attack].access,
+                "eps": p.grid(attack),
+                "reference": ATTACKS[attack].reference,
+                "max_perturbation_norm": {
+                    eps_label(eps): float(attacked[(attack, eps)].norms.max()) if len(targets) else 0.0
+                    for eps in p.grid(attack)
+                },
+            }
+            for attack in run_attacks
+        },
+        "pgd": {
+            "steps": config.pgd_steps,
+            "step_size": f"{config.pgd_step_size} * eps / steps",
+            "random_start": config.random_start,
+        },
+    }
+    if task == "regression":
+        setup["units"] = regression_units(names, dict(ctx.units))
+    findings: list[dict[str, Any]] = [sample, setup]
+    if not_run:
+        findings.append(
+            {
+                "kind": "attacks_not_run",
+                "task": task,
+                "attacks": list(not_run),
+                "reason": (
+                    f"not run for task: {task}: Carlini-Wagner, Square and AutoAttack are built on class margins"
+                    f" (classification); the attacks on the task's loss are {', '.join(LOSS_ATTACKS)}"
+                ),
+            }
+        )
+    if not p.sanity_checks:
+        return findings
+    findings.append(
+        {
+            "kind": "gradient_masking_tests",
+            "task": task,
+            "reference": CARLINI_2019,
+            "slack": slack(len(targets), p.masking_tolerance),
+            "unbounded_eps": p.unbounded_eps,
+            "unbounded": unbounded,
+            "clean_loss": clean_loss,
+            "loss_curves": {a: {eps_label(e): v for e, v in c.items()} for a, c in loss_curves.items()},
             "tests": [t.to_json() for t in tests],
         }
     )

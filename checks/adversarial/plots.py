@@ -41,6 +41,8 @@ def robust_accuracy_plot(
     *,
     n: int,
     cis: Mapping[tuple[str, float], tuple[float, float] | None] | None = None,
+    metric: str = "accuracy",
+    bounded: bool = True,
 ) -> Path:
     """Draw robust accuracy against epsilon, one line per attack, one panel per norm.
 
@@ -50,6 +52,10 @@ def robust_accuracy_plot(
         path: the SVG to write (its folder must exist).
         n: the sample size, for the title.
         cis: optional (attack, eps) -> 95% interval, drawn as error bars.
+        metric: what the curves measure, for the axis and title (``macro AUROC`` for a
+            multi-label model, ``MAE (unit)`` for a regressor).
+        bounded: the metric lies in ``[0, 1]`` (fixed axis); ``False`` scales the axis from 0
+            to the largest value drawn.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -67,7 +73,9 @@ def robust_accuracy_plot(
     if not norms or not any(curves.values()):
         raise ValueError("nothing to draw: no attack has a robust accuracy")
     grids = {norm: sorted({e for a, c in curves.items() if ATTACKS[a].norm == norm for e in c}) for norm in norms}
-    width = 4.0 * len(norms) + 1.0
+    title = f"Robust {metric} against perturbation budget (n = {n})"
+    # Wide enough for the suptitle (drawn at 1.2 times the font size) when the metric's name is long.
+    width = max(4.0 * len(norms) + 1.0, text_width(title, 1.2 * _FONT_SIZE) + 2 * _OUTER_INCHES + 0.2)
     # The legend's entries in drawing order: each panel's attacks, the clean line after the first.
     entries = [a for a, c in curves.items() if ATTACKS[a].norm == norms[0] and c]
     entries += ["clean", *(a for a, c in curves.items() if len(norms) > 1 and ATTACKS[a].norm == norms[1] and c)]
@@ -82,7 +90,9 @@ def robust_accuracy_plot(
     # Tick labels turned by 45 degrees: their height is (width + line) / sqrt(2).
     below_axes = tick_room + (widest_eps + line) / math.sqrt(2.0) + _LABEL_PAD_POINTS / 72.0 + line
     bottom = _OUTER_INCHES + legend_height + below_axes
-    beside_axes = tick_room + text_width("0.0", _FONT_SIZE) + _LABEL_PAD_POINTS / 72.0 + line
+    y_ticks, y_format, y_limits = _value_axis(curves, clean_accuracy, cis, bounded)
+    widest_tick = max(text_width(y_format.format(v), _FONT_SIZE) for v in y_ticks)
+    beside_axes = tick_room + widest_tick + _LABEL_PAD_POINTS / 72.0 + line
     left = _OUTER_INCHES + beside_axes
     top = _OUTER_INCHES + 2 * _TITLE_LINE_INCHES + _TITLE_PAD_POINTS / 72.0 + 0.1
     height = 3.7 + legend_height
@@ -141,10 +151,10 @@ def robust_accuracy_plot(
                 low, high = math.log10(grid[0]), math.log10(grid[-1])
                 margin = 0.05 * (high - low) if high > low else 0.1
                 axis.set_xlim(10 ** (low - margin), 10 ** (high + margin))
-            axis.set_ylim(-0.02, 1.02)
-            fixed_ticks(axis.yaxis, _ACCURACY_TICKS)
+            axis.set_ylim(*y_limits)
+            fixed_ticks(axis.yaxis, y_ticks, y_format)
             axis.set_xlabel(f"eps ({'L-infinity' if norm == 'Linf' else 'L2'}, [0, 1] units)")
-            axis.set_ylabel("robust accuracy")
+            axis.set_ylabel(f"robust {metric}")
             axis.set_title(f"{'L-infinity' if norm == 'Linf' else 'L2'} attacks")
         # One legend below the panels, away from the curves (inside a panel it covered them).
         fig.legend(
@@ -155,5 +165,26 @@ def robust_accuracy_plot(
             frameon=False,
             borderaxespad=0.2,
         )
-        fig.suptitle(f"Robust accuracy against perturbation budget (n = {n})", y=1.0 - _OUTER_INCHES / height, va="top")
+        fig.suptitle(title, y=1.0 - _OUTER_INCHES / height, va="top")
         return save_svg(fig, path)
+
+
+def _value_axis(
+    curves: Mapping[str, Mapping[float, float]],
+    clean: float,
+    cis: Mapping[tuple[str, float], tuple[float, float] | None] | None,
+    bounded: bool,
+) -> tuple[list[float], str, tuple[float, float]]:
+    """Ticks, their format and the limits of the value axis: ``[0, 1]`` or ``[0, largest value]``."""
+    if bounded:
+        return list(_ACCURACY_TICKS), "{:.1f}", (-0.02, 1.02)
+    from matplotlib.ticker import MaxNLocator
+
+    values = [clean, *(v for c in curves.values() for v in c.values())]
+    values += [ci[1] for ci in (cis or {}).values() if ci is not None]
+    finite = [v for v in values if math.isfinite(v)]
+    top = max([*finite, 0.0])
+    top = top if top > 0 else 1.0
+    ticks = [float(v) for v in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(0.0, top)]
+    high = max(ticks[-1], top)
+    return [t for t in ticks if 0.0 <= t <= high], "{:g}", (-0.02 * high, 1.02 * high)

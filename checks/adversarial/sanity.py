@@ -17,6 +17,23 @@ measured; each one that fails names what it saw.
 
 A small slack absorbs sampling noise: a violation counts when it exceeds
 ``max(tolerance, 1 / n)``, the larger of the tolerance and one image of the sample.
+
+Multi-label and regression models (:func:`loss_masking_tests`) have no accuracy to read; the
+attacks maximise a loss (:mod:`.loss_attacks`), and the tests read what the attack optimises, the
+mean loss on the attacked sample:
+
+* ``loss_non_decreasing_in_eps``: an iterative attack's loss must not fall with epsilon by more
+  than the slack, taken relative to the smaller budget's loss (FGSM is exempt, as above).
+* ``iterative_beats_single_step``: PGD's loss must reach FGSM's at every epsilon, within the
+  relative slack.
+* ``unbounded_attack_succeeds``: PGD with a budget covering the whole intensity range must raise
+  the loss of (almost) every image above the loss at its random starting point; the share of
+  images where its gradient steps gained nothing must stay within the slack. This is Carlini et
+  al.'s comparison of a gradient attack against random noise at the budget where the noise is
+  largest: gradients that are zero or point nowhere (masking) leave the attack where it started,
+  and no robustness can explain an unbounded attack that cannot raise the loss.
+* ``white_box_beats_black_box`` does not run: the Square attack searches class margins and
+  is run for classification only; the test says so, naming the task.
 """
 
 from __future__ import annotations
@@ -28,7 +45,7 @@ from typing import Any
 
 from auditkit.checks.adversarial.attacks import ATTACKS, eps_label
 
-__all__ = ["MaskingTest", "gradient_masking_tests", "masking_suspected", "slack"]
+__all__ = ["MaskingTest", "gradient_masking_tests", "loss_masking_tests", "masking_suspected", "slack"]
 
 Curves = Mapping[str, Mapping[float, float]]
 """attack -> {epsilon: robust accuracy}."""
@@ -197,6 +214,122 @@ def gradient_masking_tests(
         _iterative_vs_single(curves, allowed),
         _unbounded(unbounded_accuracy, unbounded_eps, allowed),
         _black_vs_white(curves, allowed),
+    ]
+
+
+def _loss_monotone(curves: Curves, allowed: float) -> MaskingTest:
+    name = "loss_non_decreasing_in_eps"
+    checked = [a for a in curves if a in ATTACKS and ATTACKS[a].iterative and len(curves[a]) > 1]
+    if not checked:
+        return MaskingTest(name, None, "no iterative attack ran at two or more budgets")
+    violations = []
+    for attack in checked:
+        points = sorted(curves[attack].items())
+        for (eps_a, loss_a), (eps_b, loss_b) in itertools.pairwise(points):
+            if loss_b < loss_a * (1.0 - allowed):
+                violations.append(
+                    {
+                        "attack": attack,
+                        "eps": eps_label(eps_a),
+                        "next_eps": eps_label(eps_b),
+                        "loss": loss_a,
+                        "next_loss": loss_b,
+                    }
+                )
+    if violations:
+        worst = max(violations, key=lambda v: (v["loss"] - v["next_loss"]) / max(v["loss"], 1e-300))
+        detail = (
+            f"{worst['attack']} mean loss falls from {worst['loss']:.4g} at eps {worst['eps']} to "
+            f"{worst['next_loss']:.4g} at eps {worst['next_eps']} (masked gradients, or an attack too weak "
+            "for the larger budget: raise its steps)"
+        )
+        return MaskingTest(name, False, detail, violations)
+    return MaskingTest(name, True, f"the attacked loss never falls with eps ({', '.join(checked)})")
+
+
+def _loss_iterative_vs_single(curves: Curves, allowed: float) -> MaskingTest:
+    name = "iterative_beats_single_step"
+    if "pgd_linf" not in curves or "fgsm" not in curves:
+        return MaskingTest(name, None, "needs both fgsm and pgd_linf")
+    shared = sorted(set(curves["pgd_linf"]) & set(curves["fgsm"]))
+    if not shared:
+        return MaskingTest(name, None, "fgsm and pgd_linf share no eps")
+    violations = [
+        {"eps": eps_label(eps), "pgd_linf": curves["pgd_linf"][eps], "fgsm": curves["fgsm"][eps]}
+        for eps in shared
+        if curves["pgd_linf"][eps] < curves["fgsm"][eps] * (1.0 - allowed)
+    ]
+    if violations:
+        v = violations[0]
+        detail = (
+            f"single-step FGSM beats iterative PGD at eps {v['eps']} (mean loss {v['fgsm']:.4g} against "
+            f"{v['pgd_linf']:.4g}): the gradient misleads the iterative attack"
+        )
+        return MaskingTest(name, False, detail, violations)
+    return MaskingTest(name, True, "PGD raises the loss at least as much as FGSM at every eps")
+
+
+def _loss_unbounded(stalled: float | None, eps: float, allowed: float, outcome: Mapping[str, Any]) -> MaskingTest:
+    name = "unbounded_attack_succeeds"
+    if stalled is None:
+        return MaskingTest(name, None, "the unbounded attack was not run")
+    if stalled > allowed:
+        detail = (
+            f"PGD with eps {eps_label(eps)} (the whole intensity range) leaves the loss of {stalled:.1%} of the "
+            "images at or below its random starting point: its gradient steps gain nothing over random noise "
+            "(masked gradients, or a model that ignores its input)"
+        )
+        return MaskingTest(name, False, detail, [{"eps": eps_label(eps), "stalled_share": stalled, **outcome}])
+    return MaskingTest(
+        name,
+        True,
+        f"PGD with eps {eps_label(eps)} raises the loss above its random start on {1.0 - stalled:.1%} of the images",
+    )
+
+
+def loss_masking_tests(
+    curves: Curves,
+    n: int,
+    *,
+    task: str,
+    unbounded_stalled: float | None,
+    unbounded_eps: float = 1.0,
+    unbounded_outcome: Mapping[str, Any] | None = None,
+    tolerance: float = 0.02,
+) -> list[MaskingTest]:
+    """The sanity tests for an attack on a task loss (multilabel, regression): see the module docstring.
+
+    Args:
+        curves: attack -> {eps: mean loss on the attacked sample}, over one sample of ``n`` images.
+        n: the sample size.
+        task: ``model.task``, named where a test does not apply.
+        unbounded_stalled: share of images whose loss the unbounded PGD did not raise above its
+            random starting point, or ``None``.
+        unbounded_eps: the budget of that run.
+        unbounded_outcome: what the unbounded attack reached (recorded with a violation).
+        tolerance: slack (see :func:`slack`), relative on losses, absolute on the share.
+
+    Returns:
+        One :class:`MaskingTest` per test, in the order of the module docstring.
+
+    Example:
+        >>> tests = loss_masking_tests(
+        ...     {"fgsm": {0.01: 2.0}, "pgd_linf": {0.01: 3.0}}, 100, task="multilabel", unbounded_stalled=0.0
+        ... )
+        >>> [t.passed for t in tests]
+        [None, True, True, None]
+    """
+    allowed = slack(n, tolerance)
+    return [
+        _loss_monotone(curves, allowed),
+        _loss_iterative_vs_single(curves, allowed),
+        _loss_unbounded(unbounded_stalled, unbounded_eps, allowed, dict(unbounded_outcome or {})),
+        MaskingTest(
+            "white_box_beats_black_box",
+            None,
+            f"not run for task: {task}: the black-box Square attack searches class margins and runs for "
+            "classification only",
+        ),
     ]
 
 

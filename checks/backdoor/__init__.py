@@ -218,6 +218,12 @@ class BackdoorCheck(Check[BackdoorParams]):
     ``suspicious_training_sample`` (the top ranked flagged samples per method: split, row,
     patient surrogate, class, score) - rows and surrogates only.
 
+    Tasks: ``classification`` only. A multi-label or regression model is skipped with the reason
+    (``task_reasons``): a regressor has no class to target or to group by; for multi-label models
+    the per-label analogues (a trigger switching one label on or off, clustering and spectral
+    signatures over each label's positive training images, a per-label STRIP) are not
+    implemented, and the decision rule's figures above hold for single-label models only.
+
     Limitations: the trigger search is bounded by ``trigger_steps`` (with early stopping),
     ``trigger_samples`` (default 32 images on the CPU, 128 on a GPU) and ``max_classes`` (classes
     beyond the cap are reported as not searched; ``class_order`` says which go first); a
@@ -250,6 +256,22 @@ class BackdoorCheck(Check[BackdoorParams]):
         "backdoor.suspicious_fraction",
         "backdoor.strip_entropy_gap",
     )
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    task_reasons: ClassVar[dict[str, str]] = {
+        "multilabel": (
+            "its detectors are written and calibrated for one class per image (Neural Cleanse flips a"
+            " softmax decision to one target class, STRIP measures the entropy of one softmax"
+            " distribution, the data-level detectors group the training images by their one class,"
+            " and the rule that tells a planted trigger from natural evidence was chosen on"
+            " single-label models, docs/backdoor.md); a trigger search toward a label switched on or"
+            " off and per-label detectors are not implemented or measured"
+        ),
+        "regression": (
+            "a backdoor trigger flips a decision to a target class and the data-level detectors look"
+            " for a separate population inside each class's training images; a regressor has no"
+            " class to target or to group its training images by"
+        ),
+    }
 
     @serial_blas
     def run(self, ctx: CheckContext, params: BackdoorParams) -> CheckResult:

@@ -1,15 +1,21 @@
 """The bias check: does the model perform equally well for every patient group?
 
 The numbers come from plain functions in :mod:`.metrics` (per-group metrics through fairlearn's
-``MetricFrame``), :mod:`.gaps` (gaps, equalized odds, demographic parity and their intervals) and
-:mod:`.plots` (the forest plot), testable without the engine; :class:`BiasCheck` applies them
-to the eval split, for every group column of the spec and every pairwise intersection of two.
+``MetricFrame``), :mod:`.gaps` (gaps, equalized odds, demographic parity and their intervals),
+:mod:`.multilabel` (per-label metrics and underdiagnosis of a multi-label model),
+:mod:`.regression` (per-group errors of a regression model), :mod:`.resample` (their bootstrap
+over patients) and :mod:`.plots` (the forest plot and the label x group heat map), testable
+without the engine; :class:`BiasCheck` applies them to the eval split, for every group column of
+the spec and every pairwise intersection of two; :mod:`.records` turns the multi-label and
+regression analyses into metrics and findings.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -17,8 +23,10 @@ from numpy.typing import NDArray
 from pydantic import Field
 
 from auditkit.check import Artifact, Check, CheckParams, CheckResult, Direction, Metric, Needs, Skip
+from auditkit.checks.bias import records
 from auditkit.checks.bias.gaps import (
     Gap,
+    GroupedValues,
     GroupingAnalysis,
     GroupSummary,
     analyse_grouping,
@@ -36,8 +44,22 @@ from auditkit.checks.bias.metrics import (
     intersect,
     metric_frame,
 )
-from auditkit.checks.bias.plots import FOREST_METRICS, forest_plot
-from auditkit.errors import InputError
+from auditkit.checks.bias.multilabel import (
+    UNDERDIAGNOSIS,
+    LabelOutcomes,
+    MultilabelAnalysis,
+    analyse_multilabel_grouping,
+)
+from auditkit.checks.bias.plots import FOREST_METRICS, forest_plot, label_heatmap
+from auditkit.checks.bias.regression import (
+    REGRESSION_GAP_METRICS,
+    REGRESSION_GROUP_METRICS,
+    RegressionAnalysis,
+    TargetOutcomes,
+    analyse_regression_grouping,
+    batched_errors,
+)
+from auditkit.errors import ConfigError, InputError
 from auditkit.stats import stable_seed
 
 if TYPE_CHECKING:
@@ -48,12 +70,21 @@ __all__ = [
     "GAP_METRICS",
     "GROUP_METRICS",
     "INTERSECTION_SEPARATOR",
+    "REGRESSION_GAP_METRICS",
+    "REGRESSION_GROUP_METRICS",
+    "UNDERDIAGNOSIS",
     "BiasCheck",
     "Gap",
     "GroupSummary",
     "GroupingAnalysis",
+    "LabelOutcomes",
+    "MultilabelAnalysis",
     "Outcomes",
+    "RegressionAnalysis",
+    "TargetOutcomes",
     "analyse_grouping",
+    "analyse_multilabel_grouping",
+    "analyse_regression_grouping",
     "batched_group_metrics",
     "bootstrap_group_metrics",
     "count_text",
@@ -74,6 +105,10 @@ class BiasParams(CheckParams):
         bins: equal-width confidence bins of the per-group ECE.
         max_groups: a grouping with more groups than this is skipped with a finding (an
             unbanded numeric column would otherwise make one group per value).
+        no_finding: multi-label models only: the label that means "no finding" (CheXpert's
+            ``No Finding``), one of ``model.classes``. With it, underdiagnosis is that label's
+            false-positive rate, as Seyyed-Kalantari et al. measure it; without it, an image
+            is called finding-free when every label stays below its threshold.
     """
 
     min_group_size: int = Field(default=30, ge=1)
@@ -81,6 +116,7 @@ class BiasParams(CheckParams):
     intersections: bool = True
     bins: int = Field(default=15, ge=1, le=1000)
     max_groups: int = Field(default=64, ge=2, le=10_000)
+    no_finding: str | None = Field(default=None, min_length=1)
 
 
 class BiasCheck(Check[BiasParams]):
@@ -108,6 +144,32 @@ class BiasCheck(Check[BiasParams]):
     one-vs-rest for the positive class (accuracy and ECE stay top-1 / top-label); a multi-class
     model without ``positive_class`` is skipped with that reason.
 
+    Multi-label models (``model.task: multilabel``, :mod:`.multilabel`): every metric above, per
+    label and group, as the binary metric of that label called at its threshold
+    (``model.operating_point``, else 0.5; the label's ECE is its binary ECE over equal-width
+    bins of its probability), over the images whose entry for the label is known (unknown
+    entries are left out of that label only, and counted); a group is measured on a label when
+    at least ``min_group_size`` of its images have a known entry for it. The per-label gap
+    intervals are simultaneous over the labels as well as the groups (:func:`.gaps.joint_gap_intervals`):
+    with one 95% interval per label, a fair model with many labels would show some label's gap
+    "demonstrated" by chance. Plus **underdiagnosis**
+    (Seyyed-Kalantari et al. 2021, "Underdiagnosis bias of artificial intelligence algorithms
+    applied to chest radiographs in under-served patient populations", Nature Medicine 27): per
+    group, the share of images with at least one true finding that the model calls
+    finding-free, i.e. the false-positive rate of the ``no_finding`` label when the parameter
+    names one, else the share with every label below its threshold; an image whose finding
+    status is unknown (its ``no_finding`` entry unknown, or no known positive but some unknown
+    entries) is left out and counted. Intervals and gaps as for a classifier, the bootstrap
+    stratified by group and over patients when the manifest names them (:mod:`.resample`).
+
+    Regression models (``model.task: regression``, :mod:`.regression`): per output and group the
+    MAE and the mean error (prediction minus target: positive over-estimates) in the output's
+    units (``model.units``), with intervals from the same bootstrap; per output and grouping the
+    MAE gap and the mean-error range in units, and the unit-free ratio of the largest to the
+    smallest group MAE (``mae_ratio``, its interval the simultaneous interval of the log MAEs),
+    the quantity a shipped policy can bound for any output. Targets that are unknown (NaN) are
+    left out of that output and counted.
+
     Small groups: a group with fewer than ``min_group_size`` images is *insufficient*: it gets
     its ``n`` and, for every other metric, an undefined value with that reason, is named in an
     ``insufficient_group`` finding and is left out of the gaps (never silently). Groups known
@@ -117,8 +179,9 @@ class BiasCheck(Check[BiasParams]):
     one with fewer than two comparable groups has undefined gaps, with the reason.
 
     Inputs: eval-split probabilities and labels from the shared pass (``Needs(predictions=True)``),
-    the spec's group columns, and the per-group counts of quarantined eval files. Rows with
-    non-finite logits are excluded and counted.
+    the spec's group columns, the per-group counts of quarantined eval files and (multi-label,
+    regression) the surrogate patient ids. Rows with non-finite logits (regression: outputs) are
+    excluded and counted.
 
     Metrics (``n`` = images behind each value):
         ``bias.group_metric`` {metric, group_by, group}: metric one of n, prevalence, accuracy,
@@ -130,6 +193,17 @@ class BiasCheck(Check[BiasParams]):
         ``bias.equalized_odds_difference`` {group_by} and ``bias.demographic_parity_difference``
         {group_by} (``lower_is_better``). ``bias.min_group_size`` {group_by} (the smallest
         group's image count, ``higher_is_better``, no interval).
+        Multi-label: the same ``bias.group_metric``, ``bias.max_gap``,
+        ``bias.equalized_odds_difference`` and ``bias.demographic_parity_difference`` with a
+        ``label`` key (``n`` = images with a known entry for the label); ``bias.underdiagnosis_rate``
+        {group_by, group} (``lower_is_better``; ``n`` = images whose finding status is known) and
+        its gap ``bias.max_gap`` {metric: underdiagnosis_rate, group_by}; ``bias.min_group_size``.
+        Regression: ``bias.group_metric`` {metric: n | mae | mean_error, group_by, group,
+        output} (``mean_error`` is signed: its direction, ``lower_is_better``, is only nominal);
+        ``bias.max_gap`` {metric: mae | mean_error | mae_ratio, group_by, output} (the first two
+        in the output's units, the ratio unit-free, at least 1); ``bias.min_group_size``.
+        Policy rules match label keys exactly, so the classifier's BIAS-SENS-GAP rules (no
+        ``label`` key) never judge a multi-label model's per-label gaps; BIAS-LABEL-* rules do.
 
     Findings: ``quarantined_by_group`` (per group column: eval files quarantined per group and
     their share of the group's files, so a missing decoder cannot silently bias the check);
@@ -140,7 +214,15 @@ class BiasCheck(Check[BiasParams]):
     the plot are strings, ``<5`` for 1 to 4 images, so a report never prints a tiny group's
     size exactly (quarantine counts are files, given exactly).
 
-    Artifacts: ``forest_plot`` (SVG).
+    Multi-label and regression findings add ``bootstrap`` (the resampling unit), ``unknown_labels``
+    / ``unknown_targets`` (entries left out, per label or output), ``underdiagnosis`` (the
+    definition used and the whole split's counts and rate) and ``underdiagnosis_by_group`` (per
+    grouping: images with a finding, called finding-free, left out); their ``subgroup_gap``
+    findings carry the ``label`` or the ``output`` and its ``unit``.
+
+    Artifacts: ``forest_plot`` (SVG; multi-label: the underdiagnosis rate per group, with
+    ``label_heatmap``, the per-label sensitivity and specificity of every group; regression: MAE
+    and mean error per group and output, in units).
 
     Limitations: ``min_group_size`` counts images, while a rate's denominator is smaller (a
     group of 40 images at 20% prevalence has 8 positives behind its sensitivity); the intervals
@@ -150,7 +232,12 @@ class BiasCheck(Check[BiasParams]):
     construction. The demographic-parity difference follows prevalence: where base rates differ
     between groups (as disease often does), a good diagnostic model should not have parity.
     Intersections are pairwise only; a group value containing ``×`` makes intersection labels
-    ambiguous.
+    ambiguous. Multi-label: the many small label x group cells make rates of exactly 0 or 1
+    common, whose degenerate intervals narrow the gap's; underdiagnosis leaves out images whose
+    finding status is unknown, so where
+    labelling was less complete for one group its rate rests on fewer images. The classifier
+    analysis resamples images (stratified by group and class); the multi-label and regression
+    analyses resample patients when known, within each group, not stratified by class.
 
     NIST AI RMF 1.0: MEASURE 2.11 (fairness and bias are evaluated and results documented),
     MEASURE 2.2 (evaluations are representative of the relevant population: group sizes,
@@ -163,20 +250,34 @@ class BiasCheck(Check[BiasParams]):
     Params = BiasParams
 
     needs: ClassVar[Needs] = Needs(predictions=True)
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
     emits: ClassVar[tuple[str, ...]] = (
         "bias.group_metric",
         "bias.max_gap",
         "bias.equalized_odds_difference",
         "bias.demographic_parity_difference",
         "bias.min_group_size",
+        "bias.underdiagnosis_rate",
     )
 
     def run(self, ctx: CheckContext, params: BiasParams) -> CheckResult:
         """Measure every grouping of the eval split and draw the forest plot."""
         p = params
+        if p.no_finding is not None and ctx.task != "multilabel":
+            raise ConfigError(
+                f"checks.bias.no_finding: names a label of a multi-label model; this model's task is {ctx.task}"
+            )
+        if p.no_finding is not None and p.no_finding not in ctx.classes:
+            raise ConfigError(
+                f"checks.bias.no_finding: {p.no_finding!r} is not one of model.classes {list(ctx.classes)}"
+            )
         preds = ctx.predictions("eval")
         if preds.n == 0:
             raise Skip("no eval images (every eval image was quarantined)")
+        if ctx.task == "multilabel":
+            return self._run_multilabel(ctx, p)
+        if ctx.task == "regression":
+            return self._run_regression(ctx, p)
         positive_index = ctx.positive_index
         if positive_index is None:
             raise Skip(
@@ -239,6 +340,121 @@ class BiasCheck(Check[BiasParams]):
             result.artifacts.append(_plot(ctx, analyses, outcomes))
         return result
 
+    def _run_multilabel(self, ctx: CheckContext, p: BiasParams) -> CheckResult:
+        """Per label and group, and underdiagnosis per group (:mod:`.multilabel`)."""
+        inputs = _TaskInputs.read(ctx, non_finite_kind="non_finite_logits")
+        names = list(ctx.classes)
+        outcomes = LabelOutcomes.from_probs(
+            inputs.probs, inputs.labels, names, ctx.operating_point, no_finding=p.no_finding, bins=p.bins
+        )
+        result = inputs.result
+        result.findings += records.multilabel_preamble(outcomes)
+        seed_root = int(ctx.rng().integers(0, 2**63 - 1))
+        analyses: list[MultilabelAnalysis] = []
+        for group_by, values, known in _groupings(inputs.columns, inputs.quarantined, inputs.finite, p):
+            if len(known) > p.max_groups:
+                result.metrics += records.skipped_grouping_metrics(
+                    "multilabel", group_by, names, len(known), p.max_groups
+                )
+                result.findings.append(_skipped_finding(group_by, len(known), p.max_groups))
+                continue
+            analysis = analyse_multilabel_grouping(
+                outcomes,
+                values,
+                group_by=group_by,
+                min_group_size=p.min_group_size,
+                n_boot=p.n_boot,
+                rng=np.random.default_rng(stable_seed(seed_root, group_by)),
+                known_groups=known,
+                patients=inputs.patients,
+            )
+            analyses.append(analysis)
+            result.metrics += records.multilabel_metrics(analysis, outcomes.n)
+        result.findings += records.multilabel_findings(analyses, p.min_group_size, p.n_boot)
+        if analyses:
+            result.artifacts += _multilabel_plots(ctx, analyses, outcomes)
+        return result
+
+    def _run_regression(self, ctx: CheckContext, p: BiasParams) -> CheckResult:
+        """MAE and mean error per output and group, and their gaps (:mod:`.regression`)."""
+        inputs = _TaskInputs.read(ctx, non_finite_kind="non_finite_outputs")
+        names = list(ctx.classes)
+        outcomes = TargetOutcomes.from_values(inputs.probs, inputs.labels, names)
+        units = dict(ctx.units)
+        result = inputs.result
+        result.findings += records.regression_preamble(outcomes, units)
+        seed_root = int(ctx.rng().integers(0, 2**63 - 1))
+        analyses: list[RegressionAnalysis] = []
+        for group_by, values, known in _groupings(inputs.columns, inputs.quarantined, inputs.finite, p):
+            if len(known) > p.max_groups:
+                result.metrics += records.skipped_grouping_metrics(
+                    "regression", group_by, names, len(known), p.max_groups
+                )
+                result.findings.append(_skipped_finding(group_by, len(known), p.max_groups))
+                continue
+            analysis = analyse_regression_grouping(
+                outcomes,
+                values,
+                group_by=group_by,
+                min_group_size=p.min_group_size,
+                n_boot=p.n_boot,
+                rng=np.random.default_rng(stable_seed(seed_root, group_by)),
+                known_groups=known,
+                patients=inputs.patients,
+            )
+            analyses.append(analysis)
+            result.metrics += records.regression_metrics(analysis, outcomes.n)
+        result.findings += records.regression_findings(analyses, units, p.min_group_size, p.n_boot)
+        if analyses:
+            result.artifacts.append(_regression_plot(ctx, analyses, outcomes, units))
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs of the multi-label and regression analyses
+
+
+@dataclass(frozen=True)
+class _TaskInputs:
+    """The eval split as the multi-label and regression analyses read it (finite rows only)."""
+
+    columns: dict[str, NDArray[np.str_]]
+    quarantined: Mapping[str, Mapping[str, int]]
+    finite: NDArray[np.bool_]
+    probs: NDArray[np.float64]
+    labels: NDArray[Any]
+    patients: list[str | None]
+    result: CheckResult
+
+    @classmethod
+    def read(cls, ctx: CheckContext, *, non_finite_kind: str) -> _TaskInputs:
+        preds = ctx.predictions("eval")
+        columns = {str(k): np.asarray(v).astype(str) for k, v in ctx.group_labels("eval").items()}
+        if not columns:
+            raise Skip("no subgroup columns (data.groups in the spec is empty)")
+        probs = np.asarray(preds.probs, dtype=np.float64)
+        labels = np.asarray(preds.labels)
+        for column, values in columns.items():
+            if values.shape != (labels.shape[0],):
+                raise InputError(
+                    f"group column {column!r} has {values.shape[0]} labels for {labels.shape[0]} eval images"
+                )
+        result = CheckResult()
+        split = ctx.split("eval")
+        quarantined = split.quarantined_groups
+        result.findings += _quarantine_findings(columns, quarantined)
+        logits = preds.logits.detach().cpu().double().numpy()
+        finite: NDArray[np.bool_] = np.asarray(
+            np.isfinite(probs).all(axis=1) & np.isfinite(logits).all(axis=1), dtype=bool
+        )
+        if not finite.all():
+            result.findings.append({"kind": non_finite_kind, "split": "eval", "count": int((~finite).sum())})
+        if not finite.any():
+            what = "logits" if non_finite_kind == "non_finite_logits" else "outputs"
+            raise Skip(f"the {what} of every eval image are non-finite")
+        patients = [p for p, keep in zip(split.patients, finite.tolist(), strict=True) if keep]
+        return cls(columns, quarantined, finite, probs[finite], labels[finite], patients, result)
+
 
 # --------------------------------------------------------------------------------------------
 # Helpers of the check
@@ -267,6 +483,10 @@ def _groupings(
             )
             out.append((f"{first}{INTERSECTION_SEPARATOR}{second}", values[finite], groups))
     return out
+
+
+def _skipped_finding(group_by: str, groups: int, max_groups: int) -> dict[str, Any]:
+    return {"kind": "grouping_skipped", "group_by": group_by, "groups": groups, "max_groups": max_groups}
 
 
 def _direction(metric: str) -> Direction:
@@ -425,3 +645,115 @@ def _plot(ctx: CheckContext, analyses: list[GroupingAnalysis], outcomes: Outcome
             " min_group_size are marked insufficient and not drawn."
         ),
     )
+
+
+def _multilabel_plots(ctx: CheckContext, analyses: list[MultilabelAnalysis], outcomes: LabelOutcomes) -> list[Artifact]:
+    with_finding = int(outcomes.has_finding.sum())
+    overall = (
+        float((outcomes.has_finding & outcomes.called_finding_free).sum()) / with_finding if with_finding else None
+    )
+    rates = [a.underdiagnosis for a in analyses]
+    # Rates of missed findings are mostly small: the axis ends just past the largest interval, not at 1.
+    ends = [v for rate in rates for s in rate.groups for v in _ends(s, UNDERDIAGNOSIS)] + [overall or 0.0]
+    top = min(1.0, max(0.05, 1.1 * max(ends)))
+    heatmap_input = [(a.group_by, a.labels, a.images) for a in analyses]
+    return [
+        ctx.write_artifact(
+            "forest_plot",
+            "underdiagnosis.svg",
+            lambda path: forest_plot(
+                rates,
+                path,
+                overall={UNDERDIAGNOSIS: overall},
+                metrics=(UNDERDIAGNOSIS,),
+                limits={UNDERDIAGNOSIS: (-0.03 * top, 1.03 * top)},
+                suptitle="Underdiagnosis rate per group with 95% bootstrap intervals (dashed: whole eval split)",
+            ),
+            description=(
+                f"Underdiagnosis rate (images with a finding called finding-free) per group with 95% bootstrap"
+                f" intervals, for {len(analyses)} groupings of the eval split ({outcomes.n} images); groups below"
+                " min_group_size are marked insufficient and not drawn."
+            ),
+        ),
+        ctx.write_artifact(
+            "label_heatmap",
+            "label_heatmap.svg",
+            lambda path: label_heatmap(heatmap_input, path),
+            description=(
+                f"Sensitivity and specificity of each of {outcomes.k} labels per group at the labels' thresholds,"
+                f" for {len(analyses)} groupings of the eval split; grey cells: group too small for the label or"
+                " metric undefined (intervals in the metrics)."
+            ),
+        ),
+    ]
+
+
+def _regression_plot(
+    ctx: CheckContext, analyses: list[RegressionAnalysis], outcomes: TargetOutcomes, units: Mapping[str, str]
+) -> Artifact:
+    rows, titles, limits, overall = [], {}, {}, {}
+    everyone = np.arange(outcomes.n, dtype=np.intp)
+    whole = _overall_errors(outcomes, everyone)
+    for k, output in enumerate(outcomes.names):
+        unit = f" ({units[output]})" if output in units else ""
+        for metric, title in (("mae", "MAE"), ("mean_error", "mean error")):
+            key = f"{metric}:{output}"
+            titles[key] = f"{output}: {title}{unit}"
+            overall[key] = whole[metric][k]
+            ends = [abs(v) for a in analyses for s in a.outputs[output].groups for v in _ends(s, metric)]
+            ends.append(abs(whole[metric][k] or 0.0))
+            top = 1.08 * max(ends) if ends and max(ends) > 0 else 1.0
+            limits[key] = (0.0, top) if metric == "mae" else (-top, top)
+    for analysis in analyses:
+        rows.append(_merged_rows(analysis))
+    metrics = [f"{m}:{o}" for o in outcomes.names for m in ("mae", "mean_error")]
+    return ctx.write_artifact(
+        "forest_plot",
+        "forest.svg",
+        lambda path: forest_plot(
+            rows,
+            path,
+            overall=overall,
+            metrics=metrics,
+            titles=titles,
+            limits=limits,
+            suptitle="Per-group errors with 95% bootstrap intervals, in the outputs' units (dashed: whole eval split)",
+        ),
+        description=(
+            f"Forest plot of MAE and mean error (prediction minus target) per group and output with 95% bootstrap"
+            f" intervals, for {len(analyses)} groupings of the eval split ({outcomes.n} images); groups below"
+            " min_group_size are marked insufficient and not drawn."
+        ),
+    )
+
+
+def _overall_errors(outcomes: TargetOutcomes, rows: NDArray[np.intp]) -> dict[str, list[float | None]]:
+    """MAE and mean error of each output over ``rows`` (``None`` without a known target)."""
+    values = batched_errors(outcomes, rows, np.ones((1, rows.size), dtype=np.intp))
+    return {
+        metric: [float(v) if math.isfinite(v) else None for v in values[metric][0]] for metric in ("mae", "mean_error")
+    }
+
+
+def _ends(summary: GroupSummary, metric: str) -> list[float]:
+    ci = summary.cis.get(metric)
+    value = summary.values.get(metric)
+    return [v for v in (*(ci or ()), value) if v is not None and math.isfinite(v)]
+
+
+def _merged_rows(analysis: RegressionAnalysis) -> GroupedValues:
+    """One row per group with every output's values under ``<metric>:<output>`` keys."""
+    outputs = list(analysis.outputs.items())
+    merged = []
+    for position, group in enumerate(analysis.images):
+        values: dict[str, float | None] = {}
+        cis: dict[str, tuple[float, float] | None] = {}
+        sufficient = False
+        for output, grouped in outputs:
+            summary = grouped.groups[position]
+            sufficient = sufficient or summary.sufficient
+            for metric in ("mae", "mean_error"):
+                values[f"{metric}:{output}"] = summary.values[metric] if summary.sufficient else None
+                cis[f"{metric}:{output}"] = summary.cis.get(metric)
+        merged.append(GroupSummary(group, analysis.images[group], sufficient, values, {}, cis))
+    return GroupedValues(analysis.group_by, tuple(merged), {})

@@ -41,6 +41,7 @@ The equalized-odds interval takes the larger range of the two rates in each resa
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -63,16 +64,27 @@ from auditkit.stats import bootstrap_indices, median_centred_interval, percentil
 
 __all__ = [
     "EQUALIZED_ODDS_RATES",
+    "RATE_BOUNDS",
+    "Bounds",
     "Gap",
     "GroupSummary",
+    "GroupedValues",
     "GroupingAnalysis",
     "Interval",
     "analyse_grouping",
     "bootstrap_group_metrics",
     "gap_interval",
+    "joint_gap_intervals",
+    "summary_with_intervals",
+    "undefined_reason",
+    "values_gap",
 ]
 
 Interval = tuple[float, float] | None
+Bounds = tuple[float, float]
+
+RATE_BOUNDS: Bounds = (0.0, 1.0)
+"""The range of a rate or an ECE, and of their gaps."""
 
 EQUALIZED_ODDS_RATES: tuple[str, str] = ("sensitivity", "specificity")
 """Per-group rates whose ranges make the equalized-odds difference (range of FPR = of TNR)."""
@@ -112,7 +124,9 @@ class Gap:
         metric: a :data:`~.metrics.GAP_METRICS` name, ``equalized_odds_difference`` or
             ``demographic_parity_difference``.
         value: the gap, ``None`` when undefined (see ``reason``).
-        ci: 95% simultaneous bootstrap interval within ``[0, 1]``.
+        ci: 95% simultaneous bootstrap interval, within ``[0, 1]`` for rates (within
+            ``[0, inf)`` for a regression error gap in the output's units, ``[1, inf)`` for a
+            ratio of errors).
         n: images in the compared groups.
         compared: the groups compared, in label order.
         excluded: group -> why it was not compared (too small, metric undefined).
@@ -161,6 +175,23 @@ class GroupingAnalysis:
     equalized_odds: Gap
     demographic_parity: Gap
     min_group_size: int
+
+
+@dataclass(frozen=True)
+class GroupedValues:
+    """Per-group values and their gaps for one grouping, outside the classifier's metric set.
+
+    The underdiagnosis rate of a multi-label model and the errors of one regression output.
+
+    Attributes:
+        group_by: the grouping's name.
+        groups: one summary per group, in label order.
+        gaps: metric -> :class:`Gap`.
+    """
+
+    group_by: str
+    groups: tuple[GroupSummary, ...]
+    gaps: dict[str, Gap]
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,12 +258,13 @@ def gap_interval(
     quantities: Sequence[str],
     *,
     level: float = _LEVEL,
+    bounds: Bounds = RATE_BOUNDS,
 ) -> tuple[float, Interval]:
     """The gap of ``quantities`` over the groups of ``point`` and its simultaneous interval.
 
     The gap is the largest between-group range ``max_g m_g - min_g m_g`` over ``quantities``
     (one metric, or the two rates of equalized odds). The interval is ``[gap - c, gap + c]``
-    clipped to ``[0, 1]``, with ``c`` the ``level`` quantile over resamples of the largest range
+    clipped to ``bounds`` (``[0, 1]`` for rates), with ``c`` the ``level`` quantile over resamples of the largest range
     of the centred deviations ``m*_g - m_g`` (see the module docstring).
 
     Args:
@@ -240,6 +272,7 @@ def gap_interval(
         replicates: group -> quantity -> bootstrap replicates; ``None``: no interval.
         quantities: the quantities whose ranges are compared.
         level: coverage of the interval.
+        bounds: the range of the gap (``(0, inf)`` for a difference of errors in units).
 
     Returns:
         ``(gap, interval)``; the interval is ``None`` without replicates or when more than 10%
@@ -256,23 +289,98 @@ def gap_interval(
     gap = max(max(point[g][q] for g in groups) - min(point[g][q] for g in groups) for q in quantities)
     if replicates is None:
         return gap, None
-    ranges = []
-    for quantity in quantities:
-        deviations = np.stack([replicates[g][quantity] - point[g][quantity] for g in groups], axis=1)
-        ranges.append(deviations.max(axis=1) - deviations.min(axis=1))
-    largest = np.max(np.stack(ranges, axis=1), axis=1)
+    largest = _centred_ranges(point, replicates, quantities)
     quantiles = percentile_interval(largest, alpha=2.0 * (1.0 - level))
     if quantiles is None:
         return gap, None
     critical = quantiles[1]
-    return gap, (max(0.0, gap - critical), min(1.0, gap + critical))
+    return gap, (max(bounds[0], gap - critical), min(bounds[1], gap + critical))
+
+
+def _centred_ranges(
+    point: Mapping[str, Mapping[str, float]],
+    replicates: Mapping[str, Mapping[str, FloatArray]],
+    quantities: Sequence[str],
+) -> FloatArray:
+    """Per resample, the largest range over ``quantities`` of the centred group deviations."""
+    groups = sorted(point)
+    ranges = []
+    for quantity in quantities:
+        deviations = np.stack([replicates[g][quantity] - point[g][quantity] for g in groups], axis=1)
+        ranges.append(deviations.max(axis=1) - deviations.min(axis=1))
+    return np.asarray(np.max(np.stack(ranges, axis=1), axis=1), dtype=np.float64)
+
+
+def joint_gap_intervals(
+    points: Mapping[str, Mapping[str, Mapping[str, float]]],
+    replicates: Mapping[str, Mapping[str, Mapping[str, FloatArray]]],
+    quantities: Sequence[str],
+    *,
+    level: float = _LEVEL,
+    bounds: Bounds = RATE_BOUNDS,
+) -> dict[str, tuple[float, Interval]]:
+    """Gaps of several families (the labels of a multi-label model) with intervals that hold for
+    every family and every pair of groups at once.
+
+    Per family ``f`` (its compared groups in ``points[f]``, at least two), :func:`gap_interval`
+    would give ``gap_f +- c_f`` with ``c_f`` the ``level`` quantile of the family's bootstrap range
+    ``R_f`` of centred deviations: each interval covers its own family at ``level``, so with many
+    families one of them misses by chance far more often than ``1 - level`` (on simulated fair
+    14-label models with eight intersection cells, a per-label ten-point rule on the intervals'
+    lower ends failed 3 of 20). Here every family's range is scaled by its own critical value and
+    the scaled ranges are maximised over families, ``T = max_f R_f / c_f``; with ``k`` the
+    ``level`` quantile of ``T`` (at least 1), the interval is ``gap_f +- k c_f``: the max-type
+    simultaneous interval of the module docstring, balanced across families by the scaling so
+    that a rare label with a wide interval does not widen a common label's (in the spirit of
+    Beran 1988's balanced simultaneous confidence sets). With one family ``k = 1`` and this is
+    :func:`gap_interval`. A family whose critical value is 0 (every compared rate 0 or 1 in
+    almost every resample) keeps its degenerate interval and does not enter ``T``; a family with
+    more than 10% undefined resamples gets no interval.
+
+    Args:
+        points: family -> group -> quantity -> estimate, for the compared groups.
+        replicates: family -> group -> quantity -> bootstrap replicates (one draw for all).
+        quantities: the quantities whose ranges are compared.
+        level: joint coverage.
+        bounds: the range of a gap.
+
+    Returns:
+        family -> ``(gap, interval)``.
+    """
+    alpha = 2.0 * (1.0 - level)
+    gaps: dict[str, float] = {}
+    ranges: dict[str, FloatArray] = {}
+    critical: dict[str, float | None] = {}
+    for family, point in points.items():
+        groups = sorted(point)
+        gaps[family] = max(max(point[g][q] for g in groups) - min(point[g][q] for g in groups) for q in quantities)
+        ranges[family] = _centred_ranges(point, replicates[family], quantities)
+        quantiles = percentile_interval(ranges[family], alpha=alpha)
+        critical[family] = None if quantiles is None else quantiles[1]
+    scaled = [ranges[f] / c for f, c in critical.items() if c is not None and c > 0.0]
+    factor = 1.0
+    if scaled:
+        with np.errstate(invalid="ignore"):
+            stacked = np.stack(scaled, axis=1)
+            defined = np.isfinite(stacked).any(axis=1)
+            largest = np.where(defined, np.nanmax(np.where(np.isfinite(stacked), stacked, -np.inf), axis=1), np.nan)
+        joint = percentile_interval(largest, alpha=alpha)
+        factor = max(1.0, joint[1]) if joint is not None else math.inf
+    out: dict[str, tuple[float, Interval]] = {}
+    for family, gap in gaps.items():
+        c = critical[family]
+        if c is None or not math.isfinite(factor * c):
+            out[family] = (gap, None)
+        else:
+            out[family] = (gap, (max(bounds[0], gap - factor * c), min(bounds[1], gap + factor * c)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # One grouping
 
 
-def _undefined_reason(metric: str, positives: int, positive: str) -> str:
+def undefined_reason(metric: str, positives: int, positive: str) -> str:
     """Why a metric of a group of sufficient size is undefined."""
     reasons = {
         "sensitivity": f"no positive ({positive}) images in the group",
@@ -320,34 +428,52 @@ def _summaries(
             value = table[group][metric]
             values[metric] = value if np.isfinite(value) else None
             if values[metric] is None:
-                reasons[metric] = _undefined_reason(metric, positives, positive)
+                reasons[metric] = undefined_reason(metric, positives, positive)
         out.append(GroupSummary(group, n, True, values, reasons))
     return out
 
 
-def _with_intervals(summary: GroupSummary, replicates: Mapping[str, FloatArray] | None) -> GroupSummary:
+def summary_with_intervals(
+    summary: GroupSummary,
+    replicates: Mapping[str, FloatArray] | None,
+    metrics: Iterable[str] = GROUP_METRICS,
+    bounds: Mapping[str, Bounds | None] | None = None,
+) -> GroupSummary:
     """The summary with 95% intervals of its defined, non-descriptive metrics, around their values.
 
-    Every such metric is a rate or an ECE, within [0, 1]."""
+    Args:
+        summary: the group's values.
+        replicates: metric -> bootstrap replicates; ``None``: no intervals.
+        metrics: the metrics to give intervals (descriptive ones, ``n`` and ``prevalence``, never).
+        bounds: metric -> its range (missing: ``[0, 1]``, a rate or an ECE; ``None``: unbounded).
+    """
     if replicates is None:
         return summary
+    ranges = bounds or {}
     cis = {
         metric: median_centred_interval(
-            replicates[metric], float(summary.values[metric] or 0.0), alpha=1.0 - _LEVEL, bounds=(0.0, 1.0)
+            replicates[metric],
+            float(summary.values[metric] or 0.0),
+            alpha=1.0 - _LEVEL,
+            bounds=ranges.get(metric, RATE_BOUNDS),
         )
-        for metric in GROUP_METRICS
+        for metric in metrics
         if metric not in DESCRIPTIVE and summary.values[metric] is not None
     }
     return dataclasses.replace(summary, cis=cis)
 
 
-def _gap(
+def values_gap(
     metric: str,
     quantities: Sequence[str],
     summaries: Sequence[GroupSummary],
     replicates: Mapping[str, Mapping[str, FloatArray]] | None,
+    *,
+    bounds: Bounds = RATE_BOUNDS,
 ) -> Gap:
-    """The gap of ``quantities`` over the sufficient groups where all of them are defined."""
+    """The gap of ``quantities`` over the sufficient groups where all of them are defined.
+
+    ``bounds`` is the range of the gap (see :func:`gap_interval`)."""
     if len(summaries) == 1:
         only = summaries[0]
         ci: Interval = (0.0, 0.0) if replicates is not None else None
@@ -368,7 +494,7 @@ def _gap(
             f" at least min_group_size images and a defined {' and '.join(quantities)}"
         )
         return Gap(metric, None, None, n, compared, excluded, reason=reason)
-    value, ci = gap_interval(point, replicates, quantities)
+    value, ci = gap_interval(point, replicates, quantities, bounds=bounds)
     lowest = highest = None
     if len(quantities) == 1:
         (quantity,) = quantities
@@ -425,12 +551,12 @@ def analyse_grouping(
         replicates = bootstrap_group_metrics(
             outcomes, labels, n_boot=n_boot, rng=rng, include=[s.group for s in sufficient]
         )
-        summaries = [_with_intervals(s, replicates.get(s.group)) for s in summaries]
+        summaries = [summary_with_intervals(s, replicates.get(s.group)) for s in summaries]
     return GroupingAnalysis(
         group_by=group_by,
         groups=tuple(summaries),
-        gaps={m: _gap(m, (m,), summaries, replicates) for m in GAP_METRICS},
-        equalized_odds=_gap("equalized_odds_difference", EQUALIZED_ODDS_RATES, summaries, replicates),
-        demographic_parity=_gap("demographic_parity_difference", ("selection_rate",), summaries, replicates),
+        gaps={m: values_gap(m, (m,), summaries, replicates) for m in GAP_METRICS},
+        equalized_odds=values_gap("equalized_odds_difference", EQUALIZED_ODDS_RATES, summaries, replicates),
+        demographic_parity=values_gap("demographic_parity_difference", ("selection_rate",), summaries, replicates),
         min_group_size=min(s.n for s in summaries),
     )

@@ -71,8 +71,11 @@ GAP_METRICS: tuple[str, ...] = (
 )
 """Metrics whose largest between-group gap is emitted (``bias.max_gap``)."""
 
-LOWER_IS_BETTER: frozenset[str] = frozenset({"ece"})
-"""Per-group metrics for which a lower value is better (the others: higher, or descriptive)."""
+LOWER_IS_BETTER: frozenset[str] = frozenset({"ece", "underdiagnosis_rate", "mae", "mae_ratio"})
+"""Per-group metrics for which a lower value is better (the others: higher, or descriptive).
+
+``underdiagnosis_rate`` is the multi-label analysis's (:mod:`.multilabel`), ``mae`` and
+``mae_ratio`` the regression analysis's (:mod:`.regression`)."""
 
 DESCRIPTIVE: frozenset[str] = frozenset({"n", "prevalence"})
 """Per-group quantities fixed by the stratified resampling: no interval."""

@@ -1,8 +1,9 @@
 """The calibration check: does the model's confidence match how often it is right?
 
-The numbers are computed by plain functions in :mod:`.metrics`, :mod:`.temperature` and
-:mod:`.plots` (testable without the engine); :class:`CalibrationCheck` applies them to the eval
-split, overall and per subgroup.
+The numbers are computed by plain functions in :mod:`.metrics`, :mod:`.binary` (one sigmoid
+output), :mod:`.temperature` and :mod:`.plots` (testable without the engine);
+:class:`CalibrationCheck` applies them to the eval split, overall and per subgroup, and per label
+for a multi-label model (:mod:`.multilabel`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from numpy.typing import NDArray
 from pydantic import Field
 
 from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs
+from auditkit.checks.calibration.binary import binary_calibration_metrics, binary_expected_calibration_error
 from auditkit.checks.calibration.metrics import (
     METRIC_NAMES,
     FloatArray,
@@ -27,10 +29,16 @@ from auditkit.checks.calibration.metrics import (
     maximum_calibration_error,
     negative_log_likelihood,
 )
-from auditkit.checks.calibration.plots import reliability_diagram
+from auditkit.checks.calibration.multilabel import run_multilabel
+from auditkit.checks.calibration.plots import label_reliability_grid, reliability_diagram
 from auditkit.checks.calibration.temperature import (
+    ALREADY_CALIBRATED,
+    FOLD_DISAGREEMENT,
     TEMPERATURE_BOUNDS,
+    cross_fitted_binary_temperature_probs,
     cross_fitted_temperature_probs,
+    did_not_help_record,
+    fit_binary_temperature,
     fit_temperature,
 )
 from auditkit.errors import InputError
@@ -41,14 +49,22 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "ALREADY_CALIBRATED",
+    "FOLD_DISAGREEMENT",
     "TEMPERATURE_BOUNDS",
     "CalibrationCheck",
     "adaptive_calibration_error",
+    "binary_calibration_metrics",
+    "binary_expected_calibration_error",
     "brier_score",
     "calibration_metrics",
+    "cross_fitted_binary_temperature_probs",
     "cross_fitted_temperature_probs",
+    "did_not_help_record",
     "expected_calibration_error",
+    "fit_binary_temperature",
     "fit_temperature",
+    "label_reliability_grid",
     "maximum_calibration_error",
     "negative_log_likelihood",
     "reliability_diagram",
@@ -57,6 +73,13 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # The check
+
+REGRESSION_REASON = (
+    "calibration of a regressor is the coverage of its predictive intervals (the nominal 90% interval"
+    " should hold the target 90% of the time), which needs a predicted variance per output; this spec"
+    " version has no key naming a variance output, so the model's outputs are predicted values only"
+)
+"""Why :class:`CalibrationCheck` does not measure ``model.task: regression`` (the runner's skip reason)."""
 
 
 class CalibrationParams(CheckParams):
@@ -80,21 +103,21 @@ class CalibrationParams(CheckParams):
 class CalibrationCheck(Check[CalibrationParams]):
     """Calibration of predicted probabilities: ECE, MCE, ACE, Brier, NLL, temperature scaling.
 
-    Method: the top-label confidence (largest softmax probability) is compared with accuracy in
-    confidence bins. ECE (expected calibration error) and MCE (maximum calibration error) use
-    equal-width bins (Naeini et al. 2015, "Obtaining Well Calibrated Probabilities Using Bayesian
-    Binning", AAAI); ACE uses equal-mass bins (Nixon et al. 2019, "Measuring Calibration in Deep
-    Learning", CVPR workshops); the Brier score and negative log-likelihood are proper scoring
-    rules. Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks",
-    ICML) is fitted by maximum likelihood on the eval split; its effect is measured by stratified
-    K-fold cross-fitting, so the after-scaling ECE is never measured on the data its temperature
-    was fitted on. Intervals are 95% bootstraps stratified by class (the class counts of the
-    split are kept in every resample): the median-centred percentile interval of
-    :mod:`auditkit.stats`, because the calibration errors are biased under resampling (a
-    resample's ECE exceeds the sample's, most of all near zero, where a plain percentile interval
-    can lie entirely above the estimate); it always contains the value, and equals the percentile
-    interval when the resampling is unbiased. The after-scaling interval holds the fold
-    temperatures fixed.
+    Method (classification; multi-label models below): the top-label confidence (largest
+    softmax probability) is compared with accuracy in confidence bins. ECE (expected calibration
+    error) and MCE (maximum calibration error) use equal-width bins (Naeini et al. 2015,
+    "Obtaining Well Calibrated Probabilities Using Bayesian Binning", AAAI); ACE uses equal-mass
+    bins (Nixon et al. 2019, "Measuring Calibration in Deep Learning", CVPR workshops); the Brier
+    score and negative log-likelihood are proper scoring rules. Temperature scaling (Guo et al. 2017,
+    "On Calibration of Modern Neural Networks", ICML) is fitted by maximum likelihood on the eval
+    split; its effect is measured by stratified K-fold cross-fitting, so the after-scaling ECE is
+    never measured on the data its temperature was fitted on. Intervals are 95% bootstraps
+    stratified by class (the class counts of the split are kept in every resample): the
+    median-centred percentile interval of :mod:`auditkit.stats`, because the calibration errors
+    are biased under resampling (a resample's ECE exceeds the sample's, most of all near zero,
+    where a plain percentile interval can lie entirely above the estimate); it always contains
+    the value, and equals the percentile interval when the resampling is unbiased. The
+    after-scaling interval holds the fold temperatures fixed.
 
     Inputs: eval-split logits and labels (``Needs(predictions=True)``); the spec's subgroup
     columns. Rows whose logits are not finite are excluded and counted.
@@ -111,6 +134,29 @@ class CalibrationCheck(Check[CalibrationParams]):
     ``non_finite_logits`` (count) when some logits are NaN or infinite.
 
     Artifacts: ``reliability_diagram`` (SVG).
+
+    Multi-label models (``model.task: multilabel``, :mod:`.multilabel`): each label's sigmoid
+    output is a binary classifier, measured on that label's known entries only (an unknown
+    entry, empty in the manifest, is left out and counted in an ``unknown_entries`` finding).
+    The convention is the positive-class one of :mod:`.binary` (within a bin of predicted
+    probabilities, is the finding present as often as predicted? netcal's binary ECE), not the
+    top-label one. Metrics, with ``labels={"label": name}``: ``calibration.ece``, ``.mce``,
+    ``.ace``, ``.brier`` (scikit-learn's ``brier_score_loss``), ``.nll`` (its ``log_loss``) and
+    ``.ece_after_temperature`` (one temperature per label, ``sigmoid(z / T)``, cross-fitted over
+    folds stratified by the label's outcome, as above); per label and subgroup
+    (``{"label", "group_by", "group"}``) ``calibration.ece`` and ``.brier`` only, to keep the
+    table a reviewer reads at labels x groups. There is no unlabelled aggregate: a mean over
+    labels would hide the one label that is off, so a policy judges each label (a rule with
+    ``labels: {label: "*"}`` reads the worst one). Intervals resample patients when the manifest
+    names them (a patient's images together; ``bootstrap`` finding), else images stratified by the
+    label's outcome. A label whose entries are all unknown gets undefined metrics with that
+    reason; a label without a positive (or negative) entry keeps its ECE, Brier and NLL (they
+    measure how far its probabilities are from 0 or 1) but gets no temperature. Findings as
+    above with a ``label`` key; the reliability diagram has one panel per label.
+
+    Regression models are not measured (skipped by the runner with :data:`REGRESSION_REASON`):
+    the calibration of a regressor is the coverage of its predictive intervals, which needs a
+    predicted variance that this version's spec cannot name.
 
     Limitations: ``ece_after_temperature`` can exceed ``ece``. Temperature scaling minimises the
     NLL, not the ECE, and one temperature cannot repair a miscalibration that differs between
@@ -137,9 +183,14 @@ class CalibrationCheck(Check[CalibrationParams]):
         *(f"calibration.{name}" for name in METRIC_NAMES),
         "calibration.ece_after_temperature",
     )
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel")
+    task_reasons: ClassVar[dict[str, str]] = {"regression": REGRESSION_REASON}
 
     def run(self, ctx: CheckContext, params: CalibrationParams) -> CheckResult:
-        """Measure calibration on the eval split, overall and per subgroup."""
+        """Measure calibration on the eval split, overall and per subgroup (per label: multilabel)."""
+        if ctx.task == "multilabel":
+            per_label: CheckResult = run_multilabel(ctx, params)
+            return per_label
         p = params
         result = CheckResult()
         preds = ctx.predictions("eval")
@@ -373,13 +424,6 @@ def _after_temperature(
     return _AfterTemperature(metric, findings, probs_after)
 
 
-ALREADY_CALIBRATED = 1.1
-"""A fitted temperature within a factor of this of 1 counts as "already calibrated"."""
-
-FOLD_DISAGREEMENT = 1.1
-"""Fold temperatures whose largest and smallest differ by more than this factor are noisy."""
-
-
 def temperature_did_not_help(
     probs_before: FloatArray,
     probs_after: FloatArray,
@@ -435,57 +479,13 @@ def temperature_did_not_help(
         estimates={"increase": increase},
         bounds=(-1.0, 1.0),
     )["increase"]
-    causes: list[dict[str, str]] = []
-    if abs(math.log(temperature)) < math.log(ALREADY_CALIBRATED):
-        causes.append(
-            {
-                "cause": "already_calibrated",
-                "detail": f"the temperature fitted on all {before.n} images is {temperature:.3g}, close to 1: the"
-                " confidences are already right on average, so scaling has little to fix and adds the noise"
-                " of fitting",
-            }
-        )
-    spread = max(fold_temperatures) / min(fold_temperatures)
-    if spread > FOLD_DISAGREEMENT:
-        per_fold = round(before.n * (len(fold_temperatures) - 1) / len(fold_temperatures))
-        causes.append(
-            {
-                "cause": "cross_fitting_noise",
-                "detail": f"the {len(fold_temperatures)} fold temperatures range from {min(fold_temperatures):.3g} to"
-                f" {max(fold_temperatures):.3g}, each fitted on about {per_fold} images: a small sample fits"
-                " noisy temperatures",
-            }
-        )
-    if interval is not None and interval[0] <= 0.0 <= interval[1]:
-        causes.append(
-            {
-                "cause": "ece_binning_noise",
-                "detail": f"the increase {increase:.4f} is within the resampling noise of the two ECEs"
-                f" ({before.bins} equal-width bins, {before.n} images): its paired 95% interval"
-                f" [{interval[0]:.4f}, {interval[1]:.4f}] contains 0",
-            }
-        )
-    if not causes:
-        causes.append(
-            {
-                "cause": "not_uniform_miscalibration",
-                "detail": "one temperature, fitted to the NLL, cannot repair a miscalibration that differs"
-                " between confidence levels or classes",
-            }
-        )
-    return {
-        "kind": "temperature_scaling_did_not_help",
-        "ece": ece_before,
-        "ece_after_temperature": ece_after,
-        "increase": increase,
-        "increase_ci": list(interval) if interval is not None else None,
-        "temperature": temperature,
-        "fold_temperatures": list(fold_temperatures),
-        "n": before.n,
-        "bins": before.bins,
-        "likely_causes": causes,
-        "detail": (
-            f"The ECE after cross-fitted temperature scaling ({ece_after:.4f}) exceeds the ECE before it"
-            f" ({ece_before:.4f}); likely: " + "; ".join(c["cause"].replace("_", " ") for c in causes) + "."
-        ),
-    }
+    finding: dict[str, Any] = did_not_help_record(
+        ece_before,
+        ece_after,
+        interval,
+        temperature,
+        fold_temperatures,
+        n=before.n,
+        bins=before.bins,
+    )
+    return finding

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from auditkit.checks.calibration.metrics import (
+    _EPS,
     FloatArray,
     _check_bins,
     _check_probs_labels,
@@ -171,4 +173,136 @@ def reliability_diagram(
         bottom.set_ylabel("share of images")
         if after is not None:
             bottom.legend(loc="upper left", frameon=False)
+        return save_svg(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# One reliability diagram per label (a multi-label model), as small multiples
+
+
+def _positive_bin_summary(
+    probs: FloatArray, outcomes: FloatArray, bins: int
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Per equal-width bin of ``p``: count, observed frequency of the finding, mean ``p`` (NaN when empty)."""
+    confidence = np.clip(probs, _EPS, 1.0 - _EPS)
+    ids = _equal_width_bins(confidence, bins)
+    counts = np.bincount(ids, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frequency = np.bincount(ids, weights=outcomes, minlength=bins) / counts
+        mean_p = np.bincount(ids, weights=confidence, minlength=bins) / counts
+    return counts, frequency, mean_p
+
+
+LabelPanel = tuple[str, ArrayLike, ArrayLike, ArrayLike | None]
+"""One label's panel: ``(name, probs (n,), outcomes (n,) of 0/1, probs after scaling or None)``."""
+
+
+def label_reliability_grid(panels: Sequence[LabelPanel], bins: int, path: str | Path, *, columns: int = 4) -> Path:
+    """Write one reliability diagram per label, as small multiples in one byte-reproducible SVG.
+
+    Each panel is the positive-class reliability diagram of one label (Guo et al. 2017, fig. 1,
+    for a sigmoid output): the observed frequency of the finding per equal-width bin of the
+    predicted probability (bars), the gap to the bin's mean prediction (hatched), the diagonal
+    of perfect calibration, the curve after cross-fitted temperature scaling when given, and,
+    in a strip below, the share of the label's known entries per bin. The title gives the
+    label, its known entries and its ECE (before and after scaling).
+
+    Args:
+        panels: one :data:`LabelPanel` per label, in display order; a panel with no entries is
+            drawn empty with "no known entries".
+        bins: number of equal-width bins.
+        path: the SVG file to write (its folder must exist).
+        columns: panels per row (fewer when there are fewer labels).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: no panels, invalid probabilities or outcomes.
+    """
+    from matplotlib.figure import Figure
+
+    from auditkit.checks.calibration.binary import binary_expected_calibration_error
+
+    _check_bins(bins)
+    if not panels:
+        raise ValueError("cannot draw a reliability grid without a label")
+    ncols = max(1, min(columns, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    panel_w, panel_h = 2.4, 2.9
+    width, height = ncols * panel_w, nrows * panel_h
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    with figure_style("label-reliability-grid", hashsalt="auditkit-label-reliability", font_size=7.0):
+        fig = Figure(figsize=(width, height))
+        outer = fig.add_gridspec(
+            nrows,
+            ncols,
+            **inch_margins(width, height, left=0.5, right=0.15, top=0.75, bottom=0.4),
+            hspace=0.35,
+            wspace=0.12,
+        )
+        for position, (name, probs, outcomes, after) in enumerate(panels):
+            row, column = divmod(position, ncols)
+            cell = outer[row, column].subgridspec(2, 1, height_ratios=[3.0, 1.0], hspace=0.08)
+            top = fig.add_subplot(cell[0])
+            bottom = fig.add_subplot(cell[1])
+            for axes in (top, bottom):
+                # Limits fixed before drawing: no autoscaling pass over the artists.
+                axes.set_autoscale_on(False)
+                axes.set_xlim(0.0, 1.0)
+                axes.set_ylim(0.0, 1.0)
+            p = np.asarray(probs, dtype=np.float64)
+            y = np.asarray(outcomes, dtype=np.float64)
+            top.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="0.4", linewidth=0.8)
+            title = f"{name} (n = {p.size})"
+            if p.size:
+                counts, frequency, mean_p = _positive_bin_summary(p, y, bins)
+                filled = counts > 0
+                observed = np.where(filled, frequency, 0.0)
+                predicted = np.where(filled, mean_p, 0.0)
+                # One patch per series (stairs), not one per bar.
+                top.stairs(observed, edges, fill=True, color="#4c72b0")
+                top.stairs(
+                    predicted,
+                    edges,
+                    baseline=observed,
+                    fill=True,
+                    facecolor="none",
+                    edgecolor="#c44e52",
+                    hatch="//",
+                    linewidth=0.4,
+                )
+                bottom.stairs(counts / counts.sum(), edges, fill=True, color="#4c72b0")
+                title += f"\nECE {binary_expected_calibration_error(p, y, bins):.3f}"
+                if after is not None:
+                    q = np.asarray(after, dtype=np.float64)
+                    counts_a, frequency_a, mean_a = _positive_bin_summary(q, y, bins)
+                    shown = counts_a > 0
+                    top.plot(
+                        mean_a[shown], frequency_a[shown], marker="o", markersize=2.5, color="#dd8452", linewidth=1.0
+                    )
+                    title += f" → {binary_expected_calibration_error(q, y, bins):.3f} scaled"
+            else:
+                title += "\nno known entries"
+            fixed_ticks(top.xaxis, (0.0, 0.5, 1.0))
+            fixed_ticks(top.yaxis, (0.0, 0.5, 1.0))
+            fixed_ticks(bottom.xaxis, (0.0, 0.5, 1.0))
+            fixed_ticks(bottom.yaxis, (0.0, 1.0))
+            top.tick_params(labelbottom=False)
+            top.set_title(title)
+            if column == 0:
+                top.set_ylabel("observed frequency")
+                bottom.set_ylabel("share")
+            else:
+                top.tick_params(labelleft=False)
+                bottom.tick_params(labelleft=False)
+            if position + ncols >= len(panels):
+                bottom.set_xlabel("predicted probability")
+            else:
+                bottom.tick_params(labelbottom=False)
+        fig.suptitle(
+            f"Reliability per label ({bins} bins): bars observed, hatched gap to predicted,"
+            " orange after temperature scaling",
+            y=1.0 - 0.1 / height,
+        )
         return save_svg(fig, path)

@@ -1,7 +1,9 @@
 """The corruption check: does the model hold up when acquisition changes the image?
 
 The corruptions and their physics live in :mod:`.transforms` (plain functions), the plot in
-:mod:`.plots`; :class:`CorruptionCheck` applies them to a sample of the eval split.
+:mod:`.plots`; :class:`CorruptionCheck` applies them to a sample of the eval split. Multi-label
+and regression models are measured on their primary metric (macro AUROC, MAE) with the samples
+and metrics of :mod:`auditkit.tasks`, shared with the adversarial check.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -16,7 +21,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
-from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
+from auditkit.check import Check, CheckParams, CheckResult, Direction, Metric, Needs, require_finite_logits
 from auditkit.checks.corruption.plots import severity_plot
 from auditkit.checks.corruption.transforms import (
     CORRUPTION_NAMES,
@@ -31,6 +36,18 @@ from auditkit.checks.corruption.transforms import (
 )
 from auditkit.sampling import stratified_sample
 from auditkit.stats import bootstrap_indices, median_centred_interval, stable_seed
+from auditkit.tasks import (
+    absolute_errors,
+    bootstrap_macro_aurocs,
+    bootstrap_maes,
+    label_aurocs,
+    macro_auroc,
+    mae_per_output,
+    regression_units,
+    sample_strata,
+    task_sample,
+    task_scores,
+)
 
 if TYPE_CHECKING:
     from auditkit.check import CheckContext
@@ -161,22 +178,50 @@ class CorruptionCheck(Check[CorruptionParams]):
     ratio, biased under resampling) and is the percentile interval when the resampling is
     unbiased (an accuracy's, as a rule).
 
+    Other tasks measure their primary metric (docs/architecture.md, "Tasks") in place of accuracy, with the
+    same corruptions, seeds, paired bootstrap and metric names, so ``corruption.relative_drop``
+    is positive when the model gets worse, whatever the task:
+
+    * ``task: multilabel``: the macro AUROC, the mean over the labels with a known positive and
+      a known negative in the sample of each label's AUROC (Mann-Whitney, as scikit-learn's
+      ``roc_auc_score``) of the sigmoid scores on its known entries (unknown entries, label -1,
+      left out and counted; a label with one class is undefined with the reason, named in the
+      ``label_aurocs`` finding). The sample holds a known positive and negative of every label
+      that has them. ``relative_drop = (clean macro AUROC - corrupted) / clean``: the share of
+      the clean macro AUROC lost (at most 1).
+    * ``task: regression``: the mean absolute error per output over the known targets, in the
+      output's unit (``model.units``). ``relative_drop = (corrupted MAE - clean MAE) / clean
+      MAE``: the relative increase of the error (at least -1), the mean over the outputs when
+      there are several (a unit-free number). A non-finite prediction leaves the MAE undefined,
+      with the count as the reason. The sample is stratified by target quintile.
+
+    ``corruption.mean_relative_drop`` is, for every task, the mean of the relative drops over
+    every corruption and severity run.
+
     Inputs: eval-split images (any size, grayscale or multi-channel), labels and predictions
     (``Needs(predictions=True, images=True)``).
 
     Metrics:
-        ``corruption.accuracy`` (``higher_is_better``) with labels ``{corruption, severity}``,
-        including the clean accuracy as ``{corruption: none, severity: 0}``;
-        ``corruption.relative_drop`` (``lower_is_better``) with labels ``{corruption,
-        severity}``; ``corruption.mean_relative_drop`` (``lower_is_better``): the mean relative
-        drop over every corruption and severity run.
+        classification: ``corruption.accuracy`` (``higher_is_better``) with labels
+        ``{corruption, severity}``, including the clean accuracy as ``{corruption: none,
+        severity: 0}``; multilabel: ``corruption.macro_auroc`` (``higher_is_better``), same
+        labels; regression: ``corruption.mae`` (``lower_is_better``), same labels (with an
+        ``output`` label when the model has several outputs);
+        every task: ``corruption.relative_drop`` (``lower_is_better``, see above) with labels
+        ``{corruption, severity}``; ``corruption.mean_relative_drop`` (``lower_is_better``).
 
-    Findings: ``corruption_sample`` (manifest rows, class counts), ``corruption_setup``
-    (each corruption's physics and its level at each severity, device, seed) and
+    Findings: ``corruption_sample`` (manifest rows; class counts, per-label counts of known
+    positives, negatives and unknown entries, or target ranges and units),
+    ``corruption_setup`` (each corruption's physics and its level at each severity, device,
+    seed; for multilabel and regression the metric and what the relative drop is),
+    ``label_aurocs`` (multilabel: every label's AUROC clean and per condition) and
     ``non_finite_logits`` (per corruption and severity, when the model returns NaN or infinity;
-    those images count as misclassified).
+    those images count as misclassified, as the worst rank of each label, or leave the MAE
+    undefined).
 
-    Artifacts: ``corruption_accuracy`` (SVG): accuracy against severity per corruption.
+    Artifacts: ``corruption_accuracy`` (SVG): accuracy against severity per corruption;
+    multilabel ``corruption_macro_auroc``, regression ``corruption_mae``
+    (``corruption_mae_<k>`` per output when there are several).
 
     NIST AI RMF 1.0: MEASURE 2.5 (validity and reliability beyond the conditions of the
     validation data), MEASURE 2.6 (safe operation under foreseeable changes of acquisition).
@@ -190,12 +235,17 @@ class CorruptionCheck(Check[CorruptionParams]):
     needs: ClassVar[Needs] = Needs(predictions=True, images=True)
     emits: ClassVar[tuple[str, ...]] = (
         "corruption.accuracy",
+        "corruption.macro_auroc",
+        "corruption.mae",
         "corruption.relative_drop",
         "corruption.mean_relative_drop",
     )
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
 
     def run(self, ctx: CheckContext, params: CorruptionParams) -> CheckResult:
         """Corrupt a stratified sample of the eval split and measure accuracy per severity."""
+        if ctx.task != "classification":
+            return _run_on_task(ctx, params)
         p = params
         result = CheckResult()
         preds = ctx.predictions("eval")
@@ -392,3 +442,409 @@ def _findings(
             },
         },
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-label and regression models: the relative drop of macro AUROC, the relative MAE increase
+
+TASK_METRIC: dict[str, tuple[str, Direction, str]] = {
+    "multilabel": ("corruption.macro_auroc", "higher_is_better", "macro AUROC"),
+    "regression": ("corruption.mae", "lower_is_better", "MAE"),
+}
+"""task -> (the primary metric's name, its direction, its name in text)."""
+
+RELATIVE_DROP_TEXT = {
+    "multilabel": (
+        "(clean macro AUROC - corrupted macro AUROC) / clean macro AUROC on the same images: the share of"
+        " the clean macro AUROC lost (positive = worse; at most 1)"
+    ),
+    "regression": (
+        "(corrupted MAE - clean MAE) / clean MAE on the same images: the relative increase of the mean"
+        " absolute error (positive = worse; at least -1), averaged over the outputs when there are several"
+    ),
+}
+AUROC_DROP_RANGE = (-math.inf, 1.0)
+MAE_INCREASE_RANGE = (-1.0, math.inf)
+
+
+def _output_labels(names: list[str], k: int) -> dict[str, str]:
+    """Regression MAEs carry an ``output`` label only when the model has several outputs."""
+    return {"output": names[k]} if len(names) > 1 else {}
+
+
+def _undefined_task(p: CorruptionParams, task: str, names: list[str], reason: str, n: int) -> list[Metric]:
+    name, direction, _ = TASK_METRIC[task]
+    extras = [_output_labels(names, k) for k in range(len(names))] if task == "regression" else [{}]
+    metrics = [Metric(name, None, direction, labels={**CLEAN_LABELS, **e}, n=n, reason=reason) for e in extras]
+    for corruption in p.corruptions:
+        for severity in p.severities:
+            labels = {"corruption": corruption, "severity": str(severity)}
+            metrics += [Metric(name, None, direction, labels={**labels, **e}, n=n, reason=reason) for e in extras]
+            metrics.append(
+                Metric("corruption.relative_drop", None, "lower_is_better", labels=labels, n=n, reason=reason)
+            )
+    metrics.append(Metric("corruption.mean_relative_drop", None, "lower_is_better", n=n, reason=reason))
+    return metrics
+
+
+def _run_on_task(ctx: CheckContext, p: CorruptionParams) -> CheckResult:
+    """The check for a multi-label model or a regressor: the task's primary metric per severity."""
+    task = ctx.task
+    names = list(ctx.classes)
+    result = CheckResult()
+    preds = ctx.predictions("eval")
+    all_labels = np.asarray(preds.labels)
+    if all_labels.shape[0] == 0:
+        result.metrics += _undefined_task(p, task, names, "no eval images", 0)
+        return result
+
+    require_finite_logits(preds.logits)
+    rng = ctx.rng()
+    indices = task_sample(all_labels, task, p.n_samples, rng)
+    seed_root = int(rng.integers(0, 2**62))
+    targets = all_labels[indices]
+    clean = np.asarray(preds.probs, dtype=np.float64)[indices]
+    manifest_rows = np.asarray(ctx.split("eval").rows)[indices]
+    conditions = [(name, s) for name in p.corruptions for s in p.severities]
+    scores = np.zeros((len(conditions), len(indices), len(names)), dtype=np.float64)
+    non_finite = np.zeros(len(conditions), dtype=np.int64)
+    log.info(
+        "corruption: %d images (task: %s), %d corruptions x %d severities on %s",
+        len(indices),
+        task,
+        len(p.corruptions),
+        len(p.severities),
+        ctx.device,
+    )
+    for start in range(0, len(indices), p.batch_size):
+        stop = min(start + p.batch_size, len(indices))
+        images = ctx.images("eval", indices[start:stop]).to(ctx.device)
+        for name in p.corruptions:
+            seeds = [stable_seed(seed_root, name, int(r)) for r in manifest_rows[start:stop]]
+            draw = draw_randomness(name, tuple(images.shape), seeds)
+            for severity in p.severities:
+                corrupted = apply_corruption(images, name, severity, draw=draw)
+                logits = ctx.model.predict(corrupted, label=f"corruption:{name}:{severity}")
+                row = conditions.index((name, severity))
+                # A non-finite output is a failure of the model: the worst rank, an undefined MAE.
+                non_finite[row] += int((~torch.isfinite(logits).all(dim=1)).sum())
+                scores[row, start:stop] = task_scores(logits, task)
+
+    bootstrap_rng = np.random.default_rng(stable_seed(seed_root, "bootstrap"))
+    strata = sample_strata(targets, task)
+    if task == "multilabel":
+        measured = _multilabel_measurements(clean, scores, targets, names, conditions, p.n_boot, bootstrap_rng, strata)
+    else:
+        measured = _regression_measurements(
+            clean, scores, targets, names, dict(ctx.units), conditions, p.n_boot, bootstrap_rng, strata
+        )
+    result.metrics += measured.metrics
+    result.findings += _task_findings(ctx, p, manifest_rows, targets, seed_root)
+    result.findings += measured.findings
+    result.findings += [
+        {"kind": "non_finite_logits", "corruption": name, "severity": severity, "count": int(count)}
+        for (name, severity), count in zip(conditions, non_finite, strict=True)
+        if count
+    ]
+    for plot in measured.plots:
+        result.artifacts.append(
+            ctx.write_artifact(
+                plot.name,
+                f"{plot.name}.svg",
+                plot.writer(p.severities, p.corruptions, conditions, len(indices)),
+                description=plot.description,
+            )
+        )
+    return result
+
+
+@dataclass(frozen=True)
+class _Plot:
+    name: str
+    values: NDArray[np.float64]
+    """The metric per condition (``C``)."""
+    clean: float
+    metric: str
+    bounded: bool
+    description: str
+
+    def writer(
+        self, severities: list[int], corruptions: list[str], conditions: list[tuple[str, int]], n: int
+    ) -> Callable[[Path], Path]:
+        curves = {
+            name: {s: float(self.values[conditions.index((name, s))]) for s in severities} for name in corruptions
+        }
+        return lambda path: severity_plot(curves, self.clean, path, n=n, metric=self.metric, bounded=self.bounded)
+
+
+@dataclass
+class _Measured:
+    metrics: list[Metric]
+    findings: list[dict[str, Any]]
+    plots: list[_Plot]
+
+
+def _interval(
+    replicates: NDArray[np.float64], estimate: float | None, bounds: tuple[float, float]
+) -> tuple[float, float] | None:
+    if estimate is None or replicates.size == 0 or not math.isfinite(estimate):
+        return None
+    return median_centred_interval(replicates, estimate, bounds=bounds)
+
+
+def _drop_metrics(
+    drops: NDArray[np.float64],
+    boot_drops: NDArray[np.float64],
+    conditions: list[tuple[str, int]],
+    n: int,
+    bounds: tuple[float, float],
+    undefined: str,
+) -> tuple[list[Metric], Metric]:
+    """``corruption.relative_drop`` per condition and ``corruption.mean_relative_drop`` (the mean of
+    the relative drops), each undefined with ``undefined`` as the reason when not finite."""
+    per_condition = []
+    for k, (name, severity) in enumerate(conditions):
+        value = float(drops[k])
+        defined = math.isfinite(value)
+        per_condition.append(
+            Metric(
+                "corruption.relative_drop",
+                value if defined else None,
+                "lower_is_better",
+                labels={"corruption": name, "severity": str(severity)},
+                ci=_interval(boot_drops[:, k], value, bounds) if defined else None,
+                n=n,
+                reason=None if defined else undefined,
+            )
+        )
+    mean = float(np.mean(drops)) if drops.size else math.nan
+    defined = math.isfinite(mean)
+    mean_metric = Metric(
+        "corruption.mean_relative_drop",
+        mean if defined else None,
+        "lower_is_better",
+        ci=_interval(boot_drops.mean(axis=1), mean, bounds) if defined and boot_drops.size else None,
+        n=n,
+        reason=None if defined else undefined,
+    )
+    return per_condition, mean_metric
+
+
+def _multilabel_measurements(
+    clean: NDArray[np.float64],
+    scores: NDArray[np.float64],
+    targets: NDArray[Any],
+    names: list[str],
+    conditions: list[tuple[str, int]],
+    n_boot: int,
+    rng: np.random.Generator,
+    strata: NDArray[np.int64],
+) -> _Measured:
+    """Macro AUROC (known label entries) clean and per condition; its relative drop."""
+    n = len(targets)
+    labels = np.asarray(targets, dtype=np.int64)
+    per_label = [label_aurocs(s, labels, names) for s in (clean, *scores)]
+    values = [macro_auroc(entries) for entries in per_label]
+    replicates = bootstrap_macro_aurocs([clean, *scores], labels, n_boot=n_boot, rng=rng, strata=strata)
+    clean_value = values[0][0]
+    corrupted = np.array([v if v is not None else math.nan for v, _ in values[1:]], dtype=np.float64)
+    if clean_value is None:
+        undefined = f"the clean macro AUROC is undefined ({values[0][1]}), so a relative drop is undefined"
+    elif clean_value == 0:
+        undefined = "the clean macro AUROC of the sample is 0, so a relative drop is undefined"
+    else:
+        undefined = "the corrupted macro AUROC is undefined"
+    with np.errstate(invalid="ignore", divide="ignore"):
+        drops = (clean_value - corrupted) / clean_value if clean_value else np.full(len(conditions), math.nan)
+        boot_drops = (replicates[:, :1] - replicates[:, 1:]) / replicates[:, :1]
+    drop_metrics, mean_metric = _drop_metrics(drops, boot_drops, conditions, n, AUROC_DROP_RANGE, undefined)
+    metric_name, direction, _ = TASK_METRIC["multilabel"]
+    metrics = [
+        Metric(
+            metric_name,
+            clean_value,
+            direction,
+            labels=CLEAN_LABELS,
+            ci=_interval(replicates[:, 0], clean_value, ACCURACY_RANGE),
+            n=n,
+            reason=values[0][1],
+        )
+    ]
+    for c, (name, severity) in enumerate(conditions, start=1):
+        value, reason = values[c]
+        metrics.append(
+            Metric(
+                metric_name,
+                value,
+                direction,
+                labels={"corruption": name, "severity": str(severity)},
+                ci=_interval(replicates[:, c], value, ACCURACY_RANGE),
+                n=n,
+                reason=reason,
+            )
+        )
+        metrics.append(drop_metrics[c - 1])
+    metrics.append(mean_metric)
+    findings: list[dict[str, Any]] = [
+        {
+            "kind": "label_aurocs",
+            "definition": (
+                "per-label AUROC of the sigmoid scores on the known entries (label -1 left out and counted);"
+                " the macro AUROC is their mean over the labels with a known positive and a known negative"
+                " in the sample"
+            ),
+            "clean": [entry.to_json() for entry in per_label[0]],
+            "corrupted": {
+                f"{name}:{severity}": {e.label: e.value for e in per_label[k + 1]}
+                for k, (name, severity) in enumerate(conditions)
+            },
+            "undefined_labels": [e.to_json() for e in per_label[0] if e.value is None],
+        }
+    ]
+    plots = []
+    if clean_value is not None and np.isfinite(corrupted).all():
+        plots.append(
+            _Plot(
+                "corruption_macro_auroc",
+                corrupted,
+                clean_value,
+                "macro AUROC",
+                True,
+                f"Macro AUROC (known label entries) against corruption severity on {n} eval images, one line "
+                "per acquisition shift; severity 0 is the clean macro AUROC.",
+            )
+        )
+    return _Measured(metrics, findings, plots)
+
+
+def _regression_measurements(
+    clean: NDArray[np.float64],
+    scores: NDArray[np.float64],
+    targets: NDArray[Any],
+    names: list[str],
+    units: dict[str, str],
+    conditions: list[tuple[str, int]],
+    n_boot: int,
+    rng: np.random.Generator,
+    strata: NDArray[np.int64],
+) -> _Measured:
+    """MAE per output clean and per condition; the relative MAE increase (mean over outputs)."""
+    n = len(targets)
+    y = np.asarray(targets, dtype=np.float64).reshape(n, -1)
+    error_sets = [absolute_errors(s, y) for s in (clean, *scores)]
+    maes = np.stack([mae_per_output(e) for e in error_sets])  # (1 + C, K)
+    replicates = bootstrap_maes(error_sets, n_boot=n_boot, rng=rng, strata=strata)  # (B, 1 + C, K)
+    metric_name, direction, _ = TASK_METRIC["regression"]
+    extras = [_output_labels(names, k) for k in range(len(names))]
+
+    def mae_metric(c: int, k: int, labels: dict[str, str]) -> Metric:
+        value = float(maes[c, k])
+        reason = None
+        if math.isnan(value):
+            reason = f"output {names[k]!r}: no known target in the sample"
+        elif not math.isfinite(value):
+            bad = int(np.isinf(error_sets[c][:, k]).sum())
+            reason = f"output {names[k]!r}: {bad} of {n} predictions are not finite"
+        ci = None if reason else _interval(replicates[:, c, k], value, (0.0, math.inf))
+        return Metric(metric_name, None if reason else value, direction, labels=labels, ci=ci, n=n, reason=reason)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        increases = (maes[1:] - maes[:1]) / maes[:1]  # (C, K)
+        drops = increases.mean(axis=1)
+        boot_drops = ((replicates[:, 1:] - replicates[:, :1]) / replicates[:, :1]).mean(axis=2)
+    clean_ok = bool(np.isfinite(maes[0]).all())
+    if not clean_ok:
+        undefined = "the clean MAE is undefined (a prediction is not finite, or no target is known)"
+    elif (maes[0] == 0).any():
+        undefined = "the clean MAE of the sample is 0, so a relative increase is undefined"
+    else:
+        undefined = "the corrupted MAE is undefined: a prediction under this corruption is not finite"
+    drop_metrics, mean_metric = _drop_metrics(drops, boot_drops, conditions, n, MAE_INCREASE_RANGE, undefined)
+    metrics = [mae_metric(0, k, {**CLEAN_LABELS, **extras[k]}) for k in range(len(names))]
+    for c, (name, severity) in enumerate(conditions, start=1):
+        labels = {"corruption": name, "severity": str(severity)}
+        metrics += [mae_metric(c, k, {**labels, **extras[k]}) for k in range(len(names))]
+        metrics.append(drop_metrics[c - 1])
+    metrics.append(mean_metric)
+    plots = []
+    for k, output in enumerate(names):
+        if not np.isfinite(maes[:, k]).all():
+            continue
+        unit = f" ({units[output]})" if units.get(output) else ""
+        plots.append(
+            _Plot(
+                "corruption_mae" if len(names) == 1 else f"corruption_mae_{k}",
+                maes[1:, k],
+                float(maes[0, k]),
+                f"MAE{unit}",
+                False,
+                f"MAE of output {output!r}{unit} against corruption severity on {n} eval images, "
+                "one line per acquisition shift; severity 0 is the clean MAE.",
+            )
+        )
+    return _Measured(metrics, [], plots)
+
+
+def _task_findings(
+    ctx: CheckContext,
+    p: CorruptionParams,
+    manifest_rows: NDArray[Any],
+    targets: NDArray[Any],
+    seed_root: int,
+) -> list[dict[str, Any]]:
+    task = ctx.task
+    names = list(ctx.classes)
+    sample: dict[str, Any] = {
+        "kind": "corruption_sample",
+        "split": "eval",
+        "task": task,
+        "rows": [int(r) for r in manifest_rows],
+        "n": len(targets),
+    }
+    units: dict[str, str | None] = {}
+    if task == "multilabel":
+        codes = np.asarray(targets, dtype=np.int64)
+        sample["label_counts"] = {
+            name: {
+                "positive": int((codes[:, k] == 1).sum()),
+                "negative": int((codes[:, k] == 0).sum()),
+                "unknown": int((codes[:, k] < 0).sum()),
+            }
+            for k, name in enumerate(names)
+        }
+    else:
+        y = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
+        units = regression_units(names, dict(ctx.units))
+        sample["targets"] = {
+            name: {
+                "known": int(np.isfinite(y[:, k]).sum()),
+                "min": float(np.nanmin(y[:, k])) if np.isfinite(y[:, k]).any() else None,
+                "max": float(np.nanmax(y[:, k])) if np.isfinite(y[:, k]).any() else None,
+                "unit": units[name],
+            }
+            for k, name in enumerate(names)
+        }
+    setup: dict[str, Any] = {
+        "kind": "corruption_setup",
+        "task": task,
+        "metric": (
+            "macro AUROC: the mean over the labels with a known positive and negative in the sample of each"
+            " label's AUROC of the sigmoid scores on its known entries"
+            if task == "multilabel"
+            else "MAE: mean absolute error per output over the known targets, in the output's unit"
+        ),
+        "relative_drop": RELATIVE_DROP_TEXT[task],
+        "device": str(ctx.device),
+        "seed_root": seed_root,
+        "corruptions": {
+            name: {
+                "physics": CORRUPTIONS[name].physics,
+                "parameter": CORRUPTIONS[name].parameter,
+                "levels": {str(s): CORRUPTIONS[name].level(s) for s in p.severities},
+            }
+            for name in p.corruptions
+        },
+    }
+    if task == "regression":
+        setup["units"] = units
+    return [sample, setup]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from auditkit.plotting import figure_style, fixed_ticks, inch_margins, save_svg, text_width
+from auditkit.plotting import figure_style, fixed_ticks, inch_margins, range_ticks, save_svg, text_width
 
 __all__ = ["severity_plot"]
 
@@ -32,6 +33,8 @@ def severity_plot(
     path: str | Path,
     *,
     n: int,
+    metric: str = "accuracy",
+    bounded: bool = True,
 ) -> Path:
     """Draw accuracy against severity, one line per corruption, starting from the clean accuracy.
 
@@ -40,6 +43,10 @@ def severity_plot(
         clean_accuracy: accuracy at severity 0 (the shared clean predictions).
         path: the SVG to write (its folder must exist).
         n: the sample size, for the title.
+        metric: what the curves measure, for the axis and title (``macro AUROC`` for a
+            multi-label model, ``MAE (unit)`` for a regressor).
+        bounded: the metric lies in ``[0, 1]`` (fixed axis); ``False`` scales the axis from 0
+            to the largest value drawn.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -77,11 +84,20 @@ def severity_plot(
             )
         axis.axhline(clean_accuracy, color="0.4", linestyle=":", linewidth=1.0, label="clean")
         fixed_ticks(axis.xaxis, range(0, 6), "{:d}")
-        fixed_ticks(axis.yaxis, _ACCURACY_TICKS)
-        axis.set_xlim(-0.2, 5.2)
-        axis.set_ylim(-0.02, 1.02)
+        if bounded:
+            fixed_ticks(axis.yaxis, _ACCURACY_TICKS)
+            axis.set_xlim(-0.2, 5.2)
+            axis.set_ylim(-0.02, 1.02)
+        else:
+            finite = [
+                v for v in (clean_accuracy, *(v for c in curves.values() for v in c.values())) if math.isfinite(v)
+            ]
+            top = max([*finite, 0.0]) or 1.0
+            axis.set_xlim(-0.2, 5.2)
+            axis.set_ylim(-0.02 * top, 1.02 * top)
+            range_ticks(axis.yaxis, 0.0, 1.02 * top)
         axis.set_xlabel("severity (0 = clean)")
-        axis.set_ylabel("accuracy")
-        axis.set_title(f"Accuracy under acquisition shift (n = {n})")
+        axis.set_ylabel(metric)
+        axis.set_title(f"{metric[:1].upper()}{metric[1:]} under acquisition shift (n = {n})")
         axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         return save_svg(fig, path)

@@ -4,7 +4,7 @@ The numbers come from plain functions in :mod:`.identity` (identifiers in both s
 :mod:`.hashing` (pixel digests, the perceptual hash, the Hamming-space search),
 :mod:`.fingerprint` (acquisition fingerprints: registration, ranks, detail, the study's own
 calibration), :mod:`.duplicates` (exact and near duplicate pairs) and :mod:`.shortcut` (the cross-validated
-AUROC of one column), all testable without the engine;
+AUROC of one column, or its R^2 for a continuous target), all testable without the engine;
 :class:`LeakageCheck` applies them to the decoded splits, the shared pass's embeddings and the
 DICOM headers.
 """
@@ -41,7 +41,15 @@ from auditkit.checks.leakage.hashing import (
     unpack_bits,
 )
 from auditkit.checks.leakage.identity import HeaderTexts, header_text, overlap, series_surrogates
-from auditkit.checks.leakage.shortcut import AucResult, encode_levels, fold_plan, metadata_auroc
+from auditkit.checks.leakage.shortcut import (
+    AucResult,
+    R2Result,
+    encode_levels,
+    fold_plan,
+    group_fold_plan,
+    metadata_auroc,
+    metadata_r2,
+)
 from auditkit.context import serial_blas
 from auditkit.stats import stable_seed
 
@@ -60,6 +68,7 @@ __all__ = [
     "hamming_pairs",
     "hamming_pairs_within",
     "metadata_auroc",
+    "metadata_r2",
     "near_pairs_across",
     "near_pairs_within",
     "overlap",
@@ -190,7 +199,20 @@ class LeakageCheck(Check[LeakageParams]):
     cross-validated AUROC of predicting the label from that column alone, by out-of-fold target
     encoding with folds grouped by patient, on train and eval pooled (DeGrave et al. 2021, "AI
     for radiographic COVID-19 detection selects shortcuts over signal", Nature Machine
-    Intelligence; Zech et al. 2018, PLOS Medicine).
+    Intelligence; Zech et al. 2018, PLOS Medicine). Per task:
+
+    * ``classification``: the AUROC of the class label (macro one-vs-rest for more than two
+      classes);
+    * ``multilabel``: per label, the AUROC of its known entries (1 against 0; unknown entries are
+      left out of that label and counted), on folds stratified by that label; per column, the
+      largest of its labels' AUROCs, so the column-level rule judges the label the column gives
+      away most (a site that holds nearly every effusion is a shortcut however many other labels
+      it says nothing about; "any finding" would dilute it);
+    * ``regression``: per output, the cross-validated R^2 of the column's out-of-fold level means
+      (each level's smoothed mean target in the other folds; scikit-learn's ``r2_score`` of the
+      pooled out-of-fold predictions), folds grouped by patient and not stratified.
+
+    The identity and duplicate analyses read no label and are the same for every task.
 
     Inputs: the decoded eval split and, when the spec has one, the train split
     (``Needs(train_optional=True)``: without it the cross-split metrics are undefined, with the
@@ -204,15 +226,22 @@ class LeakageCheck(Check[LeakageParams]):
         train-eval image pairs (near excludes exact; ``n`` = eval images); the same names with
         labels ``{scope: within_split, split: train|eval}`` count pairs inside one split.
         ``leakage.metadata_auc`` ``{column}``: the cross-validated AUROC (0.5 = no
-        information), with a bootstrap ``ci`` when two classes are present.
+        information), with a bootstrap ``ci`` when two classes are present (classification and
+        multilabel; for multilabel the largest per-label value, with that label's ``ci`` and
+        ``n``). Multilabel adds ``leakage.metadata_auc`` ``{column, label}`` per label (``n`` =
+        images whose entry is known). Regression: ``leakage.metadata_r2`` ``{column, output}``
+        (0 or below = no information; 1 = the column alone gives the target), with a bootstrap
+        ``ci`` over images, instead of ``leakage.metadata_auc``.
 
     Findings: (rows and surrogates only, never a header value) ``patient_overlap``,
     ``study_overlap``, ``series_overlap`` (identifier, train and eval rows); ``exact_duplicate``
     (a group of rows and its pair count); ``near_duplicate`` (a row pair, its fingerprint
     similarity, Hamming distance, embedding cosine and which search found it, strongest first);
     ``duplicate_search`` (both bounds and the study statistics they came from, matches the
-    embeddings rejected); ``metadata_signal`` per column (AUROC, number of levels, missing
-    values: never the levels); ``strongest_metadata_signal``; ``missing_identifiers``;
+    embeddings rejected); ``metadata_signal`` per column (AUROC - multilabel: per label and the
+    largest with its label; regression: R^2 per output - number of levels, missing values: never
+    the levels); ``strongest_metadata_signal`` (with its label or output);
+    ``unknown_label_entries`` (multilabel: entries left out per label); ``missing_identifiers``;
     ``findings_truncated``.
 
     Limitations:
@@ -239,6 +268,11 @@ class LeakageCheck(Check[LeakageParams]):
           found only through duplicate images.
         - A shortcut AUROC is a property of the data set; whether the model uses the shortcut
           needs an intervention test.
+        - Multilabel: the column-level value is the largest of the per-label AUROCs, so with
+          many labels, or a rare label (few positives: a wide ``ci``), it is biased upwards on a
+          column that carries no information; the per-label values and intervals say which.
+        - Regression: the encoder predicts a level's mean target, so a column related to the
+          target other than through its level means (a variance shift) scores 0.
 
     NIST AI RMF 1.0: MAP 2.3 (scientific integrity and TEVV considerations, here the
     independence of the test data, are identified and documented), MEASURE 2.1 (test sets,
@@ -258,7 +292,9 @@ class LeakageCheck(Check[LeakageParams]):
         "leakage.exact_duplicates",
         "leakage.near_duplicates",
         "leakage.metadata_auc",
+        "leakage.metadata_r2",
     )
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
 
     @serial_blas
     def run(self, ctx: CheckContext, params: LeakageParams) -> CheckResult:
@@ -583,6 +619,21 @@ def _columns(ctx: CheckContext, p: LeakageParams) -> list[tuple[str, Literal["gr
     return columns
 
 
+def _column_values(
+    ctx: CheckContext,
+    roles: Sequence[str],
+    pooled_headers: Sequence[HeaderTexts],
+    column: str,
+    source: Literal["group", "header"],
+) -> list[str | None]:
+    """One column's value per image of ``roles`` pooled (kept in memory; never reported)."""
+    if source == "group":
+        return [str(v) for r in roles for v in ctx.group_labels(r)[column].tolist()]
+    if column == IMAGE_SIZE:
+        return [_image_size(h) for h in pooled_headers]
+    return [header_text(h, column) for h in pooled_headers]
+
+
 def _shortcuts(
     report: _Report,
     ctx: CheckContext,
@@ -596,6 +647,12 @@ def _shortcuts(
     patients = [patient for r in roles for patient in splits[r].patients]
     pooled_headers = [h for r in roles for h in headers[r]]
     seed_root = int(ctx.rng().integers(0, 2**63 - 1))
+    if ctx.task == "multilabel":
+        _multilabel_shortcuts(report, ctx, roles, labels, patients, pooled_headers, columns, seed_root, p)
+        return
+    if ctx.task == "regression":
+        _regression_shortcuts(report, ctx, roles, labels, patients, pooled_headers, columns, seed_root, p)
+        return
     # One fold assignment for every column: comparable AUROCs, and the grouped split (the slow
     # part) is made once.
     plan = fold_plan(
@@ -606,12 +663,7 @@ def _shortcuts(
     )
     results: list[tuple[str, AucResult]] = []
     for column, source in columns:
-        if source == "group":
-            values: list[str | None] = [str(v) for r in roles for v in ctx.group_labels(r)[column].tolist()]
-        elif column == IMAGE_SIZE:
-            values = [_image_size(h) for h in pooled_headers]
-        else:
-            values = [header_text(h, column) for h in pooled_headers]
+        values = _column_values(ctx, roles, pooled_headers, column, source)
         auc = metadata_auroc(
             values,
             labels,
@@ -650,3 +702,170 @@ def _shortcuts(
     if defined:
         column, value = max(defined, key=lambda item: item[1])
         report.findings.append({"kind": "strongest_metadata_signal", "column": column, "auroc": value})
+
+
+def _multilabel_shortcuts(
+    report: _Report,
+    ctx: CheckContext,
+    roles: list[str],
+    labels: NDArray[Any],
+    patients: list[str | None],
+    pooled_headers: list[HeaderTexts],
+    columns: list[tuple[str, Literal["group", "header"]]],
+    seed_root: int,
+    p: LeakageParams,
+) -> None:
+    """Per label, the AUROC of predicting its known 1/0 entries from each column; per column, the
+    largest of its labels' AUROCs (the label the column gives away most)."""
+    names = list(ctx.classes)
+    known = [np.flatnonzero(labels[:, k] >= 0) for k in range(len(names))]
+    unknown = {name: int(labels.shape[0] - rows.size) for name, rows in zip(names, known, strict=True)}
+    if any(unknown.values()):
+        report.findings.append({"kind": "unknown_label_entries", "left_out": unknown, "splits": roles})
+    # One fold assignment per label (stratified by that label), shared by every column.
+    plans = [
+        fold_plan(
+            labels[rows, k],
+            groups=[patients[i] for i in rows],
+            folds=p.cv_folds,
+            rng=np.random.default_rng(stable_seed(seed_root, "shortcut-folds", name)),
+        )
+        for k, (name, rows) in enumerate(zip(names, known, strict=True))
+    ]
+    strongest: tuple[float, str, str] | None = None
+    for column, source in columns:
+        values = _column_values(ctx, roles, pooled_headers, column, source)
+        per_label: dict[str, AucResult] = {}
+        for k, name in enumerate(names):
+            rows = known[k]
+            if rows.size == 0:
+                auc = AucResult(None, None, 0, 0, 0, 0, "every entry of this label is unknown")
+            else:
+                auc = metadata_auroc(
+                    [values[i] for i in rows.tolist()],
+                    labels[rows, k],
+                    n_classes=2,
+                    positive_class=1,
+                    groups=[patients[i] for i in rows.tolist()],
+                    folds=p.cv_folds,
+                    n_boot=p.n_boot,
+                    rng=np.random.default_rng(stable_seed(seed_root, "shortcut", column, name)),
+                    plan=plans[k],
+                )
+            per_label[name] = auc
+            report.metric(
+                "leakage.metadata_auc",
+                auc.value,
+                labels={"column": column, "label": name},
+                n=auc.n,
+                ci=auc.ci,
+                reason=auc.reason,
+            )
+        n_levels = int(encode_levels(values).max()) + 1 if values else 0
+        n_missing = sum(1 for v in values if v is None or not str(v).strip())
+        del values  # header values stay inside this loop
+        defined = [name for name in names if per_label[name].value is not None]
+        finding: dict[str, Any] = {
+            "kind": "metadata_signal",
+            "column": column,
+            "source": source,
+            "auroc": None,
+            "label": None,
+            "labels": {name: per_label[name].value for name in names},
+            "levels": n_levels,
+            "missing": n_missing,
+            "folds": {name: per_label[name].folds for name in names},
+            "splits": roles,
+        }
+        if defined:
+            # The largest per-label AUROC (the first label among equals): the number the
+            # column-level rule judges.
+            best = max(defined, key=lambda name: (per_label[name].value, -names.index(name)))
+            auc = per_label[best]
+            assert auc.value is not None
+            report.metric("leakage.metadata_auc", auc.value, labels={"column": column}, n=auc.n, ci=auc.ci)
+            finding.update(auroc=auc.value, label=best)
+            if strongest is None or auc.value > strongest[0]:
+                strongest = (auc.value, column, best)
+        else:
+            reason = "no label's AUROC is defined: " + "; ".join(f"{n}: {per_label[n].reason}" for n in names)
+            report.metric("leakage.metadata_auc", None, labels={"column": column}, n=0, reason=reason)
+            finding["reason"] = reason
+        report.findings.append(finding)
+    if strongest is not None:
+        value, column, name = strongest
+        report.findings.append({"kind": "strongest_metadata_signal", "column": column, "label": name, "auroc": value})
+
+
+def _regression_shortcuts(
+    report: _Report,
+    ctx: CheckContext,
+    roles: list[str],
+    targets: NDArray[Any],
+    patients: list[str | None],
+    pooled_headers: list[HeaderTexts],
+    columns: list[tuple[str, Literal["group", "header"]]],
+    seed_root: int,
+    p: LeakageParams,
+) -> None:
+    """Per output, the cross-validated R^2 of predicting the target from each column."""
+    names = list(ctx.classes)
+    targets = np.asarray(targets, dtype=np.float64).reshape(targets.shape[0], -1)
+    finite = [np.flatnonzero(np.isfinite(targets[:, t])) for t in range(len(names))]
+    # The folds keep patients together and do not depend on the target: one plan per set of
+    # scored images (every output's, unless a target is missing somewhere).
+    plans = [
+        group_fold_plan(
+            int(rows.size),
+            groups=[patients[i] for i in rows.tolist()],
+            folds=p.cv_folds,
+            rng=np.random.default_rng(stable_seed(seed_root, "shortcut-folds")),
+        )
+        for rows in finite
+    ]
+    strongest: tuple[float, str, str] | None = None
+    for column, source in columns:
+        values = _column_values(ctx, roles, pooled_headers, column, source)
+        per_output: dict[str, R2Result] = {}
+        for t, name in enumerate(names):
+            rows = finite[t]
+            r2 = metadata_r2(
+                [values[i] for i in rows.tolist()],
+                targets[rows, t],
+                groups=[patients[i] for i in rows.tolist()],
+                folds=p.cv_folds,
+                n_boot=p.n_boot,
+                rng=np.random.default_rng(stable_seed(seed_root, "shortcut", column, name)),
+                plan=plans[t],
+            )
+            per_output[name] = r2
+            report.metric(
+                "leakage.metadata_r2",
+                r2.value,
+                labels={"column": column, "output": name},
+                n=r2.n,
+                ci=r2.ci,
+                reason=r2.reason,
+            )
+            if r2.value is not None and (strongest is None or r2.value > strongest[0]):
+                strongest = (r2.value, column, name)
+        n_levels = int(encode_levels(values).max()) + 1 if values else 0
+        n_missing = sum(1 for v in values if v is None or not str(v).strip())
+        del values  # header values stay inside this loop
+        reasons = {name: r.reason for name, r in per_output.items() if r.reason}
+        report.findings.append(
+            {
+                "kind": "metadata_signal",
+                "column": column,
+                "source": source,
+                "r2": {name: r.value for name, r in per_output.items()},
+                "levels": n_levels,
+                "missing": n_missing,
+                "folds": {name: r.folds for name, r in per_output.items()},
+                "splits": roles,
+                **({"reason": reasons} if reasons else {}),
+            }
+        )
+    if strongest is not None:
+        value, column, name = strongest
+        report.findings.append({"kind": "strongest_metadata_signal", "column": column, "output": name, "r2": value})

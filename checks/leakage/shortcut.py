@@ -12,6 +12,13 @@ Explorations). Folds keep each patient's images together and the class balance
 (:class:`sklearn.model_selection.StratifiedGroupKFold`), so a patient's images never score one
 another. 0.5 means the column carries no label information; 1.0 that it alone is a perfect
 classifier.
+
+A multi-label study is measured per label, on the images whose entry for that label is known
+(:func:`metadata_auroc` on the label's 1/0 entries). A regression target is continuous: the
+measurement is then the cross-validated R^2 of the same encoder, each image
+predicted by its level's smoothed mean target in the other folds (:func:`metadata_r2`), with folds
+that keep each patient's images together (:func:`group_fold_plan`; no stratification for a
+continuous target). 0 (or below) means the column carries no information about the target.
 """
 
 from __future__ import annotations
@@ -22,12 +29,24 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.metrics import r2_score, roc_auc_score
+from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
 from auditkit.stats import auroc_from_counts, bootstrap_cis, resample_counts
 
-__all__ = ["MISSING", "AucResult", "FoldPlan", "encode_levels", "fold_plan", "metadata_auroc", "out_of_fold_scores"]
+__all__ = [
+    "MISSING",
+    "AucResult",
+    "FoldPlan",
+    "R2Result",
+    "encode_levels",
+    "fold_plan",
+    "group_fold_plan",
+    "metadata_auroc",
+    "metadata_r2",
+    "out_of_fold_means",
+    "out_of_fold_scores",
+]
 
 MISSING = "\x00missing"
 """The level of an image whose column value is absent (never shown: levels are not reported)."""
@@ -275,3 +294,183 @@ def metadata_auroc(
         return result(value, ci, k)
     value = float(np.mean([roc_auc_score(labels[scored] == k, scores[scored, k]) for k in present.tolist()]))
     return result(value, None, k)
+
+
+# --------------------------------------------------------------------------------------------
+# A continuous target (task: regression)
+
+
+@dataclass(frozen=True)
+class R2Result:
+    """The cross-validated R^2 of one column for one continuous target, or why it
+    is undefined.
+
+    Attributes:
+        value: ``1 - SSE / SST`` of the out-of-fold predictions (scikit-learn's ``r2_score``; 0 or
+            below: no information) or ``None``.
+        ci: 95% median-centred bootstrap interval over images (the out-of-fold predictions held
+            fixed) or ``None``.
+        n: images used.
+        n_levels: distinct levels of the column (after binning a numeric column).
+        n_missing: images without a value (one level of their own).
+        folds: folds used.
+        reason: why ``value`` is ``None``.
+    """
+
+    value: float | None
+    ci: tuple[float, float] | None
+    n: int
+    n_levels: int
+    n_missing: int
+    folds: int
+    reason: str | None = None
+
+
+def group_fold_plan(
+    n: int,
+    *,
+    groups: Sequence[str | None] | None,
+    folds: int,
+    rng: np.random.Generator,
+) -> FoldPlan:
+    """Folds for a continuous target: each patient's images together, no stratification.
+
+    Args:
+        n: number of images.
+        groups: patient surrogate per image (``None`` entries are singletons), or ``None`` for
+            ungrouped folds.
+        folds: number of folds wanted; reduced to the number of patients (images when ungrouped)
+            when that is smaller.
+        rng: draws the seed of the fold assignment (one integer).
+
+    Returns:
+        The :class:`FoldPlan` (:class:`sklearn.model_selection.GroupKFold` with shuffling, or
+        :class:`sklearn.model_selection.KFold`); its ``reason`` says why there are none.
+    """
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"{len(groups)} patient surrogates for {n} images")
+    grouped = groups is not None and any(g is not None for g in groups)
+    units = len({g if g is not None else f"\x00image{i}" for i, g in enumerate(groups or [])}) if grouped else n
+    k = int(min(folds, units))
+    if k < 2:
+        what = "patients" if grouped else "images"
+        return FoldPlan([], k, f"fewer than 2 {what} for 2 folds", n)
+    seed = int(rng.integers(0, 2**31 - 1))
+    placeholder = np.zeros((n, 1))
+    if grouped:
+        assert groups is not None
+        group_ids = np.array([g if g is not None else f"\x00image{i}" for i, g in enumerate(groups)], dtype=object)
+        splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        return FoldPlan(list(splitter.split(placeholder, groups=group_ids)), k, n=n)
+    return FoldPlan(list(KFold(n_splits=k, shuffle=True, random_state=seed).split(placeholder)), k, n=n)
+
+
+def out_of_fold_means(
+    codes: NDArray[np.int64],
+    targets: NDArray[np.float64],
+    folds: list[tuple[NDArray[np.intp], NDArray[np.intp]]],
+    *,
+    smoothing: float = 1.0,
+) -> NDArray[np.float64]:
+    """Each image's prediction: its level's smoothed mean target in the other folds.
+
+    ``(sum(level) + smoothing * mean) / (count(level) + smoothing)`` with the fit folds' mean
+    target; a level unseen in the fit folds is predicted by that mean.
+
+    Returns:
+        ``(N,)`` float64 predictions (rows outside every test fold stay NaN).
+    """
+    n_levels = int(codes.max()) + 1 if codes.size else 0
+    predictions = np.full(codes.size, np.nan)
+    for fit, test in folds:
+        mean = float(targets[fit].mean())
+        sums = np.bincount(codes[fit], weights=targets[fit], minlength=n_levels)
+        counts = np.bincount(codes[fit], minlength=n_levels).astype(np.float64)
+        predictions[test] = (sums[codes[test]] + smoothing * mean) / (counts[codes[test]] + smoothing)
+    return predictions
+
+
+def _batched_r2(targets: NDArray[np.float64], predictions: NDArray[np.float64]):  # type: ignore[no-untyped-def]
+    """R^2 of many resamples at once (NaN where a resample's target is constant)."""
+
+    def statistic(idx: NDArray[np.intp]) -> NDArray[np.float64]:
+        y, f = targets[idx], predictions[idx]
+        sse = np.sum((y - f) ** 2, axis=1)
+        sst = np.sum((y - y.mean(axis=1, keepdims=True)) ** 2, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(sst > 0, 1.0 - sse / np.where(sst > 0, sst, 1.0), np.nan)
+
+    return statistic
+
+
+def metadata_r2(
+    values: Sequence[str | None],
+    targets: NDArray[np.float64],
+    *,
+    groups: Sequence[str | None] | None,
+    folds: int,
+    n_boot: int,
+    rng: np.random.Generator,
+    max_levels: int = 20,
+    plan: FoldPlan | None = None,
+) -> R2Result:
+    """Cross-validated R^2 of predicting a continuous ``targets`` from one column
+    alone.
+
+    Args:
+        values: the column, one value per image (kept in memory; never reported).
+        targets: the finite target per image.
+        groups: patient surrogate per image (``None`` entries are singletons); folds keep a
+            patient's images together.
+        folds: number of folds (reduced to the number of patients when that is smaller).
+        n_boot: bootstrap resamples of the interval; 0 for none.
+        rng: generator of the fold assignment (unless ``plan`` is given) and the bootstrap.
+        max_levels: see :func:`encode_levels`.
+        plan: folds made by :func:`group_fold_plan` for the same images, to score several columns
+            and targets on the same folds; ``groups`` and ``folds`` are then not used.
+
+    Returns:
+        The :class:`R2Result`: scikit-learn's ``r2_score`` of the targets and the out-of-fold
+        predictions of :func:`out_of_fold_means` (pooled over folds).
+
+    Raises:
+        ValueError: a target is not finite, or ``plan`` was made for another number of images.
+    """
+    targets = np.asarray(targets, dtype=np.float64)
+    if targets.ndim != 1 or not np.isfinite(targets).all():
+        raise ValueError("targets must be one finite number per image")
+    codes = encode_levels(values, max_levels=max_levels)
+    n_missing = sum(1 for v in values if v is None or not str(v).strip())
+    n_levels = int(codes.max()) + 1 if codes.size else 0
+    n = int(targets.size)
+
+    def result(value: float | None, ci: tuple[float, float] | None, k: int, reason: str | None = None) -> R2Result:
+        return R2Result(value, ci, n, n_levels, n_missing, k, reason)
+
+    if n < 2 or float(np.ptp(targets)) == 0.0:
+        return result(None, None, 0, "the target is constant (R^2 is undefined)")
+    if n_missing == n:
+        return result(None, None, 0, "no image has a value")
+    if plan is None:
+        plan = group_fold_plan(n, groups=groups, folds=folds, rng=rng)
+    elif plan.n != n:
+        raise ValueError(f"the fold plan was made for {plan.n} images, but {n} targets are given")
+    if plan.reason is not None:
+        return result(None, None, plan.k, plan.reason)
+    predictions = out_of_fold_means(codes, targets, plan.folds)
+    scored = ~np.isnan(predictions)
+    y, f = targets[scored], predictions[scored]
+    if float(np.ptp(y)) == 0.0:
+        return result(None, None, plan.k, "the target is constant (R^2 is undefined)")
+    value = float(r2_score(y, f))
+    ci = None
+    if n_boot > 0:
+        ci = bootstrap_cis(
+            {"r2": _batched_r2(y, f)},
+            int(y.size),
+            n_boot=n_boot,
+            rng=rng,
+            estimates={"r2": value},
+            bounds=(-np.inf, 1.0),
+        )["r2"]
+    return result(value, ci, plan.k)

@@ -8,7 +8,7 @@ testable without the engine; :class:`OODCheck` applies them to the shared pass.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -29,9 +29,11 @@ from auditkit.checks.ood.detectors import (
     DETECTORS,
     energy_score,
     fit_class_gaussians,
+    joint_energy_score,
     knn_score,
     mahalanobis_score,
     max_logit_score,
+    max_sigmoid_score,
     msp_score,
     odin_score,
 )
@@ -62,10 +64,12 @@ __all__ = [
     "energy_score",
     "fit_class_gaussians",
     "fpr_at_tpr",
+    "joint_energy_score",
     "knn_score",
     "load_other_modality",
     "mahalanobis_score",
     "max_logit_score",
+    "max_sigmoid_score",
     "msp_score",
     "odin_score",
     "roc_curves",
@@ -180,6 +184,23 @@ class OODCheck(Check[OODParams]):
 
     Artifacts: ``score_histograms`` and ``roc_curves`` (SVG).
 
+    Multi-label models (``model.task: multilabel``): the outputs are independent sigmoids, so
+    ``msp`` is the largest sigmoid probability over labels, ``max_k sigmoid(z_k)``, and ``energy``
+    the negative joint energy over the per-label two-class logits ``[0, z_k]``,
+    ``sum_k log(1 + exp(z_k))`` (both after Wang et al. 2021, "Can multi-label classification
+    networks know what they don't know?", NeurIPS); ``max_logit`` is the largest logit.
+    Mahalanobis fits one Gaussian to every fit embedding (an image has no single class to
+    condition on); its eval hold-out is stratified by "has any finding"; k-NN is unchanged. ODIN
+    does not apply (it perturbs towards the top softmax class, which independent sigmoids do not
+    have) and ``ood.selective_accuracy`` is undefined (one decision per label, no single accuracy).
+    Regression models (``model.task: regression``): only the embedding detectors (one Gaussian,
+    random hold-out); ``msp``, ``max_logit``, ``energy`` and ``odin`` score the outputs, and a
+    regressor's outputs are predicted values that carry no confidence; ``ood.selective_accuracy``
+    is undefined (a predicted value is never right or wrong). In both, a detector that does not
+    apply gets undefined metrics with a reason naming the task and a ``detector_not_applicable``
+    finding, ``ood.coverage`` is still reported, and an ``ood_scores`` finding says what each
+    detector scores. The metric names and labels are those above.
+
     NIST AI RMF 1.0: MEASURE 2.6 (the system fails safely beyond its knowledge limits: can it
     flag such inputs?), MEASURE 2.5 (the limits of generalisation are documented).
     """
@@ -194,6 +215,7 @@ class OODCheck(Check[OODParams]):
     needs: ClassVar[Needs] = Needs(
         predictions=True, features=True, images=True, gradients=True, ood=True, train_optional=True
     )
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
     emits: ClassVar[tuple[str, ...]] = (
         "ood.auroc",
         "ood.aupr",
@@ -353,12 +375,24 @@ def _recommend(
             n = scores.size + ood.n
             result.metrics.append(Metric(name, value, _direction(key), labels, ci=ci, n=n))
 
+    threshold = threshold_at_tpr(scores, TARGET_TPR)
+    accepted = scores >= threshold
+    labels = {"detector": detector}
+    coverage = float(accepted.mean())
+    if ctx.task != "classification":
+        reason = SELECTIVE_ACCURACY_REASONS.get(ctx.task, f"task: {ctx.task}: no single decision per image")
+        result.metrics.append(Metric("ood.selective_accuracy", None, "higher_is_better", labels, reason=reason))
+        result.metrics.append(Metric("ood.coverage", coverage, "higher_is_better", labels, n=int(scores.size)))
+        result.findings.append(
+            _recommended_finding(detector, threshold, coverage, None, None, scores.size, sets, measured)
+            | {"selective_accuracy_reason": reason}
+        )
+        return
+
     # Selective prediction (Geifman & El-Yaniv 2017): accuracy on the accepted eval images.
     preds = ctx.predictions("eval")
     rows = scorer.in_rows[detector]
     correct = (preds.predicted[rows] == preds.labels[rows]).astype(np.float64)
-    threshold = threshold_at_tpr(scores, TARGET_TPR)
-    accepted = scores >= threshold
 
     def selective_accuracy(idx: NDArray[np.intp]) -> FloatArray:
         resampled = scores[idx]
@@ -374,27 +408,51 @@ def _recommend(
         estimates={"selective_accuracy": accuracy},
         bounds=(0.0, 1.0),
     )["selective_accuracy"]
-    coverage = float(accepted.mean())
-    labels = {"detector": detector}
     n_accepted = int(accepted.sum())
     result.metrics.append(Metric("ood.selective_accuracy", accuracy, "higher_is_better", labels, ci=ci, n=n_accepted))
     result.metrics.append(Metric("ood.coverage", coverage, "higher_is_better", labels, n=int(scores.size)))
-    worst = min(sets, key=lambda s: measured[detector, s.name]["auroc"][0])
     result.findings.append(
-        {
-            "kind": "recommended_detector",
-            "detector": detector,
-            "criterion": "highest worst-case AUROC over the OOD sets, then mean AUROC, mean FPR",
-            "threshold": threshold,
-            "accept_rule": f"accept an image when its {detector} score >= threshold",
-            "target_tpr": TARGET_TPR,
-            "coverage": coverage,
-            "selective_accuracy": accuracy,
-            "accuracy_all": float(correct.mean()),
-            "n_in_distribution": int(scores.size),
-            "worst_ood_set": worst.name,
-        }
+        _recommended_finding(
+            detector, threshold, coverage, accuracy, float(correct.mean()), scores.size, sets, measured
+        )
     )
+
+
+SELECTIVE_ACCURACY_REASONS = {
+    "multilabel": "task: multilabel: selective accuracy is the accuracy of one decision per image on the"
+    " images the detector accepts; a multi-label model makes one decision per label, so there is no"
+    " single accuracy to report (ood.coverage, the share accepted, is)",
+    "regression": "task: regression: selective accuracy is the accuracy of one decision per image on the"
+    " images the detector accepts; a regressor's prediction is a value, never right or wrong, so there"
+    " is no accuracy to report (ood.coverage, the share accepted, is)",
+}
+"""Why ``ood.selective_accuracy`` is undefined for a task other than classification."""
+
+
+def _recommended_finding(
+    detector: str,
+    threshold: float,
+    coverage: float,
+    accuracy: float | None,
+    accuracy_all: float | None,
+    n_in: int,
+    sets: list[ScoredSet],
+    measured: Measured,
+) -> dict[str, Any]:
+    worst = min(sets, key=lambda s: measured[detector, s.name]["auroc"][0])
+    return {
+        "kind": "recommended_detector",
+        "detector": detector,
+        "criterion": "highest worst-case AUROC over the OOD sets, then mean AUROC, mean FPR",
+        "threshold": threshold,
+        "accept_rule": f"accept an image when its {detector} score >= threshold",
+        "target_tpr": TARGET_TPR,
+        "coverage": coverage,
+        "selective_accuracy": accuracy,
+        "accuracy_all": accuracy_all,
+        "n_in_distribution": int(n_in),
+        "worst_ood_set": worst.name,
+    }
 
 
 def _plots(

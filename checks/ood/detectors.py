@@ -18,6 +18,17 @@ into ``-inf`` (always rejected).
 * :func:`odin_score` — temperature-scaled softmax after a small input perturbation (Liang et al.
   2018, "Enhancing The Reliability of Out-of-distribution Image Detection in Neural Networks",
   ICLR); it needs input gradients, hence extra passes through the model.
+
+A multi-label model's outputs are independent sigmoids, so its ``msp`` and ``energy`` are the
+multi-label forms of Wang et al. 2021 ("Can multi-label classification networks know what they
+don't know?", NeurIPS), who compare both:
+
+* :func:`max_sigmoid_score` — the largest sigmoid probability over labels, ``max_k sigmoid(z_k)``.
+* :func:`joint_energy_score` — the negative joint energy over per-label two-class logits
+  ``[0, z_k]``: ``-E(x) = sum_k log(1 + exp(z_k))`` (each label's free energy summed).
+
+``max_logit`` (the largest logit) applies as is (Hendrycks et al. 2022 use it for multi-label
+models).
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
-from scipy.special import logsumexp
+from scipy.special import expit, logsumexp
 
 __all__ = [
     "DETECTORS",
@@ -36,9 +47,11 @@ __all__ = [
     "ClassGaussians",
     "energy_score",
     "fit_class_gaussians",
+    "joint_energy_score",
     "knn_score",
     "mahalanobis_score",
     "max_logit_score",
+    "max_sigmoid_score",
     "msp_score",
     "odin_score",
 ]
@@ -106,6 +119,33 @@ def energy_score(logits: ArrayLike | torch.Tensor, temperature: float = 1.0) -> 
     finite = _finite_rows(f)
     safe = np.where(finite[:, None], f, 0.0)
     return _with_nan(temperature * logsumexp(safe / temperature, axis=1), finite)
+
+
+def max_sigmoid_score(logits: ArrayLike | torch.Tensor) -> FloatArray:
+    """Largest sigmoid probability over labels, ``max_k sigmoid(z_k)``, per row of ``(N, K)`` logits.
+
+    The multi-label analogue of MSP (Wang et al. 2021): sigmoid is increasing, so it ranks images
+    as the largest logit does, but on the probability scale a threshold reads as one.
+    """
+    f = _matrix(logits, "logits")
+    finite = _finite_rows(f)
+    safe = np.where(finite[:, None], f, 0.0)
+    top = safe.max(axis=1) if f.shape[1] else np.zeros(f.shape[0])
+    return _with_nan(np.asarray(expit(top), dtype=np.float64), finite)
+
+
+def joint_energy_score(logits: ArrayLike | torch.Tensor) -> FloatArray:
+    """Negative joint energy ``sum_k log(1 + exp(z_k))`` per row of multi-label logits ``(N, K)``.
+
+    Wang et al. (2021) define the joint energy of a multi-label model as the sum over labels of
+    each label's free energy over its two-class logits ``[0, z_k]``,
+    ``E(x) = -sum_k log(1 + exp(z_k))``; the score is ``-E(x)``, higher for in-distribution images
+    (computed as ``logaddexp(0, z_k)``, exact for large logits).
+    """
+    f = _matrix(logits, "logits")
+    finite = _finite_rows(f)
+    safe = np.where(finite[:, None], f, 0.0)
+    return _with_nan(np.logaddexp(0.0, safe).sum(axis=1), finite)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,12 +20,15 @@ from numpy.typing import NDArray
 from auditkit.check import Skip
 from auditkit.checks.ood.detectors import (
     FEATURE_DETECTORS,
+    LOGIT_DETECTORS,
     ClassGaussians,
     energy_score,
     fit_class_gaussians,
+    joint_energy_score,
     knn_score,
     mahalanobis_score,
     max_logit_score,
+    max_sigmoid_score,
     msp_score,
     odin_score,
 )
@@ -40,7 +43,16 @@ from auditkit.stats import stable_seed
 if TYPE_CHECKING:
     from auditkit.check import CheckContext
 
-__all__ = ["ScoredSet", "Scorer", "score_builtin_sets", "score_spec_sets", "stratified_split"]
+__all__ = [
+    "TASK_SCORES",
+    "ScoredSet",
+    "Scorer",
+    "fit_labels",
+    "not_applicable",
+    "score_builtin_sets",
+    "score_spec_sets",
+    "stratified_split",
+]
 
 FloatArray = NDArray[np.float64]
 ImagesOf = Callable[[str], torch.Tensor]
@@ -65,6 +77,59 @@ def stratified_split(
     return fit_rows, np.setdiff1d(np.arange(labels.size), fit_rows).astype(np.intp)
 
 
+TASK_SCORES: dict[str, dict[str, str]] = {
+    "multilabel": {
+        "msp": "maximum sigmoid probability over labels, max_k sigmoid(z_k) (Wang et al. 2021)",
+        "max_logit": "largest logit over labels, max_k z_k (Hendrycks et al. 2022)",
+        "energy": "negative joint energy over per-label two-class logits [0, z_k],"
+        " sum_k log(1 + exp(z_k)) (Wang et al. 2021)",
+        "mahalanobis": "negative Mahalanobis distance to the mean of one Gaussian fitted to every fit"
+        " embedding (no single class per image to condition on), Ledoit-Wolf-shrunk covariance",
+        "knn": "negative distance to the k-th nearest normalised fit embedding (Sun et al. 2022)",
+    },
+    "regression": {
+        "mahalanobis": "negative Mahalanobis distance to the mean of one Gaussian fitted to every fit"
+        " embedding (a regressor has no classes to condition on), Ledoit-Wolf-shrunk covariance",
+        "knn": "negative distance to the k-th nearest normalised fit embedding (Sun et al. 2022)",
+    },
+}
+"""What each detector scores for a task other than classification (the ``ood_scores`` finding)."""
+
+
+def not_applicable(detector: str, task: str) -> str | None:
+    """Why ``detector`` does not apply to a model of ``task``, or ``None`` when it does."""
+    if task == "regression" and detector in (*LOGIT_DETECTORS, "odin"):
+        return (
+            f"task: regression: {detector} scores the model's outputs, and a regressor's outputs are the"
+            " predicted values themselves, not class scores: they carry no confidence (the embedding"
+            " detectors mahalanobis and knn apply)"
+        )
+    if task == "multilabel" and detector == "odin":
+        return (
+            "task: multilabel: ODIN perturbs the input towards the top softmax class and reads a"
+            " temperature-scaled softmax; a multi-label model's outputs are independent sigmoids with"
+            " no top class to perturb towards, and no validated multi-label form of ODIN exists"
+            " (msp, max_logit and energy have one)"
+        )
+    return None
+
+
+def fit_labels(labels: NDArray[Any], task: str) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The class per image that the embedding fit uses, and the strata of its eval hold-out.
+
+    Classification: the class (Lee et al. 2018's class-conditional Gaussians), both times.
+    Multi-label and regression: one class for all (one Gaussian: an image has no single class);
+    the hold-out is stratified by "has any finding" (multi-label) or not at all (regression).
+    """
+    y = np.asarray(labels)
+    if task == "classification":
+        return y.astype(np.int64), y.astype(np.int64)
+    one_class = np.zeros(y.shape[0], dtype=np.int64)
+    if task == "multilabel":
+        return one_class, np.asarray((y == 1).any(axis=1), dtype=np.int64)
+    return one_class, one_class
+
+
 @dataclass
 class Scorer:
     """The requested detectors, fitted once, scoring any split of the context.
@@ -81,6 +146,9 @@ class Scorer:
             forward pass).
         has_features: whether embeddings were read (an embedding detector was requested and
             the model offers embeddings).
+        task: ``model.task``: multi-label models get the multi-label forms of ``msp`` and
+            ``energy``; detectors that do not apply to the task are unavailable with the reason
+            (:func:`not_applicable`).
     """
 
     ctx: CheckContext
@@ -91,6 +159,7 @@ class Scorer:
     findings: list[dict[str, Any]] = field(default_factory=list)
     odin_passes: dict[str, int] = field(default_factory=dict)
     has_features: bool = False
+    task: str = "classification"
     _gaussians: ClassGaussians | None = None
     _reference: FloatArray | None = None
     _knn_k: int = 0
@@ -108,11 +177,31 @@ class Scorer:
     ) -> Scorer:
         """Fit the embedding detectors on train, or on ``fit_fraction`` of eval without one."""
         n_eval = ctx.predictions("eval").n
-        scorer = cls(ctx, list(detectors), odin, dict.fromkeys(detectors, np.arange(n_eval)))
+        scorer = cls(ctx, list(detectors), odin, dict.fromkeys(detectors, np.arange(n_eval)), task=ctx.task)
+        if ctx.task != "classification":
+            scorer._task_limits()
         wanted = [d for d in detectors if d in FEATURE_DETECTORS]
         if wanted:
             scorer._fit_embeddings(wanted, knn_k, fit_fraction, rng)
         return scorer
+
+    def _task_limits(self) -> None:
+        """Findings saying what each detector scores for this task, and which do not apply."""
+        scores = TASK_SCORES.get(self.task, {})
+        self.findings.append(
+            {
+                "kind": "ood_scores",
+                "task": self.task,
+                "scores": {d: scores[d] for d in self.detectors if d in scores},
+            }
+        )
+        for detector in self.detectors:
+            reason = not_applicable(detector, self.task)
+            if reason is not None:
+                self.unavailable[detector] = reason
+                self.findings.append(
+                    {"kind": "detector_not_applicable", "detector": detector, "task": self.task, "reason": reason}
+                )
 
     @property
     def available(self) -> list[str]:
@@ -126,13 +215,13 @@ class Scorer:
             self.unavailable.update(dict.fromkeys(wanted, str(reason)))
             return
         self.has_features = True
-        labels = ctx.labels("eval")
+        labels, strata = fit_labels(ctx.labels("eval"), self.task)
         finding: dict[str, Any] = {"kind": "ood_reference", "n_eval": int(labels.size)}
         if ctx.has_split("train"):
-            fit_x, fit_y = ctx.features("train"), ctx.labels("train")
+            fit_x, fit_y = ctx.features("train"), fit_labels(ctx.labels("train"), self.task)[0]
             finding["fit_split"] = "train"
         else:
-            fit_rows, held_out = stratified_split(labels, fit_fraction, rng)
+            fit_rows, held_out = stratified_split(strata, fit_fraction, rng)
             fit_x, fit_y = eval_features[fit_rows], labels[fit_rows]
             self.in_rows.update(dict.fromkeys(wanted, held_out))
             finding.update(
@@ -173,12 +262,13 @@ class Scorer:
         """
         out: dict[str, FloatArray] = {}
         for detector in self.available:
+            multilabel = self.task == "multilabel"
             if detector == "msp":
-                scores = msp_score(logits)
+                scores = max_sigmoid_score(logits) if multilabel else msp_score(logits)
             elif detector == "max_logit":
                 scores = max_logit_score(logits)
             elif detector == "energy":
-                scores = energy_score(logits)
+                scores = joint_energy_score(logits) if multilabel else energy_score(logits)
             elif detector == "mahalanobis":
                 assert self._gaussians is not None and features is not None
                 scores = mahalanobis_score(features, self._gaussians)

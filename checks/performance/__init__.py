@@ -1,20 +1,23 @@
 """The performance check: standalone performance at the device's operating point, with intervals,
 and the manufacturer's claims held against them.
 
-The figures come from plain functions (:mod:`.metrics`, scikit-learn's own metrics) and the curves
-from :mod:`.plots`; :class:`PerformanceCheck` applies them to the eval split of the shared pass.
+The figures come from plain functions (:mod:`.metrics`, scikit-learn's own metrics; per task
+:mod:`.multilabel` and :mod:`.regression`), the claims are judged in :mod:`.claims` and the
+figures drawn by :mod:`.plots`; :class:`PerformanceCheck` applies them to the eval split of the
+shared pass.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import Field
 
 from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, Skip, require_finite_logits
+from auditkit.checks.performance.claims import ClaimTarget, judge_claims
 from auditkit.checks.performance.metrics import (
     BINARY,
     Decision,
@@ -25,6 +28,8 @@ from auditkit.checks.performance.metrics import (
     decide,
     multiclass_metrics,
 )
+from auditkit.checks.performance.multilabel import measure_multilabel
+from auditkit.checks.performance.regression import REGRESSION, measure_regression
 from auditkit.stats import median_centred_interval
 
 if TYPE_CHECKING:
@@ -49,58 +54,129 @@ class PerformanceParams(CheckParams):
 
 
 class PerformanceCheck(Check[PerformanceParams]):
-    """Standalone performance: accuracy, balanced accuracy, AUROC, AUPRC, sensitivity, specificity,
-    PPV and NPV at the operating point, with 95% intervals, and claimed figures held against them.
+    """Standalone performance at the operating point, with 95% intervals, and claimed figures held
+    against them: a classifier's accuracy, balanced accuracy, AUROC, AUPRC, sensitivity,
+    specificity, PPV and NPV; a multi-label model's per-label AUROC, AUPRC and rates at each
+    label's threshold, and its macro AUROC; a regression model's MAE, RMSE, mean error and R².
 
-    Method: the eval split's probabilities from the shared pass are turned into decisions at the
-    operating point - for a binary classifier, the positive class when its probability reaches
-    ``model.operating_point`` (default 0.5, the argmax), for more classes the argmax - and scored
-    with scikit-learn's metrics (AUROC as Hanley and McNeil 1982; AUPRC as average precision).
+    Method. Classification: the eval split's probabilities from the shared pass are turned into
+    decisions at the operating point - for a binary classifier, the positive class when its
+    probability reaches ``model.operating_point`` (default 0.5, the argmax), for more classes the
+    argmax - and scored with scikit-learn's metrics (AUROC as Hanley and McNeil 1982; AUPRC as
+    average precision). Multilabel: each label is a binary problem scored on that label's known
+    entries only (an unknown entry, empty in the manifest, is left out and counted), the decision
+    positive when the label's sigmoid probability reaches its threshold
+    (``model.operating_point[label]``, else 0.5); the macro AUROC is the mean of the per-label
+    AUROCs that are defined. Regression: per output, scikit-learn's ``mean_absolute_error``, the
+    root of ``mean_squared_error`` and ``r2_score``, and the mean error (prediction - target: the
+    bias, in the output's units); agreement as Bland and Altman (Lancet 1986): mean difference and
+    95% limits of agreement (mean +- 1.96 SD of the differences).
     Intervals are median-centred percentile bootstrap intervals over patients when the manifest
     names them (a patient's images are resampled together: they are not independent), else over
-    images. A claim in ``model.claims`` is judged on the upper end of its interval:
-    ``performance.claim_shortfall`` = claimed - upper end, positive when the data cannot support
-    the claim at 95% (rule PERF-CLAIM).
+    images; for multilabel and regression one matrix of resampled patients serves every label or
+    output, so the macro AUROC's interval comes from the same replicates as the per-label ones
+    (a replicate where an averaged label is undefined gives no macro value). A claim in
+    ``model.claims`` is judged on the interval's end that is best for it:
+    ``performance.claim_shortfall`` = claimed - upper end (higher is better) or lower end -
+    claimed (MAE, RMSE), positive when the data cannot support the claim at 95% (rule PERF-CLAIM).
 
-    Inputs: the eval split's predictions and labels, and its surrogate patient ids.
+    Inputs: the eval split's predictions and labels (multilabel 1/0/unknown, regression targets),
+    its surrogate patient ids, and for regression the outputs' units (``model.units``).
 
-    Metrics: ``performance.accuracy``, ``performance.balanced_accuracy``; ``performance.auroc``,
-    ``.auprc``, ``.sensitivity``, ``.specificity``, ``.ppv``, ``.npv`` (binary: of the positive
-    class, no labels; more classes: one-vs-rest at the argmax, ``{class}``);
-    ``performance.claim_shortfall`` ``{metric}``.
+    Metrics. Classification: ``performance.accuracy``, ``performance.balanced_accuracy``;
+    ``performance.auroc``, ``.auprc``, ``.sensitivity``, ``.specificity``, ``.ppv``, ``.npv``
+    (binary: of the positive class, no labels; more classes: one-vs-rest at the argmax,
+    ``{class}``). Multilabel: ``performance.auroc``, ``.auprc``, ``.sensitivity``,
+    ``.specificity``, ``.ppv``, ``.npv`` ``{label}``; ``performance.macro_auroc`` (no labels).
+    Regression: ``performance.mae``, ``.rmse``, ``.mean_error``, ``.r2`` - no labels for a model
+    with one output, ``{output}`` for each output of a model with several. Every task:
+    ``performance.claim_shortfall`` ``{metric}``, plus ``label`` or ``output`` when the claim names
+    one (a single-output regressor's claims have none).
 
-    Findings: ``operating_point`` (how scores became decisions), ``confusion_matrix`` (counts),
-    ``bootstrap`` (the resampling unit), ``claim`` (claimed, measured, interval, supported).
+    Undefined (value ``None`` with the reason, never NaN): a classifier's figures of a class
+    without images; a label's AUROC, AUPRC and sensitivity without a positive known case, its
+    AUROC, AUPRC and specificity without a negative one (such a label is counted in the
+    ``undefined_labels`` finding and left out of the macro AUROC, which its finding says); PPV
+    when the model calls no case positive, NPV when it calls every case positive; R² when the
+    targets do not vary; a claim on an undefined figure (it cannot be judged).
 
-    Artifacts: ``roc_pr_curves`` (SVG, the operating point marked).
+    Findings: ``operating_point`` (how scores became decisions; multilabel: the threshold of each
+    label and which came from the spec), ``confusion_matrix`` (classification counts),
+    ``label_counts`` (per label: known, positives, negatives, unknown, threshold, tp/fp/fn/tn),
+    ``undefined_labels``, ``macro_auroc`` (the labels averaged and those left out, with why),
+    ``outputs`` (regression, per output: unit, n, target mean and SD, Bland-Altman mean difference
+    and limits), ``bootstrap`` (the resampling unit), ``claim`` (claimed, measured, interval,
+    supported).
+
+    Artifacts: ``roc_pr_curves`` (SVG; classification and multilabel, one curve per class or
+    label with its operating point marked); ``bland_altman`` (SVG, regression, one panel per
+    output, axes in the output's unit).
 
     NIST AI RMF: MEASURE 2.3 (performance demonstrated for conditions similar to deployment),
     MEASURE 2.5 (validity and reliability demonstrated), MAP 2.3 (claims documented and tested).
+    Packaged rules: PERF-CLAIM (every claim), PERF-AUROC (a binary classifier's AUROC, no labels),
+    PERF-MACRO-AUROC (multilabel), PERF-R2 (regression, every output).
 
     Limitations: the intervals hold for the eval split as drawn; they say nothing of a population
-    it does not represent. A metric undefined on the sample (no positive image) is undefined with
-    the reason, and a claim on it cannot be judged.
+    it does not represent. A multi-label model's figures for a label rest on the entries whose
+    label is known; if the unknown entries are not missing at random (e.g. a finding left
+    unlabelled when absent), they are biased. R² depends on the spread of the targets in the eval
+    split as much as on the model; MAE and the limits of agreement do not.
     """
 
     id: ClassVar[str] = "performance"
     family: ClassVar[str] = "performance"
     Params = PerformanceParams
     needs: ClassVar[Needs] = Needs(predictions=True)
-    emits: ClassVar[tuple[str, ...]] = (*(f"performance.{m}" for m in BINARY), "performance.claim_shortfall")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    emits: ClassVar[tuple[str, ...]] = (
+        *(f"performance.{m}" for m in BINARY),
+        "performance.claim_shortfall",
+        "performance.macro_auroc",
+        *(f"performance.{m}" for m in REGRESSION),
+    )
 
     def run(self, ctx: CheckContext, params: PerformanceParams) -> CheckResult:
-        classes = ctx.classes
         preds = ctx.predictions("eval")
         if preds.n == 0:
             raise Skip("no eval images")
         finite = require_finite_logits(preds.logits)
         probs = np.asarray(preds.probs[finite], dtype=np.float64)
-        labels = np.asarray(preds.labels[finite], dtype=np.int64)
         patients = np.asarray(ctx.split("eval").patients, dtype=object)[finite]
         result = CheckResult()
         if not finite.all():
             result.findings.append({"kind": "non_finite_logits", "count": int((~finite).sum())})
+        if ctx.task == "classification":
+            labels = np.asarray(preds.labels[finite], dtype=np.int64)
+            self._classification(ctx, params, probs, labels, patients, result)
+            return result
+        if ctx.task == "multilabel":
+            labels = np.asarray(preds.labels[finite], dtype=np.int64)
+            measure_multilabel(ctx, params.n_boot, probs, labels, patients, result)
+        else:
+            targets = np.asarray(preds.labels[finite], dtype=np.float64)
+            measure_regression(ctx, params.n_boot, probs, targets, patients, result)
+        result.findings.append(
+            {
+                "kind": "bootstrap",
+                "unit": "patient" if any(p is not None for p in patients) else "image",
+                "resampled": len(cluster_members(patients)),
+                "n_boot": params.n_boot,
+                "shared_by": "every label" if ctx.task == "multilabel" else "every output",
+            }
+        )
+        return result
 
+    def _classification(
+        self,
+        ctx: CheckContext,
+        params: PerformanceParams,
+        probs: NDArray[np.float64],
+        labels: NDArray[np.int64],
+        patients: NDArray[Any],
+        result: CheckResult,
+    ) -> None:
+        classes = ctx.classes
         binary = len(classes) == 2 and ctx.positive_index is not None
         if binary:
             positive = ctx.positive_index
@@ -195,42 +271,23 @@ class PerformanceCheck(Check[PerformanceParams]):
                     ),
                 )
             )
-        return result
 
 
 def _claims(
-    claims: dict[str, float],
+    claims: dict[str, Any],
     estimates: dict[str, float],
     intervals: dict[str, tuple[float, float] | None],
     result: CheckResult,
 ) -> list[Metric]:
     """``performance.claim_shortfall`` per claim: claimed minus the upper end of the interval."""
-    metrics: list[Metric] = []
-    if not claims:
-        result.findings.append(
-            {"kind": "claims", "count": 0, "note": "model.claims names no figure: rule PERF-CLAIM has nothing to judge"}
+    targets = [
+        ClaimTarget(
+            metric,
+            float(claimed),
+            estimates.get(metric.removeprefix("performance."), float("nan")),
+            intervals.get(metric.removeprefix("performance.")),
         )
-    for metric, claimed in sorted(claims.items()):
-        key = metric.removeprefix("performance.")
-        measured = estimates.get(key, float("nan"))
-        interval = intervals.get(key)
-        labels = {"metric": metric}
-        if not np.isfinite(measured):
-            reason = f"{metric} is undefined on this eval split, so the claim cannot be judged"
-            metrics.append(Metric("performance.claim_shortfall", None, "lower_is_better", labels=labels, reason=reason))
-            continue
-        upper = interval[1] if interval is not None else measured
-        shortfall = claimed - upper
-        metrics.append(Metric("performance.claim_shortfall", shortfall, "lower_is_better", labels=labels))
-        result.findings.append(
-            {
-                "kind": "claim",
-                "metric": metric,
-                "claimed": claimed,
-                "measured": measured,
-                "interval": list(interval) if interval is not None else None,
-                "supported": shortfall <= 0,
-                "judged_on": "upper end of the 95% interval" if interval is not None else "the point estimate",
-            }
-        )
+        for metric, claimed in sorted(claims.items())
+    ]
+    metrics: list[Metric] = judge_claims(targets, result)
     return metrics

@@ -4,6 +4,11 @@ Every figure is scikit-learn's own (``accuracy_score``, ``balanced_accuracy_scor
 ``roc_auc_score``, ``average_precision_score``, ``confusion_matrix``), so the check and a reviewer's
 notebook agree to the last digit; the bootstrap (:func:`cluster_resamples`) resamples patients,
 not images, when patients are known, because images of one patient are not independent.
+
+The multi-label and regression figures bootstrap through :func:`cluster_weights` instead: the same
+cluster resampling given as row multiplicities, one matrix for every label or output, scored by
+the weighted twins of the figures (:func:`weighted_rates`, :func:`weighted_ranking`), each equal
+to the figure on the resample it stands for.
 """
 
 from __future__ import annotations
@@ -23,15 +28,21 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from auditkit.stats import resample_counts
+
 __all__ = [
     "Decision",
     "binary_metrics",
     "cluster_members",
     "cluster_resamples",
+    "cluster_weights",
     "decide",
     "fast_auroc",
     "fast_average_precision",
     "multiclass_metrics",
+    "rates",
+    "weighted_ranking",
+    "weighted_rates",
 ]
 
 BINARY = ("accuracy", "balanced_accuracy", "auroc", "auprc", "sensitivity", "specificity", "ppv", "npv")
@@ -197,3 +208,141 @@ def cluster_resamples(clusters: ArrayLike, n_boot: int, rng: np.random.Generator
     for _ in range(n_boot):
         chosen = rng.integers(0, len(members), size=len(members))
         yield np.concatenate([members[c] for c in chosen]) if members else np.zeros(0, dtype=np.intp)
+
+
+def cluster_weights(
+    clusters: ArrayLike, n_boot: int, rng: np.random.Generator, *, block_elements: int = 1 << 22
+) -> Iterator[NDArray[np.float64]]:
+    """The cluster bootstrap of :func:`cluster_resamples` as row multiplicities, in blocks.
+
+    Resample ``b`` draws the clusters with replacement and weighs each row by how often its
+    cluster was drawn, so one ``(B, N)`` matrix serves every label or output of a model: a
+    statistic of the weighted rows equals the statistic of the resample itself (a row drawn twice
+    counts twice), without materialising the resamples.
+
+    Args:
+        clusters: a cluster id per row (``None`` where unknown: the row is its own cluster).
+        n_boot: how many resamples in all.
+        rng: the only source of randomness.
+        block_elements: at most this many matrix elements per block (memory stays bounded).
+
+    Yields:
+        Integer-valued float64 arrays ``(B_block, N)`` (float for the matrix products; counts are
+        exact far beyond any split); the blocks' ``B_block`` sum to ``n_boot``.
+    """
+    members = cluster_members(clusters)
+    n_clusters = len(members)
+    n = sum(len(m) for m in members)
+    if n_boot <= 0 or n_clusters == 0:
+        return
+    codes = np.empty(n, dtype=np.intp)
+    codes[np.concatenate(members)] = np.repeat(np.arange(n_clusters), [len(m) for m in members])
+    block = max(1, min(n_boot, block_elements // max(n, n_clusters)))
+    for start in range(0, n_boot, block):
+        size = min(block, n_boot - start)
+        draws = rng.integers(0, n_clusters, size=(size, n_clusters), dtype=np.intp)
+        yield resample_counts(draws, n_clusters)[:, codes].astype(np.float64)
+
+
+def rates(truth: NDArray[np.bool_], called: NDArray[np.bool_]) -> dict[str, float]:
+    """Sensitivity, specificity, PPV and NPV of binary decisions (NaN where a denominator is 0)."""
+    tp, fn = int((truth & called).sum()), int((truth & ~called).sum())
+    fp, tn = int((~truth & called).sum()), int((~truth & ~called).sum())
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+    }
+
+
+def _weighted_ratio(numerator: NDArray[np.float64], denominator: NDArray[np.float64]) -> NDArray[np.float64]:
+    defined = denominator > 0
+    return np.where(defined, numerator / np.where(defined, denominator, 1.0), np.nan)
+
+
+def _rows_of(n: int, rows: NDArray[np.intp] | None) -> NDArray[np.intp]:
+    return np.arange(n, dtype=np.intp) if rows is None else np.asarray(rows, dtype=np.intp)
+
+
+def weighted_rates(
+    truth: NDArray[np.bool_],
+    called: NDArray[np.bool_],
+    weights: NDArray[np.float64],
+    rows: NDArray[np.intp] | None = None,
+) -> dict[str, NDArray[np.float64]]:
+    """:func:`rates` of every resample given as row multiplicities.
+
+    Args:
+        truth: the class of each scored row, shape ``(n,)``.
+        called: the decision on each scored row, shape ``(n,)``.
+        weights: integer-valued multiplicities ``(B, N)`` (float64: the sums are exact below
+            2**53 and run as one matrix product).
+        rows: the columns of ``weights`` the ``n`` scored rows are (default: ``0..n-1``, ``N == n``).
+    """
+    index = _rows_of(truth.size, rows)
+    columns = np.zeros((weights.shape[1], 4), dtype=np.float64)
+    columns[index] = np.stack([truth & called, truth, called, np.ones_like(truth)], axis=1)
+    tp, positives, calls, total = (weights @ columns).T
+    fn, fp = positives - tp, calls - tp
+    tn = total - positives - fp
+    return {
+        "sensitivity": _weighted_ratio(tp, tp + fn),
+        "specificity": _weighted_ratio(tn, tn + fp),
+        "ppv": _weighted_ratio(tp, tp + fp),
+        "npv": _weighted_ratio(tn, tn + fn),
+    }
+
+
+def weighted_ranking(
+    truth: NDArray[np.bool_],
+    score: NDArray[np.float64],
+    weights: NDArray[np.float64],
+    rows: NDArray[np.intp] | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """AUROC and average precision of every resample given as row multiplicities, sorting once.
+
+    With each class's rows sorted by score and the cumulative weights of each, a positive row of
+    score ``s`` finds by binary search the negative weight below ``s`` and at ``s`` (AUROC, the
+    Mann-Whitney statistic with ties counted half: :func:`fast_auroc`), and the positive and
+    negative weight at or above ``s``, the precision of the threshold ``s`` (average precision,
+    the sum over positives of their precision over the positive weight: :func:`fast_average_precision`;
+    tied rows share their threshold's precision, as scikit-learn's). A row a resample did not draw
+    weighs 0 and is absent from it. The sums are of integers held exactly in float64.
+
+    Args:
+        truth: the class of each scored row, shape ``(n,)``.
+        score: its score, shape ``(n,)``, finite.
+        weights: integer-valued multiplicities ``(B, N)``.
+        rows: the columns of ``weights`` the ``n`` scored rows are (default: ``0..n-1``).
+
+    Returns:
+        ``(auroc, average_precision)``, each ``(B,)``; NaN for a resample without a positive or
+        without a negative row.
+    """
+    index = _rows_of(truth.size, rows)
+    positive_order = np.argsort(score[truth], kind="stable")
+    negative_order = np.argsort(score[~truth], kind="stable")
+    positive_scores = score[truth][positive_order]
+    negative_scores = score[~truth][negative_order]
+    positive_weight = weights[:, index[truth][positive_order]]
+    n_boot = weights.shape[0]
+    negative_through = np.zeros((n_boot, negative_scores.size + 1), dtype=np.float64)
+    np.cumsum(weights[:, index[~truth][negative_order]], axis=1, out=negative_through[:, 1:])
+    positive_through = np.zeros((n_boot, positive_scores.size + 1), dtype=np.float64)
+    np.cumsum(positive_weight, axis=1, out=positive_through[:, 1:])
+    n_positive, n_negative = positive_through[:, -1], negative_through[:, -1]
+    negative_below = negative_through[:, np.searchsorted(negative_scores, positive_scores, side="left")]
+    negative_at_most = negative_through[:, np.searchsorted(negative_scores, positive_scores, side="right")]
+    positive_below = positive_through[:, np.searchsorted(positive_scores, positive_scores, side="left")]
+    defined = (n_positive > 0) & (n_negative > 0)
+    twice_u = (positive_weight * (negative_below + negative_at_most)).sum(axis=1)
+    auroc = np.where(defined, twice_u / np.where(defined, 2.0 * n_positive * n_negative, 1.0), np.nan)
+    true_at_or_above = n_positive[:, None] - positive_below
+    called_at_or_above = true_at_or_above + n_negative[:, None] - negative_below
+    precision = np.where(
+        called_at_or_above > 0, true_at_or_above / np.where(called_at_or_above > 0, called_at_or_above, 1.0), 0.0
+    )
+    summed = (positive_weight * precision).sum(axis=1)
+    average_precision = np.where(defined, summed / np.where(defined, n_positive, 1.0), np.nan)
+    return auroc, average_precision

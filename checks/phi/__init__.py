@@ -155,7 +155,9 @@ class PHICheck(Check[PHIParams]):
     declared. The rules are spelled out in :mod:`.profile`.
 
     Inputs: header-only reads (``Needs(headers=True)``) of every split the run loads
-    (``train_optional``, ``ood``); no model output. Non-DICOM files are counted, not judged.
+    (``train_optional``, ``ood``); no model output and no label, so every task
+    (classification, multilabel, regression) is measured the same way. Non-DICOM files are
+    counted, not judged.
 
     Metrics (``lower_is_better``, ``n`` = DICOM headers judged):
         ``phi.files_with_identifiers`` (files with at least one identifying attribute, private
@@ -194,6 +196,7 @@ class PHICheck(Check[PHIParams]):
         "phi.burned_in_annotation_files",
         "phi.identity_not_removed_files",
     )
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
 
     def run(self, ctx: CheckContext, params: PHIParams) -> CheckResult:
         """Read every DICOM header of the audit and count the identifying files."""

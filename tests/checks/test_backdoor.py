@@ -32,7 +32,7 @@ from auditkit.checks.backdoor import (
     train_only_neighbourhood,
 )
 from auditkit.policy import evaluate
-from auditkit.testing import rules_for
+from auditkit.testing import make_context, rules_for
 
 # A CPU budget for the suite: fewer images and steps than the defaults, same method.
 FAST = {"trigger_samples": 32, "trigger_steps": 200, "trigger_early_stop": 25}
@@ -603,3 +603,35 @@ def test_the_trigger_search_runs_on_cuda() -> None:
     images = (torch.rand(16, 1, 12, 12) * 0.4).cuda()
     found = reverse_engineer_trigger(model, images, 1, steps=200)
     assert found.reached and found.norm < 1.5
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks: classification only, the others skipped with the reason
+
+
+@pytest.mark.parametrize(
+    ("task", "labels", "outputs", "why"),
+    [
+        ("regression", [[3.0], [4.5], [6.0]], [[2.5], [5.0], [6.5]], "a regressor has no class to target"),
+        (
+            "multilabel",
+            [[1, 0], [0, -1], [1, 1]],
+            [[0.9, 0.2], [0.1, 0.7], [0.8, 0.6]],
+            "a trigger search toward a label switched on or off and per-label detectors are not implemented",
+        ),
+    ],
+)
+def test_multilabel_and_regression_models_are_skipped_with_the_reason(
+    task: str, labels: list[list[float]], outputs: list[list[float]], why: str
+) -> None:
+    from auditkit.runner import SelectedCheck, execute_check
+
+    assert BackdoorCheck.tasks == ("classification",)
+    assert set(BackdoorCheck.task_reasons) == {"multilabel", "regression"}
+    ctx = make_context(labels, probs=outputs, task=task, train={"labels": labels, "probs": outputs})
+    params = BackdoorCheck.Params()
+    record = execute_check(SelectedCheck("backdoor", BackdoorCheck, params, {}), ctx._engine)
+    assert record["status"] == "skipped" and record["metrics"] == [] and record["error"] is None
+    assert f"task: {task}" in record["reason"] and "it measures task: classification" in record["reason"]
+    assert why in record["reason"]
+    assert BackdoorCheck.task_reasons[task] in record["reason"]

@@ -33,8 +33,12 @@ from auditkit.checks.bias import (
     INTERSECTION_SEPARATOR,
     BiasCheck,
     GroupingAnalysis,
+    LabelOutcomes,
     Outcomes,
+    TargetOutcomes,
     analyse_grouping,
+    analyse_multilabel_grouping,
+    analyse_regression_grouping,
     batched_group_metrics,
     bootstrap_group_metrics,
     count_text,
@@ -43,9 +47,13 @@ from auditkit.checks.bias import (
     intersect,
     metric_frame,
 )
-from auditkit.checks.bias.plots import _plain
+from auditkit.checks.bias.gaps import joint_gap_intervals
+from auditkit.checks.bias.multilabel import batched_label_metrics
+from auditkit.checks.bias.plots import _plain, label_heatmap
+from auditkit.checks.bias.resample import GroupResampler
 from auditkit.checks.calibration import expected_calibration_error
 from auditkit.context import CheckView
+from auditkit.errors import ConfigError
 from auditkit.policy import evaluate
 from auditkit.stats import stable_seed
 from auditkit.testing import make_context, rules_for
@@ -494,7 +502,7 @@ def run_check(ctx: CheckView, **params: Any) -> CheckResult:
 def test_check_emits_its_declared_metrics_with_labels(tmp_path: Path) -> None:
     result = run_check(fake_context(tmp_path), n_boot=50)
     names = {m.name for m in result.metrics}
-    assert names == set(BiasCheck.emits)
+    assert names == set(BiasCheck.emits) - {"bias.underdiagnosis_rate"}  # multi-label only
     groupings = {m.labels["group_by"] for m in result.metrics}
     assert groupings == {"sex", "site", f"sex{INTERSECTION_SEPARATOR}site"}
     for metric in result.metrics:
@@ -674,3 +682,557 @@ def test_quarantined_files_are_counted_per_group(study_factory: Any, tmp_path: P
     findings = [f for f in check["findings"] if f["kind"] == "quarantined_by_group"]
     assert {f["group_by"] for f in findings} == {"sex", "age"}
     assert next(f for f in findings if f["group_by"] == "sex")["quarantined"] == {"M": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-label models: per label and group, underdiagnosis
+
+
+def multilabel_case(
+    seed: int, n: int = 400, k: int = 4, unknown: float = 0.08
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Sigmoid probabilities informative of 1/0/-1 labels, some images without any finding."""
+    rng = np.random.default_rng(seed)
+    truth = (rng.random((n, k)) < 0.3).astype(np.int64)
+    logits = rng.normal(size=(n, k)) + 2.5 * truth - 1.5
+    labels = truth.copy()
+    labels[rng.random((n, k)) < unknown] = -1
+    groups = rng.choice(["a", "b", "c"], size=n)
+    return 1.0 / (1.0 + np.exp(-logits)), labels, groups, [f"finding{i}" for i in range(k)]
+
+
+def test_multilabel_group_values_equal_sklearn_and_netcal() -> None:
+    from netcal.metrics import ECE
+    from sklearn.metrics import confusion_matrix
+
+    probs, labels, groups, names = multilabel_case(1)
+    thresholds = {names[0]: 0.3, names[2]: 0.7}
+    outcomes = LabelOutcomes.from_probs(probs, labels, names, thresholds, bins=10)
+    analysis = analyse_multilabel_grouping(
+        outcomes, groups, group_by="site", min_group_size=1, n_boot=0, rng=np.random.default_rng(0)
+    )
+    for k, name in enumerate(names):
+        by_group = {s.group: s for s in analysis.labels[name].groups}
+        threshold = thresholds.get(name, 0.5)
+        for group in "abc":
+            rows = (groups == group) & (labels[:, k] != -1)
+            y, p = labels[rows, k], probs[rows, k]
+            called = (p >= threshold).astype(int)
+            tn, fp, fn, _ = confusion_matrix(y, called, labels=[0, 1]).ravel()
+            values = by_group[group].values
+            assert values["n"] == rows.sum() == by_group[group].n
+            assert values["prevalence"] == pytest.approx(y.mean(), abs=1e-12)
+            assert values["accuracy"] == pytest.approx(accuracy_score(y, called), abs=1e-12)
+            assert values["sensitivity"] == pytest.approx(recall_score(y, called), abs=1e-12)
+            assert values["specificity"] == pytest.approx(tn / (tn + fp), abs=1e-12)
+            assert values["ppv"] == pytest.approx(precision_score(y, called), abs=1e-12)
+            assert values["npv"] == pytest.approx(tn / (tn + fn), abs=1e-12)
+            assert values["selection_rate"] == pytest.approx(called.mean(), abs=1e-12)
+            assert values["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+            assert values["ece"] == pytest.approx(ECE(bins=10).measure(p, y), abs=1e-12)
+        # fairlearn's equalized-odds difference of the label, over the groups.
+        known = labels[:, k] != -1
+        reference = equalized_odds_difference(
+            labels[known, k], (probs[known, k] >= threshold).astype(int), sensitive_features=groups[known]
+        )
+        assert analysis.labels[name].equalized_odds.value == pytest.approx(reference)
+
+
+def test_resampled_label_metrics_equal_the_metrics_of_the_repeated_rows() -> None:
+    probs, labels, groups, names = multilabel_case(2, n=120)
+    outcomes = LabelOutcomes.from_probs(probs, labels, names, bins=5)
+    rows = np.flatnonzero(groups == "a")
+    draw = np.random.default_rng(0).integers(0, rows.size, size=rows.size)
+    counts = np.bincount(draw, minlength=rows.size)[None, :]
+    batched, rate = batched_label_metrics(outcomes, rows, counts)
+    picked = rows[draw]
+    for k in range(len(names)):
+        known = labels[picked, k] != -1
+        y, p = labels[picked, k][known], probs[picked, k][known]
+        assert batched["sensitivity"][0, k] == pytest.approx(recall_score(y, (p >= 0.5).astype(int)))
+        assert batched["auroc"][0, k] == pytest.approx(roc_auc_score(y, p))
+    has = (labels[picked] == 1).any(axis=1)
+    assert rate[0] == pytest.approx((has & (probs[picked] < 0.5).all(axis=1)).sum() / has.sum())
+
+
+def direct_underdiagnosis(
+    probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray, no_finding: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image, by explicit loops: (has a finding, finding status known, called finding-free)."""
+    has, known, free = [], [], []
+    for p, y in zip(probs, labels, strict=True):
+        if no_finding is None:
+            positive = any(v == 1 for v in y)
+            determined = positive or all(v == 0 for v in y)
+            called_free = all(pv < t for pv, t in zip(p, thresholds, strict=True))
+        else:
+            determined = y[no_finding] != -1
+            positive = y[no_finding] == 0
+            called_free = p[no_finding] >= thresholds[no_finding]
+        has.append(positive and determined)
+        known.append(determined)
+        free.append(called_free)
+    return np.array(has), np.array(known), np.array(free)
+
+
+@pytest.mark.parametrize("no_finding", [None, 3])
+def test_underdiagnosis_rates_equal_a_direct_count(no_finding: int | None) -> None:
+    probs, labels, groups, names = multilabel_case(3, n=500, unknown=0.15)
+    if no_finding is not None:  # a "no finding" label: 1 exactly when no other known finding
+        others = labels[:, :no_finding]
+        labels[:, no_finding] = np.where((others == 1).any(axis=1), 0, np.where((others == 0).all(axis=1), 1, -1))
+        labels[::17, no_finding] = -1
+    thresholds = {names[1]: 0.35, names[3]: 0.6}
+    t = np.array([thresholds.get(n, 0.5) for n in names])
+    outcomes = LabelOutcomes.from_probs(
+        probs, labels, names, thresholds, no_finding=None if no_finding is None else names[no_finding]
+    )
+    analysis = analyse_multilabel_grouping(
+        outcomes, groups, group_by="site", min_group_size=1, n_boot=50, rng=np.random.default_rng(0)
+    )
+    has, known, free = direct_underdiagnosis(probs, labels, t, no_finding)
+    assert (~known).sum() > 10  # images whose status is unknown exist, and are left out
+    for summary in analysis.underdiagnosis.groups:
+        members = groups == summary.group
+        expected = (has & free & members).sum() / (has & members).sum()
+        assert summary.values["underdiagnosis_rate"] == pytest.approx(expected, abs=1e-12)
+        assert summary.n == (known & members).sum()
+        assert analysis.status[summary.group] == {
+            "with_finding": int((has & members).sum()),
+            "called_finding_free": int((has & free & members).sum()),
+            "undetermined": int((~known & members).sum()),
+        }
+        lo, hi = summary.cis["underdiagnosis_rate"] or (math.nan, math.nan)
+        assert 0.0 <= lo <= expected <= hi <= 1.0
+    gap = analysis.underdiagnosis.gaps["underdiagnosis_rate"]
+    rates = [s.values["underdiagnosis_rate"] for s in analysis.underdiagnosis.groups]
+    assert gap.value == pytest.approx(max(rates) - min(rates))
+
+
+def test_multilabel_inputs_are_validated() -> None:
+    probs, labels, _, names = multilabel_case(4, n=20)
+    with pytest.raises(ValueError, match="shape"):
+        LabelOutcomes.from_probs(probs[:, :2], labels, names)
+    with pytest.raises(ValueError, match="1, 0 or -1"):
+        LabelOutcomes.from_probs(probs, labels + 1, names)
+    with pytest.raises(ValueError, match="not one of the labels"):
+        LabelOutcomes.from_probs(probs, labels, names, no_finding="No Finding")
+    with pytest.raises(ValueError, match="not labels"):
+        LabelOutcomes.from_probs(probs, labels, names, {"other": 0.4})
+
+
+def test_patient_resampling_keeps_a_patients_images_together() -> None:
+    groups = np.array(["a"] * 6 + ["b"] * 4)
+    patients = ["p1", "p1", "p2", "p2", "p2", None, "p1", "q", "q", None]
+    resampler = GroupResampler.of(groups, ["a", "b"], patients)
+    assert resampler.unit == "patient" and resampler.units("a") == 3 and resampler.units("b") == 3
+    (_, counts), *_ = resampler.blocks(200, np.random.default_rng(0))
+    a, b = counts["a"], counts["b"]
+    assert (a[:, 0] == a[:, 1]).all() and (a[:, 2] == a[:, 3]).all() and (a[:, 3] == a[:, 4]).all()
+    assert (b[:, 1] == b[:, 2]).all()
+    # Patient p1 in group b is a cluster of its own: its draws there are independent of group a's.
+    assert not (a[:, 0] == b[:, 0]).all()
+    # Each resample draws as many patients as the group has.
+    assert (a[:, [0, 2, 5]].sum(axis=1) == 3).all()
+    # Renaming groups and patients keeps every resample.
+    renamed = GroupResampler.of(np.where(groups == "a", "z", "y"), ["z", "y"], [p and p + "!" for p in patients])
+    (_, again), *_ = renamed.blocks(200, np.random.default_rng(0))
+    assert (again["z"] == a).all() and (again["y"] == b).all()
+    assert GroupResampler.of(groups, ["a"], None).unit == "image"
+
+
+def test_multilabel_relabelling_groups_keeps_gaps_and_intervals() -> None:
+    probs, labels, groups, names = multilabel_case(5, n=300)
+    outcomes = LabelOutcomes.from_probs(probs, labels, names)
+    patients = [f"p{i // 3}" for i in range(300)]
+
+    def gaps(g: np.ndarray) -> list[Any]:
+        analysis = analyse_multilabel_grouping(
+            outcomes, g, group_by="g", min_group_size=5, n_boot=40, rng=np.random.default_rng(9), patients=patients
+        )
+        out = [(gap.value, gap.ci) for a in analysis.labels.values() for gap in a.gaps.values()]
+        return [*out, (analysis.underdiagnosis.gaps["underdiagnosis_rate"].value,)]
+
+    renamed = np.array([{"a": "zz", "b": "aa", "c": "mm"}[g] for g in groups])
+    assert gaps(groups) == gaps(renamed)
+
+
+def planted_multilabel_context(
+    tmp_path: Path, suppressed: bool, seed: int = 7, **extra: Any
+) -> tuple[CheckView, list[str]]:
+    """A chest study of 4 findings; with ``suppressed`` the model's probabilities for site C are
+    pulled down (its findings were under-labelled in training), so it calls them finding-free."""
+    rng = np.random.default_rng(seed)
+    n, names = 900, ["effusion", "edema", "nodule", "opacity"]
+    patient = np.arange(n) // 2
+    site = np.array(["A", "B", "C"])[patient % 3]
+    sex = np.array(["F", "M"])[(patient // 3) % 2]
+    truth = (rng.random((n, 4)) < 0.3).astype(np.int64)
+    logits = rng.normal(size=(n, 4)) + 3.0 * truth - 1.5
+    if suppressed:
+        logits[site == "C"] -= 1.2
+    labels = truth.copy()
+    labels[rng.random((n, 4)) < 0.05] = -1
+    ctx = make_context(
+        labels,
+        probs=1.0 / (1.0 + np.exp(-logits)),
+        task="multilabel",
+        classes=names,
+        groups={"sex": sex, "site": site},
+        patients=[f"P{p}" for p in patient],
+        check=BiasCheck,
+        out_dir=tmp_path,
+        **extra,
+    )
+    return ctx, names
+
+
+def check_record(result: CheckResult) -> dict[str, Any]:
+    return {
+        "id": "bias",
+        "status": "ok",
+        "metrics": [m.to_json() for m in result.metrics],
+        "findings": result.findings,
+    }
+
+
+@pytest.fixture(scope="module")
+def multilabel_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CheckResult]:
+    runs = {}
+    for variant in ("planted", "clean"):
+        ctx, _ = planted_multilabel_context(tmp_path_factory.mktemp(variant), suppressed=variant == "planted")
+        runs[variant] = run_check(ctx, n_boot=300)
+    return runs
+
+
+def test_multilabel_metrics_carry_the_label(multilabel_runs: dict[str, CheckResult]) -> None:
+    result = multilabel_runs["clean"]
+    assert {m.name for m in result.metrics} == set(BiasCheck.emits)
+    expected = {
+        "bias.group_metric": {"metric", "group_by", "group", "label"},
+        "bias.equalized_odds_difference": {"group_by", "label"},
+        "bias.demographic_parity_difference": {"group_by", "label"},
+        "bias.underdiagnosis_rate": {"group_by", "group"},
+        "bias.min_group_size": {"group_by"},
+    }
+    for metric in result.metrics:
+        keys = set(metric.labels)
+        if metric.name == "bias.max_gap":
+            underdiagnosis = metric.labels["metric"] == "underdiagnosis_rate"
+            assert keys == ({"metric", "group_by"} if underdiagnosis else {"metric", "group_by", "label"})
+        else:
+            assert keys == expected[metric.name], metric
+        assert metric.value is not None or metric.reason
+    json.dumps([m.to_json() for m in result.metrics], allow_nan=False)
+    json.dumps(result.findings, allow_nan=False)
+    labels = {m.labels.get("label") for m in result.metrics if m.name == "bias.group_metric"}
+    assert labels == {"effusion", "edema", "nodule", "opacity"}
+    kinds = [f["kind"] for f in result.findings]
+    assert {"unknown_labels", "underdiagnosis", "underdiagnosis_by_group", "bootstrap", "subgroup_gap"} <= set(kinds)
+    assert next(f for f in result.findings if f["kind"] == "bootstrap")["unit"] == "patient"
+    assert [a.name for a in result.artifacts] == ["forest_plot", "label_heatmap"]
+
+
+def test_the_planted_underdiagnosis_fails_and_names_the_group(multilabel_runs: dict[str, CheckResult]) -> None:
+    result = multilabel_runs["planted"]
+    judged = evaluate(proposed_policy(), [check_record(result)])
+    assert judged["verdict"] == "fail"
+    failed = rule(judged, "BIAS-UNDERDIAG-GAP")
+    assert failed["status"] == "fail" and failed["ci"][0] > 0.10
+    assert "site" in failed["labels"]["group_by"].split(INTERSECTION_SEPARATOR)
+    top = next(f for f in result.findings if f["kind"] == "subgroup_gap" and f["metric"] == "underdiagnosis_rate")
+    assert top["group_by"] == "site" and top["worst_group"] == "C"
+    rates = {
+        m.labels["group"]: float(m.value or 0.0)
+        for m in result.metrics
+        if m.name == "bias.underdiagnosis_rate" and m.labels["group_by"] == "site"
+    }
+    assert rates["C"] > 0.2 and max(rates["A"], rates["B"]) < 0.1
+    # Per-label sensitivity is suppressed too, and judged per label.
+    assert rule(judged, "BIAS-LABEL-SENS-GAP")["status"] == "fail"
+    # The classifier's sensitivity-gap rules carry no label key, so they never match per-label gaps.
+    for rule_id in ("BIAS-SENS-GAP", "BIAS-SPEC-GAP", "BIAS-SENS-GAP-POINT", "BIAS-MAE-GAP"):
+        assert rule(judged, rule_id)["status"] == "not_evaluated"
+
+
+def test_the_clean_multilabel_twin_passes(multilabel_runs: dict[str, CheckResult]) -> None:
+    judged = evaluate(proposed_policy(), [check_record(multilabel_runs["clean"])])
+    assert judged["verdict"] == "pass"
+    for rule_id in ("BIAS-UNDERDIAG-GAP", "BIAS-UNDERDIAG-GAP-POINT", "BIAS-LABEL-SENS-GAP", "BIAS-LABEL-SPEC-GAP"):
+        assert rule(judged, rule_id)["status"] == "pass", rule_id
+
+
+def test_classifier_runs_leave_the_per_label_rules_unjudged(tmp_path: Path) -> None:
+    judged = evaluate(proposed_policy(), [check_record(run_check(fake_context(tmp_path), n_boot=20))])
+    assert rule(judged, "BIAS-SENS-GAP")["status"] in ("pass", "fail")
+    for rule_id in ("BIAS-LABEL-SENS-GAP", "BIAS-UNDERDIAG-GAP", "BIAS-MAE-GAP"):
+        assert rule(judged, rule_id)["status"] == "not_evaluated"
+
+
+def test_no_finding_names_a_label_of_a_multilabel_model(tmp_path: Path) -> None:
+    ctx, _ = planted_multilabel_context(tmp_path, suppressed=False)
+    with pytest.raises(ConfigError, match=r"not one of model\.classes"):
+        run_check(ctx, no_finding="No Finding")
+    with pytest.raises(ConfigError, match="multi-label"):
+        run_check(fake_context(tmp_path), no_finding="nodule")
+    result = run_check(ctx, no_finding="edema", n_boot=0, intersections=False)
+    (finding,) = [f for f in result.findings if f["kind"] == "underdiagnosis"]
+    assert finding["no_finding"] == "edema" and "edema entry is 0" in finding["definition"]
+
+
+def test_multilabel_thresholds_come_from_the_operating_point(tmp_path: Path) -> None:
+    ctx, _ = planted_multilabel_context(tmp_path, suppressed=False, operating_point={"edema": 0.9})
+    strict = run_check(ctx, n_boot=0, intersections=False)
+    ctx, _ = planted_multilabel_context(tmp_path, suppressed=False)
+    default = run_check(ctx, n_boot=0, intersections=False)
+
+    def selection(result: CheckResult, label: str) -> float:
+        return next(
+            float(m.value or 0.0)
+            for m in result.metrics
+            if m.name == "bias.group_metric"
+            and m.labels == {"metric": "selection_rate", "group_by": "site", "group": "A", "label": label}
+        )
+
+    assert selection(strict, "edema") < selection(default, "edema")
+    assert selection(strict, "nodule") == selection(default, "nodule")
+
+
+def test_label_heatmap_is_byte_reproducible_and_escapes_labels(tmp_path: Path) -> None:
+    probs, labels, groups, names = multilabel_case(6, n=200)
+    names = ["$x$ <b>", *names[1:]]
+    outcomes = LabelOutcomes.from_probs(probs, labels, names)
+    analysis = analyse_multilabel_grouping(
+        outcomes, groups, group_by="site", min_group_size=60, n_boot=0, rng=np.random.default_rng(0)
+    )
+    grouping = [(analysis.group_by, analysis.labels, analysis.images)]
+    first = label_heatmap(grouping, tmp_path / "a.svg")
+    second = label_heatmap(grouping, tmp_path / "b.svg")
+    assert first.read_bytes() == second.read_bytes()
+    ET.parse(first)
+    assert b"<b>" not in first.read_bytes()
+    with pytest.raises(ValueError, match="unknown heat-map metrics"):
+        label_heatmap(grouping, tmp_path / "c.svg", metrics=["nonsense"])
+
+
+# --------------------------------------------------------------------------------------------
+# Regression models: MAE and mean error per output and group
+
+
+def planted_regression_context(
+    tmp_path: Path, noisy_site: bool, seed: int = 3
+) -> tuple[CheckView, np.ndarray, np.ndarray, np.ndarray]:
+    """Bone age and a second output; with ``noisy_site`` site C's bone-age error is 2.5x larger."""
+    rng = np.random.default_rng(seed)
+    n = 600
+    patient = np.arange(n) // 2
+    site = np.array(["A", "B", "C"])[patient % 3]
+    sex = np.array(["F", "M"])[(patient // 3) % 2]
+    target = np.stack([rng.normal(120, 30, n), rng.normal(55, 8, n)], axis=1)
+    scale = np.where(noisy_site & (site == "C"), 2.5, 1.0)
+    predicted = target + np.stack([rng.normal(0, 6, n) * scale, rng.normal(0, 3, n)], axis=1)
+    target[::29, 1] = np.nan  # unknown targets of the second output
+    ctx = make_context(
+        target,
+        probs=predicted,
+        task="regression",
+        classes=["bone_age", "ejection_fraction"],
+        units={"bone_age": "months", "ejection_fraction": "%"},
+        groups={"sex": sex, "site": site},
+        patients=[f"P{p}" for p in patient],
+        check=BiasCheck,
+        out_dir=tmp_path,
+    )
+    return ctx, predicted, target, site
+
+
+def test_regression_errors_per_group_equal_sklearn() -> None:
+    from sklearn.metrics import mean_absolute_error
+
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(300, 2))
+    target[::7, 0] = np.nan
+    predicted = target + rng.normal(scale=[0.5, 1.0], size=(300, 2))
+    predicted = np.where(np.isnan(predicted), 0.3, predicted)
+    groups = rng.choice(["a", "b", "c"], size=300)
+    outcomes = TargetOutcomes.from_values(predicted, target, ["x", "y"])
+    analysis = analyse_regression_grouping(
+        outcomes, groups, group_by="g", min_group_size=1, n_boot=100, rng=np.random.default_rng(1)
+    )
+    for k, name in enumerate(["x", "y"]):
+        by_group = {s.group: s for s in analysis.outputs[name].groups}
+        for group in "abc":
+            rows = (groups == group) & np.isfinite(target[:, k])
+            summary = by_group[group]
+            assert summary.n == rows.sum()
+            assert summary.values["mae"] == pytest.approx(mean_absolute_error(target[rows, k], predicted[rows, k]))
+            assert summary.values["mean_error"] == pytest.approx(np.mean(predicted[rows, k] - target[rows, k]))
+            for metric in ("mae", "mean_error"):
+                lo, hi = summary.cis[metric] or (math.nan, math.nan)
+                assert lo <= summary.values[metric] <= hi
+        maes = {g: s.values["mae"] for g, s in by_group.items()}
+        gaps = analysis.outputs[name].gaps
+        assert gaps["mae"].value == pytest.approx(max(maes.values()) - min(maes.values()))
+        assert gaps["mae_ratio"].value == pytest.approx(max(maes.values()) / min(maes.values()))
+        lo, hi = gaps["mae_ratio"].ci or (math.nan, math.nan)
+        assert 1.0 <= lo <= gaps["mae_ratio"].value <= hi
+        assert gaps["mae_ratio"].worst == max(maes, key=maes.__getitem__)
+
+
+def test_mae_ratio_leaves_out_a_group_without_error() -> None:
+    target = np.arange(90, dtype=float)
+    predicted = target + np.r_[np.zeros(30), np.ones(30), 2 * np.ones(30)]
+    groups = np.repeat(["exact", "one", "two"], 30)
+    analysis = analyse_regression_grouping(
+        TargetOutcomes.from_values(predicted, target, ["y"]),
+        groups,
+        group_by="g",
+        min_group_size=10,
+        n_boot=50,
+        rng=np.random.default_rng(0),
+    )
+    gaps = analysis.outputs["y"].gaps
+    assert gaps["mae"].value == pytest.approx(2.0)
+    assert gaps["mae_ratio"].value == pytest.approx(2.0) and "MAE is 0" in gaps["mae_ratio"].excluded["exact"]
+    assert gaps["mean_error"].value == pytest.approx(2.0)
+
+
+@pytest.fixture(scope="module")
+def regression_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[CheckResult, Any]]:
+    runs = {}
+    for variant in ("planted", "clean"):
+        ctx, predicted, target, site = planted_regression_context(
+            tmp_path_factory.mktemp(variant), noisy_site=variant == "planted"
+        )
+        runs[variant] = (run_check(ctx, n_boot=300), (predicted, target, site))
+    return runs
+
+
+def test_regression_metrics_findings_and_units(regression_runs: dict[str, tuple[CheckResult, Any]]) -> None:
+    from sklearn.metrics import mean_absolute_error
+
+    result, (predicted, target, site) = regression_runs["clean"]
+    assert {m.name for m in result.metrics} == {"bias.group_metric", "bias.max_gap", "bias.min_group_size"}
+    for metric in result.metrics:
+        if metric.name != "bias.min_group_size":
+            assert set(metric.labels) >= {"metric", "group_by", "output"}
+        assert metric.value is not None or metric.reason
+    for group in "ABC":
+        rows = (site == group) & np.isfinite(target[:, 1])
+        mae = next(
+            m
+            for m in result.metrics
+            if m.name == "bias.group_metric"
+            and m.labels == {"metric": "mae", "group_by": "site", "group": group, "output": "ejection_fraction"}
+        )
+        assert mae.value == pytest.approx(mean_absolute_error(target[rows, 1], predicted[rows, 1]))
+        assert mae.n == rows.sum()
+    unknown = next(f for f in result.findings if f["kind"] == "unknown_targets")
+    assert unknown["left_out"] == {"ejection_fraction": int(np.isnan(target[:, 1]).sum())}
+    gap_findings = [f for f in result.findings if f["kind"] == "subgroup_gap"]
+    assert {f["unit"] for f in gap_findings if f["output"] == "bone_age"} == {"months"}
+    assert next(f for f in result.findings if f["kind"] == "outputs")["units"]["ejection_fraction"] == "%"
+    json.dumps(result.findings, allow_nan=False)
+    assert [a.name for a in result.artifacts] == ["forest_plot"]
+
+
+def test_the_planted_regression_error_fails_and_names_the_group(
+    regression_runs: dict[str, tuple[CheckResult, Any]],
+) -> None:
+    result, _ = regression_runs["planted"]
+    judged = evaluate(proposed_policy(), [check_record(result)])
+    assert judged["verdict"] == "fail"
+    failed = rule(judged, "BIAS-MAE-GAP")
+    assert failed["status"] == "fail" and failed["ci"][0] > 1.25
+    assert failed["labels"]["output"] == "bone_age"
+    assert "site" in failed["labels"]["group_by"].split(INTERSECTION_SEPARATOR)
+    top = next(f for f in result.findings if f["kind"] == "subgroup_gap")
+    assert (top["metric"], top["output"], top["worst_group"]) == ("mae_ratio", "bone_age", "C")
+    clean, _ = regression_runs["clean"]
+    judged = evaluate(proposed_policy(), [check_record(clean)])
+    assert judged["verdict"] == "pass"
+    assert rule(judged, "BIAS-MAE-GAP")["status"] == "pass"
+
+
+def test_task_runs_count_non_finite_rows_and_skip_wide_groupings(tmp_path: Path) -> None:
+    probs, labels, groups, names = multilabel_case(8, n=120)
+    logits = np.log(probs) - np.log1p(-probs)
+    logits[:3, 1] = np.nan
+    many = np.array([f"id{i}" for i in range(120)])
+    ctx = make_context(
+        labels,
+        logits=logits,
+        task="multilabel",
+        classes=names,
+        groups={"site": groups, "scanner": many},
+        check=BiasCheck,
+        out_dir=tmp_path,
+    )
+    result = run_check(ctx, n_boot=20, max_groups=10)
+    assert next(f for f in result.findings if f["kind"] == "non_finite_logits")["count"] == 3
+    n_site = sum(
+        m.value or 0
+        for m in result.metrics
+        if m.name == "bias.group_metric"
+        and m.labels["metric"] == "n"
+        and m.labels["label"] == names[0]
+        and m.labels["group_by"] == "site"
+    )
+    assert n_site == (labels[3:, 0] != -1).sum()
+    assert any(f["kind"] == "grouping_skipped" and f["group_by"] == "scanner" for f in result.findings)
+    skipped = [m for m in result.metrics if m.labels.get("group_by") == "scanner"]
+    assert skipped and all(m.value is None and "max_groups" in (m.reason or "") for m in skipped)
+    assert {m.labels.get("label") for m in skipped if m.name == "bias.max_gap"} == {*names, None}
+
+    target = np.linspace(0.0, 10.0, 120)
+    predicted = target + np.random.default_rng(0).normal(size=120)
+    predicted[:2] = np.inf
+    ctx = make_context(
+        target,
+        probs=predicted,
+        task="regression",
+        classes=["y"],
+        groups={"site": groups, "scanner": many},
+        check=BiasCheck,
+        out_dir=tmp_path,
+    )
+    result = run_check(ctx, n_boot=20, max_groups=10)
+    assert next(f for f in result.findings if f["kind"] == "non_finite_outputs")["count"] == 2
+    skipped = [m for m in result.metrics if m.labels.get("group_by") == "scanner" and m.name == "bias.max_gap"]
+    assert {m.labels["metric"] for m in skipped} == {"mae", "mean_error", "mae_ratio"}
+
+
+def test_per_label_gap_intervals_hold_for_all_labels_at_once() -> None:
+    # A fair 14-label model, six groups of ~80 images: per-label 95% intervals put one label's
+    # sensitivity gap demonstrably above ten points; intervals simultaneous over labels do not.
+    rng = np.random.default_rng(0)
+    n, k = 500, 14
+    truth = (rng.random((n, k)) < 0.15).astype(np.int64)
+    probs = 1.0 / (1.0 + np.exp(-(rng.normal(size=(n, k)) + 2.5 * truth - 2.0)))
+    groups = rng.choice([f"g{i}" for i in range(6)], size=n)
+    names = [f"L{i}" for i in range(k)]
+    outcomes = LabelOutcomes.from_probs(probs, truth, names)
+    analysis = analyse_multilabel_grouping(
+        outcomes, groups, group_by="g", min_group_size=30, n_boot=300, rng=np.random.default_rng(0)
+    )
+    resampler = GroupResampler.of(groups, sorted(set(groups)), None)
+    replicates = {g: np.empty((300, k)) for g in resampler.order}
+    for block, counts in resampler.blocks(300, np.random.default_rng(0)):  # the analysis's own draw
+        for g in resampler.order:
+            replicates[g][block] = batched_label_metrics(outcomes, resampler.members[g], counts[g])[0]["sensitivity"]
+    separate_low = []
+    for index, name in enumerate(names):
+        gap = analysis.labels[name].gaps["sensitivity"]
+        point = {s.group: {"sensitivity": float(s.values["sensitivity"] or 0.0)} for s in analysis.labels[name].groups}
+        reps = {g: {"sensitivity": replicates[g][:, index]} for g in point}
+        value, separate = gap_interval(point, reps, ["sensitivity"])
+        assert gap.value == pytest.approx(value) and gap.ci is not None and separate is not None
+        assert gap.ci[0] <= separate[0] and gap.ci[1] >= separate[1]  # never narrower
+        separate_low.append(separate[0])
+    assert max(separate_low) > 0.10
+    assert max((a.gaps["sensitivity"].ci or (0.0, 0.0))[0] for a in analysis.labels.values()) <= 0.10
+    # One family: the joint interval is the per-family one.
+    point = {s.group: {"sensitivity": float(s.values["sensitivity"] or 0.0)} for s in analysis.labels["L0"].groups}
+    reps = {g: {"sensitivity": replicates[g][:, 0]} for g in point}
+    ((_, (value, joint)),) = joint_gap_intervals({"L0": point}, {"L0": reps}, ["sensitivity"]).items()
+    assert joint == pytest.approx(gap_interval(point, reps, ["sensitivity"])[1])

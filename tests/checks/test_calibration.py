@@ -24,16 +24,21 @@ from auditkit.check import CheckResult
 from auditkit.checks.calibration import (
     CalibrationCheck,
     adaptive_calibration_error,
+    binary_calibration_metrics,
     brier_score,
     calibration_metrics,
+    cross_fitted_binary_temperature_probs,
     cross_fitted_temperature_probs,
     expected_calibration_error,
+    fit_binary_temperature,
     fit_temperature,
+    label_reliability_grid,
     maximum_calibration_error,
     negative_log_likelihood,
     reliability_diagram,
     temperature_did_not_help,
 )
+from auditkit.checks.calibration.binary import BinaryStatistics, cluster_codes, resampled_counts
 from auditkit.context import CheckView
 
 with warnings.catch_warnings():
@@ -580,3 +585,257 @@ def test_a_real_rise_is_put_down_to_miscalibration_scaling_cannot_fix() -> None:
     )
     assert quiet["increase_ci"] is None
     assert [c["cause"] for c in quiet["likely_causes"]] == ["already_calibrated"]
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-label models: each label's sigmoid output calibrated as a binary classifier
+
+
+def loop_binary_ece_mce(probs: np.ndarray, outcomes: np.ndarray, edges: np.ndarray) -> tuple[float, float]:
+    """Positive-class ECE and MCE by a plain loop over bins [lo, hi), the last one closed at 1."""
+    confidence = np.clip(probs, np.finfo(np.float64).eps, 1.0 - np.finfo(np.float64).eps)
+    ece, mce = 0.0, 0.0
+    last = len(edges) - 2
+    for b in range(len(edges) - 1):
+        upper_ok = confidence < edges[b + 1] if b < last else confidence <= edges[b + 1]
+        members = (confidence >= edges[b]) & upper_ok
+        if members.any():
+            gap = abs(outcomes[members].mean() - confidence[members].mean())
+            ece += members.mean() * gap
+            mce = max(mce, gap)
+    return ece, mce
+
+
+def netcal_binary(metric: type, bins: int, probs: np.ndarray, outcomes: np.ndarray, **kw: Any) -> float:
+    """netcal's value on its binary input: 1-D probabilities of the positive outcome."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(metric(bins, **kw).measure(probs, outcomes))
+
+
+@pytest.mark.parametrize("bins", [2, 5, 10, 15])
+def test_binary_metrics_equal_netcal_sklearn_and_a_loop(bins: int) -> None:
+    rng = np.random.default_rng(bins)
+    probs = rng.beta(0.6, 2.0, size=500)
+    # Probabilities exactly on every interior edge, and exactly 0 and 1.
+    probs = np.r_[probs, np.linspace(0.0, 1.0, bins + 1)]
+    outcomes = (rng.uniform(size=probs.size) < probs**1.3).astype(np.int64)
+    values = binary_calibration_metrics(probs, outcomes, bins)
+    assert values["ece"] == pytest.approx(netcal_binary(ECE, bins, probs, outcomes), abs=1e-6)
+    assert values["mce"] == pytest.approx(netcal_binary(MCE, bins, probs, outcomes), abs=1e-6)
+    loop_ece, loop_mce = loop_binary_ece_mce(probs, outcomes, np.linspace(0.0, 1.0, bins + 1))
+    assert values["ece"] == pytest.approx(loop_ece, abs=1e-12)
+    assert values["mce"] == pytest.approx(loop_mce, abs=1e-12)
+    assert values["brier"] == pytest.approx(brier_score_loss(outcomes, probs), abs=1e-12)
+    assert values["nll"] == pytest.approx(log_loss(outcomes, probs), abs=1e-9)
+    continuous = probs[:500]  # no tied quantile edges, which netcal rejects
+    assert binary_calibration_metrics(continuous, outcomes[:500], bins)["ace"] == pytest.approx(
+        netcal_binary(ECE, bins, continuous, outcomes[:500], equal_intervals=False), abs=1e-6
+    )
+
+
+def test_binary_metrics_by_hand() -> None:
+    # p = 0.1, 0.2 (bin [0, 0.5), outcomes 0, 1: frequency 0.5, mean p 0.15, gap 0.35) and
+    # p = 0.7, 0.9 (bin [0.5, 1], outcomes 1, 1: frequency 1, mean p 0.8, gap 0.2).
+    probs, outcomes = np.array([0.1, 0.2, 0.7, 0.9]), np.array([0, 1, 1, 1])
+    values = binary_calibration_metrics(probs, outcomes, bins=2)
+    assert values["ece"] == pytest.approx(0.5 * 0.35 + 0.5 * 0.2)
+    assert values["mce"] == pytest.approx(0.35)
+    assert values["brier"] == pytest.approx((0.01 + 0.64 + 0.09 + 0.01) / 4)
+    assert values["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.2) + math.log(0.7) + math.log(0.9)) / 4)
+    # The top-label convention would see confidences 0.9, 0.8, 0.7, 0.9: a different number.
+    assert expected_calibration_error(np.c_[1 - probs, probs], outcomes, 2) != pytest.approx(values["ece"])
+    with pytest.raises(ValueError, match="0 or 1"):
+        binary_calibration_metrics(probs, np.array([0, 1, -1, 1]))
+
+
+def test_binary_statistics_of_resamples_equal_the_expanded_resamples() -> None:
+    # One implementation serves the estimate and both bootstraps: a resample given as row
+    # multiplicities (image resamples, and patient resamples of varying size) gives what the
+    # expanded resample gives.
+    rng = np.random.default_rng(4)
+    probs = rng.uniform(size=60)
+    outcomes = (rng.uniform(size=60) < probs).astype(np.int64)
+    stats = BinaryStatistics(probs, outcomes, bins=7, adaptive_bins=4)
+    codes, n_clusters = cluster_codes([f"p{i // 3}" if i % 5 else None for i in range(60)])
+    blocks = [
+        *resampled_counts(60, 30, np.random.default_rng(0)),
+        *resampled_counts(60, 30, np.random.default_rng(1), clusters=(codes, n_clusters)),
+    ]
+    sizes = set()
+    for counts in blocks:
+        for name, statistic in stats.batched().items():
+            got = statistic(counts)
+            for b, row in enumerate(counts):
+                rows = np.repeat(np.arange(60), row)
+                sizes.add(rows.size)
+                expected = binary_calibration_metrics(probs[rows], outcomes[rows], 7, 4)[name]
+                assert got[b] == pytest.approx(expected, abs=1e-12), (name, b)
+    assert len(sizes) > 5  # the patient resamples differ in size
+
+
+def overconfident_labels(n: int, seed: int, unknown: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits, calibrated probabilities and 1/0/-1 labels of two labels drawn from their sigmoid."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(-0.5, 1.5, size=(n, 2))
+    truth = 1.0 / (1.0 + np.exp(-logits))
+    labels = (rng.uniform(size=(n, 2)) < truth).astype(np.int64)
+    labels[rng.uniform(size=(n, 2)) < unknown] = -1
+    return logits, truth, labels
+
+
+def multilabel_context(tmp_path: Path, probs: np.ndarray, labels: np.ndarray, **kw: Any) -> CheckView:
+    return testing.make_context(
+        labels, probs=probs, task="multilabel", classes=["effusion", "nodule"], check=CalibrationCheck,
+        out_dir=tmp_path, **kw,
+    )  # fmt: skip
+
+
+def evaluate_calibration_rules(result: CheckResult) -> dict[str, dict[str, Any]]:
+    from auditkit.policy import evaluate_rule
+
+    metrics = [m.to_json() for m in result.metrics]
+    return {rule.id: evaluate_rule(rule, metrics) for rule in testing.rules_for("calibration").rules}
+
+
+def test_multilabel_calibrated_label_passes_and_overconfident_one_fails(tmp_path: Path) -> None:
+    logits, truth, labels = overconfident_labels(3000, seed=0)
+    probs = truth.copy()
+    probs[:, 1] = 1.0 / (1.0 + np.exp(-3.0 * logits[:, 1]))  # nodule: overconfident
+    groups = {"sex": np.random.default_rng(1).choice(["F", "M"], size=3000)}
+    ctx = multilabel_context(tmp_path / "planted", probs, labels, groups=groups)
+    result = run_check(ctx, n_boot=200)
+    by_key = {(m.name, tuple(sorted(m.labels.items()))): m for m in result.metrics}
+    probs = ctx.predictions("eval").probs  # what the check saw: sigmoid of the float32 logits
+
+    for k, name in enumerate(["effusion", "nodule"]):
+        known = labels[:, k] >= 0
+        p, y = probs[known, k], labels[known, k]
+        values = {metric: by_key[(f"calibration.{metric}", (("label", name),))] for metric in METRICS}
+        for metric in values.values():
+            assert metric.n == int(known.sum()) and metric.direction == "lower_is_better"
+            assert metric.ci is not None and metric.value is not None
+            assert metric.ci[0] <= metric.value <= metric.ci[1]
+        # netcal's binary ECE and MCE on the label's known entries, scikit-learn's Brier and NLL.
+        assert values["ece"].value == pytest.approx(netcal_binary(ECE, 15, p, y), abs=1e-6)
+        assert values["mce"].value == pytest.approx(netcal_binary(MCE, 15, p, y), abs=1e-6)
+        assert values["brier"].value == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+        assert values["nll"].value == pytest.approx(log_loss(y, p), abs=1e-9)
+        for group in ("F", "M"):
+            scoped = known & (groups["sex"] == group)
+            metric = by_key[("calibration.ece", (("group", group), ("group_by", "sex"), ("label", name)))]
+            assert metric.value == pytest.approx(netcal_binary(ECE, 15, probs[scoped, k], labels[scoped, k]), abs=1e-6)
+            assert metric.n == int(scoped.sum())
+            assert ("calibration.mce", (("group", group), ("group_by", "sex"), ("label", name))) not in by_key
+    calibrated = by_key[("calibration.ece", (("label", "effusion"),))]
+    overconfident = by_key[("calibration.ece", (("label", "nodule"),))]
+    assert calibrated.value is not None and calibrated.value < 0.05  # the noise floor of 15 bins, n = 2700
+    assert overconfident.value is not None and overconfident.value > 0.1
+    assert not any(m.labels == {} for m in result.metrics)  # no unlabelled aggregate
+
+    # One temperature per label: about 3 for the overconfident one, and it helps.
+    scaling = {f["label"]: f for f in result.findings if f["kind"] == "temperature_scaling"}
+    assert scaling["nodule"]["temperature"] == pytest.approx(3.0, rel=0.15)
+    assert scaling["effusion"]["temperature"] == pytest.approx(1.0, rel=0.15)
+    after = by_key[("calibration.ece_after_temperature", (("label", "nodule"),))]
+    assert after.value is not None and after.value < overconfident.value / 2
+    unknown = next(f for f in result.findings if f["kind"] == "unknown_entries")
+    assert unknown["counts"] == {"effusion": int((labels[:, 0] < 0).sum()), "nodule": int((labels[:, 1] < 0).sum())}
+    assert next(f for f in result.findings if f["kind"] == "bootstrap")["unit"] == "image"
+    metrics_json(result)
+    json.dumps(result.findings, allow_nan=False)
+    (artifact,) = result.artifacts
+    assert ET.parse(tmp_path / "planted" / artifact.path).getroot().tag.endswith("svg")
+
+    # The packaged policy judges every label: the overconfident one fails CAL-ECE-LABEL by name;
+    # the classification rules (unlabelled) find nothing to judge.
+    outcome = evaluate_calibration_rules(result)
+    assert outcome["CAL-ECE-LABEL"]["status"] == "fail"
+    assert outcome["CAL-ECE-LABEL"]["labels"] == {"label": "nodule"}
+    assert outcome["CAL-ECE-LABEL-SUBGROUP"]["labels"]["label"] == "nodule"
+    assert outcome["CAL-ECE"]["status"] == "not_evaluated"
+
+    # The clean twin: both labels calibrated; the same rule passes.
+    twin = run_check(multilabel_context(tmp_path / "twin", truth, labels, groups=groups), n_boot=0)
+    assert evaluate_calibration_rules(twin)["CAL-ECE-LABEL"]["status"] == "pass"
+
+
+def test_multilabel_intervals_resample_patients(tmp_path: Path) -> None:
+    # Each patient's four images are the same image: a patient bootstrap sees 150 units, an image
+    # bootstrap wrongly sees 600, and its intervals come out about half as wide.
+    _, truth, labels = overconfident_labels(150, seed=2, unknown=0.0)
+    probs, labels = np.repeat(truth, 4, axis=0), np.repeat(labels, 4, axis=0)
+    patients = [f"patient{i // 4}" for i in range(600)]
+    by_patient = run_check(multilabel_context(tmp_path / "p", probs, labels, patients=patients), n_boot=300)
+    by_image = run_check(multilabel_context(tmp_path / "i", probs, labels), n_boot=300)
+    assert next(f for f in by_patient.findings if f["kind"] == "bootstrap")["unit"] == "patient"
+
+    def width(result: CheckResult, name: str) -> float:
+        metric = next(m for m in result.metrics if m.name == name and m.labels == {"label": "effusion"})
+        assert metric.ci is not None
+        return metric.ci[1] - metric.ci[0]
+
+    for name in ("calibration.brier", "calibration.nll", "calibration.ece"):
+        assert width(by_patient, name) > 1.5 * width(by_image, name), name
+    # Same values: only the intervals depend on the unit.
+    values = {(m.name, tuple(m.labels.items())): m.value for m in by_image.metrics}
+    assert all(values[(m.name, tuple(m.labels.items()))] == m.value for m in by_patient.metrics)
+
+
+def test_multilabel_unknown_and_one_sided_labels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    probs = rng.uniform(0.01, 0.3, size=(40, 2))
+    labels = np.zeros((40, 2), dtype=np.int64)
+    labels[:, 0] = -1  # effusion: never recorded
+    result = run_check(multilabel_context(tmp_path, probs, labels), n_boot=50)
+    effusion = [m for m in result.metrics if m.labels.get("label") == "effusion"]
+    assert effusion and all(m.value is None for m in effusion)
+    assert all("no known entry" in (m.reason or "") and "effusion" in (m.reason or "") for m in effusion)
+    # nodule: known everywhere but never present. Its probabilities can still be judged against
+    # 0 (ECE = mean p), but no temperature can be fitted to one outcome.
+    nodule = {m.name: m for m in result.metrics if m.labels == {"label": "nodule"}}
+    assert nodule["calibration.ece"].value == pytest.approx(probs[:, 1].mean())
+    assert nodule["calibration.ece_after_temperature"].value is None
+    assert "no positive entry" in (nodule["calibration.ece_after_temperature"].reason or "")
+    metrics_json(result)
+
+
+def test_multilabel_reliability_grid_is_valid_and_reproducible(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    panels = [
+        (f"finding{k}", p, (rng.uniform(size=80) < p).astype(int), p**0.8 if k % 2 else None)
+        for k, p in enumerate(rng.uniform(size=(5, 80)))
+    ]
+    panels.append(("unrecorded", np.zeros(0), np.zeros(0), None))
+    first = label_reliability_grid(panels, 10, tmp_path / "a.svg")
+    second = label_reliability_grid(panels, 10, tmp_path / "b.svg")
+    assert ET.parse(first).getroot().tag.endswith("svg")
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_binary_temperature_matches_netcal() -> None:
+    rng = np.random.default_rng(6)
+    logit = rng.normal(scale=1.5, size=2000)
+    outcomes = (rng.uniform(size=2000) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from netcal.scaling import TemperatureScaling
+
+        netcal = TemperatureScaling().fit(1.0 / (1.0 + np.exp(-3.0 * logit)), outcomes)
+    netcal_temperature = 1.0 / float(np.asarray(netcal.temperature).ravel()[0])
+    assert fit_binary_temperature(3.0 * logit, outcomes) == pytest.approx(netcal_temperature, rel=1e-4)
+    after, temperatures = cross_fitted_binary_temperature_probs(3.0 * logit, outcomes, 5, rng=np.random.default_rng(0))
+    assert after.shape == (2000,) and len(temperatures) == 5
+    assert all(2.5 < t < 3.6 for t in temperatures)
+
+
+def test_regression_is_skipped_naming_the_task() -> None:
+    from auditkit.runner import SelectedCheck, execute_check
+
+    ctx = testing.make_context([3.0, 4.5, 6.0], probs=[2.5, 5.0, 6.5], task="regression", check=CalibrationCheck)
+    selected = SelectedCheck(id="calibration", cls=CalibrationCheck, params=CalibrationCheck.Params(), raw_params={})
+    record = execute_check(selected, ctx._engine)
+    assert record["status"] == "skipped"
+    assert "task: regression" in record["reason"]
+    assert "variance" in record["reason"] and "90%" in record["reason"]
+    assert "regression" not in CalibrationCheck.tasks and "multilabel" in CalibrationCheck.tasks

@@ -243,9 +243,12 @@ def test_check_declares_its_contract() -> None:
     assert CorruptionCheck.needs.predictions and CorruptionCheck.needs.images
     assert set(CorruptionCheck.emits) == {
         "corruption.accuracy",
+        "corruption.macro_auroc",
+        "corruption.mae",
         "corruption.relative_drop",
         "corruption.mean_relative_drop",
     }
+    assert CorruptionCheck.tasks == ("classification", "multilabel", "regression")
     doc = CorruptionCheck.__doc__ or ""
     for reference in ("Hendrycks & Dietterich 2019", "MONAI", "MEASURE 2.5", "MEASURE 2.6"):
         assert reference in doc
@@ -419,3 +422,249 @@ def test_rgb_channels_last_images_corrupt_as_contiguous_ones(name: str) -> None:
         got = apply_corruption(channels_last, name, severity, draw=draw)
         assert got.shape == expected.shape and got.dtype == expected.dtype
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-label and regression models: macro AUROC and MAE
+
+LABELS = ["effusion", "nodule", "edema"]
+
+
+def quadrant_study(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """1x8x8 images; finding k raises quadrant k by 0.12 (plus a per-image offset of sd 0.06);
+    about 10% of the entries unknown (-1). Stored through float16, as the context stores them."""
+    g = torch.Generator().manual_seed(seed)
+    present = torch.rand(n, 3, generator=g) < 0.4
+    x = 0.35 + 0.03 * torch.randn(n, 1, 8, 8, generator=g)
+    for k in range(3):
+        r, c = divmod(k, 2)
+        offset = 0.12 * present[:, k].float() + 0.06 * torch.randn(n, generator=g)
+        x[:, 0, r * 4 : (r + 1) * 4, c * 4 : (c + 1) * 4] += offset[:, None, None]
+    labels = present.long()
+    labels[torch.rand(n, 3, generator=g) < 0.1] = -1
+    return x.clamp(0, 1).half().float(), labels.numpy()
+
+
+class QuadrantMeans(torch.nn.Module):
+    """Outputs ``scale * (mean of quadrant k) + shift``: a model whose answer is known in advance."""
+
+    def __init__(self, k: int = 3, scale: float = 20.0, shift: float = -8.0) -> None:
+        super().__init__()
+        self.k, self.scale, self.shift = k, scale, shift
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        quadrants = [images[:, 0, r * 4 : (r + 1) * 4, c * 4 : (c + 1) * 4] for r, c in ((0, 0), (0, 1), (1, 0))]
+        return self.scale * torch.stack([q.mean(dim=(1, 2)) for q in quadrants[: self.k]], dim=1) + self.shift
+
+
+def sklearn_macro_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    values = []
+    for k in range(labels.shape[1]):
+        known = labels[:, k] >= 0
+        if len(set(labels[known, k].tolist())) == 2:
+            values.append(roc_auc_score(labels[known, k], scores[known, k]))
+    return float(np.mean(values))
+
+
+def corrupted_outputs(
+    model: torch.nn.Module, images: torch.Tensor, result: CheckResult, name: str, severity: int
+) -> torch.Tensor:
+    """What the check computed for one condition, by hand: same sample, seeds and corruption."""
+    from auditkit.stats import stable_seed
+
+    rows = result.findings[0]["rows"]
+    seed_root = result.findings[1]["seed_root"]
+    corrupted = apply_corruption(images[rows], name, severity, seeds=[stable_seed(seed_root, name, r) for r in rows])
+    with torch.no_grad():
+        return model(corrupted)
+
+
+def test_check_on_a_multilabel_model_by_hand(tmp_path: Path) -> None:
+    images, labels = quadrant_study(60, seed=0)
+    model = QuadrantMeans()
+    ctx = make_context(
+        labels, images=images.numpy(), model=model, classes=LABELS, task="multilabel", check=CorruptionCheck
+    )
+    params = CorruptionCheck.Params(
+        corruptions=["gaussian_noise", "contrast"], severities=[2, 5], n_samples=48, n_boot=100
+    )
+    result = CorruptionCheck().run(ctx, params)
+    metrics = metric_map(result)
+    assert {m.name for m in result.metrics} <= set(CorruptionCheck.emits)
+    assert "multilabel" in CorruptionCheck.tasks
+    rows = result.findings[0]["rows"]
+    assert len(rows) == 48 and result.findings[0]["task"] == "multilabel"
+    chosen = labels[rows]
+    with torch.no_grad():
+        clean_auroc = sklearn_macro_auroc(model(images[rows]).numpy(), chosen)
+    clean = metrics[("corruption.macro_auroc", (("corruption", "none"), ("severity", "0")))]
+    assert clean.value == pytest.approx(clean_auroc, abs=1e-9) and clean.direction == "higher_is_better"
+    assert 0.7 < clean_auroc < 1.0
+    drops = []
+    for name in ("gaussian_noise", "contrast"):
+        for severity in (2, 5):
+            key = (("corruption", name), ("severity", str(severity)))
+            corrupted = sklearn_macro_auroc(corrupted_outputs(model, images, result, name, severity).numpy(), chosen)
+            assert metrics[("corruption.macro_auroc", key)].value == pytest.approx(corrupted, abs=1e-9)
+            drop = metrics[("corruption.relative_drop", key)]
+            # The documented number: the share of the clean macro AUROC lost.
+            assert drop.value == pytest.approx((clean_auroc - corrupted) / clean_auroc, abs=1e-9)
+            assert drop.ci is not None and drop.ci[0] <= drop.value <= drop.ci[1] <= 1.0
+            drops.append(drop.value)
+    assert metrics[("corruption.mean_relative_drop", ())].value == pytest.approx(float(np.mean(drops)))
+    # Noise at severity 5 blurs the findings into each other; at severity 2 it barely shows.
+    assert drops[1] > max(drops[0], 0.01), drops
+    assert not any(m.name == "corruption.accuracy" for m in result.metrics)
+    assert [f["kind"] for f in result.findings] == ["corruption_sample", "corruption_setup", "label_aurocs"]
+    assert "clean macro AUROC" in result.findings[1]["relative_drop"]
+    (artifact,) = result.artifacts
+    assert artifact.name == "corruption_macro_auroc"
+    json.dumps([m.to_json() for m in result.metrics], allow_nan=False)
+    json.dumps(result.findings, allow_nan=False)
+
+
+def bone_age_study(n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Images of the quadrant study; 'bone age' in months = 20 x quadrant-0 mean + 40 + N(0, 1)."""
+    images, _ = quadrant_study(n, seed)
+    noise = np.random.default_rng(seed).normal(0.0, 1.0, n)
+    return images, QuadrantMeans(1, 20.0, 40.0)(images)[:, 0].double().numpy() + noise
+
+
+def test_check_on_a_regression_model_by_hand(tmp_path: Path) -> None:
+    from sklearn.metrics import mean_absolute_error
+
+    images, targets = bone_age_study(50, seed=1)
+    model = QuadrantMeans(1, 20.0, 40.0)
+    ctx = make_context(
+        targets,
+        images=images.numpy(),
+        model=model,
+        classes=["bone_age"],
+        task="regression",
+        units={"bone_age": "months"},
+        check=CorruptionCheck,
+    )
+    params = CorruptionCheck.Params(
+        corruptions=["contrast", "gaussian_noise"], severities=[1, 5], n_samples=40, n_boot=100
+    )
+    result = CorruptionCheck().run(ctx, params)
+    metrics = metric_map(result)
+    rows = result.findings[0]["rows"]
+    with torch.no_grad():
+        clean_mae = mean_absolute_error(targets[rows], model(images[rows])[:, 0].double().numpy())
+    clean = metrics[("corruption.mae", (("corruption", "none"), ("severity", "0")))]
+    assert clean.value == pytest.approx(clean_mae, abs=1e-9) and clean.direction == "lower_is_better"
+    for name in ("contrast", "gaussian_noise"):
+        for severity in (1, 5):
+            key = (("corruption", name), ("severity", str(severity)))
+            predicted = corrupted_outputs(model, images, result, name, severity)[:, 0].double().numpy()
+            mae = mean_absolute_error(targets[rows], predicted)
+            assert metrics[("corruption.mae", key)].value == pytest.approx(mae, abs=1e-9)
+            # The documented number: the relative increase of the MAE (positive = worse).
+            increase = metrics[("corruption.relative_drop", key)]
+            assert increase.value == pytest.approx((mae - clean_mae) / clean_mae, abs=1e-9)
+            assert increase.direction == "lower_is_better" and increase.ci is not None
+    # Lower contrast pulls every image toward mid-grey: the model under-reads bone age.
+    contrast = metrics[("corruption.relative_drop", (("corruption", "contrast"), ("severity", "5")))].value
+    assert contrast is not None and contrast > 0.5
+    setup = result.findings[1]
+    assert setup["units"] == {"bone_age": "months"} and "relative increase" in setup["relative_drop"]
+    assert result.findings[0]["targets"]["bone_age"]["unit"] == "months"
+    assert [a.name for a in result.artifacts] == ["corruption_mae"]
+
+
+def test_relative_mae_increase_of_two_outputs_is_their_mean(tmp_path: Path) -> None:
+    from sklearn.metrics import mean_absolute_error
+
+    images, _ = quadrant_study(40, seed=2)
+    model = QuadrantMeans(2, 20.0, 40.0)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        targets = model(images).double().numpy() + rng.normal(0.0, [1.0, 3.0], (40, 2))
+    ctx = make_context(
+        targets, images=images.numpy(), model=model, classes=["a", "b"], task="regression", check=CorruptionCheck
+    )
+    params = CorruptionCheck.Params(corruptions=["gamma"], severities=[4], n_boot=0)
+    result = CorruptionCheck().run(ctx, params)
+    metrics = metric_map(result)
+    with torch.no_grad():
+        clean = model(images).double().numpy()
+    corrupted = corrupted_outputs(model, images, result, "gamma", 4).double().numpy()
+    increases = []
+    for k, output in enumerate(("a", "b")):
+        before = mean_absolute_error(targets[:, k], clean[:, k])
+        after = mean_absolute_error(targets[:, k], corrupted[:, k])
+        key = (("corruption", "gamma"), ("output", output), ("severity", "4"))
+        assert metrics[("corruption.mae", key)].value == pytest.approx(after, abs=1e-9)
+        increases.append((after - before) / before)
+    drop = metrics[("corruption.relative_drop", (("corruption", "gamma"), ("severity", "4")))]
+    assert drop.value == pytest.approx(float(np.mean(increases)), abs=1e-9)
+    assert drop.ci is None  # n_boot 0
+
+
+class NanOnDarkRegressor(torch.nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mean = images.mean(dim=(1, 2, 3))
+        return torch.where(mean < 0.3, torch.full_like(mean, float("nan")), 100 * mean)
+
+
+def test_non_finite_regression_outputs_leave_the_mae_undefined(tmp_path: Path) -> None:
+    images = torch.full((6, 1, 8, 8), 0.6)
+    targets = np.array([58.0, 59.0, 60.0, 61.0, 62.0, 63.0])
+    ctx = make_context(targets, images=images, model=NanOnDarkRegressor(), task="regression", check=CorruptionCheck)
+    result = CorruptionCheck().run(ctx, CorruptionCheck.Params(corruptions=["gamma"], severities=[1, 5], n_boot=0))
+    metrics = metric_map(result)
+    at_5 = (("corruption", "gamma"), ("severity", "5"))
+    assert metrics[("corruption.mae", at_5)].value is None
+    assert "6 of 6 predictions are not finite" in (metrics[("corruption.mae", at_5)].reason or "")
+    assert metrics[("corruption.relative_drop", at_5)].value is None
+    assert metrics[("corruption.relative_drop", at_5)].reason
+    assert metrics[("corruption.mean_relative_drop", ())].value is None
+    assert metrics[("corruption.relative_drop", (("corruption", "gamma"), ("severity", "1")))].value is not None
+    assert {"kind": "non_finite_logits", "corruption": "gamma", "severity": 5, "count": 6} in result.findings
+
+
+def test_empty_eval_split_of_other_tasks(tmp_path: Path) -> None:
+    for task, labels in (("multilabel", np.zeros((0, 2), dtype=np.int64)), ("regression", np.zeros((0, 1)))):
+        ctx = make_context(labels, logits=np.zeros((0, labels.shape[1])), task=task, check=CorruptionCheck)
+        result = CorruptionCheck().run(ctx, CorruptionCheck.Params(corruptions=["blur"], severities=[1, 2]))
+        assert len(result.metrics) == 1 + 2 * 2 + 1
+        assert all(m.value is None and m.reason == "no eval images" for m in result.metrics)
+        assert {m.name for m in result.metrics} <= set(CorruptionCheck.emits)
+
+
+def test_policy_judges_the_relative_mae_increase(tmp_path: Path) -> None:
+    from auditkit.policy import evaluate
+    from auditkit.testing import rules_for
+
+    images, targets = bone_age_study(50, seed=1)
+    params = CorruptionCheck.Params(corruptions=["contrast", "gaussian_noise"], severities=[1, 2], n_boot=0)
+    status = {}
+    for twin, model in (("fragile", QuadrantMeans(1, 20.0, 40.0)), ("robust", QuadrantMeans(1, 20.0, 40.0))):
+        if twin == "robust":  # a model that reads the quadrant against the image mean: contrast-invariant
+            model = ContrastInvariant(model)
+        ctx = make_context(targets, images=images.numpy(), model=model, task="regression", check=CorruptionCheck)
+        result = CorruptionCheck().run(ctx, params)
+        record = {"id": "corruption", "status": "ok", "metrics": [m.to_json() for m in result.metrics]}
+        judged = evaluate(rules_for("corruption"), [record])
+        status[twin] = {r["id"]: r["status"] for r in judged["rules"]}
+    # Contrast 0.85 scales every deviation from mid-grey: the fragile model's error grows by more
+    # than 10% at the mildest severity; the robust twin's does not.
+    assert status["fragile"]["COR-MILD-SHIFT"] == "warn"
+    assert status["robust"]["COR-MILD-SHIFT"] == "pass"
+
+
+class ContrastInvariant(torch.nn.Module):
+    """The quadrant model on images whose contrast is restored around their mean."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        spread = images.std(dim=(1, 2, 3), keepdim=True)
+        restored = 0.35 + 0.06 * (images - mean) / spread
+        return self.inner(restored)  # type: ignore[no-any-return]

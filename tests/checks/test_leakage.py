@@ -15,7 +15,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import r2_score, roc_auc_score
 
 from auditkit.checks.leakage import (
     LeakageCheck,
@@ -48,7 +48,13 @@ from auditkit.checks.leakage.fingerprint import (
 )
 from auditkit.checks.leakage.hashing import low_frequencies
 from auditkit.checks.leakage.identity import header_text
-from auditkit.checks.leakage.shortcut import fold_plan, out_of_fold_scores
+from auditkit.checks.leakage.shortcut import (
+    fold_plan,
+    group_fold_plan,
+    metadata_r2,
+    out_of_fold_means,
+    out_of_fold_scores,
+)
 from auditkit.context import AuditContext
 from auditkit.data import load_dataset
 from auditkit.fixtures.leaky import LEAKY_SITES, LeakyStudy, generate_leaky_study
@@ -56,6 +62,7 @@ from auditkit.fixtures.lookalike import COPY_KINDS, LookalikeStudy, generate_loo
 from auditkit.model import ModelAdapter
 from auditkit.runner import RunOptions, run_audit
 from auditkit.spec import load_spec
+from auditkit.testing import make_context
 
 SHORTCUT_AUC_BOUND = 0.75
 """The bound proposed for the policy's shortcut rule (warn above it)."""
@@ -591,7 +598,7 @@ def precision_recall(found: set[Any], truth: set[Any]) -> tuple[float, float]:
 
 def test_every_metric_is_declared_and_json_clean(leaky: Audited) -> None:
     names = {m["name"] for m in leaky.record["metrics"]}
-    assert names == set(LeakageCheck.emits)
+    assert names == set(LeakageCheck.emits) - {"leakage.metadata_r2"}  # R^2: regression only
     assert all(m["direction"] == "lower_is_better" for m in leaky.record["metrics"])
 
 
@@ -877,3 +884,227 @@ def test_proposed_policy_rules_fail_the_leaky_study_and_pass_the_clean_twin(leak
 def test_fixture_refuses_a_cohort_too_small(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"expected at least 5 \(n_moved_follow_ups \+ 2\)"):
         generate_leaky_study(tmp_path, n_patients=6)
+
+
+# --------------------------------------------------------------------------------------------
+# Other tasks: a continuous target's R^2, and multi-label studies
+
+
+def test_out_of_fold_means_by_hand() -> None:
+    codes = np.array([0, 0, 1, 1, 0, 1])
+    targets = np.array([10.0, 14.0, 2.0, 4.0, 6.0, 0.0])
+    folds = [(np.array([0, 1, 2, 3]), np.array([4, 5])), (np.array([2, 3, 4, 5]), np.array([0, 1]))]
+    predictions = out_of_fold_means(codes, targets, folds, smoothing=1.0)
+    # fold 1: fit mean 7.5; level 0 seen as (10, 14) -> (24 + 7.5) / 3, level 1 as (2, 4) -> (6 + 7.5) / 3.
+    assert np.allclose(predictions[4:], [31.5 / 3, 13.5 / 3])
+    # fold 2: fit mean 3; level 0 seen as (6,) -> (6 + 3) / 2.
+    assert np.allclose(predictions[:2], [4.5, 4.5])
+    assert np.isnan(predictions[[2, 3]]).all()  # in no test fold
+    unseen = out_of_fold_means(np.array([0, 0, 1]), np.array([1.0, 3.0, 9.0]), [(np.array([0, 1]), np.array([2]))])
+    assert unseen[2] == pytest.approx(2.0)  # a level the fit folds never saw: their mean
+
+
+def test_group_fold_plan_keeps_patients_together_and_says_why_not() -> None:
+    patients = [f"P{i // 3}" for i in range(60)]
+    plan = group_fold_plan(60, groups=patients, folds=5, rng=np.random.default_rng(0))
+    assert plan.k == 5 and plan.reason is None and plan.n == 60
+    assert sorted(np.concatenate([t for _, t in plan.folds]).tolist()) == list(range(60))
+    for fit, test in plan.folds:
+        assert not {patients[i] for i in fit.tolist()} & {patients[i] for i in test.tolist()}
+    assert group_fold_plan(6, groups=["A", "A", "B", "B", "C", "C"], folds=5, rng=np.random.default_rng(0)).k == 3
+    single = group_fold_plan(4, groups=["A"] * 4, folds=5, rng=np.random.default_rng(0))
+    assert single.folds == [] and single.reason == "fewer than 2 patients for 2 folds"
+    assert group_fold_plan(8, groups=None, folds=5, rng=np.random.default_rng(0)).k == 5
+    with pytest.raises(ValueError, match="3 patient surrogates for 4 images"):
+        group_fold_plan(4, groups=["A", "B", "C"], folds=2, rng=np.random.default_rng(0))
+
+
+def _r2(values: list[str | None], targets: np.ndarray, **kwargs: Any) -> Any:
+    options: dict[str, Any] = {"groups": None, "folds": 5, "n_boot": 0, "rng": np.random.default_rng(0)}
+    options.update(kwargs)
+    return metadata_r2(values, targets, **options)
+
+
+def test_metadata_r2_equals_sklearn_on_level_means_computed_by_hand() -> None:
+    from sklearn.model_selection import GroupKFold
+
+    rng = np.random.default_rng(11)
+    patients = [f"P{i // 2}" for i in range(300)]
+    site = np.repeat(rng.integers(0, 4, 150), 2)
+    targets = np.array([20.0, 35.0, 50.0, 80.0])[site] + rng.normal(0.0, 12.0, 300)
+    values = [f"s{v}" for v in site]
+    result = _r2(values, targets, groups=patients, n_boot=200)
+    # The same folds by hand: GroupKFold with the seed metadata_r2 draws; level means by hand.
+    seed = int(np.random.default_rng(0).integers(0, 2**31 - 1))
+    folds = GroupKFold(5, shuffle=True, random_state=seed).split(np.zeros((300, 1)), groups=patients)
+    predicted = np.empty(300)
+    for fit, test in folds:
+        mean = targets[fit].mean()
+        for i in test:
+            same = [j for j in fit if site[j] == site[i]]
+            predicted[i] = (targets[same].sum() + mean) / (len(same) + 1.0)
+    assert result.value == pytest.approx(r2_score(targets, predicted), abs=1e-12)
+    assert 0.6 < result.value < 0.9 and result.folds == 5 and result.n == 300 and result.n_levels == 4
+    assert result.ci is not None and result.ci[0] < result.value < result.ci[1] <= 1.0
+
+
+def test_metadata_r2_extremes_and_undefined_cases() -> None:
+    rng = np.random.default_rng(12)
+    group = rng.integers(0, 3, 200)
+    targets = group * 10.0
+    assert _r2([f"g{v}" for v in group], targets).value > 0.999  # level means shrunk toward the fold mean
+    noise = _r2([str(v) for v in rng.integers(0, 3, 200)], targets + rng.normal(0, 1, 200), n_boot=200)
+    assert -0.1 < noise.value < 0.05 and noise.ci is not None and noise.ci[0] < 0.0
+    assert _r2(["same"] * 200, targets).value == pytest.approx(0.0, abs=0.02)  # only the fold means
+    constant = _r2(["a", "b"] * 5, np.full(10, 7.0))
+    assert constant.value is None and constant.reason == "the target is constant (R^2 is undefined)"
+    missing = _r2([None] * 10, np.arange(10.0))
+    assert missing.value is None and missing.reason == "no image has a value"
+    one_patient = _r2(["a", "b"] * 3, np.arange(6.0), groups=["P1"] * 6)
+    assert one_patient.value is None and one_patient.reason == "fewer than 2 patients for 2 folds"
+    with pytest.raises(ValueError, match="one finite number per image"):
+        _r2(["a", "b"], np.array([1.0, np.nan]))
+    # A patient ID predicts the target within a patient only: grouped folds give it nothing.
+    patients = [f"P{i // 2}" for i in range(200)]
+    per_patient = np.repeat(rng.normal(0, 1, 100), 2)
+    assert _r2(patients, per_patient, groups=patients).value < 0.05
+    assert _r2(patients, per_patient).value > 0.3
+
+
+def _multilabel_split(rng: np.random.Generator, n: int, offset: int, planted: bool) -> dict[str, Any]:
+    """Images of patients with two images each, three labels (label1 planted in 'site' when asked)
+    and about 10% unknown entries."""
+    labels = np.repeat((rng.random((n // 2, 3)) < 0.35).astype(np.int64), 2, axis=0)
+    labels[rng.random((n, 3)) < 0.1] = -1
+    agrees = rng.random(n) < 0.9
+    site = np.where(agrees == (labels[:, 1] == 1), "A", "B") if planted else rng.choice(["A", "B"], n)
+    return {
+        "labels": labels,
+        "probs": rng.uniform(0.05, 0.95, (n, 3)),
+        "features": rng.normal(size=(n, 8)),
+        "images": rng.random((n, 1, 32, 32)),
+        "groups": {"site": site, "noise": rng.choice(["x", "y", "z"], n)},
+        "patients": [f"P{offset + i // 2}" for i in range(n)],
+    }
+
+
+def _run_in_memory(task: str, eval_split: dict[str, Any], train: dict[str, Any], **kwargs: Any) -> Audited:
+    split = dict(eval_split)
+    ctx = make_context(split.pop("labels"), task=task, **split, train=train, check=LeakageCheck, **kwargs)
+    params = LeakageCheck.Params(shortcut_columns=("site", "noise"), n_boot=100)
+    result = LeakageCheck().run(ctx, params)
+    return Audited(None, {"metrics": [m.to_json() for m in result.metrics], "findings": result.findings})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def multilabel_runs() -> dict[str, tuple[Audited, np.ndarray]]:
+    runs = {}
+    for planted in (True, False):
+        rng = np.random.default_rng(21)
+        train, test = _multilabel_split(rng, 120, 1000, planted), _multilabel_split(rng, 120, 0, planted)
+        pooled = np.concatenate([train["labels"], test["labels"]])
+        runs["planted" if planted else "clean"] = (_run_in_memory("multilabel", test, train), pooled)
+    return runs
+
+
+def test_multilabel_a_column_encoding_one_label_is_found_per_label(
+    multilabel_runs: dict[str, tuple[Audited, np.ndarray]],
+) -> None:
+    audited, labels = multilabel_runs["planted"]
+    assert "multilabel" in LeakageCheck.tasks
+    per_label = {
+        (m["labels"]["column"], m["labels"]["label"]): m
+        for m in audited.record["metrics"]
+        if m["name"] == "leakage.metadata_auc" and "label" in m["labels"]
+    }
+    assert set(per_label) == {(c, f"label{k}") for c in ("site", "noise") for k in range(3)}
+    planted = per_label[("site", "label1")]
+    assert planted["value"] > 0.85 and planted["ci"][0] > SHORTCUT_AUC_BOUND
+    for (column, label), metric in per_label.items():
+        known = int((labels[:, int(label[-1])] >= 0).sum())
+        assert metric["n"] == known  # unknown entries are left out of their label
+        if (column, label) != ("site", "label1"):
+            assert 0.35 < metric["value"] < 0.65, (column, label)
+    # The column-level value is the largest label's, with its interval: what LEAK-SHORTCUT judges.
+    site = audited.metric("leakage.metadata_auc", column="site")
+    assert (site["value"], site["ci"], site["n"]) == (planted["value"], planted["ci"], planted["n"])
+    noise = audited.metric("leakage.metadata_auc", column="noise")
+    assert noise["value"] == max(per_label[("noise", f"label{k}")]["value"] for k in range(3))
+    (signal,) = audited.findings("metadata_signal", column="site")
+    assert signal["label"] == "label1" and signal["auroc"] == planted["value"]
+    (strongest,) = audited.findings("strongest_metadata_signal")
+    assert (strongest["column"], strongest["label"]) == ("site", "label1")
+    (unknown,) = audited.findings("unknown_label_entries")
+    assert unknown["left_out"] == {f"label{k}": int((labels[:, k] < 0).sum()) for k in range(3)}
+    assert {m["name"] for m in audited.record["metrics"]} == set(LeakageCheck.emits) - {"leakage.metadata_r2"}
+
+
+def test_multilabel_shortcut_rule_warns_on_the_planted_column_only(
+    multilabel_runs: dict[str, tuple[Audited, np.ndarray]],
+) -> None:
+    from auditkit.policy import evaluate
+    from auditkit.testing import rules_for
+
+    policy = rules_for("leakage")
+    planted, _ = multilabel_runs["planted"]
+    judged = evaluate(policy, [{"id": "leakage", "status": "ok", **planted.record}])
+    (rule,) = [r for r in judged["rules"] if r["id"] == "LEAK-SHORTCUT"]
+    assert rule["status"] == "warn" and rule["labels"] == {"column": "site"}
+    clean, _ = multilabel_runs["clean"]
+    assert all(m["value"] < SHORTCUT_AUC_BOUND for m in clean.record["metrics"] if m["name"] == "leakage.metadata_auc")
+    judged = evaluate(policy, [{"id": "leakage", "status": "ok", **clean.record}])
+    (rule,) = [r for r in judged["rules"] if r["id"] == "LEAK-SHORTCUT"]
+    assert rule["status"] == "pass"
+
+
+def test_multilabel_a_label_with_every_entry_unknown_is_undefined_with_the_reason() -> None:
+    rng = np.random.default_rng(3)
+    train, test = _multilabel_split(rng, 40, 1000, True), _multilabel_split(rng, 40, 0, True)
+    for split in (train, test):
+        split["labels"][:, 2] = -1
+    audited = _run_in_memory("multilabel", test, train)
+    metric = audited.metric("leakage.metadata_auc", column="site", label="label2")
+    assert metric["value"] is None and metric["reason"] == "every entry of this label is unknown"
+    assert audited.metric("leakage.metadata_auc", column="site")["value"] is not None
+
+
+def _regression_split(rng: np.random.Generator, n: int, offset: int, planted: bool) -> dict[str, Any]:
+    site = np.repeat(rng.choice(["A", "B", "C"], n // 2), 2)
+    centre = np.array([{"A": 100.0, "B": 140.0, "C": 180.0}[s] for s in site]) if planted else 140.0
+    age = centre + rng.normal(0.0, 25.0, n)
+    size = rng.normal(50.0, 10.0, n)
+    return {
+        "labels": np.c_[age, size],
+        "probs": np.c_[age + rng.normal(0, 5, n), size],
+        "features": rng.normal(size=(n, 8)),
+        "images": rng.random((n, 1, 32, 32)),
+        "groups": {"site": site, "noise": rng.choice(["x", "y", "z"], n)},
+        "patients": [f"P{offset + i // 2}" for i in range(n)],
+    }
+
+
+@pytest.mark.parametrize("planted", [True, False])
+def test_regression_a_column_encoding_the_target_has_a_high_r2(planted: bool) -> None:
+    assert "regression" in LeakageCheck.tasks
+    rng = np.random.default_rng(31)
+    train, test = _regression_split(rng, 120, 1000, planted), _regression_split(rng, 120, 0, planted)
+    audited = _run_in_memory("regression", test, train, classes=["bone_age", "size"])
+    names = {m["name"] for m in audited.record["metrics"]}
+    assert names == set(LeakageCheck.emits) - {"leakage.metadata_auc"}
+    r2 = {
+        (m["labels"]["column"], m["labels"]["output"]): m
+        for m in audited.record["metrics"]
+        if m["name"] == "leakage.metadata_r2"
+    }
+    assert set(r2) == {(c, o) for c in ("site", "noise") for o in ("bone_age", "size")}
+    assert all(m["n"] == 240 and m["direction"] == "lower_is_better" for m in r2.values())
+    for key, metric in r2.items():
+        if planted and key == ("site", "bone_age"):
+            assert metric["value"] > 0.5 and metric["ci"][0] > 0.3
+        else:
+            assert metric["value"] < 0.1, key
+    (strongest,) = audited.findings("strongest_metadata_signal")
+    if planted:
+        assert (strongest["column"], strongest["output"]) == ("site", "bone_age")
+    (signal,) = audited.findings("metadata_signal", column="site")
+    assert signal["r2"] == {"bone_age": r2[("site", "bone_age")]["value"], "size": r2[("site", "size")]["value"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import xml.etree.ElementTree as ET
@@ -34,10 +35,12 @@ from auditkit.checks.ood import (
     energy_score,
     fit_class_gaussians,
     fpr_at_tpr,
+    joint_energy_score,
     knn_score,
     load_other_modality,
     mahalanobis_score,
     max_logit_score,
+    max_sigmoid_score,
     msp_score,
     odin_score,
     roc_curves,
@@ -911,3 +914,141 @@ def test_rgb_channels_last_inputs_score_as_contiguous_ones() -> None:
     model = model.to(memory_format=torch.channels_last)
     for batch in (images, channels_last):
         np.testing.assert_allclose(odin_score(model, batch, epsilon=0.01), expected_odin, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-label and regression models
+
+
+def test_multilabel_scores_hand_computed() -> None:
+    logits = np.array([[0.0, 2.0, -1.0], [-3.0, -3.0, -3.0], [1000.0, -1000.0, 0.0], [np.nan, 0.0, 0.0]])
+    sigmoid = 1.0 / (1.0 + np.exp(-np.array([2.0, -3.0])))
+    np.testing.assert_allclose(max_sigmoid_score(logits)[:3], [sigmoid[0], sigmoid[1], 1.0])
+    # -E(x) = sum_k log(1 + exp(z_k)): the free energies of the per-label two-class logits [0, z_k].
+    expected = [
+        math.log(2.0) + math.log1p(math.exp(2.0)) + math.log1p(math.exp(-1.0)),
+        3 * math.log1p(math.exp(-3.0)),
+        1000.0 + math.log(2.0),  # exact for large logits: no overflow
+    ]
+    np.testing.assert_allclose(joint_energy_score(logits)[:3], expected, rtol=1e-12)
+    two_class = np.stack([np.zeros_like(logits[:3]), logits[:3]], axis=2)
+    np.testing.assert_allclose(
+        joint_energy_score(logits)[:3], [sum(energy_score(row)) for row in two_class], rtol=1e-12
+    )
+    assert np.isnan(max_sigmoid_score(logits)[3]) and np.isnan(joint_energy_score(logits)[3])
+
+
+def multilabel_study(n: int, rng: np.random.Generator, *, shifted: bool = False) -> dict[str, Any]:
+    """Images with one dominant finding of four: confident logits, embeddings near that finding's
+    centre. ``shifted``: embeddings far from every centre and no confident logit (unknown labels)."""
+    centres = 3.0 * np.eye(4, 16)
+    finding_of = rng.integers(0, 4, size=n)
+    if shifted:
+        features = 4.0 + rng.normal(scale=0.5, size=(n, 16))
+        logits = rng.normal(-0.5, 0.5, size=(n, 4))
+        return {"labels": np.full((n, 4), -1), "logits": logits, "features": features}
+    features = centres[finding_of] + rng.normal(scale=0.5, size=(n, 16))
+    logits = np.where(np.eye(4, dtype=bool)[finding_of], 4.0, -3.0) + rng.normal(scale=0.5, size=(n, 4))
+    labels = np.eye(4, dtype=np.int64)[finding_of]
+    labels[rng.uniform(size=(n, 4)) < 0.1] = -1
+    return {"labels": labels, "logits": logits, "features": features}
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_multilabel_check_finds_a_planted_shift_and_passes_its_twin(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    study, train = multilabel_study(200, rng), multilabel_study(200, rng)
+    twin = multilabel_study(80, rng)
+    twin["labels"] = np.full((80, 4), -1)
+    ctx = testing.make_context(
+        study["labels"], logits=study["logits"], features=study["features"], task="multilabel",
+        train=train, ood={"shifted": multilabel_study(80, rng, shifted=True), "twin": twin},
+        check=OODCheck, out_dir=tmp_path,
+    )  # fmt: skip
+    detectors = ("msp", "max_logit", "energy", "mahalanobis", "knn", "odin")
+    result = OODCheck().run(ctx, OODCheck.Params(builtin_sets=[], detectors=detectors, n_boot=100))
+    aurocs = by_key(result, "ood.auroc")
+    for detector in detectors[:5]:
+        assert (aurocs[detector, "shifted"].value or 0.0) > 0.95, detector
+        twin_auroc = aurocs[detector, "twin"]
+        assert twin_auroc.value is not None and twin_auroc.ci is not None
+        assert twin_auroc.ci[0] < 0.5 < twin_auroc.ci[1] and abs(twin_auroc.value - 0.5) < 0.12, detector
+
+    # msp and energy are the multi-label scores: max sigmoid and the joint energy, as sklearn sees them.
+    # On the twin too, where the ranking is not trivial (softmax and logsumexp would rank otherwise).
+    in_logits = ctx.predictions("eval").logits.double().numpy()
+    multilabel_scores = {
+        "msp": lambda z: (1.0 / (1.0 + np.exp(-z))).max(axis=1),
+        "energy": lambda z: np.log1p(np.exp(z)).sum(axis=1),
+    }
+    for detector, score in multilabel_scores.items():
+        for ood_set in ("shifted", "twin"):
+            out_logits = ctx.predictions(f"ood:{ood_set}").logits.double().numpy()
+            y = np.r_[np.ones(len(in_logits)), np.zeros(len(out_logits))]
+            expected = roc_auc_score(y, np.r_[score(in_logits), score(out_logits)])
+            assert aurocs[detector, ood_set].value == pytest.approx(expected, abs=1e-12), (detector, ood_set)
+    scores = finding(result, "ood_scores")
+    assert scores["task"] == "multilabel"
+    assert "sigmoid" in scores["scores"]["msp"] and "joint energy" in scores["scores"]["energy"]
+    assert "one Gaussian" in scores["scores"]["mahalanobis"]
+
+    # ODIN assumes a softmax: not applicable, said with the task; so is selective accuracy.
+    odin = aurocs["odin", "shifted"]
+    assert odin.value is None and "task: multilabel" in (odin.reason or "")
+    assert finding(result, "detector_not_applicable", detector="odin")["task"] == "multilabel"
+    assert not [f for f in result.findings if f["kind"] == "odin"]  # no ODIN pass was made
+    (selective,) = [m for m in result.metrics if m.name == "ood.selective_accuracy"]
+    assert selective.value is None and "task: multilabel" in (selective.reason or "")
+    (coverage,) = [m for m in result.metrics if m.name == "ood.coverage"]
+    assert coverage.value is not None and coverage.value >= 0.95
+    recommended = finding(result, "recommended_detector")
+    assert recommended["selective_accuracy"] is None and recommended["worst_ood_set"] == "twin"
+    json.dumps([m.to_json() for m in result.metrics], allow_nan=False)
+    json.dumps(result.findings, allow_nan=False)
+
+    from auditkit.policy import evaluate_rule
+
+    metrics = [m.to_json() for m in result.metrics]
+    rules = {rule.id: evaluate_rule(rule, metrics) for rule in testing.rules_for("ood").rules}
+    assert rules["OOD-SELECTIVE-ACCURACY"]["status"] == "not_evaluated"
+    assert "task: multilabel" in rules["OOD-SELECTIVE-ACCURACY"]["note"]
+    assert rules["OOD-ALL-SETS"]["status"] == "warn"  # the twin is no shift: nothing to detect
+    assert rules["OOD-ALL-SETS"]["labels"]["ood_set"] == "twin"
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_regression_check_uses_embeddings_only(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+
+    def images(n: int, *, shifted: bool) -> dict[str, Any]:
+        # Embeddings around one direction (the eval scanner) or another (a scanner never seen).
+        direction = np.r_[np.zeros(6), np.ones(6)] if shifted else np.r_[np.ones(6), np.zeros(6)]
+        features = rng.normal(size=(n, 12)) + 3.0 * direction
+        age = features[:, :1] * 10.0 + 100.0  # the predicted bone age, months
+        return {"labels": age + rng.normal(size=(n, 1)), "probs": age, "features": features}
+
+    study = images(240, shifted=False)
+    ood = {"other_scanner": images(60, shifted=True) | {"labels": np.full((60, 1), np.nan)}}
+    ood["twin"] = images(60, shifted=False) | {"labels": np.full((60, 1), np.nan)}
+    ctx = testing.make_context(
+        study["labels"], probs=study["probs"], features=study["features"], task="regression",
+        classes=["bone_age"], ood=ood, check=OODCheck, out_dir=tmp_path,
+    )  # fmt: skip
+    result = OODCheck().run(ctx, OODCheck.Params(builtin_sets=[], n_boot=100))
+    aurocs = by_key(result, "ood.auroc")
+    for detector in ("msp", "max_logit", "energy"):
+        for ood_set in ("other_scanner", "twin"):
+            metric = aurocs[detector, ood_set]
+            assert metric.value is None
+            assert "task: regression" in (metric.reason or "") and "no confidence" in (metric.reason or "")
+        assert finding(result, "detector_not_applicable", detector=detector)["task"] == "regression"
+    for detector in ("mahalanobis", "knn"):
+        assert (aurocs[detector, "other_scanner"].value or 0.0) > 0.95
+        assert abs((aurocs[detector, "twin"].value or 0.0) - 0.5) < 0.15
+    reference = finding(result, "ood_reference")
+    assert reference["fit_split"] == "eval" and reference["n_held_out"] == 120  # a random half of eval
+    assert set(finding(result, "ood_scores")["scores"]) == {"mahalanobis", "knn"}
+    (selective,) = [m for m in result.metrics if m.name == "ood.selective_accuracy"]
+    assert selective.value is None and "task: regression" in (selective.reason or "")
+    assert finding(result, "recommended_detector")["detector"] in ("mahalanobis", "knn")
+    json.dumps([m.to_json() for m in result.metrics], allow_nan=False)

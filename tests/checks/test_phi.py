@@ -34,6 +34,7 @@ from auditkit.checks.phi.profile import (
 from auditkit.fixtures.phi import CLEAN_PROFILE, PhiStudy, generate_phi_study
 from auditkit.runner import RunOptions, run_audit
 from auditkit.spec import load_spec
+from auditkit.testing import make_context
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT.parent / "shared" / "reference" / "dicom-ps3.15-annex-e-table-e1-1.json"
@@ -399,3 +400,69 @@ def test_ood_sets_are_read_too(phi_study: PhiStudy, tmp_path: Path) -> None:
 def test_fixture_refuses_a_cohort_too_small(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"need 24 for per_fault=3"):
         generate_phi_study(tmp_path, n_patients=4)
+
+
+# --------------------------------------------------------------------------------------------
+# Every task: the check reads headers only
+
+
+def _as_task(study: PhiStudy, task: str) -> Path:
+    """The PHI study's spec and manifest rewritten for ``task`` (same images, same model outputs)."""
+    import csv
+
+    with (study.root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    data = yaml.safe_load(study.spec_path.read_text(encoding="utf-8"))
+    model = data["model"]
+    model.pop("positive_class", None)
+    model["task"] = task
+    if task == "multilabel":  # one 1/0 column per label, a few entries unknown
+        names = ["normal", "nodule"]
+        for i, row in enumerate(rows):
+            label = row.pop("label")
+            for name in names:
+                row[name] = "" if i % 7 == 3 else str(int(label == name))
+    else:  # two continuous outputs
+        names = ["age_estimate", "size_mm"]
+        for i, row in enumerate(rows):
+            label = row.pop("label")
+            row["age_estimate"], row["size_mm"] = row["age"], f"{(label == 'nodule') * 4.0 + i % 5:.1f}"
+    model["classes"] = names
+    manifest = study.root / f"manifest-{task}.csv"
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    data["data"]["manifest"] = manifest.name
+    spec_path = study.spec_path.with_name(f"audit-{task}.yaml")
+    spec_path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return spec_path
+
+
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_multilabel_and_regression_studies_are_judged_exactly_as_classification(
+    phi_study: PhiStudy, phi_record: dict[str, Any], task: str, tmp_path: Path
+) -> None:
+    assert task in PHICheck.tasks and "classification" in PHICheck.tasks
+    spec = load_spec(_as_task(phi_study, task))
+    assert spec.model.task == task
+    outcome = run_audit(spec, RunOptions(out_dir=tmp_path, report=False, pdf=False), checks={"phi": PHICheck})
+    (record,) = _audited(outcome.results)
+    assert record["status"] == "ok", record.get("skip_reason") or record.get("error")
+    assert record["metrics"] == phi_record["metrics"]
+    assert record["findings"] == phi_record["findings"]
+    assert _metric(record, "phi.files_with_identifiers")["value"] == len(phi_study.truth.identifying_rows) > 0
+
+
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_an_in_memory_context_of_any_task_is_measured(task: str) -> None:
+    # No DICOM file: counted, not judged - the same answer whatever the task.
+    labels = [[1, 0], [0, -1], [0, 1]] if task == "multilabel" else [[3.0, 1.0], [5.0, 2.0], [4.0, 0.5]]
+    probs = [[0.9, 0.2], [0.1, 0.3], [0.4, 0.8]] if task == "multilabel" else labels
+    result = PHICheck().run(make_context(labels, probs=probs, task=task, check=PHICheck), PHICheck.Params())
+    baseline = PHICheck().run(make_context([0, 1, 1], probs=[[0.9, 0.1]] * 3, check=PHICheck), PHICheck.Params())
+    assert [m.to_json() for m in result.metrics] == [m.to_json() for m in baseline.metrics]
+    assert result.findings == baseline.findings
+    assert all(m.value is None and "no readable DICOM header" in (m.reason or "") for m in result.metrics)
+    (scan,) = [f for f in result.findings if f["kind"] == "phi_scan"]
+    assert scan["non_dicom_files"] == 3
