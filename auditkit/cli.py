@@ -199,11 +199,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+_DEMO_FINDINGS = {
+    "classification": (
+        "the demo fails the default policy, as it should: a tiny, overconfident CNN on synthetic"
+        " patients drawn from one anatomical template; report.pdf says why"
+    ),
+    "multilabel": (
+        "the multilabel demo fails the default policy: its model was trained on labels that under-report"
+        " women's findings (planted) and underdiagnoses women; report.pdf says which rules fail and why"
+    ),
+    "regression": (
+        "the regression demo fails the default policy: its model never saw site C in training (planted)"
+        " and errs more there; report.pdf says which rules fail and why"
+    ),
+}
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from auditkit.demo import prepare_demo
+    from auditkit.demo import prepare_demo, prepare_task_demo
 
     out = Path(args.out).resolve()
-    spec_path = prepare_demo(out, n_patients=args.patients)
+    if args.task == "classification":
+        spec_path = prepare_demo(out, n_patients=240 if args.patients is None else args.patients)
+    elif args.patients is not None:
+        print(
+            f"auditkit: error: --patients applies to --task classification; the {args.task} study is fixed"
+            " (its packaged model was trained on its train split)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    else:
+        spec_path = prepare_task_demo(out, args.task)
     print(f"demo study and spec written to {spec_path.parent}")
     run_args = argparse.Namespace(
         spec=str(spec_path),
@@ -219,10 +245,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     code = _cmd_run(run_args)
     if code == 1:  # a failed policy is the demo's finding, not an error of the demo
-        print(
-            "the demo fails the default policy, as it should: a tiny, overconfident CNN on synthetic"
-            " patients drawn from one anatomical template; report.pdf says why"
-        )
+        print(_DEMO_FINDINGS[args.task])
         return 0
     return code
 
@@ -329,7 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="audit the packaged synthetic study and model")
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    demo.add_argument("--patients", type=int, default=240, help="patients in the synthetic study")
+    demo.add_argument(
+        "--task",
+        choices=["classification", "multilabel", "regression"],
+        default="classification",
+        help="classification (default): the nodule study and tiny CNN; multilabel: a model that"
+        " underdiagnoses women (planted); regression: a cardiothoracic-ratio model that never saw site C",
+    )
+    demo.add_argument(
+        "--patients", type=int, help="patients in the synthetic study (--task classification; default 240)"
+    )
     demo.add_argument("--only", action="append", help="comma-separated check ids to run")
     demo.add_argument("--skip", action="append", help="comma-separated check ids to skip")
     demo.add_argument("--device", help="auto | cpu | cuda | cuda:N")

@@ -1,4 +1,11 @@
-"""``auditkit demo``: the packaged synthetic study, model and spec, written to a folder."""
+"""``auditkit demo``: the packaged synthetic study, model and spec, written to a folder.
+
+``--task classification`` (the default) is the nodule study and tiny CNN of :func:`prepare_demo`;
+``--task multilabel`` and ``--task regression`` are the planted fixtures of
+:mod:`auditkit.fixtures.multilabel` (a model trained on labels that under-report women's findings)
+and :mod:`auditkit.fixtures.regression` (a cardiothoracic-ratio regressor that never saw site C),
+written by :func:`prepare_task_demo`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,9 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+
+DEMO_TASKS: tuple[str, ...] = ("classification", "multilabel", "regression")
+"""The tasks ``auditkit demo --task`` accepts."""
 
 DEMO_SPEC = {
     "model": {
@@ -76,3 +86,38 @@ def prepare_demo(out: Path, *, n_patients: int = 240, fmt: str = "dicom", seed: 
         encoding="utf-8",
     )
     return spec_path
+
+
+def prepare_task_demo(out: Path, task: str) -> Path:
+    """Write the planted study of ``task``, its packaged model and spec under ``out/study``.
+
+    ``multilabel``: the multi-label chest study and the model trained on under-reported labels of
+    women (:func:`auditkit.fixtures.multilabel.write_multilabel_spec`, variant ``underlabelled``);
+    ``regression``: the cardiothoracic-ratio study and the model that never saw site C
+    (:func:`auditkit.fixtures.regression.write_regression_spec`, variant ``biased``);
+    ``classification``: :func:`prepare_demo` with its defaults. Every installed check runs.
+
+    Returns:
+        The spec's path (paths inside it are relative, so the folder can be moved).
+
+    Raises:
+        ValueError: ``task`` is not one of :data:`DEMO_TASKS`.
+    """
+    if task not in DEMO_TASKS:
+        raise ValueError(f"task must be one of {list(DEMO_TASKS)}, got {task!r}")
+    if task == "classification":
+        return prepare_demo(out)
+    study = out / "study"
+    if study.exists():
+        shutil.rmtree(study)
+    if task == "multilabel":
+        from auditkit.fixtures.multilabel import generate_multilabel_study, write_multilabel_spec
+
+        generate_multilabel_study(study)
+        spec: Path = write_multilabel_spec(study, "underlabelled", device="auto")
+        return spec
+    from auditkit.fixtures.regression import generate_regression_study, write_regression_spec
+
+    generate_regression_study(study)
+    spec = write_regression_spec(study, "biased", device="auto")
+    return spec

@@ -1,0 +1,49 @@
+"""``auditkit demo --task multilabel|regression``: the planted fixtures audited end to end, with the PDF."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from auditkit.cli import main
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_demo_audits_the_planted_study_of_the_task(
+    task: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["demo", "--task", task, "--out", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert code in (0, 1), out
+    results = json.loads((tmp_path / "audit" / "results.json").read_text())
+    assert results["model"]["task"] == task
+    assert (tmp_path / "audit" / "report.pdf").stat().st_size > 0
+    assert not [c["id"] for c in results["checks"] if c["status"] == "error"]
+    spec = yaml.safe_load(next((tmp_path / "study").glob("audit-*.yaml")).read_text())
+    assert spec["model"]["task"] == task and "checks" not in spec  # every installed check runs
+    if task == "multilabel":
+        assert results["model"]["output_names"] == ["effusion", "nodule", "cardiomegaly", "fracture"]
+        assert results["model"]["classes"] == ["effusion", "nodule", "cardiomegaly"]
+        eval_counts = results["data"]["splits"]["eval"]
+        assert eval_counts["n_images"] > 300
+    else:
+        assert results["model"]["units"] == {"ctr": "%"}
+    skipped = [c for c in results["checks"] if c["status"] == "skipped"]
+    assert all(f"task: {task}" in c["reason"] for c in skipped if "does not measure" in c["reason"])
+
+
+def test_patients_applies_to_the_classification_demo_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--task", "multilabel", "--patients", "30", "--out", str(tmp_path)]) == 2
+    assert "--patients applies to --task classification" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
+
+
+def test_the_default_task_is_classification() -> None:
+    from auditkit.cli import build_parser
+
+    args = build_parser().parse_args(["demo"])
+    assert args.task == "classification" and args.patients is None
