@@ -74,3 +74,25 @@ def test_the_site_the_regressor_never_saw_is_named_and_the_fair_twin_passes(
     assert site_c["value"] > 2 * site_a["value"]
     assert _rule(fair, "BIAS-MAE-GAP")["status"] == "pass"
     assert _metric(fair, "performance.r2")["ci"][0] > 0.5
+
+
+def test_regression_performance_equals_scikit_learn_on_the_fixture(regression_study: Path, tmp_path: Path) -> None:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    from auditkit.checks.performance import PerformanceCheck
+    from auditkit.context import AuditContext
+    from auditkit.data import load_dataset
+    from auditkit.model import ModelAdapter
+    from auditkit.spec import load_spec
+
+    spec = load_spec(regression.write_regression_spec(regression_study, "biased"))
+    ctx = AuditContext(spec, ModelAdapter(spec, device="cpu"), load_dataset(spec, roles=("eval",)), tmp_path)
+    view = ctx.for_check(PerformanceCheck)
+    result = PerformanceCheck().run(view, PerformanceCheck.Params())
+    predictions = view.predictions()
+    y, p = predictions.labels[:, 0], predictions.probs[:, 0]
+    values = {m.name: m.value for m in result.metrics if not m.labels}
+    assert values["performance.mae"] == pytest.approx(mean_absolute_error(y, p), abs=1e-9)
+    assert values["performance.rmse"] == pytest.approx(mean_squared_error(y, p) ** 0.5, abs=1e-9)
+    assert values["performance.r2"] == pytest.approx(r2_score(y, p), abs=1e-9)
+    assert values["performance.mean_error"] == pytest.approx(float((p - y).mean()), abs=1e-9)
