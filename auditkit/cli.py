@@ -278,7 +278,7 @@ def _cmd_policies(args: argparse.Namespace) -> int:
         labels = "worst of all" if rule.labels is None else (rule.labels or "overall")
         print(
             f"  {rule.id:<22} {rule.severity:<4} {rule.metric} {labels} {bound} (use {rule.use})"
-            f"  [{', '.join(rule.controls)}]"
+            f"  [{', '.join(rule.controls)}]" + (f"  tasks: {', '.join(rule.tasks)}" if rule.tasks else "")
         )
     return 0
 
