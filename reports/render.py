@@ -15,7 +15,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -274,6 +274,615 @@ def _risks(results: Mapping[str, Any]) -> list[str]:
     return risks
 
 
+# --------------------------------------------------------------------------- pivot tables
+# Multi-label and regression audits measure each figure per label (or output) and per group, so a
+# listing of one row per metric runs to dozens of pages. Their check sections lead instead with
+# pivot tables built from the check's metrics in results.json: a metric's label keys pick its row
+# and column, so every cell is one metric of that file, with its 95% interval beneath. Undefined
+# values print as a dash and are counted in one line under the table (their reasons are in
+# metrics.csv); a row with no defined value is left out and named in that line. Classification
+# sections keep the listing.
+PIVOT_TASKS = frozenset({"multilabel", "regression"})
+_ABSENT = ""  # the key of a metric whose labels lack a pivot key (e.g. one output: no ``output``)
+METRIC_WORDS = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "auroc": "AUROC",
+    "auprc": "AUPRC",
+    "aupr": "AUPR",
+    "aupr_in": "AUPR-in",
+    "fpr_at_95_tpr": "FPR at 95% TPR",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "macro_auroc": "Macro AUROC",
+    "mae": "MAE",
+    "rmse": "RMSE",
+    "mean_error": "Mean error",
+    "r2": "R²",
+    "mae_ratio": "MAE ratio",
+    "ece": "ECE",
+    "mce": "MCE",
+    "ace": "ACE",
+    "brier": "Brier",
+    "nll": "NLL",
+    "ece_after_temperature": "ECE after temperature",
+    "underdiagnosis_rate": "Underdiagnosis rate",
+    "equalized_odds_difference": "Equalized odds difference",
+    "demographic_parity_difference": "Demographic parity difference",
+    "min_group_size": "Smallest group (n)",
+    "metadata_auc": "AUROC",
+    "metadata_r2": "R²",
+    "recommended_auroc": "AUROC",
+    "recommended_fpr_at_95_tpr": "FPR at 95% TPR",
+    "n": "n",
+}
+
+
+def metric_word(measure: str) -> str:
+    """A column or row heading for a metric (``auroc`` -> ``AUROC``); unknown names as written."""
+    return METRIC_WORDS.get(measure, measure.replace("_", " "))
+
+
+def label_key(metric: Mapping[str, Any], key: str) -> str:
+    """The value of one pivot key of a metric.
+
+    ``name`` is the metric's name; ``measure`` is what it measures: its ``metric`` label when it has
+    one (``bias.max_gap {metric: sensitivity}`` -> ``sensitivity``), else the last part of its
+    name (``performance.auroc`` -> ``auroc``); any other key is that label's value, or ``""`` when
+    the metric has no such label.
+    """
+    labels = metric.get("labels") or {}
+    name = str(metric.get("name", ""))
+    if key == "name":
+        return name
+    if key == "measure":
+        return str(labels.get("metric") or name.rsplit(".", 1)[-1])
+    value = labels.get(key)
+    return _ABSENT if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class Select:
+    """Metrics of one name whose label keys are exactly ``keys``, optionally with some label values."""
+
+    name: str
+    keys: frozenset[str] = frozenset()
+    where: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def matches(self, metric: Mapping[str, Any]) -> bool:
+        labels = metric.get("labels") or {}
+        if metric.get("name") != self.name or set(labels) != self.keys:
+            return False
+        return all(str(labels.get(key)) in allowed for key, allowed in self.where)
+
+
+def describe_selects(selects: Sequence[Select]) -> str:
+    """``a.x, a.y {label}; b.z {group, group_by}``: the metrics a table shows, by their label keys."""
+    by_keys: dict[tuple[frozenset[str], tuple[tuple[str, tuple[str, ...]], ...]], list[str]] = {}
+    for item in selects:
+        by_keys.setdefault((item.keys, item.where), []).append(item.name)
+    parts = []
+    for (keys, where), names in by_keys.items():
+        text = ", ".join(dict.fromkeys(names)) + (" {" + ", ".join(sorted(keys)) + "}" if keys else "")
+        text += "".join(f" with {key} " + "/".join(allowed) for key, allowed in where)
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def select(name: str, *keys: str, **where: Sequence[str]) -> Select:
+    return Select(name, frozenset(keys), tuple((k, tuple(v)) for k, v in where.items()))
+
+
+@dataclass
+class PivotSpec:
+    """One pivot table: which metrics, which of their keys make the rows and the columns."""
+
+    title: str
+    selects: tuple[Select, ...]
+    rows: tuple[str, ...]
+    cols: tuple[str, ...]
+    row_header: tuple[str, ...]
+    absent: Mapping[str, str] = field(default_factory=dict)  # how a missing key reads, per key
+    note: str = ""
+    n_column: bool = False  # a column with the n of each row's first defined value
+    label_counts: bool = False  # known/unknown entries per label from data.splits.eval.class_counts
+    # rows, columns and row headings when the columns would not fit an A4 page (many labels or
+    # outputs): the label moves from the columns into the rows
+    narrow: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None
+
+
+MAX_PIVOT_COLUMNS = 8  # value columns that fit the width of an A4 page with their intervals
+
+
+def pivot(
+    metrics: Sequence[Mapping[str, Any]], selects: Sequence[Select], rows: Sequence[str], cols: Sequence[str]
+) -> tuple[
+    list[tuple[str, ...]], list[tuple[str, ...]], dict[tuple[tuple[str, ...], tuple[str, ...]], Mapping[str, Any]]
+]:
+    """Pivot the metrics that ``selects`` matches by the keys ``rows`` x ``cols``.
+
+    Returns the row keys and the column keys, each ordered by the first appearance of each key's
+    values in ``metrics`` (the order the check emitted them), and the cell -> metric mapping. A
+    second metric for a cell already taken is not placed (it stays with the check's listing).
+    """
+    order: dict[str, dict[str, int]] = {key: {} for key in (*rows, *cols)}
+    cells: dict[tuple[tuple[str, ...], tuple[str, ...]], Mapping[str, Any]] = {}
+    for metric in metrics:
+        if not any(s.matches(metric) for s in selects):
+            continue
+        row = tuple(label_key(metric, key) for key in rows)
+        col = tuple(label_key(metric, key) for key in cols)
+        for key, value in zip((*rows, *cols), (*row, *col), strict=True):
+            order[key].setdefault(value, len(order[key]))
+        cells.setdefault((row, col), metric)
+
+    def rank(keys: Sequence[str], value: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(order[k][v] for k, v in zip(keys, value, strict=True))
+
+    row_keys = sorted({r for r, _ in cells}, key=lambda r: rank(rows, r))
+    col_keys = sorted({c for _, c in cells}, key=lambda c: rank(cols, c))
+    return row_keys, col_keys, cells
+
+
+def _reason_key(reason: str) -> str:
+    """Reasons that differ only in their numbers count as one (``group has 27 images`` / ``28``)."""
+    return re.sub(r"\d+", "#", reason)
+
+
+def undefined_summary(metrics: Sequence[Mapping[str, Any]], what: str = "value") -> str:
+    """One line for undefined metrics: how many, and why, most frequent reason first."""
+    if not metrics:
+        return ""
+    reasons: dict[str, list[str]] = {}
+    for metric in metrics:
+        reason = str(metric.get("reason") or "no reason given")
+        reasons.setdefault(_reason_key(reason), []).append(reason)
+    ranked = sorted(reasons.values(), key=lambda found: -len(found))
+    parts = []
+    for found in ranked[:4]:
+        text = _short(found[0], 120) + (" (or a similar count)" if len(set(found)) > 1 else "")
+        parts.append(f"{text} ({len(found)})" if len(ranked) > 1 else text)
+    if len(ranked) > 4:
+        parts.append(f"{len(ranked) - 4} other reasons ({sum(len(f) for f in ranked[4:])})")
+    counted = f"{len(metrics)} {what}" + ("s" if len(metrics) != 1 else "")
+    return f"{counted} undefined: " + "; ".join(parts) + "; listed with their reasons in metrics.csv."
+
+
+def _rule_index(rules: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    index: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for rule in rules:
+        if rule.get("status") in ("pass", "warn", "fail") and rule.get("labels") is not None:
+            key = (str(rule.get("metric")), repr(sorted((rule.get("labels") or {}).items())))
+            index.setdefault(key, []).append(rule)
+    return index
+
+
+def _judged(
+    metric: Mapping[str, Any], rules: Mapping[tuple[str, str], list[Mapping[str, Any]]]
+) -> list[Mapping[str, Any]]:
+    key = (str(metric.get("name")), repr(sorted((metric.get("labels") or {}).items())))
+    return list(rules.get(key, []))
+
+
+def _as_int(value: Any) -> int:
+    """A count from results.json; anything that is not a number (a tampered file) counts 0."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _cell(metric: Mapping[str, Any] | None, judged: list[Mapping[str, Any]]) -> dict[str, Any]:
+    if metric is None:
+        return {"text": "", "ci": "", "undefined": False, "judged": []}
+    value = metric.get("value")
+    if value is None:
+        return {"text": "—", "ci": "", "undefined": True, "judged": judged}
+    text = fmt_count(_as_int(value)) if is_count(metric) else fmt_number(value)
+    ci = metric.get("ci")
+    ci_text = fmt_ci(ci) if ci else ""
+    return {"text": text, "ci": ci_text, "undefined": False, "judged": judged}
+
+
+def build_pivot(
+    spec: PivotSpec,
+    metrics: Sequence[Mapping[str, Any]],
+    rules: Mapping[tuple[str, str], list[Mapping[str, Any]]],
+    *,
+    words: Mapping[str, Mapping[str, str]],
+    label_counts: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any] | None, set[int]]:
+    """The view of one pivot table and the ids of the metrics it shows (None: nothing matched)."""
+    row_keys, col_keys, cells = pivot(metrics, spec.selects, spec.rows, spec.cols)
+    if not cells:
+        return None, set()
+    if spec.narrow is not None and len(col_keys) > MAX_PIVOT_COLUMNS:
+        rows, cols, header = spec.narrow
+        narrow = replace(spec, rows=rows, cols=cols, row_header=header, narrow=None)
+        return build_pivot(narrow, metrics, rules, words=words, label_counts=label_counts)
+    used = {id(m) for m in cells.values()}
+
+    def word(key: str, value: str) -> str:
+        if value == _ABSENT:
+            return spec.absent.get(key, "")
+        if key in ("measure", "name"):
+            return metric_word(value) if key == "measure" else value
+        return words.get(key, {}).get(value, value)
+
+    rows_view = []
+    undefined: list[Mapping[str, Any]] = []
+    dropped: list[str] = []
+    judged_rules: list[Mapping[str, Any]] = []
+    previous: tuple[str, ...] = ()
+    for row in row_keys:
+        row_metrics = [cells.get((row, col)) for col in col_keys]
+        present = [m for m in row_metrics if m is not None]
+        heads = [word(k, v) for k, v in zip(spec.rows, row, strict=True)]
+        if all(m.get("value") is None for m in present):
+            dropped.append(" · ".join(h for h in heads if h))
+            undefined.extend(present)
+            continue
+        undefined.extend(m for m in present if m.get("value") is None)
+        row_cells = []
+        for metric in row_metrics:
+            judged = _judged(metric, rules) if metric is not None else []
+            judged_rules.extend(judged)
+            row_cells.append(_cell(metric, judged))
+        shown = [
+            h if (i + 1 == len(heads) or tuple(row[: i + 1]) != previous[: i + 1]) else "" for i, h in enumerate(heads)
+        ]
+        extra = []
+        if spec.n_column:
+            first = next((m for m in present if m.get("value") is not None), None)
+            extra.append(fmt_count(first.get("n")) if first is not None else "—")
+        if spec.label_counts:
+            counts = (label_counts or {}).get(row[-1])
+            known = (
+                _as_int(counts.get("positive")) + _as_int(counts.get("negative")) if isinstance(counts, Mapping) else 0
+            )
+            if isinstance(counts, Mapping) and "positive" in counts:
+                # whole-split totals, as the data section prints them (not a subgroup's size)
+                extra.append(f"{fmt_number(known)} ({fmt_number(_as_int(counts.get('positive')))} pos.)")
+                extra.append(fmt_number(_as_int(counts.get("unknown"))))
+            else:
+                extra.extend(["—", "—"])
+        block = bool(previous) and len(row) > 1 and row[0] != previous[0]
+        rows_view.append({"heads": shown, "cells": row_cells, "extra": extra, "block": block})
+        previous = row
+    # column headings: with two column keys, the first spans its columns
+    columns = [word(spec.cols[-1], col[-1]) for col in col_keys]
+    groups: list[dict[str, Any]] = []
+    if len(spec.cols) > 1:
+        for col in col_keys:
+            text = " · ".join(word(k, v) for k, v in zip(spec.cols[:-1], col[:-1], strict=True))
+            if groups and groups[-1]["key"] == col[:-1]:
+                groups[-1]["span"] += 1
+            else:
+                groups.append({"key": col[:-1], "text": text, "span": 1})
+    extra_header = (["n"] if spec.n_column else []) + (["Known", "Unknown"] if spec.label_counts else [])
+    notes = [spec.note] if spec.note else []
+    if undefined:
+        notes.append(undefined_summary(undefined))
+    if dropped:
+        names = ", ".join(dropped[:8]) + (f" and {len(dropped) - 8} more" if len(dropped) > 8 else "")
+        notes.append(f"Rows left out because none of their values is defined: {names}.")
+    if judged_rules:
+        marks = [f"{r['id']} ({status_word(r.get('status'))})" for r in judged_rules]
+        notes.append("Marked values are the ones a policy rule judged: " + ", ".join(dict.fromkeys(marks)) + ".")
+    source = "From results.json: " + describe_selects(spec.selects) + "."
+    view = {
+        "title": spec.title,
+        "row_header": list(spec.row_header),
+        "groups": [{"text": g["text"], "span": g["span"]} for g in groups],
+        "columns": columns,
+        "extra_header": extra_header,
+        "rows": rows_view,
+        "notes": notes,
+        "source": source,
+    }
+    return view, used
+
+
+@dataclass
+class CheckLayout:
+    """How a check's section reads for one task: pivot tables, headline lines, summarised metrics."""
+
+    pivots: list[PivotSpec] = field(default_factory=list)
+    headline: list[Select] = field(default_factory=list)
+    summarise: list[Select] = field(default_factory=list)  # counted in one line; rows in metrics.csv
+
+
+_OOD = PivotSpec(
+    "Detection of each out-of-distribution set",
+    tuple(select(f"ood.{m}", "detector", "ood_set") for m in ("auroc", "aupr", "aupr_in", "fpr_at_95_tpr")),
+    rows=("ood_set", "detector"),
+    cols=("measure",),
+    row_header=("Set", "Detector"),
+)
+_OOD_RECOMMENDED = PivotSpec(
+    "The recommended detector on each set",
+    (
+        select("ood.recommended_auroc", "detector", "ood_set"),
+        select("ood.recommended_fpr_at_95_tpr", "detector", "ood_set"),
+    ),
+    rows=("ood_set", "detector"),
+    cols=("measure",),
+    row_header=("Set", "Detector"),
+)
+
+
+def _rule_measures(rules: Sequence[Mapping[str, Any]], check_id: str) -> list[str]:
+    """The ``metric`` labels that this check's rules judge (``bias.max_gap {metric: sensitivity}``)."""
+    measures = []
+    for rule in rules:
+        labels = rule.get("labels") or {}
+        if str(rule.get("metric", "")).startswith(check_id + ".") and labels.get("metric"):
+            measures.append(str(labels["metric"]))
+    return list(dict.fromkeys(measures))
+
+
+def task_layouts(task: str, model: Mapping[str, Any], rules: Sequence[Mapping[str, Any]]) -> dict[str, CheckLayout]:
+    """The pivot layout of each built-in check for a multi-label or a regression audit."""
+    if task == "multilabel":
+        per_label = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv")
+        per_group = list(dict.fromkeys(["sensitivity", "specificity", *_rule_measures(rules, "bias")]))
+        per_group = [m for m in per_group if m != "underdiagnosis_rate"]
+        return {
+            "performance": CheckLayout(
+                pivots=[
+                    PivotSpec(
+                        "Performance per label",
+                        tuple(select(f"performance.{m}", "label") for m in per_label),
+                        rows=("label",),
+                        cols=("measure",),
+                        row_header=("Label",),
+                        label_counts=True,
+                        note="Sensitivity, specificity, PPV and NPV at each label's threshold (the operating"
+                        " point finding); an unknown entry is left out of its label's figures. Known: the"
+                        " eval images whose entry for the label is 1 or 0 (positives in brackets).",
+                    )
+                ],
+                headline=[select("performance.macro_auroc")],
+            ),
+            "calibration": CheckLayout(
+                pivots=[
+                    PivotSpec(
+                        "Calibration per label",
+                        tuple(
+                            select(f"calibration.{m}", "label")
+                            for m in ("ece", "ace", "mce", "brier", "nll", "ece_after_temperature")
+                        ),
+                        rows=("label",),
+                        cols=("measure",),
+                        row_header=("Label",),
+                        n_column=True,
+                    ),
+                    PivotSpec(
+                        "Calibration per group and label",
+                        (
+                            select("calibration.ece", "group", "group_by", "label"),
+                            select("calibration.brier", "group", "group_by", "label"),
+                        ),
+                        rows=("group_by", "group"),
+                        cols=("measure", "label"),
+                        row_header=("Grouping", "Group"),
+                        narrow=(("group_by", "group", "label"), ("measure",), ("Grouping", "Group", "Label")),
+                    ),
+                ]
+            ),
+            "bias": CheckLayout(
+                pivots=[
+                    PivotSpec(
+                        "Largest gap between the groups of each grouping, per label",
+                        (
+                            select("bias.max_gap", "group_by", "label", "metric"),
+                            select("bias.equalized_odds_difference", "group_by", "label"),
+                            select("bias.demographic_parity_difference", "group_by", "label"),
+                            select("bias.max_gap", "group_by", "metric"),
+                            select("bias.min_group_size", "group_by"),
+                        ),
+                        rows=("measure", "label"),
+                        cols=("group_by",),
+                        row_header=("Gap in", "Label"),
+                        absent={"label": "all labels"},
+                        note="Each value is the largest difference between two groups of the grouping, with"
+                        " its simultaneous 95% interval; the underdiagnosis rate is per image (all labels).",
+                    ),
+                    PivotSpec(
+                        "Per group and label: "
+                        + ", ".join(metric_word(m) for m in per_group)
+                        + ", underdiagnosis rate",
+                        (
+                            select("bias.underdiagnosis_rate", "group", "group_by"),
+                            select("bias.group_metric", "group", "group_by", "label", "metric", metric=per_group),
+                        ),
+                        rows=("group_by", "group"),
+                        cols=("measure", "label"),
+                        row_header=("Grouping", "Group"),
+                        absent={"label": "all labels"},
+                        narrow=(("group_by", "group", "label"), ("measure",), ("Grouping", "Group", "Label")),
+                        note="Underdiagnosis rate: the share of a group's images with at least one true"
+                        " finding that the model calls finding-free.",
+                    ),
+                ],
+                summarise=[select("bias.group_metric", "group", "group_by", "label", "metric")],
+            ),
+            "leakage": CheckLayout(
+                pivots=[
+                    PivotSpec(
+                        "Metadata shortcuts: AUROC of each label from a metadata column",
+                        (select("leakage.metadata_auc", "column", "label"), select("leakage.metadata_auc", "column")),
+                        rows=("column",),
+                        cols=("label",),
+                        row_header=("Column",),
+                        absent={"label": "largest"},
+                        narrow=(("column", "label"), ("measure",), ("Column", "Label")),
+                    )
+                ]
+            ),
+            "ood": CheckLayout(pivots=[_OOD, _OOD_RECOMMENDED]),
+        }
+    if task == "regression":
+        outputs = [str(c) for c in model.get("classes") or []]
+        units = model.get("units") or {}
+        only = outputs[0] if len(outputs) == 1 else ""
+        only_word = f"{only} ({units[only]})" if only and units.get(only) else only
+        unit_note = (
+            " MAE, RMSE, mean error and their gaps are in the output's unit (in brackets); R² and the MAE"
+            " ratio have none. Mean error = prediction - target (positive: the model over-estimates)."
+        )
+        measures = ("mae", "rmse", "mean_error", "r2")
+        return {
+            "performance": CheckLayout(
+                pivots=[
+                    PivotSpec(
+                        "Performance per output",
+                        tuple(select(f"performance.{m}", "output") for m in measures)
+                        + tuple(select(f"performance.{m}") for m in measures),
+                        rows=("output",),
+                        cols=("measure",),
+                        row_header=("Output",),
+                        absent={"output": only_word},
+                        n_column=True,
+                        note="MAE, RMSE and mean error are in the output's unit (in brackets); R² has none."
+                        " Mean error = prediction - target (positive: the model over-estimates).",
+                    )
+                ]
+            ),
+            "bias": CheckLayout(
+                pivots=[
+                    PivotSpec(
+                        "Error per group",
+                        (
+                            select(
+                                "bias.group_metric",
+                                "group",
+                                "group_by",
+                                "metric",
+                                "output",
+                                metric=("mae", "mean_error", "n"),
+                            ),
+                        ),
+                        rows=("group_by", "group"),
+                        cols=("output", "measure"),
+                        row_header=("Grouping", "Group"),
+                        narrow=(("group_by", "group", "output"), ("measure",), ("Grouping", "Group", "Output")),
+                    ),
+                    PivotSpec(
+                        "Largest gap between the groups of each grouping",
+                        (
+                            select("bias.max_gap", "group_by", "metric", "output"),
+                            select("bias.min_group_size", "group_by"),
+                        ),
+                        rows=("group_by",),
+                        cols=("output", "measure"),
+                        row_header=("Grouping",),
+                        narrow=(("group_by", "output"), ("measure",), ("Grouping", "Output")),
+                        note="Each gap is the largest difference between two groups (MAE ratio: the largest"
+                        " MAE over the smallest), with its simultaneous 95% interval." + unit_note,
+                    ),
+                ],
+                summarise=[select("bias.group_metric", "group", "group_by", "metric", "output")],
+            ),
+            "leakage": CheckLayout(
+                pivots=[
+                    PivotSpec(
+                        "Metadata shortcuts: R² of each output from a metadata column",
+                        (select("leakage.metadata_r2", "column", "output"), select("leakage.metadata_r2", "column")),
+                        rows=("column",),
+                        cols=("output",),
+                        row_header=("Column",),
+                        absent={"output": "largest"},
+                        narrow=(("column", "output"), ("measure",), ("Column", "Output")),
+                    )
+                ]
+            ),
+            "ood": CheckLayout(pivots=[_OOD, _OOD_RECOMMENDED]),
+        }
+    return {}
+
+
+def _headline(metric: Mapping[str, Any], rules: Mapping[tuple[str, str], list[Mapping[str, Any]]]) -> dict[str, Any]:
+    cell = _cell(metric, _judged(metric, rules))
+    return {
+        "name": metric_word(label_key(metric, "measure")),
+        "metric": str(metric.get("name")),
+        "n": fmt_count(metric.get("n")),
+        "reason": str(metric.get("reason") or ""),
+        **cell,
+    }
+
+
+def _bland_altman(findings: Sequence[Mapping[str, Any]], units: Mapping[str, Any]) -> list[str]:
+    """The limits of agreement the performance check records for each regression output."""
+    lines = []
+    for finding in findings:
+        if finding.get("kind") != "outputs" or not isinstance(finding.get("outputs"), list):
+            continue
+        for output in finding["outputs"]:
+            agreement = output.get("bland_altman") if isinstance(output, Mapping) else None
+            if not isinstance(agreement, Mapping) or agreement.get("mean_difference") is None:
+                continue
+            unit = f" {units[output['output']]}" if units.get(output.get("output")) else ""
+            low, high = (fmt_number(agreement.get(k)) for k in ("lower_limit", "upper_limit"))
+            lines.append(
+                f"Bland-Altman, {output.get('output')}: mean difference (prediction - target)"
+                f" {fmt_number(agreement.get('mean_difference'))}{unit}, 95% limits of agreement"
+                f" {low} to {high}{unit}."
+            )
+    return lines
+
+
+def pivot_sections(
+    check: Mapping[str, Any],
+    layout: CheckLayout,
+    rules: Sequence[Mapping[str, Any]],
+    model: Mapping[str, Any],
+    label_counts: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """A check's pivots, headline lines, the rest of its metrics and the line for its undefined ones."""
+    metrics = list(check.get("metrics", []))
+    index = _rule_index(rules)
+    units = model.get("units") or {}
+    words = {"output": {str(k): f"{k} ({v})" for k, v in units.items()}}
+    used: set[int] = set()
+    pivots = []
+    for spec in layout.pivots:
+        view, taken = build_pivot(
+            spec, [m for m in metrics if id(m) not in used], index, words=words, label_counts=label_counts
+        )
+        if view is not None:
+            pivots.append(view)
+            used |= taken
+    headline = []
+    for metric in metrics:
+        if id(metric) not in used and any(s.matches(metric) for s in layout.headline):
+            headline.append(_headline(metric, index))
+            used.add(id(metric))
+    summarised = [m for m in metrics if id(m) not in used and any(s.matches(m) for s in layout.summarise)]
+    used |= {id(m) for m in summarised}
+    rest = [m for m in metrics if id(m) not in used]
+    notes = []
+    if summarised:
+        names = sorted({label_key(m, "measure") for m in summarised})
+        notes.append(
+            f"{len(summarised)} further values ({describe_selects(layout.summarise)};"
+            f" {', '.join(names)}) are not printed here; they are in metrics.csv and results.json."
+        )
+    if check.get("id") == "performance" and model.get("task") == "regression":
+        notes.extend(_bland_altman(check.get("findings", []), units))
+    undefined = [m for m in rest if m.get("value") is None]
+    return {
+        "pivots": pivots,
+        "headline": headline,
+        "pivot_notes": notes,
+        "tables": _metric_tables([m for m in rest if m.get("value") is not None]),
+        "undefined": undefined_summary(undefined, "further metric"),
+    }
+
+
 def build_view(results: Mapping[str, Any], bundle: Path) -> dict[str, Any]:
     """Everything the template shows, derived from ``results.json`` and the bundle's artifacts."""
     framework = load_framework((results.get("policy") or {}).get("framework") or "nist-ai-rmf-1.0")
@@ -300,22 +909,29 @@ def build_view(results: Mapping[str, Any], bundle: Path) -> dict[str, Any]:
     rules_by_metric: dict[str, list[Mapping[str, Any]]] = {}
     for rule in results.get("rules", []):
         rules_by_metric.setdefault(rule["metric"].split(".")[0], []).append(rule)
+    model = results.get("model", {})
+    task = str(model.get("task") or "classification")
+    layouts = task_layouts(task, model, results.get("rules", [])) if task in PIVOT_TASKS else {}
+    eval_split = (results.get("data", {}).get("splits") or {}).get("eval") or {}
     check_views = []
     for index, check in enumerate(checks, start=1):
-        check_views.append(
-            {
-                "anchor": f"check-{index}",
-                "record": check,
-                "doc": docs.get(check["id"], CheckDoc()),
-                "tables": _metric_tables(check.get("metrics", [])),
-                "figures": _embed_artifacts(bundle, check.get("artifacts", [])),
-                "findings": _findings_view(check.get("findings", [])),
-                "rules": rules_by_metric.get(check["id"], []),
-            }
-        )
+        view: dict[str, Any] = {
+            "anchor": f"check-{index}",
+            "record": check,
+            "doc": docs.get(check["id"], CheckDoc()),
+            "tables": _metric_tables(check.get("metrics", [])),
+            "figures": _embed_artifacts(bundle, check.get("artifacts", [])),
+            "findings": _findings_view(check.get("findings", [])),
+            "rules": rules_by_metric.get(check["id"], []),
+            "lead": False,
+        }
+        if task in PIVOT_TASKS:  # multi-label and regression: pivot tables lead the section
+            layout = layouts.get(check["id"], CheckLayout())
+            view.update(pivot_sections(check, layout, results.get("rules", []), model, eval_split.get("class_counts")))
+            view["lead"] = True
+        check_views.append(view)
     quarantine = results.get("data", {}).get("quarantine", [])
     reasons = Counter(str(q.get("reason", "")) for q in quarantine)
-    model = results.get("model", {})
     model_label = str(model.get("factory") or model.get("weights") or "model")
     status_counts = Counter(c.get("status") for c in results.get("controls", []))
     policy = results.get("policy") or {}
@@ -366,9 +982,13 @@ def _environment() -> jinja2.Environment:
 
 def render_html(results: Mapping[str, Any], bundle: Path) -> str:
     """The report as one self-contained HTML document (CSS inlined, plots as data: URIs)."""
-    css = (resources.files("auditkit.reports") / "static" / "report.css").read_text(encoding="utf-8")
+    static = resources.files("auditkit.reports") / "static"
+    css = (static / "report.css").read_text(encoding="utf-8")
+    view = build_view(results, bundle)
+    if any(check["lead"] for check in view["checks"]):  # pivot tables: their styles too
+        css += "\n" + (static / "pivot.css").read_text(encoding="utf-8")
     template = _environment().get_template("report.html.j2")
-    return template.render(css=css, **build_view(results, bundle))
+    return template.render(css=css, **view)
 
 
 def _fetcher() -> Any:

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import threading
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pypdf import PdfReader
 
-from auditkit.reports.render import build_view, parse_docstring, render_html, write_report
+from auditkit.reports.render import (
+    build_view,
+    fmt_ci,
+    fmt_count,
+    fmt_number,
+    metric_word,
+    parse_docstring,
+    pivot,
+    render_html,
+    select,
+    write_report,
+)
 from auditkit.runner import RunOptions, run_audit
 from auditkit.spec import load_spec
 
@@ -167,3 +181,332 @@ def test_small_counts_print_as_less_than_five() -> None:
     from auditkit.reports.render import fmt_count
 
     assert [fmt_count(n) for n in (0, 1, 4, 5, 1234)] == ["0", "<5", "<5", "5", "1,234"]
+
+
+# --------------------------------------------------------------------------- pivot tables
+class _PivotTables(HTMLParser):
+    """The ``table.pivot`` tables of a report, each under its ``h3`` title: flattened column
+    headings (``(group, column)`` or ``(column,)``), and body rows as (row heads, cell texts) with a
+    blank head carried down from the row above (the report prints a repeated head once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, dict[str, Any]] = {}
+        self._title = ""
+        self._in_h3 = False
+        self._table: dict[str, Any] | None = None
+        self._section = ""
+        self._row: list[tuple[str, str, dict[str, str]]] = []
+        self._cell: list[str] | None = None
+        self._attrs: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = {k: v or "" for k, v in attrs}
+        if tag == "h3":
+            self._in_h3, self._title = True, ""
+        elif tag == "table" and "pivot" in found.get("class", "").split():
+            self._table = {"header": [], "rows": []}
+        elif self._table is not None and tag in ("thead", "tbody"):
+            self._section = tag
+        elif self._table is not None and tag == "tr":
+            self._row = []
+        elif self._table is not None and tag in ("th", "td"):
+            self._cell, self._attrs = [], found
+        elif self._cell is not None and tag == "br":
+            self._cell.append(" ")
+
+    def handle_data(self, data: str) -> None:
+        if self._in_h3:
+            self._title += data
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h3":
+            self._in_h3 = False
+        elif self._cell is not None and tag in ("th", "td"):
+            self._row.append((tag, " ".join("".join(self._cell).split()), self._attrs))
+            self._cell = None
+        elif self._table is not None and tag == "tr":
+            self._table["header" if self._section == "thead" else "rows"].append(self._row)
+        elif self._table is not None and tag == "table":
+            self.tables[self._title.strip()] = _flatten(self._table)
+            self._table = None
+
+
+def _flatten(table: dict[str, Any]) -> dict[str, Any]:
+    header = table["header"]
+    columns: list[tuple[str, ...]] = []
+    second = iter(text for _, text, _ in header[1]) if len(header) > 1 else iter(())
+    for _, text, attrs in header[0]:
+        for _ in range(int(attrs.get("colspan") or 1)):
+            columns.append((text, next(second)) if "colspan" in attrs else (text,))
+    rows = []
+    previous: list[str] = []
+    for row in table["rows"]:
+        heads = [text for tag, text, _ in row if tag == "th"]
+        heads = [h or (previous[i] if i < len(previous) else "") for i, h in enumerate(heads)]
+        previous = heads
+        rows.append((tuple(heads), [text for tag, text, _ in row if tag == "td"]))
+    n_heads = len(rows[0][0]) if rows else 0
+    return {"columns": columns[n_heads:], "rows": rows}
+
+
+def _pivots(html: str) -> dict[str, dict[str, Any]]:
+    parser = _PivotTables()
+    parser.feed(html)
+    return parser.tables
+
+
+def _cell(table: dict[str, Any], heads: tuple[str, ...], column: tuple[str, ...]) -> str:
+    index = table["columns"].index(column)
+    matches = [cells[index] for row_heads, cells in table["rows"] if row_heads == heads]
+    assert len(matches) == 1, (heads, column, table["rows"])
+    return str(matches[0])
+
+
+def _assert_shows(cell: str, metric: dict[str, Any]) -> None:
+    """The cell holds the metric's value first, its 95% interval last (or a dash if undefined)."""
+    if metric["value"] is None:
+        assert cell == "—", (cell, metric)
+        return
+    assert cell.split()[0] == fmt_number(metric["value"]), (cell, metric)
+    if metric["ci"]:
+        assert cell.endswith(fmt_ci(metric["ci"])), (cell, metric)
+
+
+def _quick_study(maker: Any, root: Path, only: list[str]) -> Path:
+    """A tiny real audit (HTML only) of a study from tests/test_tasks.py, with small bootstraps."""
+    spec_path = maker(root)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["checks"] = {c: {"n_boot": 200} for c in only}
+    spec["checks"]["bias"] = {"n_boot": 200, "min_group_size": 10}
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = root / "audit"
+    run_audit(load_spec(spec_path), RunOptions(out_dir=out, only=only, pdf=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def multilabel_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_tasks import make_multilabel_study
+
+    return _quick_study(make_multilabel_study, tmp_path_factory.mktemp("ml"), ["performance", "calibration", "bias"])
+
+
+@pytest.fixture(scope="module")
+def regression_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_tasks import make_regression_study
+
+    return _quick_study(make_regression_study, tmp_path_factory.mktemp("reg"), ["performance", "bias"])
+
+
+def _check(results: dict[str, Any], check_id: str) -> dict[str, Any]:
+    return next(c for c in results["checks"] if c["id"] == check_id)
+
+
+def test_multilabel_performance_and_calibration_pivot_by_label(multilabel_bundle: Path) -> None:
+    results = json.loads((multilabel_bundle / "results.json").read_text())
+    html = (multilabel_bundle / "report.html").read_text()
+    tables = _pivots(html)
+    performance = tables["Performance per label"]
+    assert [c[0] for c in performance["columns"]] == [
+        "AUROC", "AUPRC", "Sensitivity", "Specificity", "PPV", "NPV", "Known", "Unknown"
+    ]  # fmt: skip
+    assert [heads for heads, _ in performance["rows"]] == [("centre",), ("border",)]
+    shown = 0
+    for metric in _check(results, "performance")["metrics"]:
+        if set(metric["labels"]) == {"label"}:
+            column = (metric_word(metric["name"].split(".")[1]),)
+            _assert_shows(_cell(performance, (metric["labels"]["label"],), column), metric)
+            shown += 1
+    assert shown == 12
+    counts = results["data"]["splits"]["eval"]["class_counts"]["border"]
+    assert (
+        _cell(performance, ("border",), ("Known",))
+        == f"{counts['positive'] + counts['negative']} ({counts['positive']} pos.)"
+    )
+    assert _cell(performance, ("border",), ("Unknown",)) == str(counts["unknown"]) == "1"
+    # NPV is undefined for both labels here (every known case called positive): one line, no listing
+    npv = [m for m in _check(results, "performance")["metrics"] if m["name"] == "performance.npv"]
+    assert all(m["value"] is None for m in npv)
+    assert "2 values undefined: undefined for centre: the model called every known case" in html
+    assert "listed with their reasons in metrics.csv" in html
+    assert f'<span class="muted">undefined: {npv[0]["reason"]}' not in html  # no listing row
+    macro = next(m for m in _check(results, "performance")["metrics"] if m["name"] == "performance.macro_auroc")
+    assert f"Macro AUROC</strong>: {fmt_number(macro['value'])} {fmt_ci(macro['ci'])}" in html
+
+    calibration = tables["Calibration per label"]
+    by_group = tables["Calibration per group and label"]
+    for metric in _check(results, "calibration")["metrics"]:
+        labels = metric["labels"]
+        word = metric_word(metric["name"].split(".")[1])
+        if set(labels) == {"label"}:
+            _assert_shows(_cell(calibration, (labels["label"],), (word,)), metric)
+        elif metric["value"] is not None:
+            _assert_shows(_cell(by_group, (labels["group_by"], labels["group"]), (word, labels["label"])), metric)
+    # the failing per-label ECE rule marks its cell
+    rule = next(r for r in results["rules"] if r["id"] == "CAL-ECE-LABEL")
+    assert rule["status"] == "fail"
+    assert "FAIL" in _cell(calibration, (rule["labels"]["label"],), ("ECE",)).split()
+
+
+def test_multilabel_bias_pivots_group_by_label(multilabel_bundle: Path) -> None:
+    results = json.loads((multilabel_bundle / "results.json").read_text())
+    html = (multilabel_bundle / "report.html").read_text()
+    tables = _pivots(html)
+    gaps = tables["Largest gap between the groups of each grouping, per label"]
+    per_group = next(t for title, t in tables.items() if title.startswith("Per group and label"))
+    assert gaps["columns"] == [("sex",)]
+    left_out = re.findall(r"Rows left out because none of their values is defined: ([^<]*)</p>", html)[0]
+    checked = {"gap": 0, "group": 0, "underdiagnosis": 0}
+    for metric in _check(results, "bias")["metrics"]:
+        labels, name = metric["labels"], metric["name"]
+        if name == "bias.max_gap" and "label" in labels:
+            heads = (metric_word(labels["metric"]), labels["label"])
+            if metric["value"] is None and heads not in [h for h, _ in gaps["rows"]]:
+                assert " · ".join(heads) in left_out  # a row with no defined value is named, not shown
+            else:
+                _assert_shows(_cell(gaps, heads, ("sex",)), metric)
+            checked["gap"] += 1
+        elif name == "bias.group_metric" and labels["metric"] in ("sensitivity", "specificity"):
+            column = (metric_word(labels["metric"]), labels["label"])
+            _assert_shows(_cell(per_group, (labels["group_by"], labels["group"]), column), metric)
+            checked["group"] += 1
+        elif name == "bias.underdiagnosis_rate":
+            column = ("Underdiagnosis rate", "all labels")
+            _assert_shows(_cell(per_group, (labels["group_by"], labels["group"]), column), metric)
+            checked["underdiagnosis"] += 1
+    assert checked == {"gap": 14, "group": 8, "underdiagnosis": 2}
+    underdiagnosis = [m for m in _check(results, "bias")["metrics"] if m["name"] == "bias.underdiagnosis_rate"]
+    assert all(m["value"] is not None and m["ci"] for m in underdiagnosis)  # values with intervals
+    # the other per-group values are counted, not listed
+    assert "bias.group_metric {group, group_by, label, metric}" in html
+    assert "are not printed here; they are in metrics.csv" in html
+    assert html.count("<td>bias.group_metric</td>") == 0
+
+
+def test_regression_pivots_by_output_with_units(regression_bundle: Path) -> None:
+    results = json.loads((regression_bundle / "results.json").read_text())
+    html = (regression_bundle / "report.html").read_text()
+    tables = _pivots(html)
+    performance = tables["Performance per output"]
+    assert [c[0] for c in performance["columns"]] == ["MAE", "RMSE", "Mean error", "R²", "n"]
+    metrics = _check(results, "performance")["metrics"]
+    assert {m["name"] for m in metrics} == {f"performance.{m}" for m in ("mae", "rmse", "mean_error", "r2")}
+    for metric in metrics:  # one output: no output label, the row is named from model.classes
+        _assert_shows(_cell(performance, ("brightness (%)",), (metric_word(metric["name"].split(".")[1]),)), metric)
+    assert _cell(performance, ("brightness (%)",), ("n",)) == str(metrics[0]["n"])
+    assert "Bland-Altman, brightness: mean difference (prediction - target)" in html
+
+    errors = tables["Error per group"]
+    gaps = tables["Largest gap between the groups of each grouping"]
+    seen = 0
+    for metric in _check(results, "bias")["metrics"]:
+        labels = metric["labels"]
+        if metric["name"] == "bias.group_metric":
+            cell = _cell(
+                errors, (labels["group_by"], labels["group"]), ("brightness (%)", metric_word(labels["metric"]))
+            )
+            if labels["metric"] == "n":
+                assert cell == fmt_count(int(metric["value"]))
+            else:
+                _assert_shows(cell, metric)
+            seen += 1
+        elif metric["name"] == "bias.max_gap":
+            _assert_shows(_cell(gaps, (labels["group_by"],), ("brightness (%)", metric_word(labels["metric"]))), metric)
+            seen += 1
+    assert seen == 2 * 3 + 3  # two sites x (n, MAE, mean error); gaps in MAE, mean error, MAE ratio
+
+
+RARE_REASON = "no positive case of rare in eval"
+
+
+def _synthetic_multilabel(results: dict[str, Any]) -> dict[str, Any]:
+    """The multi-label results with a label that has no positive case and a hostile label name."""
+    evil = copy.deepcopy(results)
+    performance = _check(evil, "performance")
+    for metric in performance["metrics"]:
+        if metric["labels"].get("label") == "border":
+            metric["labels"]["label"] = "<script>alert(1)</script>"
+    for name in ("auroc", "auprc", "sensitivity", "ppv", "npv", "specificity"):
+        performance["metrics"].append(
+            {"name": f"performance.{name}", "labels": {"label": "rare"}, "value": None, "ci": None, "n": 40,
+             "direction": "higher_is_better", "reason": RARE_REASON}
+        )  # fmt: skip
+    return evil
+
+
+def test_undefined_rows_aggregate_into_one_line_and_labels_stay_text(multilabel_bundle: Path) -> None:
+    results = _synthetic_multilabel(json.loads((multilabel_bundle / "results.json").read_text()))
+    html = render_html(results, multilabel_bundle)
+    performance = _pivots(html)["Performance per label"]
+    assert [heads for heads, _ in performance["rows"]] == [("centre",), ("<script>alert(1)</script>",)]
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "Rows left out because none of their values is defined: rare." in html
+    assert "8 values undefined: " in html  # 2 NPVs + the 6 figures of ``rare``, one line
+    assert f"{RARE_REASON} (6)" in html
+    assert f'<span class="muted">undefined: {RARE_REASON}' not in html  # no listing row
+
+
+def test_pivot_orders_by_first_appearance_and_keeps_one_metric_per_cell() -> None:
+    def m(name: str, value: float, **labels: str) -> dict[str, Any]:
+        return {"name": name, "labels": labels, "value": value, "ci": None, "n": 1}
+
+    metrics = [
+        m("bias.max_gap", 0.1, metric="sensitivity", group_by="sex", label="b"),
+        m("bias.max_gap", 0.2, metric="sensitivity", group_by="age", label="a"),
+        m("bias.max_gap", 0.3, metric="auroc", group_by="sex", label="a"),
+        m("bias.max_gap", 0.9, metric="auroc", group_by="sex", label="a"),  # a second for one cell
+        m("bias.max_gap", 0.5, metric="auroc", group_by="sex"),  # other label keys: not selected
+    ]
+    rows, cols, cells = pivot(
+        metrics, [select("bias.max_gap", "group_by", "label", "metric")], ("measure", "label"), ("group_by",)
+    )
+    assert rows == [("sensitivity", "b"), ("sensitivity", "a"), ("auroc", "a")]
+    assert cols == [("sex",), ("age",)]
+    assert cells[(("auroc", "a"), ("sex",))]["value"] == 0.3
+    assert len(cells) == 3
+
+
+def test_classification_sections_keep_the_listing(bundle: Path) -> None:
+    results = json.loads((bundle / "results.json").read_text())
+    assert results["model"].get("task", "classification") == "classification"
+    view = build_view(results, bundle)
+    assert all(not check["lead"] and "pivots" not in check for check in view["checks"])
+    html = render_html(results, bundle)
+    assert 'class="grid small pivot"' not in html and "table.pivot" not in html
+    for check in results["checks"]:
+        for metric in check["metrics"]:  # every metric still has its own row
+            assert f"<td>{metric['name']}</td>" in html
+
+
+def test_many_labels_move_into_the_rows(multilabel_bundle: Path) -> None:
+    """Five labels x two metrics would be ten value columns: the label becomes a row key instead."""
+    results = copy.deepcopy(json.loads((multilabel_bundle / "results.json").read_text()))
+    bias = _check(results, "bias")
+    labels = [f"finding{i}" for i in range(5)]
+    metrics: list[dict[str, Any]] = []
+    for g, group in enumerate(("F", "M")):
+        for k, label in enumerate(labels):
+            for j, measure in enumerate(("sensitivity", "specificity")):
+                value = 0.5 + 0.01 * k + 0.1 * j + 0.2 * g
+                metrics.append(
+                    {"name": "bias.group_metric", "value": value, "ci": [value - 0.05, value + 0.05], "n": 40,
+                     "labels": {"metric": measure, "group_by": "sex", "group": group, "label": label},
+                     "direction": "higher_is_better"}
+                )  # fmt: skip
+        metrics.append(
+            {"name": "bias.underdiagnosis_rate", "value": 0.1 + g, "ci": [0.05, 0.2 + g], "n": 40,
+             "labels": {"group_by": "sex", "group": group}, "direction": "lower_is_better"}
+        )  # fmt: skip
+    bias["metrics"] = metrics
+    html = render_html(results, multilabel_bundle)
+    table = next(t for title, t in _pivots(html).items() if title.startswith("Per group and label"))
+    assert table["columns"] == [("Sensitivity",), ("Specificity",), ("Underdiagnosis rate",)]
+    for metric in metrics:
+        ml = metric["labels"]
+        if metric["name"] == "bias.group_metric":
+            _assert_shows(_cell(table, ("sex", ml["group"], ml["label"]), (metric_word(ml["metric"]),)), metric)
+        else:
+            _assert_shows(_cell(table, ("sex", ml["group"], "all labels"), ("Underdiagnosis rate",)), metric)
