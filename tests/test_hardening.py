@@ -1369,7 +1369,9 @@ def inventory() -> dict[str, int]:
     """What this module (and the corpus and byte-fuzzing tests it builds on) tries, by kind."""
     import test_export
     import test_loaders
+    import test_tasks
     import test_user_mistakes
+    import test_volumes
 
     byte_fuzz = test_loaders.test_mutated_dicom_bytes_only_raise_unreadable_image
     counts = {
@@ -1383,6 +1385,11 @@ def inventory() -> dict[str, int]:
         "spreadsheet formula cells": len(test_export.FORMULA_CELLS),
         "faults": len(FAULTS),
         "spec, data and model mistakes through the CLI": len(test_user_mistakes.MISTAKES),
+        "multi-label and regression mistakes through the CLI": len(test_tasks.MULTILABEL_MISTAKES)
+        + len(test_tasks.REGRESSION_MISTAKES),
+        "crafted volumes (NIfTI, .npy, DICOM series folders)": len(test_volumes.SERIES_CASES)
+        + len(test_volumes.FILE_CASES),
+        "Hypothesis NIfTI header value mutations (each as .nii and .nii.gz)": test_volumes.test_mutated_nifti_headers_only_raise_unreadable_image._hypothesis_internal_use_settings.max_examples,  # type: ignore[attr-defined]
     }
     counts["bad inputs tried"] = sum(counts.values())
     return counts

@@ -4,8 +4,12 @@ One public entry point, :func:`decode_image`, over four modules: :mod:`.budget` 
 budgets, safe reads, reasons without patient data), :mod:`.intensity` (windows, scaling,
 channels, resizing), :mod:`.dicom` (headers and pixels) and :mod:`.raster` (PNG, JPEG, NumPy). A
 new format is a reader module returning a float array and its source shape, registered by kind in
-:func:`.budget.image_kind` and :func:`.image.decode_image` (docs/architecture.md, "How to add");
-volumes (NIfTI, DICOM series) go here.
+:func:`.budget.image_kind` and :func:`.image.decode_image` (docs/architecture.md, "How to add").
+
+Volumes have their own entry points in :mod:`.volume`: :func:`decode_volume` (NIfTI, ``.npy``
+``(D, H, W)``, a folder holding one DICOM series) to ``float32`` ``(C, D, H, W)`` in ``[0, 1]``
+with its :class:`VolumeGeometry` (spacing in mm, LPS affine, canonical orientation),
+:func:`decode_label_map` for 3-D label maps and :func:`resample_volume` to the model's input.
 
 Every image reaches the checks as ``float32`` ``(C, H, W)`` in ``[0, 1]`` at the model's input
 size. DICOM pixels go through the modality LUT (Rescale Slope/Intercept or a Modality LUT
@@ -52,15 +56,31 @@ from auditkit.decode.intensity import (
     window_linear_exact,
     window_sigmoid,
 )
+from auditkit.decode.volume import (
+    DecodedLabelMap,
+    DecodedVolume,
+    VolumeBudget,
+    VolumeGeometry,
+    decode_label_map,
+    decode_volume,
+    resample_volume,
+    volume_kind,
+)
 
 __all__ = [
     "HEADER_ATTRIBUTES",
     "DecodeBudget",
     "DecodedImage",
+    "DecodedLabelMap",
+    "DecodedVolume",
     "HeaderInfo",
+    "VolumeBudget",
+    "VolumeGeometry",
     "WindowSetting",
     "convert_elements",
     "decode_image",
+    "decode_label_map",
+    "decode_volume",
     "header_info",
     "header_texts",
     "image_kind",
@@ -68,7 +88,9 @@ __all__ = [
     "min_max_scale",
     "quiet_pydicom",
     "read_dicom_header",
+    "resample_volume",
     "to_channels",
+    "volume_kind",
     "window_linear",
     "window_linear_exact",
     "window_sigmoid",
