@@ -367,3 +367,33 @@ def bootstrap_maes(
 def regression_units(names: Sequence[str], units: dict[str, str]) -> dict[str, str | None]:
     """The unit of each output (``model.units``), ``None`` where the spec gives none."""
     return {name: units.get(name) for name in names}
+
+
+def sample_summary(targets: NDArray[Any], task: str, names: Sequence[str], units: dict[str, str]) -> dict[str, Any]:
+    """What a sample of a multi-label or regression split holds, for a check's findings: per label
+    the positive, negative and unknown entries; per output the known targets' count, mean and
+    standard deviation with the unit (no single value: a minimum or maximum would be one
+    patient's)."""
+    if task == "multilabel":
+        codes = np.asarray(targets, dtype=np.int64)
+        return {
+            "label_counts": {
+                name: {
+                    "positive": int((codes[:, k] == 1).sum()),
+                    "negative": int((codes[:, k] == 0).sum()),
+                    "unknown": int((codes[:, k] < 0).sum()),
+                }
+                for k, name in enumerate(names)
+            }
+        }
+    y = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
+    out: dict[str, Any] = {}
+    for k, name in enumerate(names):
+        known = y[:, k][np.isfinite(y[:, k])]
+        out[name] = {
+            "known": int(known.size),
+            "mean": float(known.mean()) if known.size else None,
+            "sd": float(known.std()) if known.size else None,
+            "unit": units.get(name),
+        }
+    return {"targets": out}

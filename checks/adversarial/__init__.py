@@ -64,6 +64,7 @@ from auditkit.tasks import (
     mae_per_output,
     regression_units,
     sample_strata,
+    sample_summary,
     task_sample,
     task_scores,
 )
@@ -314,7 +315,7 @@ class AdversarialCheck(Check[AdversarialParams]):
         every task: ``adversarial.gradient_masking_suspected`` (0/1, ``lower_is_better``).
 
     Findings: ``adversarial_sample`` (manifest rows; class counts, per-label counts of known
-    positives, negatives and unknown entries, or target ranges and units), ``attack_setup``
+    positives, negatives and unknown entries, or the targets' count, mean, SD and unit), ``attack_setup``
     (exact budgets and hyper-parameters, device, seed; for multilabel and regression the loss,
     the metric and the largest perturbation norm of each attack and budget),
     ``attacks_not_run`` (multilabel, regression), ``label_aurocs`` (multilabel: every label's
@@ -1058,26 +1059,7 @@ def _task_findings(
         "rows": [int(r) for r in manifest_rows],
         "n": len(targets),
     }
-    if task == "multilabel":
-        sample["label_counts"] = {
-            name: {
-                "positive": int((targets[:, k] == 1).sum()),
-                "negative": int((targets[:, k] == 0).sum()),
-                "unknown": int((targets[:, k] < 0).sum()),
-            }
-            for k, name in enumerate(names)
-        }
-    else:
-        units = regression_units(names, dict(ctx.units))
-        sample["targets"] = {
-            name: {
-                "known": int(np.isfinite(targets[:, k]).sum()),
-                "min": float(np.nanmin(targets[:, k])) if np.isfinite(targets[:, k]).any() else None,
-                "max": float(np.nanmax(targets[:, k])) if np.isfinite(targets[:, k]).any() else None,
-                "unit": units[name],
-            }
-            for k, name in enumerate(names)
-        }
+    sample.update(sample_summary(targets, task, names, dict(ctx.units)))
     setup: dict[str, Any] = {
         "kind": "attack_setup",
         "task": task,

@@ -45,6 +45,7 @@ from auditkit.tasks import (
     mae_per_output,
     regression_units,
     sample_strata,
+    sample_summary,
     task_sample,
     task_scores,
 )
@@ -211,7 +212,7 @@ class CorruptionCheck(Check[CorruptionParams]):
         ``{corruption, severity}``; ``corruption.mean_relative_drop`` (``lower_is_better``).
 
     Findings: ``corruption_sample`` (manifest rows; class counts, per-label counts of known
-    positives, negatives and unknown entries, or target ranges and units),
+    positives, negatives and unknown entries, or the targets' count, mean, SD and unit),
     ``corruption_setup`` (each corruption's physics and its level at each severity, device,
     seed; for multilabel and regression the metric and what the relative drop is),
     ``label_aurocs`` (multilabel: every label's AUROC clean and per condition) and
@@ -801,29 +802,7 @@ def _task_findings(
         "rows": [int(r) for r in manifest_rows],
         "n": len(targets),
     }
-    units: dict[str, str | None] = {}
-    if task == "multilabel":
-        codes = np.asarray(targets, dtype=np.int64)
-        sample["label_counts"] = {
-            name: {
-                "positive": int((codes[:, k] == 1).sum()),
-                "negative": int((codes[:, k] == 0).sum()),
-                "unknown": int((codes[:, k] < 0).sum()),
-            }
-            for k, name in enumerate(names)
-        }
-    else:
-        y = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
-        units = regression_units(names, dict(ctx.units))
-        sample["targets"] = {
-            name: {
-                "known": int(np.isfinite(y[:, k]).sum()),
-                "min": float(np.nanmin(y[:, k])) if np.isfinite(y[:, k]).any() else None,
-                "max": float(np.nanmax(y[:, k])) if np.isfinite(y[:, k]).any() else None,
-                "unit": units[name],
-            }
-            for k, name in enumerate(names)
-        }
+    sample.update(sample_summary(targets, task, names, dict(ctx.units)))
     setup: dict[str, Any] = {
         "kind": "corruption_setup",
         "task": task,
@@ -846,5 +825,5 @@ def _task_findings(
         },
     }
     if task == "regression":
-        setup["units"] = units
+        setup["units"] = regression_units(names, dict(ctx.units))
     return [sample, setup]

@@ -817,10 +817,14 @@ def test_check_on_a_multilabel_model(multilabel_model: Any, tmp_path: Path) -> N
     assert [t["passed"] for t in masking["tests"]] == [True, True, True, None]
     assert metrics[("adversarial.gradient_masking_suspected", ())].value == 0.0
     assert masking["unbounded"]["macro_auroc"] < 0.2  # an unbounded attack breaks the ranking
-    judged = evaluate(rules_for("adversarial"), [{"id": "adversarial", "status": "ok", "metrics": jsonable(result)}])
+    judged = evaluate(
+        rules_for("adversarial"),
+        [{"id": "adversarial", "status": "ok", "metrics": jsonable(result)}],
+        task="multilabel",
+    )
     status = {r["id"]: r["status"] for r in judged["rules"]}
     assert status["ADV-GRADIENT-MASKING"] == "pass" and status["ADV-PGD-ONE-GREY-LEVEL-MULTILABEL"] == "pass"
-    assert status["ADV-PGD-ONE-GREY-LEVEL"] == "not_evaluated"  # a classification metric
+    assert "ADV-PGD-ONE-GREY-LEVEL" in judged["policy"]["not_applicable"]["rules"]  # a classification rule
     (artifact,) = result.artifacts
     assert artifact.path == "artifacts/adversarial/robust_macro_auroc.svg"
     assert ET.parse(tmp_path / artifact.path).getroot().tag.endswith("svg")

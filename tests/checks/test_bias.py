@@ -935,7 +935,7 @@ def test_multilabel_metrics_carry_the_label(multilabel_runs: dict[str, CheckResu
 
 def test_the_planted_underdiagnosis_fails_and_names_the_group(multilabel_runs: dict[str, CheckResult]) -> None:
     result = multilabel_runs["planted"]
-    judged = evaluate(proposed_policy(), [check_record(result)])
+    judged = evaluate(proposed_policy(), [check_record(result)], task="multilabel")
     assert judged["verdict"] == "fail"
     failed = rule(judged, "BIAS-UNDERDIAG-GAP")
     assert failed["status"] == "fail" and failed["ci"][0] > 0.10
@@ -950,13 +950,13 @@ def test_the_planted_underdiagnosis_fails_and_names_the_group(multilabel_runs: d
     assert rates["C"] > 0.2 and max(rates["A"], rates["B"]) < 0.1
     # Per-label sensitivity is suppressed too, and judged per label.
     assert rule(judged, "BIAS-LABEL-SENS-GAP")["status"] == "fail"
-    # The classifier's sensitivity-gap rules carry no label key, so they never match per-label gaps.
+    # The classifier's sensitivity-gap rules (and the regressor's) are for other tasks: not applicable.
     for rule_id in ("BIAS-SENS-GAP", "BIAS-SPEC-GAP", "BIAS-SENS-GAP-POINT", "BIAS-MAE-GAP"):
-        assert rule(judged, rule_id)["status"] == "not_evaluated"
+        assert rule_id in judged["policy"]["not_applicable"]["rules"]
 
 
 def test_the_clean_multilabel_twin_passes(multilabel_runs: dict[str, CheckResult]) -> None:
-    judged = evaluate(proposed_policy(), [check_record(multilabel_runs["clean"])])
+    judged = evaluate(proposed_policy(), [check_record(multilabel_runs["clean"])], task="multilabel")
     assert judged["verdict"] == "pass"
     for rule_id in ("BIAS-UNDERDIAG-GAP", "BIAS-UNDERDIAG-GAP-POINT", "BIAS-LABEL-SENS-GAP", "BIAS-LABEL-SPEC-GAP"):
         assert rule(judged, rule_id)["status"] == "pass", rule_id
@@ -966,7 +966,7 @@ def test_classifier_runs_leave_the_per_label_rules_unjudged(tmp_path: Path) -> N
     judged = evaluate(proposed_policy(), [check_record(run_check(fake_context(tmp_path), n_boot=20))])
     assert rule(judged, "BIAS-SENS-GAP")["status"] in ("pass", "fail")
     for rule_id in ("BIAS-LABEL-SENS-GAP", "BIAS-UNDERDIAG-GAP", "BIAS-MAE-GAP"):
-        assert rule(judged, rule_id)["status"] == "not_evaluated"
+        assert rule_id in judged["policy"]["not_applicable"]["rules"]  # rules of other tasks
 
 
 def test_no_finding_names_a_label_of_a_multilabel_model(tmp_path: Path) -> None:
@@ -1140,7 +1140,7 @@ def test_the_planted_regression_error_fails_and_names_the_group(
     regression_runs: dict[str, tuple[CheckResult, Any]],
 ) -> None:
     result, _ = regression_runs["planted"]
-    judged = evaluate(proposed_policy(), [check_record(result)])
+    judged = evaluate(proposed_policy(), [check_record(result)], task="regression")
     assert judged["verdict"] == "fail"
     failed = rule(judged, "BIAS-MAE-GAP")
     assert failed["status"] == "fail" and failed["ci"][0] > 1.25
@@ -1149,7 +1149,7 @@ def test_the_planted_regression_error_fails_and_names_the_group(
     top = next(f for f in result.findings if f["kind"] == "subgroup_gap")
     assert (top["metric"], top["output"], top["worst_group"]) == ("mae_ratio", "bone_age", "C")
     clean, _ = regression_runs["clean"]
-    judged = evaluate(proposed_policy(), [check_record(clean)])
+    judged = evaluate(proposed_policy(), [check_record(clean)], task="regression")
     assert judged["verdict"] == "pass"
     assert rule(judged, "BIAS-MAE-GAP")["status"] == "pass"
 
