@@ -7,14 +7,15 @@ twins - audits each with the backdoor check at its default parameters (CPU), and
 * one row per model: part, data kind, architecture, classes, seed, attack, test accuracy,
   attack success, verdict, suspected target, and per data-level method the largest share of a
   class flagged (for a twin: recall / precision on the poisoned rows);
-* per part (``tuning``, ``held_out_1``, ``held_out_2``, ``held_out_3``, ``held_out_4``; the first
-  four together are what the final rule was chosen on, the last is the reported held-out part): the
+* per part (``tuning``, ``held_out_1``, ``held_out_2``, ``held_out_3``, ``held_out_4``,
+  ``held_out_5``; the first four together are what the final rule was chosen on, the last two are
+  the reported held-out parts, also pooled): the
   model-level false-positive rate on clean models, the data-level one (a clean model with more
   than 2% of some class flagged by a method), both with Wilson 95% intervals; the detection
   rate with the right target on poisoned twins, by attack kind; recall and precision on the
   BadNets twins' poisoned rows.
 
-    python scripts/backdoor_population.py [--part held_out_4] [--only chest] [--jobs 2] [--json out.json]
+    python scripts/backdoor_population.py [--part held_out_5] [--only chest] [--jobs 2] [--json out.json]
 
 Trained weights are cached under ``--cache`` (default ``$XDG_CACHE_HOME/auditkit/backdoor-population``,
 outside the repository) keyed by the member and the generator version; audit results are cached
@@ -48,7 +49,7 @@ SHORT = {
 }
 FAIL_RULES = ("activation_clustering", "spectral_signature")  # the policies' fail rules (BD-DATA-*)
 DATA_LIMIT = 0.02  # the policies' BD-DATA-CLUSTER / BD-DATA-SPECTRAL threshold
-PARTS = ("tuning", "held_out_1", "held_out_2", "held_out_3", "held_out_4")
+PARTS = ("tuning", "held_out_1", "held_out_2", "held_out_3", "held_out_4", "held_out_5")
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -385,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "held_out_1",
         "held_out_2",
         "held_out_3",
+    )
+    groups["held_out_4 + held_out_5 (the held-out parts, measured once each with the final rule)"] = (
+        "held_out_4",
+        "held_out_5",
     )
     for label, parts in groups.items():
         chosen = [r for r in records if r["part"] in parts]
