@@ -48,8 +48,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -118,8 +120,10 @@ EXACT_LIMIT = 8192
 SKETCH_DIMENSION = 384
 """Random projections of the sketch a larger search runs on."""
 
-_BATCH = 1024  # images registered or fingerprinted at a time (memory stays ~100 MiB)
+_BATCH = 1024  # images registered or fingerprinted at a time, all workers together (~100 MiB)
+_WORKERS = 4  # most threads that register parts of a batch at once
 _FIT_SAMPLE = 2048  # images the template, mean and principal axes are estimated from
+_KEEP_LIMIT = 2048  # images whose fine-level registration images are kept (16 KB each); beyond, made per use
 _MAX_STEP = 0.1  # largest change of an affine coefficient in one Gauss-Newton step
 
 
@@ -281,20 +285,36 @@ def _pixel_centres(height: int, width: int) -> torch.Tensor:
     return torch.stack([x.reshape(-1), y.reshape(-1), torch.ones(height * width)], dim=1)
 
 
-def warp_affine(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _region_centres(height: int, width: int, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``y`` ``(1, P)`` of the pixel centres of rows and columns ``first:last``."""
+    centres = _pixel_centres(height, width).view(height, width, 3)[first:last, first:last].reshape(-1, 3)
+    return centres[None, :, 0].contiguous(), centres[None, :, 1].contiguous()
+
+
+def warp_affine(images: torch.Tensor, theta: torch.Tensor, region: tuple[int, int] | None = None) -> torch.Tensor:
     """Resample ``(N, 1, H, W)`` images at ``theta @ (x, y, 1)`` (normalised coordinates).
 
     The convention of :func:`torch.nn.functional.affine_grid` with ``align_corners=False``:
     pixel centres span ``(-1, 1)``; the border is replicated. The sampling grid is computed here
     (``affine_grid`` costs more than the resampling itself on a CPU).
+
+    Args:
+        images: ``(N, 1, H, W)`` images.
+        theta: ``(N, 2, 3)`` poses.
+        region: ``(first, last)``: only rows and columns ``first:last`` of the output frame
+            (the same values as those of the whole frame, for less work).
     """
     n, _, height, width = images.shape
-    centres = _pixel_centres(height, width)
-    x, y = centres[None, :, 0], centres[None, :, 1]
-    grid_x = theta[:, 0, 0, None] * x + theta[:, 0, 1, None] * y + theta[:, 0, 2, None]
-    grid_y = theta[:, 1, 0, None] * x + theta[:, 1, 1, None] * y + theta[:, 1, 2, None]
-    grid = torch.stack([grid_x, grid_y], dim=2).view(n, height, width, 2)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    first, last = region if region is not None else (0, max(height, width))
+    x, y = _region_centres(height, width, first, last)
+    rows, columns = min(last, height) - first, min(last, width) - first
+    grid = torch.empty(n, x.shape[1], 2)
+    grid[:, :, 0] = theta[:, 0, 0, None] * x + theta[:, 0, 1, None] * y + theta[:, 0, 2, None]
+    grid[:, :, 1] = theta[:, 1, 0, None] * x + theta[:, 1, 1, None] * y + theta[:, 1, 2, None]
+    return F.grid_sample(
+        images, grid.view(n, rows, columns, 2), mode="bilinear", padding_mode="border", align_corners=False
+    )
 
 
 def _homogeneous(theta: torch.Tensor) -> torch.Tensor:
@@ -304,22 +324,36 @@ def _homogeneous(theta: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def _gradients(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Central differences of ``(N, 1, S, S)`` images per normalised unit, as ``(N, S * S)``."""
-    side = images.shape[-1]
-    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")[:, 0]
+def _gradients(images: torch.Tensor, margin: int = 0, side: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Central differences of ``(N, 1, S, S)`` images per normalised unit, as ``(N, P)``.
+
+    ``margin`` pixels on each side are left out (``P = (S - 2 margin) ** 2``): the differences
+    there read the neighbours in the margin; without a margin the border is replicated. ``side``
+    is the side of the frame the normalised units refer to (default ``S``: the images are a whole
+    frame, not a region of one).
+    """
+    width = images.shape[-1]
+    frame = images[:, 0] if margin else F.pad(images, (1, 1, 1, 1), mode="replicate")[:, 0]
+    first, kept = max(margin, 1), width - 2 * margin  # the first kept pixel's position in frame
+    inner, before, after = (slice(first + d, first + d + kept) for d in (0, -1, 1))
     # A pixel is 2 / side normalised units; a central difference spans two pixels.
-    grad_x = (padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]) * (side / 4)
-    grad_y = (padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]) * (side / 4)
+    scale = (side if side is not None else width) / 4
+    grad_x = (frame[:, inner, after] - frame[:, inner, before]) * scale
+    grad_y = (frame[:, after, inner] - frame[:, before, inner]) * scale
     return grad_x.reshape(images.shape[0], -1), grad_y.reshape(images.shape[0], -1)
 
 
-def _central(side: int) -> torch.Tensor:
-    """Flat indices of the template frame's pixels inside the canonical margin."""
-    margin = round(side * CANONICAL_MARGIN / ANALYSIS_SIZE)
-    inside = torch.zeros(side, side, dtype=torch.bool)
-    inside[margin : side - margin, margin : side - margin] = True
-    return torch.nonzero(inside.reshape(-1), as_tuple=True)[0]
+def _fit_margin(side: int) -> int:
+    """Pixels of each side of a ``side``-pixel template frame outside the fitted centre."""
+    return round(side * CANONICAL_MARGIN / ANALYSIS_SIZE)
+
+
+@functools.lru_cache(maxsize=8)
+def _fit_coordinates(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``y`` ``(P,)`` of the fitted pixels of a ``side``-pixel template frame (row-major)."""
+    margin = _fit_margin(side)
+    inner = _pixel_centres(side, side).view(side, side, 3)[margin : side - margin, margin : side - margin]
+    return inner[..., 0].reshape(-1).contiguous(), inner[..., 1].reshape(-1).contiguous()
 
 
 def _align(
@@ -335,21 +369,29 @@ def _align(
     the centre of the template frame is fitted: a crop or a shift of a copy changes what lies at
     the borders, and the pose must not depend on it.
 
+    Only the fitted centre and the ring of pixels its gradients read are resampled (28 x 28 of
+    a 32 x 32 frame, 54 x 54 of 64 x 64): the same values as slicing the whole warped frame.
+
     Returns the refined ``theta`` and each image's mean squared error there.
     """
     n = theta.shape[0]
     side = template.shape[-1]
-    inside = _central(side)
-    coordinates = _pixel_centres(side, side)[inside]
-    x, y = coordinates[:, 0], coordinates[:, 1]
-    target = template.reshape(1, -1)[:, inside]
-    template_x, template_y = (g[:, inside] for g in _gradients(template))
+    margin = _fit_margin(side)
+    inner = slice(margin, side - margin)
+    x, y = _fit_coordinates(side)
+    target = template[:, 0, inner, inner].reshape(1, -1)
+    template_x, template_y = _gradients(template, margin)
     identity = torch.eye(3).expand(n, 3, 3)
     damping = torch.ones(n)
+    regulariser = 1e-6 * torch.eye(6)
+
+    region = (margin - 1, side - margin + 1) if margin else None
+    fitted = slice(1, -1) if margin else slice(None)
+    moving_margin = 1 if margin else 0
 
     def measure(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        warped = warp_affine(moving, at)
-        residual = warped.reshape(n, -1)[:, inside] - target
+        warped = warp_affine(moving, at, region)
+        residual = warped[:, 0, fitted, fitted].reshape(n, -1) - target
         return warped, residual, residual.pow(2).mean(dim=1)
 
     warped, residual, error = measure(theta)
@@ -365,12 +407,13 @@ def _align(
             damping = torch.where(worse, damping / 2, damping)
         if iteration == iterations:
             break
-        moving_x, moving_y = (g[:, inside] for g in _gradients(warped))
+        moving_x, moving_y = _gradients(warped, moving_margin, side)
         grad_x = (moving_x + template_x) / 2
         grad_y = (moving_y + template_y) / 2
         jacobian = torch.stack([grad_x * x, grad_x * y, grad_x, grad_y * x, grad_y * y, grad_y], dim=1)
-        hessian = jacobian @ jacobian.transpose(1, 2) + 1e-6 * torch.eye(6)
-        step = -torch.linalg.solve(hessian, jacobian @ residual[:, :, None])[:, :, 0]
+        hessian = jacobian @ jacobian.transpose(1, 2) + regulariser
+        gradient = (jacobian @ residual[:, :, None])[:, :, 0]
+        step = -torch.linalg.solve(hessian, gradient[:, :, None])[:, :, 0]
         step = (step * damping[:, None]).clamp(-_MAX_STEP, _MAX_STEP)
         update = identity.clone()
         update[:, :2] += step.view(n, 2, 3)
@@ -401,14 +444,21 @@ def register_to_template(
         start. The others keep their starting pose, as do poses that zoom by more than a factor
         of two or shift by more than a quarter of the width: a failed fit must not move them.
     """
-    n = moving.shape[0]
-    start = torch.eye(2, 3).repeat(n, 1, 1) if theta is None else theta.clone()
+    levels = [(_gaussian(moving, sigma), _gaussian(template, sigma)) for sigma in sigmas]
+    start = torch.eye(2, 3).repeat(moving.shape[0], 1, 1) if theta is None else theta.clone()
+    return _register(levels, start, iterations)
+
+
+def _register(
+    levels: list[tuple[torch.Tensor, torch.Tensor]], start: torch.Tensor, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`register_to_template` on blurred ``(moving, template)`` pairs, coarse to fine."""
     current = start
-    for sigma in sigmas:
-        current, _ = _align(_gaussian(moving, sigma), _gaussian(template, sigma), current, iterations)
-    finest_template, finest_moving = _gaussian(template, sigmas[-1]), _gaussian(moving, sigmas[-1])
-    _, before = _align(finest_moving, finest_template, start, 0)
-    _, after = _align(finest_moving, finest_template, current, 0)
+    after = torch.empty(0)
+    for moving, template in levels:
+        current, after = _align(moving, template, current, iterations)
+    # ``after`` is the finest level's error at ``current``: the same as measuring it again.
+    _, before = _align(*levels[-1], start, 0)
     linear = current[:, :, :2]
     determinant = linear[:, 0, 0] * linear[:, 1, 1] - linear[:, 0, 1] * linear[:, 1, 0]
     plausible = (determinant > 0.5) & (determinant < 2.0) & (current[:, :, 2].abs().amax(dim=1) < 0.5)
@@ -422,14 +472,15 @@ def register_to_template(
 
 def _analysis_images(images: torch.Tensor) -> torch.Tensor:
     """``(N, 1, 64, 64)`` float32 channel means, resampled (bilinear, antialiased)."""
-    gray = images.float().mean(dim=1, keepdim=True)
+    # One channel is its own mean (the same values, without a second pass over the images).
+    gray = images.float() if images.shape[1] == 1 else images.float().mean(dim=1, keepdim=True)
     if gray.shape[-2:] == (ANALYSIS_SIZE, ANALYSIS_SIZE):
         return gray
     size = (ANALYSIS_SIZE, ANALYSIS_SIZE)
     return F.interpolate(gray, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
-def _as_analysis(images: torch.Tensor) -> torch.Tensor:
+def _as_analysis(images: torch.Tensor, pool: _Workers) -> torch.Tensor:
     """The analysis images, made once when the inputs are larger or have more channels.
 
     Registration reads each image some ten times (rounds, levels, the canonical pass); at 224 x 224
@@ -438,7 +489,7 @@ def _as_analysis(images: torch.Tensor) -> torch.Tensor:
     """
     if images.shape[1] == 1 and tuple(images.shape[-2:]) == (ANALYSIS_SIZE, ANALYSIS_SIZE):
         return images
-    return torch.cat([_analysis_images(images[b]) for b in _batches(images.shape[0])])
+    return torch.cat(pool.run(lambda b: _analysis_images(images[b]), pool.parts(images.shape[0])))
 
 
 def _sample(n: int, limit: int) -> torch.Tensor:
@@ -464,43 +515,101 @@ def _fine(images: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """PyTorch on one thread for the duration (restored after).
+def _one_torch_thread() -> Iterator[int]:
+    """PyTorch on one thread for the duration (restored after); yields the threads it had.
 
     Registration is some forty passes of small element-wise operations per batch; on cores shared
     with other work, PyTorch's parallel regions wait for a descheduled thread, and registering
-    1,024 images took about 3x longer on two threads than on one.
+    1,024 images took about 3x longer on two threads than on one. The principal axes' fit is no
+    different: its QR factorisations of a tall, thin matrix took 1.6 s on two loaded threads
+    against 0.05 s on one, and the projection 0.12 s against 0.01 s (370 images).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
 
 
-def _poses(images: torch.Tensor, rounds: int, iterations: int, fine_iterations: int) -> torch.Tensor:
+_T = TypeVar("_T")
+
+
+class _Workers:
+    """Threads that each run PyTorch on their own part of the images (see :func:`_workers`)."""
+
+    def __init__(self, count: int, pool: ThreadPoolExecutor | None) -> None:
+        self.count = count
+        self._pool = pool
+
+    def parts(self, n: int) -> list[slice]:
+        """Slices of ``n`` images, one per thread and batch: at most ``_BATCH`` images in flight."""
+        size = max(1, min(_BATCH // self.count, math.ceil(n / self.count)))
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def run(self, function: Callable[[slice], _T], parts: list[slice]) -> list[_T]:
+        """``function`` of each part, in order (the parts at once, up to one per thread)."""
+        if self._pool is None or len(parts) < 2:
+            return [function(part) for part in parts]
+        return list(self._pool.map(function, parts))
+
+
+@contextlib.contextmanager
+def _workers(count: int) -> Iterator[_Workers]:
+    """``count`` threads (at most :data:`_WORKERS`) that each process their own images.
+
+    Each thread runs PyTorch on one intra-op thread (:func:`_one_torch_thread`) over its own part
+    of the images, and the threads meet once per :meth:`_Workers.run`, not at every operation as
+    PyTorch's parallel regions do: on two cores a study registers in about 0.6 of the time of
+    one, and a thread descheduled by other work delays only its own part. Every image's
+    arithmetic is the same whatever the parts (the operations are per image), and so are the
+    fingerprints.
+    """
+    count = max(1, min(count, _WORKERS))
+    if count == 1:
+        yield _Workers(1, None)
+        return
+    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="auditkit-fingerprint") as pool:
+        yield _Workers(count, pool)
+
+
+def _poses(images: torch.Tensor, rounds: int, iterations: int, fine_iterations: int, pool: _Workers) -> torch.Tensor:
     """The pose of each image relative to the study's template, ``(N, 2, 3)``.
 
-    The tone-normalised images are made again for each batch and round rather than kept: memory
-    stays a few batches whatever the number of images.
+    Each image's tone-normalised images are ranked once (a sort of every pixel: the largest cost
+    after the resampling): the coarse levels' 32 x 32 images (4 KB an image, a quarter of the
+    analysis images already held) are kept for every round, the fine level's 64 x 64 ones for the
+    template and the registration up to ``_KEEP_LIMIT`` images; beyond, those are made again for
+    the template's sample and for each part, so memory stays a batch. Each part is blurred once
+    per level and round, the template once per level and round. The parts are registered on the
+    ``pool``'s threads.
     """
     n = images.shape[0]
-    batches = _batches(n)
+    parts = pool.parts(n)
     sample = _sample(n, _FIT_SAMPLE)
     theta = torch.eye(2, 3).repeat(n, 1, 1)
-    template = _small(images[sample]).mean(dim=0, keepdim=True)
+    small = torch.cat(pool.run(lambda b: _small(images[b]), parts))
+    template = small[sample].mean(dim=0, keepdim=True)
     for round_number in range(rounds):
-        for b in batches:
-            theta[b], _ = register_to_template(_small(images[b]), template, iterations=iterations, theta=theta[b])
+        blurred = [_gaussian(template, sigma) for sigma in COARSE_SIGMAS]
+
+        def coarse(b: slice, blurred: list[torch.Tensor] = blurred) -> None:
+            levels = [(_gaussian(small[b], sigma), t) for sigma, t in zip(COARSE_SIGMAS, blurred, strict=True)]
+            theta[b], _ = _register(levels, theta[b].clone(), iterations)
+
+        pool.run(coarse, parts)
         if round_number + 1 < rounds:
-            template = warp_affine(_small(images[sample]), theta[sample]).mean(dim=0, keepdim=True)
+            template = warp_affine(small[sample], theta[sample]).mean(dim=0, keepdim=True)
     if fine_iterations:
-        template = warp_affine(_fine(images[sample]), theta[sample]).mean(dim=0, keepdim=True)
-        for b in batches:
-            theta[b], _ = register_to_template(
-                _fine(images[b]), template, sigmas=(FINE_SIGMA,), iterations=fine_iterations, theta=theta[b]
-            )
+        fine = torch.cat(pool.run(lambda b: _fine(images[b]), parts)) if n <= _KEEP_LIMIT else None
+        template = warp_affine(fine[sample] if fine is not None else _fine(images[sample]), theta[sample])
+        finest = _gaussian(template.mean(dim=0, keepdim=True), FINE_SIGMA)
+
+        def refine(b: slice) -> None:
+            moving = _gaussian(fine[b] if fine is not None else _fine(images[b]), FINE_SIGMA)
+            theta[b], _ = _register([(moving, finest)], theta[b].clone(), fine_iterations)
+
+        pool.run(refine, parts)
     return theta
 
 
@@ -530,10 +639,10 @@ def canonical_images(
     side = ANALYSIS_SIZE - 2 * CANONICAL_MARGIN
     if n == 0:
         return Canonical(torch.empty(0, side, side), torch.empty(0, 2, 3), 0)
-    with _one_torch_thread():
-        images = _as_analysis(images)
-        theta = _poses(images, rounds, iterations, fine_iterations)
-        canonical = torch.cat([_canonical(images[b], theta[b]) for b in _batches(n)])
+    with _one_torch_thread() as threads, _workers(threads) as pool:
+        images = _as_analysis(images, pool)
+        theta = _poses(images, rounds, iterations, fine_iterations, pool)
+        canonical = torch.cat(pool.run(lambda b: _canonical(images[b], theta[b]), pool.parts(n)))
     return Canonical(canonical, theta, _moved(theta))
 
 
@@ -601,27 +710,31 @@ def fingerprints(
         return Fingerprints(torch.empty(0, 0), 0, 0)
     # The detail vectors are projected in place, batch by batch: one (N, D) float32 array.
     vectors = torch.empty(n, (ANALYSIS_SIZE - 2 * CANONICAL_MARGIN - 2 * FILTER_MARGIN) ** 2)
-    with _one_torch_thread():
-        images = _as_analysis(images)
-        theta = _poses(images, rounds=2, iterations=5, fine_iterations=4)
-        for b in _batches(n):
+    with _one_torch_thread() as threads, _workers(threads) as pool:
+        images = _as_analysis(images, pool)
+        theta = _poses(images, rounds=2, iterations=5, fine_iterations=4, pool=pool)
+
+        def detail(b: slice) -> None:
             vectors[b] = detail_vectors(_canonical(images[b], theta[b]), band)
-    fit = vectors[_sample(n, _FIT_SAMPLE)].double()
-    # Weight each fitted image by 1 / (images nearly identical to it, itself included): a group
-    # of copies counts as one image and cannot become a principal axis.
-    unit = fit - fit.mean(dim=0)
-    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    weights = 1.0 / (unit @ unit.T > DUPLICATE_COSINE).sum(dim=1).clamp_min(1).double()
-    weights = weights / weights.sum()
-    mean = (weights[:, None] * fit).sum(dim=0) if fit.shape[0] >= MIN_FIT_IMAGES else torch.zeros_like(fit[0])
-    k = max(0, min(components, fit.shape[0] // images_per_component, fit.shape[1]))
-    axes = _principal_axes((fit - mean) * weights.sqrt()[:, None], k)
-    for b in _batches(n):
-        block = vectors[b].double() - mean
-        block = block - (block @ axes.T) @ axes
-        block = block - block.mean(dim=1, keepdim=True)
-        norms = block.norm(dim=1, keepdim=True)
-        vectors[b] = torch.where(norms > 1e-12, block / norms.clamp_min(1e-12), torch.zeros_like(block)).float()
+
+        pool.run(detail, pool.parts(n))
+        fit = vectors[_sample(n, _FIT_SAMPLE)].double()
+        # Weight each fitted image by 1 / (images nearly identical to it, itself included): a
+        # group of copies counts as one image and cannot become a principal axis.
+        unit = fit - fit.mean(dim=0)
+        unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        weights = 1.0 / (unit @ unit.T > DUPLICATE_COSINE).sum(dim=1).clamp_min(1).double()
+        weights = weights / weights.sum()
+        enough = fit.shape[0] >= MIN_FIT_IMAGES
+        mean = (weights[:, None] * fit).sum(dim=0) if enough else torch.zeros_like(fit[0])
+        k = max(0, min(components, fit.shape[0] // images_per_component, fit.shape[1]))
+        axes = _principal_axes((fit - mean) * weights.sqrt()[:, None], k)
+        for b in _batches(n):
+            block = vectors[b].double() - mean
+            block = block - (block @ axes.T) @ axes
+            block = block - block.mean(dim=1, keepdim=True)
+            norms = block.norm(dim=1, keepdim=True)
+            vectors[b] = torch.where(norms > 1e-12, block / norms.clamp_min(1e-12), torch.zeros_like(block)).float()
     return Fingerprints(vectors, k, _moved(theta))
 
 
@@ -778,10 +891,17 @@ def similar_pairs(
     return i_out, j_out, _dot_rows(vectors, torch.from_numpy(i_out), torch.from_numpy(j_out)).double().numpy()
 
 
-def _dot_rows(vectors: torch.Tensor, i: torch.Tensor, j: torch.Tensor, chunk: int = 16_384) -> torch.Tensor:
-    """``vectors[i] . vectors[j]`` per pair, ``chunk`` pairs at a time (bounded memory)."""
+def _dot_rows(vectors: torch.Tensor, i: torch.Tensor, j: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``vectors[i] . vectors[j]`` per pair, ``chunk`` pairs at a time, on one thread.
+
+    Small chunks keep the gathered rows in the cache (256 pairs of 2,304-float fingerprints are
+    2.4 MB an operand): 16,384 at a time (150 MB an operand) made the 20,000 calibration pairs of
+    a 370-image study take 0.8 s instead of 0.15 s. Each pair's sum is the same whatever the
+    chunk and the threads.
+    """
     out = torch.empty(i.numel())
-    for start in range(0, i.numel(), chunk):
-        a, b = i[start : start + chunk], j[start : start + chunk]
-        out[start : start + chunk] = (vectors[a] * vectors[b]).sum(dim=1)
+    with _one_torch_thread():
+        for start in range(0, i.numel(), chunk):
+            a, b = i[start : start + chunk], j[start : start + chunk]
+            out[start : start + chunk] = (vectors[a] * vectors[b]).sum(dim=1)
     return out

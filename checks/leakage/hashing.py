@@ -113,7 +113,9 @@ def perceptual_hash(
     rows, cols = low_frequencies(bits)
     out = np.empty((tensor.shape[0], bits // 64), dtype=np.uint64)
     for start in range(0, tensor.shape[0], batch):
-        chunk = tensor[start : start + batch].float().mean(dim=1, keepdim=True)
+        chunk = tensor[start : start + batch].float()
+        if chunk.shape[1] != 1:  # one channel is its own mean: no second pass over the images
+            chunk = chunk.mean(dim=1, keepdim=True)
         small = F.interpolate(chunk, size=(HASH_SIZE, HASH_SIZE), mode="area")[:, 0]
         values = small.double().numpy()
         values = values - values.mean(axis=(1, 2), keepdims=True)

@@ -23,6 +23,7 @@ from auditkit.checks.leakage import (
     encode_levels,
     exact_groups_across,
     exact_groups_within,
+    fingerprint,
     hamming_distance,
     hamming_pairs,
     hamming_pairs_within,
@@ -37,6 +38,7 @@ from auditkit.checks.leakage import (
 )
 from auditkit.checks.leakage.duplicates import duplicate_labels, hash_radius, near_duplicate_search
 from auditkit.checks.leakage.fingerprint import (
+    _gradients,
     calibrate,
     central_cdf,
     fingerprints,
@@ -429,6 +431,53 @@ def test_fingerprints_of_an_empty_or_tiny_set() -> None:
     tiny = fingerprints(smooth_images(np.random.default_rng(14), 3, size=20))
     assert tiny.vectors.shape == (3, 48 * 48) and tiny.components == 0
     assert torch.allclose(tiny.vectors.norm(dim=1), torch.ones(3), atol=1e-4)
+
+
+def test_warping_a_region_equals_slicing_the_whole_warped_frame() -> None:
+    rng = np.random.default_rng(15)
+    images = smooth_images(rng, 5, size=32)
+    theta = torch.eye(2, 3).repeat(5, 1, 1) + torch.from_numpy(rng.normal(0, 0.05, (5, 2, 3))).float()
+    whole = warp_affine(images, theta)
+    assert torch.equal(warp_affine(images, theta, (2, 30)), whole[:, :, 2:30, 2:30])
+    assert not torch.equal(warp_affine(images, theta, (2, 30)), whole[:, :, 3:31, 3:31])
+
+
+def test_gradients_inside_a_margin_equal_those_of_the_whole_frame() -> None:
+    images = smooth_images(np.random.default_rng(16), 3, size=32)
+    whole_x, whole_y = _gradients(images)  # border replicated
+    for margin in (1, 3):
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[margin : 32 - margin, margin : 32 - margin] = True
+        grad_x, grad_y = _gradients(images, margin)
+        assert torch.equal(grad_x, whole_x[:, inside.reshape(-1)])
+        assert torch.equal(grad_y, whole_y[:, inside.reshape(-1)])
+    # A region of the frame (the centre and a one-pixel ring) keeps the frame's units.
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[3:29, 3:29] = True
+    grad_x, _ = _gradients(images[:, :, 2:30, 2:30], 1, side=32)
+    assert torch.equal(grad_x, whole_x[:, inside.reshape(-1)])
+    assert not torch.equal(_gradients(images[:, :, 2:30, 2:30], 1)[0], grad_x)  # 28-pixel units
+
+
+def test_fingerprints_do_not_depend_on_the_parts_threads_or_kept_registration_images(
+    lookalike: Decoded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = lookalike.images[:96]
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(fingerprint, "_WORKERS", 1)  # one batch on the calling thread
+    sequential = fingerprints(images)
+    assert torch.get_num_threads() == threads  # registration and the fit ran on one thread
+    monkeypatch.setattr(fingerprint, "_WORKERS", 4)
+    monkeypatch.setattr(fingerprint, "_BATCH", 40)  # 13-image parts on three threads
+    monkeypatch.setattr(fingerprint, "_KEEP_LIMIT", 0)  # fine-level images made again per part
+    torch.set_num_threads(3)
+    try:
+        parallel = fingerprints(images)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    assert parallel.moved == sequential.moved == 96 and parallel.components == sequential.components
+    assert torch.allclose(parallel.vectors, sequential.vectors, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
