@@ -216,8 +216,11 @@ class SplitRows:
         groups: group column -> banded group label per image.
         patients: surrogate patient id per image (``None`` where the manifest has none).
         studies: surrogate study id per image.
-        kinds: decoded file kind per image (``dicom``, ``png``, ``npy``, ...).
+        kinds: decoded file kind per image (``dicom``, ``png``, ``npy``; volumes ``nifti``,
+            ``npy``, ``dicom-series``).
         quarantined_groups: group column -> group label -> how many quarantined rows it lost.
+        spacing: 3-D inputs: each volume's voxel size ``(z, y, x)`` in millimetres on the
+            model-input grid, ``(N, 3)``; ``None`` for 2-D images.
     """
 
     name: str
@@ -228,6 +231,7 @@ class SplitRows:
     studies: Sequence[str | None]
     kinds: Sequence[str]
     quarantined_groups: dict[str, dict[str, int]]
+    spacing: NDArray[np.float64] | None = None
 
     @property
     def n(self) -> int:
@@ -245,13 +249,21 @@ class QuarantinedRow:
 
 @dataclass(frozen=True)
 class InputGeometry:
-    """What the model takes: channels, height, width, and how DICOM intensities map to [0, 1]
-    (a :class:`auditkit.decode.WindowSetting`), for a check that decodes images of its own."""
+    """What the model takes: channels, height, width (and ``depth`` for a 3-D input, else
+    ``None``), and how DICOM intensities map to [0, 1] (a :class:`auditkit.decode.WindowSetting`),
+    for a check that decodes images of its own."""
 
     channels: int
     height: int
     width: int
     window: Any
+    depth: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One image's tensor shape: ``(C, H, W)`` or ``(C, D, H, W)``."""
+        spatial = (self.height, self.width) if self.depth is None else (self.depth, self.height, self.width)
+        return (self.channels, *spatial)
 
 
 class ModelHandle(Protocol):
@@ -340,6 +352,11 @@ class CheckContext(Protocol):
     def input_geometry(self) -> InputGeometry: ...
 
     @property
+    def spatial_dims(self) -> int:
+        """2 for images ``(N, C, H, W)``, 3 for volumes ``(N, C, D, H, W)`` (``model.input.depth``)."""
+        ...
+
+    @property
     def model(self) -> ModelHandle: ...
 
     def has_split(self, split: str) -> bool: ...
@@ -363,13 +380,21 @@ class CheckContext(Protocol):
         *,
         dtype: torch.dtype = ...,
     ) -> torch.Tensor:
-        """Decoded images ``(N, C, H, W)`` in [0, 1]: float32 by default; ``torch.float16`` is the
-        stored precision, returned without a copy (read it, never write into it)."""
+        """Decoded images ``(N, C, H, W)`` (volumes ``(N, C, D, H, W)``) in [0, 1]: float32 by
+        default; ``torch.float16`` is the stored precision, returned without a copy (read it, never
+        write into it)."""
         ...
 
-    def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]: ...
+    def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]:
+        """One DICOM header per image (a series' first slice), ``None`` for other kinds."""
+        ...
 
     def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]: ...
+
+    def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:
+        """Every file's header per image: a DICOM series' slices in position order, a 2-D DICOM
+        image's one header, ``()`` for other kinds."""
+        ...
 
     def quarantined_headers(
         self, splits: Iterable[str]
@@ -420,6 +445,14 @@ def require_finite_logits(logits: Any, what: str = "eval image") -> Any:
 P = TypeVar("P", bound=CheckParams)
 
 
+def task_refusal(check_id: str, task: str, tasks: Sequence[str], why: str | None = None) -> str:
+    """Why a check does not run on a model of ``task``: the task named, what it measures, and the
+    check's own reason when it gives one (``Check.task_reasons``)."""
+    measured = " and ".join(f"task: {t}" for t in tasks) or "no task"
+    text = f"check '{check_id}' does not measure {TASK_NAMES.get(task, f'task: {task}')}; it measures {measured}"
+    return f"{text}: {why}" if why else text
+
+
 class Check(Generic[P]):
     """Base class of every check, generic in its parameters: ``class MyCheck(Check[MyParams])``.
 
@@ -427,7 +460,9 @@ class Check(Generic[P]):
     ``tasks`` and implement ``run(ctx, params)``, where ``params`` is a validated, frozen ``P``.
     ``tasks`` lists the ``model.task`` values the check measures; on any other the runner skips
     it with a reason that names the task, never running it to produce a wrong number. A check
-    listing a task may still :class:`Skip` it with a more specific reason.
+    listing a task may still :class:`Skip` it with a more specific reason. ``spatial_dims`` does
+    the same for the input: 2 (images ``(N, C, H, W)``), 3 (volumes ``(N, C, D, H, W)``, set by
+    ``model.input.depth``); a check that does not list 3 is skipped on a 3-D model with a reason.
     The class docstring names the method and its paper, the inputs it needs, the metrics it emits
     and the NIST AI RMF subcategories it informs; ``auditkit checks`` shows its first line.
     ``emits`` lists every metric name ``run`` can produce, so policies can be checked against the
@@ -442,6 +477,23 @@ class Check(Generic[P]):
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
     task_reasons: ClassVar[dict[str, str]] = {}
     """Why a task missing from ``tasks`` is not measured (task -> one sentence), for the skip reason."""
+    spatial_dims: ClassVar[tuple[int, ...]] = (2,)
+    dims_reason: ClassVar[str | None] = None
+    """Why 3-D volumes are not measured when 3 is missing from ``spatial_dims`` (one sentence)."""
+
+    @classmethod
+    def refusal(cls, check_id: str, task: str, spatial_dims: int = 2) -> str | None:
+        """Why this check does not run on a model of ``task`` with ``spatial_dims``-D inputs, or
+        ``None`` when it does."""
+        if task not in cls.tasks:
+            return task_refusal(check_id, task, cls.tasks, cls.task_reasons.get(task))
+        if spatial_dims not in cls.spatial_dims:
+            kind = {2: "2-D images", 3: "3-D volumes (model.input.depth)"}
+            text = f"check '{check_id}' does not measure {kind.get(spatial_dims, f'{spatial_dims}-D inputs')}"
+            measured = " and ".join(kind.get(d, f"{d}-D inputs") for d in cls.spatial_dims)
+            text += f"; it measures {measured}"
+            return f"{text}: {cls.dims_reason}" if cls.dims_reason else text
+        return None
 
     def run(self, ctx: CheckContext, params: P) -> CheckResult:
         raise NotImplementedError

@@ -122,7 +122,7 @@ class AuditContext:
             operating_point, claims = spec.model.operating_point, spec.model.claims
             task = spec.model.task
             units = {c: u for c in classes if (u := spec.model.unit_of(c)) is not None}
-            geometry = InputGeometry(shape.channels, shape.height, shape.width, window_setting(spec))
+            geometry = InputGeometry(shape.channels, shape.height, shape.width, window_setting(spec), shape.depth)
         if classes is None or seed is None:
             raise ValueError("an AuditContext without a spec needs classes and a seed")
         self.seed = seed
@@ -134,6 +134,7 @@ class AuditContext:
         self.claims = dict(claims or {})
         self.task = task
         self.units = dict(units or {})
+        self.spatial_dims = 2 if geometry is None or geometry.depth is None else 3
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._with_features: dict[str, bool] = {}
         self._predictions: dict[str, Predictions] = {}
@@ -275,12 +276,12 @@ class AuditContext:
                 return data.headers
             headers: list[pydicom.Dataset | None] = []
             for path, kind in zip(data.paths, data.kinds, strict=True):
-                if kind != "dicom":
+                if kind not in ("dicom", "dicom-series"):
                     headers.append(None)
                     continue
                 try:
-                    headers.append(read_dicom_header(path, convert=False))
-                except UnreadableImage:
+                    headers.append(read_dicom_header(_first_slice(path) if kind != "dicom" else path, convert=False))
+                except (UnreadableImage, OSError):
                     headers.append(None)
             self._raw_headers[split] = headers
         return self._raw_headers[split]
@@ -307,6 +308,42 @@ class AuditContext:
                 converted.append(header)
             self._headers[split] = converted
         return self._headers[split]
+
+    def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:
+        """Every file's header of each image, converted as :meth:`headers`' are: a DICOM series'
+        slices in position order (``None`` for a slice pydicom cannot convert), a 2-D DICOM
+        image's one header, ``()`` for other kinds. Patient data: measure, never report."""
+        from auditkit.decode import convert_elements, read_dicom_header
+        from auditkit.errors import UnreadableImage
+
+        data = self.split(split)
+        if data.slice_headers is None:
+            firsts = self.headers(split)
+            out: list[tuple[pydicom.Dataset | None, ...]] = []
+            for path, kind, first in zip(data.paths, data.kinds, firsts, strict=True):
+                if kind != "dicom-series":
+                    out.append((first,) if kind == "dicom" else ())
+                    continue
+                slices: list[pydicom.Dataset | None] = []
+                for file in sorted(p for p in path.iterdir() if p.is_file()):
+                    try:
+                        slices.append(read_dicom_header(file))
+                    except UnreadableImage:
+                        slices.append(None)
+                out.append(tuple(slices))
+            return out
+        result: list[tuple[pydicom.Dataset | None, ...]] = []
+        for datasets in data.slice_headers:
+            converted: list[pydicom.Dataset | None] = []
+            for header in datasets:
+                try:
+                    convert_elements(header)
+                except Exception:  # an element pydicom cannot convert: the header is unreadable
+                    converted.append(None)
+                    continue
+                converted.append(header)
+            result.append(tuple(converted))
+        return result
 
     def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]:
         """Text values of a few header elements per image; ``None`` for non-DICOM or unreadable files.
@@ -389,6 +426,14 @@ class AuditContext:
                 yield record, read_dicom_header(path)
             except UnreadableImage:
                 yield record, None
+
+
+def _first_slice(folder: Path) -> Path:
+    """The first file of a DICOM series folder by name (any slice carries the series' identifiers)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if not files:
+        raise OSError("empty series folder")
+    return files[0]
 
 
 class _ModelHandle:
@@ -510,6 +555,10 @@ class CheckView:
         return dict(self._engine.claims)
 
     @property
+    def spatial_dims(self) -> int:
+        return self._engine.spatial_dims
+
+    @property
     def input_geometry(self) -> InputGeometry:
         if self._engine.geometry is None:
             raise Skip("this context does not know the model's input geometry")
@@ -537,6 +586,7 @@ class CheckView:
             studies=tuple(data.studies),
             kinds=tuple(data.kinds),
             quarantined_groups=data.quarantined_groups,
+            spacing=data.spacing,
         )
 
     def labels(self, split: str = "eval") -> np.ndarray:
@@ -574,6 +624,10 @@ class CheckView:
     def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]:
         self._require("headers", "header_texts", split)
         return self._engine.header_texts(split, keywords)
+
+    def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:
+        self._require("headers", "series_headers", split)
+        return self._engine.series_headers(split)
 
     def quarantined_headers(
         self, splits: Iterable[str]

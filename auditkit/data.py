@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from auditkit.decode import DecodeBudget, DecodedImage, WindowSetting, decode_image
+from auditkit.decode import DecodeBudget, DecodedImage, VolumeBudget, WindowSetting, decode_image, decode_volume_image
 from auditkit.errors import InputError, UnreadableImage
 from auditkit.spec import AuditSpec, GroupSpec
 
@@ -415,12 +415,20 @@ class SplitData:
     groups: dict[str, np.ndarray]
     kinds: list[str]
     paths: list[Path] = field(repr=False)
+    spacing: np.ndarray | None = None
+    """3-D inputs: each volume's voxel size ``(z, y, x)`` in millimetres on the model-input grid,
+    float64 ``(N, 3)``; ``None`` for 2-D images."""
     quarantined_groups: dict[str, dict[str, int]] = field(default_factory=dict)
     headers: list[pydicom.Dataset | None] | None = field(default=None, repr=False, compare=False)
     """With ``load_dataset(..., keep_headers=True)``: each image's DICOM data set as decoded,
     without pixel data (``None`` for other kinds); elements the decoder did not use stay raw.
     Patient data: read through :meth:`auditkit.context.AuditContext.headers` or
-    :meth:`~auditkit.context.AuditContext.header_texts`, never reported."""
+    :meth:`~auditkit.context.AuditContext.header_texts`, never reported. A DICOM series' entry is
+    its first slice (in position order)."""
+    slice_headers: list[tuple[pydicom.Dataset, ...]] | None = field(default=None, repr=False, compare=False)
+    """3-D inputs with ``keep_headers``: every slice's data set of each DICOM series, in position
+    order (``()`` for NIfTI and ``.npy`` volumes); read through
+    :meth:`auditkit.context.AuditContext.series_headers`."""
 
     @property
     def n(self) -> int:
@@ -454,15 +462,32 @@ def decode_all(
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
     keep_headers: bool = False,
+    depth: int | None = None,
+    root: Path | None = None,
 ) -> DecodeResult:
     """Decode every path once, in a thread pool; failures become reasons, never exceptions.
 
     ``keep_headers`` keeps each DICOM file's data set (without pixel data) with its image, so
-    header checks do not read the files a second time.
+    header checks do not read the files a second time. ``depth`` decodes volumes (NIfTI, ``.npy``
+    or a DICOM series folder) to ``(channels, depth, height, width)``, each slice of a series
+    bounded by ``budget``; a series' symlinks must stay inside ``root``.
     """
+    volume_budget = VolumeBudget(slice=budget)
 
     def one(path: Path) -> tuple[DecodedImage | None, str | None]:
         try:
+            if depth is not None:
+                return decode_volume_image(
+                    path,
+                    channels=channels,
+                    depth=depth,
+                    height=height,
+                    width=width,
+                    window=window,
+                    budget=volume_budget,
+                    root=root,
+                    keep_header=keep_headers,
+                ), None
             image = decode_image(
                 path,
                 channels=channels,
@@ -513,7 +538,8 @@ class DataSource:
         ood: OOD set name -> its manifest.
         classes: the label names, in the model's output order.
         task: the model's task (``model.task``), which decides the label columns.
-        shape: ``(channels, height, width)`` of the model input.
+        shape: ``(channels, height, width)`` of the model input, ``(channels, depth, height,
+            width)`` for a 3-D input.
         window: how DICOM intensities map to [0, 1].
     """
 
@@ -524,7 +550,7 @@ class DataSource:
     groups: Mapping[str, GroupSpec]
     ood: Mapping[str, Path]
     classes: Sequence[str]
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     window: WindowSetting
     task: str = "classification"
 
@@ -539,7 +565,7 @@ class DataSource:
             groups=dict(spec.data.groups),
             ood={name: spec.resolve(ood.manifest) for name, ood in spec.data.ood.items()},
             classes=list(spec.model.classes),
-            shape=(shape.channels, shape.height, shape.width),
+            shape=shape.shape,
             window=window_setting(spec),
             task=spec.model.task,
         )
@@ -606,10 +632,14 @@ def build_split(
         for column, value in groups.items():
             group_values[column].append(value)
     images = torch.empty((len(keep), *shape), dtype=torch.float16)
+    spacing = np.zeros((len(keep), 3), dtype=np.float64) if len(shape) == 4 else None
     for out_index, i in enumerate(keep):
         image = decoded.images[i]
         assert image is not None
         images[out_index] = torch.from_numpy(image.pixels)
+        if spacing is not None:
+            assert image.spacing is not None
+            spacing[out_index] = image.spacing
     return SplitData(
         name=name,
         manifest=manifest,
@@ -621,8 +651,14 @@ def build_split(
         groups={c: np.array(v, dtype=object) for c, v in group_values.items()},
         kinds=[decoded.images[i].kind for i in keep],  # type: ignore[union-attr]
         paths=[rows[i].path for i in keep],
+        spacing=spacing,
         quarantined_groups={c: v for c, v in quarantined_groups.items() if v},
         headers=[decoded.images[i].dataset for i in keep] if keep_headers else None,  # type: ignore[union-attr]
+        slice_headers=(
+            [decoded.images[i].datasets for i in keep]  # type: ignore[union-attr]
+            if keep_headers and len(shape) == 4
+            else None
+        ),
     )
 
 
@@ -706,7 +742,8 @@ def load_dataset(
     patients, studies = Surrogates("P"), Surrogates("S")
     quarantine: list[QuarantineEntry] = []
     splits: dict[str, SplitData] = {}
-    channels, height, width = source.shape
+    channels, *spatial = source.shape
+    depth, (height, width) = (spatial[0] if len(spatial) == 3 else None), spatial[-2:]
     plan: list[tuple[str, Sequence[ManifestRow], Path]] = [
         (role, by_role[role], manifest.source) for role in ("eval", "train") if role in by_role and role in roles
     ]
@@ -730,6 +767,8 @@ def load_dataset(
             budget=budget,
             progress=callback,
             keep_headers=keep_headers,
+            depth=depth,
+            root=root,
         )
         decoded_total += len(rows)
         splits[name] = build_split(

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 class NormalizedModel(nn.Module):
     """``model((x - mean) / std)[:, outputs]``: the user's model behind its own normalisation,
-    its outputs narrowed to the audited ones.
+    its outputs narrowed to the audited ones; images ``(N, C, H, W)`` or volumes ``(N, C, D, H, W)``.
 
     ``outputs`` are the positions of the audited outputs (``model.output_names``: a model with
     more outputs than audited labels, whose other outputs are masked, never averaged in);
@@ -62,7 +62,10 @@ class NormalizedModel(nn.Module):
         self.vector_output = vector_output
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model((images - self.mean) / self.std)
+        mean, std = self.mean, self.std
+        if images.ndim == 5:  # (N, C, D, H, W): the per-channel constants broadcast over depth too
+            mean, std = mean.unsqueeze(-1), std.unsqueeze(-1)
+        out: torch.Tensor = self.model((images - mean) / std)
         if self.vector_output and isinstance(out, torch.Tensor) and out.ndim == 1:
             out = out.unsqueeze(1)
         if self.outputs is not None and isinstance(out, torch.Tensor) and out.ndim == 2:

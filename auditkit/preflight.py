@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 PREFLIGHT_IMAGES = 2
 _SUPPORTED = (
-    f"auditkit {__version__} audits 2-D classifiers that return one logit per class (task: classification,"
-    " softmax; task: multilabel, sigmoid) and regressors that return one value per output (task: regression)"
+    f"auditkit {__version__} audits classifiers that return one logit per class (task: classification,"
+    " softmax; task: multilabel, sigmoid) and regressors that return one value per output (task: regression),"
+    " of 2-D images or 3-D volumes (input.depth)"
 )
 _CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
 _MATMUL = re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)")
@@ -86,10 +87,10 @@ def run_preflight(adapter: ModelAdapter) -> PreflightReport:
         ModelLoadError: naming the spec field and what the model expects.
     """
     spec = adapter.spec
-    shape = (PREFLIGHT_IMAGES, spec.input.channels, spec.input.height, spec.input.width)
+    shape = (PREFLIGHT_IMAGES, *spec.input.shape)
     report = PreflightReport(input_shape=list(shape))
     batch = torch.full(shape, 0.5, device=adapter.device)
-    if adapter.channels_last:
+    if adapter.channels_last and batch.ndim == 4:
         batch = batch.contiguous(memory_format=torch.channels_last)
 
     names = {id(m): n for n, m in adapter.user_module.named_modules()}
@@ -104,7 +105,13 @@ def run_preflight(adapter: ModelAdapter) -> PreflightReport:
             raise _Abort(
                 f"model.input: the model's first convolution, {_describe_layer(names.get(id(module), ''), module)},"
                 f" is 3-D: it expects volumes (N, C, D, H, W), and was given 2-D images {tuple(tensor.shape)}."
-                f" 3-D models (input.depth) are not supported: {_SUPPORTED}"
+                " Set model.input.depth (slices per volume) to audit it on volumes"
+            )
+        if isinstance(module, nn.Conv2d) and tensor is not None and tensor.ndim == 5 and first[0][1] is module:
+            raise _Abort(
+                f"model.input: the model's first convolution, {_describe_layer(names.get(id(module), ''), module)},"
+                f" is 2-D: it expects images (N, C, H, W), and was given volumes {tuple(tensor.shape)}"
+                " (model.input.depth is set). Remove model.input.depth to audit it on 2-D images"
             )
 
     def after(module: nn.Module, _inputs: tuple[Any, ...], _output: Any) -> None:
@@ -144,7 +151,8 @@ def _explain_failure(
 ) -> str:
     """The failure of the preflight batch, said in terms of the spec."""
     message = first_line(error)
-    given = f"{shape[1]} channel(s) of {shape[2]}x{shape[3]} (model.input)"
+    size = "x".join(str(n) for n in shape[2:])
+    given = f"{shape[1]} channel(s) of {size} (model.input)"
     channels = _CHANNELS.search(message)
     if channels:
         expected = int(channels.group(1))
@@ -162,9 +170,11 @@ def _explain_failure(
     matmul = _MATMUL.search(message)
     if matmul:
         return (
-            f"the model does not fit model.input ({shape[2]}x{shape[3]}): a linear layer expects"
+            f"the model does not fit model.input ({size}): a linear layer expects"
             f" {matmul.group(3)} input features and got {matmul.group(2)}. The model was probably built for"
-            " another image size; set model.input.height and width to the size it was trained on"
+            f" another {'volume' if len(shape) == 5 else 'image'} size; set model.input"
+            f"{'.depth, ' if len(shape) == 5 else '.'}height and width to the size it was trained on"
+            + (" (or remove model.input.depth for a model of 2-D images)" if len(shape) == 5 else "")
         )
     return (
         f"the model failed on a preflight batch of {shape[0]} images with {given}:"

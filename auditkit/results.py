@@ -210,7 +210,25 @@ def _split_summary(dataset: Dataset, spec: AuditSpec) -> dict[str, Any]:
             "group_counts": groups,
             "quarantined_by_group": split.quarantined_groups,
         }
+        if split.spacing is not None:
+            out[name]["volumes"] = _volume_summary(split.kinds, split.spacing)
     return out
+
+
+def _volume_summary(kinds: Sequence[str], spacing: Any) -> dict[str, Any]:
+    """A 3-D split's file kinds and the voxel sizes of its model-input grids (mm; min, median,
+    max per axis ``(z, y, x)``): the physical scale every distance in millimetres rests on."""
+    import numpy as np
+
+    summary: dict[str, Any] = {"kinds": {k: kinds.count(k) for k in sorted(set(kinds))}}
+    if spacing.size:
+        summary["spacing_mm"] = {
+            "axes": ["z", "y", "x"],
+            "min": [round(float(v), 6) for v in spacing.min(axis=0)],
+            "median": [round(float(v), 6) for v in np.median(spacing, axis=0)],
+            "max": [round(float(v), 6) for v in spacing.max(axis=0)],
+        }
+    return summary
 
 
 def data_section(

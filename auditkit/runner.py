@@ -225,9 +225,10 @@ class Plan:
     headers: bool
 
     @classmethod
-    def of(cls, selected: Sequence[SelectedCheck], task: str = "classification") -> Plan:
-        """The plan of ``selected``; a check that does not measure ``task`` needs nothing."""
-        needs = [s.cls.needs for s in selected if s.cls is not None and task in s.cls.tasks]
+    def of(cls, selected: Sequence[SelectedCheck], task: str = "classification", spatial_dims: int = 2) -> Plan:
+        """The plan of ``selected``; a check that does not measure ``task`` on ``spatial_dims``-D
+        inputs needs nothing."""
+        needs = [s.cls.needs for s in selected if s.cls is not None and s.cls.refusal(s.id, task, spatial_dims) is None]
         forward = [n for n in needs if n.predictions or n.features]
         roles = ["eval"]
         if any(n.train or n.train_optional for n in needs):
@@ -262,16 +263,6 @@ def _error_record(error: BaseException) -> dict[str, Any]:
     }
 
 
-def task_refusal(check_id: str, task: str, tasks: Sequence[str], why: str | None = None) -> str:
-    """Why a check does not run on a model of ``task``: the task named, what it measures, and the
-    check's own reason when it gives one (``Check.task_reasons``)."""
-    from auditkit.check import TASK_NAMES
-
-    measured = " and ".join(f"task: {t}" for t in tasks) or "no task"
-    text = f"check '{check_id}' does not measure {TASK_NAMES.get(task, f'task: {task}')}; it measures {measured}"
-    return f"{text}: {why}" if why else text
-
-
 def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
     """Run one check; never raises for a failure inside the check."""
     record: dict[str, Any] = {
@@ -296,11 +287,9 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
         }
         return record
     needs: Needs = selected.cls.needs
-    if ctx.task not in selected.cls.tasks:
-        record["status"], record["reason"] = (
-            "skipped",
-            task_refusal(selected.id, ctx.task, selected.cls.tasks, selected.cls.task_reasons.get(ctx.task)),
-        )
+    refusal = selected.cls.refusal(selected.id, ctx.task, ctx.spatial_dims)
+    if refusal is not None:
+        record["status"], record["reason"] = "skipped", refusal
         return record
     if needs.train and not ctx.has_split("train"):
         record["status"], record["reason"] = (
@@ -414,7 +403,7 @@ def run_audit(
         "manifest_sha256": sha256_file(spec.manifest_path) if spec.manifest_path.is_file() else None,
         "weights_sha256": sha256_file(weights) if weights is not None else None,
     }
-    plan = Plan.of(selected, spec.model.task)
+    plan = Plan.of(selected, spec.model.task, spec.spatial_dims)
     dataset = load_dataset(spec, roles=list(plan.roles), progress=options.progress, keep_headers=plan.headers)
     coverage = split_coverage(dataset)
     require_readable_eval(coverage, data_root=str(spec.data_root), manifest=spec.manifest_path.name)
@@ -431,7 +420,7 @@ def run_audit(
                 resumed.append(s.id)
     pending = [s for s in selected if s.id not in records]
     try:
-        remaining = Plan.of(pending, spec.model.task)
+        remaining = Plan.of(pending, spec.model.task, spec.spatial_dims)
         ctx.prepare(remaining.pass_splits(dataset), features=remaining.features)
     except Exception as error:  # the preflight passed: the failure depends on the images themselves
         if is_out_of_memory(error):

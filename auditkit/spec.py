@@ -10,9 +10,9 @@ Which checks run and how they are configured are separate keys: ``checks:`` only
 
 ``model.task`` is ``classification`` (one class per image, softmax), ``multilabel`` (each name in
 ``classes`` independently present, sigmoid) or ``regression`` (continuous outputs named in
-``classes``). Keys of model kinds this version does not audit yet (``task: segmentation``,
-``model.input.depth``, ``model.format: onnx``, ``model.reference``, ...) are accepted by name and
-refused with a message that says so, instead of an "unknown key".
+``classes``), of 2-D images or, with ``model.input.depth``, 3-D volumes. Keys of model kinds this
+version does not audit yet (``task: segmentation``, ``model.format: onnx``, ``model.reference``,
+...) are accepted by name and refused with a message that says so, instead of an "unknown key".
 """
 
 from __future__ import annotations
@@ -56,26 +56,29 @@ def unsupported(what: str, planned: str) -> str:
 
 
 _CLASSIFIERS = (
-    "2-D classifiers (task: classification, softmax; task: multilabel, sigmoid) and regressors (task: regression)"
+    "classifiers (task: classification, softmax; task: multilabel, sigmoid) and regressors (task: regression),"
+    " of 2-D images or 3-D volumes (input.depth)"
 )
 
 
 class InputShape(_Strict):
-    """The model's input: channels and spatial size every image is resized to."""
+    """The model's input: channels and spatial size every image is resized to; ``depth`` makes the
+    input 3-D (volumes resampled to ``(depth, height, width)``, tensors ``(N, C, D, H, W)``)."""
 
     channels: int = Field(ge=1, le=64)
     height: int = Field(ge=8, le=4096)
     width: int = Field(ge=8, le=4096)
-    depth: int | None = None
+    depth: int | None = Field(default=None, ge=1, le=4096)
 
-    @field_validator("depth")
-    @classmethod
-    def _no_volumes(cls, depth: int | None) -> int | None:
-        if depth is not None:
-            raise ValueError(
-                unsupported(f"a 3-D input (depth: {depth})", "2-D images (N, C, H, W); remove input.depth")
-            )
-        return depth
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        """``(height, width)``, or ``(depth, height, width)`` for a 3-D input."""
+        return (self.height, self.width) if self.depth is None else (self.depth, self.height, self.width)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One image's tensor shape: ``(C, H, W)`` or ``(C, D, H, W)``."""
+        return (self.channels, *self.spatial)
 
 
 class Normalize(_Strict):
@@ -457,6 +460,11 @@ class AuditSpec(_Strict):
     def resolve(self, path: Path) -> Path:
         """An absolute path for a spec-relative one."""
         return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes (``model.input.depth`` set)."""
+        return 2 if self.model.input.depth is None else 3
 
     @property
     def data_root(self) -> Path:

@@ -65,16 +65,18 @@ def test_a_built_in_check_reads_only_its_context(path: Path) -> None:
     assert not problems, f"{path.relative_to(ROOT)}: " + "; ".join(problems)
 
 
-def _documented_checks() -> dict[str, tuple[str, set[str], set[str], set[str]]]:
+def _documented_checks() -> dict[str, tuple[str, set[str], set[str], set[int], set[str]]]:
     text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     table = text.split("### Built-in checks", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 5 and cells[0].startswith("`"):
+        if len(cells) == 6 and cells[0].startswith("`"):
             needs = {n.strip() for n in cells[2].split(",") if n.strip()}
             tasks = {t.strip() for t in cells[3].split(",") if t.strip()}
-            rows[cells[0].strip("`")] = (cells[1], needs, tasks, set(re.findall(r"`([a-z0-9_.]+)`", cells[4])))
+            dims = {int(d.strip().removesuffix("-D")) for d in cells[4].split(",") if d.strip()}
+            metrics = set(re.findall(r"`([a-z0-9_.]+)`", cells[5]))
+            rows[cells[0].strip("`")] = (cells[1], needs, tasks, dims, metrics)
     return rows
 
 
@@ -84,10 +86,11 @@ def test_the_architecture_page_lists_every_check_with_its_needs_and_metrics() ->
     documented = _documented_checks()
     assert set(documented) == set(installed)
     for check_id, cls in installed.items():
-        family, needs, tasks, metrics = documented[check_id]
+        family, needs, tasks, dims, metrics = documented[check_id]
         declared = {flag for flag, value in vars(cls.needs).items() if value}
         assert family == cls.family, check_id
         assert tasks == set(cls.tasks), f"{check_id}: page says tasks {sorted(tasks)}, the check {cls.tasks}"
+        assert dims == set(cls.spatial_dims), f"{check_id}: page says inputs {sorted(dims)}, the check {cls.spatial_dims}"
         assert needs == declared, f"{check_id}: page says {sorted(needs)}, needs declares {sorted(declared)}"
         assert metrics == set(cls.emits), f"{check_id}: page and emits differ"
 

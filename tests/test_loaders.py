@@ -334,7 +334,8 @@ def test_multi_frame_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnreadableImage) as info:
         decode_native(path)
     assert str(info.value) == (
-        "multi-frame image with 3 frames (a volume or cine loop); this version reads single-frame 2-D images"
+        "multi-frame image with 3 frames (a volume or cine loop); single-frame 2-D images are read"
+        " (volumes: a DICOM series folder, NIfTI or .npy with model.input.depth)"
     )
 
 

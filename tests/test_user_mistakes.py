@@ -257,7 +257,10 @@ MISTAKES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "ONNX with trust_code": (_onnx_with_trust_code, ["model.onnx is an ONNX model"]),
     "pickled module as weights": (_pickled_weights, ["model.weights: weights.pt is not a plain state_dict"]),
     "task: segmentation": (_spec_key("model.task", "segmentation"), ["model.task: a segmentation model"]),
-    "input.depth": (_spec_key("model.input.depth", 32), ["model.input.depth: a 3-D input (depth: 32)"]),
+    "input.depth for a 2-D model": (
+        _spec_key("model.input.depth", 32),
+        ["a linear layer expects 256 input features", "remove model.input.depth for a model of 2-D images"],
+    ),
     "misspelt key": (_spec_key("model.wieghts", "w.pt"), ["model.wieghts: unknown key; did you mean 'weights'?"]),
     "checks as a list": (_spec_key("checks", ["calibration"]), ["write only: [calibration]"]),
     "claim of an unknown metric": (

@@ -46,7 +46,7 @@ from auditkit.decode.dicom import (
     header_texts,
     read_dicom_header,
 )
-from auditkit.decode.image import DecodedImage, decode_image
+from auditkit.decode.image import DecodedImage, decode_image, decode_volume_image
 from auditkit.decode.intensity import (
     WindowSetting,
     invert_monochrome1,
@@ -81,6 +81,7 @@ __all__ = [
     "decode_image",
     "decode_label_map",
     "decode_volume",
+    "decode_volume_image",
     "header_info",
     "header_texts",
     "image_kind",

@@ -104,10 +104,14 @@ def image_kind(path: str | os.PathLike[str]) -> str:
     file_path = Path(path)
     suffix = file_path.suffix.lower()
     if file_path.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")):
-        raise UnreadableImage(f"a volume file ({_volume_suffix(file_path.name)}); this version reads 2-D images")
+        raise UnreadableImage(
+            f"a volume file ({_volume_suffix(file_path.name)}); a 2-D model reads 2-D images (set model.input.depth"
+            " to audit a 3-D model on volumes)"
+        )
     if file_path.is_dir():
         raise UnreadableImage(
-            "a folder, not a file (a DICOM series?); this version reads 2-D images, one file per manifest row"
+            "a folder, not a file (a DICOM series?); a 2-D model reads one image file per manifest row (set"
+            " model.input.depth to audit a 3-D model on DICOM series folders)"
         )
     if suffix in _DICOM_SUFFIXES:
         return "dicom"

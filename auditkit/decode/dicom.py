@@ -296,8 +296,8 @@ def _check_declared_size(ds: Dataset, budget: DecodeBudget) -> tuple[int, int, b
     frames = _positive_int(ds, "NumberOfFrames", default=1)
     if frames > 1:
         raise UnreadableImage(
-            f"multi-frame image with {frames} frames (a volume or cine loop); this version reads single-frame 2-D"
-            " images"
+            f"multi-frame image with {frames} frames (a volume or cine loop); single-frame 2-D images are read"
+            " (volumes: a DICOM series folder, NIfTI or .npy with model.input.depth)"
         )
     declared = math.ceil(rows * columns * samples * frames * bits_allocated / 8)
     if declared > budget.max_pixel_bytes:

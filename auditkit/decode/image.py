@@ -14,6 +14,7 @@ from auditkit.decode.budget import DecodeBudget, image_kind
 from auditkit.decode.dicom import HeaderInfo, _decode_dicom
 from auditkit.decode.intensity import WindowSetting, _resize, to_channels
 from auditkit.decode.raster import _decode_npy, _decode_pillow
+from auditkit.decode.volume import VolumeBudget, decode_volume, resample_volume
 from auditkit.errors import ConfigError, UnreadableImage
 
 
@@ -43,6 +44,12 @@ class DecodedImage:
     header: HeaderInfo | None
     notes: tuple[str, ...] = ()
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
+    spacing: tuple[float, float, float] | None = None
+    """A volume's voxel size ``(z, y, x)`` in millimetres on the model-input grid (after
+    resampling); ``None`` for a 2-D image."""
+    datasets: tuple[Dataset, ...] = field(default=(), repr=False, compare=False)
+    """A DICOM series' slice headers in position order (with ``keep_header``); ``dataset`` is the
+    first of them."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,4 +117,64 @@ def decode_image(
         header=header,
         notes=(*notes, *channel_notes),
         dataset=dataset,
+    )
+
+
+def decode_volume_image(
+    path: str | os.PathLike[str],
+    *,
+    channels: int,
+    depth: int,
+    height: int,
+    width: int,
+    window: WindowSetting = WindowSetting(),
+    budget: VolumeBudget = VolumeBudget(),
+    root: str | os.PathLike[str] | None = None,
+    keep_header: bool = False,
+) -> DecodedImage:
+    """Decode one volume into the model input, ``float32`` ``(channels, depth, height, width)``.
+
+    The volume is read by :func:`~auditkit.decode.volume.decode_volume` (a NIfTI file, a ``.npy``
+    array or a folder holding one DICOM series, reoriented and bounded before allocation), its
+    channels reconciled as a 2-D image's (:func:`to_channels`), and resampled to the input grid
+    (:func:`~auditkit.decode.volume.resample_volume`: trilinear with anti-aliasing); the voxel
+    size of the resampled grid travels in :attr:`DecodedImage.spacing`.
+
+    Args:
+        path: The volume.
+        channels: Channels the model expects.
+        depth: Model input depth (slices).
+        height: Model input height.
+        width: Model input width.
+        window: Intensity window.
+        budget: Size limits checked before the voxels are read.
+        root: Symlinks in a series folder must resolve inside this folder (the data root).
+        keep_header: Keep every slice's DICOM header (:attr:`DecodedImage.datasets`).
+
+    Raises:
+        UnreadableImage: The volume cannot be used; the message is the quarantine reason.
+        ConfigError: A size is not a positive integer.
+    """
+    for name, value in (("channels", channels), ("depth", depth), ("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"model.input.{name} must be a positive integer, got {value!r}")
+    volume = decode_volume(path, window=window, budget=budget, root=root, keep_headers=keep_header)
+    notes: tuple[str, ...] = ()
+    if volume.voxels.shape[0] != channels:
+        have = volume.voxels.shape
+        flat, notes = to_channels(volume.voxels.reshape(have[0], have[1] * have[2], have[3]), channels)
+        volume.voxels = flat.reshape(channels, *have[1:]).astype(np.float32)
+    volume = resample_volume(volume, (depth, height, width))
+    pixels = np.clip(volume.voxels, 0.0, 1.0)
+    if not np.all(np.isfinite(pixels)):
+        raise UnreadableImage("non-finite values after resampling")
+    return DecodedImage(
+        pixels=pixels,
+        kind=volume.kind,
+        source_shape=volume.source_shape,
+        header=volume.header,
+        notes=(*volume.notes, *notes),
+        dataset=volume.datasets[0] if volume.datasets else None,
+        spacing=volume.spacing,
+        datasets=volume.datasets,
     )

@@ -35,8 +35,8 @@ def _decode_pillow(path: Path, kind: str, budget: DecodeBudget) -> tuple[FloatAr
             frames = int(getattr(image, "n_frames", 1))
             if frames > 1:
                 raise UnreadableImage(
-                    f"multi-frame image with {frames} frames (a volume or cine loop); this version reads"
-                    " single-frame 2-D images"
+                    f"multi-frame image with {frames} frames (a volume or cine loop); single-frame 2-D images"
+                    " are read (volumes: a DICOM series folder, NIfTI or .npy with model.input.depth)"
                 )
             image.load()
             array, notes = _pillow_to_array(image)
@@ -161,8 +161,8 @@ def _npy_to_image(
         notes.append("channels-last array transposed")
     elif loaded.ndim == 3:
         raise UnreadableImage(
-            f"3-D array {source_shape}: a volume (D, H, W)? This version reads 2-D images: (H, W), (C, H, W) or"
-            " (H, W, C) with C in {1, 3, 4}"
+            f"3-D array {source_shape}: a volume (D, H, W)? A 2-D model reads (H, W), (C, H, W) or (H, W, C)"
+            " with C in {1, 3, 4} (set model.input.depth to audit a 3-D model on volumes)"
         )
     else:
         raise UnreadableImage(

@@ -30,6 +30,7 @@ from auditkit.checks.adversarial.attacks import (
     LINF_EPS,
     AttackConfig,
     AttackName,
+    as_images,
     build_attack,
     eps_label,
     minimum_norm_perturbations,
@@ -348,6 +349,7 @@ class AdversarialCheck(Check[AdversarialParams]):
         "adversarial.gradient_masking_suspected",
     )
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     def run(self, ctx: CheckContext, params: AdversarialParams) -> CheckResult:
         """Attack a stratified sample of the eval split and test the results for masking."""
@@ -364,8 +366,8 @@ class AdversarialCheck(Check[AdversarialParams]):
         plan = plan_sample(all_labels, p.n_samples, ctx.rng())
         labels_np = all_labels[plan.indices]
         labels = torch.as_tensor(labels_np, dtype=torch.long)
-        images = ctx.images("eval", plan.indices)
-        model = ctx.model.differentiable()
+        # A volume's depth is folded into its channels for the attacks (a reshape: same norms).
+        model, images = as_images(ctx.model.differentiable(), ctx.images("eval", plan.indices))
         n = int(labels.shape[0])
         config = p.attack_config(len(ctx.classes))
         log.info("adversarial: %d images, attacks %s, on %s", n, p.attacks, ctx.device)
@@ -751,8 +753,7 @@ def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResu
         targets_np = np.asarray(all_labels[plan.indices], dtype=np.int64)
         loss = multilabel_loss
     targets = torch.as_tensor(targets_np)
-    images = ctx.images("eval", plan.indices)
-    model = ctx.model.differentiable()
+    model, images = as_images(ctx.model.differentiable(), ctx.images("eval", plan.indices))
     n = int(targets.shape[0])
     config = p.attack_config(len(names))
     run_attacks = [a for a in p.attacks if a in LOSS_ATTACKS]

@@ -192,6 +192,43 @@ class ContiguousGradients(nn.Module):
         return logits
 
 
+class DepthAsChannels(nn.Module):
+    """A 3-D model seen by the attacks as a 2-D one: ``(N, C * D, H, W)`` in, the same logits out.
+
+    torchattacks' attacks (and the loss attacks' steps) are written for ``(N, C, H, W)`` images
+    (``view(-1, 1, 1, 1)`` and kin). Folding a volume's depth into its channels and unfolding it
+    before the model is a reshape, so every voxel is one input element as before: the L-inf and
+    L2 norms, the budgets, the gradients and so every attack step are exactly those on the
+    volume. (Square's squares are then in-plane windows repeated over the slices, each slice
+    with its own values.)
+
+    Args:
+        model: volumes ``(N, C, D, H, W)`` in ``[0, 1]`` -> logits.
+        channels: ``C``.
+        depth: ``D``.
+    """
+
+    def __init__(self, model: nn.Module, channels: int, depth: int) -> None:
+        super().__init__()
+        self.model = model
+        self.channels = channels
+        self.depth = depth
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = images.shape
+        logits: torch.Tensor = self.model(images.reshape(n, self.channels, self.depth, height, width))
+        return logits
+
+
+def as_images(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """``(model, images)`` for the attacks: a volume batch ``(N, C, D, H, W)`` folded to
+    ``(N, C * D, H, W)`` behind :class:`DepthAsChannels`; 2-D images as they are."""
+    if images.ndim != 5:
+        return model, images
+    n, channels, depth, height, width = images.shape
+    return DepthAsChannels(model, channels, depth), images.reshape(n, channels * depth, height, width)
+
+
 def _attack_inputs(
     images: torch.Tensor, labels: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:

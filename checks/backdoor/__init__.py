@@ -275,6 +275,11 @@ class BackdoorCheck(Check[BackdoorParams]):
             " class to target or to group its training images by"
         ),
     }
+    dims_reason: ClassVar[str | None] = (
+        "the trigger search optimises a 2-D mask and pattern, STRIP blends 2-D images, and the rule that"
+        " tells a planted trigger from natural evidence was chosen on 2-D models (docs/backdoor.md); a 3-D"
+        " trigger search and its calibration on 3-D models are not implemented or measured"
+    )
 
     @serial_blas
     def run(self, ctx: CheckContext, params: BackdoorParams) -> CheckResult:

@@ -251,6 +251,7 @@ class BiasCheck(Check[BiasParams]):
 
     needs: ClassVar[Needs] = Needs(predictions=True)
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     emits: ClassVar[tuple[str, ...]] = (
         "bias.group_metric",
         "bias.max_gap",

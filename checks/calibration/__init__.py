@@ -184,6 +184,7 @@ class CalibrationCheck(Check[CalibrationParams]):
         "calibration.ece_after_temperature",
     )
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel")
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     task_reasons: ClassVar[dict[str, str]] = {"regression": REGRESSION_REASON}
 
     def run(self, ctx: CheckContext, params: CalibrationParams) -> CheckResult:

@@ -242,6 +242,10 @@ class CorruptionCheck(Check[CorruptionParams]):
         "corruption.mean_relative_drop",
     )
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    dims_reason: ClassVar[str | None] = (
+        "its shifts are 2-D image corruptions; 3-D acquisition artefacts (MR motion, ghosting, spike, bias"
+        " field; CT noise and slice thickness) are not implemented yet"
+    )
 
     def run(self, ctx: CheckContext, params: CorruptionParams) -> CheckResult:
         """Corrupt a stratified sample of the eval split and measure accuracy per severity."""

@@ -216,6 +216,7 @@ class OODCheck(Check[OODParams]):
         predictions=True, features=True, images=True, gradients=True, ood=True, train_optional=True
     )
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     emits: ClassVar[tuple[str, ...]] = (
         "ood.auroc",
         "ood.aupr",

@@ -304,21 +304,21 @@ def odin_score(
     Args:
         module: the model taking images in [0, 1] and returning logits ``(N, K)``; its
             parameters may be frozen (only input gradients are taken).
-        images: float images ``(N, C, H, W)`` in [0, 1].
+        images: float images ``(N, C, H, W)`` or volumes ``(N, C, D, H, W)`` in [0, 1].
         temperature: softmax temperature ``T > 0`` (the paper uses 1000).
         epsilon: perturbation magnitude ``>= 0``.
         batch_size: images per forward/backward pass.
         device: where to run.
 
     Raises:
-        ValueError: ``temperature <= 0``, ``epsilon < 0`` or images not 4-D.
+        ValueError: ``temperature <= 0``, ``epsilon < 0`` or images neither 4-D nor 5-D.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if not epsilon >= 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images must have shape (N, C, H, W) or (N, C, D, H, W), got {tuple(images.shape)}")
     parts: list[FloatArray] = []
     for start in range(0, images.shape[0], max(1, batch_size)):
         batch = images[start : start + batch_size].to(device=device, dtype=torch.float32)

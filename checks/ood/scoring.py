@@ -365,6 +365,14 @@ def score_builtin_sets(
             "description": describe(name),
             "forward_split": f"ood:{label}",
         }
+        if name == "other_modality" and ctx.spatial_dims == 3:
+            reason = (
+                "the other-modality set is 2-D CT and MR slices from pydicom's test data; a model of 3-D"
+                " volumes (model.input.depth) takes volumes"
+            )
+            finding["n_images"] = 0
+            out.append(ScoredSet(label, 0, {}, finding, reason))
+            continue
         if name == "other_modality":
             shape = ctx.input_geometry
             loaded = load_other_modality(

@@ -70,18 +70,18 @@ def synthetic_shift(name: str, images: torch.Tensor, generator: torch.Generator)
 
     Args:
         name: one of :data:`SYNTHETIC_SHIFTS`.
-        images: float images ``(N, C, H, W)`` in [0, 1] (eval images; ``noise`` and ``blank``
-            use their shape only).
+        images: float images ``(N, C, H, W)`` or volumes ``(N, C, D, H, W)`` in [0, 1] (eval
+            images; ``noise`` and ``blank`` use their shape only).
         generator: the source of randomness (``noise`` and ``corrupted``).
 
     Returns:
-        float32 images ``(N, C, H, W)`` in [0, 1].
+        float32 images of the input's shape in [0, 1].
 
     Raises:
-        ValueError: an unknown ``name`` or images that are not 4-D.
+        ValueError: an unknown ``name`` or images that are neither 4-D nor 5-D.
     """
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images must have shape (N, C, H, W) or (N, C, D, H, W), got {tuple(images.shape)}")
     x = images.float()
     if name == "noise":
         return torch.rand(x.shape, generator=generator)
@@ -90,7 +90,7 @@ def synthetic_shift(name: str, images: torch.Tensor, generator: torch.Generator)
     if name == "blank":
         n = x.shape[0]
         levels = torch.linspace(0.0, 1.0, n) if n > 1 else torch.full((n,), 0.5)
-        return levels.view(n, 1, 1, 1).expand_as(x).contiguous()
+        return levels.view(n, *([1] * (x.ndim - 1))).expand_as(x).contiguous()
     if name == "corrupted":
         noise = torch.randn(x.shape, generator=generator) * CORRUPTION_SIGMA
         return (x + noise).clamp(0.0, 1.0)

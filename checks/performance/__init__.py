@@ -23,10 +23,11 @@ from auditkit.checks.performance.metrics import (
     Decision,
     binary_metrics,
     cluster_members,
-    cluster_resamples,
+    cluster_weights,
     counts,
     decide,
     multiclass_metrics,
+    weighted_classification,
 )
 from auditkit.checks.performance.multilabel import measure_multilabel
 from auditkit.checks.performance.regression import REGRESSION, measure_regression
@@ -129,6 +130,7 @@ class PerformanceCheck(Check[PerformanceParams]):
     Params = PerformanceParams
     needs: ClassVar[Needs] = Needs(predictions=True)
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     emits: ClassVar[tuple[str, ...]] = (
         *(f"performance.{m}" for m in BINARY),
         "performance.claim_shortfall",
@@ -185,20 +187,16 @@ class PerformanceCheck(Check[PerformanceParams]):
         else:
             decision = Decision(None, None)
 
-        def measure(rows: NDArray[np.intp] | None) -> dict[str, float]:
-            # The estimate with scikit-learn's functions; the replicates with equal, faster ones.
-            p, y, fast = (probs, labels, False) if rows is None else (probs[rows], labels[rows], True)
-            return dict(
-                binary_metrics(p, y, decision, fast=fast) if binary else multiclass_metrics(p, y, decision, fast=fast)
-            )
-
-        estimates = measure(None)
+        # The estimate with scikit-learn's functions; the replicates with their weighted twins.
+        estimates = dict(
+            binary_metrics(probs, labels, decision) if binary else multiclass_metrics(probs, labels, decision)
+        )
         unit = "patient" if any(p is not None for p in patients) else "image"
         replicates: dict[str, list[float]] = {key: [] for key in estimates}
         if params.n_boot and labels.size >= 2:
-            for rows in cluster_resamples(patients, params.n_boot, ctx.rng()):
-                for key, value in measure(rows).items():
-                    replicates[key].append(value)
+            for weights in cluster_weights(patients, params.n_boot, ctx.rng()):
+                for key, values in weighted_classification(probs, labels, decision, weights).items():
+                    replicates[key] += values.tolist()
         intervals = {
             key: median_centred_interval(values, estimates[key], bounds=(0.0, 1.0)) if values else None
             for key, values in replicates.items()

@@ -2,13 +2,15 @@
 
 Every figure is scikit-learn's own (``accuracy_score``, ``balanced_accuracy_score``,
 ``roc_auc_score``, ``average_precision_score``, ``confusion_matrix``), so the check and a reviewer's
-notebook agree to the last digit; the bootstrap (:func:`cluster_resamples`) resamples patients,
-not images, when patients are known, because images of one patient are not independent.
+notebook agree to the last digit; the bootstrap resamples patients, not images, when patients are
+known, because images of one patient are not independent.
 
-The multi-label and regression figures bootstrap through :func:`cluster_weights` instead: the same
-cluster resampling given as row multiplicities, one matrix for every label or output, scored by
-the weighted twins of the figures (:func:`weighted_rates`, :func:`weighted_ranking`), each equal
-to the figure on the resample it stands for.
+Every task bootstraps through :func:`cluster_weights`: the cluster resampling of
+:func:`cluster_resamples` given as row multiplicities, one matrix for every label, output or
+class, scored by the weighted twins of the figures (:func:`weighted_classification`,
+:func:`weighted_rates`, :func:`weighted_ranking`), each equal to the figure on the resample it
+stands for (:func:`binary_metrics` and :func:`multiclass_metrics` with ``fast=True`` on the
+resampled rows, which the tests hold them to).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "fast_average_precision",
     "multiclass_metrics",
     "rates",
+    "weighted_classification",
     "weighted_ranking",
     "weighted_rates",
 ]
@@ -346,3 +349,49 @@ def weighted_ranking(
     summed = (positive_weight * precision).sum(axis=1)
     average_precision = np.where(defined, summed / np.where(defined, n_positive, 1.0), np.nan)
     return auroc, average_precision
+
+
+def weighted_classification(
+    probs: NDArray[np.float64], labels: NDArray[np.int64], decision: Decision, weights: NDArray[np.float64]
+) -> dict[str, NDArray[np.float64]]:
+    """:func:`binary_metrics` (a positive class) or :func:`multiclass_metrics` (the argmax) of every
+    resample given as row multiplicities, with the same keys.
+
+    The decisions do not depend on the resample, so every figure is a ratio of weighted counts
+    (one matrix product) or a weighted ranking sorted once; balanced accuracy is the mean recall
+    of the classes a resample holds, as scikit-learn's.
+
+    Args:
+        probs: class probabilities ``(N, K)``.
+        labels: class indices ``(N,)``.
+        decision: the operating point.
+        weights: integer-valued multiplicities ``(B, N)`` (:func:`cluster_weights`).
+
+    Returns:
+        Key -> ``(B,)`` values; NaN where a resample leaves a figure undefined.
+    """
+    predicted = decide(probs, decision)
+    n_classes = probs.shape[1]
+    member = labels[:, None] == np.arange(n_classes)[None, :]
+    hit = member & (predicted == labels)[:, None]
+    in_class = weights @ member.astype(np.float64)  # (B, K)
+    recalled = weights @ hit.astype(np.float64)
+    total = weights.sum(axis=1)
+    present = in_class > 0
+    recall = np.where(present, recalled / np.where(present, in_class, 1.0), 0.0)
+    n_present = present.sum(axis=1)
+    out: dict[str, NDArray[np.float64]] = {
+        "accuracy": _weighted_ratio(recalled.sum(axis=1), total),
+        "balanced_accuracy": _weighted_ratio(recall.sum(axis=1), n_present.astype(np.float64)),
+    }
+    classes = [decision.positive] if decision.positive is not None else list(range(n_classes))
+    for k in classes:
+        truth, called = labels == k, predicted == k
+        if truth.all() or not truth.any():
+            auroc = auprc = np.full(weights.shape[0], np.nan)
+        else:
+            auroc, auprc = weighted_ranking(truth, probs[:, k], weights)
+        per_class = {"auroc": auroc, "auprc": auprc, **weighted_rates(truth, called, weights)}
+        suffix = "" if decision.positive is not None else f":{k}"
+        out.update({f"{name}{suffix}": values for name, values in per_class.items()})
+    return out

@@ -106,13 +106,18 @@ class _Tally:
     files: int = 0
     by_split: Counter[str] = field(default_factory=Counter)
     rows: dict[str, list[int]] = field(default_factory=dict)
+    truncated: bool = False
 
     def add(self, file: _File) -> None:
         self.files += 1
         self.by_split[file.split] += 1
         listed = self.rows.setdefault(file.split, [])
+        if listed and listed[-1] == file.row:
+            return  # another slice of the same series: one row
         if len(listed) < self.max_rows:
             listed.append(file.row)
+        else:
+            self.truncated = True
 
     def finding(self, kind: str, **extra: Any) -> dict[str, Any]:
         return {
@@ -121,7 +126,7 @@ class _Tally:
             "files": self.files,
             "splits": dict(sorted(self.by_split.items())),
             "rows": {s: sorted(r) for s, r in sorted(self.rows.items())},
-            "rows_truncated": self.files > sum(len(r) for r in self.rows.values()),
+            "rows_truncated": self.truncated,
         }
 
 
@@ -157,7 +162,9 @@ class PHICheck(Check[PHIParams]):
     Inputs: header-only reads (``Needs(headers=True)``) of every split the run loads
     (``train_optional``, ``ood``); no model output and no label, so every task
     (classification, multilabel, regression) is measured the same way. Non-DICOM files are
-    counted, not judged.
+    counted, not judged. A volume given as a DICOM series folder is as many files as it has
+    slices, and every slice's header is judged (identifiers may sit in some slices only); its
+    findings name the manifest row once. NIfTI and ``.npy`` volumes carry no DICOM header.
 
     Metrics (``lower_is_better``, ``n`` = DICOM headers judged):
         ``phi.files_with_identifiers`` (files with at least one identifying attribute, private
@@ -197,6 +204,7 @@ class PHICheck(Check[PHIParams]):
         "phi.identity_not_removed_files",
     )
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     def run(self, ctx: CheckContext, params: PHIParams) -> CheckResult:
         """Read every DICOM header of the audit and count the identifying files."""
@@ -297,6 +305,14 @@ def _headers(ctx: CheckContext, include_quarantined: bool) -> Iterator[tuple[_Fi
     roles = [name for name in ctx.split_names if not name.startswith("ood:builtin:")]
     for role in roles:
         split = ctx.split(role)
+        if "dicom-series" in split.kinds:  # every slice of a series is a file of its own
+            for position, slices in enumerate(ctx.series_headers(role)):
+                file = _File(role, int(split.rows[position]), quarantined=False)
+                if not slices:
+                    yield file, "non-dicom"
+                for header in slices:
+                    yield file, header
+            continue
         for position, header in enumerate(ctx.headers(role)):
             file = _File(role, int(split.rows[position]), quarantined=False)
             yield file, ("non-dicom" if split.kinds[position] != "dicom" else header)

@@ -348,6 +348,38 @@ def test_the_shared_weighted_bootstrap_equals_scoring_each_resample() -> None:
     assert checked > 20
 
 
+@pytest.mark.parametrize("case", ["binary", "binary_threshold", "three_classes"])
+def test_the_classification_bootstrap_equals_each_resamples_own_figures(case: str) -> None:
+    from auditkit.checks.performance.metrics import cluster_weights, weighted_classification
+
+    rng = np.random.default_rng(7)
+    n = 36
+    if case == "three_classes":
+        probs = np.round(rng.dirichlet([1, 1, 1], size=n), 1)  # ties on purpose
+        labels = rng.integers(0, 3, n)
+        labels[:2] = 2  # class 2 is rare: resamples without it leave its figures undefined
+        labels[labels == 2] = np.where(np.arange((labels == 2).sum()) < 2, 2, 0)
+        decision = Decision(None, None)
+    else:
+        positive = np.round(rng.random(n), 1)
+        probs = np.stack([1 - positive, positive], axis=1)
+        labels = (rng.random(n) < 0.3).astype(np.int64)
+        decision = Decision(1, 0.35 if case == "binary_threshold" else None)
+    patients = [f"P{i // 3}" if i < 30 else None for i in range(n)]
+    weights = np.concatenate(list(cluster_weights(patients, 40, np.random.default_rng(1))))
+    figures = weighted_classification(probs, labels, decision, weights)
+    reference = binary_metrics if decision.positive is not None else multiclass_metrics
+    assert set(figures) == set(reference(probs, labels, decision))
+    undefined = 0
+    for b in range(weights.shape[0]):
+        rows = np.repeat(np.arange(n), weights[b].astype(int))
+        expected = reference(probs[rows], labels[rows], decision, fast=True)
+        for key, values in figures.items():
+            assert values[b] == pytest.approx(expected[key], abs=1e-12, nan_ok=True), (b, key)
+        undefined += sum(np.isnan(v) for v in expected.values())
+    assert case != "three_classes" or undefined > 0  # the rare class's undefined figures were exercised
+
+
 # --------------------------------------------------------------------------- regression
 def _regression_case(n: int = 150, seed: int = 5, bias: float = 3.0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     rng = np.random.default_rng(seed)
