@@ -179,13 +179,16 @@ class Predictions:
     """Model outputs for one split, aligned with the split's rows; their form follows the task.
 
     Attributes:
-        logits: float32 (N, K) on the CPU: the audited outputs (``model.output_names`` masked).
+        logits: float32 (N, K) on the CPU: the audited outputs (``model.output_names`` masked);
+            segmentation (N, K, *spatial).
         probs: float64 (N, K): classification, the softmax of the logits; multilabel, the sigmoid
             of each; regression, the predicted values themselves (rows with non-finite outputs
-            are NaN).
+            are NaN); segmentation, float32 (N, K, *spatial), the softmax over the classes of
+            every pixel.
         labels: classification, int64 (N,) class indices (``-1`` for unlabelled OOD sets);
             multilabel, int64 (N, K) of 1, 0 and -1 (unknown); regression, float64 (N, K)
-            targets (NaN when unlabelled).
+            targets (NaN when unlabelled); segmentation, the reference label maps int16
+            (N, *spatial) (``-1`` everywhere when unlabelled).
         task: ``model.task``.
     """
 
@@ -200,7 +203,7 @@ class Predictions:
 
     @property
     def predicted(self) -> NDArray[np.int64]:
-        """The arg-max class per image (classification)."""
+        """The arg-max class per image (classification); per pixel (segmentation, (N, *spatial))."""
         return np.asarray(self.probs.argmax(axis=1), dtype=np.int64)
 
 

@@ -70,7 +70,10 @@ def serial_blas(function: Callable[_P, _R]) -> Callable[_P, _R]:
 
 def scores_of(logits: torch.Tensor, task: str) -> np.ndarray:
     """float64 scores of ``(N, K)`` outputs: softmax (classification), sigmoid (multilabel), the
-    values themselves (regression)."""
+    values themselves (regression); segmentation: float32 softmax over the classes of every pixel
+    ``(N, K, *spatial)`` (no float64 copy of the voxels)."""
+    if task == "segmentation":
+        return torch.softmax(logits.float(), dim=1).numpy()
     with np.errstate(invalid="ignore", over="ignore"):
         if task == "multilabel":
             return torch.sigmoid(logits.double()).numpy()

@@ -31,7 +31,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from auditkit.decode import DecodeBudget, DecodedImage, VolumeBudget, WindowSetting, decode_image, decode_volume_image
+from auditkit.decode import (
+    DecodeBudget,
+    DecodedImage,
+    VolumeBudget,
+    WindowSetting,
+    decode_image,
+    decode_label_map,
+    decode_volume_image,
+    resample_volume,
+)
+from auditkit.decode.labels import decode_label_image, resize_labels
 from auditkit.errors import InputError, UnreadableImage
 from auditkit.spec import AuditSpec, GroupSpec
 
@@ -69,6 +79,8 @@ class ManifestRow:
     groups: dict[str, str]
     values: tuple[float, ...] = ()
     """Multi-label: ``1.0``/``0.0``/NaN (unknown) per label; regression: the target per output."""
+    mask: Path | None = None
+    """Segmentation: the reference label map (resolved inside ``data.root``)."""
 
 
 @dataclass
@@ -131,8 +143,9 @@ def read_manifest(
         header_group_columns: subgroup columns that may instead come from DICOM headers.
         require_label: whether the label columns are required.
         task: ``classification`` (a ``label`` column of class names), ``multilabel`` (a column per
-            name in ``classes`` holding 1, 0 or empty) or ``regression`` (a ``target`` column for
-            one output, else a column per output name, holding numbers).
+            name in ``classes`` holding 1, 0 or empty), ``regression`` (a ``target`` column for
+            one output, else a column per output name, holding numbers) or ``segmentation`` (a
+            ``mask`` column: the path of the reference label map, inside ``root``).
 
     Raises:
         InputError: naming the file, the row and the column of every problem (up to 20).
@@ -153,7 +166,7 @@ def read_manifest(
         raise InputError(f"{source.name}: empty manifest, expected a header line with path,label,...")
     reader.fieldnames = columns
     value_columns = _value_columns(task, columns, classes) if require_label else []
-    label_columns = ["label"] if task == "classification" else value_columns
+    label_columns = {"classification": ["label"], "segmentation": ["mask"]}.get(task, value_columns)
     required = ["path", *label_columns] if require_label else ["path"]
     missing = [c for c in required if c not in columns]
     missing += [c for c in group_columns if c not in columns and c not in header_group_columns]
@@ -197,6 +210,9 @@ def read_manifest(
                 problem = f"column 'path' value {raw_path!r} duplicates row {seen[resolved]}"
         label = -1
         numbers: tuple[float, ...] = ()
+        mask: Path | None = None
+        if problem is None and task == "segmentation" and require_label:
+            mask, problem = _mask_path(values.get("mask", ""), root)
         if problem is None and value_columns:
             numbers, problem = _parse_values(task, values, value_columns)
         if problem is None and task == "classification" and "label" in values:
@@ -223,6 +239,7 @@ def read_manifest(
                 split=values.get("split") or None,
                 groups={c: values[c] for c in group_columns if c in values},
                 values=numbers,
+                mask=mask,
             )
         )
     if problems:
@@ -281,6 +298,18 @@ def _parse_values(task: str, values: Mapping[str, str], columns: Sequence[str]) 
                 return (), f"column {column!r} value {text!r}: expected a finite number (the regression target)"
             numbers.append(number)
     return tuple(numbers), None
+
+
+def _mask_path(raw: str, root: Path) -> tuple[Path | None, str | None]:
+    """A segmentation row's reference label map, or the problem."""
+    if not raw:
+        return None, "column 'mask' is empty; a segmentation study gives each image its reference label map"
+    if "\x00" in raw:
+        return None, "column 'mask' contains a NUL character"
+    resolved = _resolve_manifest_path(raw, root)
+    if not resolved.is_relative_to(root):
+        return None, f"column 'mask' value {raw!r} resolves outside data.root ({root}); every path must stay inside it"
+    return resolved, None
 
 
 def _resolve_manifest_path(raw_path: str, root: Path) -> Path:
@@ -464,39 +493,74 @@ def decode_all(
     keep_headers: bool = False,
     depth: int | None = None,
     root: Path | None = None,
+    masks: Sequence[Path | None] | None = None,
+    num_classes: int = 0,
 ) -> DecodeResult:
     """Decode every path once, in a thread pool; failures become reasons, never exceptions.
 
     ``keep_headers`` keeps each DICOM file's data set (without pixel data) with its image, so
     header checks do not read the files a second time. ``depth`` decodes volumes (NIfTI, ``.npy``
     or a DICOM series folder) to ``(channels, depth, height, width)``, each slice of a series
-    bounded by ``budget``; a series' symlinks must stay inside ``root``.
+    bounded by ``budget``; a series' symlinks must stay inside ``root``. ``masks`` (segmentation,
+    one per path) are the reference label maps of ``num_classes`` classes: each must lie on its
+    image as stored (same size; a volume's map on the same grid in patient space) and is resized
+    to the model input by nearest neighbour (:attr:`DecodedImage.labels`); a row whose map is
+    unusable is quarantined with the map's reason.
     """
     volume_budget = VolumeBudget(slice=budget)
 
-    def one(path: Path) -> tuple[DecodedImage | None, str | None]:
-        try:
-            if depth is not None:
-                return decode_volume_image(
-                    path,
-                    channels=channels,
-                    depth=depth,
-                    height=height,
-                    width=width,
-                    window=window,
-                    budget=volume_budget,
-                    root=root,
-                    keep_header=keep_headers,
-                ), None
-            image = decode_image(
+    def decode(path: Path) -> DecodedImage:
+        if depth is not None:
+            return decode_volume_image(
                 path,
                 channels=channels,
+                depth=depth,
                 height=height,
                 width=width,
                 window=window,
-                budget=budget,
+                budget=volume_budget,
+                root=root,
                 keep_header=keep_headers,
             )
+        return decode_image(
+            path,
+            channels=channels,
+            height=height,
+            width=width,
+            window=window,
+            budget=budget,
+            keep_header=keep_headers,
+        )
+
+    def with_mask(image: DecodedImage, mask: Path) -> DecodedImage:
+        try:
+            if depth is not None:
+                reference = decode_label_map(mask, budget=volume_budget, num_classes=num_classes)
+                assert image.geometry is not None
+                mismatch = image.geometry.mismatch(reference.geometry)
+                if mismatch is not None:
+                    raise UnreadableImage(f"mask: {mismatch}")
+                image.labels = resample_volume(reference, (depth, height, width)).labels.astype(np.int16)
+                return image
+            labels = decode_label_image(mask, num_classes=num_classes, budget=budget)
+        except UnreadableImage as error:
+            text = str(error)
+            raise UnreadableImage(text if text.startswith("mask: ") else f"mask: {text}") from None
+        if labels.shape != image.source_size:
+            raise UnreadableImage(
+                f"mask: label map of size {labels.shape} on an image of {image.source_size} (H, W); expected the"
+                " image's size"
+            )
+        image.labels = resize_labels(labels.labels, height, width)
+        image.spacing = _pixel_spacing(image, height, width)
+        return image
+
+    def one(item: tuple[Path, Path | None]) -> tuple[DecodedImage | None, str | None]:
+        path, mask = item
+        try:
+            image = decode(path)
+            if mask is not None:
+                image = with_mask(image, mask)
             return image, None
         except UnreadableImage as error:
             return None, str(error) or type(error).__name__
@@ -510,12 +574,29 @@ def decode_all(
 
     workers = workers or min(4, os.cpu_count() or 1)
     results: list[tuple[DecodedImage | None, str | None]] = []
+    items = list(zip(paths, masks if masks is not None else [None] * len(paths), strict=True))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(one, paths):
+        for result in pool.map(one, items):
             results.append(result)
             if progress is not None:
                 progress(1)
     return DecodeResult(images=[r[0] for r in results], reasons=[r[1] for r in results])
+
+
+def _pixel_spacing(image: DecodedImage, height: int, width: int) -> tuple[float, float]:
+    """A 2-D image's pixel size ``(y, x)`` in mm on the model-input grid: DICOM PixelSpacing (1 mm
+    when absent, as for PNG and ``.npy``) scaled by stored size over input size."""
+    stored: tuple[float, ...] = (1.0, 1.0)
+    text = image.header.attributes.get("PixelSpacing") if image.header is not None else None
+    if text:
+        try:
+            values = tuple(float(v) for v in text.split("\\"))
+        except ValueError:
+            values = ()
+        if len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
+            stored = values
+    rows, cols = image.source_size[-2:]
+    return stored[0] * rows / height, stored[1] * cols / width
 
 
 def window_setting(spec: AuditSpec) -> WindowSetting:
@@ -632,19 +713,23 @@ def build_split(
         for column, value in groups.items():
             group_values[column].append(value)
     images = torch.empty((len(keep), *shape), dtype=torch.float16)
-    spacing = np.zeros((len(keep), 3), dtype=np.float64) if len(shape) == 4 else None
+    segmentation = source.task == "segmentation"
+    spatial = len(shape) - 1
+    spacing = np.zeros((len(keep), spatial), dtype=np.float64) if spatial == 3 or segmentation else None
+    masks = np.full((len(keep), *shape[1:]), -1, dtype=np.int16) if segmentation else None
     for out_index, i in enumerate(keep):
         image = decoded.images[i]
         assert image is not None
         images[out_index] = torch.from_numpy(image.pixels)
         if spacing is not None:
-            assert image.spacing is not None
-            spacing[out_index] = image.spacing
+            spacing[out_index] = image.spacing if image.spacing is not None else 1.0
+        if masks is not None and image.labels is not None:
+            masks[out_index] = image.labels
     return SplitData(
         name=name,
         manifest=manifest,
         rows=np.array([rows[i].row for i in keep], dtype=np.int64),
-        labels=split_labels([rows[i] for i in keep], source.task, len(source.classes)),
+        labels=masks if masks is not None else split_labels([rows[i] for i in keep], source.task, len(source.classes)),
         images=images,
         patients=patient_ids,
         studies=study_ids,
@@ -769,6 +854,8 @@ def load_dataset(
             keep_headers=keep_headers,
             depth=depth,
             root=root,
+            masks=[r.mask for r in rows] if source.task == "segmentation" else None,
+            num_classes=len(source.classes),
         )
         decoded_total += len(rows)
         splits[name] = build_split(

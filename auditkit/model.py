@@ -298,7 +298,9 @@ def precision_parity(
     class is the same, and the largest absolute difference of any softmax probability. For a
     multi-label model: the share whose every label falls on the same side of 0.5, and the largest
     sigmoid difference; for a regressor: the share whose outputs move by under 1% of the
-    reference's spread, and the largest move in those spreads (so the same bounds apply).
+    reference's spread, and the largest move in those spreads (so the same bounds apply); for a
+    segmentation model: the share of pixels whose arg-max class is the same, and the largest
+    softmax difference of any pixel.
     """
     if reference_logits.shape != test_logits.shape:
         raise ValueError(f"parity needs logits of one shape, got {reference_logits.shape} and {test_logits.shape}")
@@ -306,7 +308,10 @@ def precision_parity(
     if n == 0:
         return {"images": 0, "top1_agreement": 1.0, "max_prob_diff": 0.0}
     reference, test = reference_logits.double(), test_logits.double()
-    if task == "multilabel":
+    if task == "segmentation":
+        agreement = (reference.argmax(dim=1) == test.argmax(dim=1)).double().mean().item()
+        difference = (torch.softmax(reference, dim=1) - torch.softmax(test, dim=1)).abs().max().item()
+    elif task == "multilabel":
         same = ((reference >= 0) == (test >= 0)).all(dim=1)
         agreement = same.double().mean().item()
         difference = (torch.sigmoid(reference) - torch.sigmoid(test)).abs().max().item()
@@ -561,8 +566,12 @@ class ModelAdapter:
         use_input = self._feature_layer_name is None
         feature_module = self._feature_module if features else None
 
+        pool = self.task == "segmentation"
+
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             tensor = inputs[0] if use_input else output
+            if pool and tensor.ndim > 2:  # a bottleneck map: one embedding per image, averaged over space
+                tensor = tensor.flatten(2).mean(dim=2)
             captured.append(tensor.detach().flatten(1))
 
         handle = feature_module.register_forward_hook(hook) if feature_module is not None else None
@@ -576,10 +585,15 @@ class ModelAdapter:
         finally:
             if handle is not None:
                 handle.remove()
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        spatial = tuple(images.shape[2:]) if self.task == "segmentation" else ()
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 + len(spatial):
+            shape = ", ".join(["N", str(len(self.classes)), *map(str, spatial)])
+            got = getattr(logits, "shape", type(logits).__name__)
+            raise ModelLoadError(f"the model must return logits of shape ({shape}), got {got}")
+        if spatial and tuple(logits.shape[2:]) != spatial:
             raise ModelLoadError(
-                f"the model must return logits of shape (N, {len(self.classes)}), got"
-                f" {getattr(logits, 'shape', type(logits).__name__)}"
+                f"the model returns logits of spatial size {tuple(logits.shape[2:])} for inputs of {spatial};"
+                " a segmentation model must return one score per class for every input pixel"
             )
         if logits.shape[1] != len(self.classes):
             raise ModelLoadError(

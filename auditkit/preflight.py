@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 PREFLIGHT_IMAGES = 2
 _SUPPORTED = (
     f"auditkit {__version__} audits classifiers that return one logit per class (task: classification,"
-    " softmax; task: multilabel, sigmoid) and regressors that return one value per output (task: regression),"
-    " of 2-D images or 3-D volumes (input.depth)"
+    " softmax; task: multilabel, sigmoid), regressors that return one value per output (task: regression)"
+    " and segmentation models that return one logit per class for every pixel (task: segmentation), of 2-D"
+    " images or 3-D volumes (input.depth)"
 )
 _CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
 _MATMUL = re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)")
@@ -182,6 +183,34 @@ def _explain_failure(
     )
 
 
+def _check_segmentation_output(output: torch.Tensor, adapter: ModelAdapter, report: PreflightReport, k: int) -> None:
+    """A segmentation model returns ``(N, K, *spatial)`` logits on the input's grid."""
+    spatial = tuple(adapter.spec.input.spatial)
+    shown = tuple(report.output_shape)
+    expected = f"(N, {k}, {', '.join(map(str, spatial))})"
+    if output.ndim != 2 + len(spatial) or output.shape[0] != PREFLIGHT_IMAGES:
+        raise ModelLoadError(
+            f"the model returns {shown} for {PREFLIGHT_IMAGES} inputs of {spatial}; a segmentation model returns"
+            f" one logit per class for every pixel, {expected}"
+        )
+    if output.shape[1] != k:
+        raise ModelLoadError(
+            f"the model returns {output.shape[1]} score maps per image but model.classes lists {k}"
+            f" {list(adapter.classes)}; name one class per output channel (label value 0 first, the background)"
+        )
+    if tuple(output.shape[2:]) != spatial:
+        raise ModelLoadError(
+            f"the model returns score maps of {tuple(output.shape[2:])} for inputs of {spatial}; auditkit compares"
+            " them with the reference pixel by pixel, so they must have the input's size (upsample inside the"
+            " model)"
+        )
+    if report.final_module in ("Softmax", "Sigmoid"):
+        raise ModelLoadError(
+            f"the model's forward ends in {report.final_module}: it returns probabilities, not logits, and"
+            " auditkit applies the softmax over the classes itself. Remove the final activation"
+        )
+
+
 def _check_output(output: Any, adapter: ModelAdapter, report: PreflightReport, *, narrowed: bool = False) -> None:
     """The user's model's own output (before ``output_names`` narrows it, unless ``narrowed``)
     against the spec."""
@@ -201,11 +230,15 @@ def _check_output(output: Any, adapter: ModelAdapter, report: PreflightReport, *
             f"the model returns {output.dtype} values {shown}: class indices or labels, not logits; {_SUPPORTED}"
             " (the scores before argmax)"
         )
+    if task == "segmentation":
+        _check_segmentation_output(output, adapter, report, k)
+        return
     if output.ndim in (4, 5) and output.shape[0] == PREFLIGHT_IMAGES:
         spatial = "a volume" if output.ndim == 5 else "an image"
         raise ModelLoadError(
             f"the model returns {shown}: a segmentation output (a score per class for every pixel of"
-            f" {spatial}); segmentation models are not supported: {_SUPPORTED}"
+            f" {spatial}); set model.task: segmentation and name its label values in model.classes, background"
+            " first"
         )
     if task == "regression" and output.ndim == 1 and k == 1 and output.shape[0] == PREFLIGHT_IMAGES:
         return

@@ -176,6 +176,10 @@ def _label_counts(labels: Any, task: str, classes: Sequence[str]) -> dict[str, A
             }
             for k, c in enumerate(classes)
         }
+    if task == "segmentation":  # images holding each class, and its share of the pixels
+        present = {c: int((labels == i).reshape(labels.shape[0], -1).any(axis=1).sum()) for i, c in enumerate(classes)}
+        share = {c: round(float((labels == i).mean()), 6) if labels.size else None for i, c in enumerate(classes)}
+        return {c: {"images": present[c], "pixel_share": share[c]} for c in classes}
     if task == "regression":
         out: dict[str, Any] = {}
         for k, c in enumerate(classes):
@@ -210,7 +214,7 @@ def _split_summary(dataset: Dataset, spec: AuditSpec) -> dict[str, Any]:
             "group_counts": groups,
             "quarantined_by_group": split.quarantined_groups,
         }
-        if split.spacing is not None:
+        if split.spacing is not None and split.spacing.shape[1] == 3:
             out[name]["volumes"] = _volume_summary(split.kinds, split.spacing)
     return out
 

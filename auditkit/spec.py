@@ -9,10 +9,11 @@ Which checks run and how they are configured are separate keys: ``checks:`` only
 ``only:`` and ``skip:`` narrow the selection, and a narrowed audit says so in its verdict.
 
 ``model.task`` is ``classification`` (one class per image, softmax), ``multilabel`` (each name in
-``classes`` independently present, sigmoid) or ``regression`` (continuous outputs named in
-``classes``), of 2-D images or, with ``model.input.depth``, 3-D volumes. Keys of model kinds this
-version does not audit yet (``task: segmentation``, ``model.format: onnx``, ``model.reference``,
-...) are accepted by name and refused with a message that says so, instead of an "unknown key".
+``classes`` independently present, sigmoid), ``regression`` (continuous outputs named in
+``classes``) or ``segmentation`` (a class per pixel, ``classes`` naming the label values, background
+first), of 2-D images or, with ``model.input.depth``, 3-D volumes. Keys of model kinds this version
+does not audit yet (``model.format: onnx``, ``model.reference``, ...) are accepted by name and
+refused with a message that says so, instead of an "unknown key".
 """
 
 from __future__ import annotations
@@ -53,12 +54,6 @@ def unsupported(what: str, planned: str) -> str:
     from auditkit import __version__
 
     return f"{what} is not supported by auditkit {__version__}, which audits {planned}"
-
-
-_CLASSIFIERS = (
-    "classifiers (task: classification, softmax; task: multilabel, sigmoid) and regressors (task: regression),"
-    " of 2-D images or 3-D volumes (input.depth)"
-)
 
 
 class InputShape(_Strict):
@@ -115,8 +110,9 @@ CLAIMABLE_MULTICLASS = ("performance.accuracy", "performance.balanced_accuracy")
 CLAIMABLE_MULTILABEL = ("performance.macro_auroc", "performance.auroc", "performance.auprc")
 """A multi-label model's claims: the macro AUROC, and per-label AUROC or AUPRC as ``{label: value}``."""
 CLAIMABLE_REGRESSION = ("performance.mae", "performance.rmse", "performance.r2")
+CLAIMABLE_SEGMENTATION = ("performance.mean_dice", "performance.dice", "performance.hd95", "performance.nsd")
 """A regressor's claims: a number (one output) or ``{output: value}``; MAE and RMSE in the output's units."""
-LOWER_IS_BETTER_CLAIMS = ("performance.mae", "performance.rmse")
+LOWER_IS_BETTER_CLAIMS = ("performance.mae", "performance.rmse", "performance.hd95")
 
 
 def _positive_index(classes: list[str], positive_class: str | None) -> int | None:
@@ -150,8 +146,6 @@ class ModelSpec(_Strict):
     def _task(cls, task: str) -> str:
         if task not in TASKS:
             raise ValueError(f"expected one of {list(TASKS)}, got {task!r}")
-        if task == "segmentation":
-            raise ValueError(unsupported("a segmentation model (task: segmentation)", _CLASSIFIERS))
         return task
 
     @field_validator("format")
@@ -210,6 +204,10 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
+        if self.task == "segmentation" and len(self.classes) < 2:
+            raise ValueError(
+                f"classes: a segmentation model names its label values 0..K-1, background first; got {self.classes}"
+            )
         if self.task == "classification" and len(self.classes) < 2:
             raise ValueError(
                 f"classes: a classifier needs at least two classes, got {self.classes}"
@@ -245,6 +243,8 @@ class ModelSpec(_Strict):
         task = info.data.get("task", "classification")
         if task == "regression":
             raise ValueError("applies to classifiers; a regression model has no decision threshold")
+        if task == "segmentation":
+            raise ValueError("applies to classifiers; a segmentation model decides each pixel by argmax")
         for name, threshold in value.items():
             if name not in classes:
                 raise ValueError(f"names {name!r}, which is not one of model.classes {classes}")
@@ -273,6 +273,8 @@ class ModelSpec(_Strict):
             allowed, what = CLAIMABLE_MULTILABEL, " for a multi-label model"
         elif task == "regression":
             allowed, what = CLAIMABLE_REGRESSION, " for a regression model"
+        elif task == "segmentation":
+            allowed, what = CLAIMABLE_SEGMENTATION, " for a segmentation model"
         elif len(classes) == 2:
             allowed, what = CLAIMABLE, ""
         else:
@@ -280,7 +282,11 @@ class ModelSpec(_Strict):
         for metric, claimed in value.items():
             if metric not in allowed:
                 raise ValueError(f"names {metric!r}; a claim is one of {list(allowed)}{what}")
-            per_output = task == "regression" or (task == "multilabel" and metric != "performance.macro_auroc")
+            per_output = (
+                task == "regression"
+                or (task == "multilabel" and metric != "performance.macro_auroc")
+                or (task == "segmentation" and metric != "performance.mean_dice")
+            )
             if isinstance(claimed, dict):
                 if not per_output:
                     raise ValueError(f"claims[{metric!r}] is one number, got a mapping")
@@ -289,9 +295,11 @@ class ModelSpec(_Strict):
                     raise ValueError(f"claims[{metric!r}] names {unknown}, which are not in model.classes {classes}")
                 items = list(claimed.items())
             else:
-                if task == "multilabel" and per_output:
+                if task in ("multilabel", "segmentation") and per_output:
+                    example = classes[-1] if task == "segmentation" else classes[0]
+                    per = "class" if task == "segmentation" else "label"
                     raise ValueError(
-                        f"claims[{metric!r}] is per label: write {{label: value}}, e.g. {{{classes[0]}: {claimed}}}"
+                        f"claims[{metric!r}] is per {per}: write {{{per}: value}}, e.g. {{{example}: {claimed}}}"
                     )
                 if task == "regression" and len(classes) > 1:
                     raise ValueError(
@@ -304,9 +312,8 @@ class ModelSpec(_Strict):
                     raise ValueError(f"{where} must be a finite number, got {number}")
                 if metric in LOWER_IS_BETTER_CLAIMS:
                     if number < 0:
-                        raise ValueError(
-                            f"{where} is an error in the output's units and cannot be negative, got {number}"
-                        )
+                        unit = "a distance in mm" if metric == "performance.hd95" else "an error in the output's units"
+                        raise ValueError(f"{where} is {unit} and cannot be negative, got {number}")
                 elif metric == "performance.r2":
                     if number > 1.0:
                         raise ValueError(f"{where} must be at most 1, got {number}")

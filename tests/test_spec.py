@@ -159,7 +159,6 @@ def test_unknown_keys_suggest_the_closest_known_key(tmp_path: Path, path: str, v
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        ("model.task", "segmentation", "model.task: a segmentation model (task: segmentation) is not supported"),
         ("model.task", "detection", "model.task: expected one of ['classification', 'multilabel'"),
         ("model.format", "onnx", "model.format: format: onnx is not supported"),
         ("model.reference", {"factory": "m:f"}, "model.reference: a reference model for parity"),

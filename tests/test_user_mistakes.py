@@ -250,13 +250,19 @@ MISTAKES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "sigmoid head": (_model("sigmoid_head"), ["ends in Sigmoid", "Set model.task: multilabel"]),
     "softmax head": (_model("softmax_head"), ["ends in Softmax: it returns probabilities, not logits"]),
     "softmax inside forward": (_model("functional_softmax"), ["probabilities that sum to 1"]),
-    "segmentation output": (_model("segmenter"), ["returns (2, 2, 16, 16): a segmentation output"]),
+    "segmentation output": (
+        _model("segmenter"),
+        ["returns (2, 2, 16, 16): a segmentation output", "set model.task: segmentation"],
+    ),
     "regression, one output": (_model("regressor"), ["one value per image (2, 1): a regression model"]),
     "18 outputs for 2 classes": (_model("eighteen_outputs"), ["18 logits per image", "output_names"]),
     "dict of heads": (_model("dict_output"), ["the model returns a dict"]),
     "ONNX with trust_code": (_onnx_with_trust_code, ["model.onnx is an ONNX model"]),
     "pickled module as weights": (_pickled_weights, ["model.weights: weights.pt is not a plain state_dict"]),
-    "task: segmentation": (_spec_key("model.task", "segmentation"), ["model.task: a segmentation model"]),
+    "task: segmentation on a classifier": (
+        _spec_key("model.task", "segmentation"),
+        ["model: positive_class applies to task: classification, not task: segmentation"],
+    ),
     "input.depth for a 2-D model": (
         _spec_key("model.input.depth", 32),
         ["a linear layer expects 256 input features", "remove model.input.depth for a model of 2-D images"],

@@ -14,7 +14,7 @@ from auditkit.decode.budget import DecodeBudget, image_kind
 from auditkit.decode.dicom import HeaderInfo, _decode_dicom
 from auditkit.decode.intensity import WindowSetting, _resize, to_channels
 from auditkit.decode.raster import _decode_npy, _decode_pillow
-from auditkit.decode.volume import VolumeBudget, decode_volume, resample_volume
+from auditkit.decode.volume import VolumeBudget, VolumeGeometry, decode_volume, resample_volume
 from auditkit.errors import ConfigError, UnreadableImage
 
 
@@ -44,9 +44,16 @@ class DecodedImage:
     header: HeaderInfo | None
     notes: tuple[str, ...] = ()
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
-    spacing: tuple[float, float, float] | None = None
-    """A volume's voxel size ``(z, y, x)`` in millimetres on the model-input grid (after
-    resampling); ``None`` for a 2-D image."""
+    spacing: tuple[float, ...] | None = None
+    """The pixel or voxel size in millimetres on the model-input grid (after resizing): a
+    volume's ``(z, y, x)``; a 2-D segmentation image's ``(y, x)`` (set by the loader);
+    ``None`` otherwise."""
+    source_size: tuple[int, ...] = ()
+    """The spatial size as stored, before resizing: ``(H, W)`` or a volume's ``(D, H, W)``."""
+    geometry: VolumeGeometry | None = field(default=None, repr=False, compare=False)
+    """A volume's geometry as stored (reoriented, before resampling), for its label map."""
+    labels: npt.NDArray[np.int16] | None = field(default=None, repr=False, compare=False)
+    """Segmentation: the reference label map on the model-input grid (set by the loader)."""
     datasets: tuple[Dataset, ...] = field(default=(), repr=False, compare=False)
     """A DICOM series' slice headers in position order (with ``keep_header``); ``dataset`` is the
     first of them."""
@@ -107,6 +114,7 @@ def decode_image(
     else:
         image, source_shape, notes = _decode_npy(file_path, budget)
     image, channel_notes = to_channels(image, channels)
+    source_size = (int(image.shape[1]), int(image.shape[2]))
     pixels = _resize(image, height, width)
     if not np.all(np.isfinite(pixels)):
         raise UnreadableImage("non-finite values after resizing")
@@ -117,6 +125,7 @@ def decode_image(
         header=header,
         notes=(*notes, *channel_notes),
         dataset=dataset,
+        source_size=source_size,
     )
 
 
@@ -164,6 +173,7 @@ def decode_volume_image(
         have = volume.voxels.shape
         flat, notes = to_channels(volume.voxels.reshape(have[0], have[1] * have[2], have[3]), channels)
         volume.voxels = flat.reshape(channels, *have[1:]).astype(np.float32)
+    stored = volume.geometry
     volume = resample_volume(volume, (depth, height, width))
     pixels = np.clip(volume.voxels, 0.0, 1.0)
     if not np.all(np.isfinite(pixels)):
@@ -177,4 +187,6 @@ def decode_volume_image(
         dataset=volume.datasets[0] if volume.datasets else None,
         spacing=volume.spacing,
         datasets=volume.datasets,
+        source_size=stored.shape,
+        geometry=stored,
     )

@@ -208,6 +208,8 @@ class LeakageCheck(Check[LeakageParams]):
       largest of its labels' AUROCs, so the column-level rule judges the label the column gives
       away most (a site that holds nearly every effusion is a shortcut however many other labels
       it says nothing about; "any finding" would dilute it);
+    * ``segmentation``: as ``multilabel``, each foreground class a label that is 1 when the
+      image's reference holds it (a site whose images nearly all hold a lesion gives it away);
     * ``regression``: per output, the cross-validated R^2 of the column's out-of-fold level means
       (each level's smoothed mean target in the other folds; scikit-learn's ``r2_score`` of the
       pooled out-of-fold predictions), folds grouped by patient and not stratified.
@@ -294,7 +296,7 @@ class LeakageCheck(Check[LeakageParams]):
         "leakage.metadata_auc",
         "leakage.metadata_r2",
     )
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     @serial_blas
@@ -663,6 +665,14 @@ def _shortcuts(
     patients = [patient for r in roles for patient in splits[r].patients]
     pooled_headers = [h for r in roles for h in headers[r]]
     seed_root = int(ctx.rng().integers(0, 2**63 - 1))
+    if ctx.task == "segmentation":  # whether an image holds each foreground class: a label per class
+        n = labels.shape[0]
+        labels = np.stack([(labels == k).reshape(n, -1).any(axis=1) for k in range(1, len(ctx.classes))], axis=1)
+        names = list(ctx.classes)[1:]
+        _multilabel_shortcuts(
+            report, ctx, roles, labels.astype(np.int64), patients, pooled_headers, columns, seed_root, p, names
+        )
+        return
     if ctx.task == "multilabel":
         _multilabel_shortcuts(report, ctx, roles, labels, patients, pooled_headers, columns, seed_root, p)
         return
@@ -730,10 +740,11 @@ def _multilabel_shortcuts(
     columns: list[tuple[str, Literal["group", "header"]]],
     seed_root: int,
     p: LeakageParams,
+    names: list[str] | None = None,
 ) -> None:
     """Per label, the AUROC of predicting its known 1/0 entries from each column; per column, the
     largest of its labels' AUROCs (the label the column gives away most)."""
-    names = list(ctx.classes)
+    names = list(ctx.classes) if names is None else names
     known = [np.flatnonzero(labels[:, k] >= 0) for k in range(len(names))]
     unknown = {name: int(labels.shape[0] - rows.size) for name, rows in zip(names, known, strict=True)}
     if any(unknown.values()):

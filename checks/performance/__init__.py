@@ -10,11 +10,12 @@ shared pass.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, Skip, require_finite_logits
 from auditkit.checks.performance.claims import ClaimTarget, judge_claims
@@ -31,6 +32,7 @@ from auditkit.checks.performance.metrics import (
 )
 from auditkit.checks.performance.multilabel import measure_multilabel
 from auditkit.checks.performance.regression import REGRESSION, measure_regression
+from auditkit.checks.performance.segmentation import SEGMENTATION, measure_segmentation
 from auditkit.stats import median_centred_interval
 
 if TYPE_CHECKING:
@@ -52,6 +54,28 @@ _REASONS = {
 
 class PerformanceParams(CheckParams):
     n_boot: int = Field(default=1000, ge=0, description="bootstrap resamples (of patients when known); 0: no intervals")
+    nsd_tolerance_mm: float | dict[str, float] = Field(
+        default=2.0,
+        description="segmentation: the normalised surface Dice's tolerance in mm, one for every class or"
+        " {class: mm} (classes not named take 2.0)",
+    )
+
+    @field_validator("nsd_tolerance_mm")
+    @classmethod
+    def _positive_tolerance(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+        for tolerance in value.values() if isinstance(value, dict) else [value]:
+            if not (math.isfinite(tolerance) and tolerance >= 0):
+                raise ValueError(f"a tolerance is a distance in mm >= 0, got {tolerance}")
+        return value
+
+    def tolerances(self, classes: list[str]) -> list[float]:
+        """The NSD tolerance of each foreground class (``classes[1:]``)."""
+        per_class = self.nsd_tolerance_mm if isinstance(self.nsd_tolerance_mm, dict) else {}
+        unknown = sorted(set(per_class) - set(classes[1:]))
+        if unknown:
+            raise Skip(f"nsd_tolerance_mm names {unknown}, which are not foreground classes {classes[1:]}")
+        default = self.nsd_tolerance_mm if not isinstance(self.nsd_tolerance_mm, dict) else 2.0
+        return [float(per_class.get(name, default)) for name in classes[1:]]
 
 
 class PerformanceCheck(Check[PerformanceParams]):
@@ -129,19 +153,22 @@ class PerformanceCheck(Check[PerformanceParams]):
     family: ClassVar[str] = "performance"
     Params = PerformanceParams
     needs: ClassVar[Needs] = Needs(predictions=True)
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     emits: ClassVar[tuple[str, ...]] = (
         *(f"performance.{m}" for m in BINARY),
         "performance.claim_shortfall",
         "performance.macro_auroc",
         *(f"performance.{m}" for m in REGRESSION),
+        *(f"performance.{m}" for m in SEGMENTATION),
     )
 
     def run(self, ctx: CheckContext, params: PerformanceParams) -> CheckResult:
         preds = ctx.predictions("eval")
         if preds.n == 0:
             raise Skip("no eval images")
+        if ctx.task == "segmentation":
+            return self._segmentation(ctx, params)
         finite = require_finite_logits(preds.logits)
         probs = np.asarray(preds.probs[finite], dtype=np.float64)
         patients = np.asarray(ctx.split("eval").patients, dtype=object)[finite]
@@ -165,6 +192,30 @@ class PerformanceCheck(Check[PerformanceParams]):
                 "resampled": len(cluster_members(patients)),
                 "n_boot": params.n_boot,
                 "shared_by": "every label" if ctx.task == "multilabel" else "every output",
+            }
+        )
+        return result
+
+    def _segmentation(self, ctx: CheckContext, params: PerformanceParams) -> CheckResult:
+        preds = ctx.predictions("eval")
+        finite = np.isfinite(preds.logits.reshape(preds.n, -1).numpy()).all(axis=1)
+        if not finite.any():
+            raise Skip(f"the logits of every one of the {preds.n} eval images are non-finite")
+        if not finite.all():
+            raise Skip(
+                f"{int((~finite).sum())} of {preds.n} eval images have non-finite logits; a segmentation's figures"
+                " over the others would hide them"
+            )
+        result = CheckResult()
+        patients = np.asarray(ctx.split("eval").patients, dtype=object)
+        measure_segmentation(ctx, params.n_boot, params.tolerances(list(ctx.classes)), patients, result)
+        result.findings.append(
+            {
+                "kind": "bootstrap",
+                "unit": "patient" if any(p is not None for p in patients) else "image",
+                "resampled": len(cluster_members(patients)),
+                "n_boot": params.n_boot,
+                "shared_by": "every class and figure",
             }
         )
         return result

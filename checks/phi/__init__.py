@@ -161,7 +161,7 @@ class PHICheck(Check[PHIParams]):
 
     Inputs: header-only reads (``Needs(headers=True)``) of every split the run loads
     (``train_optional``, ``ood``); no model output and no label, so every task
-    (classification, multilabel, regression) is measured the same way. Non-DICOM files are
+    (classification, multilabel, regression, segmentation) is measured the same way. Non-DICOM files are
     counted, not judged. A volume given as a DICOM series folder is as many files as it has
     slices, and every slice's header is judged (identifiers may sit in some slices only); its
     findings name the manifest row once. NIfTI and ``.npy`` volumes carry no DICOM header.
@@ -203,7 +203,7 @@ class PHICheck(Check[PHIParams]):
         "phi.burned_in_annotation_files",
         "phi.identity_not_removed_files",
     )
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     def run(self, ctx: CheckContext, params: PHIParams) -> CheckResult:
