@@ -276,3 +276,49 @@ def test_skip_reasons_are_not_errors_for_a_third_party_check() -> None:
             raise Skip("unreachable")
 
     assert Flat.spatial_dims == (2,)  # a check not written for volumes is never run on them
+
+
+# --------------------------------------------------------------------------------------------- fixture
+
+
+@pytest.fixture(scope="module")
+def ct_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from auditkit.fixtures.volumes import generate_volume_study
+
+    root = tmp_path_factory.mktemp("ct")
+    generate_volume_study(root, n_patients=72, seed=0)
+    return root
+
+
+def _judged(root: Path, variant: str) -> dict[str, Any]:
+    from auditkit.fixtures.volumes import write_volume_spec
+
+    checks = {"bias": {"min_group_size": 10}, "performance": {}, "phi": {}}
+    spec = write_volume_spec(root, variant, checks=checks)
+    code = main(["run", str(spec), "--quiet", "--no-pdf"])
+    results = json.loads((root / f"audit-{variant}" / "results.json").read_text())
+    failed = {(r["id"], r["labels"].get("group_by")) for r in results["rules"] if r["status"] == "fail"}
+    return {"code": code, "results": results, "failed": failed, "checks": {c["id"]: c for c in results["checks"]}}
+
+
+def test_the_ct_fixture_planted_site_fails_the_bias_rule_and_its_fair_twin_passes(ct_study: Path) -> None:
+    biased, fair = _judged(ct_study, "biased"), _judged(ct_study, "fair")
+    assert ("BIAS-SENS-GAP", "site") in biased["failed"]
+    assert not any(rule.startswith("BIAS-") for rule, _ in fair["failed"])
+    eval_split = fair["results"]["data"]["splits"]["eval"]
+    assert set(eval_split["volumes"]["kinds"]) == {"dicom-series", "nifti", "npy"}
+    assert eval_split["n_quarantined"] == 0
+    # DICOM series and NIfTI keep their anisotropic spacing (2.5 mm slices, 1.25 mm in plane,
+    # resampled from 24 x 48 x 48 to 16 x 32 x 32); .npy volumes have none (1 mm stored voxels).
+    assert eval_split["volumes"]["spacing_mm"]["median"] == pytest.approx([3.75, 1.875, 1.875])
+
+
+def test_every_slice_of_every_series_is_judged_for_identifiers(ct_study: Path) -> None:
+    phi = _judged(ct_study, "fair")["checks"]["phi"]
+    slices = len(list(ct_study.rglob("*.dcm")))
+    series = len({p.parent for p in ct_study.rglob("*.dcm")})
+    metrics = {m["name"]: m for m in phi["metrics"]}
+    assert metrics["phi.files_with_identifiers"]["n"] == slices and slices > series  # files, not volumes
+    patient_id = next(f for f in phi["findings"] if f.get("keyword") == "PatientID")
+    assert sum(len(rows) for rows in patient_id["rows"].values()) == series  # each series' row listed once
+    assert patient_id["rows_truncated"] is False
