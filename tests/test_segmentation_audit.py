@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from auditkit.checks.performance.segmentation import case_figures
+from auditkit.segmentation import case_figures
 from auditkit.cli import main
 from auditkit.decode import decode_image
 from auditkit.decode.labels import decode_label_image, resize_labels

@@ -24,23 +24,22 @@ same replicates.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from auditkit.check import CheckResult, Metric
 from auditkit.checks.performance.claims import ClaimTarget, judge_claims
 from auditkit.checks.performance.metrics import cluster_weights
+from auditkit.segmentation import case_figures, implementation
 from auditkit.stats import median_centred_interval
 
 if TYPE_CHECKING:
     from auditkit.check import CheckContext
 
-__all__ = ["SEGMENTATION", "case_figures", "implementation", "measure_segmentation"]
+__all__ = ["SEGMENTATION", "measure_segmentation"]
 
 SEGMENTATION = ("dice", "hd95", "nsd", "mean_dice")
 _DIRECTIONS: dict[str, Literal["higher_is_better", "lower_is_better"]] = {
@@ -48,63 +47,7 @@ _DIRECTIONS: dict[str, Literal["higher_is_better", "lower_is_better"]] = {
     "hd95": "lower_is_better",
     "nsd": "higher_is_better",
 }
-_CHUNK = 16  # cases per MONAI call (the one-hot maps of a chunk are held at once)
 WORST_CASES = 5
-
-
-def implementation() -> str:
-    """The implementation's name, as the findings and the report give it."""
-    import monai
-
-    return (
-        f"MONAI {monai.__version__}: compute_dice(include_background=False, ignore_empty=True),"
-        " compute_hausdorff_distance(percentile=95, spacing), compute_surface_dice(class_thresholds, spacing)"
-    )
-
-
-def case_figures(
-    predicted: NDArray[Any],
-    reference: NDArray[Any],
-    spacing: NDArray[np.float64],
-    n_classes: int,
-    tolerances: Sequence[float],
-) -> dict[str, NDArray[np.float64]]:
-    """Dice, HD95 (mm) and NSD of every case and foreground class, ``(N, K - 1)`` each (NaN where
-    MONAI leaves a figure undefined), by MONAI's functions on one-hot maps, chunk by chunk.
-
-    Args:
-        predicted: arg-max label maps ``(N, *spatial)``.
-        reference: reference label maps ``(N, *spatial)``, values in ``0 .. n_classes - 1``.
-        spacing: pixel or voxel size per case ``(N, len(spatial))`` in mm.
-        n_classes: classes including the background (label 0).
-        tolerances: NSD tolerance in mm per foreground class (``n_classes - 1`` values).
-    """
-    from monai.metrics.hausdorff_distance import compute_hausdorff_distance
-    from monai.metrics.meandice import compute_dice
-    from monai.metrics.surface_dice import compute_surface_dice
-
-    n = predicted.shape[0]
-    out = {name: np.full((n, n_classes - 1), np.nan) for name in ("dice", "hd95", "nsd")}
-    for start in range(0, n, _CHUNK):
-        stop = min(n, start + _CHUNK)
-        pred = _one_hot(predicted[start:stop], n_classes)
-        ref = _one_hot(reference[start:stop], n_classes)
-        spacings = [tuple(float(v) for v in row) for row in spacing[start:stop]]
-        with warnings.catch_warnings():  # MONAI warns on every empty mask; they are counted instead
-            warnings.simplefilter("ignore")
-            out["dice"][start:stop] = compute_dice(pred, ref, include_background=False, ignore_empty=True).numpy()
-            out["hd95"][start:stop] = compute_hausdorff_distance(
-                pred, ref, include_background=False, percentile=95, spacing=spacings
-            ).numpy()
-            out["nsd"][start:stop] = compute_surface_dice(
-                pred, ref, class_thresholds=list(tolerances), include_background=False, spacing=spacings
-            ).numpy()
-    return out
-
-
-def _one_hot(labels: NDArray[Any], n_classes: int) -> torch.Tensor:
-    tensor = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    return torch.nn.functional.one_hot(tensor, n_classes).movedim(-1, 1).float()
 
 
 def _weighted_means(values: NDArray[np.float64], weights: NDArray[np.float64]) -> NDArray[np.float64]:
