@@ -40,7 +40,9 @@ def case_figures(
     reference: NDArray[Any],
     spacing: NDArray[np.float64],
     n_classes: int,
-    tolerances: Sequence[float],
+    tolerances: Sequence[float] = (),
+    *,
+    figures: Sequence[str] = ("dice", "hd95", "nsd"),
 ) -> dict[str, NDArray[np.float64]]:
     """Dice, HD95 (mm) and NSD of every case and foreground class, ``(N, K - 1)`` each (NaN where
     MONAI leaves a figure undefined), by MONAI's functions on one-hot maps, chunk by chunk.
@@ -50,14 +52,16 @@ def case_figures(
         reference: reference label maps ``(N, *spatial)``, values in ``0 .. n_classes - 1``.
         spacing: pixel or voxel size per case ``(N, len(spatial))`` in mm.
         n_classes: classes including the background (label 0).
-        tolerances: NSD tolerance in mm per foreground class (``n_classes - 1`` values).
+        tolerances: NSD tolerance in mm per foreground class (``n_classes - 1`` values; only
+            needed for ``nsd``).
+        figures: which of ``dice``, ``hd95`` and ``nsd`` to compute (the distances cost most).
     """
     from monai.metrics.hausdorff_distance import compute_hausdorff_distance
     from monai.metrics.meandice import compute_dice
     from monai.metrics.surface_dice import compute_surface_dice
 
     n = predicted.shape[0]
-    out = {name: np.full((n, n_classes - 1), np.nan) for name in ("dice", "hd95", "nsd")}
+    out = {name: np.full((n, n_classes - 1), np.nan) for name in figures}
     for start in range(0, n, _CHUNK):
         stop = min(n, start + _CHUNK)
         pred = one_hot(predicted[start:stop], n_classes)
@@ -65,13 +69,16 @@ def case_figures(
         spacings = [tuple(float(v) for v in row) for row in spacing[start:stop]]
         with warnings.catch_warnings():  # MONAI warns on every empty mask; they are counted instead
             warnings.simplefilter("ignore")
-            out["dice"][start:stop] = compute_dice(pred, ref, include_background=False, ignore_empty=True).numpy()
-            out["hd95"][start:stop] = compute_hausdorff_distance(
-                pred, ref, include_background=False, percentile=95, spacing=spacings
-            ).numpy()
-            out["nsd"][start:stop] = compute_surface_dice(
-                pred, ref, class_thresholds=list(tolerances), include_background=False, spacing=spacings
-            ).numpy()
+            if "dice" in out:
+                out["dice"][start:stop] = compute_dice(pred, ref, include_background=False, ignore_empty=True).numpy()
+            if "hd95" in out:
+                out["hd95"][start:stop] = compute_hausdorff_distance(
+                    pred, ref, include_background=False, percentile=95, spacing=spacings
+                ).numpy()
+            if "nsd" in out:
+                out["nsd"][start:stop] = compute_surface_dice(
+                    pred, ref, class_thresholds=list(tolerances), include_background=False, spacing=spacings
+                ).numpy()
     return out
 
 

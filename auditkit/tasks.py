@@ -48,9 +48,11 @@ __all__ = [
     "absolute_errors",
     "bootstrap_macro_aurocs",
     "bootstrap_maes",
+    "bootstrap_mean_dice",
     "label_aurocs",
     "macro_auroc",
     "mae_per_output",
+    "mean_dice",
     "regression_units",
     "sample_strata",
     "task_sample",
@@ -89,7 +91,9 @@ def sample_strata(labels: NDArray[Any], task: str) -> NDArray[np.int64]:
     Returns:
         int64 ``(N,)``: classification, the class; multilabel, the image's rarest (label, value)
         class (column ``2k + v``, ties to the lower column; ``2K`` for an image without any known
-        label); regression, the quintile of the first output's target (``5`` when unknown).
+        label); regression, the quintile of the first output's target (``5`` when unknown);
+        segmentation (label maps ``(N, *spatial)``), how many foreground classes the reference
+        holds (0 for an empty reference).
     """
     if task == "classification":
         return np.asarray(labels, dtype=np.int64)
@@ -97,6 +101,10 @@ def sample_strata(labels: NDArray[Any], task: str) -> NDArray[np.int64]:
     n = y.shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.int64)
+    if task == "segmentation":
+        flat = y.reshape(n, -1)
+        present = [(flat == k).any(axis=1) for k in range(1, int(flat.max(initial=0)) + 1)]
+        return np.sum(present, axis=0).astype(np.int64) if present else np.zeros(n, dtype=np.int64)
     if task == "multilabel":
         members = _class_matrix(y)
         counts = members.sum(axis=0)
@@ -246,6 +254,44 @@ def macro_auroc(per_label: Sequence[LabelAUROC]) -> tuple[float | None, str | No
     if not defined:
         return None, "no label has both a known positive and a known negative entry in the sample"
     return float(np.mean(defined)), None
+
+
+def mean_dice(dice: NDArray[np.float64]) -> float | None:
+    """The mean over foreground classes of each class's mean Dice over the cases where it is
+    defined (``dice``: ``(n, K - 1)``, NaN where a case's reference lacks the class); ``None`` when
+    no class is defined anywhere."""
+    defined = np.isfinite(dice)
+    counts = defined.sum(axis=0)
+    if not (counts > 0).any():
+        return None
+    per_class = np.where(defined, dice, 0.0).sum(axis=0)[counts > 0] / counts[counts > 0]
+    return float(per_class.mean())
+
+
+def bootstrap_mean_dice(
+    dice_sets: Sequence[NDArray[np.float64]],
+    *,
+    n_boot: int,
+    rng: np.random.Generator,
+    strata: NDArray[Any] | None = None,
+) -> NDArray[np.float64]:
+    """:func:`mean_dice` of every condition on the same case resamples: ``(B, conditions)``."""
+    n = dice_sets[0].shape[0]
+    out = np.full((n_boot, len(dice_sets)), np.nan)
+    if n == 0 or n_boot == 0:
+        return out[:0] if n_boot == 0 else out
+    for start, size, idx in _blocks(n, n_boot, rng, strata):
+        counts = resample_counts(idx, n).astype(np.float64)  # (size, n)
+        for c, dice in enumerate(dice_sets):
+            defined = np.isfinite(dice)
+            sums = counts @ np.where(defined, dice, 0.0)
+            totals = counts @ defined.astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_class = np.where(totals > 0, sums / np.where(totals > 0, totals, 1.0), np.nan)
+                valid = np.isfinite(per_class)
+                means = np.where(valid, per_class, 0.0).sum(axis=1) / valid.sum(axis=1)
+            out[start : start + size, c] = np.where(valid.any(axis=1), means, np.nan)
+    return out
 
 
 def _blocks(n: int, n_boot: int, rng: np.random.Generator, strata: NDArray[Any] | None) -> Any:

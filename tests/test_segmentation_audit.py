@@ -233,10 +233,31 @@ def test_checks_that_do_not_measure_segmentation_are_skipped_naming_the_task(
     segmentation_audit: dict[str, Any],
 ) -> None:
     for check_id, check in segmentation_audit["checks"].items():
-        if check_id in ("coverage", "performance", "phi", "leakage"):
+        if check_id in ("coverage", "performance", "phi", "leakage", "corruption"):
             assert check["status"] == "ok", check_id
             continue
         assert check["status"] == "skipped", check_id
         assert "does not measure task: segmentation" in check["reason"] or "segmentation" in check["reason"], check_id
     data = segmentation_audit["results"]["data"]["splits"]["eval"]
     assert data["class_counts"]["lesion"]["images"] == 10
+
+
+def test_corruption_measures_the_mean_dice_and_its_drop(segmentation_audit: dict[str, Any]) -> None:
+    corruption = segmentation_audit["checks"]["corruption"]
+    assert corruption["status"] == "ok"
+    by_condition = {
+        (m["labels"]["corruption"], m["labels"]["severity"]): m
+        for m in corruption["metrics"]
+        if m["name"] == "corruption.mean_dice"
+    }
+    performance = {m["name"]: m for m in segmentation_audit["checks"]["performance"]["metrics"]}
+    # Every eval case is sampled, so the clean mean Dice is the performance check's.
+    assert by_condition["none", "0"]["value"] == pytest.approx(performance["performance.mean_dice"]["value"], abs=1e-12)
+    drops = {
+        (m["labels"]["corruption"], m["labels"]["severity"]): m
+        for m in corruption["metrics"]
+        if m["name"] == "corruption.relative_drop"
+    }
+    worst = drops["gaussian_noise", "5"]  # a threshold at mid-grey flips noisy pixels
+    assert worst["value"] > 0 and worst["ci"][0] > 0
+    assert by_condition["gaussian_noise", "5"]["value"] < by_condition["gaussian_noise", "1"]["value"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -35,14 +35,17 @@ from auditkit.checks.corruption.transforms import (
     poisson_quantile,
 )
 from auditkit.sampling import stratified_sample
+from auditkit.segmentation import case_figures
 from auditkit.stats import bootstrap_indices, median_centred_interval, stable_seed
 from auditkit.tasks import (
     absolute_errors,
     bootstrap_macro_aurocs,
     bootstrap_maes,
+    bootstrap_mean_dice,
     label_aurocs,
     macro_auroc,
     mae_per_output,
+    mean_dice,
     regression_units,
     sample_strata,
     sample_summary,
@@ -195,6 +198,12 @@ class CorruptionCheck(Check[CorruptionParams]):
       MAE``: the relative increase of the error (at least -1), the mean over the outputs when
       there are several (a unit-free number). A non-finite prediction leaves the MAE undefined,
       with the count as the reason. The sample is stratified by target quintile.
+    * ``task: segmentation``: the mean Dice, the mean over foreground classes of each class's mean
+      Dice over the sampled cases whose reference holds it (MONAI's ``compute_dice``,
+      :mod:`auditkit.segmentation`; an empty reference is left out as MONAI's DiceMetric does; a
+      case whose corrupted outputs are not finite is scored as all background). ``relative_drop =
+      (clean mean Dice - corrupted) / clean``. The sample is stratified by how many foreground
+      classes the reference holds, and the artifact is ``corruption_mean_dice``.
 
     ``corruption.mean_relative_drop`` is, for every task, the mean of the relative drops over
     every corruption and severity run.
@@ -207,7 +216,8 @@ class CorruptionCheck(Check[CorruptionParams]):
         ``{corruption, severity}``, including the clean accuracy as ``{corruption: none,
         severity: 0}``; multilabel: ``corruption.macro_auroc`` (``higher_is_better``), same
         labels; regression: ``corruption.mae`` (``lower_is_better``), same labels (with an
-        ``output`` label when the model has several outputs);
+        ``output`` label when the model has several outputs); segmentation:
+        ``corruption.mean_dice`` (``higher_is_better``), same labels;
         every task: ``corruption.relative_drop`` (``lower_is_better``, see above) with labels
         ``{corruption, severity}``; ``corruption.mean_relative_drop`` (``lower_is_better``).
 
@@ -238,10 +248,11 @@ class CorruptionCheck(Check[CorruptionParams]):
         "corruption.accuracy",
         "corruption.macro_auroc",
         "corruption.mae",
+        "corruption.mean_dice",
         "corruption.relative_drop",
         "corruption.mean_relative_drop",
     )
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
     dims_reason: ClassVar[str | None] = (
         "its shifts are 2-D image corruptions; 3-D acquisition artefacts (MR motion, ghosting, spike, bias"
         " field; CT noise and slice thickness) are not implemented yet"
@@ -455,6 +466,7 @@ def _findings(
 TASK_METRIC: dict[str, tuple[str, Direction, str]] = {
     "multilabel": ("corruption.macro_auroc", "higher_is_better", "macro AUROC"),
     "regression": ("corruption.mae", "lower_is_better", "MAE"),
+    "segmentation": ("corruption.mean_dice", "higher_is_better", "mean Dice"),
 }
 """task -> (the primary metric's name, its direction, its name in text)."""
 
@@ -466,6 +478,10 @@ RELATIVE_DROP_TEXT = {
     "regression": (
         "(corrupted MAE - clean MAE) / clean MAE on the same images: the relative increase of the mean"
         " absolute error (positive = worse; at least -1), averaged over the outputs when there are several"
+    ),
+    "segmentation": (
+        "(clean mean Dice - corrupted mean Dice) / clean mean Dice on the same images: the share of the clean"
+        " mean Dice lost (positive = worse; at most 1)"
     ),
 }
 AUROC_DROP_RANGE = (-math.inf, 1.0)
@@ -492,8 +508,32 @@ def _undefined_task(p: CorruptionParams, task: str, names: list[str], reason: st
     return metrics
 
 
+def _corrupted_outputs(
+    ctx: CheckContext,
+    p: CorruptionParams,
+    indices: NDArray[np.intp],
+    manifest_rows: NDArray[Any],
+    seed_root: int,
+    conditions: list[tuple[str, int]],
+) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """``(start, stop, condition, logits)`` for every batch of the sample under every condition:
+    each image's corruption drawn from its manifest row, so a sample's images are corrupted the
+    same whatever the batch size."""
+    for start in range(0, len(indices), p.batch_size):
+        stop = min(start + p.batch_size, len(indices))
+        images = ctx.images("eval", indices[start:stop]).to(ctx.device)
+        for name in p.corruptions:
+            seeds = [stable_seed(seed_root, name, int(r)) for r in manifest_rows[start:stop]]
+            draw = draw_randomness(name, tuple(images.shape), seeds)
+            for severity in p.severities:
+                corrupted = apply_corruption(images, name, severity, draw=draw)
+                logits = ctx.model.predict(corrupted, label=f"corruption:{name}:{severity}")
+                yield start, stop, conditions.index((name, severity)), logits
+
+
 def _run_on_task(ctx: CheckContext, p: CorruptionParams) -> CheckResult:
-    """The check for a multi-label model or a regressor: the task's primary metric per severity."""
+    """The check for a multi-label model, a regressor or a segmentation model: the task's primary
+    metric per severity."""
     task = ctx.task
     names = list(ctx.classes)
     result = CheckResult()
@@ -507,10 +547,12 @@ def _run_on_task(ctx: CheckContext, p: CorruptionParams) -> CheckResult:
     rng = ctx.rng()
     indices = task_sample(all_labels, task, p.n_samples, rng)
     seed_root = int(rng.integers(0, 2**62))
-    targets = all_labels[indices]
-    clean = np.asarray(preds.probs, dtype=np.float64)[indices]
     manifest_rows = np.asarray(ctx.split("eval").rows)[indices]
     conditions = [(name, s) for name in p.corruptions for s in p.severities]
+    if task == "segmentation":
+        return _run_on_segmentation(ctx, p, indices, manifest_rows, seed_root, conditions)
+    targets = all_labels[indices]
+    clean = np.asarray(preds.probs, dtype=np.float64)[indices]
     scores = np.zeros((len(conditions), len(indices), len(names)), dtype=np.float64)
     non_finite = np.zeros(len(conditions), dtype=np.int64)
     log.info(
@@ -521,19 +563,10 @@ def _run_on_task(ctx: CheckContext, p: CorruptionParams) -> CheckResult:
         len(p.severities),
         ctx.device,
     )
-    for start in range(0, len(indices), p.batch_size):
-        stop = min(start + p.batch_size, len(indices))
-        images = ctx.images("eval", indices[start:stop]).to(ctx.device)
-        for name in p.corruptions:
-            seeds = [stable_seed(seed_root, name, int(r)) for r in manifest_rows[start:stop]]
-            draw = draw_randomness(name, tuple(images.shape), seeds)
-            for severity in p.severities:
-                corrupted = apply_corruption(images, name, severity, draw=draw)
-                logits = ctx.model.predict(corrupted, label=f"corruption:{name}:{severity}")
-                row = conditions.index((name, severity))
-                # A non-finite output is a failure of the model: the worst rank, an undefined MAE.
-                non_finite[row] += int((~torch.isfinite(logits).all(dim=1)).sum())
-                scores[row, start:stop] = task_scores(logits, task)
+    for start, stop, row, logits in _corrupted_outputs(ctx, p, indices, manifest_rows, seed_root, conditions):
+        # A non-finite output is a failure of the model: the worst rank, an undefined MAE.
+        non_finite[row] += int((~torch.isfinite(logits).all(dim=1)).sum())
+        scores[row, start:stop] = task_scores(logits, task)
 
     bootstrap_rng = np.random.default_rng(stable_seed(seed_root, "bootstrap"))
     strata = sample_strata(targets, task)
@@ -557,6 +590,114 @@ def _run_on_task(ctx: CheckContext, p: CorruptionParams) -> CheckResult:
                 plot.name,
                 f"{plot.name}.svg",
                 plot.writer(p.severities, p.corruptions, conditions, len(indices)),
+                description=plot.description,
+            )
+        )
+    return result
+
+
+def _run_on_segmentation(
+    ctx: CheckContext,
+    p: CorruptionParams,
+    indices: NDArray[np.intp],
+    manifest_rows: NDArray[Any],
+    seed_root: int,
+    conditions: list[tuple[str, int]],
+) -> CheckResult:
+    """Mean Dice (MONAI's per-case Dice, :mod:`auditkit.segmentation`) clean and per condition."""
+    preds = ctx.predictions("eval")
+    n_classes = len(ctx.classes)
+    reference = np.asarray(preds.labels)[indices]
+    spacing = np.ones((len(indices), reference.ndim - 1))  # Dice needs no spacing
+    clean = case_figures(preds.predicted[indices], reference, spacing, n_classes, figures=("dice",))["dice"]
+    dice = np.full((len(conditions), len(indices), n_classes - 1), np.nan)
+    non_finite = np.zeros(len(conditions), dtype=np.int64)
+    log.info(
+        "corruption: %d images (task: segmentation), %d conditions on %s", len(indices), len(conditions), ctx.device
+    )
+    for start, stop, row, logits in _corrupted_outputs(ctx, p, indices, manifest_rows, seed_root, conditions):
+        finite = torch.isfinite(logits).flatten(1).all(dim=1)
+        non_finite[row] += int((~finite).sum())
+        # A case whose outputs are not finite is a failure of the model: scored as all background.
+        predicted = torch.where(finite.view(-1, *[1] * (logits.ndim - 2)), logits.argmax(dim=1), 0).numpy()
+        part = case_figures(predicted, reference[start:stop], spacing[start:stop], n_classes, figures=("dice",))
+        dice[row, start:stop] = part["dice"]
+    values = [mean_dice(clean), *(mean_dice(d) for d in dice)]
+    strata = sample_strata(reference, "segmentation")
+    rng = np.random.default_rng(stable_seed(seed_root, "bootstrap"))
+    replicates = bootstrap_mean_dice([clean, *dice], n_boot=p.n_boot, rng=rng, strata=strata)
+    n = len(indices)
+    clean_value = values[0]
+    corrupted = np.array([v if v is not None else math.nan for v in values[1:]], dtype=np.float64)
+    undefined = (
+        "no foreground class is in the reference of any sampled case, so the mean Dice is undefined"
+        if clean_value is None
+        else "the clean mean Dice of the sample is 0, so a relative drop is undefined"
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        drops = (clean_value - corrupted) / clean_value if clean_value else np.full(len(conditions), math.nan)
+        boot_drops = (replicates[:, :1] - replicates[:, 1:]) / replicates[:, :1]
+    drop_metrics, mean_metric = _drop_metrics(drops, boot_drops, conditions, n, AUROC_DROP_RANGE, undefined)
+    metric_name, direction, _ = TASK_METRIC["segmentation"]
+    no_reference = "no foreground class is in the reference of any sampled case"
+    result = CheckResult()
+    result.metrics.append(
+        Metric(
+            metric_name,
+            clean_value,
+            direction,
+            labels=CLEAN_LABELS,
+            ci=_interval(replicates[:, 0], clean_value, ACCURACY_RANGE),
+            n=n,
+            reason=None if clean_value is not None else no_reference,
+        )
+    )
+    for c, (name, severity) in enumerate(conditions, start=1):
+        result.metrics.append(
+            Metric(
+                metric_name,
+                values[c],
+                direction,
+                labels={"corruption": name, "severity": str(severity)},
+                ci=_interval(replicates[:, c], values[c], ACCURACY_RANGE),
+                n=n,
+                reason=None if values[c] is not None else no_reference,
+            )
+        )
+        result.metrics.append(drop_metrics[c - 1])
+    result.metrics.append(mean_metric)
+    sampled = {"n_images": n, "rows": manifest_rows.tolist(), "strata": "foreground classes in the reference"}
+    result.findings.append(
+        {
+            "kind": "corruption_sample",
+            "task": "segmentation",
+            **sampled,
+            "seed_root": seed_root,
+            "metric": "mean Dice: the mean over foreground classes of each class's mean Dice over the sampled"
+            " cases whose reference holds it (MONAI's compute_dice, include_background=False, ignore_empty=True)",
+            "relative_drop": RELATIVE_DROP_TEXT["segmentation"],
+        }
+    )
+    result.findings += [
+        {"kind": "non_finite_logits", "corruption": name, "severity": severity, "count": int(count)}
+        for (name, severity), count in zip(conditions, non_finite, strict=True)
+        if count
+    ]
+    if clean_value is not None and np.isfinite(corrupted).all():
+        plot = _Plot(
+            "corruption_mean_dice",
+            corrupted,
+            clean_value,
+            "mean Dice",
+            True,
+            f"Mean Dice against corruption severity on {n} eval images, one line per acquisition shift;"
+            " severity 0 is the clean mean Dice.",
+        )
+        result.artifacts.append(
+            ctx.write_artifact(
+                plot.name,
+                f"{plot.name}.svg",
+                plot.writer(p.severities, p.corruptions, conditions, n),
                 description=plot.description,
             )
         )

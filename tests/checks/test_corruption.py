@@ -245,10 +245,11 @@ def test_check_declares_its_contract() -> None:
         "corruption.accuracy",
         "corruption.macro_auroc",
         "corruption.mae",
+        "corruption.mean_dice",
         "corruption.relative_drop",
         "corruption.mean_relative_drop",
     }
-    assert CorruptionCheck.tasks == ("classification", "multilabel", "regression")
+    assert CorruptionCheck.tasks == ("classification", "multilabel", "regression", "segmentation")
     doc = CorruptionCheck.__doc__ or ""
     for reference in ("Hendrycks & Dietterich 2019", "MONAI", "MEASURE 2.5", "MEASURE 2.6"):
         assert reference in doc
