@@ -17,11 +17,11 @@ import torch
 import yaml
 from PIL import Image
 
-from auditkit.segmentation import case_figures
 from auditkit.cli import main
 from auditkit.decode import decode_image
 from auditkit.decode.labels import decode_label_image, resize_labels
 from auditkit.errors import ConfigError, UnreadableImage
+from auditkit.segmentation import case_figures
 from auditkit.spec import parse_spec
 
 SIDE = 32
@@ -111,7 +111,11 @@ def _run(spec: Path, **update: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def segmentation_audit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("segmentation")
-    return {**_run(write_study(root)), "root": root}
+    checks = {
+        "adversarial": {"n_samples": 8, "sanity_checks": False},
+        "corruption": {"corruptions": ["gaussian_noise", "blur"], "severities": [1, 5]},
+    }
+    return {**_run(write_study(root), checks=checks), "root": root}
 
 
 # ----------------------------------------------------------------------------------------- spec
@@ -232,12 +236,17 @@ def test_the_audit_scores_segmentation_as_monai_does(segmentation_audit: dict[st
 def test_checks_that_do_not_measure_segmentation_are_skipped_naming_the_task(
     segmentation_audit: dict[str, Any],
 ) -> None:
+    from auditkit.registry import discover
+
+    installed, _ = discover()
+    measuring = {cid for cid, cls in installed.items() if "segmentation" in cls.tasks}
+    assert {"performance", "corruption", "ood", "leakage", "phi"} <= measuring
     for check_id, check in segmentation_audit["checks"].items():
-        if check_id in ("coverage", "performance", "phi", "leakage", "corruption"):
-            assert check["status"] == "ok", check_id
+        if check_id == "coverage" or check_id in measuring:
+            assert check["status"] == "ok", (check_id, check["reason"], check["error"])
             continue
         assert check["status"] == "skipped", check_id
-        assert "does not measure task: segmentation" in check["reason"] or "segmentation" in check["reason"], check_id
+        assert "does not measure a segmentation model (task: segmentation)" in check["reason"], check_id
     data = segmentation_audit["results"]["data"]["splits"]["eval"]
     assert data["class_counts"]["lesion"]["images"] == 10
 
@@ -261,3 +270,37 @@ def test_corruption_measures_the_mean_dice_and_its_drop(segmentation_audit: dict
     worst = drops["gaussian_noise", "5"]  # a threshold at mid-grey flips noisy pixels
     assert worst["value"] > 0 and worst["ci"][0] > 0
     assert by_condition["gaussian_noise", "5"]["value"] < by_condition["gaussian_noise", "1"]["value"]
+
+
+def test_pixel_pooled_ood_scores_average_over_the_predicted_foreground() -> None:
+    from auditkit.checks.ood.detectors import pixel_pooled_score
+
+    rng = np.random.default_rng(3)
+    logits = torch.as_tensor(rng.normal(0, 2, (3, 3, 5, 6)))
+    logits[1, 0] += 50  # background everywhere: pooled over every pixel
+    logits[2, 1, 0, 0] = float("nan")
+    z = logits.numpy().astype(np.float64)
+    for detector in ("msp", "max_logit", "energy"):
+        scores = pixel_pooled_score(detector, logits)
+        for i in range(2):
+            lse = np.log(np.exp(z[i]).sum(axis=0))
+            pixel = {"msp": np.exp(z[i].max(axis=0) - lse), "max_logit": z[i].max(axis=0), "energy": lse}[detector]
+            foreground = z[i].argmax(axis=0) != 0
+            expected = pixel[foreground].mean() if foreground.any() else pixel.mean()
+            assert scores[i] == pytest.approx(expected, rel=1e-9), (detector, i)
+        assert np.isnan(scores[2])
+
+
+def test_ood_scores_a_segmentation_model_and_says_how_its_scores_track_the_dice(
+    segmentation_audit: dict[str, Any],
+) -> None:
+    ood = segmentation_audit["checks"]["ood"]
+    assert ood["status"] == "ok"
+    auroc = {(m["labels"]["detector"], m["labels"]["ood_set"]): m for m in ood["metrics"] if m["name"] == "ood.auroc"}
+    assert auroc["msp", "builtin:noise"]["value"] > 0.9  # noise makes the threshold model unsure of its foreground
+    association = next(f for f in ood["findings"] if f["kind"] == "dice_association")
+    assert association["cases"] == 10 and set(association["detectors"]) >= {"msp", "max_logit", "energy"}
+    selective = next(m for m in ood["metrics"] if m["name"] == "ood.selective_accuracy")
+    assert selective["value"] is None and "task: segmentation" in selective["reason"]
+    scores = next(f for f in ood["findings"] if f["kind"] == "ood_scores")
+    assert "foreground" in scores["scores"]["msp"]

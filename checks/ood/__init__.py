@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
 
 from auditkit.check import (
     Check,
@@ -51,6 +53,7 @@ from auditkit.checks.ood.plots import roc_curves, score_histograms
 from auditkit.checks.ood.scoring import ScoredSet, Scorer, score_builtin_sets, score_spec_sets
 from auditkit.checks.ood.sets import BUILTIN_SETS, load_other_modality, synthetic_shift
 from auditkit.context import serial_blas
+from auditkit.segmentation import case_figures
 from auditkit.stats import bootstrap_cis, stable_seed
 
 if TYPE_CHECKING:
@@ -200,6 +203,15 @@ class OODCheck(Check[OODParams]):
     apply gets undefined metrics with a reason naming the task and a ``detector_not_applicable``
     finding, ``ood.coverage`` is still reported, and an ``ood_scores`` finding says what each
     detector scores. The metric names and labels are those above.
+    Segmentation models (``model.task: segmentation``): an image-level score from the pixel-wise
+    outputs, ``msp``, ``max_logit`` and ``energy`` of each pixel averaged over the pixels the model
+    calls foreground (every pixel when it calls none); Mahalanobis and k-NN on the
+    ``feature_layer`` map averaged over space (one Gaussian); ODIN does not apply. The
+    ``dice_association`` finding says how well each score predicts the segmentation's quality:
+    Spearman's correlation with each eval case's mean Dice and the AUROC of flagging cases whose
+    mean Dice is below 0.5 (a low score flagging a failure); ``ood.selective_accuracy`` is
+    undefined (a Dice, not an accuracy). The built-in sets keep a volume's shape; the
+    other-modality set (2-D slices) is undefined for a 3-D model.
 
     NIST AI RMF 1.0: MEASURE 2.6 (the system fails safely beyond its knowledge limits: can it
     flag such inputs?), MEASURE 2.5 (the limits of generalisation are documented).
@@ -215,7 +227,7 @@ class OODCheck(Check[OODParams]):
     needs: ClassVar[Needs] = Needs(
         predictions=True, features=True, images=True, gradients=True, ood=True, train_optional=True
     )
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     emits: ClassVar[tuple[str, ...]] = (
         "ood.auroc",
@@ -249,6 +261,8 @@ class OODCheck(Check[OODParams]):
         )
         eval_scores = scorer.score("eval", preds.logits, _eval_features(ctx, scorer), ctx.images)
         in_scores = {d: eval_scores[d][scorer.in_rows[d]] for d in scorer.available}
+        segmentation = ctx.task == "segmentation"
+        result_findings = [_dice_association(ctx, eval_scores)] if segmentation else []
         sets = score_spec_sets(ctx, scorer) + score_builtin_sets(
             ctx,
             scorer,
@@ -272,7 +286,7 @@ class OODCheck(Check[OODParams]):
                 n = len(scorer.in_rows[detector]) + ood.n
                 values = measured.get((detector, ood.name))
                 result.metrics += _separation(detector, ood.name, values, n, reason)
-        result.findings += scorer.findings + [s.finding for s in sets]
+        result.findings += scorer.findings + [s.finding for s in sets] + result_findings
         _recommend(result, ctx, p, scorer, in_scores, sets, measured, seed_root)
         _plots(result, ctx, in_scores, sets)
         if scorer.odin_passes:
@@ -285,6 +299,55 @@ class OODCheck(Check[OODParams]):
                 }
             )
         return result
+
+
+FAILED_DICE = 0.5
+"""A case whose mean Dice is below this is a failed segmentation (the ``dice_association`` finding)."""
+
+
+def _dice_association(ctx: CheckContext, eval_scores: dict[str, FloatArray]) -> dict[str, Any]:
+    """How well each detector's eval score predicts the segmentation's quality: Spearman's rank
+    correlation with each case's mean Dice (its classes' Dice over those in its reference), and
+    the AUROC of telling failed cases (mean Dice below :data:`FAILED_DICE`) from the others, a low
+    score flagging a failure."""
+    preds = ctx.predictions("eval")
+    dice = case_figures(
+        preds.predicted,
+        np.asarray(preds.labels),
+        np.ones((preds.n, preds.predicted.ndim - 1)),
+        len(ctx.classes),
+        figures=("dice",),
+    )["dice"]
+    defined = np.isfinite(dice)
+    counts = defined.sum(axis=1)
+    case_dice = np.where(counts > 0, np.where(defined, dice, 0.0).sum(axis=1) / np.maximum(counts, 1), np.nan)
+    has_reference = np.isfinite(case_dice)
+    failed = case_dice < FAILED_DICE
+    out: dict[str, Any] = {
+        "kind": "dice_association",
+        "cases": int(has_reference.sum()),
+        "failed_cases": int(failed[has_reference].sum()),
+        "failed_below": FAILED_DICE,
+        "note": "cases whose reference holds no foreground class have no Dice and are left out",
+        "detectors": {},
+    }
+    for detector, scores in eval_scores.items():
+        keep = has_reference & np.isfinite(scores)
+        entry: dict[str, Any] = {"n": int(keep.sum())}
+        if keep.sum() >= 3 and np.ptp(scores[keep]) > 0 and np.ptp(case_dice[keep]) > 0:
+            entry["spearman_rho"] = round(float(spearmanr(scores[keep], case_dice[keep]).statistic), 6)
+        else:
+            entry["spearman_rho"] = None
+            entry["reason"] = "fewer than three cases, or no spread in the scores or the Dice"
+        bad, good = failed[keep], ~failed[keep]
+        if bad.any() and good.any():
+            # A failure should score low: the AUROC of -score for the failed cases.
+            entry["failure_auroc"] = round(float(roc_auc_score(bad, -scores[keep])), 6)
+        else:
+            entry["failure_auroc"] = None
+            entry["failure_reason"] = "needs failed and successful cases"
+        out["detectors"][detector] = entry
+    return out
 
 
 def builtin_size(n_eval: int, fraction: float, floor: int, cap: int) -> int:
@@ -423,6 +486,10 @@ SELECTIVE_ACCURACY_REASONS = {
     "multilabel": "task: multilabel: selective accuracy is the accuracy of one decision per image on the"
     " images the detector accepts; a multi-label model makes one decision per label, so there is no"
     " single accuracy to report (ood.coverage, the share accepted, is)",
+    "segmentation": "task: segmentation: selective accuracy is the accuracy of one decision per image on the"
+    " images the detector accepts; a segmentation model decides every pixel, so its quality is a Dice, not an"
+    " accuracy (the dice_association finding says how well each score predicts the Dice; ood.coverage, the"
+    " share accepted, is reported)",
     "regression": "task: regression: selective accuracy is the accuracy of one decision per image on the"
     " images the detector accepts; a regressor's prediction is a value, never right or wrong, so there"
     " is no accuracy to report (ood.coverage, the share accepted, is)",

@@ -97,6 +97,40 @@ def msp_score(logits: ArrayLike | torch.Tensor) -> FloatArray:
     return _with_nan(np.exp(log_msp), finite)
 
 
+def pixel_pooled_score(detector: str, logits: torch.Tensor) -> FloatArray:
+    """An image-level score of a segmentation model from its pixel-wise logits ``(N, K, *spatial)``.
+
+    The per-pixel score (``msp``: the largest softmax probability; ``max_logit``: the largest
+    logit; ``energy``: ``logsumexp`` of the logits, the negative free energy) averaged over the
+    pixels the model calls foreground (arg-max class other than 0), where a segmentation's
+    uncertainty lives; over every pixel when it calls none (background everywhere is itself a
+    confident or unconfident answer). An image with a non-finite logit scores NaN.
+
+    Raises:
+        ValueError: an unknown ``detector`` or logits with fewer than three dimensions.
+    """
+    if detector not in ("msp", "max_logit", "energy"):
+        raise ValueError(f"a pixel-pooled score is one of msp, max_logit, energy, got {detector!r}")
+    if logits.ndim < 3:
+        raise ValueError(f"pixel-wise logits must have shape (N, K, *spatial), got {tuple(logits.shape)}")
+    out = np.full(logits.shape[0], np.nan)
+    for i in range(logits.shape[0]):
+        z = logits[i].double().flatten(1)  # (K, pixels)
+        if not bool(torch.isfinite(z).all()):
+            continue
+        lse = torch.logsumexp(z, dim=0)
+        best = z.max(dim=0)
+        if detector == "msp":
+            pixel = torch.exp(best.values - lse)
+        elif detector == "max_logit":
+            pixel = best.values
+        else:
+            pixel = lse
+        foreground = best.indices != 0
+        out[i] = float(pixel[foreground].mean() if bool(foreground.any()) else pixel.mean())
+    return out
+
+
 def max_logit_score(logits: ArrayLike | torch.Tensor) -> FloatArray:
     """The largest logit ``max_k f_k`` per row of ``logits`` ``(N, K)``."""
     f = _matrix(logits, "logits")

@@ -31,6 +31,7 @@ from auditkit.checks.ood.detectors import (
     max_sigmoid_score,
     msp_score,
     odin_score,
+    pixel_pooled_score,
 )
 from auditkit.checks.ood.sets import (
     SYNTHETIC_SHIFTS,
@@ -87,6 +88,16 @@ TASK_SCORES: dict[str, dict[str, str]] = {
         " embedding (no single class per image to condition on), Ledoit-Wolf-shrunk covariance",
         "knn": "negative distance to the k-th nearest normalised fit embedding (Sun et al. 2022)",
     },
+    "segmentation": {
+        "msp": "the largest softmax probability of each pixel, averaged over the pixels the model calls"
+        " foreground (over every pixel when it calls none)",
+        "max_logit": "the largest logit of each pixel, averaged as msp's",
+        "energy": "the negative free energy of each pixel, logsumexp_k z_k, averaged as msp's",
+        "mahalanobis": "negative Mahalanobis distance of the spatially averaged feature_layer map to one Gaussian"
+        " fitted to every fit embedding, Ledoit-Wolf-shrunk covariance",
+        "knn": "negative distance of the spatially averaged feature_layer map to the k-th nearest normalised fit"
+        " embedding (Sun et al. 2022)",
+    },
     "regression": {
         "mahalanobis": "negative Mahalanobis distance to the mean of one Gaussian fitted to every fit"
         " embedding (a regressor has no classes to condition on), Ledoit-Wolf-shrunk covariance",
@@ -103,6 +114,12 @@ def not_applicable(detector: str, task: str) -> str | None:
             f"task: regression: {detector} scores the model's outputs, and a regressor's outputs are the"
             " predicted values themselves, not class scores: they carry no confidence (the embedding"
             " detectors mahalanobis and knn apply)"
+        )
+    if task == "segmentation" and detector == "odin":
+        return (
+            "task: segmentation: ODIN perturbs the input towards one image's top softmax class; a"
+            " segmentation model has a class per pixel, and no validated pixel-wise form of ODIN exists"
+            " (msp, max_logit and energy are pooled over the predicted foreground)"
         )
     if task == "multilabel" and detector == "odin":
         return (
@@ -263,7 +280,9 @@ class Scorer:
         out: dict[str, FloatArray] = {}
         for detector in self.available:
             multilabel = self.task == "multilabel"
-            if detector == "msp":
+            if self.task == "segmentation" and detector in LOGIT_DETECTORS:
+                scores = pixel_pooled_score(detector, logits)
+            elif detector == "msp":
                 scores = max_sigmoid_score(logits) if multilabel else msp_score(logits)
             elif detector == "max_logit":
                 scores = max_logit_score(logits)
