@@ -75,6 +75,42 @@ class NormalizedModel(nn.Module):
         return out
 
 
+class SlidingWindowModel(nn.Module):
+    """``model`` applied by MONAI's ``sliding_window_inference``: ``roi`` patches of the input,
+    overlapping by ``overlap``, blended by ``mode`` into one score map of the input's size. The
+    wrapper is part of the model, so the shared pass forwards each image once (its patches are the
+    model's own business) and attacks differentiate through the blend."""
+
+    def __init__(self, model: nn.Module, roi: list[int], overlap: float, mode: str, sw_batch_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.roi = list(roi)
+        self.overlap = overlap
+        self.mode = mode
+        self.sw_batch_size = sw_batch_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from monai.inferers.utils import sliding_window_inference
+
+        out = sliding_window_inference(
+            images, self.roi, self.sw_batch_size, self.model, overlap=self.overlap, mode=self.mode
+        )
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What ``results.json`` records under ``model.sliding_window``."""
+        import monai
+
+        return {
+            "roi": self.roi,
+            "overlap": self.overlap,
+            "mode": self.mode,
+            "sw_batch_size": self.sw_batch_size,
+            "implementation": f"MONAI {monai.__version__} sliding_window_inference",
+        }
+
+
 def resolve_device(requested: str) -> torch.device:
     """``auto`` → the first CUDA device when there is one, else the CPU."""
     if requested == "auto":
@@ -412,6 +448,9 @@ class ModelAdapter:
     ) -> None:
         self.spec = spec.model
         user_module = build_module(spec.model, spec.base_dir, spec.weights_path)
+        window = spec.model.sliding_window
+        if window is not None:
+            user_module = SlidingWindowModel(user_module, window.roi, window.overlap, window.mode, window.sw_batch_size)
         norm = spec.model.normalize
         self._setup(
             user_module,
@@ -520,8 +559,18 @@ class ModelAdapter:
     def feature_layer(self) -> str:
         return self._feature_source
 
+    @property
+    def sliding_window(self) -> dict[str, Any] | None:
+        """The sliding-window settings the model runs under (``None``: whole inputs)."""
+        module = self.user_module
+        return module.describe() if isinstance(module, SlidingWindowModel) else None
+
     def _find_feature_module(self, module: nn.Module) -> tuple[nn.Module | None, str]:
         layer = self._feature_layer_name
+        if isinstance(module, SlidingWindowModel):
+            if layer is not None:
+                log.warning("model.feature_layer is ignored with sliding_window: the layer sees patches, not images")
+            return None, "unavailable: sliding-window inference (the layer sees patches, not images)"
         if layer is not None:
             modules = dict(module.named_modules())
             if layer not in modules:

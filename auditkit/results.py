@@ -154,6 +154,7 @@ def model_section(
         "units": {c: u for c in m.classes if (u := m.unit_of(c)) is not None} if m.task == "regression" else None,
         "input": m.input.model_dump(),
         "normalize": m.normalize.model_dump() if m.normalize else None,
+        "sliding_window": model.sliding_window,
         "feature_layer": model.feature_layer,
         "trust_code": m.trust_code,
         "n_parameters": model.num_parameters,

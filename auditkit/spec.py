@@ -76,6 +76,25 @@ class InputShape(_Strict):
         return (self.channels, *self.spatial)
 
 
+class SlidingWindow(_Strict):
+    """Sliding-window inference (MONAI's ``sliding_window_inference``): the network sees ``roi``
+    patches of the ``input`` grid, overlapping by ``overlap`` and blended by ``mode``, and returns
+    one score map for the whole grid. For segmentation models whose training patch is smaller than
+    the volumes (or images) they are deployed on."""
+
+    roi: list[int] = Field(min_length=2, max_length=3)
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    sw_batch_size: int = Field(default=4, ge=1, le=1024)
+
+    @field_validator("roi")
+    @classmethod
+    def _positive(cls, roi: list[int]) -> list[int]:
+        if any(v < 1 for v in roi):
+            raise ValueError(f"every roi size must be a positive integer, got {roi}")
+        return roi
+
+
 class Normalize(_Strict):
     """Per-channel normalisation applied inside the model adapter: ``(x - mean) / std``."""
 
@@ -140,6 +159,7 @@ class ModelSpec(_Strict):
     operating_point: dict[str, float] | None = None
     claims: dict[str, float | dict[str, float]] | None = None
     units: str | dict[str, str] | None = None
+    sliding_window: SlidingWindow | None = None
 
     @field_validator("task")
     @classmethod
@@ -204,6 +224,19 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
+        if self.sliding_window is not None:
+            if self.task != "segmentation":
+                raise ValueError(
+                    "sliding_window applies to task: segmentation (a score map per patch, blended); a"
+                    f" {self.task} model's outputs per patch have no place to be blended into"
+                )
+            spatial = self.input.spatial
+            roi = self.sliding_window.roi
+            if len(roi) != len(spatial) or any(r > s for r, s in zip(roi, spatial, strict=False)):
+                raise ValueError(
+                    f"sliding_window.roi {roi} must give one size per spatial axis of the input {list(spatial)}"
+                    " (depth, height, width for volumes), each at most the input's"
+                )
         if self.task == "segmentation" and len(self.classes) < 2:
             raise ValueError(
                 f"classes: a segmentation model names its label values 0..K-1, background first; got {self.classes}"
