@@ -282,7 +282,7 @@ def _risks(results: Mapping[str, Any]) -> list[str]:
 # values print as a dash and are counted in one line under the table (their reasons are in
 # metrics.csv); a row with no defined value is left out and named in that line. Classification
 # sections keep the listing.
-PIVOT_TASKS = frozenset({"multilabel", "regression"})
+PIVOT_TASKS = frozenset({"multilabel", "regression", "segmentation"})
 _ABSENT = ""  # the key of a metric whose labels lack a pivot key (e.g. one output: no ``output``)
 METRIC_WORDS = {
     "accuracy": "Accuracy",
@@ -801,7 +801,80 @@ def task_layouts(task: str, model: Mapping[str, Any], rules: Sequence[Mapping[st
             ),
             "ood": CheckLayout(pivots=[_OOD, _OOD_RECOMMENDED]),
         }
+    if task == "segmentation":
+        return _segmentation_layouts()
     return {}
+
+
+def _segmentation_layouts() -> dict[str, CheckLayout]:
+    """The pivot layout of each built-in check for a segmentation audit: class x figure."""
+    return {
+        "performance": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Performance per class",
+                    tuple(select(f"performance.{m}", "class") for m in ("dice", "hd95", "nsd")),
+                    rows=("class",),
+                    cols=("measure",),
+                    row_header=("Class",),
+                    n_column=True,
+                    note="Dice over the cases whose reference holds the class; HD95 in mm over the cases where"
+                    " both the reference and the prediction hold it (a missed class has none: the case_counts"
+                    " finding counts them); NSD at the tolerance in the segmentation_metrics finding. MONAI's"
+                    " functions, named in that finding; n: the cases each first figure averages.",
+                )
+            ],
+            headline=[select("performance.mean_dice")],
+        ),
+        "calibration": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Voxel calibration per class (within each case's region of interest)",
+                    tuple(select(f"calibration.{m}", "class") for m in ("ece", "brier")),
+                    rows=("class",),
+                    cols=("measure",),
+                    row_header=("Class",),
+                    n_column=True,
+                )
+            ]
+        ),
+        "bias": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Largest gap between the groups of each grouping, per class",
+                    (select("bias.max_gap", "group_by", "class", "metric"), select("bias.min_group_size", "group_by")),
+                    rows=("measure", "class"),
+                    cols=("group_by",),
+                    row_header=("Gap in", "Class"),
+                    absent={"class": "all classes"},
+                    note="Each value is the largest difference between two groups of the grouping, with its"
+                    " simultaneous 95% interval (HD95 in mm).",
+                ),
+                PivotSpec(
+                    "Per group and class: Dice and HD95",
+                    (select("bias.group_metric", "group", "group_by", "class", "metric"),),
+                    rows=("group_by", "group"),
+                    cols=("measure", "class"),
+                    row_header=("Grouping", "Group"),
+                    narrow=(("group_by", "group", "class"), ("measure",), ("Grouping", "Group", "Class")),
+                ),
+            ],
+        ),
+        "leakage": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Metadata shortcuts: AUROC of each class's presence from a metadata column",
+                    (select("leakage.metadata_auc", "column", "label"), select("leakage.metadata_auc", "column")),
+                    rows=("column",),
+                    cols=("label",),
+                    row_header=("Column",),
+                    absent={"label": "largest"},
+                    narrow=(("column", "label"), ("measure",), ("Column", "Class")),
+                )
+            ]
+        ),
+        "ood": CheckLayout(pivots=[_OOD, _OOD_RECOMMENDED]),
+    }
 
 
 def _headline(metric: Mapping[str, Any], rules: Mapping[tuple[str, str], list[Mapping[str, Any]]]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The adversarial check: how small a change of the image flips the model's diagnosis?
 
 The attacks live in :mod:`.attacks` (on torchattacks, for classifiers) and :mod:`.loss_attacks`
-(FGSM and PGD on a task's loss, for multi-label models and regressors), the gradient-masking
-sanity tests in :mod:`.sanity`, the plot in :mod:`.plots`, and the samples and metrics of the
-multi-label and regression tasks in :mod:`auditkit.tasks` (the class-stratified sample of
-classifiers is :mod:`auditkit.sampling`'s); :class:`AdversarialCheck` applies them to a sample
+(FGSM and PGD on a task's loss, for multi-label models, regressors and segmentation models), the
+gradient-masking sanity tests in :mod:`.sanity`, the plot in :mod:`.plots`, the samples and metrics
+of the multi-label, regression and segmentation tasks in :mod:`auditkit.tasks` (the class-stratified
+sample of classifiers is :mod:`auditkit.sampling`'s) and the per-case Dice in
+:mod:`auditkit.segmentation`; :class:`AdversarialCheck` applies them to a sample
 of the eval split.
 """
 
@@ -44,6 +45,7 @@ from auditkit.checks.adversarial.loss_attacks import (
     attacked_outputs,
     model_outputs,
     multilabel_loss,
+    segmentation_loss,
     squared_error_loss,
 )
 from auditkit.checks.adversarial.plots import robust_accuracy_plot
@@ -55,14 +57,17 @@ from auditkit.checks.adversarial.sanity import (
     slack,
 )
 from auditkit.sampling import stratified_allocation, stratified_sample
+from auditkit.segmentation import case_figures
 from auditkit.stats import bootstrap_cis, median_centred_interval, stable_seed
 from auditkit.tasks import (
     absolute_errors,
     bootstrap_macro_aurocs,
     bootstrap_maes,
+    bootstrap_mean_dice,
     label_aurocs,
     macro_auroc,
     mae_per_output,
+    mean_dice,
     regression_units,
     sample_strata,
     sample_summary,
@@ -124,8 +129,9 @@ def plan_sample(
 ) -> SamplePlan:
     """Draw the stratified sample, then the seed root, from the check's generator.
 
-    Classification stratifies by class; multilabel and regression samples are those of
-    :func:`auditkit.tasks.task_sample` (every label's both classes, target quintiles).
+    Classification stratifies by class; multilabel, regression and segmentation samples are those
+    of :func:`auditkit.tasks.task_sample` (every label's both classes, target quintiles, the number
+    of foreground classes in the reference).
     """
     indices = task_sample(labels, task, n_samples, rng)
     return SamplePlan(indices, int(rng.integers(0, 2**62)))
@@ -298,9 +304,29 @@ class AdversarialCheck(Check[AdversarialParams]):
     the same median-centred 95% bootstraps, every attack on the same resamples, stratified as
     the sample is (each image's rarest label class; the target's quintile).
 
-    Inputs: eval-split images (any size, grayscale or multi-channel) and labels (multilabel:
-    1/0/-1 per label; regression: targets); the model's input gradients
-    (``Needs(gradients=True, images=True)``). Runs on the context's device.
+    Segmentation models (``task: segmentation``, logits ``(N, K, *spatial)``): the same three
+    attacks maximise the mean over the pixels (voxels) of each image of the cross-entropy of the
+    per-pixel logits against the reference label map, pushing every pixel away from its reference
+    class (:func:`.loss_attacks.segmentation_loss`; torchattacks' cross-entropy accepts per-pixel
+    logits too, and the loops reproduce its PGD on them: the per-image mean only rescales the
+    gradient, which the sign step and the L2 normalisation discard). The sample is stratified by
+    the number of foreground classes in the reference (empty references included). The metric is
+    the mean Dice of the arg-max maps: per foreground class, the mean over the sampled cases whose
+    reference holds the class of MONAI's ``compute_dice(include_background=False,
+    ignore_empty=True)`` (:func:`auditkit.segmentation.case_figures`), then the mean over the
+    classes defined; clean and attacked outputs are both the model's fp32 outputs, so the robust
+    Dice at a zero budget is the clean Dice. A case whose outputs are not finite is scored as all
+    background. Unlike robust accuracy, the robust Dice is not capped by the clean one: the
+    attack maximises the loss, not one figure, and a pixel it flips may land in the right class.
+    Volumes (``spatial_dims`` 3) are attacked with their depth folded into the channels (the
+    same voxels, norms and steps) and the output stays ``(N, K, D, H, W)``. The sanity tests are
+    those on the attacked loss, above; the unbounded attack's mean Dice is recorded with them.
+    Limitations: the budgets are those of whole images (an L2 budget is spread over every pixel of
+    the image or volume), and the attack targets every pixel at once, not one structure.
+
+    Inputs: eval-split images (any size, grayscale or multi-channel; volumes) and labels
+    (multilabel: 1/0/-1 per label; regression: targets; segmentation: reference label maps); the
+    model's input gradients (``Needs(gradients=True, images=True)``). Runs on the context's device.
 
     Metrics:
         classification: ``adversarial.clean_accuracy`` (``higher_is_better``) on the attacked
@@ -313,20 +339,25 @@ class AdversarialCheck(Check[AdversarialParams]):
         regression: ``adversarial.clean_mae`` and ``adversarial.robust_mae`` ``{attack, eps}``
         (``lower_is_better``, in the output's unit; with several outputs, one per output with
         an ``output`` label);
+        segmentation: ``adversarial.clean_dice`` and ``adversarial.robust_dice`` ``{attack, eps}``
+        (``higher_is_better``): the mean Dice over the foreground classes;
         every task: ``adversarial.gradient_masking_suspected`` (0/1, ``lower_is_better``).
 
     Findings: ``adversarial_sample`` (manifest rows; class counts, per-label counts of known
-    positives, negatives and unknown entries, or the targets' count, mean, SD and unit), ``attack_setup``
-    (exact budgets and hyper-parameters, device, seed; for multilabel and regression the loss,
+    positives, negatives and unknown entries, the targets' count, mean, SD and unit, or per
+    foreground class the cases whose reference holds it), ``attack_setup``
+    (exact budgets and hyper-parameters, device, seed; for the loss attacks the loss,
     the metric and the largest perturbation norm of each attack and budget),
-    ``attacks_not_run`` (multilabel, regression), ``label_aurocs`` (multilabel: every label's
-    AUROC clean and attacked, undefined labels with the reason), ``gradient_masking_tests``
-    (every test's outcome; for multilabel and regression the loss curves) and one
+    ``attacks_not_run`` (multilabel, regression, segmentation), ``label_aurocs`` (multilabel: every
+    label's AUROC clean and attacked, undefined labels with the reason), ``class_dice``
+    (segmentation: every foreground class's mean Dice clean and attacked, the cases it is defined
+    on, and the cases with non-finite outputs), ``gradient_masking_tests``
+    (every test's outcome; for the loss attacks the loss curves) and one
     ``gradient_masking_suspected`` per failed test, naming it.
 
     Artifacts: ``robust_accuracy`` (SVG): robust accuracy against epsilon per attack;
     multilabel ``robust_macro_auroc``, regression ``robust_mae`` (``robust_mae_<k>`` per output
-    when there are several): the task's metric against epsilon.
+    when there are several), segmentation ``robust_dice``: the task's metric against epsilon.
 
     NIST AI RMF 1.0: MEASURE 2.7 (security and resilience: robustness to adversarial input),
     MEASURE 2.5 (validity: a robustness number obtained through masked gradients is flagged).
@@ -346,9 +377,11 @@ class AdversarialCheck(Check[AdversarialParams]):
         "adversarial.robust_macro_auroc",
         "adversarial.clean_mae",
         "adversarial.robust_mae",
+        "adversarial.clean_dice",
+        "adversarial.robust_dice",
         "adversarial.gradient_masking_suspected",
     )
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     def run(self, ctx: CheckContext, params: AdversarialParams) -> CheckResult:
@@ -669,11 +702,12 @@ def _findings(
 
 
 # --------------------------------------------------------------------------------------------
-# Multi-label and regression models: attacks on the task's loss
+# Multi-label, regression and segmentation models: attacks on the task's loss
 
 TASK_METRICS: dict[str, tuple[str, str, Direction]] = {
     "multilabel": ("adversarial.clean_macro_auroc", "adversarial.robust_macro_auroc", "higher_is_better"),
     "regression": ("adversarial.clean_mae", "adversarial.robust_mae", "lower_is_better"),
+    "segmentation": ("adversarial.clean_dice", "adversarial.robust_dice", "higher_is_better"),
 }
 """task -> (clean metric, robust metric, direction)."""
 
@@ -686,7 +720,23 @@ TASK_LOSS_TEXT = {
         "squared error against the target, summed over the outputs (each divided by its target"
         " standard deviation in the sample when there are several); maximised"
     ),
+    "segmentation": (
+        "mean over the pixels (voxels) of each image of the cross-entropy of the per-pixel logits against"
+        " the reference label map; maximised: every pixel pushed away from its reference class"
+    ),
 }
+
+TASK_METRIC_TEXT = {
+    "multilabel": "macro AUROC of the sigmoid scores over the known label entries",
+    "regression": "mean absolute error per output over the known targets, in the output's unit",
+    "segmentation": (
+        "mean Dice of the arg-max maps: the mean over foreground classes of each class's mean Dice over the"
+        " sampled cases whose reference holds it (MONAI's compute_dice, include_background=False,"
+        " ignore_empty=True); a case with non-finite outputs is scored as all background"
+    ),
+}
+
+NO_REFERENCE = "no foreground class is in the reference of any sampled case, so the mean Dice is undefined"
 
 
 def _not_run_reason(attack: str, task: str) -> str:
@@ -733,8 +783,25 @@ def _regression_scale(targets: NDArray[np.float64]) -> torch.Tensor | None:
     return torch.as_tensor(spread, dtype=torch.float32)
 
 
+def _case_dice(outputs: torch.Tensor, reference: NDArray[Any], n_classes: int) -> tuple[NDArray[np.float64], int]:
+    """Per-case Dice ``(N, K - 1)`` of the arg-max maps of ``outputs`` ``(N, K, *spatial)`` (MONAI's, NaN
+    where the reference lacks the class) and the number of cases whose outputs are not all finite
+    (scored as all background: a failure of the model, never a lucky arg-max over NaN)."""
+    finite = torch.isfinite(outputs).flatten(1).all(dim=1)
+    predicted = torch.where(finite.view(-1, *[1] * (outputs.ndim - 2)), outputs.argmax(dim=1), 0).numpy()
+    spacing = np.ones((len(reference), reference.ndim - 1))  # Dice needs no spacing
+    dice = case_figures(predicted, reference, spacing, n_classes, figures=("dice",))["dice"]
+    return dice, int((~finite).sum())
+
+
+def _class_dice(dice: NDArray[np.float64]) -> list[float | None]:
+    """Each foreground class's mean Dice over the cases where it is defined (``None``: none is)."""
+    defined = np.isfinite(dice)
+    return [float(dice[defined[:, k], k].mean()) if defined[:, k].any() else None for k in range(dice.shape[1])]
+
+
 def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResult:
-    """The check for a multi-label or regression model: FGSM and PGD on the task's loss."""
+    """The check for a multi-label, regression or segmentation model: FGSM and PGD on the task's loss."""
     task = ctx.task
     names = list(ctx.classes)
     scaled = params.scaled_fields(ctx.device)
@@ -749,6 +816,9 @@ def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResu
     if task == "regression":
         targets_np = np.asarray(all_labels[plan.indices], dtype=np.float64).reshape(len(plan.indices), -1)
         loss = squared_error_loss(_regression_scale(targets_np))
+    elif task == "segmentation":
+        targets_np = np.asarray(all_labels[plan.indices], dtype=np.int64)
+        loss = segmentation_loss
     else:
         targets_np = np.asarray(all_labels[plan.indices], dtype=np.int64)
         loss = multilabel_loss
@@ -761,7 +831,7 @@ def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResu
     log.info("adversarial: %d images (task: %s), attacks %s, on %s", n, task, run_attacks, ctx.device)
 
     clean = model_outputs(model, images, batch_size=p.batch_size)
-    if not bool(torch.isfinite(clean).all(dim=1).any()):
+    if not bool(torch.isfinite(clean).flatten(1).all(dim=1).any()):
         raise Skip(f"the outputs of every one of the {n} sampled eval images are non-finite")
     attacked: dict[tuple[str, float], AttackedOutputs] = {}
     for attack in run_attacks:
@@ -820,6 +890,8 @@ def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResu
     rng = np.random.default_rng(stable_seed(plan.seed_root, "bootstrap"))
     if task == "multilabel":
         measured = _multilabel_metrics(clean, attacked, targets_np, names, p, rng, strata)
+    elif task == "segmentation":
+        measured = _segmentation_metrics(clean, attacked, targets_np, names, p, rng, strata)
     else:
         measured = _regression_metrics(clean, attacked, targets_np, names, dict(ctx.units), p, rng, strata)
     result.metrics += measured.metrics
@@ -857,6 +929,9 @@ def _unbounded_metric(task: str, outputs: torch.Tensor, targets: NDArray[Any], n
     if task == "multilabel":
         value, _ = macro_auroc(label_aurocs(task_scores(outputs, task), targets, names))
         return {"macro_auroc": value}
+    if task == "segmentation":
+        dice, _ = _case_dice(outputs, targets, len(names))
+        return {"mean_dice": mean_dice(dice)}
     maes = mae_per_output(absolute_errors(task_scores(outputs, task), targets))
     return {"mae": {name: float(v) if np.isfinite(v) else None for name, v in zip(names, maes, strict=True)}}
 
@@ -1020,6 +1095,88 @@ def _regression_metrics(
     return _Measured(metrics, [], plots, per_output)
 
 
+def _segmentation_metrics(
+    clean: torch.Tensor,
+    attacked: dict[tuple[str, float], AttackedOutputs],
+    reference: NDArray[Any],
+    names: list[str],
+    p: AdversarialParams,
+    rng: np.random.Generator,
+    strata: NDArray[np.int64],
+) -> _Measured:
+    """Mean Dice (MONAI's per-case Dice of the arg-max maps) clean and under each attack, with intervals."""
+    n = len(reference)
+    keys = list(attacked)
+    scored = [_case_dice(clean, reference, len(names))]
+    scored += [_case_dice(attacked[key].outputs, reference, len(names)) for key in keys]
+    dice_sets = [dice for dice, _ in scored]
+    values = [mean_dice(dice) for dice in dice_sets]
+    replicates = bootstrap_mean_dice(dice_sets, n_boot=p.n_boot, rng=rng, strata=strata)
+    cis = [_interval(replicates[:, c], values[c], (0.0, 1.0)) for c in range(len(dice_sets))]
+    clean_name, robust_name, direction = TASK_METRICS["segmentation"]
+
+    def metric(name: str, c: int, labels: dict[str, str]) -> Metric:
+        reason = None if values[c] is not None else NO_REFERENCE
+        return Metric(name, values[c], direction, labels=labels, ci=cis[c], n=n, reason=reason)
+
+    metrics = [metric(clean_name, 0, {})]
+    metrics += [
+        metric(robust_name, c, {"attack": attack, "eps": eps_label(eps)})
+        for c, (attack, eps) in enumerate(keys, start=1)
+    ]
+    foreground = names[1:]
+    per_class = [_class_dice(dice) for dice in dice_sets]
+    defined = np.isfinite(dice_sets[0]).sum(axis=0)
+    conditions = ["clean", *(f"{attack}@{eps_label(eps)}" for attack, eps in keys)]
+    findings: list[dict[str, Any]] = [
+        {
+            "kind": "class_dice",
+            "definition": (
+                "per foreground class, the mean over the sampled cases whose reference holds the class of"
+                " MONAI's compute_dice (include_background=False, ignore_empty=True) of the arg-max map; the"
+                " mean Dice is their mean over the classes held by some case"
+            ),
+            "clean": {name: {"dice": per_class[0][k], "cases": int(defined[k])} for k, name in enumerate(foreground)},
+            "attacked": {
+                condition: dict(zip(foreground, per_class[c], strict=True))
+                for c, condition in enumerate(conditions[1:], start=1)
+            },
+            "undefined_classes": [
+                {"class": name, "reason": "no sampled case's reference holds the class"}
+                for k, name in enumerate(foreground)
+                if defined[k] == 0
+            ],
+            "non_finite_cases": {
+                condition: count for condition, (_, count) in zip(conditions, scored, strict=True) if count
+            },
+        }
+    ]
+    plots = []
+    clean_value = values[0]
+    if clean_value is not None and keys:
+        curves: dict[str, dict[float, float]] = {}
+        plot_cis: dict[tuple[str, float], tuple[float, float] | None] = {}
+        for c, (attack, eps) in enumerate(keys, start=1):
+            attacked_value = values[c]
+            if attacked_value is not None:
+                curves.setdefault(attack, {})[eps] = float(attacked_value)
+                plot_cis[(attack, eps)] = cis[c]
+        plots.append(
+            _Plot(
+                "robust_dice",
+                curves,
+                float(clean_value),
+                plot_cis,
+                "mean Dice",
+                True,
+                f"Mean Dice over the foreground classes against the perturbation budget on {n} eval images "
+                f"(attacks on the mean pixel-wise cross-entropy: {', '.join(sorted({a for a, _ in keys}))}), with "
+                "95% bootstrap intervals; the dotted line is the clean mean Dice.",
+            )
+        )
+    return _Measured(metrics, findings, plots, [{}])
+
+
 def _masking_metric(p: AdversarialParams, tests: list[MaskingTest], n: int) -> Metric:
     suspected = masking_suspected(tests)
     reason = None
@@ -1034,6 +1191,18 @@ def _masking_metric(p: AdversarialParams, tests: list[MaskingTest], n: int) -> M
         n=n,
         reason=reason,
     )
+
+
+def _reference_summary(reference: NDArray[Any], names: list[str]) -> dict[str, Any]:
+    """What a segmentation sample holds: per foreground class the cases whose reference holds it, the
+    cases with an empty reference, and the label maps' shape."""
+    flat = np.asarray(reference).reshape(len(reference), -1)
+    return {
+        "spatial_shape": [int(v) for v in np.asarray(reference).shape[1:]],
+        "cases_with_class": {name: int((flat == k).any(axis=1).sum()) for k, name in enumerate(names) if k > 0},
+        "empty_reference": int((~(flat > 0).any(axis=1)).sum()),
+        "strata": "foreground classes in the reference",
+    }
 
 
 def _task_findings(
@@ -1060,20 +1229,25 @@ def _task_findings(
         "rows": [int(r) for r in manifest_rows],
         "n": len(targets),
     }
-    sample.update(sample_summary(targets, task, names, dict(ctx.units)))
+    sample.update(
+        _reference_summary(targets, names)
+        if task == "segmentation"
+        else sample_summary(targets, task, names, dict(ctx.units))
+    )
     setup: dict[str, Any] = {
         "kind": "attack_setup",
         "task": task,
         "loss": TASK_LOSS_TEXT[task],
         "implementation": (
             "in-house FGSM / PGD loops on the task loss, torchattacks' FGSM, PGD and PGDL2 step for step"
-            " (torchattacks hard-codes the cross-entropy of class indices)"
+            + (
+                " (one loop for every task's loss; on per-pixel logits they take torchattacks' steps, whose"
+                " mean cross-entropy differs from the per-image mean by a factor the steps discard)"
+                if task == "segmentation"
+                else " (torchattacks hard-codes the cross-entropy of class indices)"
+            )
         ),
-        "metric": (
-            "macro AUROC of the sigmoid scores over the known label entries"
-            if task == "multilabel"
-            else "mean absolute error per output over the known targets, in the output's unit"
-        ),
+        "metric": TASK_METRIC_TEXT[task],
         "device": str(ctx.device),
         "precision": "fp32",
         "batch_size": p.batch_size,

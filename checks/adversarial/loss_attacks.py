@@ -1,7 +1,9 @@
 """FGSM and PGD on a task's loss, for models that are not single-label classifiers (plain functions).
 
 torchattacks' attacks hard-code ``nn.CrossEntropyLoss`` against class indices, which a multi-label
-model (independent sigmoid outputs, unknown entries) or a regressor does not have. These loops are
+model (independent sigmoid outputs, unknown entries) or a regressor does not have, and which a
+segmentation model has per pixel (``(N, K, *spatial)`` logits; torchattacks' loss would accept them,
+but its PGD-L2 and its random starts assume the rest of its pipeline, so one loop serves every task). These loops are
 torchattacks' FGSM, PGD (L-infinity) and PGDL2 line by line (same random start, step, projection
 and clamping to ``[0, 1]``; Madry et al. 2018, "Towards Deep Learning Models Resistant to
 Adversarial Attacks", ICLR; Goodfellow et al. 2015, ICLR) with the loss passed in:
@@ -13,16 +15,21 @@ Adversarial Attacks", ICLR; Goodfellow et al. 2015, ICLR) with the loss passed i
   outputs, each output's error divided by its target standard deviation in the attacked sample
   when there are several (so outputs in different units weigh alike; with one output the scale
   changes neither the sign of the gradient nor its direction, so it is the plain squared error).
+* segmentation (:func:`segmentation_loss`): the mean over the pixels (voxels) of each image of the
+  cross-entropy of the per-pixel logits ``(N, K, *spatial)`` against the reference label map
+  ``(N, *spatial)``. Maximising it pushes every pixel away from its reference class.
 
 The objective of a batch is the sum of the per-image losses, so an image's gradient does not
 depend on the other images of its batch. With ``nn.CrossEntropyLoss``'s mean as the loss these
 loops reproduce torchattacks' attacks (the tests hold them to it).
 
-Every function takes the model that maps images in ``[0, 1]`` to outputs ``(N, K)`` (the audit's
-model with its normalisation inside, in eval mode), float ``(N, C, H, W)`` images in ``[0, 1]``
-and targets ``(N, K)``. Seeding and memory layout follow :mod:`.attacks`: each batch runs under
-``torch.random.fork_rng`` after ``torch.manual_seed(seed + batch_index)``, on contiguous fp32
-copies of the images, through :class:`~.attacks.ContiguousGradients`.
+Every function takes the model that maps images in ``[0, 1]`` to outputs ``(N, K)`` or, for a
+segmentation model, ``(N, K, *spatial)`` (the audit's model with its normalisation inside, in eval
+mode), float ``(N, C, H, W)`` images in ``[0, 1]`` (a volume's depth folded into the channels,
+:func:`~.attacks.as_images`) and targets ``(N, K)`` or label maps ``(N, *spatial)``. Seeding and
+memory layout follow :mod:`.attacks`: each batch runs under ``torch.random.fork_rng`` after
+``torch.manual_seed(seed + batch_index)``, on contiguous fp32 copies of the images, through
+:class:`~.attacks.ContiguousGradients`.
 """
 
 from __future__ import annotations
@@ -51,11 +58,13 @@ __all__ = [
     "attacked_outputs",
     "model_outputs",
     "multilabel_loss",
+    "segmentation_loss",
     "squared_error_loss",
 ]
 
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(outputs (N, K), targets (N, K)) -> per-image loss (N,)`` to maximise."""
+"""``(outputs (N, K) or (N, K, *spatial), targets (N, K) or (N, *spatial)) -> per-image loss (N,)``
+to maximise."""
 
 LOSS_ATTACKS: tuple[str, ...] = ("fgsm", "pgd_linf", "pgd_l2")
 """The attacks run on a task loss; the others (Carlini-Wagner, Square, AutoAttack) are built on
@@ -97,6 +106,19 @@ def squared_error_loss(scale: torch.Tensor | None = None) -> TaskLoss:
     return loss
 
 
+def segmentation_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean pixel-wise cross-entropy of each image against its reference label map.
+
+    Args:
+        outputs: logits ``(N, K, *spatial)``.
+        targets: reference label maps ``(N, *spatial)`` of class indices ``0 .. K - 1``.
+
+    Returns:
+        ``(N,)``: ``mean_pixels -log softmax(z)_{y}``.
+    """
+    return F.cross_entropy(outputs, targets.long(), reduction="none").flatten(1).mean(dim=1)
+
+
 def _gradient(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss: TaskLoss) -> torch.Tensor:
     images.requires_grad = True
     cost = loss(model(images), targets).sum()
@@ -117,9 +139,9 @@ def attack_with_loss(
     Draws its random start from torch's global generator (the caller seeds it).
 
     Args:
-        model: images in ``[0, 1]`` -> outputs ``(N, K)``; its parameters frozen.
+        model: images in ``[0, 1]`` -> outputs ``(N, K)`` or ``(N, K, *spatial)``; its parameters frozen.
         images: contiguous float ``(N, C, H, W)`` in ``[0, 1]``.
-        targets: ``(N, K)`` on the images' device.
+        targets: ``(N, K)`` or label maps ``(N, *spatial)`` on the images' device.
         loss: per-image loss to maximise.
         name: ``fgsm``, ``pgd_linf`` or ``pgd_l2``.
         eps: the budget in the attack's norm.
@@ -173,7 +195,8 @@ class AttackedOutputs:
     """What an attack did to a sample, on the CPU.
 
     Attributes:
-        outputs: float32 ``(N, K)`` model outputs on the attacked images.
+        outputs: float32 ``(N, K)`` (segmentation ``(N, K, *spatial)``) model outputs on the attacked
+            images.
         losses: float64 ``(N,)`` the loss on the attacked images.
         start_losses: float64 ``(N,)`` the loss at the attack's starting point.
         norms: float64 ``(N,)`` the perturbation's norm in the attack's norm (L-infinity or L2).
@@ -186,7 +209,11 @@ class AttackedOutputs:
 
 
 def model_outputs(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    """The model's outputs ``(N, K)`` (float32, CPU) in fp32 without gradients."""
+    """The model's outputs ``(N, K)`` or ``(N, K, *spatial)`` (float32, CPU) in fp32 without gradients.
+
+    With no image the result is an empty ``(0, 0)`` tensor: the model is not run, so the output's
+    shape is unknown (the check stops before reading outputs of an empty sample).
+    """
     device = _device_of(model)
     parts = []
     with torch.no_grad():
@@ -210,10 +237,12 @@ def attacked_outputs(
     """Attack every image within budget ``eps`` and return the outputs on the attacked images.
 
     Args:
-        model: images in ``[0, 1]`` -> outputs ``(N, K)``.
+        model: images in ``[0, 1]`` -> outputs ``(N, K)`` or ``(N, K, *spatial)``.
         images: float ``(N, C, H, W)`` in ``[0, 1]``.
-        targets: ``(N, K)``: multilabel 1/0/-1, regression float targets.
-        loss: per-image loss to maximise (:func:`multilabel_loss`, :func:`squared_error_loss`).
+        targets: ``(N, K)``: multilabel 1/0/-1, regression float targets; segmentation label maps
+            ``(N, *spatial)``.
+        loss: per-image loss to maximise (:func:`multilabel_loss`, :func:`squared_error_loss`,
+            :func:`segmentation_loss`).
         name: one of :data:`LOSS_ATTACKS`.
         eps: the budget in the attack's norm.
         config: shared hyper-parameters.
