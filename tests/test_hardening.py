@@ -1369,6 +1369,7 @@ def inventory() -> dict[str, int]:
     """What this module (and the corpus and byte-fuzzing tests it builds on) tries, by kind."""
     import test_export
     import test_loaders
+    import test_segmentation_audit
     import test_tasks
     import test_user_mistakes
     import test_volumes
@@ -1390,6 +1391,8 @@ def inventory() -> dict[str, int]:
         "crafted volumes (NIfTI, .npy, DICOM series folders)": len(test_volumes.SERIES_CASES)
         + len(test_volumes.FILE_CASES),
         "Hypothesis NIfTI header value mutations (each as .nii and .nii.gz)": test_volumes.test_mutated_nifti_headers_only_raise_unreadable_image._hypothesis_internal_use_settings.max_examples,  # type: ignore[attr-defined]
+        "crafted segmentation label maps (PNG, JPEG, .npy, NIfTI)": len(test_segmentation_audit.LABEL_MAP_CASES)
+        + test_segmentation_audit.AUDIT_MASK_CASES,
     }
     counts["bad inputs tried"] = sum(counts.values())
     return counts

@@ -141,6 +141,20 @@ def test_the_spec_accepts_segmentation_and_refuses_what_does_not_apply(tmp_path:
 
 # ----------------------------------------------------------------------------------------- masks
 
+_LABELS = np.zeros((6, 8), dtype=np.uint8)
+_LABELS[2:4, 2:6] = 2
+LABEL_MAP_CASES: dict[str, tuple[Any, str]] = {
+    "outside.png": (lambda p: Image.fromarray(_LABELS).save(p), "holds the value 2, outside the classes 0..1"),
+    "colour.png": (lambda p: Image.new("RGB", (8, 6)).save(p), "colour"),
+    "mask.jpg": (lambda p: Image.fromarray(_LABELS).save(p), "JPEG's lossy compression"),
+    "half.npy": (lambda p: np.save(p, np.full((6, 8), 0.5)), "not integers"),
+    "volume.npy": (lambda p: np.save(p, np.zeros((2, 6, 8), np.uint8)), "expected a 2-D (H, W) array"),
+}
+"""Crafted 2-D label maps, each refused with its reason (counted in docs/hardening.md)."""
+AUDIT_MASK_CASES = 3
+"""Label maps quarantined in a whole audit: of another size, holding an unknown class (2-D), and a
+3-D map on another grid than its volume (counted in docs/hardening.md)."""
+
 
 def test_label_maps_are_read_resized_by_nearest_neighbour_and_bad_ones_refused(tmp_path: Path) -> None:
     labels = np.zeros((6, 8), dtype=np.uint8)
@@ -151,14 +165,7 @@ def test_label_maps_are_read_resized_by_nearest_neighbour_and_bad_ones_refused(t
     resized = resize_labels(decoded.labels, 12, 16)
     assert set(np.unique(resized).tolist()) == {0, 2}  # copied, never interpolated
     np.testing.assert_array_equal(resized[::2, ::2], labels)
-    cases = {
-        "outside.png": (lambda p: Image.fromarray(labels).save(p), "holds the value 2, outside the classes 0..1"),
-        "colour.png": (lambda p: Image.new("RGB", (8, 6)).save(p), "colour"),
-        "mask.jpg": (lambda p: Image.fromarray(labels).save(p), "JPEG's lossy compression"),
-        "half.npy": (lambda p: np.save(p, np.full((6, 8), 0.5)), "not integers"),
-        "volume.npy": (lambda p: np.save(p, np.zeros((2, 6, 8), np.uint8)), "expected a 2-D (H, W) array"),
-    }
-    for name, (write, expected) in cases.items():
+    for name, (write, expected) in LABEL_MAP_CASES.items():
         write(tmp_path / name)
         with pytest.raises(UnreadableImage) as info:
             decode_label_image(tmp_path / name, num_classes=2)

@@ -3,11 +3,12 @@
 The numbers come from plain functions in :mod:`.metrics` (per-group metrics through fairlearn's
 ``MetricFrame``), :mod:`.gaps` (gaps, equalized odds, demographic parity and their intervals),
 :mod:`.multilabel` (per-label metrics and underdiagnosis of a multi-label model),
-:mod:`.regression` (per-group errors of a regression model), :mod:`.resample` (their bootstrap
-over patients) and :mod:`.plots` (the forest plot and the label x group heat map), testable
-without the engine; :class:`BiasCheck` applies them to the eval split, for every group column of
-the spec and every pairwise intersection of two; :mod:`.records` turns the multi-label and
-regression analyses into metrics and findings.
+:mod:`.regression` (per-group errors of a regression model), :mod:`.segmentation` (per-group
+Dice and HD95 of a segmentation model), :mod:`.resample` (their bootstrap over patients) and
+:mod:`.plots` (the forest plot and the label x group heat map), testable without the engine;
+:class:`BiasCheck` applies them to the eval split, for every group column of the spec and every
+pairwise intersection of two; :mod:`.records` turns the multi-label, regression and segmentation
+analyses into metrics and findings.
 """
 
 from __future__ import annotations
@@ -59,7 +60,15 @@ from auditkit.checks.bias.regression import (
     analyse_regression_grouping,
     batched_errors,
 )
+from auditkit.checks.bias.segmentation import (
+    SEGMENTATION_METRICS,
+    CaseOutcomes,
+    SegmentationAnalysis,
+    analyse_segmentation_grouping,
+    whole_split_means,
+)
 from auditkit.errors import ConfigError, InputError
+from auditkit.segmentation import implementation
 from auditkit.stats import stable_seed
 
 if TYPE_CHECKING:
@@ -72,8 +81,10 @@ __all__ = [
     "INTERSECTION_SEPARATOR",
     "REGRESSION_GAP_METRICS",
     "REGRESSION_GROUP_METRICS",
+    "SEGMENTATION_METRICS",
     "UNDERDIAGNOSIS",
     "BiasCheck",
+    "CaseOutcomes",
     "Gap",
     "GroupSummary",
     "GroupingAnalysis",
@@ -81,10 +92,12 @@ __all__ = [
     "MultilabelAnalysis",
     "Outcomes",
     "RegressionAnalysis",
+    "SegmentationAnalysis",
     "TargetOutcomes",
     "analyse_grouping",
     "analyse_multilabel_grouping",
     "analyse_regression_grouping",
+    "analyse_segmentation_grouping",
     "batched_group_metrics",
     "bootstrap_group_metrics",
     "count_text",
@@ -170,6 +183,22 @@ class BiasCheck(Check[BiasParams]):
     the quantity a shipped policy can bound for any output. Targets that are unknown (NaN) are
     left out of that output and counted.
 
+    Segmentation models (``model.task: segmentation``, 2-D and 3-D, :mod:`.segmentation`): per
+    case and foreground class the Dice and HD95 (mm, each case's pixel or voxel spacing) of
+    :func:`auditkit.segmentation.case_figures`, MONAI's ``compute_dice(include_background=False,
+    ignore_empty=True)`` and ``compute_hausdorff_distance(percentile=95, spacing=...)`` on the
+    arg-max maps, the figures the performance check averages. Per class and group the mean Dice
+    over the cases whose reference holds the class and the mean HD95 over the cases where
+    reference and segmentation both hold it (``n`` = those cases; a group is measured on a
+    figure when at least ``min_group_size`` of its cases define it); per class and grouping the
+    gap of each (HD95 in mm, lower is better), its worst and best group named, with the
+    simultaneous interval over groups and foreground classes, from one bootstrap per grouping
+    stratified by group, over patients when known. Cases with an empty reference are left out
+    of both means and counted; a *missed* case (the class in the reference, nothing segmented)
+    has a Dice of 0, which is in the mean, and no HD95, so a group whose lesions the model
+    misses can look best on HD95: missed cases are counted per group and class, and on both ends
+    of every gap finding.
+
     Small groups: a group with fewer than ``min_group_size`` images is *insufficient*: it gets
     its ``n`` and, for every other metric, an undefined value with that reason, is named in an
     ``insufficient_group`` finding and is left out of the gaps (never silently). Groups known
@@ -180,8 +209,10 @@ class BiasCheck(Check[BiasParams]):
 
     Inputs: eval-split probabilities and labels from the shared pass (``Needs(predictions=True)``),
     the spec's group columns, the per-group counts of quarantined eval files and (multi-label,
-    regression) the surrogate patient ids. Rows with non-finite logits (regression: outputs) are
-    excluded and counted.
+    regression, segmentation) the surrogate patient ids; segmentation: the arg-max and reference
+    label maps ``(N, *spatial)`` and the per-case spacing (1 per pixel when unknown). Rows with
+    non-finite logits (regression: outputs; segmentation: any logit of the case) are excluded
+    and counted, as are segmentation cases without a reference map.
 
     Metrics (``n`` = images behind each value):
         ``bias.group_metric`` {metric, group_by, group}: metric one of n, prevalence, accuracy,
@@ -202,8 +233,13 @@ class BiasCheck(Check[BiasParams]):
         output} (``mean_error`` is signed: its direction, ``lower_is_better``, is only nominal);
         ``bias.max_gap`` {metric: mae | mean_error | mae_ratio, group_by, output} (the first two
         in the output's units, the ratio unit-free, at least 1); ``bias.min_group_size``.
+        Segmentation: ``bias.group_metric`` {metric: dice | hd95, class, group_by, group} (dice
+        ``higher_is_better``, hd95 in mm ``lower_is_better``; ``n`` = the group's cases defining
+        the figure), ``bias.max_gap`` {metric: dice | hd95, class, group_by} (``n`` = the
+        compared groups' cases defining it) and ``bias.min_group_size`` (cases).
         Policy rules match label keys exactly, so the classifier's BIAS-SENS-GAP rules (no
-        ``label`` key) never judge a multi-label model's per-label gaps; BIAS-LABEL-* rules do.
+        ``label`` key) never judge a multi-label model's per-label gaps; BIAS-LABEL-* rules do
+        (and only rules with a ``class`` key judge a segmentation model's gaps).
 
     Findings: ``quarantined_by_group`` (per group column: eval files quarantined per group and
     their share of the group's files, so a missing decoder cannot silently bias the check);
@@ -218,11 +254,19 @@ class BiasCheck(Check[BiasParams]):
     / ``unknown_targets`` (entries left out, per label or output), ``underdiagnosis`` (the
     definition used and the whole split's counts and rate) and ``underdiagnosis_by_group`` (per
     grouping: images with a finding, called finding-free, left out); their ``subgroup_gap``
-    findings carry the ``label`` or the ``output`` and its ``unit``.
+    findings carry the ``label`` or the ``output`` and its ``unit``. Segmentation findings add
+    ``bootstrap``, ``segmentation_metrics`` (the implementation, the spacing used),
+    ``cases_left_out`` (cases without a reference map), ``case_counts`` (per class over the
+    split: cases with a reference, empty references, missed, false positives on empty, defined
+    HD95) and ``segmentation_cases_by_group`` (the same per grouping, class and group, and the
+    share of cases with a reference that were missed); their ``subgroup_gap`` findings carry the
+    ``class`` (``unit: mm`` for HD95) and ``worst_group_missed`` / ``best_group_missed``, and
+    ``insufficient_group`` findings the ``class`` and ``metric`` a group is too small for.
 
     Artifacts: ``forest_plot`` (SVG; multi-label: the underdiagnosis rate per group, with
     ``label_heatmap``, the per-label sensitivity and specificity of every group; regression: MAE
-    and mean error per group and output, in units).
+    and mean error per group and output, in units; segmentation: Dice and HD95 per group and
+    foreground class).
 
     Limitations: ``min_group_size`` counts images, while a rate's denominator is smaller (a
     group of 40 images at 20% prevalence has 8 positives behind its sensitivity); the intervals
@@ -238,6 +282,13 @@ class BiasCheck(Check[BiasParams]):
     labelling was less complete for one group its rate rests on fewer images. The classifier
     analysis resamples images (stratified by group and class); the multi-label and regression
     analyses resample patients when known, within each group, not stratified by class.
+    Segmentation: a group's mean Dice weighs every case alike, whatever its lesion volume (the
+    per-case mean, as MONAI's ``DiceMetric``; a group with small lesions has lower Dice for the
+    same boundary error); HD95 is undefined for missed cases, so its gap compares groups on the
+    cases the model found (read it with the missed counts); the HD95 gap is in millimetres and
+    has no unit-free form; cases with an empty reference (a false positive there is counted, not
+    scored) and non-finite cases are left out; the bootstrap is not stratified by lesion
+    presence.
 
     NIST AI RMF 1.0: MEASURE 2.11 (fairness and bias are evaluated and results documented),
     MEASURE 2.2 (evaluations are representative of the relevant population: group sizes,
@@ -250,7 +301,7 @@ class BiasCheck(Check[BiasParams]):
     Params = BiasParams
 
     needs: ClassVar[Needs] = Needs(predictions=True)
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     emits: ClassVar[tuple[str, ...]] = (
         "bias.group_metric",
@@ -279,6 +330,8 @@ class BiasCheck(Check[BiasParams]):
             return self._run_multilabel(ctx, p)
         if ctx.task == "regression":
             return self._run_regression(ctx, p)
+        if ctx.task == "segmentation":
+            return self._run_segmentation(ctx, p)
         positive_index = ctx.positive_index
         if positive_index is None:
             raise Skip(
@@ -408,6 +461,65 @@ class BiasCheck(Check[BiasParams]):
         result.findings += records.regression_findings(analyses, units, p.min_group_size, p.n_boot)
         if analyses:
             result.artifacts.append(_regression_plot(ctx, analyses, outcomes, units))
+        return result
+
+    def _run_segmentation(self, ctx: CheckContext, p: BiasParams) -> CheckResult:
+        """Dice and HD95 per foreground class and group, and their gaps (:mod:`.segmentation`)."""
+        preds = ctx.predictions("eval")
+        split = ctx.split("eval")
+        n = preds.n
+        columns = {str(k): np.asarray(v).astype(str) for k, v in ctx.group_labels("eval").items()}
+        if not columns:
+            raise Skip("no subgroup columns (data.groups in the spec is empty)")
+        for column, values in columns.items():
+            if values.shape != (n,):
+                raise InputError(f"group column {column!r} has {values.shape[0]} labels for {n} eval images")
+        result = CheckResult()
+        quarantined = split.quarantined_groups
+        result.findings += _quarantine_findings(columns, quarantined)
+        # Per case: every logit finite (a -inf logit leaves the softmax finite), a reference map.
+        finite = np.asarray(preds.logits.isfinite().reshape(n, -1).all(dim=1).cpu().numpy(), dtype=bool)
+        reference = np.asarray(preds.labels)
+        labelled = np.asarray((reference >= 0).reshape(n, -1).all(axis=1), dtype=bool)
+        keep = finite & labelled
+        if not finite.all():
+            result.findings.append({"kind": "non_finite_logits", "split": "eval", "count": int((~finite).sum())})
+        if not keep.any():
+            raise Skip("no eval case has finite logits and a reference label map")
+        spatial = reference.ndim - 1
+        spacing = split.spacing if split.spacing is not None else np.ones((n, spatial))
+        outcomes = CaseOutcomes.from_maps(
+            preds.predicted[keep], reference[keep], np.asarray(spacing, dtype=np.float64)[keep], list(ctx.classes)
+        )
+        left_out = {"without_reference": int((finite & ~labelled).sum())}
+        result.findings += records.segmentation_preamble(
+            outcomes, implementation(), split.spacing is not None, left_out
+        )
+        patients = [patient for patient, k in zip(split.patients, keep.tolist(), strict=True) if k]
+        seed_root = int(ctx.rng().integers(0, 2**63 - 1))
+        analyses: list[SegmentationAnalysis] = []
+        for group_by, values, known in _groupings(columns, quarantined, keep, p):
+            if len(known) > p.max_groups:
+                result.metrics += records.skipped_grouping_metrics(
+                    "segmentation", group_by, outcomes.names, len(known), p.max_groups
+                )
+                result.findings.append(_skipped_finding(group_by, len(known), p.max_groups))
+                continue
+            analysis = analyse_segmentation_grouping(
+                outcomes,
+                values,
+                group_by=group_by,
+                min_group_size=p.min_group_size,
+                n_boot=p.n_boot,
+                rng=np.random.default_rng(stable_seed(seed_root, group_by)),
+                known_groups=known,
+                patients=patients,
+            )
+            analyses.append(analysis)
+            result.metrics += records.segmentation_metrics(analysis, outcomes.n)
+        result.findings += records.segmentation_findings(analyses, p.min_group_size, p.n_boot)
+        if analyses:
+            result.artifacts.append(_segmentation_plot(ctx, analyses, outcomes))
         return result
 
 
@@ -726,6 +838,59 @@ def _regression_plot(
             " min_group_size are marked insufficient and not drawn."
         ),
     )
+
+
+def _segmentation_plot(ctx: CheckContext, analyses: list[SegmentationAnalysis], outcomes: CaseOutcomes) -> Artifact:
+    titles: dict[str, str] = {}
+    limits: dict[str, tuple[float, float]] = {}
+    overall: dict[str, float | None] = {}
+    whole = whole_split_means(outcomes)
+    for k, name in enumerate(outcomes.names):
+        titles[f"dice:{name}"] = f"{name}: Dice"
+        titles[f"hd95:{name}"] = f"{name}: HD95 (mm, lower is better)"
+        overall[f"dice:{name}"] = whole["dice"][k]
+        overall[f"hd95:{name}"] = whole["hd95"][k]
+        ends = [v for a in analyses for s in a.classes[name]["hd95"].groups for v in _ends(s, "hd95")]
+        ends.append(whole["hd95"][k] or 0.0)
+        top = 1.08 * max(ends) if max(ends) > 0 else 1.0
+        limits[f"hd95:{name}"] = (0.0, top)
+    rows = [_segmentation_rows(analysis) for analysis in analyses]
+    metrics = [f"{m}:{name}" for name in outcomes.names for m in SEGMENTATION_METRICS]
+    return ctx.write_artifact(
+        "forest_plot",
+        "forest.svg",
+        lambda path: forest_plot(
+            rows,
+            path,
+            overall=overall,
+            metrics=metrics,
+            titles=titles,
+            limits=limits,
+            suptitle="Per-group Dice and HD95 with 95% bootstrap intervals (dashed: whole eval split)",
+        ),
+        description=(
+            f"Forest plot of the mean Dice and HD95 (mm) per group and foreground class with 95% bootstrap"
+            f" intervals, for {len(analyses)} groupings of the eval split ({outcomes.n} cases); groups with"
+            " fewer than min_group_size cases defining a figure are marked insufficient and not drawn."
+        ),
+    )
+
+
+def _segmentation_rows(analysis: SegmentationAnalysis) -> GroupedValues:
+    """One row per group with every class's figures under ``<metric>:<class>`` keys."""
+    merged = []
+    for position, group in enumerate(analysis.images):
+        values: dict[str, float | None] = {}
+        cis: dict[str, tuple[float, float] | None] = {}
+        sufficient = False
+        for name, figures in analysis.classes.items():
+            for metric in SEGMENTATION_METRICS:
+                summary = figures[metric].groups[position]
+                sufficient = sufficient or summary.sufficient
+                values[f"{metric}:{name}"] = summary.values[metric] if summary.sufficient else None
+                cis[f"{metric}:{name}"] = summary.cis.get(metric)
+        merged.append(GroupSummary(group, analysis.images[group], sufficient, values, {}, cis))
+    return GroupedValues(analysis.group_by, tuple(merged), {})
 
 
 def _overall_errors(outcomes: TargetOutcomes, rows: NDArray[np.intp]) -> dict[str, list[float | None]]:

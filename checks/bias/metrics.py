@@ -71,11 +71,12 @@ GAP_METRICS: tuple[str, ...] = (
 )
 """Metrics whose largest between-group gap is emitted (``bias.max_gap``)."""
 
-LOWER_IS_BETTER: frozenset[str] = frozenset({"ece", "underdiagnosis_rate", "mae", "mae_ratio"})
+LOWER_IS_BETTER: frozenset[str] = frozenset({"ece", "underdiagnosis_rate", "mae", "mae_ratio", "hd95"})
 """Per-group metrics for which a lower value is better (the others: higher, or descriptive).
 
 ``underdiagnosis_rate`` is the multi-label analysis's (:mod:`.multilabel`), ``mae`` and
-``mae_ratio`` the regression analysis's (:mod:`.regression`)."""
+``mae_ratio`` the regression analysis's (:mod:`.regression`), ``hd95`` the segmentation
+analysis's (:mod:`.segmentation`)."""
 
 DESCRIPTIVE: frozenset[str] = frozenset({"n", "prevalence"})
 """Per-group quantities fixed by the stratified resampling: no interval."""

@@ -1,8 +1,10 @@
-"""Metrics and findings of the multi-label and regression analyses, as the check emits them.
+"""Metrics and findings of the multi-label, regression and segmentation analyses, as the check
+emits them.
 
 The classifier's records are built in :mod:`auditkit.checks.bias` itself and stay as they were;
-these add the ``label`` (multi-label) or ``output`` (regression) key to the same metric names,
-the underdiagnosis rate, and findings that carry the label, or the output and its unit.
+these add the ``label`` (multi-label), ``output`` (regression) or ``class`` (segmentation) key to
+the same metric names, the underdiagnosis rate, and findings that carry the label, the output and
+its unit, or the class.
 """
 
 from __future__ import annotations
@@ -12,13 +14,19 @@ from typing import Any
 
 from auditkit.check import Direction, Metric
 from auditkit.checks.bias.gaps import Gap, GroupSummary
-from auditkit.checks.bias.metrics import GAP_METRICS, GROUP_METRICS, LOWER_IS_BETTER, count_text
+from auditkit.checks.bias.metrics import GAP_METRICS, GROUP_METRICS, LOWER_IS_BETTER, SMALL_COUNT, count_text
 from auditkit.checks.bias.multilabel import UNDERDIAGNOSIS, LabelOutcomes, MultilabelAnalysis
 from auditkit.checks.bias.regression import (
     REGRESSION_GAP_METRICS,
     REGRESSION_GROUP_METRICS,
     RegressionAnalysis,
     TargetOutcomes,
+)
+from auditkit.checks.bias.segmentation import (
+    SEGMENTATION_METRICS,
+    CaseOutcomes,
+    SegmentationAnalysis,
+    case_count_totals,
 )
 
 __all__ = [
@@ -28,6 +36,9 @@ __all__ = [
     "regression_findings",
     "regression_metrics",
     "regression_preamble",
+    "segmentation_findings",
+    "segmentation_metrics",
+    "segmentation_preamble",
     "skipped_grouping_metrics",
 ]
 
@@ -117,6 +128,21 @@ def regression_metrics(analysis: RegressionAnalysis, total: int) -> list[Metric]
     return out
 
 
+def segmentation_metrics(analysis: SegmentationAnalysis, total: int) -> list[Metric]:
+    """Every metric of one segmentation grouping: per class the group Dice and HD95 and their gaps."""
+    group_by = analysis.group_by
+    out: list[Metric] = []
+    for name, figures in analysis.classes.items():
+        for metric in SEGMENTATION_METRICS:
+            out += _group_metrics(figures[metric].groups, (metric,), group_by, "class", name)
+        for metric in SEGMENTATION_METRICS:
+            out.append(
+                _gap_metric(figures[metric].gaps[metric], {"metric": metric, "group_by": group_by, "class": name})
+            )
+    out.append(_min_group_size(group_by, analysis.min_group_size, total))
+    return out
+
+
 def _min_group_size(group_by: str, value: int, total: int) -> Metric:
     return Metric("bias.min_group_size", float(value), "higher_is_better", labels={"group_by": group_by}, n=total)
 
@@ -138,6 +164,11 @@ def skipped_grouping_metrics(
                 )
         labels = {"metric": UNDERDIAGNOSIS, "group_by": group_by}
         out.append(Metric("bias.max_gap", None, "lower_is_better", labels=labels, reason=reason))
+    elif task == "segmentation":
+        for name in names:
+            for metric in SEGMENTATION_METRICS:
+                labels = {"metric": metric, "group_by": group_by, "class": name}
+                out.append(Metric("bias.max_gap", None, "lower_is_better", labels=labels, reason=reason))
     else:
         for output in names:
             for metric in REGRESSION_GAP_METRICS:
@@ -376,3 +407,108 @@ def regression_findings(
                     finding = _small_group(analysis.group_by, group, summary.n, min_group_size, summary.reasons["mae"])
                     findings.append({**finding, "output": output})
     return findings
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation
+
+
+def segmentation_preamble(
+    outcomes: CaseOutcomes, implementation: str, spacing_known: bool, left_out: Mapping[str, int]
+) -> list[dict[str, Any]]:
+    """The implementation of the figures and the whole split's case counts per class."""
+    findings: list[dict[str, Any]] = [
+        {
+            "kind": "segmentation_metrics",
+            "implementation": implementation,
+            "figures": list(SEGMENTATION_METRICS),
+            "spacing": "per case, mm on the model-input grid" if spacing_known else "1 per pixel",
+            "group_means": (
+                "per class and group, the mean Dice over the cases whose reference holds the class and the mean"
+                " HD95 over the cases where reference and segmentation both hold it"
+            ),
+        }
+    ]
+    if any(left_out.values()):
+        findings.append({"kind": "cases_left_out", "split": "eval", **{k: v for k, v in left_out.items() if v}})
+    findings.append(
+        {
+            "kind": "case_counts",
+            "split": "eval",
+            "classes": case_count_totals(outcomes),
+            "note": _CASE_NOTE,
+        }
+    )
+    return findings
+
+
+_CASE_NOTE = (
+    "empty_reference: no Dice and no HD95 (left out of the group's means, as MONAI's DiceMetric with ignore_empty);"
+    " missed (class in the reference, not segmented): Dice 0 in the mean, no HD95, so a group's HD95 mean does"
+    " not show its missed cases"
+)
+
+
+def segmentation_findings(
+    analyses: Sequence[SegmentationAnalysis], min_group_size: int, n_boot: int
+) -> list[dict[str, Any]]:
+    """Bootstrap unit, case counts per group, the gaps (Dice first, most evident first), small groups."""
+    findings: list[dict[str, Any]] = []
+    if analyses:
+        findings.append({"kind": "bootstrap", "unit": analyses[0].unit, "n_boot": n_boot, "strata": "group"})
+    for analysis in analyses:
+        for name in analysis.classes:
+            findings.append(
+                {
+                    "kind": "segmentation_cases_by_group",
+                    "group_by": analysis.group_by,
+                    "class": name,
+                    "groups": [
+                        {
+                            "group": group,
+                            **{key: count_text(value) for key, value in counts[name].items()},
+                            "missed_share": _share(counts[name]["missed"], counts[name]["with_reference"]),
+                        }
+                        for group, counts in analysis.counts.items()
+                    ],
+                }
+            )
+    gaps: list[dict[str, Any]] = []
+    for analysis in analyses:
+        for name, figures in analysis.classes.items():
+            for metric in SEGMENTATION_METRICS:
+                values = figures[metric]
+                by_group = {s.group: s for s in values.groups}
+                extra: dict[str, Any] = {"class": name, **({"unit": "mm"} if metric == "hd95" else {})}
+                found = _gap_finding(metric, analysis.group_by, values.gaps[metric], by_group, metric, **extra)
+                if found is not None:
+                    # Missed cases are in a group's Dice (as 0) but not in its HD95: both ends name theirs.
+                    for end in ("worst", "best"):
+                        found[f"{end}_group_missed"] = count_text(
+                            analysis.counts[found[f"{end}_group"]][name]["missed"]
+                        )
+                    gaps.append(found)
+    order = {metric: i for i, metric in enumerate(SEGMENTATION_METRICS)}
+    gaps.sort(key=lambda f: (order[f["metric"]], -(f["ci"][0] if f["ci"] else float("-inf")), -f["gap"]))
+    findings += gaps
+    for analysis in analyses:
+        for group, images in analysis.images.items():
+            if images < min_group_size:
+                findings.append(_small_group(analysis.group_by, group, images, min_group_size))
+                continue
+            for name, figures in analysis.classes.items():
+                for metric in SEGMENTATION_METRICS:
+                    summary = next(s for s in figures[metric].groups if s.group == group)
+                    if not summary.sufficient:
+                        finding = _small_group(
+                            analysis.group_by, group, summary.n, min_group_size, summary.reasons[metric]
+                        )
+                        findings.append({**finding, "class": name, "metric": metric})
+    return findings
+
+
+def _share(part: int, whole: int) -> float | None:
+    """``part / whole`` rounded, withheld (``None``) where either count is below the small-count limit."""
+    if whole == 0 or 0 < part < SMALL_COUNT or whole < SMALL_COUNT:
+        return None
+    return round(part / whole, 4)

@@ -3,7 +3,8 @@
 The numbers are computed by plain functions in :mod:`.metrics`, :mod:`.binary` (one sigmoid
 output), :mod:`.temperature` and :mod:`.plots` (testable without the engine);
 :class:`CalibrationCheck` applies them to the eval split, overall and per subgroup, and per label
-for a multi-label model (:mod:`.multilabel`).
+for a multi-label model (:mod:`.multilabel`), per class within a region of interest for a
+segmentation model (:mod:`.segmentation`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from auditkit.checks.calibration.metrics import (
     negative_log_likelihood,
 )
 from auditkit.checks.calibration.multilabel import run_multilabel
-from auditkit.checks.calibration.plots import label_reliability_grid, reliability_diagram
+from auditkit.checks.calibration.plots import class_reliability_grid, label_reliability_grid, reliability_diagram
+from auditkit.checks.calibration.segmentation import region_of_interest, run_segmentation, segmentation_tables
 from auditkit.checks.calibration.temperature import (
     ALREADY_CALIBRATED,
     FOLD_DISAGREEMENT,
@@ -58,6 +60,7 @@ __all__ = [
     "binary_expected_calibration_error",
     "brier_score",
     "calibration_metrics",
+    "class_reliability_grid",
     "cross_fitted_binary_temperature_probs",
     "cross_fitted_temperature_probs",
     "did_not_help_record",
@@ -67,7 +70,9 @@ __all__ = [
     "label_reliability_grid",
     "maximum_calibration_error",
     "negative_log_likelihood",
+    "region_of_interest",
     "reliability_diagram",
+    "segmentation_tables",
     "temperature_did_not_help",
 ]
 
@@ -90,7 +95,15 @@ class CalibrationParams(CheckParams):
         adaptive_bins: equal-mass bins of ACE; ``None`` uses ``bins``.
         n_boot: bootstrap resamples per interval; 0 disables intervals.
         temperature_folds: folds of the cross-fitted temperature scaling.
-        min_group_size: subgroups with fewer images get values but no interval.
+        min_group_size: subgroups with fewer images get values but no interval (segmentation:
+            fewer cases).
+        roi_margin_px: segmentation: the margin, in voxels (pixels) of the model grid, by which
+            each class's region of interest extends beyond the union of the reference's and the
+            prediction's voxels of the class (Euclidean distance between voxel centres; 0: the
+            union itself).
+        roi_margin_mm: segmentation: the margin in millimetres instead, with each case's voxel
+            spacing (anisotropic volumes get a physically round region); replaces
+            ``roi_margin_px`` when set.
     """
 
     bins: int = Field(default=15, ge=2, le=1000)
@@ -98,6 +111,8 @@ class CalibrationParams(CheckParams):
     n_boot: int = Field(default=1000, ge=0, le=100_000)
     temperature_folds: int = Field(default=5, ge=2, le=20)
     min_group_size: int = Field(default=10, ge=2)
+    roi_margin_px: int = Field(default=5, ge=0, le=1000)
+    roi_margin_mm: float | None = Field(default=None, ge=0.0, le=1000.0)
 
 
 class CalibrationCheck(Check[CalibrationParams]):
@@ -154,6 +169,31 @@ class CalibrationCheck(Check[CalibrationParams]):
     measure how far its probabilities are from 0 or 1) but gets no temperature. Findings as
     above with a ``label`` key; the reliability diagram has one panel per label.
 
+    Segmentation models (``model.task: segmentation``, 2-D and 3-D; :mod:`.segmentation`): most
+    voxels are background called background with certainty, which would swamp any voxel-level
+    error, so each foreground class is measured within its region of interest (ROI): per case,
+    the union of the reference's and the prediction's voxels of the class grown by
+    ``roi_margin_px`` voxels (or ``roi_margin_mm`` millimetres with the case's spacing),
+    Euclidean distance. Within it the class's softmax probability is a binary forecast of
+    ``reference == class`` (the positive-class convention above): ``calibration.ece``, ``.mce``,
+    ``.brier``, ``.nll`` with ``labels={"class": name}`` (equal to netcal's binary ECE and MCE and
+    scikit-learn's Brier score and log loss on the concatenated ROI voxels), ``n`` the ROI voxels;
+    per class and subgroup (``{"class", "group_by", "group"}``) ``.ece`` and ``.brier``; and the
+    class-agnostic top-label ``calibration.ece`` and ``.mce`` (``labels={}``, largest probability
+    against ``argmax == reference``) within the union of every class's ROI. A case where a class is
+    in neither map adds no ROI; a class without ROI voxels in any case is undefined with that
+    reason. One streaming pass keeps per-case sums of each bin (an ``(N, bins)`` table per class),
+    never an array of all voxels; intervals resample patients (cases when unknown) by weighting
+    the per-case tables, an exact bootstrap of the voxel-level metrics. ACE and
+    ``ece_after_temperature`` are not measured (``not_measured`` finding with the reasons).
+    Findings: ``segmentation_calibration`` (ROI definition, margin, per class the cases with an
+    ROI and its voxels), ``bootstrap``, ``non_finite_logits`` (cases left out). Artifact:
+    ``reliability_diagram``, one panel per foreground class from the summed bin tables.
+    Limitation: the ROI depends on the prediction, so two models are compared on different
+    voxels; a model that over-segments widely widens its own ROI with confidently wrong voxels
+    (which the ECE then sees), while one that misses a lesion entirely is measured around the
+    reference only.
+
     Regression models are not measured (skipped by the runner with :data:`REGRESSION_REASON`):
     the calibration of a regressor is the coverage of its predictive intervals, which needs a
     predicted variance that this version's spec cannot name.
@@ -183,15 +223,19 @@ class CalibrationCheck(Check[CalibrationParams]):
         *(f"calibration.{name}" for name in METRIC_NAMES),
         "calibration.ece_after_temperature",
     )
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "segmentation")
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     task_reasons: ClassVar[dict[str, str]] = {"regression": REGRESSION_REASON}
 
     def run(self, ctx: CheckContext, params: CalibrationParams) -> CheckResult:
-        """Measure calibration on the eval split, overall and per subgroup (per label: multilabel)."""
+        """Measure calibration on the eval split, overall and per subgroup (per label: multilabel;
+        per class within its region of interest: segmentation)."""
         if ctx.task == "multilabel":
             per_label: CheckResult = run_multilabel(ctx, params)
             return per_label
+        if ctx.task == "segmentation":
+            per_class: CheckResult = run_segmentation(ctx, params)
+            return per_class
         p = params
         result = CheckResult()
         preds = ctx.predictions("eval")

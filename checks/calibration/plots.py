@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -177,24 +178,63 @@ def reliability_diagram(
 
 
 # --------------------------------------------------------------------------------------------
-# One reliability diagram per label (a multi-label model), as small multiples
-
-
-def _positive_bin_summary(
-    probs: FloatArray, outcomes: FloatArray, bins: int
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Per equal-width bin of ``p``: count, observed frequency of the finding, mean ``p`` (NaN when empty)."""
-    confidence = np.clip(probs, _EPS, 1.0 - _EPS)
-    ids = _equal_width_bins(confidence, bins)
-    counts = np.bincount(ids, minlength=bins).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        frequency = np.bincount(ids, weights=outcomes, minlength=bins) / counts
-        mean_p = np.bincount(ids, weights=confidence, minlength=bins) / counts
-    return counts, frequency, mean_p
+# One reliability diagram per label (a multi-label model) or class (a segmentation model), as
+# small multiples
 
 
 LabelPanel = tuple[str, ArrayLike, ArrayLike, ArrayLike | None]
 """One label's panel: ``(name, probs (n,), outcomes (n,) of 0/1, probs after scaling or None)``."""
+
+
+class BinnedPanel(NamedTuple):
+    """One panel of a positive-class reliability grid, given by its bin sums (no per-row data).
+
+    Attributes:
+        name: the panel's name (a label or a class).
+        counts: rows per equal-width bin of the clipped predicted probability, ``(bins,)``.
+        observed: sum of the 0/1 outcomes per bin, ``(bins,)``.
+        predicted: sum of the clipped predicted probabilities per bin, ``(bins,)``.
+        after: the same three sums after temperature scaling, or ``None``.
+    """
+
+    name: str
+    counts: FloatArray
+    observed: FloatArray
+    predicted: FloatArray
+    after: tuple[FloatArray, FloatArray, FloatArray] | None = None
+
+
+def binned_panel(
+    name: str, probs: ArrayLike, outcomes: ArrayLike, bins: int, after: ArrayLike | None = None
+) -> BinnedPanel:
+    """The :class:`BinnedPanel` of one binary sample (``probs`` and 0/1 ``outcomes`` of shape ``(n,)``)."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(outcomes, dtype=np.float64)
+    sums = _positive_bin_sums(p, y, bins)
+    sums_after = _positive_bin_sums(np.asarray(after, dtype=np.float64), y, bins) if after is not None else None
+    return BinnedPanel(name, *sums, after=sums_after)
+
+
+def _positive_bin_sums(probs: FloatArray, outcomes: FloatArray, bins: int) -> tuple[FloatArray, FloatArray, FloatArray]:
+    confidence = np.clip(probs, _EPS, 1.0 - _EPS)
+    ids = _equal_width_bins(confidence, bins)
+    counts = np.bincount(ids, minlength=bins).astype(np.float64)
+    return (
+        counts,
+        np.bincount(ids, weights=outcomes, minlength=bins).astype(np.float64),
+        np.bincount(ids, weights=confidence, minlength=bins).astype(np.float64),
+    )
+
+
+def _panel_summary(
+    counts: FloatArray, observed: FloatArray, predicted: FloatArray
+) -> tuple[FloatArray, FloatArray, FloatArray, float]:
+    """Per bin: count, observed frequency, mean prediction (NaN when empty); and the ECE."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frequency = observed / counts
+        mean_p = predicted / counts
+    ece = float(np.abs(observed - predicted).sum() / counts.sum())
+    return counts, frequency, mean_p, ece
 
 
 def label_reliability_grid(panels: Sequence[LabelPanel], bins: int, path: str | Path, *, columns: int = 4) -> Path:
@@ -220,28 +260,119 @@ def label_reliability_grid(panels: Sequence[LabelPanel], bins: int, path: str | 
     Raises:
         ValueError: no panels, invalid probabilities or outcomes.
     """
-    from matplotlib.figure import Figure
-
     from auditkit.checks.calibration.binary import binary_expected_calibration_error
 
     _check_bins(bins)
     if not panels:
         raise ValueError("cannot draw a reliability grid without a label")
+    binned: list[tuple[BinnedPanel, str]] = []
+    for name, probs, outcomes, after in panels:
+        p = np.asarray(probs, dtype=np.float64)
+        y = np.asarray(outcomes, dtype=np.float64)
+        title = f"{name} (n = {p.size})"
+        if p.size:
+            title += f"\nECE {binary_expected_calibration_error(p, y, bins):.3f}"
+            if after is not None:
+                title += (
+                    f" → {binary_expected_calibration_error(np.asarray(after, dtype=np.float64), y, bins):.3f} scaled"
+                )
+        else:
+            title += "\nno known entries"
+        binned.append((binned_panel(name, p, y, bins, after), title))
+    return _reliability_grid(
+        binned,
+        bins,
+        path,
+        columns=columns,
+        svg_id="label-reliability-grid",
+        hashsalt="auditkit-label-reliability",
+        suptitle=(
+            f"Reliability per label ({bins} bins): bars observed, hatched gap to predicted,"
+            " orange after temperature scaling"
+        ),
+    )
+
+
+def class_reliability_grid(
+    panels: Sequence[BinnedPanel], bins: int, path: str | Path, *, what: str, columns: int = 4
+) -> Path:
+    """Write one positive-class reliability diagram per panel from its bin sums, as small multiples.
+
+    The drawing of :func:`label_reliability_grid`, for samples too large to hold (a segmentation
+    model's voxels): each panel is given by its per-bin counts and sums (:class:`BinnedPanel`),
+    accumulated case by case. The title gives the panel's name, its rows and its ECE (from the
+    sums: ``sum_b |observed_b - predicted_b| / n``); a panel without rows is drawn empty.
+
+    Args:
+        panels: one :class:`BinnedPanel` per class, in display order.
+        bins: number of equal-width bins the sums were taken over.
+        path: the SVG file to write (its folder must exist).
+        what: a short second line of the figure's title saying what the rows are (e.g. "ROI:
+            reference or prediction + 5 voxels"); the figure may be one panel (2.4 in) wide.
+        columns: panels per row (fewer when there are fewer panels).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: no panels, or sums whose shape is not ``(bins,)``.
+    """
+    _check_bins(bins)
+    if not panels:
+        raise ValueError("cannot draw a reliability grid without a panel")
+    titled: list[tuple[BinnedPanel, str]] = []
+    for panel in panels:
+        for sums in (panel.counts, panel.observed, panel.predicted):
+            if np.shape(sums) != (bins,):
+                raise ValueError(f"panel {panel.name!r}: bin sums must have shape ({bins},), got {np.shape(sums)}")
+        n = round(float(np.sum(panel.counts)))
+        title = f"{panel.name} (n = {n})"
+        if n:
+            title += f"\nECE {_panel_summary(panel.counts, panel.observed, panel.predicted)[3]:.3f}"
+        else:
+            title += "\nno rows"
+        titled.append((panel, title))
+    return _reliability_grid(
+        titled,
+        bins,
+        path,
+        columns=columns,
+        svg_id="class-reliability-grid",
+        hashsalt="auditkit-class-reliability",
+        suptitle=f"Reliability per class ({bins} bins)\n{what}",
+        top_margin=0.95,
+    )
+
+
+def _reliability_grid(
+    panels: Sequence[tuple[BinnedPanel, str]],
+    bins: int,
+    path: str | Path,
+    *,
+    columns: int,
+    svg_id: str,
+    hashsalt: str,
+    suptitle: str,
+    top_margin: float = 0.75,
+) -> Path:
+    """Draw titled :class:`BinnedPanel` s as small multiples (see :func:`label_reliability_grid`)."""
+    from matplotlib.figure import Figure
+
     ncols = max(1, min(columns, len(panels)))
     nrows = -(-len(panels) // ncols)
     panel_w, panel_h = 2.4, 2.9
-    width, height = ncols * panel_w, nrows * panel_h
+    width, height = ncols * panel_w, nrows * panel_h + top_margin - 0.75
     edges = np.linspace(0.0, 1.0, bins + 1)
-    with figure_style("label-reliability-grid", hashsalt="auditkit-label-reliability", font_size=7.0):
+    with figure_style(svg_id, hashsalt=hashsalt, font_size=7.0):
         fig = Figure(figsize=(width, height))
         outer = fig.add_gridspec(
             nrows,
             ncols,
-            **inch_margins(width, height, left=0.5, right=0.15, top=0.75, bottom=0.4),
+            **inch_margins(width, height, left=0.5, right=0.15, top=top_margin, bottom=0.4),
             hspace=0.35,
             wspace=0.12,
         )
-        for position, (name, probs, outcomes, after) in enumerate(panels):
+        for position, (panel, title) in enumerate(panels):
             row, column = divmod(position, ncols)
             cell = outer[row, column].subgridspec(2, 1, height_ratios=[3.0, 1.0], hspace=0.08)
             top = fig.add_subplot(cell[0])
@@ -251,12 +382,9 @@ def label_reliability_grid(panels: Sequence[LabelPanel], bins: int, path: str | 
                 axes.set_autoscale_on(False)
                 axes.set_xlim(0.0, 1.0)
                 axes.set_ylim(0.0, 1.0)
-            p = np.asarray(probs, dtype=np.float64)
-            y = np.asarray(outcomes, dtype=np.float64)
             top.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="0.4", linewidth=0.8)
-            title = f"{name} (n = {p.size})"
-            if p.size:
-                counts, frequency, mean_p = _positive_bin_summary(p, y, bins)
+            if panel.counts.sum() > 0:
+                counts, frequency, mean_p, _ = _panel_summary(panel.counts, panel.observed, panel.predicted)
                 filled = counts > 0
                 observed = np.where(filled, frequency, 0.0)
                 predicted = np.where(filled, mean_p, 0.0)
@@ -273,17 +401,12 @@ def label_reliability_grid(panels: Sequence[LabelPanel], bins: int, path: str | 
                     linewidth=0.4,
                 )
                 bottom.stairs(counts / counts.sum(), edges, fill=True, color="#4c72b0")
-                title += f"\nECE {binary_expected_calibration_error(p, y, bins):.3f}"
-                if after is not None:
-                    q = np.asarray(after, dtype=np.float64)
-                    counts_a, frequency_a, mean_a = _positive_bin_summary(q, y, bins)
+                if panel.after is not None:
+                    counts_a, frequency_a, mean_a, _ = _panel_summary(*panel.after)
                     shown = counts_a > 0
                     top.plot(
                         mean_a[shown], frequency_a[shown], marker="o", markersize=2.5, color="#dd8452", linewidth=1.0
                     )
-                    title += f" → {binary_expected_calibration_error(q, y, bins):.3f} scaled"
-            else:
-                title += "\nno known entries"
             fixed_ticks(top.xaxis, (0.0, 0.5, 1.0))
             fixed_ticks(top.yaxis, (0.0, 0.5, 1.0))
             fixed_ticks(bottom.xaxis, (0.0, 0.5, 1.0))
@@ -300,9 +423,5 @@ def label_reliability_grid(panels: Sequence[LabelPanel], bins: int, path: str | 
                 bottom.set_xlabel("predicted probability")
             else:
                 bottom.tick_params(labelbottom=False)
-        fig.suptitle(
-            f"Reliability per label ({bins} bins): bars observed, hatched gap to predicted,"
-            " orange after temperature scaling",
-            y=1.0 - 0.1 / height,
-        )
+        fig.suptitle(suptitle, y=1.0 - 0.1 / height)
         return save_svg(fig, path)
