@@ -212,6 +212,15 @@ _DEMO_FINDINGS = {
         "the regression demo fails the default policy: its model never saw site C in training (planted)"
         " and errs more there; report.pdf says which rules fail and why"
     ),
+    "segmentation": (
+        "the segmentation demo fails the default policy: its U-Net never saw site C's contrast-enhanced"
+        " lesions (planted) and outlines them worse there (SEG-DICE-GAP); report.pdf says which rules fail and why"
+    ),
+    "volumes": (
+        "the volumes demo fails the default policy: its 3-D CNN never saw site C's scanner (planted) and"
+        " misses its nodules (BIAS-SENS-GAP); the CT series also carry planted identifiers in every slice"
+        " (PHI-IDENTIFIERS); report.pdf says which rules fail and why"
+    ),
 }
 
 
@@ -354,10 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     demo.add_argument(
         "--task",
-        choices=["classification", "multilabel", "regression"],
+        choices=["classification", "multilabel", "regression", "segmentation", "volumes"],
         default="classification",
         help="classification (default): the nodule study and tiny CNN; multilabel: a model that"
-        " underdiagnoses women (planted); regression: a cardiothoracic-ratio model that never saw site C",
+        " underdiagnoses women (planted); regression: a cardiothoracic-ratio model that never saw site C;"
+        " segmentation: a U-Net that never saw site C's lesions; volumes: a 3-D CNN on CT volumes that never"
+        " saw site C",
     )
     demo.add_argument(
         "--patients", type=int, help="patients in the synthetic study (--task classification; default 240)"

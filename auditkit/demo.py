@@ -1,10 +1,12 @@
 """``auditkit demo``: the packaged synthetic study, model and spec, written to a folder.
 
 ``--task classification`` (the default) is the nodule study and tiny CNN of :func:`prepare_demo`;
-``--task multilabel`` and ``--task regression`` are the planted fixtures of
-:mod:`auditkit.fixtures.multilabel` (a model trained on labels that under-report women's findings)
-and :mod:`auditkit.fixtures.regression` (a cardiothoracic-ratio regressor that never saw site C),
-written by :func:`prepare_task_demo`.
+``--task multilabel``, ``--task regression``, ``--task segmentation`` and ``--task volumes`` are the
+planted fixtures of :mod:`auditkit.fixtures.multilabel` (a model trained on labels that
+under-report women's findings), :mod:`auditkit.fixtures.regression` (a cardiothoracic-ratio
+regressor that never saw site C), :mod:`auditkit.fixtures.segmentation` (a U-Net that never saw
+site C's contrast-enhanced lesions) and :mod:`auditkit.fixtures.volumes` (a 3-D CNN on CT volumes,
+DICOM series, NIfTI and ``.npy``, that never saw site C), written by :func:`prepare_task_demo`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-DEMO_TASKS: tuple[str, ...] = ("classification", "multilabel", "regression")
+DEMO_TASKS: tuple[str, ...] = ("classification", "multilabel", "regression", "segmentation", "volumes")
 """The tasks ``auditkit demo --task`` accepts."""
 
 DEMO_SPEC = {
@@ -95,6 +97,10 @@ def prepare_task_demo(out: Path, task: str) -> Path:
     women (:func:`auditkit.fixtures.multilabel.write_multilabel_spec`, variant ``underlabelled``);
     ``regression``: the cardiothoracic-ratio study and the model that never saw site C
     (:func:`auditkit.fixtures.regression.write_regression_spec`, variant ``biased``);
+    ``segmentation``: the organ and lesion study and the U-Net that never saw site C
+    (:func:`auditkit.fixtures.segmentation.write_segmentation_spec`, variant ``biased``);
+    ``volumes``: the CT study (216 patients) and the 3-D CNN that never saw site C
+    (:func:`auditkit.fixtures.volumes.write_volume_spec`, variant ``biased``);
     ``classification``: :func:`prepare_demo` with its defaults. Every installed check runs.
 
     Returns:
@@ -115,6 +121,20 @@ def prepare_task_demo(out: Path, task: str) -> Path:
 
         generate_multilabel_study(study)
         spec: Path = write_multilabel_spec(study, "underlabelled", device="auto")
+        return spec
+    if task == "segmentation":
+        from auditkit.fixtures.segmentation import generate_segmentation_study, write_segmentation_spec
+
+        generate_segmentation_study(study)
+        spec = write_segmentation_spec(study, "biased", device="auto")
+        return spec
+    if task == "volumes":
+        from auditkit.fixtures.volumes import generate_volume_study, write_volume_spec
+
+        # 216 patients with a seed the packaged model was not trained on: about 32 test volumes per
+        # site, so the bias check can judge the sites at its default minimum group size.
+        generate_volume_study(study, n_patients=216, seed=5)
+        spec = write_volume_spec(study, "biased", device="auto")
         return spec
     from auditkit.fixtures.regression import generate_regression_study, write_regression_spec
 
