@@ -90,7 +90,9 @@ def test_the_architecture_page_lists_every_check_with_its_needs_and_metrics() ->
         declared = {flag for flag, value in vars(cls.needs).items() if value}
         assert family == cls.family, check_id
         assert tasks == set(cls.tasks), f"{check_id}: page says tasks {sorted(tasks)}, the check {cls.tasks}"
-        assert dims == set(cls.spatial_dims), f"{check_id}: page says inputs {sorted(dims)}, the check {cls.spatial_dims}"
+        assert dims == set(cls.spatial_dims), (
+            f"{check_id}: page says inputs {sorted(dims)}, the check {cls.spatial_dims}"
+        )
         assert needs == declared, f"{check_id}: page says {sorted(needs)}, needs declares {sorted(declared)}"
         assert metrics == set(cls.emits), f"{check_id}: page and emits differ"
 
