@@ -217,9 +217,9 @@ _DEMO_FINDINGS = {
         " lesions (planted) and outlines them worse there (SEG-DICE-GAP); report.pdf says which rules fail and why"
     ),
     "volumes": (
-        "the volumes demo fails the default policy: its 3-D CNN never saw site C's scanner (planted) and"
-        " misses its nodules (BIAS-SENS-GAP); the CT series also carry planted identifiers in every slice"
-        " (PHI-IDENTIFIERS); report.pdf says which rules fail and why"
+        "the volumes demo fails the default policy: its 3-D CNN never saw site C's scanner (planted), misses"
+        " its nodules (BIAS-SENS-GAP) and is overconfident there (CAL-ECE); the CT series also carry planted"
+        " identifiers in every slice (PHI-IDENTIFIERS); report.pdf says which rules fail and why"
     ),
 }
 
