@@ -330,6 +330,7 @@ def make_context(
     claims: Mapping[str, Any] | None = None,
     task: str = "classification",
     units: Mapping[str, str] | None = None,
+    spacing: Any = None,
 ) -> CheckView:
     """A small in-memory :class:`auditkit.check.CheckContext` for a check's unit tests.
 
@@ -344,7 +345,10 @@ def make_context(
 
         ``task`` is the model's task: for ``multilabel`` the labels are ``(N, K)`` of 1, 0 and -1
         (unknown) and ``probs`` are per-label sigmoid probabilities; for ``regression`` the labels
-        are targets ``(N,)`` or ``(N, K)`` and ``probs`` (or ``logits``) the predicted values.
+        are targets ``(N,)`` or ``(N, K)`` and ``probs`` (or ``logits``) the predicted values; for
+        ``segmentation`` the labels are reference label maps ``(N, *spatial)``, ``probs`` (or
+        ``logits``) ``(N, K, *spatial)``, and ``spacing`` the pixel or voxel size per image
+        ``(N, len(spatial))`` in mm (default 1).
 
         Example::
 
@@ -362,6 +366,8 @@ def make_context(
         if task == "regression":
             y = np.asarray(spec["labels"], dtype=np.float64)
             y = y.reshape(-1, 1) if y.ndim == 1 else y
+        elif task == "segmentation":
+            y = np.asarray(spec["labels"], dtype=np.int16)
         else:
             y = np.asarray(spec["labels"], dtype=np.int64)
         n = int(y.shape[0])
@@ -379,6 +385,11 @@ def make_context(
             kinds=["npy"] * n,
             paths=[Path(f"<memory>/{name}/{i}") for i in range(n)],
             quarantined_groups={k: dict(v) for k, v in (spec.get("quarantined_groups") or {}).items()},
+            spacing=(
+                np.broadcast_to(np.asarray(spec.get("spacing", 1.0), dtype=np.float64), (n, y.ndim - 1)).copy()
+                if task == "segmentation"
+                else None
+            ),
         )
         out = spec.get("logits")
         if out is None and spec.get("probs") is not None:
@@ -403,6 +414,8 @@ def make_context(
         "labels": labels, "probs": probs, "logits": logits, "features": features, "images": images,
         "groups": groups, "patients": patients, "quarantined_groups": quarantined_groups,
     }  # fmt: skip
+    if spacing is not None:
+        eval_spec["spacing"] = spacing
     if rows is not None:
         eval_spec["rows"] = rows
     splits = {"eval": split("eval", eval_spec)}
@@ -410,9 +423,13 @@ def make_context(
         splits["train"] = split("train", train)
     for name, values in (ood or {}).items():
         splits[f"ood:{name}"] = split(f"ood:{name}", values)
-    if task == "classification":
+    if task in ("classification", "segmentation"):
         n_classes = int(max(int(np.max(s.labels, initial=0)) for s, _ in splits.values())) + 1
-        default = [f"class{k}" for k in range(max(n_classes, 2))]
+        outputs_given = probs if probs is not None else logits
+        if task == "segmentation" and outputs_given is not None:  # a class may be absent from the references
+            n_classes = max(n_classes, int(np.asarray(outputs_given).shape[1]))
+        first = "background" if task == "segmentation" else "class0"
+        default = [first, *(f"class{k}" for k in range(1, max(n_classes, 2)))]
     else:
         prefix = "label" if task == "multilabel" else "output"
         default = [f"{prefix}{k}" for k in range(splits["eval"][0].labels.shape[1])]

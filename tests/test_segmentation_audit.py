@@ -411,3 +411,26 @@ def test_sliding_window_needs_a_segmentation_model_and_a_roi_that_fits(tmp_path:
     with pytest.raises(ConfigError) as info:
         parse_spec(bad, base_dir=tmp_path, source="audit.yaml")
     assert "sliding_window applies to task: segmentation" in str(info.value)
+
+
+def test_the_testing_kit_builds_a_segmentation_context() -> None:
+    from monai.metrics import compute_dice
+
+    from auditkit.checks.performance import PerformanceCheck
+    from auditkit.testing import make_context
+
+    rng = np.random.default_rng(0)
+    reference = (rng.random((6, 12, 12)) < 0.3).astype(np.int16)
+    predicted = np.where(rng.random(reference.shape) < 0.1, 1 - reference, reference)
+    probs = np.stack([1.0 - predicted * 0.8 - 0.1, predicted * 0.8 + 0.1], axis=1)
+    ctx = make_context(reference, probs=probs, task="segmentation", check=PerformanceCheck, spacing=[2.0, 0.5])
+    assert ctx.split("eval").spacing is not None and ctx.split("eval").spacing.tolist()[0] == [2.0, 0.5]
+    result = PerformanceCheck().run(ctx, PerformanceCheck.Params(n_boot=0))
+    dice = next(m for m in result.metrics if m.name == "performance.dice")
+    assert dice.labels == {"class": "class1"}
+    one_hot = [
+        torch.nn.functional.one_hot(torch.as_tensor(m.astype(np.int64)), 2).movedim(-1, 1).float()
+        for m in (predicted, reference)
+    ]
+    expected = compute_dice(*one_hot, include_background=False, ignore_empty=True)[:, 0].numpy()
+    assert dice.value == pytest.approx(float(np.nanmean(expected.astype(np.float64))), abs=1e-6)
