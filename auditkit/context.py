@@ -296,27 +296,14 @@ class AuditContext:
         datasets hold patient data: use them to measure, never copy values into results.
         """
         if split not in self._headers:
-            from auditkit.decode import convert_elements
-
-            converted: list[pydicom.Dataset | None] = []
-            for header in self._read_headers(split):
-                if header is None:
-                    converted.append(None)
-                    continue
-                try:
-                    convert_elements(header)
-                except Exception:  # an element pydicom cannot convert: the header is unreadable
-                    converted.append(None)
-                    continue
-                converted.append(header)
-            self._headers[split] = converted
+            self._headers[split] = [_converted(header) for header in self._read_headers(split)]
         return self._headers[split]
 
     def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:
         """Every file's header of each image, converted as :meth:`headers`' are: a DICOM series'
         slices in position order (``None`` for a slice pydicom cannot convert), a 2-D DICOM
         image's one header, ``()`` for other kinds. Patient data: measure, never report."""
-        from auditkit.decode import convert_elements, read_dicom_header
+        from auditkit.decode import read_dicom_header
         from auditkit.errors import UnreadableImage
 
         data = self.split(split)
@@ -335,18 +322,7 @@ class AuditContext:
                         slices.append(None)
                 out.append(tuple(slices))
             return out
-        result: list[tuple[pydicom.Dataset | None, ...]] = []
-        for datasets in data.slice_headers:
-            converted: list[pydicom.Dataset | None] = []
-            for header in datasets:
-                try:
-                    convert_elements(header)
-                except Exception:  # an element pydicom cannot convert: the header is unreadable
-                    converted.append(None)
-                    continue
-                converted.append(header)
-            result.append(tuple(converted))
-        return result
+        return [tuple(_converted(header) for header in datasets) for datasets in data.slice_headers]
 
     def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]:
         """Text values of a few header elements per image; ``None`` for non-DICOM or unreadable files.
@@ -429,6 +405,20 @@ class AuditContext:
                 yield record, read_dicom_header(path)
             except UnreadableImage:
                 yield record, None
+
+
+def _converted(header: pydicom.Dataset | None) -> pydicom.Dataset | None:
+    """``header`` with every element converted (pydicom silenced), or ``None`` when an element
+    cannot be: the header is then unreadable."""
+    if header is None:
+        return None
+    from auditkit.decode import convert_elements
+
+    try:
+        convert_elements(header)
+    except Exception:  # an element pydicom cannot convert: the header is unreadable
+        return None
+    return header
 
 
 def _first_slice(folder: Path) -> Path:

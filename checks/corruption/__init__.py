@@ -289,20 +289,11 @@ class CorruptionCheck(Check[CorruptionParams]):
             ctx.device,
         )
 
-        for start in range(0, len(indices), p.batch_size):
-            stop = min(start + p.batch_size, len(indices))
-            images = ctx.images("eval", indices[start:stop]).to(ctx.device)
-            for name in p.corruptions:
-                seeds = [stable_seed(seed_root, name, int(r)) for r in manifest_rows[start:stop]]
-                draw = draw_randomness(name, tuple(images.shape), seeds)
-                for severity in p.severities:
-                    corrupted = apply_corruption(images, name, severity, draw=draw)
-                    logits = ctx.model.predict(corrupted, label=f"corruption:{name}:{severity}")
-                    row = conditions.index((name, severity))
-                    # A non-finite output is a failure of the model, never a lucky argmax.
-                    finite = torch.isfinite(logits).all(dim=1).numpy()
-                    non_finite[row] += int((~finite).sum())
-                    correct[row, start:stop] = (logits.argmax(dim=1).numpy() == labels[start:stop]) & finite
+        for start, stop, row, logits in _corrupted_outputs(ctx, p, indices, manifest_rows, seed_root, conditions):
+            # A non-finite output is a failure of the model, never a lucky argmax.
+            finite = torch.isfinite(logits).all(dim=1).numpy()
+            non_finite[row] += int((~finite).sum())
+            correct[row, start:stop] = (logits.argmax(dim=1).numpy() == labels[start:stop]) & finite
 
         replicates = bootstrap_accuracies(
             np.vstack([clean[None, :], correct]),
