@@ -82,7 +82,8 @@ class PerformanceCheck(Check[PerformanceParams]):
     """Standalone performance at the operating point, with 95% intervals, and claimed figures held
     against them: a classifier's accuracy, balanced accuracy, AUROC, AUPRC, sensitivity,
     specificity, PPV and NPV; a multi-label model's per-label AUROC, AUPRC and rates at each
-    label's threshold, and its macro AUROC; a regression model's MAE, RMSE, mean error and R².
+    label's threshold, and its macro AUROC; a regression model's MAE, RMSE, mean error and R²; a
+    segmentation model's Dice, HD95 and normalised surface Dice per class and its mean Dice.
 
     Method. Classification: the eval split's probabilities from the shared pass are turned into
     decisions at the operating point - for a binary classifier, the positive class when its
@@ -140,7 +141,17 @@ class PerformanceCheck(Check[PerformanceParams]):
     NIST AI RMF: MEASURE 2.3 (performance demonstrated for conditions similar to deployment),
     MEASURE 2.5 (validity and reliability demonstrated), MAP 2.3 (claims documented and tested).
     Packaged rules: PERF-CLAIM (every claim), PERF-AUROC (a binary classifier's AUROC, no labels),
-    PERF-MACRO-AUROC (multilabel), PERF-R2 (regression, every output).
+    PERF-MACRO-AUROC (multilabel), PERF-R2 (regression, every output), SEG-MEAN-DICE and
+    SEG-DICE-CLASS (segmentation).
+
+    Segmentation (``model.task: segmentation``, :mod:`.segmentation`): per case and foreground
+    class, MONAI's Dice (``include_background=False, ignore_empty=True``), HD95 in millimetres
+    (each case's pixel or voxel spacing) and normalised surface Dice at ``nsd_tolerance_mm``
+    (:mod:`auditkit.segmentation`, named in the ``segmentation_metrics`` finding); per class the
+    mean over the cases where each is defined, ``performance.mean_dice`` the mean of the classes'
+    mean Dice, intervals from one patient bootstrap. Cases with an empty reference, false positives
+    on them and missed classes are counted (``case_counts``), the worst cases listed
+    (``worst_cases``).
 
     Limitations: the intervals hold for the eval split as drawn; they say nothing of a population
     it does not represent. A multi-label model's figures for a label rest on the entries whose
