@@ -322,3 +322,30 @@ def test_every_slice_of_every_series_is_judged_for_identifiers(ct_study: Path) -
     patient_id = next(f for f in phi["findings"] if f.get("keyword") == "PatientID")
     assert sum(len(rows) for rows in patient_id["rows"].values()) == series  # each series' row listed once
     assert patient_id["rows_truncated"] is False
+
+
+def test_the_3d_segmentation_fixture_is_judged_on_dicom_series_with_nifti_masks(tmp_path: Path) -> None:
+    from auditkit.fixtures.volumes import generate_volume_segmentation_study, write_volume_segmentation_spec
+
+    generate_volume_segmentation_study(tmp_path)
+    judged = {}
+    for variant in ("biased", "clean"):
+        spec = write_volume_segmentation_spec(
+            tmp_path, variant, checks={"performance": {"n_boot": 200}, "bias": {"min_group_size": 5, "n_boot": 200}}
+        )
+        main(["run", str(spec), "--quiet", "--no-pdf"])
+        judged[variant] = json.loads((tmp_path / f"audit-{variant}" / "results.json").read_text())
+    biased, clean = judged["biased"], judged["clean"]
+    assert biased["data"]["quarantine"] == [] and clean["data"]["quarantine"] == []  # every mask on its grid
+    assert set(biased["data"]["splits"]["eval"]["volumes"]["kinds"]) == {"dicom-series", "nifti"}
+    failed = {(r["id"], r["labels"].get("group_by")) for r in biased["rules"] if r["status"] == "fail"}
+    assert ("SEG-DICE-GAP", "site") in failed  # the U-Net never saw site C
+    assert not [r for r in clean["rules"] if r["id"].startswith("SEG-DICE-GAP") and r["status"] == "fail"]
+    performance = next(c for c in clean["checks"] if c["id"] == "performance")
+    hd95 = next(
+        m for m in performance["metrics"] if m["name"] == "performance.hd95" and m["labels"] == {"class": "lung"}
+    )
+    # Distances in mm on the anisotropic grid (3.75 mm between model slices, 1.875 mm in plane).
+    assert hd95["value"] is not None and hd95["value"] > 0
+    spacing = clean["data"]["splits"]["eval"]["volumes"]["spacing_mm"]["median"]
+    assert spacing == pytest.approx([3.75, 1.875, 1.875])
