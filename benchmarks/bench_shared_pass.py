@@ -121,6 +121,7 @@ MODELS = {
     "resnet18_224": "torchvision ResNet-18 (random weights), 224x224",
     "tiny_cnn": "packaged tiny CNN, 64x64 (worst case: near-free inference)",
     "volume_cnn": "packaged 3-D CNN of the CT fixture, 16x32x32 volumes (DICOM series, NIfTI, .npy)",
+    "volume_unet": "packaged 3-D U-Net of the CT segmentation fixture, 16x32x32 volumes (DICOM series, NIfTI)",
 }
 
 
