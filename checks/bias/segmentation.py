@@ -127,8 +127,7 @@ class CaseOutcomes:
         space = np.asarray(spacing, dtype=np.float64)
         if space.shape != (n, pred.ndim - 1):
             raise ValueError(f"spacing must have shape ({n}, {pred.ndim - 1}), got {space.shape}")
-        # The NSD tolerance is irrelevant here: the bias analysis reads Dice and HD95 only.
-        figures = case_figures(pred, ref, space, k, [1.0] * (k - 1))
+        figures = case_figures(pred, ref, space, k, figures=("dice", "hd95"))
         flat_ref, flat_pred = ref.reshape(n, -1), pred.reshape(n, -1)
         reference_present = np.stack([(flat_ref == c).any(axis=1) for c in range(1, k)], axis=1)
         predicted_present = np.stack([(flat_pred == c).any(axis=1) for c in range(1, k)], axis=1)

@@ -35,6 +35,7 @@ from auditkit.checks.performance.claims import ClaimTarget, judge_claims
 from auditkit.checks.performance.metrics import cluster_weights
 from auditkit.segmentation import case_figures, implementation
 from auditkit.stats import median_centred_interval
+from auditkit.tasks import mean_dice as task_mean_dice
 
 if TYPE_CHECKING:
     from auditkit.check import CheckContext
@@ -84,7 +85,8 @@ def measure_segmentation(
     figures = case_figures(predicted, reference, spacing, len(classes), tolerances)
     dice = figures["dice"]
     means = {name: _nanmean(values, axis=0) for name, values in figures.items()}
-    mean_dice = float(np.nanmean(means["dice"])) if np.isfinite(means["dice"]).any() else float("nan")
+    overall = task_mean_dice(dice)  # the mean of the classes' mean Dice, as every check computes it
+    mean_dice = float("nan") if overall is None else overall
 
     replicates: dict[str, list[NDArray[np.float64]]] = {name: [] for name in figures}
     mean_dice_replicates: list[NDArray[np.float64]] = []
