@@ -8,7 +8,7 @@ twins - audits each with the backdoor check at its default parameters (CPU), and
   attack success, verdict, suspected target, and per data-level method the largest share of a
   class flagged (for a twin: recall / precision on the poisoned rows);
 * per part (``tuning``, ``held_out_1``, ``held_out_2``, ``held_out_3``, ``held_out_4``,
-  ``held_out_5``; the first four together are what the final rule was chosen on, the last two are
+  ``held_out_5``, ``held_out_6``; the first four together are what the final rule was chosen on, the last three are
   the reported held-out parts, also pooled): the
   model-level false-positive rate on clean models, the data-level one (a clean model with more
   than 2% of some class flagged by a method), both with Wilson 95% intervals; the detection
@@ -49,7 +49,7 @@ SHORT = {
 }
 FAIL_RULES = ("activation_clustering", "spectral_signature")  # the policies' fail rules (BD-DATA-*)
 DATA_LIMIT = 0.02  # the policies' BD-DATA-CLUSTER / BD-DATA-SPECTRAL threshold
-PARTS = ("tuning", "held_out_1", "held_out_2", "held_out_3", "held_out_4", "held_out_5")
+PARTS = ("tuning", "held_out_1", "held_out_2", "held_out_3", "held_out_4", "held_out_5", "held_out_6")
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -387,9 +387,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "held_out_2",
         "held_out_3",
     )
-    groups["held_out_4 + held_out_5 (the held-out parts, measured once each with the final rule)"] = (
+    groups["held_out_4 + held_out_5 + held_out_6 (the held-out parts, measured once each with the final rule)"] = (
         "held_out_4",
         "held_out_5",
+        "held_out_6",
     )
     for label, parts in groups.items():
         chosen = [r for r in records if r["part"] in parts]
