@@ -102,6 +102,9 @@ class Rule(BaseModel):
     tasks: list[str] | None = None
     """The ``model.task`` values the rule applies to (``None``: every task). On another task the
     rule is not applicable: left out of the judgement and counted as such, not ``not_evaluated``."""
+    inputs: list[Literal["images", "volumes"]] | None = Field(default=None, min_length=1)
+    """The inputs the rule applies to: ``images`` (2-D) and/or ``volumes`` (``model.input.depth``
+    set); ``None``: both. On the other input the rule is not applicable, as for ``tasks``."""
 
     @field_validator("tasks")
     @classmethod
@@ -114,8 +117,9 @@ class Rule(BaseModel):
                 raise ValueError(f"tasks must be a non-empty list of {list(TASKS)}, got {tasks}")
         return tasks
 
-    def applies_to(self, task: str) -> bool:
-        return self.tasks is None or task in self.tasks
+    def applies_to(self, task: str, spatial_dims: int = 2) -> bool:
+        inputs = "volumes" if spatial_dims == 3 else "images"
+        return (self.tasks is None or task in self.tasks) and (self.inputs is None or inputs in self.inputs)
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -395,6 +399,7 @@ def evaluate(
     emitters: Mapping[str, str] | None = None,
     not_run: Sequence[str] = (),
     task: str = "classification",
+    spatial_dims: int = 2,
 ) -> dict[str, Any]:
     """Judge a run's check records: rule outcomes, subcategory statuses and the verdict.
 
@@ -408,11 +413,14 @@ def evaluate(
             and the verdict is partial.
         task: the model's task; a rule whose ``tasks`` exclude it is not applicable (listed
             under ``policy.not_applicable``, neither judged nor counted).
+        spatial_dims: 3 for volumes (``model.input.depth``), else 2; a rule whose ``inputs``
+            exclude them is not applicable, as for ``task``.
     """
     framework = load_framework(policy.framework)
     metrics = [m for check in checks for m in check.get("metrics", [])]
-    applicable = [rule for rule in policy.rules if rule.applies_to(task)]
-    not_applicable = [rule.id for rule in policy.rules if not rule.applies_to(task)]
+    applicable = [rule for rule in policy.rules if rule.applies_to(task, spatial_dims)]
+    not_applicable = [rule.id for rule in policy.rules if not rule.applies_to(task, spatial_dims)]
+    inputs = "volumes" if spatial_dims == 3 else "images"
     rules = [evaluate_rule(rule, metrics) for rule in applicable]
     for record in rules:
         if record["cause"] == "not_emitted" and emitters is not None:
@@ -436,7 +444,7 @@ def evaluate(
     failed = [r["id"] for r in rules if r["status"] == "fail"]
     evaluated = evaluated_summary(rules, not_run)
     if not_applicable:
-        evaluated["text"] += f"; {len(not_applicable)} rules apply to other tasks than {task}"
+        evaluated["text"] += f"; {len(not_applicable)} rules apply to other tasks or inputs than {task} on {inputs}"
     # A gate never passes on nothing: when every selected check was skipped, nothing about the
     # model was measured (the coverage record measures the data, not the model).
     model_checks = [c for c in checks if c.get("id") != "coverage"]
@@ -454,7 +462,7 @@ def evaluate(
             "control_counts": {s: sum(c["status"] == s for c in controls) for s in CONTROL_STATUSES},
             "checks_errored": errored,
             "evaluated": evaluated,
-            "not_applicable": {"task": task, "rules": not_applicable},
+            "not_applicable": {"task": task, "inputs": inputs, "rules": not_applicable},
         },
         "rules": rules,
         "controls": controls,

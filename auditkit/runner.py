@@ -447,6 +447,7 @@ def run_audit(
         emitters=emitters,
         not_run=selection.not_run,
         task=spec.model.task,
+        spatial_dims=spec.spatial_dims,
     )
     finished_at = datetime.now(UTC)
     results = assemble(

@@ -348,7 +348,8 @@ def make_context(
         are targets ``(N,)`` or ``(N, K)`` and ``probs`` (or ``logits``) the predicted values; for
         ``segmentation`` the labels are reference label maps ``(N, *spatial)``, ``probs`` (or
         ``logits``) ``(N, K, *spatial)``, and ``spacing`` the pixel or voxel size per image
-        ``(N, len(spatial))`` in mm (default 1).
+        ``(N, len(spatial))`` in mm (default 1). Images ``(N, C, D, H, W)`` make the context 3-D
+        (``spatial_dims`` 3, as ``model.input.depth`` does), with ``spacing`` ``(N, 3)`` per volume.
 
         Example::
 
@@ -388,6 +389,8 @@ def make_context(
             spacing=(
                 np.broadcast_to(np.asarray(spec.get("spacing", 1.0), dtype=np.float64), (n, y.ndim - 1)).copy()
                 if task == "segmentation"
+                else np.broadcast_to(np.asarray(spec.get("spacing", 1.0), dtype=np.float64), (n, 3)).copy()
+                if stored is not None and stored.ndim == 5
                 else None
             ),
         )
@@ -459,6 +462,8 @@ def make_context(
         task=task,
         units=dict(units or {}),
     )
+    if images is not None and np.asarray(images).ndim == 5:  # volumes (N, C, D, H, W)
+        ctx.spatial_dims = 3
     for name, (_, outputs) in splits.items():
         if outputs is not None:
             ctx._outputs[name] = outputs

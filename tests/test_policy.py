@@ -267,15 +267,39 @@ def test_a_rule_for_another_task_is_not_applicable_and_not_counted() -> None:
     )
     judged = evaluate(policy, checks)
     assert [r["id"] for r in judged["rules"]] == ["A"]
-    assert judged["policy"]["not_applicable"] == {"task": "classification", "rules": ["R"]}
+    assert judged["policy"]["not_applicable"] == {"task": "classification", "inputs": "images", "rules": ["R"]}
     assert judged["policy"]["evaluated"]["text"].startswith("1 of 1 rules evaluated")
-    assert "1 rules apply to other tasks than classification" in judged["policy"]["evaluated"]["text"]
+    assert (
+        "1 rules apply to other tasks or inputs than classification on images" in judged["policy"]["evaluated"]["text"]
+    )
     assert {c["id"]: c["status"] for c in judged["controls"]}["MEASURE 2.6"] == "not_assessed"
     on_regression = evaluate(policy, checks, task="regression")
     assert [r["id"] for r in on_regression["rules"]] == ["A", "R"]
     with pytest.raises(ConfigError, match=r"tasks must be a non-empty list of \['classification'"):
         parse_policy(
             {"name": "p", "version": 1, "rules": [{"id": "X", "metric": "a.b", "max": 1, "tasks": ["seg"]}]}, "p"
+        )
+
+
+def test_a_rule_for_the_other_input_is_not_applicable() -> None:
+    checks = [{"id": "calibration", "status": "ok", "metrics": METRICS}]
+    policy = _policy(
+        rule(id="A", labels={}, controls=["MEASURE 2.5"]),
+        rule(id="V", labels={}, inputs=["volumes"], controls=["MEASURE 2.6"]),
+        rule(id="I", labels={}, inputs=["images"], controls=["MEASURE 2.6"]),
+    )
+    on_images = evaluate(policy, checks)
+    assert [r["id"] for r in on_images["rules"]] == ["A", "I"]
+    assert on_images["policy"]["not_applicable"] == {"task": "classification", "inputs": "images", "rules": ["V"]}
+    on_volumes = evaluate(policy, checks, spatial_dims=3)
+    assert [r["id"] for r in on_volumes["rules"]] == ["A", "V"]
+    assert (
+        "1 rules apply to other tasks or inputs than classification on volumes"
+        in (on_volumes["policy"]["evaluated"]["text"])
+    )
+    with pytest.raises(ConfigError, match=r"inputs"):
+        parse_policy(
+            {"name": "p", "version": 1, "rules": [{"id": "X", "metric": "a.b", "max": 1, "inputs": ["3d"]}]}, "p"
         )
 
 

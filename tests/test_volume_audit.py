@@ -185,11 +185,24 @@ def test_the_audit_reads_volumes_once_and_records_their_spacing(volume_audit: di
 
 def test_checks_for_2d_images_are_skipped_with_a_reason_naming_volumes(volume_audit: dict[str, Any]) -> None:
     checks = volume_audit["checks"]
-    for check_id in ("corruption", "backdoor"):
-        assert checks[check_id]["status"] == "skipped"
-        assert f"check '{check_id}' does not measure 3-D volumes (model.input.depth)" in checks[check_id]["reason"]
-    for check_id in ("performance", "calibration", "bias", "ood", "leakage", "adversarial", "phi"):
+    assert checks["backdoor"]["status"] == "skipped"
+    assert "check 'backdoor' does not measure 3-D volumes (model.input.depth)" in checks["backdoor"]["reason"]
+    for check_id in ("performance", "calibration", "bias", "ood", "leakage", "adversarial", "phi", "corruption"):
         assert checks[check_id]["status"] == "ok", (check_id, checks[check_id]["error"])
+
+
+def test_volumes_are_corrupted_by_3d_acquisition_artefacts(volume_audit: dict[str, Any]) -> None:
+    corruption = volume_audit["checks"]["corruption"]
+    run = {m["labels"]["corruption"] for m in corruption["metrics"] if m["name"] == "corruption.accuracy"}
+    # .npy volumes carry no modality: every artefact runs.
+    assert run == {"none", "mr_motion", "mr_ghosting", "mr_spike", "mr_bias_field", "ct_noise", "slice_thickness"}
+    setup = next(f for f in corruption["findings"] if f["kind"] == "corruption_setup")
+    assert setup["modalities"] == {"unknown": 16}
+    assert setup["corruptions"]["slice_thickness"]["thickness_mm"]["2"] == [3.0, 3.0]  # 2 x 1.5 mm
+    rules = {r["id"]: r for r in volume_audit["results"]["rules"]}
+    assert rules["COR-CT-LOW-DOSE"]["status"] in ("pass", "fail")  # judged on volumes
+    assert "COR-LOW-DOSE" not in rules  # a 2-D rule: not applicable
+    assert "COR-LOW-DOSE" in volume_audit["results"]["policy"]["not_applicable"]["rules"]
 
 
 def test_the_volume_model_is_measured(volume_audit: dict[str, Any]) -> None:

@@ -34,6 +34,14 @@ from auditkit.checks.corruption.transforms import (
     draw_randomness,
     poisson_quantile,
 )
+from auditkit.checks.corruption.volumes import (
+    VOLUME_CORRUPTION_NAMES,
+    VOLUME_CORRUPTIONS,
+    VolumeCorruptionName,
+    apply_volume_corruption,
+    default_volume_corruptions,
+    draw_volume_randomness,
+)
 from auditkit.sampling import stratified_sample
 from auditkit.segmentation import case_figures
 from auditkit.stats import bootstrap_indices, median_centred_interval, stable_seed
@@ -131,7 +139,10 @@ class CorruptionParams(CheckParams):
     """Parameters of :class:`CorruptionCheck`.
 
     Attributes:
-        corruptions: corruptions to apply (default: all of :data:`CORRUPTION_NAMES`).
+        corruptions: corruptions to apply. Default: every one of :data:`CORRUPTION_NAMES` on
+            2-D images; on volumes the artefacts of
+            :data:`~auditkit.checks.corruption.volumes.VOLUME_CORRUPTION_NAMES` that belong to the
+            sample's DICOM modality (:func:`~.volumes.default_volume_corruptions`).
         severities: severities to run, strictly increasing in 1..5 (0 is the clean image).
         n_samples: images corrupted (class-stratified, seeded); ``None`` takes the whole
             eval split.
@@ -139,7 +150,7 @@ class CorruptionParams(CheckParams):
         n_boot: bootstrap resamples per interval; 0 disables intervals.
     """
 
-    corruptions: list[CorruptionName] = Field(default_factory=lambda: list(CORRUPTION_NAMES), min_length=1)
+    corruptions: list[CorruptionName | VolumeCorruptionName] | None = Field(default=None, min_length=1)
     severities: list[int] = Field(default_factory=lambda: list(range(1, MAX_SEVERITY + 1)), min_length=1)
     n_samples: int | None = Field(default=1000, ge=1)
     batch_size: int = Field(default=64, ge=1)
@@ -147,8 +158,8 @@ class CorruptionParams(CheckParams):
 
     @field_validator("corruptions")
     @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
+    def _unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
             raise ValueError(f"corruptions must not repeat, got {value}")
         return value
 
@@ -160,6 +171,13 @@ class CorruptionParams(CheckParams):
         if any(b <= a for a, b in itertools.pairwise(value)):
             raise ValueError(f"severities must be strictly increasing, got {value}")
         return value
+
+    @property
+    def names(self) -> list[str]:
+        """The corruptions to run, once :func:`_resolved` has filled in the default."""
+        if self.corruptions is None:
+            raise RuntimeError("corruptions are resolved against the input before the check runs")
+        return list(self.corruptions)
 
 
 class CorruptionCheck(Check[CorruptionParams]):
@@ -208,8 +226,20 @@ class CorruptionCheck(Check[CorruptionParams]):
     ``corruption.mean_relative_drop`` is, for every task, the mean of the relative drops over
     every corruption and severity run.
 
-    Inputs: eval-split images (any size, grayscale or multi-channel), labels and predictions
-    (``Needs(predictions=True, images=True)``).
+    Volumes (``model.input.depth``) are corrupted by 3-D acquisition artefacts instead
+    (:mod:`.volumes`): MR motion, ghosting, spike and bias field (TorchIO's deterministic
+    transforms with parameters drawn per volume from its seed), CT noise at reduced dose and
+    thicker slices, each at five severities documented physically (motion in millimetres at each
+    volume's spacing). By default the artefacts of the sample's DICOM modality run (CT: noise and
+    slice thickness; MR: the four MR artefacts and slice thickness); volumes without a header
+    (NIfTI, ``.npy``) or of mixed modality get all six, and ``corruptions`` selects others. The
+    metrics, intervals and rules are those of 2-D images, on the task's primary metric. A 2-D
+    corruption named for volumes, or a volume artefact for images, is refused with the name of
+    the parameter.
+
+    Inputs: eval-split images or volumes (any size, grayscale or multi-channel), labels and
+    predictions, the volumes' spacing and DICOM modality (``Needs(predictions=True,
+    images=True, headers=True)``).
 
     Metrics:
         classification: ``corruption.accuracy`` (``higher_is_better``) with labels
@@ -243,7 +273,7 @@ class CorruptionCheck(Check[CorruptionParams]):
 
     Params = CorruptionParams
 
-    needs: ClassVar[Needs] = Needs(predictions=True, images=True)
+    needs: ClassVar[Needs] = Needs(predictions=True, images=True, headers=True)
     emits: ClassVar[tuple[str, ...]] = (
         "corruption.accuracy",
         "corruption.macro_auroc",
@@ -253,16 +283,13 @@ class CorruptionCheck(Check[CorruptionParams]):
         "corruption.mean_relative_drop",
     )
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
-    dims_reason: ClassVar[str | None] = (
-        "its shifts are 2-D image corruptions; 3-D acquisition artefacts (MR motion, ghosting, spike, bias"
-        " field; CT noise and slice thickness) are not implemented yet"
-    )
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     def run(self, ctx: CheckContext, params: CorruptionParams) -> CheckResult:
         """Corrupt a stratified sample of the eval split and measure accuracy per severity."""
+        p = _resolved(ctx, params)
         if ctx.task != "classification":
-            return _run_on_task(ctx, params)
-        p = params
+            return _run_on_task(ctx, p)
         result = CheckResult()
         preds = ctx.predictions("eval")
         all_labels = np.asarray(preds.labels, dtype=np.int64)
@@ -278,13 +305,13 @@ class CorruptionCheck(Check[CorruptionParams]):
         # A non-finite clean output is a wrong answer, never a lucky argmax.
         clean = (np.asarray(preds.predicted)[indices] == labels) & finite_clean[indices]
         manifest_rows = np.asarray(ctx.split("eval").rows)[indices]
-        conditions = [(name, s) for name in p.corruptions for s in p.severities]
+        conditions = [(name, s) for name in p.names for s in p.severities]
         correct = np.zeros((len(conditions), len(indices)), dtype=bool)
         non_finite = np.zeros(len(conditions), dtype=np.int64)
         log.info(
             "corruption: %d images, %d corruptions x %d severities on %s",
             len(indices),
-            len(p.corruptions),
+            len(p.names),
             len(p.severities),
             ctx.device,
         )
@@ -310,8 +337,7 @@ class CorruptionCheck(Check[CorruptionParams]):
         ]
 
         curves = {
-            name: {s: float(correct[conditions.index((name, s))].mean()) for s in p.severities}
-            for name in p.corruptions
+            name: {s: float(correct[conditions.index((name, s))].mean()) for s in p.severities} for name in p.names
         }
         result.artifacts.append(
             ctx.write_artifact(
@@ -333,7 +359,7 @@ class CorruptionCheck(Check[CorruptionParams]):
 
 def _undefined(p: CorruptionParams, reason: str, n: int) -> list[Metric]:
     metrics = [Metric("corruption.accuracy", None, "higher_is_better", labels=CLEAN_LABELS, n=n, reason=reason)]
-    for name in p.corruptions:
+    for name in p.names:
         for severity in p.severities:
             labels = {"corruption": name, "severity": str(severity)}
             metrics.append(Metric("corruption.accuracy", None, "higher_is_better", labels=labels, n=n, reason=reason))
@@ -439,14 +465,7 @@ def _findings(
             "kind": "corruption_setup",
             "device": str(ctx.device),
             "seed_root": seed_root,
-            "corruptions": {
-                name: {
-                    "physics": CORRUPTIONS[name].physics,
-                    "parameter": CORRUPTIONS[name].parameter,
-                    "levels": {str(s): CORRUPTIONS[name].level(s) for s in p.severities},
-                }
-                for name in p.corruptions
-            },
+            **_setup(ctx, p, manifest_rows),
         },
     ]
 
@@ -488,7 +507,7 @@ def _undefined_task(p: CorruptionParams, task: str, names: list[str], reason: st
     name, direction, _ = TASK_METRIC[task]
     extras = [_output_labels(names, k) for k in range(len(names))] if task == "regression" else [{}]
     metrics = [Metric(name, None, direction, labels={**CLEAN_LABELS, **e}, n=n, reason=reason) for e in extras]
-    for corruption in p.corruptions:
+    for corruption in p.names:
         for severity in p.severities:
             labels = {"corruption": corruption, "severity": str(severity)}
             metrics += [Metric(name, None, direction, labels={**labels, **e}, n=n, reason=reason) for e in extras]
@@ -497,6 +516,60 @@ def _undefined_task(p: CorruptionParams, task: str, names: list[str], reason: st
             )
     metrics.append(Metric("corruption.mean_relative_drop", None, "lower_is_better", n=n, reason=reason))
     return metrics
+
+
+def _modalities(ctx: CheckContext) -> list[str | None]:
+    """Each eval image's DICOM Modality (the first slice's for a series), ``None`` without one."""
+    out: list[str | None] = []
+    for header in ctx.headers("eval"):
+        value = None if header is None else getattr(header, "Modality", None)
+        out.append(str(value).strip().upper() or None if value is not None else None)
+    return out
+
+
+def _resolved(ctx: CheckContext, params: CorruptionParams) -> CorruptionParams:
+    """``params`` with the corruptions this input runs: the selected ones, checked against the
+    input's dimensionality, or the defaults (every 2-D corruption; on volumes the artefacts of the
+    eval split's modality)."""
+    volumes = ctx.spatial_dims == 3
+    names = params.corruptions
+    if names is None:
+        names = list(default_volume_corruptions(_modalities(ctx)) if volumes else CORRUPTION_NAMES)
+    else:
+        catalogue: tuple[str, ...] = VOLUME_CORRUPTION_NAMES if volumes else CORRUPTION_NAMES
+        wrong = [name for name in names if name not in catalogue]
+        if wrong:
+            kind = "volumes (model.input.depth is set)" if volumes else "2-D images (model.input.depth is not set)"
+            raise ValueError(
+                f"checks.corruption.corruptions: {wrong} do not apply to {kind}; expected some of {list(catalogue)}"
+            )
+    return params.model_copy(update={"corruptions": list(names)})
+
+
+def _setup(ctx: CheckContext, p: CorruptionParams, manifest_rows: NDArray[Any]) -> dict[str, Any]:
+    """The ``corruption_setup`` finding's description of every corruption run (physics, parameter,
+    levels); on volumes also the modalities seen and each slice thickness in millimetres."""
+    volumes = ctx.spatial_dims == 3
+    described: dict[str, Any] = {}
+    for name in p.names:
+        corruption = VOLUME_CORRUPTIONS[name] if volumes else CORRUPTIONS[name]
+        described[name] = {
+            "physics": corruption.physics,
+            "parameter": corruption.parameter,
+            "levels": {str(s): corruption.level(s) for s in p.severities},
+        }
+    out: dict[str, Any] = {"corruptions": described}
+    if volumes:
+        modalities = _modalities(ctx)
+        out["modalities"] = {str(m or "unknown"): modalities.count(m) for m in dict.fromkeys(modalities)}
+        spacing = ctx.split("eval").spacing
+        if "slice_thickness" in described and spacing is not None and len(spacing):
+            z = np.asarray(spacing, dtype=np.float64)[:, 0]
+            described["slice_thickness"]["thickness_mm"] = {
+                str(s): [round(float(z.min()) * level, 3), round(float(z.max()) * level, 3)]
+                for s, level in described["slice_thickness"]["levels"].items()
+            }
+    return out
 
 
 def _corrupted_outputs(
@@ -509,15 +582,24 @@ def _corrupted_outputs(
 ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
     """``(start, stop, condition, logits)`` for every batch of the sample under every condition:
     each image's corruption drawn from its manifest row, so a sample's images are corrupted the
-    same whatever the batch size."""
+    same whatever the batch size. Volumes get the 3-D artefacts at their spacing."""
+    volumes = ctx.spatial_dims == 3
+    spacing = ctx.split("eval").spacing if volumes else None
     for start in range(0, len(indices), p.batch_size):
         stop = min(start + p.batch_size, len(indices))
         images = ctx.images("eval", indices[start:stop]).to(ctx.device)
-        for name in p.corruptions:
+        grid = None if spacing is None else np.asarray(spacing)[indices[start:stop]]
+        for name in p.names:
             seeds = [stable_seed(seed_root, name, int(r)) for r in manifest_rows[start:stop]]
-            draw = draw_randomness(name, tuple(images.shape), seeds)
+            if volumes:
+                draw = draw_volume_randomness(name, tuple(images.shape), seeds)
+            else:
+                draw = draw_randomness(name, tuple(images.shape), seeds)
             for severity in p.severities:
-                corrupted = apply_corruption(images, name, severity, draw=draw)
+                if volumes:
+                    corrupted = apply_volume_corruption(images, name, severity, spacing=grid, draw=draw)
+                else:
+                    corrupted = apply_corruption(images, name, severity, draw=draw)
                 logits = ctx.model.predict(corrupted, label=f"corruption:{name}:{severity}")
                 yield start, stop, conditions.index((name, severity)), logits
 
@@ -539,7 +621,7 @@ def _run_on_task(ctx: CheckContext, p: CorruptionParams) -> CheckResult:
     indices = task_sample(all_labels, task, p.n_samples, rng)
     seed_root = int(rng.integers(0, 2**62))
     manifest_rows = np.asarray(ctx.split("eval").rows)[indices]
-    conditions = [(name, s) for name in p.corruptions for s in p.severities]
+    conditions = [(name, s) for name in p.names for s in p.severities]
     if task == "segmentation":
         return _run_on_segmentation(ctx, p, indices, manifest_rows, seed_root, conditions)
     targets = all_labels[indices]
@@ -550,7 +632,7 @@ def _run_on_task(ctx: CheckContext, p: CorruptionParams) -> CheckResult:
         "corruption: %d images (task: %s), %d corruptions x %d severities on %s",
         len(indices),
         task,
-        len(p.corruptions),
+        len(p.names),
         len(p.severities),
         ctx.device,
     )
@@ -580,7 +662,7 @@ def _run_on_task(ctx: CheckContext, p: CorruptionParams) -> CheckResult:
             ctx.write_artifact(
                 plot.name,
                 f"{plot.name}.svg",
-                plot.writer(p.severities, p.corruptions, conditions, len(indices)),
+                plot.writer(p.severities, p.names, conditions, len(indices)),
                 description=plot.description,
             )
         )
@@ -669,6 +751,9 @@ def _run_on_segmentation(
             "relative_drop": RELATIVE_DROP_TEXT["segmentation"],
         }
     )
+    result.findings.append(
+        {"kind": "corruption_setup", "task": "segmentation", "device": str(ctx.device), **_setup(ctx, p, manifest_rows)}
+    )
     result.findings += [
         {"kind": "non_finite_logits", "corruption": name, "severity": severity, "count": int(count)}
         for (name, severity), count in zip(conditions, non_finite, strict=True)
@@ -688,7 +773,7 @@ def _run_on_segmentation(
             ctx.write_artifact(
                 plot.name,
                 f"{plot.name}.svg",
-                plot.writer(p.severities, p.corruptions, conditions, n),
+                plot.writer(p.severities, p.names, conditions, n),
                 description=plot.description,
             )
         )
@@ -951,14 +1036,7 @@ def _task_findings(
         "relative_drop": RELATIVE_DROP_TEXT[task],
         "device": str(ctx.device),
         "seed_root": seed_root,
-        "corruptions": {
-            name: {
-                "physics": CORRUPTIONS[name].physics,
-                "parameter": CORRUPTIONS[name].parameter,
-                "levels": {str(s): CORRUPTIONS[name].level(s) for s in p.severities},
-            }
-            for name in p.corruptions
-        },
+        **_setup(ctx, p, manifest_rows),
     }
     if task == "regression":
         setup["units"] = regression_units(names, dict(ctx.units))
