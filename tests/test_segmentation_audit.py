@@ -240,6 +240,17 @@ def test_the_audit_scores_segmentation_as_monai_does(segmentation_audit: dict[st
     assert worst[0]["dice"] == pytest.approx(float(np.nanmin(expected)), abs=1e-6)
 
 
+def test_the_worst_cases_are_drawn_by_row_never_by_patient(segmentation_audit: dict[str, Any]) -> None:
+    performance = segmentation_audit["checks"]["performance"]
+    artifact = next(a for a in performance["artifacts"] if a["name"] == "worst_case_overlays")
+    svg = (segmentation_audit["root"] / "out" / artifact["path"]).read_text()
+    worst = next(f for f in performance["findings"] if f["kind"] == "worst_cases")["cases"]
+    for case in worst[:3]:  # the three lowest-Dice cases, titled by manifest row and Dice
+        assert f"lesion: row {case['row']}, Dice {case['dice']:.2f}" in svg
+    assert "patient-" not in svg  # the manifest's patient ids never reach the image
+    assert svg.count("<image") == 3  # one image per drawn case
+
+
 def test_checks_that_do_not_measure_segmentation_are_skipped_naming_the_task(
     segmentation_audit: dict[str, Any],
 ) -> None:

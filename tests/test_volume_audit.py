@@ -362,3 +362,7 @@ def test_the_3d_segmentation_fixture_is_judged_on_dicom_series_with_nifti_masks(
     assert hd95["value"] is not None and hd95["value"] > 0
     spacing = clean["data"]["splits"]["eval"]["volumes"]["spacing_mm"]["median"]
     assert spacing == pytest.approx([3.75, 1.875, 1.875])
+    # The worst cases are drawn on the slice holding most of each class's reference.
+    overlay = next(a for a in performance["artifacts"] if a["name"] == "worst_case_overlays")
+    svg = (tmp_path / "audit-clean" / overlay["path"]).read_text()
+    assert svg.count("<image") == 6 and svg.count(", slice ") == 6  # 3 cases x (lung, nodule)

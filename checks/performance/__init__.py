@@ -59,6 +59,13 @@ class PerformanceParams(CheckParams):
         description="segmentation: the normalised surface Dice's tolerance in mm, one for every class or"
         " {class: mm} (classes not named take 2.0)",
     )
+    overlay_cases: int = Field(
+        default=3,
+        ge=0,
+        le=10,
+        description="segmentation: the lowest-Dice eval cases of each class drawn with their reference and"
+        " prediction over the image (the artifact worst_case_overlays); 0: no image in the bundle",
+    )
 
     @field_validator("nsd_tolerance_mm")
     @classmethod
@@ -107,7 +114,8 @@ class PerformanceCheck(Check[PerformanceParams]):
     claimed (MAE, RMSE), positive when the data cannot support the claim at 95% (rule PERF-CLAIM).
 
     Inputs: the eval split's predictions and labels (multilabel 1/0/unknown, regression targets),
-    its surrogate patient ids, and for regression the outputs' units (``model.units``).
+    its surrogate patient ids, and for regression the outputs' units (``model.units``);
+    segmentation: the images of the worst cases it draws.
 
     Metrics. Classification: ``performance.accuracy``, ``performance.balanced_accuracy``;
     ``performance.auroc``, ``.auprc``, ``.sensitivity``, ``.specificity``, ``.ppv``, ``.npv``
@@ -136,7 +144,9 @@ class PerformanceCheck(Check[PerformanceParams]):
 
     Artifacts: ``roc_pr_curves`` (SVG; classification and multilabel, one curve per class or
     label with its operating point marked); ``bland_altman`` (SVG, regression, one panel per
-    output, axes in the output's unit).
+    output, axes in the output's unit); ``worst_case_overlays`` (SVG, segmentation: the
+    ``overlay_cases`` lowest-Dice cases of each class, reference and prediction outlined on the
+    image - a volume's slice holding most of the reference - titled by manifest row and Dice).
 
     NIST AI RMF: MEASURE 2.3 (performance demonstrated for conditions similar to deployment),
     MEASURE 2.5 (validity and reliability demonstrated), MAP 2.3 (claims documented and tested).
@@ -163,7 +173,7 @@ class PerformanceCheck(Check[PerformanceParams]):
     id: ClassVar[str] = "performance"
     family: ClassVar[str] = "performance"
     Params = PerformanceParams
-    needs: ClassVar[Needs] = Needs(predictions=True)
+    needs: ClassVar[Needs] = Needs(predictions=True, images=True)
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     emits: ClassVar[tuple[str, ...]] = (
@@ -219,7 +229,9 @@ class PerformanceCheck(Check[PerformanceParams]):
             )
         result = CheckResult()
         patients = np.asarray(ctx.split("eval").patients, dtype=object)
-        measure_segmentation(ctx, params.n_boot, params.tolerances(list(ctx.classes)), patients, result)
+        measure_segmentation(
+            ctx, params.n_boot, params.tolerances(list(ctx.classes)), patients, result, params.overlay_cases
+        )
         result.findings.append(
             {
                 "kind": "bootstrap",

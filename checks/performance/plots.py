@@ -1,9 +1,11 @@
-"""ROC and precision-recall curves with the operating point marked, and Bland-Altman plots of a
-regression model's outputs, as reproducible SVGs."""
+"""ROC and precision-recall curves with the operating point marked, Bland-Altman plots of a
+regression model's outputs and overlays of a segmentation model's worst cases, as reproducible
+SVGs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,3 +133,73 @@ def _padded(low: float, high: float) -> tuple[float, float]:
     span = high - low
     pad = 0.05 * span if span > 0 else max(abs(low), 1.0) * 0.5
     return low - pad, high + pad
+
+
+@dataclass(frozen=True)
+class OverlayPanel:
+    """One case of :func:`overlay_figure`: a 2-D view with the class's reference and prediction.
+
+    Attributes:
+        class_name: the foreground class drawn.
+        title: the panel's title (manifest row and figures; never a patient identifier).
+        image: ``(H, W)`` grey or ``(H, W, 3)`` RGB in [0, 1].
+        reference: ``(H, W)`` bool, the class in the reference.
+        predicted: ``(H, W)`` bool, the class in the model's arg-max map.
+    """
+
+    class_name: str
+    title: str
+    image: NDArray[np.float32]
+    reference: NDArray[np.bool_]
+    predicted: NDArray[np.bool_]
+
+
+_REFERENCE_COLOUR = "#1b9e77"
+_PREDICTED_COLOUR = "#d95f02"
+
+
+def overlay_figure(panels: Sequence[Sequence[OverlayPanel]], path: str | Path) -> Path:
+    """A grid of cases, one row per class: the image with the reference outlined in green and the
+    prediction in orange (colour-blind safe; a solid and a dashed line).
+
+    Args:
+        panels: per class, its cases left to right (rows may be of different lengths).
+        path: the SVG file to write (its folder must exist).
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    rows = [row for row in panels if row]
+    if not rows:
+        raise ValueError("no case to draw")
+    columns = max(len(row) for row in rows)
+    side = 2.1
+    width, height = side * columns + 0.4, side * len(rows) + 0.9
+    with figure_style("worst-case-overlays", hashsalt="auditkit-performance", font_size=8.0):
+        fig = Figure(figsize=(width, height))
+        grid = inch_margins(width, height, left=0.2, right=0.2, top=0.35, bottom=0.55)
+        axes = fig.subplots(len(rows), columns, squeeze=False, gridspec_kw={**grid, "hspace": 0.35, "wspace": 0.08})
+        for r, row in enumerate(rows):
+            for c in range(columns):
+                ax = axes[r, c]
+                ax.set_axis_off()
+                if c >= len(row):
+                    continue
+                panel = row[c]
+                image = np.clip(panel.image, 0.0, 1.0)
+                ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+                for mask, colour, style in (
+                    (panel.reference, _REFERENCE_COLOUR, "solid"),
+                    (panel.predicted, _PREDICTED_COLOUR, "dashed"),
+                ):
+                    if mask.any() and not mask.all():
+                        ax.contour(
+                            mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.1, linestyles=style
+                        )
+                ax.set_title(f"{panel.class_name}: {panel.title}", fontsize=7)
+        handles = [
+            Line2D([0], [0], color=_REFERENCE_COLOUR, linewidth=1.2, label="reference"),
+            Line2D([0], [0], color=_PREDICTED_COLOUR, linewidth=1.2, linestyle="--", label="model"),
+        ]
+        fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False)
+        return save_svg(fig, path)

@@ -39,6 +39,7 @@ from auditkit.tasks import mean_dice as task_mean_dice
 
 if TYPE_CHECKING:
     from auditkit.check import CheckContext
+    from auditkit.checks.performance.plots import OverlayPanel
 
 __all__ = ["SEGMENTATION", "measure_segmentation"]
 
@@ -73,8 +74,10 @@ def measure_segmentation(
     tolerances: Sequence[float],
     patients: NDArray[Any],
     result: CheckResult,
+    overlay_cases: int = 0,
 ) -> None:
-    """Score the eval split's arg-max maps against the reference maps and append the metrics."""
+    """Score the eval split's arg-max maps against the reference maps and append the metrics; with
+    ``overlay_cases``, draw that many worst cases of each class over their images."""
     preds = ctx.predictions("eval")
     split = ctx.split("eval")
     classes = list(ctx.classes)
@@ -149,6 +152,24 @@ def measure_segmentation(
 
     result.findings.append(_case_counts(foreground, reference_present, predicted_present, figures))
     result.findings += _worst_cases(foreground, dice, split.rows, np.asarray(split.patients, dtype=object))
+    if overlay_cases:
+        panels = _overlay_panels(ctx, foreground, dice, predicted, reference, split.rows, overlay_cases)
+        if any(panels):
+            from auditkit.checks.performance.plots import overlay_figure
+
+            result.artifacts.append(
+                ctx.write_artifact(
+                    "worst_case_overlays",
+                    "worst_case_overlays.svg",
+                    lambda path: overlay_figure(panels, path),
+                    description=(
+                        f"The {overlay_cases} eval cases with the lowest Dice of each class (one row per class):"
+                        " the image (a volume: its slice holding most of the class's reference), the reference"
+                        " outlined solid green, the model's prediction dashed orange; titled by manifest row"
+                        " and Dice, never by a patient identifier (overlay_cases: 0 leaves the images out)."
+                    ),
+                )
+            )
     result.findings.append(
         {
             "kind": "segmentation_metrics",
@@ -213,6 +234,48 @@ def _worst_cases(
                 ],
             }
         )
+    return out
+
+
+def _overlay_panels(
+    ctx: CheckContext,
+    foreground: Sequence[str],
+    dice: NDArray[np.float64],
+    predicted: NDArray[Any],
+    reference: NDArray[Any],
+    rows: NDArray[np.int64],
+    count: int,
+) -> list[list[OverlayPanel]]:
+    """Per class, its ``count`` lowest-Dice cases as 2-D views (a volume's slice with most reference
+    voxels of the class, where the Dice is decided)."""
+    from auditkit.checks.performance.plots import OverlayPanel
+
+    out: list[list[OverlayPanel]] = []
+    for k, name in enumerate(foreground):
+        defined = np.flatnonzero(np.isfinite(dice[:, k]))
+        worst = defined[np.argsort(dice[defined, k], kind="stable")[:count]]
+        images = ctx.images("eval", worst).numpy() if worst.size else None
+        if images is not None and images.shape[2:] != reference.shape[1:]:
+            return []  # no image on the maps' grid to draw on (an in-memory context without pixels)
+        panels = []
+        for j, i in enumerate(worst):
+            assert images is not None
+            image, ref, pred = images[j], reference[i] == k + 1, predicted[i] == k + 1
+            where = ""
+            if ref.ndim == 3:  # a volume: the slice with most reference voxels (Dice is defined: some)
+                z = int(ref.reshape(ref.shape[0], -1).sum(axis=1).argmax())
+                image, ref, pred, where = image[:, z], ref[z], pred[z], f", slice {z}"
+            view = np.moveaxis(image, 0, -1) if image.shape[0] == 3 else image.mean(axis=0)
+            panels.append(
+                OverlayPanel(
+                    name,
+                    f"row {int(rows[i])}, Dice {float(dice[i, k]):.2f}{where}",
+                    np.asarray(view, dtype=np.float32),
+                    np.asarray(ref, dtype=bool),
+                    np.asarray(pred, dtype=bool),
+                )
+            )
+        out.append(panels)
     return out
 
 
