@@ -189,15 +189,16 @@ class BackdoorCheck(Check[BackdoorParams]):
     sub-populations) and 2-5 classes, and poisoned twins (BadNets patches of 3-5 pixels in every
     corner, faint blended triggers, source-specific triggers, triggers on the lesion class of
     binary chest models), the rule was chosen on 135 models (83 clean) and measured once on each
-    of two held-out parts of 41 models of new seeds (``held_out_4``, ``held_out_5``), pooled: 1
-    of 50 clean models suspected (2%, 95% Wilson interval 0.4-10.5%; 0/25 and 1/25), that model
-    the only one with a class above 2% flagged (26.7%, by the neighbourhood test, a chance
-    train-only population of separation 1.19; activation clustering, spectral signatures and
-    STRIP: 0/50), 28 of 32 twins found with their target (88%, 72-95%), and BadNets poisoned rows
-    found by the neighbourhood test at recall 0.771 (296 of 384), precision 0.99 (0.797 and 0.745
-    per part; 0.86 and 1.00 on the tuning parts), by activation clustering at 0.62 and 0.99, by
-    any method at 0.807 and 0.92. The papers' rules on the first tuning part: 2 of 10 clean
-    models suspected, STRIP flagging up to 10% of a clean class.
+    of three held-out parts of 41 models of new seeds (``held_out_4`` to ``held_out_6``), pooled: 2
+    of 75 clean models suspected (2.7%, 95% Wilson interval 0.7-9.2%; 0/25, 1/25, 1/25), those two
+    the only ones with a class above 2% flagged (26.7% by the neighbourhood test, a chance
+    train-only population of separation 1.19; 11.7% by activation clustering on a model at chance
+    accuracy; spectral signatures and STRIP: 0/75), 39 of 48 twins found with their target (81%,
+    68-90%), and BadNets poisoned rows found by the neighbourhood test at recall 0.756 (440 of
+    582), precision 0.99 (0.797, 0.745 and 0.727 per part; 0.86 and 1.00 on the tuning parts), by
+    activation clustering at 0.59 and 0.99, by any method at 0.782 and 0.92 (3-pixel patches are
+    the misses). The papers' rules on the first tuning part: 2 of 10 clean models suspected, STRIP
+    flagging up to 10% of a clean class.
 
     Inputs: the eval split's images, predictions and embeddings; the train split's embeddings,
     predictions and images when the spec has a train split (otherwise the data-level metrics
