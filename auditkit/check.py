@@ -269,6 +269,13 @@ class InputGeometry:
         return (self.channels, *spatial)
 
 
+NO_GRADIENTS = (
+    "the model is an ONNX Runtime artefact (model.format: onnx), through which no gradient flows; the"
+    " attacks and the trigger search need the model's gradients"
+)
+"""Why a check that needs gradients cannot run on an exported artefact (:meth:`ModelHandle.differentiable`)."""
+
+
 class ModelHandle(Protocol):
     """The candidate model as a check may use it: images in [0, 1], (N, C, H, W), float32.
 
@@ -295,8 +302,14 @@ class ModelHandle(Protocol):
         """Logits (N, K) and embeddings (N, D) from the layer the shared pass reads, on the CPU."""
         ...
 
+    @property
+    def has_gradients(self) -> bool:
+        """Whether :meth:`differentiable` can give gradients (not through an ONNX Runtime session)."""
+        ...
+
     def differentiable(self) -> nn.Module:
-        """The model on its device in eval mode, parameters frozen, gradients through inputs."""
+        """The model on its device in eval mode, parameters frozen, gradients through inputs;
+        raises :class:`Skip` for a model without gradients (an exported artefact)."""
         ...
 
 

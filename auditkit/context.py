@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import numpy as np
 import torch
 
-from auditkit.check import Artifact, InputGeometry, Needs, Predictions, QuarantinedRow, SplitRows
+from auditkit.check import NO_GRADIENTS, Artifact, InputGeometry, Needs, Predictions, QuarantinedRow, SplitRows
 from auditkit.data import Dataset, SplitData
 from auditkit.errors import Skip, UndeclaredRead
 from auditkit.model import ModelAdapter
@@ -463,8 +463,14 @@ class _ModelHandle:
             raise Skip(f"embeddings unavailable ({self._adapter.feature_layer})")
         return self._adapter.forward_pass(images, split=label, features=True)
 
+    @property
+    def has_gradients(self) -> bool:
+        return bool(getattr(self._adapter, "has_gradients", True))
+
     def differentiable(self) -> nn.Module:
         self._view._require("gradients", "model.differentiable")
+        if not self.has_gradients:
+            raise Skip(NO_GRADIENTS)
         return self._adapter.module
 
 

@@ -189,9 +189,8 @@ def _refuse_artefacts(path: Path) -> None:
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         raise ModelLoadError(
-            f"model.weights: {path.name} is an ONNX model, which this version cannot run (an ONNX"
-            " Runtime adapter is planned); audit the PyTorch module it was exported from: model.factory"
-            " and its state_dict as model.weights"
+            f"model.weights: {path.name} is an ONNX model; set model.format: onnx (or auto) and remove"
+            " model.factory to audit the graph with ONNX Runtime"
         )
     if suffix in (".engine", ".plan", ".tflite", ".pb", ".h5", ".keras", ".mlmodel"):
         raise ModelLoadError(
@@ -389,6 +388,26 @@ class InferenceOptions:
     pin_memory: bool | None = None
 
 
+def _describe_artefact(module: nn.Module) -> dict[str, Any] | None:
+    """``results.json``'s ``model.artefact``: the runtime of an exported model, ``None`` for PyTorch."""
+    from auditkit.artefact import OnnxModule
+
+    if not isinstance(module, OnnxModule):
+        return None
+    import onnxruntime
+
+    info = module.info
+    return {
+        "format": "onnx",
+        "runtime": f"onnxruntime {onnxruntime.__version__}",
+        "provider": module.provider,
+        "input": {"name": info.input_name, "shape": info.input_shape, "type": info.input_type},
+        "opsets": info.opsets,
+        "tensor_bytes": info.tensor_bytes,
+        "embedding": None if info.embedding is None else info.embedding[1],
+    }
+
+
 def _has_conv2d(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
@@ -447,7 +466,19 @@ class ModelAdapter:
         options: InferenceOptions | None = None,
     ) -> None:
         self.spec = spec.model
-        user_module = build_module(spec.model, spec.base_dir, spec.weights_path)
+        if spec.model.resolved_format == "onnx":
+            from auditkit.artefact import load_onnx
+
+            assert spec.weights_path is not None  # guaranteed by the spec validator
+            user_module: nn.Module = load_onnx(
+                spec.weights_path,
+                channels=spec.model.input.channels,
+                spatial=tuple(spec.model.input.spatial),
+                feature_layer=spec.model.feature_layer,
+                device=resolve_device(device or spec.device),
+            )
+        else:
+            user_module = build_module(spec.model, spec.base_dir, spec.weights_path)
         window = spec.model.sliding_window
         if window is not None:
             user_module = SlidingWindowModel(user_module, window.roi, window.overlap, window.mode, window.sw_batch_size)
@@ -529,6 +560,11 @@ class ModelAdapter:
         self.stats = PassStats(batch_size=batch_size)
         self._feature_module, self._feature_source = self._find_feature_module(user_module)
         self.num_parameters = sum(p.numel() for p in user_module.parameters())
+        inner = user_module.model if isinstance(user_module, SlidingWindowModel) else user_module
+        self.has_gradients: bool = bool(getattr(inner, "has_gradients", True))
+        """Whether gradients flow from the outputs to the inputs (not through an ONNX Runtime session)."""
+        self.artefact: dict[str, Any] | None = _describe_artefact(inner)
+        """What runs the model when it is not a PyTorch module (format, runtime, provider), else ``None``."""
         self._configure(options or InferenceOptions(), user_module)
 
     def _configure(self, options: InferenceOptions, user_module: nn.Module) -> None:
@@ -566,7 +602,13 @@ class ModelAdapter:
         return module.describe() if isinstance(module, SlidingWindowModel) else None
 
     def _find_feature_module(self, module: nn.Module) -> tuple[nn.Module | None, str]:
+        from auditkit.artefact import OnnxModule
+
         layer = self._feature_layer_name
+        if isinstance(module, OnnxModule):
+            if module.info.embedding is None:
+                return None, "unavailable: the ONNX graph has no Gemm/MatMul node (set model.feature_layer)"
+            return module.embedding, module.info.embedding[1]
         if isinstance(module, SlidingWindowModel):
             if layer is not None:
                 log.warning("model.feature_layer is ignored with sliding_window: the layer sees patches, not images")

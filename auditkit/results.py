@@ -142,6 +142,8 @@ def model_section(
     m = spec.model
     return {
         "task": m.task,
+        "format": m.resolved_format,
+        "artefact": getattr(model, "artefact", None),
         "factory": m.factory,
         "factory_kwargs": m.factory_kwargs,
         "weights": m.weights.name if m.weights else None,

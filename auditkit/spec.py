@@ -12,7 +12,7 @@ Which checks run and how they are configured are separate keys: ``checks:`` only
 ``classes`` independently present, sigmoid), ``regression`` (continuous outputs named in
 ``classes``) or ``segmentation`` (a class per pixel, ``classes`` naming the label values, background
 first), of 2-D images or, with ``model.input.depth``, 3-D volumes. Keys of model kinds this version
-does not audit yet (``model.format: onnx``, ``model.reference``, ...) are accepted by name and
+does not audit yet (``model.format: monai_bundle``, ``model.reference``, ...) are accepted by name and
 refused with a message that says so, instead of an "unknown key".
 """
 
@@ -173,9 +173,12 @@ class ModelSpec(_Strict):
     def _format(cls, fmt: str) -> str:
         if fmt not in FORMATS:
             raise ValueError(f"expected one of {list(FORMATS)}, got {fmt!r}")
-        if fmt in ("onnx", "monai_bundle"):
+        if fmt == "monai_bundle":
             raise ValueError(
-                unsupported(f"format: {fmt}", "PyTorch modules (format: torch) and, with trust_code, TorchScript")
+                unsupported(
+                    f"format: {fmt}",
+                    "PyTorch modules (format: torch), ONNX graphs (format: onnx) and, with trust_code, TorchScript",
+                )
             )
         return fmt
 
@@ -260,12 +263,34 @@ class ModelSpec(_Strict):
             raise ValueError(
                 f"normalize needs 1 or {self.input.channels} values (input.channels), got {len(self.normalize.mean)}"
             )
+        if self.resolved_format == "onnx":
+            if self.weights is None:
+                raise ValueError("format: onnx needs weights: the .onnx file")
+            if self.factory is not None:
+                raise ValueError(
+                    "format: onnx runs the graph in model.weights; model.factory does not apply (the PyTorch"
+                    " model it was exported from goes under model.reference)"
+                )
+            if self.trust_code:
+                raise ValueError("trust_code does not apply to format: onnx (an ONNX file is data, not code)")
+            return self
+        if self.weights is not None and self.weights.suffix.lower() == ".onnx":
+            raise ValueError(
+                f"format: {self.format} cannot read {self.weights.name}, an ONNX graph; set format: onnx (or auto)"
+            )
         if self.factory is None and not (self.trust_code and self.weights is not None):
             raise ValueError(
                 "factory is required (a model given only as a TorchScript or pickled module file"
-                " needs weights: <file> and trust_code: true)"
+                " needs weights: <file> and trust_code: true; an ONNX graph needs format: onnx or auto)"
             )
         return self
+
+    @property
+    def resolved_format(self) -> str:
+        """``format``, with ``auto`` read from the weights' suffix (``.onnx``: onnx; else torch)."""
+        if self.format != "auto":
+            return self.format
+        return "onnx" if self.weights is not None and self.weights.suffix.lower() == ".onnx" else "torch"
 
     @field_validator("operating_point")
     @classmethod

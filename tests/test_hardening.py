@@ -1369,6 +1369,7 @@ def inventory() -> dict[str, int]:
     """What this module (and the corpus and byte-fuzzing tests it builds on) tries, by kind."""
     import test_export
     import test_loaders
+    import test_onnx
     import test_segmentation_audit
     import test_tasks
     import test_user_mistakes
@@ -1393,6 +1394,7 @@ def inventory() -> dict[str, int]:
         "Hypothesis NIfTI header value mutations (each as .nii and .nii.gz)": test_volumes.test_mutated_nifti_headers_only_raise_unreadable_image._hypothesis_internal_use_settings.max_examples,  # type: ignore[attr-defined]
         "crafted segmentation label maps (PNG, JPEG, .npy, NIfTI)": len(test_segmentation_audit.LABEL_MAP_CASES)
         + test_segmentation_audit.AUDIT_MASK_CASES,
+        "ONNX artefacts and their specs through the CLI": len(test_onnx.ONNX_CASES),
     }
     counts["bad inputs tried"] = sum(counts.values())
     return counts

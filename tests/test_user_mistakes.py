@@ -257,7 +257,7 @@ MISTAKES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "regression, one output": (_model("regressor"), ["one value per image (2, 1): a regression model"]),
     "18 outputs for 2 classes": (_model("eighteen_outputs"), ["18 logits per image", "output_names"]),
     "dict of heads": (_model("dict_output"), ["the model returns a dict"]),
-    "ONNX with trust_code": (_onnx_with_trust_code, ["model.onnx is an ONNX model"]),
+    "ONNX with trust_code": (_onnx_with_trust_code, ["trust_code does not apply to format: onnx"]),
     "pickled module as weights": (_pickled_weights, ["model.weights: weights.pt is not a plain state_dict"]),
     "task: segmentation on a classifier": (
         _spec_key("model.task", "segmentation"),

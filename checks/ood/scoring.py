@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from auditkit.check import Skip
+from auditkit.check import NO_GRADIENTS, Skip
 from auditkit.checks.ood.detectors import (
     FEATURE_DETECTORS,
     LOGIT_DETECTORS,
@@ -197,6 +197,12 @@ class Scorer:
         scorer = cls(ctx, list(detectors), odin, dict.fromkeys(detectors, np.arange(n_eval)), task=ctx.task)
         if ctx.task != "classification":
             scorer._task_limits()
+        if "odin" in scorer.available and not ctx.model.has_gradients:
+            reason = "ODIN perturbs each input along the model's gradient; " + NO_GRADIENTS
+            scorer.unavailable["odin"] = reason
+            scorer.findings.append(
+                {"kind": "detector_not_applicable", "detector": "odin", "task": ctx.task, "reason": reason}
+            )
         wanted = [d for d in detectors if d in FEATURE_DETECTORS]
         if wanted:
             scorer._fit_embeddings(wanted, knn_k, fit_fraction, rng)

@@ -1,0 +1,207 @@
+"""Auditing an ONNX artefact with ONNX Runtime: the same outputs as the PyTorch module it was
+exported from, the checks that need gradients told why not, and hostile or mismatched files refused
+with the spec field named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from auditkit.artefact import OnnxModule, inspect_onnx
+from auditkit.cli import main
+from auditkit.errors import ModelLoadError
+from auditkit.fixtures.artefacts import export_onnx
+from auditkit.model import ModelAdapter, build_module
+from auditkit.spec import load_spec
+from tests.conftest import make_tiny_study
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def _onnx_study(root: Path, *, dynamic_batch: bool = True, **model: Any) -> Path:
+    """The tiny study with its model exported to ONNX and a spec that audits the export."""
+    torch_spec = make_tiny_study(root)
+    spec = load_spec(torch_spec)
+    module = build_module(spec.model, spec.base_dir, spec.weights_path)
+    export_onnx(module, root / "model.onnx", (1, 16, 16), dynamic_batch=dynamic_batch)
+    raw = yaml.safe_load(torch_spec.read_text())
+    for key in ("factory", "factory_kwargs"):
+        raw["model"].pop(key)
+    raw["model"]["weights"] = "model.onnx"
+    raw["model"].update(model)
+    raw["output"] = "out-onnx"
+    path = root / "audit-onnx.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _outputs(spec_path: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    adapter = ModelAdapter(load_spec(spec_path))
+    return adapter.forward_pass(images)
+
+
+def test_the_export_gives_the_modules_outputs_and_embeddings(tmp_path: Path) -> None:
+    onnx_spec = _onnx_study(tmp_path)
+    images = torch.rand(37, 1, 16, 16)
+    logits, features = _outputs(onnx_spec, images)
+    expected_logits, expected_features = _outputs(tmp_path / "audit.yaml", images)
+    probs, expected = logits.softmax(dim=1), expected_logits.softmax(dim=1)
+    assert float((probs - expected).abs().max()) < 1e-4
+    assert bool((logits.argmax(dim=1) == expected_logits.argmax(dim=1)).all())
+    # The embedding is the input of the last Gemm, as it is the input of the last nn.Linear.
+    assert features.shape == expected_features.shape == (37, 8)
+    torch.testing.assert_close(features, expected_features, atol=1e-4, rtol=1e-4)
+    adapter = ModelAdapter(load_spec(onnx_spec))
+    assert isinstance(adapter.user_module, OnnxModule) and not adapter.has_gradients
+    assert adapter.feature_layer.startswith("input of Gemm node")
+
+
+def test_a_graph_fixed_to_one_batch_size_is_run_in_chunks(tmp_path: Path) -> None:
+    fixed = _onnx_study(tmp_path / "fixed", dynamic_batch=False)
+    free = _onnx_study(tmp_path / "free")
+    images = torch.rand(5, 1, 16, 16)  # 5 images through a graph fixed at 2: 2 + 2 + 1 padded
+    torch.testing.assert_close(_outputs(fixed, images)[0], _outputs(free, images)[0], atol=1e-5, rtol=0)
+
+
+def test_the_audit_runs_on_the_artefact_and_says_which_checks_need_gradients(tmp_path: Path) -> None:
+    onnx_spec = _onnx_study(tmp_path)
+    raw = yaml.safe_load(onnx_spec.read_text())
+    raw["checks"] = {"ood": {"detectors": ["msp", "energy", "mahalanobis", "odin"]}}  # ODIN is not a default
+    onnx_spec.write_text(yaml.safe_dump(raw))
+    main(["run", str(onnx_spec), "--quiet", "--no-pdf"])
+    main(["run", str(tmp_path / "audit.yaml"), "--quiet", "--no-pdf"])
+    artefact = json.loads((tmp_path / "out-onnx" / "results.json").read_text())
+    module = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert artefact["model"]["format"] == "onnx" and module["model"]["format"] == "torch"
+    runtime = artefact["model"]["artefact"]
+    assert runtime["runtime"].startswith("onnxruntime ") and runtime["provider"] == "CPUExecutionProvider"
+    assert runtime["input"] == {"name": "image", "shape": ["batch", 1, 16, 16], "type": "float32"}
+    checks = {c["id"]: c for c in artefact["checks"]}
+    assert checks["adversarial"]["status"] == "skipped"
+    assert "ONNX Runtime artefact" in checks["adversarial"]["reason"]
+    for check_id in ("performance", "calibration", "bias", "ood", "leakage", "corruption", "phi"):
+        assert checks[check_id]["status"] == "ok", (check_id, checks[check_id].get("error"))
+    odin = [
+        f for f in checks["ood"]["findings"] if f.get("detector") == "odin" and f["kind"] == "detector_not_applicable"
+    ]
+    assert odin and "gradient" in odin[0]["reason"]
+    # Output-only checks measure the artefact as they measure the module.
+    by_name = {
+        c["id"]: {(m["name"], json.dumps(m["labels"], sort_keys=True)): m["value"] for m in c["metrics"]}
+        for c in module["checks"]
+    }
+    for check_id in ("performance", "calibration"):
+        for key, value in {
+            (m["name"], json.dumps(m["labels"], sort_keys=True)): m["value"] for m in checks[check_id]["metrics"]
+        }.items():
+            if value is not None:
+                assert value == pytest.approx(by_name[check_id][key], abs=1e-4), key
+
+
+def _write(model: Any, path: Path) -> Path:
+    path.write_bytes(model.SerializeToString())  # as an attacker would: no checks on the way out
+    return path
+
+
+def _truncated(spec: Path) -> None:
+    path = spec.parent / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1500])
+
+
+def _custom_domain(spec: Path) -> None:
+    path = spec.parent / "model.onnx"
+    model = onnx.load(str(path))
+    model.graph.node[0].domain = "evil.ops"
+    model.opset_import.append(onnx.helper.make_opsetid("evil.ops", 1))
+    _write(model, path)
+
+
+def _external(location: str, dims: list[int] | None = None) -> Any:
+    def mutate(spec: Path) -> None:
+        path = spec.parent / "model.onnx"
+        model = onnx.load(str(path))
+        tensor = model.graph.initializer[0]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.ClearField("raw_data")
+        if dims is not None:
+            del tensor.dims[:]
+            tensor.dims.extend(dims)
+        tensor.external_data.add(key="location", value=location)
+        (spec.parent / "weights.bin").write_bytes(b"abc")
+        _write(model, path)
+
+    return mutate
+
+
+def _spec_edit(**model: Any) -> Any:
+    def mutate(spec: Path) -> None:
+        raw = yaml.safe_load(spec.read_text())
+        for key, value in model.items():
+            node = raw["model"]
+            *parents, last = key.split(".")
+            for parent in parents:
+                node = node[parent]
+            node[last] = value
+        spec.write_text(yaml.safe_dump(raw))
+
+    return mutate
+
+
+ONNX_CASES: dict[str, tuple[Any, str]] = {
+    "truncated ONNX file": (_truncated, "is not a readable ONNX model"),
+    "operator of a custom domain": (_custom_domain, "uses operators of custom domains ['evil.ops']"),
+    "external data outside the model's folder": (_external("../../etc/passwd"), "outside the model's folder"),
+    "external data file missing": (_external("missing.bin"), "external data file 'missing.bin' is missing"),
+    "external tensor declaring 40 GB": (
+        _external("weights.bin", [100_000, 100_000]),
+        "declares 40000000104 bytes of tensors; the budget",  # 10^10 floats and the 104 bytes of the others
+    ),
+    "graph input of another height": (_spec_edit(**{"input.height": 32}), "model.input.height"),
+    "a 2-D graph given input.depth": (_spec_edit(**{"input.depth": 4}), "remove input.depth"),
+    "feature_layer naming no graph value": (
+        _spec_edit(feature_layer="/no/such/value"),
+        "model.feature_layer: the ONNX graph has no value named '/no/such/value'",
+    ),
+    "format: onnx with a factory": (_spec_edit(factory="tiny_model:build"), "model.factory does not apply"),
+    "format: onnx with trust_code": (_spec_edit(trust_code=True), "an ONNX file is data, not code"),
+    "an .onnx file under format: torch": (_spec_edit(format="torch"), "set format: onnx (or auto)"),
+}
+"""Hostile or mismatched ONNX artefacts and specs (counted in docs/hardening.md)."""
+
+
+@pytest.mark.parametrize("case", list(ONNX_CASES))
+def test_hostile_and_mismatched_artefacts_are_refused_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    mutate, message = ONNX_CASES[case]
+    spec = _onnx_study(tmp_path)
+    mutate(spec)
+    assert main(["run", str(spec), "--quiet", "--no-pdf"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert message in err, err
+
+
+def test_the_budget_is_checked_before_anything_is_read(tmp_path: Path) -> None:
+    _onnx_study(tmp_path)
+    with pytest.raises(ModelLoadError, match="the budget for an ONNX model is 1000 bytes"):
+        inspect_onnx(tmp_path / "model.onnx", budget=1000)
+
+
+def test_feature_layer_names_a_value_of_the_graph(tmp_path: Path) -> None:
+    spec = _onnx_study(tmp_path)
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    first_gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    raw = yaml.safe_load(spec.read_text())
+    raw["model"]["feature_layer"] = first_gemm.output[0]  # the first Linear's output: 8 values
+    spec.write_text(yaml.safe_dump(raw))
+    _, features = _outputs(spec, torch.rand(3, 1, 16, 16))
+    assert features.shape == (3, 8)
+    assert np.isfinite(features.numpy()).all()
