@@ -81,6 +81,8 @@ class Needs:
         ood: the check reads the spec's out-of-distribution sets.
         headers: the check reads DICOM headers (header-only reads, no pixels).
         images: the check reads decoded images.
+        reference: the check reads the outputs of ``model.reference`` (the PyTorch model an
+            artefact was exported from); without one it is skipped with that reason.
     """
 
     predictions: bool = False
@@ -91,6 +93,7 @@ class Needs:
     ood: bool = False
     headers: bool = False
     images: bool = False
+    reference: bool = False
 
 
 @dataclass
@@ -276,6 +279,13 @@ NO_GRADIENTS = (
 """Why a check that needs gradients cannot run on an exported artefact (:meth:`ModelHandle.differentiable`)."""
 
 
+NO_REFERENCE = (
+    "no model.reference in the spec: the parity of an exported artefact is measured against the PyTorch"
+    " model it was exported from (model.reference: {factory, weights})"
+)
+"""Why a check that compares with the reference model cannot run."""
+
+
 class ModelHandle(Protocol):
     """The candidate model as a check may use it: images in [0, 1], (N, C, H, W), float32.
 
@@ -386,6 +396,11 @@ class CheckContext(Protocol):
     def quarantine(self) -> list[QuarantinedRow]: ...
 
     def predictions(self, split: str = "eval") -> Predictions: ...
+
+    def reference_predictions(self, split: str = "eval") -> Predictions:
+        """The predictions of ``model.reference`` on the same images (its pass run once, counted);
+        raises :class:`Skip` without a reference."""
+        ...
 
     def features(self, split: str = "eval") -> torch.Tensor: ...
 

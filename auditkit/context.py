@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import numpy as np
 import torch
 
-from auditkit.check import NO_GRADIENTS, Artifact, InputGeometry, Needs, Predictions, QuarantinedRow, SplitRows
+from auditkit.check import (
+    NO_GRADIENTS,
+    NO_REFERENCE,
+    Artifact,
+    InputGeometry,
+    Needs,
+    Predictions,
+    QuarantinedRow,
+    SplitRows,
+)
 from auditkit.data import Dataset, SplitData
 from auditkit.errors import Skip, UndeclaredRead
 from auditkit.model import ModelAdapter
@@ -110,9 +119,13 @@ class AuditContext:
         claims: dict[str, Any] | None = None,
         task: str = "classification",
         units: dict[str, str] | None = None,
+        reference: ModelAdapter | None = None,
     ) -> None:
         self.spec = spec
         self._model = model
+        self.reference = reference
+        """The adapter of ``model.reference`` (``None`` without one)."""
+        self._reference_predictions: dict[str, Predictions] = {}
         self.dataset = dataset
         self.out_dir = out_dir
         self._progress = progress
@@ -250,6 +263,22 @@ class AuditContext:
                 logits=logits, probs=scores_of(logits, self.task), labels=self.labels(split), task=self.task
             )
         return self._predictions[split]
+
+    def reference_predictions(self, split: str = "eval") -> Predictions:
+        """The predictions of ``model.reference`` on a split (its pass run once, counted under
+        ``reference:<split>``)."""
+        if self.reference is None:
+            raise Skip(NO_REFERENCE)
+        if split not in self._reference_predictions:
+            data = self.split(split)
+            callback = self._progress(f"reference {split}", data.n) if self._progress else None
+            logits, _ = self.reference.forward_pass(
+                data.images, split=f"reference:{split}", progress=callback, features=False
+            )
+            self._reference_predictions[split] = Predictions(
+                logits=logits, probs=scores_of(logits, self.task), labels=self.labels(split), task=self.task
+            )
+        return self._reference_predictions[split]
 
     def features(self, split: str = "eval") -> torch.Tensor:
         """Embeddings (N, D) float32 from the same pass as the predictions.
@@ -601,6 +630,10 @@ class CheckView:
     def predictions(self, split: str = "eval") -> Predictions:
         self._require("predictions", "predictions", split)
         return self._engine.predictions(split)
+
+    def reference_predictions(self, split: str = "eval") -> Predictions:
+        self._require("reference", "reference_predictions", split)
+        return self._engine.reference_predictions(split)
 
     def features(self, split: str = "eval") -> torch.Tensor:
         self._require("features", "features", split)

@@ -105,6 +105,9 @@ class Rule(BaseModel):
     inputs: list[Literal["images", "volumes"]] | None = Field(default=None, min_length=1)
     """The inputs the rule applies to: ``images`` (2-D) and/or ``volumes`` (``model.input.depth``
     set); ``None``: both. On the other input the rule is not applicable, as for ``tasks``."""
+    needs_reference: bool = False
+    """The rule judges the model against ``model.reference`` (parity); without a reference in the
+    spec it is not applicable, as for ``tasks``."""
 
     @field_validator("tasks")
     @classmethod
@@ -117,9 +120,13 @@ class Rule(BaseModel):
                 raise ValueError(f"tasks must be a non-empty list of {list(TASKS)}, got {tasks}")
         return tasks
 
-    def applies_to(self, task: str, spatial_dims: int = 2) -> bool:
+    def applies_to(self, task: str, spatial_dims: int = 2, has_reference: bool = False) -> bool:
         inputs = "volumes" if spatial_dims == 3 else "images"
-        return (self.tasks is None or task in self.tasks) and (self.inputs is None or inputs in self.inputs)
+        return (
+            (self.tasks is None or task in self.tasks)
+            and (self.inputs is None or inputs in self.inputs)
+            and (has_reference or not self.needs_reference)
+        )
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -400,6 +407,7 @@ def evaluate(
     not_run: Sequence[str] = (),
     task: str = "classification",
     spatial_dims: int = 2,
+    has_reference: bool = False,
 ) -> dict[str, Any]:
     """Judge a run's check records: rule outcomes, subcategory statuses and the verdict.
 
@@ -415,11 +423,13 @@ def evaluate(
             under ``policy.not_applicable``, neither judged nor counted).
         spatial_dims: 3 for volumes (``model.input.depth``), else 2; a rule whose ``inputs``
             exclude them is not applicable, as for ``task``.
+        has_reference: the spec names ``model.reference``; without it a rule that
+            ``needs_reference`` is not applicable.
     """
     framework = load_framework(policy.framework)
     metrics = [m for check in checks for m in check.get("metrics", [])]
-    applicable = [rule for rule in policy.rules if rule.applies_to(task, spatial_dims)]
-    not_applicable = [rule.id for rule in policy.rules if not rule.applies_to(task, spatial_dims)]
+    applicable = [rule for rule in policy.rules if rule.applies_to(task, spatial_dims, has_reference)]
+    not_applicable = [rule.id for rule in policy.rules if not rule.applies_to(task, spatial_dims, has_reference)]
     inputs = "volumes" if spatial_dims == 3 else "images"
     rules = [evaluate_rule(rule, metrics) for rule in applicable]
     for record in rules:
@@ -444,7 +454,8 @@ def evaluate(
     failed = [r["id"] for r in rules if r["status"] == "fail"]
     evaluated = evaluated_summary(rules, not_run)
     if not_applicable:
-        evaluated["text"] += f"; {len(not_applicable)} rules apply to other tasks or inputs than {task} on {inputs}"
+        why = f"{task} on {inputs}" + ("" if has_reference else ", no model.reference")
+        evaluated["text"] += f"; {len(not_applicable)} rules do not apply ({why})"
     # A gate never passes on nothing: when every selected check was skipped, nothing about the
     # model was measured (the coverage record measures the data, not the model).
     model_checks = [c for c in checks if c.get("id") != "coverage"]
@@ -462,7 +473,7 @@ def evaluate(
             "control_counts": {s: sum(c["status"] == s for c in controls) for s in CONTROL_STATUSES},
             "checks_errored": errored,
             "evaluated": evaluated,
-            "not_applicable": {"task": task, "inputs": inputs, "rules": not_applicable},
+            "not_applicable": {"task": task, "inputs": inputs, "reference": has_reference, "rules": not_applicable},
         },
         "rules": rules,
         "controls": controls,

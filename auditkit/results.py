@@ -136,10 +136,30 @@ def _package_versions() -> dict[str, str | None]:
 
 
 def model_section(
-    spec: AuditSpec, model: ModelAdapter, preflight: PreflightReport, weights_sha256: str | None
+    spec: AuditSpec,
+    model: ModelAdapter,
+    preflight: PreflightReport,
+    weights_sha256: str | None,
+    *,
+    reference: ModelAdapter | None = None,
 ) -> dict[str, Any]:
-    """What was audited: the model's identity, its input pipeline and the preflight."""
+    """What was audited: the model's identity, its input pipeline and the preflight; with
+    ``model.reference``, the reference's identity and the images its pass forwarded."""
     m = spec.model
+    reference_section = None
+    if m.reference is not None and reference is not None:
+        from auditkit.jsonio import sha256_file
+
+        weights = spec.resolve(m.reference.weights) if m.reference.weights is not None else None
+        reference_section = {
+            "factory": m.reference.factory,
+            "factory_kwargs": m.reference.factory_kwargs,
+            "weights": m.reference.weights.name if m.reference.weights else None,
+            "weights_sha256": sha256_file(weights) if weights is not None and weights.is_file() else None,
+            "n_parameters": reference.num_parameters,
+            "images_forwarded": reference.stats.images_forwarded,
+            "images_forwarded_per_split": dict(reference.stats.per_split),
+        }
     return {
         "task": m.task,
         "format": m.resolved_format,
@@ -161,6 +181,7 @@ def model_section(
         "trust_code": m.trust_code,
         "n_parameters": model.num_parameters,
         "preflight": preflight.to_json(),
+        "reference": reference_section,
     }
 
 

@@ -350,6 +350,39 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return record
 
 
+def _reference_adapter(spec: AuditSpec, model: ModelAdapter, options: RunOptions) -> ModelAdapter | None:
+    """The adapter of ``model.reference``, its outputs' shape held to the model's on two mid-grey
+    inputs of the spec's shape; ``None`` without a reference."""
+    import torch
+
+    reference_spec = spec.reference_spec()
+    if reference_spec is None:
+        return None
+    try:
+        reference = ModelAdapter(
+            reference_spec,
+            batch_size=options.batch_size,
+            device=options.device,
+            options=InferenceOptions(precision="fp32", channels_last=options.channels_last, workers=options.workers),
+        )
+    except (ModelLoadError, ConfigError) as error:
+        raise ModelLoadError(f"model.reference: {error}") from None
+    shape = (2, spec.model.input.channels, *spec.model.input.spatial)
+    grey = torch.full(shape, 0.5)
+    with torch.inference_mode():
+        try:
+            expected = model._forward_batch(grey, features=False)[0].shape
+            got = reference._forward_batch(grey, features=False)[0].shape
+        except ModelLoadError as error:
+            raise ModelLoadError(f"model.reference: {error}") from None
+    if tuple(got) != tuple(expected):
+        raise ModelLoadError(
+            f"model.reference returns outputs of shape {tuple(got)} for two inputs of the spec's shape, the model"
+            f" {tuple(expected)}; the reference must be the model the artefact was exported from"
+        )
+    return reference
+
+
 def run_audit(
     spec: AuditSpec,
     options: RunOptions | None = None,
@@ -399,6 +432,7 @@ def run_audit(
         ),
     )
     preflight = run_preflight(model)
+    reference = _reference_adapter(spec, model, options)
     inputs = {
         "manifest_sha256": sha256_file(spec.manifest_path) if spec.manifest_path.is_file() else None,
         "weights_sha256": sha256_file(weights) if weights is not None else None,
@@ -407,7 +441,7 @@ def run_audit(
     dataset = load_dataset(spec, roles=list(plan.roles), progress=options.progress, keep_headers=plan.headers)
     coverage = split_coverage(dataset)
     require_readable_eval(coverage, data_root=str(spec.data_root), manifest=spec.manifest_path.name)
-    ctx = AuditContext(spec, model, dataset, out_dir, progress=options.progress)
+    ctx = AuditContext(spec, model, dataset, out_dir, progress=options.progress, reference=reference)
 
     records: dict[str, dict[str, Any]] = {}
     fingerprints = {s.id: _fingerprint(spec, s, inputs) for s in selected}
@@ -448,6 +482,7 @@ def run_audit(
         not_run=selection.not_run,
         task=spec.model.task,
         spatial_dims=spec.spatial_dims,
+        has_reference=spec.model.reference is not None,
     )
     finished_at = datetime.now(UTC)
     results = assemble(
@@ -464,7 +499,7 @@ def run_audit(
             resumed=resumed,
             selection=selection.to_json(),
         ),
-        model=model_section(spec, model, preflight, inputs["weights_sha256"]),
+        model=model_section(spec, model, preflight, inputs["weights_sha256"], reference=reference),
         data=data_section(spec, dataset, coverage, inputs["manifest_sha256"]),
         checks=check_records,
         judged=judged,

@@ -134,6 +134,33 @@ CLAIMABLE_SEGMENTATION = ("performance.mean_dice", "performance.dice", "performa
 LOWER_IS_BETTER_CLAIMS = ("performance.mae", "performance.rmse", "performance.hd95")
 
 
+class ReferenceSpec(_Strict):
+    """``model.reference``: the PyTorch model an artefact was exported from, held against it by the
+    parity check (same classes, input and task as ``model``)."""
+
+    factory: str | None = None
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: Path | None = None
+    normalize: Normalize | None = None
+    """The reference's normalisation; default ``model.normalize`` (an artefact that normalises inside
+    its graph while its source module did not needs ``model.normalize: null`` and this set)."""
+    trust_code: bool = False
+
+    @model_validator(mode="after")
+    def _loadable(self) -> ReferenceSpec:
+        if self.weights is not None and self.weights.suffix.lower() == ".onnx":
+            raise ValueError(
+                "the reference is the PyTorch model the artefact was exported from (factory and a state_dict),"
+                f" not an ONNX graph ({self.weights.name})"
+            )
+        if self.factory is None and not (self.trust_code and self.weights is not None):
+            raise ValueError(
+                "factory is required (a reference given only as a TorchScript file needs weights: <file> and"
+                " trust_code: true)"
+            )
+        return self
+
+
 def _positive_index(classes: list[str], positive_class: str | None) -> int | None:
     if positive_class is not None:
         return classes.index(positive_class) if positive_class in classes else None
@@ -155,7 +182,7 @@ class ModelSpec(_Strict):
     feature_layer: str | None = None
     trust_code: bool = False
     output_names: list[str] | None = None
-    reference: dict[str, Any] | None = None
+    reference: ReferenceSpec | None = None
     operating_point: dict[str, float] | None = None
     claims: dict[str, float | dict[str, float]] | None = None
     units: str | dict[str, str] | None = None
@@ -181,17 +208,6 @@ class ModelSpec(_Strict):
                 )
             )
         return fmt
-
-    @field_validator("reference")
-    @classmethod
-    def _planned(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError(
-                unsupported(
-                    "a reference model for parity (reference)", "the model given by factory/weights; remove the key"
-                )
-            )
-        return value
 
     @field_validator("output_names")
     @classmethod
@@ -542,6 +558,26 @@ class AuditSpec(_Strict):
     @property
     def weights_path(self) -> Path | None:
         return None if self.model.weights is None else self.resolve(self.model.weights)
+
+    def reference_spec(self) -> AuditSpec | None:
+        """This spec with ``model.reference`` as its model (task, classes, input and outputs kept),
+        for the reference's adapter; ``None`` without a reference."""
+        reference = self.model.reference
+        if reference is None:
+            return None
+        model = self.model.model_copy(
+            update={
+                "format": "auto",
+                "factory": reference.factory,
+                "factory_kwargs": dict(reference.factory_kwargs),
+                "weights": reference.weights,
+                "normalize": reference.normalize if reference.normalize is not None else self.model.normalize,
+                "feature_layer": None,
+                "trust_code": reference.trust_code,
+                "reference": None,
+            }
+        )
+        return self.model_copy(update={"model": model})
 
     @property
     def attestations_path(self) -> Path | None:

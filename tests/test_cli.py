@@ -59,7 +59,8 @@ def test_summary_counts_every_ai_rmf_status_and_says_when_the_audit_was_narrowed
     assert counts["not evaluated"] > 0 and sum(counts.values()) == 72 and "(of 72)" in line
     assert re.search(r"^verdict: PASS \(partial: \d+ of \d+ rules evaluated; not run: adversarial, backdoor", out, re.M)
     assert (
-        "[not run] adversarial, backdoor, bias, corruption, leakage, ood, performance, phi (only ['calibration'], from the command line)"
+        "[not run] adversarial, backdoor, bias, corruption, leakage, ood, parity, performance, phi (only ['calibration'],"
+        " from the command line)"
         in out
     )
 

@@ -105,6 +105,13 @@ def test_the_audit_runs_on_the_artefact_and_says_which_checks_need_gradients(tmp
                 assert value == pytest.approx(by_name[check_id][key], abs=1e-4), key
 
 
+def _cli_error(spec: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["run", str(spec), "--quiet", "--no-pdf"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
 def _write(model: Any, path: Path) -> Path:
     path.write_bytes(model.SerializeToString())  # as an attacker would: no checks on the way out
     return path
@@ -205,3 +212,113 @@ def test_feature_layer_names_a_value_of_the_graph(tmp_path: Path) -> None:
     _, features = _outputs(spec, torch.rand(3, 1, 16, 16))
     assert features.shape == (3, 8)
     assert np.isfinite(features.numpy()).all()
+
+
+# --------------------------------------------------------------------------------------------- parity
+
+
+def _with_reference(spec: Path, *, drift: float | None = None) -> Path:
+    """The ONNX spec with model.reference (the tiny study's PyTorch model); with ``drift`` the graph
+    is re-exported from a copy whose weights are perturbed by that relative scale."""
+    from auditkit.fixtures.artefacts import drifted_module
+
+    root = spec.parent
+    if drift is not None:
+        source = load_spec(root / "audit.yaml")
+        module = build_module(source.model, source.base_dir, source.weights_path)
+        export_onnx(drifted_module(module, scale=drift, seed=2), root / "model.onnx", (1, 16, 16))
+    raw = yaml.safe_load(spec.read_text())
+    raw["model"]["reference"] = {
+        "factory": "tiny_model:build",
+        "factory_kwargs": {"num_classes": 2},
+        "weights": "weights.safetensors",
+    }
+    raw["only"] = ["parity", "performance"]
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return spec
+
+
+def _parity(spec: Path) -> dict[str, Any]:
+    main(["run", str(spec), "--quiet", "--no-pdf"])
+    results = json.loads((spec.parent / "out-onnx" / "results.json").read_text())
+    check = next(c for c in results["checks"] if c["id"] == "parity")
+    assert check["status"] == "ok", check.get("error")
+    return {"results": results, "check": check, "rules": {r["id"]: r for r in results["rules"]}}
+
+
+def _direct(spec: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The eval images' probabilities from onnxruntime and from torch, called directly, and rows."""
+    import onnxruntime
+
+    from auditkit.data import load_dataset
+
+    audit = load_spec(spec)
+    data = load_dataset(audit, roles=["eval"]).splits["eval"]
+    images = (data.images.float() - 0.5) / 0.25
+    session = onnxruntime.InferenceSession(str(spec.parent / "model.onnx"), providers=["CPUExecutionProvider"])
+    artefact = session.run(["logits"], {"image": images.numpy()})[0]
+    source = load_spec(spec.parent / "audit.yaml")
+    with torch.no_grad():
+        reference = build_module(source.model, source.base_dir, source.weights_path)(images).numpy()
+    softmax = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
+    return softmax(artefact), softmax(reference), np.asarray(data.rows)
+
+
+def test_a_faithful_export_agrees_and_passes_the_parity_rules(tmp_path: Path) -> None:
+    judged = _parity(_with_reference(_onnx_study(tmp_path)))
+    metrics = {(m["name"], json.dumps(m["labels"], sort_keys=True)): m for m in judged["check"]["metrics"]}
+    assert metrics["parity.agreement", "{}"]["value"] == 1.0
+    assert metrics["parity.max_prob_diff", "{}"]["value"] < 1e-4
+    for name in ("accuracy", "balanced_accuracy", "auroc"):
+        assert abs(metrics["parity.metric_delta", json.dumps({"metric": name})]["value"]) < 1e-9
+    assert {r: judged["rules"][r]["status"] for r in ("PARITY-AGREEMENT", "PARITY-PROB-DIFF")} == {
+        "PARITY-AGREEMENT": "pass",
+        "PARITY-PROB-DIFF": "pass",
+    }
+    # The reference's pass ran once over the eval split, counted apart from the artefact's.
+    model = judged["results"]["model"]
+    assert model["reference"]["images_forwarded_per_split"] == {
+        "reference:eval": model["reference"]["images_forwarded"]
+    }
+    assert model["reference"]["factory"] == "tiny_model:build"
+
+
+def test_a_drifted_export_is_caught_and_its_flips_are_those_of_a_direct_comparison(tmp_path: Path) -> None:
+    spec = _with_reference(_onnx_study(tmp_path), drift=1.0)  # 1 of the 16 eval decisions flips
+    judged = _parity(spec)
+    artefact, reference, rows = _direct(spec)
+    flipped = artefact.argmax(1) != reference.argmax(1)
+    assert flipped.any(), "the drift must change some decisions for this test to mean anything"
+    metrics = {(m["name"], json.dumps(m["labels"], sort_keys=True)): m for m in judged["check"]["metrics"]}
+    assert metrics["parity.agreement", "{}"]["value"] == pytest.approx(1.0 - flipped.mean())
+    assert metrics["parity.max_prob_diff", "{}"]["value"] == pytest.approx(
+        float(np.abs(artefact - reference).max()), abs=1e-5
+    )
+    finding = next(f for f in judged["check"]["findings"] if f["kind"] == "flipped_rows")
+    assert finding["count"] == int(flipped.sum())
+    assert [r["row"] for r in finding["rows"]] == [int(r) for r in rows[flipped]]
+    assert judged["rules"]["PARITY-AGREEMENT"]["status"] == "fail"
+    for group in ("F", "M"):  # agreement per subgroup, labelled by the group column
+        assert ("parity.agreement", json.dumps({"group": group, "group_by": "sex"})) in metrics
+
+
+def test_without_a_reference_the_parity_check_and_rules_do_not_apply(tmp_path: Path) -> None:
+    spec = _onnx_study(tmp_path)
+    raw = yaml.safe_load(spec.read_text())
+    raw["only"] = ["parity", "performance"]
+    spec.write_text(yaml.safe_dump(raw))
+    main(["run", str(spec), "--quiet", "--no-pdf"])
+    results = json.loads((tmp_path / "out-onnx" / "results.json").read_text())
+    parity = next(c for c in results["checks"] if c["id"] == "parity")
+    assert parity["status"] == "skipped" and "no model.reference" in parity["reason"]
+    assert {"PARITY-AGREEMENT", "PARITY-METRIC-DELTA"} <= set(results["policy"]["not_applicable"]["rules"])
+
+
+def test_a_reference_of_another_shape_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _with_reference(_onnx_study(tmp_path))
+    raw = yaml.safe_load(spec.read_text())
+    raw["model"]["reference"]["factory_kwargs"] = {"num_classes": 3}
+    raw["model"]["reference"].pop("weights")
+    spec.write_text(yaml.safe_dump(raw))
+    err = _cli_error(spec, capsys)
+    assert "model.reference: the model returns 3 logits per image but model.classes lists 2 classes" in err

@@ -267,10 +267,15 @@ def test_a_rule_for_another_task_is_not_applicable_and_not_counted() -> None:
     )
     judged = evaluate(policy, checks)
     assert [r["id"] for r in judged["rules"]] == ["A"]
-    assert judged["policy"]["not_applicable"] == {"task": "classification", "inputs": "images", "rules": ["R"]}
+    assert judged["policy"]["not_applicable"] == {
+        "task": "classification",
+        "inputs": "images",
+        "reference": False,
+        "rules": ["R"],
+    }
     assert judged["policy"]["evaluated"]["text"].startswith("1 of 1 rules evaluated")
     assert (
-        "1 rules apply to other tasks or inputs than classification on images" in judged["policy"]["evaluated"]["text"]
+        "1 rules do not apply (classification on images, no model.reference)" in judged["policy"]["evaluated"]["text"]
     )
     assert {c["id"]: c["status"] for c in judged["controls"]}["MEASURE 2.6"] == "not_assessed"
     on_regression = evaluate(policy, checks, task="regression")
@@ -290,11 +295,11 @@ def test_a_rule_for_the_other_input_is_not_applicable() -> None:
     )
     on_images = evaluate(policy, checks)
     assert [r["id"] for r in on_images["rules"]] == ["A", "I"]
-    assert on_images["policy"]["not_applicable"] == {"task": "classification", "inputs": "images", "rules": ["V"]}
+    assert on_images["policy"]["not_applicable"]["rules"] == ["V"]
     on_volumes = evaluate(policy, checks, spatial_dims=3)
     assert [r["id"] for r in on_volumes["rules"]] == ["A", "V"]
     assert (
-        "1 rules apply to other tasks or inputs than classification on volumes"
+        "1 rules do not apply (classification on volumes, no model.reference)"
         in (on_volumes["policy"]["evaluated"]["text"])
     )
     with pytest.raises(ConfigError, match=r"inputs"):
