@@ -322,6 +322,11 @@ class ModelHandle(Protocol):
         raises :class:`Skip` for a model without gradients (an exported artefact)."""
         ...
 
+    def forward_module(self) -> nn.Module:
+        """The model (normalisation included) as a module for forward calls only - an exported
+        artefact too - for black-box attacks and for judging images crafted on the reference."""
+        ...
+
 
 class CheckContext(Protocol):
     """Everything a check may read, bound to the check's id and held to its ``needs``.
@@ -400,6 +405,11 @@ class CheckContext(Protocol):
     def reference_predictions(self, split: str = "eval") -> Predictions:
         """The predictions of ``model.reference`` on the same images (its pass run once, counted);
         raises :class:`Skip` without a reference."""
+        ...
+
+    def reference_model(self) -> nn.Module:
+        """``model.reference`` as a differentiable module (its normalisation included), for attacks
+        crafted on it and judged on the artefact; raises :class:`Skip` without a reference."""
         ...
 
     def features(self, split: str = "eval") -> torch.Tensor: ...

@@ -502,6 +502,10 @@ class _ModelHandle:
             raise Skip(NO_GRADIENTS)
         return self._adapter.module
 
+    def forward_module(self) -> nn.Module:
+        self._view._require("images", "model.forward_module")
+        return self._adapter.module
+
 
 class CheckView:
     """The :class:`auditkit.check.CheckContext` of one check over the engine's context.
@@ -634,6 +638,12 @@ class CheckView:
     def reference_predictions(self, split: str = "eval") -> Predictions:
         self._require("reference", "reference_predictions", split)
         return self._engine.reference_predictions(split)
+
+    def reference_model(self) -> nn.Module:
+        self._require("reference", "reference_model")
+        if self._engine.reference is None:
+            raise Skip(NO_REFERENCE)
+        return self._engine.reference.module
 
     def features(self, split: str = "eval") -> torch.Tensor:
         self._require("features", "features", split)

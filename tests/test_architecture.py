@@ -17,7 +17,16 @@ from auditkit.testing import CheckConformanceError, check_check, make_context
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ROOT / "checks"
-HANDLE = {"predict", "predict_with_features", "differentiable", "has_gradients", "batch_size", "has_features", "device"}
+HANDLE = {
+    "predict",
+    "predict_with_features",
+    "differentiable",
+    "has_gradients",
+    "forward_module",
+    "batch_size",
+    "has_features",
+    "device",
+}
 
 
 def _sources() -> list[Path]:

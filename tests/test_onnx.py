@@ -322,3 +322,57 @@ def test_a_reference_of_another_shape_is_refused(tmp_path: Path, capsys: pytest.
     spec.write_text(yaml.safe_dump(raw))
     err = _cli_error(spec, capsys)
     assert "model.reference: the model returns 3 logits per image but model.classes lists 2 classes" in err
+
+
+# --------------------------------------------------------------------------------------------- attacks
+
+
+def _adversarial(spec: Path, reference: bool) -> dict[str, Any]:
+    if reference:
+        _with_reference(spec)
+    raw = yaml.safe_load(spec.read_text())
+    raw["only"] = ["adversarial"]
+    raw["checks"] = {"adversarial": {"n_samples": 8, "square_queries": 20, "n_boot": 0}}
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    main(["run", str(spec), "--quiet", "--no-pdf"])
+    results = json.loads((spec.parent / "out-onnx" / "results.json").read_text())
+    check = next(c for c in results["checks"] if c["id"] == "adversarial")
+    assert check["status"] == "ok", (check.get("reason"), check.get("error"))
+    return check
+
+
+def test_without_a_reference_the_artefact_is_attacked_black_box(tmp_path: Path) -> None:
+    check = _adversarial(_onnx_study(tmp_path), reference=False)
+    mode = next(f for f in check["findings"] if f["kind"] == "attack_mode")
+    assert mode["mode"] == "black-box" and mode["attacks"] == ["square"] and "fgsm" in mode["not_run"]
+    attacked = {m["labels"]["attack"] for m in check["metrics"] if m["name"] == "adversarial.robust_accuracy"}
+    assert attacked == {"square"}
+    masking = next(m for m in check["metrics"] if m["name"] == "adversarial.gradient_masking_suspected")
+    assert masking["value"] is None and "black-box" in masking["reason"]
+
+
+def test_with_a_reference_attacks_are_crafted_on_it_and_judged_on_the_artefact(tmp_path: Path) -> None:
+    from auditkit.checks.adversarial.attacks import AttackConfig, still_correct
+
+    spec = _onnx_study(tmp_path)
+    check = _adversarial(spec, reference=True)
+    mode = next(f for f in check["findings"] if f["kind"] == "attack_mode")
+    assert mode["mode"] == "transfer" and "fgsm" in mode["transfer_attacks"]
+    robust = {
+        (m["labels"]["attack"], m["labels"]["eps"]): m["value"]
+        for m in check["metrics"]
+        if m["name"] == "adversarial.robust_accuracy"
+    }
+    assert ("fgsm", "0.0078") in robust
+    # A faithful export judges what the reference would: the transfer attack equals the white-box one.
+    source = load_spec(tmp_path / "audit.yaml")
+    module = build_module(source.model, source.base_dir, source.weights_path)
+    adapter = ModelAdapter.from_module(module, classes=["dark", "bright"], mean=[0.5], std=[0.25])
+    onnx_adapter = ModelAdapter(load_spec(spec))
+    images, labels = torch.rand(6, 1, 16, 16), torch.tensor([0, 1, 0, 1, 0, 1])
+    config = AttackConfig()
+    white = still_correct(adapter.module, images, labels, "fgsm", 8 / 255, config, seed=0, batch_size=8)
+    transfer = still_correct(
+        adapter.module, images, labels, "fgsm", 8 / 255, config, seed=0, batch_size=8, judge=onnx_adapter.module
+    )
+    assert torch.equal(white, transfer)

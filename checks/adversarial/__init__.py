@@ -368,7 +368,7 @@ class AdversarialCheck(Check[AdversarialParams]):
 
     Params = AdversarialParams
 
-    needs: ClassVar[Needs] = Needs(gradients=True, images=True)
+    needs: ClassVar[Needs] = Needs(gradients=True, images=True, reference=True)
     emits: ClassVar[tuple[str, ...]] = (
         "adversarial.clean_accuracy",
         "adversarial.robust_accuracy",
@@ -390,6 +390,8 @@ class AdversarialCheck(Check[AdversarialParams]):
             return _run_on_task_loss(ctx, params)
         scaled = params.scaled_fields(ctx.device)
         p: AdversarialParams = params.for_device(ctx.device)
+        access = _model_access(ctx, p)
+        p = access.params
         result = CheckResult()
         all_labels = np.asarray(ctx.labels("eval"), dtype=np.int64)
         if all_labels.shape[0] == 0:
@@ -400,13 +402,15 @@ class AdversarialCheck(Check[AdversarialParams]):
         labels_np = all_labels[plan.indices]
         labels = torch.as_tensor(labels_np, dtype=torch.long)
         # A volume's depth is folded into its channels for the attacks (a reshape: same norms).
-        model, images = as_images(ctx.model.differentiable(), ctx.images("eval", plan.indices))
+        eval_images = ctx.images("eval", plan.indices)
+        judge, images = as_images(access.judge, eval_images)
+        model = as_images(access.source, eval_images)[0] if access.source is not None else judge
         n = int(labels.shape[0])
         config = p.attack_config(len(ctx.classes))
-        log.info("adversarial: %d images, attacks %s, on %s", n, p.attacks, ctx.device)
+        log.info("adversarial: %d images, attacks %s, on %s (%s)", n, p.attacks, ctx.device, access.mode)
 
         # Clean predictions in the attacks' precision (fp32), so robust <= clean holds exactly.
-        predicted = predict(model, images, batch_size=p.batch_size)
+        predicted = predict(judge, images, batch_size=p.batch_size)
         if bool((predicted < 0).all()):
             raise Skip(f"the logits of every one of the {n} sampled eval images are non-finite")
         clean = (predicted == labels).numpy()
@@ -422,14 +426,17 @@ class AdversarialCheck(Check[AdversarialParams]):
                     config,
                     seed=attack_seed(plan.seed_root, attack, None),
                     batch_size=p.batch_size,
+                    judge=judge,
                 )
                 for eps in grid:
                     broken = (fooled & (norms <= eps)).numpy()
                     robust[(attack, eps)] = clean & ~broken
                 continue
+            # Square only queries the model: it runs on the judge itself, never through a proxy.
+            crafted_on = judge if ATTACKS[attack].access == "black" else model
             for eps in grid:
                 survived = still_correct(
-                    model,
+                    crafted_on,
                     images,
                     labels,
                     attack,
@@ -437,6 +444,7 @@ class AdversarialCheck(Check[AdversarialParams]):
                     config,
                     seed=attack_seed(plan.seed_root, attack, eps),
                     batch_size=p.batch_size,
+                    judge=judge,
                 ).numpy()
                 robust[(attack, eps)] = clean & survived
 
@@ -467,8 +475,9 @@ class AdversarialCheck(Check[AdversarialParams]):
             )
 
         cis = _intervals(clean, robust, labels_np, p.n_boot, plan.seed_root)
-        result.metrics += _metrics(clean, robust, cis, p, tests)
+        result.metrics += _metrics(clean, robust, cis, p, tests, masking_reason=access.masking_reason)
         result.findings += _findings(ctx, plan, labels_np, p, config, tests, unbounded_accuracy)
+        result.findings += access.findings
         for finding in result.findings:
             if finding["kind"] == "attack_setup":
                 finding["scaled_for_device"] = {name: getattr(p, name) for name in scaled}
@@ -496,6 +505,63 @@ class AdversarialCheck(Check[AdversarialParams]):
 
 # --------------------------------------------------------------------------------------------
 # Helpers of the check
+
+
+@dataclass
+class _ModelAccess:
+    """How the attacks reach the model: crafted on ``source`` (``None``: only black-box attacks)
+    and judged on ``judge``, with the parameters and findings that follow."""
+
+    mode: str
+    source: torch.nn.Module | None
+    judge: torch.nn.Module
+    params: AdversarialParams
+    findings: list[dict[str, Any]]
+    masking_reason: str | None = None
+
+
+def _model_access(ctx: CheckContext, p: AdversarialParams) -> _ModelAccess:
+    """White-box attacks on the model itself when gradients flow through it; on an exported
+    artefact (ONNX Runtime), transfer attacks crafted on ``model.reference`` and judged on the
+    artefact, or - without a reference - Square, which only queries the artefact."""
+    if ctx.model.has_gradients:
+        model = ctx.model.differentiable()
+        return _ModelAccess("white-box", model, model, p, [])
+    judge = ctx.model.forward_module()
+    white = [a for a in p.attacks if ATTACKS[a].access != "black"]
+    try:
+        source: torch.nn.Module | None = ctx.reference_model()
+    except Skip:
+        source = None
+    if source is not None:
+        finding = {
+            "kind": "attack_mode",
+            "mode": "transfer",
+            "crafted_on": "model.reference (the PyTorch model the artefact was exported from)",
+            "judged_on": "the artefact (ONNX Runtime)",
+            "transfer_attacks": white,
+            "black_box_attacks": [a for a in p.attacks if a not in white],
+            "note": "a transfer attack is weaker than a white-box attack on the artefact would be: robust"
+            " accuracy here is an upper bound; the gradient-masking tests, which read white-box curves,"
+            " are not run",
+        }
+        reason = (
+            "gradient-masking tests read white-box attack curves; these attacks were transferred from the reference"
+        )
+        return _ModelAccess("transfer", source, judge, p.model_copy(update={"sanity_checks": False}), [finding], reason)
+    attacks = [a for a in p.attacks if ATTACKS[a].access == "black"] or ["square"]
+    finding = {
+        "kind": "attack_mode",
+        "mode": "black-box",
+        "judged_on": "the artefact (ONNX Runtime)",
+        "attacks": attacks,
+        "not_run": white,
+        "reason": "no gradient flows through the artefact and the spec names no model.reference to craft"
+        " transfer attacks on; Square (score-based, queries only) runs on the artefact instead",
+    }
+    reason = "gradient-masking tests read white-box attack curves; only Square, a black-box attack, ran"
+    params = p.model_copy(update={"attacks": attacks, "sanity_checks": False})
+    return _ModelAccess("black-box", None, judge, params, [finding], reason)
 
 
 def _undefined(p: AdversarialParams, reason: str) -> list[Metric]:
@@ -580,6 +646,8 @@ def _metrics(
     cis: dict[str, tuple[float, float] | None],
     p: AdversarialParams,
     tests: list[MaskingTest],
+    *,
+    masking_reason: str | None = None,
 ) -> list[Metric]:
     n = len(clean)
     metrics = [Metric("adversarial.clean_accuracy", float(clean.mean()), "higher_is_better", ci=cis["clean"], n=n)]
@@ -610,7 +678,9 @@ def _metrics(
         )
     suspected = masking_suspected(tests)
     reason = None
-    if not p.sanity_checks:
+    if masking_reason is not None:
+        reason = masking_reason
+    elif not p.sanity_checks:
         reason = "gradient-masking sanity checks disabled (sanity_checks: false)"
     elif suspected is None:
         reason = "no gradient-masking test could run with the selected attacks"

@@ -288,7 +288,15 @@ def build_attack(name: str, model: nn.Module, eps: float | None, config: AttackC
             random_start=config.random_start,
         )
     if name == "square":
-        return torchattacks.Square(model, norm="Linf", eps=eps, n_queries=config.square_queries, seed=seed)
+        import contextlib
+        import io
+
+        # A model without parameters (an exported artefact behind its normalisation) leaves
+        # torchattacks unable to guess the device, which it says on stdout: set it ourselves.
+        with contextlib.redirect_stdout(io.StringIO()):
+            square = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=config.square_queries, seed=seed)
+        square.set_device(_device_of(model))
+        return square
     return _autoattack(model, eps, config.n_classes, seed)
 
 
@@ -359,6 +367,7 @@ def still_correct(
     *,
     seed: int,
     batch_size: int,
+    judge: nn.Module | None = None,
 ) -> torch.Tensor:
     """Attack every image within budget ``eps``; True where the model still predicts its label.
 
@@ -374,6 +383,8 @@ def still_correct(
         config: shared hyper-parameters.
         seed: batch ``b`` is attacked after ``torch.manual_seed(seed + b)``.
         batch_size: images per attack call.
+        judge: the model whose prediction on the attacked images counts (default ``model``):
+            an exported artefact judging images crafted on its reference (a transfer attack).
 
     Returns:
         bool ``(N,)`` on the CPU.
@@ -391,7 +402,7 @@ def still_correct(
             attack = build_attack(name, model, eps, config, seed=seed + index)
             adversarial = attack(x, y)
         with torch.no_grad():
-            parts.append((model(adversarial).argmax(dim=1) == y).cpu())
+            parts.append(((judge or model)(adversarial).argmax(dim=1) == y).cpu())
     return torch.cat(parts)
 
 
@@ -403,8 +414,10 @@ def minimum_norm_perturbations(
     *,
     seed: int,
     batch_size: int,
+    judge: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Carlini-Wagner L2: which images it fools, and the L2 norm of each perturbation found.
+    """Carlini-Wagner L2: which images it fools (``judge``'s prediction, default ``model``'s), and
+    the L2 norm of each perturbation found.
 
     Robust accuracy at budget ``eps`` counts an image as broken when ``fooled`` and
     ``norm <= eps``: one run answers every L2 budget.
@@ -421,7 +434,7 @@ def minimum_norm_perturbations(
         with seeded(seed + index, device):
             adversarial = build_attack("cw_l2", model, None, config)(x, y)
         with torch.no_grad():
-            fooled = model(adversarial).argmax(dim=1) != y
+            fooled = (judge or model)(adversarial).argmax(dim=1) != y
             norms = (adversarial - x).flatten(1).double().norm(dim=1)
         norms = torch.where(fooled, norms, torch.full_like(norms, float("inf")))
         fooled_parts.append(fooled.cpu())
