@@ -376,3 +376,22 @@ def test_with_a_reference_attacks_are_crafted_on_it_and_judged_on_the_artefact(t
         adapter.module, images, labels, "fgsm", 8 / 255, config, seed=0, batch_size=8, judge=onnx_adapter.module
     )
     assert torch.equal(white, transfer)
+
+
+def test_a_torchscript_artefact_gets_the_same_parity_path(tmp_path: Path) -> None:
+    torch_spec = make_tiny_study(tmp_path)
+    source = load_spec(torch_spec)
+    module = build_module(source.model, source.base_dir, source.weights_path).eval()
+    torch.jit.trace(module, torch.rand(2, 1, 16, 16)).save(str(tmp_path / "model.pt"))  # type: ignore[no-untyped-call]
+    raw = yaml.safe_load(torch_spec.read_text())
+    reference = {"factory": raw["model"].pop("factory"), "factory_kwargs": raw["model"].pop("factory_kwargs")}
+    reference["weights"] = raw["model"]["weights"]
+    raw["model"].update({"weights": "model.pt", "trust_code": True, "reference": reference})
+    raw["only"] = ["parity"]
+    raw["output"] = "out-onnx"
+    spec = tmp_path / "audit-script.yaml"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    judged = _parity(spec)
+    metrics = {m["name"]: m for m in judged["check"]["metrics"] if not m["labels"]}
+    assert metrics["parity.agreement"]["value"] == 1.0 and metrics["parity.max_prob_diff"]["value"] < 1e-6
+    assert judged["results"]["model"]["reference"]["images_forwarded"] == judged["check"]["metrics"][0]["n"]
