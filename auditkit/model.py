@@ -457,6 +457,9 @@ class ModelAdapter:
             (:class:`InferenceOptions`; default: chosen per device).
     """
 
+    bundle: Any = None
+    """The MONAI bundle's :class:`~auditkit.monai_bundle.BundleInfo` (``format: monai_bundle``)."""
+
     def __init__(
         self,
         spec: AuditSpec,
@@ -477,6 +480,19 @@ class ModelAdapter:
                 feature_layer=spec.model.feature_layer,
                 device=resolve_device(device or spec.device),
             )
+        elif spec.model.resolved_format == "monai_bundle":
+            from auditkit.monai_bundle import load_monai_bundle
+
+            assert spec.weights_path is not None  # guaranteed by the spec validator
+            user_module, bundle = load_monai_bundle(
+                spec.weights_path,
+                channels=spec.model.input.channels,
+                spatial=tuple(spec.model.input.spatial),
+                classes=list(spec.model.classes),
+                task=spec.model.task,
+                trust_code=spec.model.trust_code,
+            )
+            self.bundle = bundle
         else:
             user_module = build_module(spec.model, spec.base_dir, spec.weights_path)
         window = spec.model.sliding_window
@@ -565,6 +581,18 @@ class ModelAdapter:
         """Whether gradients flow from the outputs to the inputs (not through an ONNX Runtime session)."""
         self.artefact: dict[str, Any] | None = _describe_artefact(inner)
         """What runs the model when it is not a PyTorch module (format, runtime, provider), else ``None``."""
+        bundle = getattr(self, "bundle", None)
+        if bundle is not None:
+            self.artefact = {
+                "format": "monai_bundle",
+                "bundle": bundle.name,
+                "version": bundle.version,
+                "network": bundle.network,
+                "data_format": bundle.data_format,
+                "eval_metrics": bundle.eval_metrics,
+                "claims_from_eval_metrics": bundle.claims,
+                "differences": bundle.differences,
+            }
         self._configure(options or InferenceOptions(), user_module)
 
     def _configure(self, options: InferenceOptions, user_module: nn.Module) -> None:

@@ -37,7 +37,7 @@ from auditkit.context import AuditContext, ProgressFactory
 from auditkit.coverage import CoverageCheck, coverage_record, require_readable_eval, split_coverage
 from auditkit.data import Dataset, load_dataset
 from auditkit.errors import ConfigError, ModelLoadError
-from auditkit.jsonio import jsonable, sha256_file, sha256_json, sha256_text, write_json_atomic
+from auditkit.jsonio import jsonable, sha256_file, sha256_json, sha256_path, sha256_text, write_json_atomic
 from auditkit.model import InferenceOptions, ModelAdapter, Precision, first_line, is_out_of_memory
 from auditkit.policy import evaluate, load_attestations, load_framework, load_policy
 from auditkit.preflight import run_preflight
@@ -432,10 +432,14 @@ def run_audit(
         ),
     )
     preflight = run_preflight(model)
+    bundle = getattr(model, "bundle", None)
+    if bundle is not None and bundle.claims:  # a MONAI bundle's eval_metrics; the spec's claims win
+        claims = {**bundle.claims, **(spec.model.claims or {})}
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"claims": claims})})
     reference = _reference_adapter(spec, model, options)
     inputs = {
         "manifest_sha256": sha256_file(spec.manifest_path) if spec.manifest_path.is_file() else None,
-        "weights_sha256": sha256_file(weights) if weights is not None else None,
+        "weights_sha256": sha256_path(weights) if weights is not None else None,
     }
     plan = Plan.of(selected, spec.model.task, spec.spatial_dims)
     dataset = load_dataset(spec, roles=list(plan.roles), progress=options.progress, keep_headers=plan.headers)

@@ -11,9 +11,10 @@ Which checks run and how they are configured are separate keys: ``checks:`` only
 ``model.task`` is ``classification`` (one class per image, softmax), ``multilabel`` (each name in
 ``classes`` independently present, sigmoid), ``regression`` (continuous outputs named in
 ``classes``) or ``segmentation`` (a class per pixel, ``classes`` naming the label values, background
-first), of 2-D images or, with ``model.input.depth``, 3-D volumes. Keys of model kinds this version
-does not audit yet (``model.format: monai_bundle``, ``model.reference``, ...) are accepted by name and
-refused with a message that says so, instead of an "unknown key".
+first), of 2-D images or, with ``model.input.depth``, 3-D volumes. ``model.format`` says what
+``model.weights`` is: a PyTorch state_dict (``torch``; TorchScript with ``trust_code``), an ONNX
+graph (``onnx``, or ``auto`` from a ``.onnx`` suffix) or a MONAI bundle (``monai_bundle``);
+``model.reference`` names the PyTorch model an artefact was exported from.
 """
 
 from __future__ import annotations
@@ -200,13 +201,6 @@ class ModelSpec(_Strict):
     def _format(cls, fmt: str) -> str:
         if fmt not in FORMATS:
             raise ValueError(f"expected one of {list(FORMATS)}, got {fmt!r}")
-        if fmt == "monai_bundle":
-            raise ValueError(
-                unsupported(
-                    f"format: {fmt}",
-                    "PyTorch modules (format: torch), ONNX graphs (format: onnx) and, with trust_code, TorchScript",
-                )
-            )
         return fmt
 
     @field_validator("output_names")
@@ -279,6 +273,15 @@ class ModelSpec(_Strict):
             raise ValueError(
                 f"normalize needs 1 or {self.input.channels} values (input.channels), got {len(self.normalize.mean)}"
             )
+        if self.resolved_format == "monai_bundle":
+            if self.weights is None:
+                raise ValueError("format: monai_bundle needs weights: the bundle's folder or zip")
+            if self.factory is not None:
+                raise ValueError(
+                    "format: monai_bundle builds the network its configs/inference.json names; model.factory does"
+                    " not apply"
+                )
+            return self
         if self.resolved_format == "onnx":
             if self.weights is None:
                 raise ValueError("format: onnx needs weights: the .onnx file")

@@ -1369,6 +1369,7 @@ def inventory() -> dict[str, int]:
     """What this module (and the corpus and byte-fuzzing tests it builds on) tries, by kind."""
     import test_export
     import test_loaders
+    import test_monai_bundle
     import test_onnx
     import test_segmentation_audit
     import test_tasks
@@ -1395,6 +1396,7 @@ def inventory() -> dict[str, int]:
         "crafted segmentation label maps (PNG, JPEG, .npy, NIfTI)": len(test_segmentation_audit.LABEL_MAP_CASES)
         + test_segmentation_audit.AUDIT_MASK_CASES,
         "ONNX artefacts and their specs through the CLI": len(test_onnx.ONNX_CASES),
+        "MONAI bundles (configs, archives, metadata)": len(test_monai_bundle.BUNDLE_CASES),
     }
     counts["bad inputs tried"] = sum(counts.values())
     return counts

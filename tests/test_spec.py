@@ -160,7 +160,6 @@ def test_unknown_keys_suggest_the_closest_known_key(tmp_path: Path, path: str, v
     ("path", "value", "expected"),
     [
         ("model.task", "detection", "model.task: expected one of ['classification', 'multilabel'"),
-        ("model.format", "monai_bundle", "model.format: format: monai_bundle is not supported"),
         ("model.reference", {"factory": "m:f", "weights": "m.onnx"}, "model.reference: the reference is the PyTorch model"),
     ],
 )
