@@ -8,8 +8,9 @@ twins - audits each with the backdoor check at its default parameters (CPU), and
   attack success, verdict, suspected target, and per data-level method the largest share of a
   class flagged (for a twin: recall / precision on the poisoned rows);
 * per part (``tuning``, ``held_out_1``, ``held_out_2``, ``held_out_3``, ``held_out_4``,
-  ``held_out_5``, ``held_out_6``; the first four together are what the final rule was chosen on, the last three are
-  the reported held-out parts, also pooled): the
+  ``held_out_5``, ``held_out_6``; the first four together are what the final rule was chosen on, the next three are
+  the reported held-out parts, also pooled; ``volumes_3d`` measures the same rule on 3-D
+  models): the
   model-level false-positive rate on clean models, the data-level one (a clean model with more
   than 2% of some class flagged by a method), both with Wilson 95% intervals; the detection
   rate with the right target on poisoned twins, by attack kind; recall and precision on the
@@ -49,7 +50,7 @@ SHORT = {
 }
 FAIL_RULES = ("activation_clustering", "spectral_signature")  # the policies' fail rules (BD-DATA-*)
 DATA_LIMIT = 0.02  # the policies' BD-DATA-CLUSTER / BD-DATA-SPECTRAL threshold
-PARTS = ("tuning", "held_out_1", "held_out_2", "held_out_3", "held_out_4", "held_out_5", "held_out_6")
+PARTS = ("tuning", "held_out_1", "held_out_2", "held_out_3", "held_out_4", "held_out_5", "held_out_6", "volumes_3d")
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -26,7 +26,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field
 
-from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
+from auditkit.check import NO_GRADIENTS, Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
 from auditkit.checks.backdoor.signatures import (
     Detection,
     absent_from_reference,
@@ -228,6 +228,9 @@ class BackdoorCheck(Check[BackdoorParams]):
     signatures over each label's positive training images, a per-label STRIP) are not
     implemented, and the decision rule's figures above hold for single-label models only.
 
+    On an exported artefact (ONNX Runtime, no gradients) the data-level detectors and STRIP run on
+    the artefact's own outputs and embeddings and the trigger search is left out with the reason.
+
     Limitations: the trigger search is bounded by ``trigger_steps`` (with early stopping),
     ``trigger_samples`` (default 32 images on the CPU, 128 on a GPU) and ``max_classes`` (classes
     beyond the cap are reported as not searched; ``class_order`` says which go first); a
@@ -277,9 +280,10 @@ class BackdoorCheck(Check[BackdoorParams]):
         ),
     }
     dims_reason: ClassVar[str | None] = (
-        "the trigger search optimises a 2-D mask and pattern, STRIP blends 2-D images, and the rule that"
-        " tells a planted trigger from natural evidence was chosen on 2-D models (docs/backdoor.md); a 3-D"
-        " trigger search and its calibration on 3-D models are not implemented or measured"
+        "its decision rule was chosen on 2-D models and, measured once unchanged on 20 3-D models (the"
+        " population's volumes_3d part: 3-D CNN, ResNet and DenseNet on 3-D solids), it suspected 1 of 12"
+        " clean models and found 4 of 8 poisoned twins (none of the three binary ones) - below its 2-D"
+        " figures, so it is not a gate on volumes until a 3-D rule is chosen and measured (docs/backdoor.md)"
     )
 
     @serial_blas
@@ -291,10 +295,14 @@ class BackdoorCheck(Check[BackdoorParams]):
         require_finite_logits(ctx.predictions("eval").logits)
         data = self._data_level(ctx, p, result)
         order = _search_order(classes, data, ctx.labels("train") if data is not None else None, p)
-        if p.trigger_search:
+        if p.trigger_search and ctx.model.has_gradients:
             self._model_level(ctx, p, result, order, data)
         else:
-            reason = "trigger search disabled (trigger_search: false)"
+            reason = (
+                "trigger search disabled (trigger_search: false)"
+                if not p.trigger_search
+                else f"trigger search not run: {NO_GRADIENTS}; the data-level detectors ran on the artefact"
+            )
             result.metrics.append(Metric("backdoor.model_suspected", None, "lower_is_better", reason=reason))
         return result
 
@@ -392,7 +400,7 @@ class BackdoorCheck(Check[BackdoorParams]):
         references: list[NDArray[np.float64]] | None,
     ) -> None:
         classes = list(ctx.classes)
-        model = ctx.model.differentiable()
+        model = ctx.model.forward_module()  # STRIP only queries the model: an artefact is judged too
         device = ctx.device
         generator = ctx.torch_generator()
 

@@ -24,7 +24,8 @@ def trigger_figure(
     triggers: Sequence[tuple[str, TriggerResult, float | None, bool]],
     path: str | Path,
 ) -> Path:
-    """One row per class: the mask, and what the trigger paints (mask times pattern).
+    """One row per class: the mask, and what the trigger paints (mask times pattern). A volume's
+    trigger is shown as its maximum projection along the depth axis.
 
     Args:
         triggers: ``(class name, trigger, feature excursion or None, suspected)`` per class.
@@ -63,9 +64,11 @@ def trigger_figure(
         for (_, trigger, _, suspected), (left_title, right_title), (left, right) in zip(
             triggers, titles, axes, strict=True
         ):
-            painted = trigger.mask[None] * trigger.pattern
+            mask, painted = trigger.mask, trigger.mask[None] * trigger.pattern
+            if mask.ndim == 3:  # a volume: what the trigger covers anywhere along the depth
+                mask, painted = mask.max(axis=0), painted.max(axis=1)
             shown = painted.mean(axis=0) if painted.shape[0] != 3 else np.moveaxis(painted, 0, -1)
-            left.imshow(trigger.mask, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+            left.imshow(mask, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
             # Scaled to its own maximum: a faint trigger stays visible.
             right.imshow(shown, cmap="gray", vmin=0.0, vmax=max(float(shown.max()), 1e-6), interpolation="nearest")
             left.set_title(left_title, color="#c44e52" if suspected else "black")
@@ -81,4 +84,5 @@ def _titles(name: str, trigger: TriggerResult, excursion: float | None, suspecte
     verdict = "SUSPECTED" if suspected else "not suspected"
     excursion_text = "n/a" if excursion is None else f"{excursion:.2f}"
     flips = f"painted (scaled); flips {trigger.success_rate:.0%}"
-    return f"{name}: mask, L1 {trigger.norm:.1f} px", f"{flips}\nexcursion {excursion_text}: {verdict}"
+    unit = "voxels, max over depth" if trigger.mask.ndim == 3 else "px"
+    return f"{name}: mask, L1 {trigger.norm:.1f} {unit}", f"{flips}\nexcursion {excursion_text}: {verdict}"

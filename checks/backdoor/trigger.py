@@ -78,9 +78,9 @@ class TriggerResult:
 
     Attributes:
         target: Class index.
-        mask: ``(H, W)`` float32 in [0, 1].
-        pattern: ``(C, H, W)`` float32 in [0, 1].
-        norm: L1 norm of the mask (pixels at the model's input resolution).
+        mask: ``(H, W)`` (a volume's ``(D, H, W)``) float32 in [0, 1].
+        pattern: ``(C, H, W)`` (``(C, D, H, W)``) float32 in [0, 1].
+        norm: L1 norm of the mask (pixels or voxels at the model's input resolution).
         success_rate: Fraction of the sample classified as ``target`` with the trigger.
         reached: Whether the trigger reached the success threshold at some step.
         steps: Optimisation steps run (fewer than asked when the search stopped early).
@@ -98,7 +98,8 @@ class TriggerResult:
 
 
 def apply_trigger(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """``(1 - mask) * images + mask * pattern`` for ``(N, C, H, W)`` images in [0, 1]."""
+    """``(1 - mask) * images + mask * pattern`` for ``(N, C, H, W)`` images (or ``(N, C, D, H, W)``
+    volumes) in [0, 1]."""
     return (1.0 - mask) * images + mask * pattern
 
 
@@ -128,10 +129,11 @@ def reverse_engineer_trigger(
     ``early_stop`` steps.
 
     Args:
-        model: Takes ``(N, C, H, W)`` images in [0, 1] and returns logits; its parameters are
-            not changed (gradients flow to the trigger only).
-        images: Clean images of the other classes, ``(N, C, H, W)`` in [0, 1], on the model's
-            device.
+        model: Takes ``(N, C, H, W)`` images (or ``(N, C, D, H, W)`` volumes) in [0, 1] and
+            returns logits; its parameters are not changed (gradients flow to the trigger only).
+        images: Clean images of the other classes, ``(N, C, H, W)`` (volumes ``(N, C, D, H,
+            W)``: the mask covers voxels, one per voxel shared by the channels) in [0, 1], on the
+            model's device.
         target: Class index to flip to.
         steps: Optimisation steps (each a pass over ``images`` in batches).
         learning_rate: Adam step size on the free parameters.
@@ -146,15 +148,17 @@ def reverse_engineer_trigger(
         The best :class:`TriggerResult`.
 
     Raises:
-        ValueError: ``images`` is empty or not 4-D.
+        ValueError: ``images`` is empty or neither 4-D nor 5-D.
     """
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
+    if images.ndim not in (4, 5) or images.shape[0] == 0:
+        raise ValueError(
+            f"images must be a non-empty (N, C, H, W) or (N, C, D, H, W) batch, got shape {tuple(images.shape)}"
+        )
     started = time.perf_counter()
     device = images.device
-    _, channels, height, width = images.shape
-    mask_param = torch.full((1, 1, height, width), -3.0, device=device, requires_grad=True)
-    init = torch.rand((1, channels, height, width), generator=generator) * 2.0 - 1.0
+    channels, spatial = int(images.shape[1]), tuple(int(v) for v in images.shape[2:])
+    mask_param = torch.full((1, 1, *spatial), -3.0, device=device, requires_grad=True)
+    init = torch.rand((1, channels, *spatial), generator=generator) * 2.0 - 1.0
     pattern_param = init.to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([mask_param, pattern_param], lr=learning_rate, betas=(0.5, 0.9))
     targets = torch.full((images.shape[0],), target, dtype=torch.long, device=device)

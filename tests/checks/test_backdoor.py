@@ -97,6 +97,28 @@ def test_the_search_recovers_a_one_pixel_trigger_and_leaves_the_model_alone() ->
     assert model.scale.requires_grad and model.scale.item() == 20.0 and model.training
 
 
+class OneVoxelBackdoor(nn.Module):
+    """Class 1 when voxel (1, 2, 5) of a volume is bright."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trigger = x[:, 0, 1, 2, 5] - 0.6
+        return torch.stack([torch.zeros_like(trigger), 20.0 * trigger], dim=1)
+
+
+def test_the_search_recovers_a_one_voxel_trigger_in_a_volume_and_draws_it(tmp_path: Path) -> None:
+    from auditkit.checks.backdoor.plots import trigger_figure
+
+    volumes = torch.rand(8, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.4
+    found = reverse_engineer_trigger(
+        OneVoxelBackdoor(), volumes, 1, steps=300, generator=torch.Generator().manual_seed(1)
+    )
+    assert found.mask.shape == (4, 8, 8) and found.pattern.shape == (1, 4, 8, 8)
+    assert found.reached and found.norm < 1.5
+    assert np.unravel_index(np.argmax(found.mask), found.mask.shape) == (1, 2, 5)
+    svg = trigger_figure([("target", found, None, True)], tmp_path / "t.svg").read_text()
+    assert "voxels, max over depth" in svg
+
+
 def test_the_search_reports_failure_when_no_trigger_flips() -> None:
     class Constant(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
