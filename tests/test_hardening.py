@@ -804,8 +804,9 @@ def test_hostile_files_in_a_study_are_quarantined_per_row_and_counted_per_group(
     planted: PlantedStudy, planted_run: PlantedRun
 ) -> None:
     results = planted_run.results
-    assert [c["status"] for c in results["checks"]] == ["ok"] * len(results["checks"]), [
-        (c["id"], c["error"]) for c in results["checks"] if c["status"] != "ok"
+    measured = [c for c in results["checks"] if c["id"] != "parity"]  # parity needs a model.reference
+    assert [c["status"] for c in measured] == ["ok"] * len(measured), [
+        (c["id"], c["error"]) for c in measured if c["status"] != "ok"
     ]
     reasons = {q["row"]: q["reason"] for q in results["data"]["quarantine"]}
     for row, case in planted.hostile_rows.items():

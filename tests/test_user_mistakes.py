@@ -325,8 +325,8 @@ def test_a_narrowed_audit_says_so_and_what_did_not_run(
     verdict = next(line for line in out.splitlines() if line.startswith("verdict:"))
     assert "(partial: " in verdict and "rules evaluated; not run: adversarial, backdoor, bias" in verdict
     assert (
-        "[not run] adversarial, backdoor, bias, corruption, leakage, ood, performance, phi (only ['calibration'], from the spec)"
-        in out
+        "[not run] adversarial, backdoor, bias, corruption, leakage, ood, parity, performance, phi (only"
+        " ['calibration'], from the spec)" in out
     )
     results = json.loads((study.parent / "out" / "results.json").read_text())
     ood_rules = [r for r in results["rules"] if r["metric"].startswith("ood.")]
