@@ -60,8 +60,7 @@ def test_summary_counts_every_ai_rmf_status_and_says_when_the_audit_was_narrowed
     assert re.search(r"^verdict: PASS \(partial: \d+ of \d+ rules evaluated; not run: adversarial, backdoor", out, re.M)
     assert (
         "[not run] adversarial, backdoor, bias, corruption, leakage, ood, parity, performance, phi (only ['calibration'],"
-        " from the command line)"
-        in out
+        " from the command line)" in out
     )
 
 

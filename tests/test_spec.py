@@ -160,7 +160,11 @@ def test_unknown_keys_suggest_the_closest_known_key(tmp_path: Path, path: str, v
     ("path", "value", "expected"),
     [
         ("model.task", "detection", "model.task: expected one of ['classification', 'multilabel'"),
-        ("model.reference", {"factory": "m:f", "weights": "m.onnx"}, "model.reference: the reference is the PyTorch model"),
+        (
+            "model.reference",
+            {"factory": "m:f", "weights": "m.onnx"},
+            "model.reference: the reference is the PyTorch model",
+        ),
     ],
 )
 def test_planned_keys_are_named_as_unsupported(tmp_path: Path, path: str, value: Any, expected: str) -> None:
