@@ -185,6 +185,10 @@ class ContiguousGradients(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        # A new module starts in training mode; torchattacks restores the mode it finds on the
+        # module it is given, so the wrapper must carry the model's (else the audited model is left
+        # in training mode after an attack: batch-norm statistics, dropout).
+        self.train(model.training)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The model's logits; gradients flowing back to ``images`` are made contiguous."""
@@ -213,6 +217,7 @@ class DepthAsChannels(nn.Module):
         self.model = model
         self.channels = channels
         self.depth = depth
+        self.train(model.training)  # the model's mode, as ContiguousGradients carries it
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n, _, height, width = images.shape

@@ -961,3 +961,25 @@ def test_loss_attacks_run_on_cuda(multilabel_model: Any, regression_model: Any) 
         assert torch.equal(runs[0].outputs, runs[1].outputs) and runs[0].outputs.device.type == "cpu"
         assert float(runs[0].norms.max()) <= 0.2 + 1e-5
         assert float(runs[0].losses.mean()) > clean_loss
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd_linf", "pgd_l2", "square", "cw_l2"])
+def test_an_attack_leaves_the_model_in_eval_mode_with_its_statistics(attack: str) -> None:
+    """torchattacks restores the training mode of the module it is handed; the wrappers must carry
+    the model's, or the audited model is left training (batch norm, dropout) for later checks."""
+    from auditkit.checks.adversarial.attacks import minimum_norm_perturbations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)
+    ).eval()
+    statistics = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    config = AttackConfig(pgd_steps=2, square_queries=5, cw_steps=2)
+    if attack == "cw_l2":
+        minimum_norm_perturbations(model, images, labels, config, seed=0, batch_size=4)
+    else:
+        still_correct(model, images, labels, attack, 8 / 255, config, seed=0, batch_size=4)
+    assert not any(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, statistics[key]), key
