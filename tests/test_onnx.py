@@ -402,3 +402,19 @@ def test_a_torchscript_artefact_gets_the_same_parity_path(tmp_path: Path) -> Non
     metrics = {m["name"]: m for m in judged["check"]["metrics"] if not m["labels"]}
     assert metrics["parity.agreement"]["value"] == 1.0 and metrics["parity.max_prob_diff"]["value"] < 1e-6
     assert judged["results"]["model"]["reference"]["images_forwarded"] == judged["check"]["metrics"][0]["n"]
+
+
+def test_the_artefact_demo_writes_a_faithful_and_a_drifted_export_with_their_specs(tmp_path: Path) -> None:
+    from auditkit.fixtures.artefacts import write_artefact_demo
+
+    specs = write_artefact_demo(tmp_path, n_patients=40)
+    assert set(specs) == {"faithful", "drifted"}
+    difference = {}
+    for name, spec in specs.items():
+        raw = yaml.safe_load(spec.read_text())
+        assert raw["model"]["weights"] == f"{name}.onnx" and raw["model"]["reference"]["factory"]
+        main(["run", str(spec), "--only", "parity", "--quiet", "--no-pdf"])
+        results = json.loads((spec.parent / f"audit-{name}" / "results.json").read_text())
+        check = next(c for c in results["checks"] if c["id"] == "parity")
+        difference[name] = next(m["value"] for m in check["metrics"] if m["name"] == "parity.max_prob_diff")
+    assert difference["faithful"] < 1e-4 < difference["drifted"]
