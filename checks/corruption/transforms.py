@@ -43,6 +43,7 @@ __all__ = [
     "binning_factors",
     "draw_randomness",
     "poisson_quantile",
+    "seeded_draws",
 ]
 
 MAX_SEVERITY = 5
@@ -452,16 +453,28 @@ def draw_randomness(name: str, shape: tuple[int, ...], seeds: Sequence[int]) -> 
     corruption = _lookup(name)
     if corruption.draw is None:
         return None
-    if len(shape) != 4:
-        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(shape)}")
+    return seeded_draws(corruption.draw, shape, seeds, "(N, C, H, W)")
+
+
+def seeded_draws(
+    draw: Callable[..., torch.Tensor], shape: tuple[int, ...], seeds: Sequence[int], layout: str
+) -> torch.Tensor:
+    """``draw(one item's shape, generator)`` for every item of a batch of ``shape`` (``layout``
+    names its axes, the first being the item), each from a CPU generator seeded by its seed.
+
+    Raises:
+        ValueError: ``shape`` is not of ``layout``'s rank, or not one seed per item.
+    """
+    if len(shape) != layout.count(",") + 1:
+        raise ValueError(f"expected shape {layout}, got {tuple(shape)}")
     if len(seeds) != shape[0]:
-        raise ValueError(f"expected one seed per image ({shape[0]}), got {len(seeds)}")
-    per_image = (int(shape[1]), int(shape[2]), int(shape[3]))
+        raise ValueError(f"expected one seed per item ({shape[0]}), got {len(seeds)}")
+    per_item = tuple(int(v) for v in shape[1:])
     draws = []
     for seed in seeds:
         generator = torch.Generator(device="cpu")
         generator.manual_seed(int(seed))
-        draws.append(corruption.draw(per_image, generator))
+        draws.append(draw(per_item, generator))
     return torch.stack(draws)
 
 

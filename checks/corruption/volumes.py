@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import ArrayLike, NDArray
 
-from auditkit.checks.corruption.transforms import MAX_SEVERITY
+from auditkit.checks.corruption.transforms import MAX_SEVERITY, seeded_draws
 
 __all__ = [
     "VOLUME_CORRUPTIONS",
@@ -383,17 +383,8 @@ def draw_volume_randomness(name: str, shape: tuple[int, ...], seeds: Sequence[in
     corruption = _lookup(name)
     if corruption.draw is None:
         return None
-    if len(shape) != 5:
-        raise ValueError(f"volumes must have shape (N, C, D, H, W), got {tuple(shape)}")
-    if len(seeds) != shape[0]:
-        raise ValueError(f"expected one seed per volume ({shape[0]}), got {len(seeds)}")
-    per_volume: Shape = (int(shape[1]), int(shape[2]), int(shape[3]), int(shape[4]))
-    draws = []
-    for seed in seeds:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(int(seed))
-        draws.append(corruption.draw(per_volume, generator))
-    return torch.stack(draws)
+    draws: torch.Tensor = seeded_draws(corruption.draw, shape, seeds, "(N, C, D, H, W)")
+    return draws
 
 
 def apply_volume_corruption(
