@@ -418,3 +418,66 @@ def test_the_artefact_demo_writes_a_faithful_and_a_drifted_export_with_their_spe
         check = next(c for c in results["checks"] if c["id"] == "parity")
         difference[name] = next(m["value"] for m in check["metrics"] if m["name"] == "parity.max_prob_diff")
     assert difference["faithful"] < 1e-4 < difference["drifted"]
+
+
+def test_parity_of_a_segmentation_export_is_per_voxel(tmp_path: Path) -> None:
+    from auditkit.fixtures.segmentation import generate_segmentation_study, write_segmentation_spec
+
+    generate_segmentation_study(tmp_path, n_patients=24)
+    source = write_segmentation_spec(tmp_path, "clean", checks={"parity": {"n_boot": 50}})
+    spec = load_spec(source)
+    module = build_module(spec.model, spec.base_dir, spec.weights_path)
+    export_onnx(module, tmp_path / "unet.onnx", (1, spec.model.input.height, spec.model.input.width))
+    raw = yaml.safe_load(source.read_text())
+    model = raw["model"]
+    model["reference"] = {
+        "factory": model.pop("factory"),
+        "factory_kwargs": model.pop("factory_kwargs"),
+        "weights": model["weights"],
+    }
+    model["weights"] = "unet.onnx"
+    model.pop("feature_layer")  # a module name; the graph's values are named otherwise
+    raw["output"] = "out-onnx"
+    artefact = tmp_path / "audit-onnx.yaml"
+    artefact.write_text(yaml.safe_dump(raw, sort_keys=False))
+    judged = _parity(artefact)
+    metrics = {(m["name"], json.dumps(m["labels"], sort_keys=True)): m for m in judged["check"]["metrics"]}
+    assert metrics["parity.agreement", "{}"]["value"] == 1.0  # every voxel decided alike
+    assert metrics["parity.max_prob_diff", "{}"]["value"] < 1e-4
+    assert abs(metrics["parity.metric_delta", json.dumps({"metric": "mean_dice"})]["value"]) < 1e-9
+    finding = next(f for f in judged["check"]["findings"] if f["kind"] == "flipped_rows")
+    assert finding["count"] == 0 and finding["unit"] == "cases with a voxel decided otherwise"
+
+
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_parity_of_multilabel_and_regression_exports(tmp_path: Path, task: str) -> None:
+    if task == "multilabel":
+        from auditkit.fixtures.multilabel import generate_multilabel_study as generate
+        from auditkit.fixtures.multilabel import write_multilabel_spec as write
+    else:
+        from auditkit.fixtures.regression import generate_regression_study as generate
+        from auditkit.fixtures.regression import write_regression_spec as write
+    generate(tmp_path, n_patients=30)
+    source = write(tmp_path, "fair" if task == "regression" else "clean", checks={"parity": {"n_boot": 50}})
+    spec = load_spec(source)
+    module = build_module(spec.model, spec.base_dir, spec.weights_path)
+    export_onnx(module, tmp_path / "model.onnx", (1, spec.model.input.height, spec.model.input.width))
+    raw = yaml.safe_load(source.read_text())
+    model = raw["model"]
+    model["reference"] = {"factory": model.pop("factory"), "factory_kwargs": model.pop("factory_kwargs", {})}
+    model["reference"]["weights"] = model["weights"]
+    model["weights"] = "model.onnx"
+    model.pop("feature_layer", None)
+    raw["output"] = "out-onnx"
+    artefact = tmp_path / "audit-onnx.yaml"
+    artefact.write_text(yaml.safe_dump(raw, sort_keys=False))
+    judged = _parity(artefact)
+    metrics = {(m["name"], json.dumps(m["labels"], sort_keys=True)): m for m in judged["check"]["metrics"]}
+    if task == "multilabel":  # each label's decision at its threshold
+        assert metrics["parity.agreement", "{}"]["value"] == 1.0
+        assert abs(metrics["parity.metric_delta", json.dumps({"metric": "macro_auroc"})]["value"]) < 1e-6
+    else:  # no decision to agree on: the difference is in the output's unit
+        assert metrics["parity.agreement", "{}"]["value"] is None
+        assert abs(metrics["parity.metric_delta", json.dumps({"metric": "mae"})]["value"]) < 1e-4
+        difference = next(f for f in judged["check"]["findings"] if f["kind"] == "output_difference")
+        assert max(difference["largest_absolute"].values()) < 1e-3
