@@ -449,28 +449,37 @@ def test_parity_of_a_segmentation_export_is_per_voxel(tmp_path: Path) -> None:
     assert finding["count"] == 0 and finding["unit"] == "cases with a voxel decided otherwise"
 
 
-@pytest.mark.parametrize("task", ["multilabel", "regression"])
-def test_parity_of_multilabel_and_regression_exports(tmp_path: Path, task: str) -> None:
+def _task_export(root: Path, task: str, *, reference: bool = True) -> Path:
+    """A multi-label or regression fixture model exported to ONNX, with a spec auditing the export
+    (and naming the PyTorch model as its reference)."""
     if task == "multilabel":
         from auditkit.fixtures.multilabel import generate_multilabel_study as generate
         from auditkit.fixtures.multilabel import write_multilabel_spec as write
     else:
         from auditkit.fixtures.regression import generate_regression_study as generate
         from auditkit.fixtures.regression import write_regression_spec as write
-    generate(tmp_path, n_patients=30)
-    source = write(tmp_path, "fair" if task == "regression" else "clean", checks={"parity": {"n_boot": 50}})
+    generate(root, n_patients=30)
+    source = write(root, "fair" if task == "regression" else "clean", checks={"parity": {"n_boot": 50}})
     spec = load_spec(source)
     module = build_module(spec.model, spec.base_dir, spec.weights_path)
-    export_onnx(module, tmp_path / "model.onnx", (1, spec.model.input.height, spec.model.input.width))
+    export_onnx(module, root / "model.onnx", (1, spec.model.input.height, spec.model.input.width))
     raw = yaml.safe_load(source.read_text())
     model = raw["model"]
-    model["reference"] = {"factory": model.pop("factory"), "factory_kwargs": model.pop("factory_kwargs", {})}
-    model["reference"]["weights"] = model["weights"]
+    origin = {"factory": model.pop("factory"), "factory_kwargs": model.pop("factory_kwargs", {})}
+    origin["weights"] = model["weights"]
+    if reference:
+        model["reference"] = origin
     model["weights"] = "model.onnx"
     model.pop("feature_layer", None)
     raw["output"] = "out-onnx"
-    artefact = tmp_path / "audit-onnx.yaml"
+    artefact = root / "audit-onnx.yaml"
     artefact.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return artefact
+
+
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_parity_of_multilabel_and_regression_exports(tmp_path: Path, task: str) -> None:
+    artefact = _task_export(tmp_path, task)
     judged = _parity(artefact)
     metrics = {(m["name"], json.dumps(m["labels"], sort_keys=True)): m for m in judged["check"]["metrics"]}
     if task == "multilabel":  # each label's decision at its threshold
@@ -481,3 +490,21 @@ def test_parity_of_multilabel_and_regression_exports(tmp_path: Path, task: str) 
         assert abs(metrics["parity.metric_delta", json.dumps({"metric": "mae"})]["value"]) < 1e-4
         difference = next(f for f in judged["check"]["findings"] if f["kind"] == "output_difference")
         assert max(difference["largest_absolute"].values()) < 1e-3
+
+
+def test_a_regression_artefact_is_attacked_through_its_reference_or_skipped_without_one(tmp_path: Path) -> None:
+    for reference in (True, False):
+        spec = _task_export(tmp_path / str(reference), "regression", reference=reference)
+        raw = yaml.safe_load(spec.read_text())
+        raw["checks"] = {"adversarial": {"n_samples": 6, "n_boot": 0}}
+        raw["only"] = ["adversarial"]
+        spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+        main(["run", str(spec), "--quiet", "--no-pdf"])
+        results = json.loads((spec.parent / "out-onnx" / "results.json").read_text())
+        check = next(c for c in results["checks"] if c["id"] == "adversarial")
+        if reference:
+            assert check["status"] == "ok", check.get("error")
+            assert next(f for f in check["findings"] if f["kind"] == "attack_mode")["mode"] == "transfer"
+            assert any(m["name"] == "adversarial.robust_mae" and m["value"] is not None for m in check["metrics"])
+        else:
+            assert check["status"] == "skipped" and "crafted on model.reference" in check["reason"]

@@ -24,7 +24,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator, model_validator
 
-from auditkit.check import Check, CheckParams, CheckResult, Direction, Metric, Needs, Skip
+from auditkit.check import NO_GRADIENTS, Check, CheckParams, CheckResult, Direction, Metric, Needs, Skip
 from auditkit.checks.adversarial.attacks import (
     ATTACKS,
     L2_EPS,
@@ -893,14 +893,43 @@ def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResu
         targets_np = np.asarray(all_labels[plan.indices], dtype=np.int64)
         loss = multilabel_loss
     targets = torch.as_tensor(targets_np)
-    model, images = as_images(ctx.model.differentiable(), ctx.images("eval", plan.indices))
+    eval_images = ctx.images("eval", plan.indices)
+    access_findings: list[dict[str, Any]] = []
+    masking_reason = None
+    if ctx.model.has_gradients:
+        model, images = as_images(ctx.model.differentiable(), eval_images)
+        judge = model
+    else:
+        try:
+            source = ctx.reference_model()
+        except Skip:
+            raise Skip(
+                f"{NO_GRADIENTS}; a {task} model's attacks (FGSM and PGD on its loss) are crafted on model.reference"
+                " when the spec names one (Square, the black-box attack, decides by class margins)"
+            ) from None
+        model, images = as_images(source, eval_images)
+        judge = as_images(ctx.model.forward_module(), eval_images)[0]
+        p = p.model_copy(update={"sanity_checks": False})
+        masking_reason = (
+            "gradient-masking tests read white-box loss curves; these attacks were transferred from the reference"
+        )
+        access_findings.append(
+            {
+                "kind": "attack_mode",
+                "mode": "transfer",
+                "crafted_on": "model.reference (the PyTorch model the artefact was exported from)",
+                "judged_on": "the artefact (ONNX Runtime)",
+                "note": "a transfer attack is weaker than a white-box attack on the artefact would be: the robust"
+                " figures are upper bounds",
+            }
+        )
     n = int(targets.shape[0])
     config = p.attack_config(len(names))
     run_attacks = [a for a in p.attacks if a in LOSS_ATTACKS]
     not_run = [a for a in p.attacks if a not in LOSS_ATTACKS]
     log.info("adversarial: %d images (task: %s), attacks %s, on %s", n, task, run_attacks, ctx.device)
 
-    clean = model_outputs(model, images, batch_size=p.batch_size)
+    clean = model_outputs(judge, images, batch_size=p.batch_size)
     if not bool(torch.isfinite(clean).flatten(1).all(dim=1).any()):
         raise Skip(f"the outputs of every one of the {n} sampled eval images are non-finite")
     attacked: dict[tuple[str, float], AttackedOutputs] = {}
@@ -916,6 +945,7 @@ def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResu
                 config,
                 seed=attack_seed(plan.seed_root, attack, eps),
                 batch_size=p.batch_size,
+                judge=judge,
             )
 
     clean_loss = _finite_mean(loss(clean, targets))
@@ -979,11 +1009,12 @@ def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResu
                 )
                 for extra in measured.per_output
             ]
-    result.metrics.append(_masking_metric(p, tests, n))
+    result.metrics.append(_masking_metric(p, tests, n, reason=masking_reason))
     result.findings += _task_findings(
         ctx, plan, targets_np, p, config, run_attacks, not_run, tests, unbounded, clean_loss, loss_curves, attacked
     )
     result.findings += measured.findings
+    result.findings += access_findings
     for finding in result.findings:
         if finding["kind"] == "attack_setup":
             finding["scaled_for_device"] = {name: getattr(p, name) for name in scaled}
@@ -1247,12 +1278,11 @@ def _segmentation_metrics(
     return _Measured(metrics, findings, plots, [{}])
 
 
-def _masking_metric(p: AdversarialParams, tests: list[MaskingTest], n: int) -> Metric:
+def _masking_metric(p: AdversarialParams, tests: list[MaskingTest], n: int, *, reason: str | None = None) -> Metric:
     suspected = masking_suspected(tests)
-    reason = None
-    if not p.sanity_checks:
+    if reason is None and not p.sanity_checks:
         reason = "gradient-masking sanity checks disabled (sanity_checks: false)"
-    elif suspected is None:
+    elif reason is None and suspected is None:
         reason = "no gradient-masking test could run with the selected attacks"
     return Metric(
         "adversarial.gradient_masking_suspected",

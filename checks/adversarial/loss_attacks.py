@@ -233,8 +233,10 @@ def attacked_outputs(
     *,
     seed: int,
     batch_size: int,
+    judge: nn.Module | None = None,
 ) -> AttackedOutputs:
-    """Attack every image within budget ``eps`` and return the outputs on the attacked images.
+    """Attack every image within budget ``eps`` and return the outputs on the attacked images
+    (``judge``'s outputs when given: an exported artefact judging images crafted on its reference).
 
     Args:
         model: images in ``[0, 1]`` -> outputs ``(N, K)`` or ``(N, K, *spatial)``.
@@ -257,10 +259,10 @@ def attacked_outputs(
         with seeded(seed + index, device):
             adversarial, start = attack_with_loss(wrapped, x, y, loss, name, eps, config)
         with torch.no_grad():
-            out = model(adversarial)
+            out = (judge or model)(adversarial)
             outputs.append(out.float().cpu())
             losses.append(loss(out, y).double().cpu())
-            starts.append(loss(model(start), y).double().cpu())
+            starts.append(loss((judge or model)(start), y).double().cpu())
             delta = (adversarial - x).flatten(1).double()
             norms.append((delta.abs().amax(dim=1) if name != "pgd_l2" else delta.norm(dim=1)).cpu())
     if not outputs:
