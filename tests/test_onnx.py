@@ -508,3 +508,38 @@ def test_a_regression_artefact_is_attacked_through_its_reference_or_skipped_with
             assert any(m["name"] == "adversarial.robust_mae" and m["value"] is not None for m in check["metrics"])
         else:
             assert check["status"] == "skipped" and "crafted on model.reference" in check["reason"]
+
+
+def test_a_backdoored_artefact_is_found_through_its_reference(tmp_path: Path) -> None:
+    from auditkit.fixtures.population import (
+        PACKAGED,
+        PACKAGED_WEIGHTS,
+        load_member_model,
+        member_dataset,
+        write_member_spec,
+    )
+
+    member = PACKAGED["population_chest3_poisoned"]
+    dataset = member_dataset(member)
+    source = write_member_spec(member, dataset, PACKAGED_WEIGHTS["population_chest3_poisoned"], tmp_path)
+    module = load_member_model(member, PACKAGED_WEIGHTS["population_chest3_poisoned"])
+    export_onnx(module, tmp_path / "model.onnx", (1, 32, 32))
+    raw = yaml.safe_load(source.read_text())
+    model = raw["model"]
+    model["reference"] = {
+        "factory": model.pop("factory"),
+        "factory_kwargs": model.pop("factory_kwargs"),
+        "weights": model["weights"],
+    }
+    model["weights"] = "model.onnx"
+    source.write_text(yaml.safe_dump(raw, sort_keys=False))
+    main(["run", str(source), "--quiet", "--no-pdf"])
+    results = json.loads((tmp_path / "audit-out" / "results.json").read_text())
+    check = next(c for c in results["checks"] if c["id"] == "backdoor")
+    assert check["status"] == "ok", check.get("error")
+    suspected = next(m for m in check["metrics"] if m["name"] == "backdoor.model_suspected")
+    assert suspected["value"] == 1.0
+    targets = [f["class"] for f in check["findings"] if f["kind"] == "suspected_target"]
+    assert targets == [member.classes[member.attack.target]]  # type: ignore[union-attr]
+    searches = [f for f in check["findings"] if f["kind"] == "trigger_search" and f["searched"]]
+    assert searches and all(f["searched_on"].startswith("model.reference") for f in searches)

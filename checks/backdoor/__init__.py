@@ -26,7 +26,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field
 
-from auditkit.check import NO_GRADIENTS, Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
+from auditkit.check import NO_GRADIENTS, Check, CheckParams, CheckResult, Metric, Needs, Skip, require_finite_logits
 from auditkit.checks.backdoor.signatures import (
     Detection,
     absent_from_reference,
@@ -229,7 +229,10 @@ class BackdoorCheck(Check[BackdoorParams]):
     implemented, and the decision rule's figures above hold for single-label models only.
 
     On an exported artefact (ONNX Runtime, no gradients) the data-level detectors and STRIP run on
-    the artefact's own outputs and embeddings and the trigger search is left out with the reason.
+    the artefact's own outputs and embeddings; the trigger search runs on ``model.reference`` (the
+    PyTorch model the artefact was exported from) when the spec names one, each trigger's success
+    rate and feature excursion measured on the artefact (a trigger reaches the threshold only if it
+    flips the artefact), and is left out with the reason otherwise.
 
     Limitations: the trigger search is bounded by ``trigger_steps`` (with early stopping),
     ``trigger_samples`` (default 32 images on the CPU, 128 on a GPU) and ``max_classes`` (classes
@@ -253,7 +256,9 @@ class BackdoorCheck(Check[BackdoorParams]):
 
     Params = BackdoorParams
 
-    needs: ClassVar[Needs] = Needs(predictions=True, features=True, gradients=True, images=True, train_optional=True)
+    needs: ClassVar[Needs] = Needs(
+        predictions=True, features=True, gradients=True, images=True, train_optional=True, reference=True
+    )
     emits: ClassVar[tuple[str, ...]] = (
         "backdoor.model_suspected",
         "backdoor.trigger_norm",
@@ -295,13 +300,15 @@ class BackdoorCheck(Check[BackdoorParams]):
         require_finite_logits(ctx.predictions("eval").logits)
         data = self._data_level(ctx, p, result)
         order = _search_order(classes, data, ctx.labels("train") if data is not None else None, p)
-        if p.trigger_search and ctx.model.has_gradients:
+        searchable = ctx.model.has_gradients or _has_reference(ctx)
+        if p.trigger_search and searchable:
             self._model_level(ctx, p, result, order, data)
         else:
             reason = (
                 "trigger search disabled (trigger_search: false)"
                 if not p.trigger_search
-                else f"trigger search not run: {NO_GRADIENTS}; the data-level detectors ran on the artefact"
+                else f"trigger search not run: {NO_GRADIENTS} and the spec names no model.reference to search on;"
+                " the data-level detectors ran on the artefact"
             )
             result.metrics.append(Metric("backdoor.model_suspected", None, "lower_is_better", reason=reason))
         return result
@@ -490,7 +497,11 @@ class BackdoorCheck(Check[BackdoorParams]):
         sample = stratified_sample(labels_all, min(budget, labels_all.shape[0]), ctx.rng())
         labels = labels_all[sample]
         images = ctx.images("eval", sample).to(ctx.device)
-        model = ctx.model.differentiable()
+        # On an exported artefact the search runs on the reference it was exported from, and each
+        # trigger counts only as far as it flips the artefact itself (the verdict is the artefact's).
+        transfer = not ctx.model.has_gradients
+        model = ctx.reference_model() if transfer else ctx.model.differentiable()
+        artefact = ctx.model.forward_module() if transfer else None
         embed = _embedder(ctx)
         clean_features = ctx.features("eval").float().cpu().numpy() if embed is not None else None
         train_features = (
@@ -517,6 +528,8 @@ class BackdoorCheck(Check[BackdoorParams]):
                 batch_size=p.batch_size,
                 generator=generator,
             )
+            if artefact is not None:
+                trigger = _confirmed_on(artefact, trigger, others, k, p)
             triggers[k] = trigger
             if embed is not None and clean_features is not None:
                 mask = torch.as_tensor(trigger.mask, device=others.device)[None, None]
@@ -589,6 +602,9 @@ class BackdoorCheck(Check[BackdoorParams]):
                     "reached_success_threshold": trigger.reached,
                     "train_excursion": None if k not in train_excursions else round(train_excursions[k], 3),
                     "seconds": round(trigger.seconds, 2),
+                    "searched_on": "model.reference; success rate and embeddings of the artefact"
+                    if transfer
+                    else "the model",
                 }
             )
         judgeable = bool(triggers) and (bool(excursions) or searched_norms.size >= 3)
@@ -717,6 +733,33 @@ def _anomaly_reason(count: int) -> str:
     if count < 3:
         return "degenerate with fewer than three classes searched"
     return "the MAD of the trigger norms is zero"
+
+
+def _has_reference(ctx: CheckContext) -> bool:
+    try:
+        ctx.reference_model()
+    except Skip:
+        return False
+    return True
+
+
+def _confirmed_on(
+    artefact: torch.nn.Module, trigger: TriggerResult, images: torch.Tensor, target: int, p: BackdoorParams
+) -> TriggerResult:
+    """A trigger found on the reference, judged by the artefact: its success rate is the share of
+    ``images`` the artefact calls ``target`` once they carry it, and it reached the threshold only if
+    the artefact's rate does."""
+    import dataclasses
+
+    mask = torch.as_tensor(trigger.mask, device=images.device)[None, None]
+    pattern = torch.as_tensor(trigger.pattern, device=images.device)[None]
+    with torch.no_grad():
+        hits = sum(
+            int((artefact(apply_trigger(images[i : i + p.batch_size], mask, pattern)).argmax(dim=1) == target).sum())
+            for i in range(0, images.shape[0], p.batch_size)
+        )
+    rate = hits / max(1, images.shape[0])
+    return dataclasses.replace(trigger, success_rate=rate, reached=trigger.reached and rate >= p.success_threshold)
 
 
 def _embedder(ctx: CheckContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
