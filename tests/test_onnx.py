@@ -420,6 +420,26 @@ def test_the_artefact_demo_writes_a_faithful_and_a_drifted_export_with_their_spe
     assert difference["faithful"] < 1e-4 < difference["drifted"]
 
 
+def _artefact_spec(
+    source: Path, onnx_file: str, *, reference: bool = True, output: str | None = "out-onnx", target: Path | None = None
+) -> Path:
+    """``source``'s spec auditing ``onnx_file`` instead of its PyTorch model, which becomes
+    ``model.reference`` (the module-name ``feature_layer`` dropped: graph values are named otherwise)."""
+    raw = yaml.safe_load(source.read_text())
+    model = raw["model"]
+    origin = {"factory": model.pop("factory"), "factory_kwargs": model.pop("factory_kwargs", {})}
+    origin["weights"] = model["weights"]
+    if reference:
+        model["reference"] = origin
+    model["weights"] = onnx_file
+    model.pop("feature_layer", None)
+    if output is not None:
+        raw["output"] = output
+    path = target or source
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def test_parity_of_a_segmentation_export_is_per_voxel(tmp_path: Path) -> None:
     from auditkit.fixtures.segmentation import generate_segmentation_study, write_segmentation_spec
 
@@ -428,19 +448,7 @@ def test_parity_of_a_segmentation_export_is_per_voxel(tmp_path: Path) -> None:
     spec = load_spec(source)
     module = build_module(spec.model, spec.base_dir, spec.weights_path)
     export_onnx(module, tmp_path / "unet.onnx", (1, spec.model.input.height, spec.model.input.width))
-    raw = yaml.safe_load(source.read_text())
-    model = raw["model"]
-    model["reference"] = {
-        "factory": model.pop("factory"),
-        "factory_kwargs": model.pop("factory_kwargs"),
-        "weights": model["weights"],
-    }
-    model["weights"] = "unet.onnx"
-    model.pop("feature_layer")  # a module name; the graph's values are named otherwise
-    raw["output"] = "out-onnx"
-    artefact = tmp_path / "audit-onnx.yaml"
-    artefact.write_text(yaml.safe_dump(raw, sort_keys=False))
-    judged = _parity(artefact)
+    judged = _parity(_artefact_spec(source, "unet.onnx", target=tmp_path / "audit-onnx.yaml"))
     metrics = {(m["name"], json.dumps(m["labels"], sort_keys=True)): m for m in judged["check"]["metrics"]}
     assert metrics["parity.agreement", "{}"]["value"] == 1.0  # every voxel decided alike
     assert metrics["parity.max_prob_diff", "{}"]["value"] < 1e-4
@@ -463,18 +471,7 @@ def _task_export(root: Path, task: str, *, reference: bool = True) -> Path:
     spec = load_spec(source)
     module = build_module(spec.model, spec.base_dir, spec.weights_path)
     export_onnx(module, root / "model.onnx", (1, spec.model.input.height, spec.model.input.width))
-    raw = yaml.safe_load(source.read_text())
-    model = raw["model"]
-    origin = {"factory": model.pop("factory"), "factory_kwargs": model.pop("factory_kwargs", {})}
-    origin["weights"] = model["weights"]
-    if reference:
-        model["reference"] = origin
-    model["weights"] = "model.onnx"
-    model.pop("feature_layer", None)
-    raw["output"] = "out-onnx"
-    artefact = root / "audit-onnx.yaml"
-    artefact.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return artefact
+    return _artefact_spec(source, "model.onnx", reference=reference, target=root / "audit-onnx.yaml")
 
 
 @pytest.mark.parametrize("task", ["multilabel", "regression"])
@@ -524,16 +521,7 @@ def test_a_backdoored_artefact_is_found_through_its_reference(tmp_path: Path) ->
     source = write_member_spec(member, dataset, PACKAGED_WEIGHTS["population_chest3_poisoned"], tmp_path)
     module = load_member_model(member, PACKAGED_WEIGHTS["population_chest3_poisoned"])
     export_onnx(module, tmp_path / "model.onnx", (1, 32, 32))
-    raw = yaml.safe_load(source.read_text())
-    model = raw["model"]
-    model["reference"] = {
-        "factory": model.pop("factory"),
-        "factory_kwargs": model.pop("factory_kwargs"),
-        "weights": model["weights"],
-    }
-    model["weights"] = "model.onnx"
-    source.write_text(yaml.safe_dump(raw, sort_keys=False))
-    main(["run", str(source), "--quiet", "--no-pdf"])
+    main(["run", str(_artefact_spec(source, "model.onnx", output=None)), "--quiet", "--no-pdf"])
     results = json.loads((tmp_path / "audit-out" / "results.json").read_text())
     check = next(c for c in results["checks"] if c["id"] == "backdoor")
     assert check["status"] == "ok", check.get("error")
