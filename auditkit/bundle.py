@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from auditkit.errors import InputError
 from auditkit.export import write_csv_exports
-from auditkit.jsonio import sha256_file, write_json_atomic
+from auditkit.jsonio import sha256_file, sha256_path, write_json_atomic
 from auditkit.results import write_results
 
 if TYPE_CHECKING:
@@ -44,7 +44,18 @@ def _bundle_files(out_dir: Path) -> list[Path]:
 
 
 def _entry(path: Path, name: str, role: str | None = None) -> dict[str, Any]:
-    entry: dict[str, Any] = {
+    if path.is_dir():  # a MONAI bundle: one digest over its files' paths and hashes
+        files = [p for p in path.rglob("*") if p.is_file()]
+        entry: dict[str, Any] = {
+            "path": name,
+            "sha256": sha256_path(path),
+            "bytes": sum(p.stat().st_size for p in files),
+            "files": len(files),
+        }
+        if role is not None:
+            entry["role"] = role
+        return entry
+    entry = {
         "path": name,
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
@@ -73,7 +84,11 @@ def write_manifest(
             without the inputs at hand).
     """
 
-    entries = [_entry(path, path.name, role) for role, path in inputs.items() if path is not None and path.is_file()]
+    entries = [
+        _entry(path, path.name, role)
+        for role, path in inputs.items()
+        if path is not None and (path.is_file() or (role == "weights" and path.is_dir()))
+    ]
     for role, (name, digest) in (extra_inputs or {}).items():
         entries.append({"path": name, "sha256": digest, "role": role})
     known = {entry["role"] for entry in entries}

@@ -87,6 +87,13 @@ def test_a_bundle_is_audited_and_its_eval_metrics_become_claims(tmp_path: Path) 
     assert shortfall["labels"] == {"metric": "performance.accuracy"}
     # The untrained network cannot support a claimed accuracy of 0.99.
     assert next(r for r in results["rules"] if r["id"] == "PERF-CLAIM")["status"] == "fail"
+    # The evidence bundle records the bundle folder as the weights, one digest over its files.
+    from auditkit.jsonio import sha256_path
+
+    manifest = json.loads((tmp_path / "out-bundle" / "manifest.json").read_text())
+    weights = next(e for e in manifest["inputs"] if e.get("role") == "weights")
+    assert weights["path"] == "bundle" and weights["files"] == 3
+    assert weights["sha256"] == sha256_path(tmp_path / "bundle") == results["model"]["weights_sha256"]
 
 
 def test_a_zipped_bundle_reads_as_the_folder(tmp_path: Path) -> None:
