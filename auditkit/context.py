@@ -183,6 +183,10 @@ class AuditContext:
     def has_split(self, split: str) -> bool:
         return split in self.dataset.splits
 
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None
+
     def split(self, split: str) -> SplitData:
         """The decoded split; a missing ``train`` or OOD split raises :class:`Skip`."""
         try:
@@ -602,6 +606,10 @@ class CheckView:
 
     def has_split(self, split: str) -> bool:
         return self._engine.has_split(split)
+
+    @property
+    def has_reference(self) -> bool:
+        return self._engine.has_reference
 
     def _split(self, split: str, read: str) -> SplitData:
         self._require_split(split, read)

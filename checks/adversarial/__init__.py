@@ -520,20 +520,17 @@ class _ModelAccess:
     masking_reason: str | None = None
 
 
-def _model_access(ctx: CheckContext, p: AdversarialParams) -> _ModelAccess:
+def _model_access(ctx: CheckContext, p: AdversarialParams, *, black_box: bool = True) -> _ModelAccess:
     """White-box attacks on the model itself when gradients flow through it; on an exported
     artefact (ONNX Runtime), transfer attacks crafted on ``model.reference`` and judged on the
-    artefact, or - without a reference - Square, which only queries the artefact."""
+    artefact, or - without a reference - Square, which only queries the artefact (``black_box``;
+    the loss attacks of other tasks have no black-box variant: skipped with the reason)."""
     if ctx.model.has_gradients:
         model = ctx.model.differentiable()
         return _ModelAccess("white-box", model, model, p, [])
     judge = ctx.model.forward_module()
-    white = [a for a in p.attacks if ATTACKS[a].access != "black"]
-    try:
-        source: torch.nn.Module | None = ctx.reference_model()
-    except Skip:
-        source = None
-    if source is not None:
+    white = [a for a in p.attacks if ATTACKS[a].access != "black" or not black_box]
+    if ctx.has_reference:
         finding = {
             "kind": "attack_mode",
             "mode": "transfer",
@@ -541,14 +538,20 @@ def _model_access(ctx: CheckContext, p: AdversarialParams) -> _ModelAccess:
             "judged_on": "the artefact (ONNX Runtime)",
             "transfer_attacks": white,
             "black_box_attacks": [a for a in p.attacks if a not in white],
-            "note": "a transfer attack is weaker than a white-box attack on the artefact would be: robust"
-            " accuracy here is an upper bound; the gradient-masking tests, which read white-box curves,"
-            " are not run",
+            "note": "a transfer attack is weaker than a white-box attack on the artefact would be: the robust"
+            " figures here are upper bounds; the gradient-masking tests, which read white-box curves, are"
+            " not run",
         }
         reason = (
             "gradient-masking tests read white-box attack curves; these attacks were transferred from the reference"
         )
+        source = ctx.reference_model()
         return _ModelAccess("transfer", source, judge, p.model_copy(update={"sanity_checks": False}), [finding], reason)
+    if not black_box:
+        raise Skip(
+            f"{NO_GRADIENTS}; a {ctx.task} model's attacks (FGSM and PGD on its loss) are crafted on model.reference"
+            " when the spec names one (Square, the black-box attack, decides by class margins)"
+        )
     attacks = [a for a in p.attacks if ATTACKS[a].access == "black"] or ["square"]
     finding = {
         "kind": "attack_mode",
@@ -894,35 +897,11 @@ def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResu
         loss = multilabel_loss
     targets = torch.as_tensor(targets_np)
     eval_images = ctx.images("eval", plan.indices)
-    access_findings: list[dict[str, Any]] = []
-    masking_reason = None
-    if ctx.model.has_gradients:
-        model, images = as_images(ctx.model.differentiable(), eval_images)
-        judge = model
-    else:
-        try:
-            source = ctx.reference_model()
-        except Skip:
-            raise Skip(
-                f"{NO_GRADIENTS}; a {task} model's attacks (FGSM and PGD on its loss) are crafted on model.reference"
-                " when the spec names one (Square, the black-box attack, decides by class margins)"
-            ) from None
-        model, images = as_images(source, eval_images)
-        judge = as_images(ctx.model.forward_module(), eval_images)[0]
-        p = p.model_copy(update={"sanity_checks": False})
-        masking_reason = (
-            "gradient-masking tests read white-box loss curves; these attacks were transferred from the reference"
-        )
-        access_findings.append(
-            {
-                "kind": "attack_mode",
-                "mode": "transfer",
-                "crafted_on": "model.reference (the PyTorch model the artefact was exported from)",
-                "judged_on": "the artefact (ONNX Runtime)",
-                "note": "a transfer attack is weaker than a white-box attack on the artefact would be: the robust"
-                " figures are upper bounds",
-            }
-        )
+    access = _model_access(ctx, p, black_box=False)
+    p = access.params
+    assert access.source is not None  # white-box or transfer: the loss attacks have no black-box variant
+    model, images = as_images(access.source, eval_images)
+    judge = as_images(access.judge, eval_images)[0]
     n = int(targets.shape[0])
     config = p.attack_config(len(names))
     run_attacks = [a for a in p.attacks if a in LOSS_ATTACKS]
@@ -1009,12 +988,12 @@ def _run_on_task_loss(ctx: CheckContext, params: AdversarialParams) -> CheckResu
                 )
                 for extra in measured.per_output
             ]
-    result.metrics.append(_masking_metric(p, tests, n, reason=masking_reason))
+    result.metrics.append(_masking_metric(p, tests, n, reason=access.masking_reason))
     result.findings += _task_findings(
         ctx, plan, targets_np, p, config, run_attacks, not_run, tests, unbounded, clean_loss, loss_curves, attacked
     )
     result.findings += measured.findings
-    result.findings += access_findings
+    result.findings += access.findings
     for finding in result.findings:
         if finding["kind"] == "attack_setup":
             finding["scaled_for_device"] = {name: getattr(p, name) for name in scaled}

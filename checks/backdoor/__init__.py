@@ -26,7 +26,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field
 
-from auditkit.check import NO_GRADIENTS, Check, CheckParams, CheckResult, Metric, Needs, Skip, require_finite_logits
+from auditkit.check import NO_GRADIENTS, Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
 from auditkit.checks.backdoor.signatures import (
     Detection,
     absent_from_reference,
@@ -300,7 +300,7 @@ class BackdoorCheck(Check[BackdoorParams]):
         require_finite_logits(ctx.predictions("eval").logits)
         data = self._data_level(ctx, p, result)
         order = _search_order(classes, data, ctx.labels("train") if data is not None else None, p)
-        searchable = ctx.model.has_gradients or _has_reference(ctx)
+        searchable = ctx.model.has_gradients or ctx.has_reference
         if p.trigger_search and searchable:
             self._model_level(ctx, p, result, order, data)
         else:
@@ -733,14 +733,6 @@ def _anomaly_reason(count: int) -> str:
     if count < 3:
         return "degenerate with fewer than three classes searched"
     return "the MAD of the trigger norms is zero"
-
-
-def _has_reference(ctx: CheckContext) -> bool:
-    try:
-        ctx.reference_model()
-    except Skip:
-        return False
-    return True
 
 
 def _confirmed_on(

@@ -172,9 +172,13 @@ def _max_prob_diff(a: NDArray[Any], r: NDArray[Any], labels: dict[str, str] | No
     n = int(a.shape[0])
     if n == 0:
         return Metric("parity.max_prob_diff", None, "lower_is_better", labels=labels or {}, n=0, reason="no image")
+    # Per-image scores at once; a segmentation model's maps one case at a time (bounded memory).
+    step = n if np.ndim(a) == 2 else 1
     largest = 0.0
-    for i in range(n):  # one image at a time: a segmentation model's maps stay bounded in memory
-        difference = np.abs(np.asarray(a[i], dtype=np.float64) - np.asarray(r[i], dtype=np.float64))
+    for i in range(0, n, step):
+        difference = np.abs(
+            np.asarray(a[i : i + step], dtype=np.float64) - np.asarray(r[i : i + step], dtype=np.float64)
+        )
         largest = max(largest, float(np.nanmax(difference)) if np.isfinite(difference).any() else math.inf)
     return Metric("parity.max_prob_diff", largest, "lower_is_better", labels=labels or {}, n=n)
 
