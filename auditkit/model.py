@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 from torch import nn
@@ -220,26 +220,39 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"model.weights: {path.name} is a TorchScript archive, which can run code while"
                 " loading; set model.trust_code: true in the spec if you trust its origin"
             )
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ModelLoadError(
-                f"model.weights: {path.name} is not a plain state_dict (torch.load with"
-                f" weights_only=True refused it: {_weights_only_refusal(error)})."
-                " A pickled module can run code while loading; save model.state_dict()"
-                " instead, or set model.trust_code: true if you trust its origin"
-            ) from None
-        if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
-            loaded = loaded["state_dict"]  # Lightning-style checkpoints
-        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-            raise ModelLoadError(
-                f"model.weights: {path.name} holds a {type(loaded).__name__}, expected a state_dict"
-                " (a mapping of parameter names to tensors)"
-            )
-        return {str(k): v for k, v in loaded.items()}
+        return read_state_dict(path, path.name)
     raise ModelLoadError(
         f"model.weights: unsupported file type {suffix!r} for {path.name}; expected .safetensors, .pt or .pth"
     )
+
+
+def read_state_dict(source: Path | BinaryIO, name: str) -> dict[str, torch.Tensor]:
+    """A pickled state_dict read with ``torch.load(..., weights_only=True)`` (no code runs), from a
+    file or an in-memory stream; checkpoints wrapping it as ``{"state_dict": ...}`` (Lightning) or
+    ``{"model": ...}`` (MONAI bundles) are unwrapped. ``name`` is how errors name the file.
+
+    Raises:
+        ModelLoadError: the pickle holds more than tensors, or no mapping of names to tensors.
+    """
+    try:
+        loaded = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelLoadError(
+            f"model.weights: {name} is not a plain state_dict (torch.load with"
+            f" weights_only=True refused it: {_weights_only_refusal(error)})."
+            " A pickled module can run code while loading; save model.state_dict()"
+            " instead, or set model.trust_code: true if you trust its origin"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ModelLoadError(
+            f"model.weights: {name} holds a {type(loaded).__name__}, expected a state_dict"
+            " (a mapping of parameter names to tensors)"
+        )
+    return {str(k): v for k, v in loaded.items()}
 
 
 def _load_trusted_module(path: Path) -> nn.Module:

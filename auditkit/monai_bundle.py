@@ -307,7 +307,7 @@ def load_monai_bundle(
             matching the network.
         ConfigError: the declared input channels differ from ``model.input.channels``.
     """
-    from auditkit.model import first_line
+    from auditkit.model import first_line, read_state_dict
 
     info, network_def, source = read_bundle(path, trust_code=trust_code)
     _compare(info, channels, spatial, classes, task)
@@ -331,16 +331,7 @@ def load_monai_bundle(
         raise ModelLoadError(f"model.weights: the bundle's network_def built a {type(network).__name__}, not a module")
     if source.exists("models/model.pt"):
         data = source.read("models/model.pt", MAX_WEIGHTS_BYTES)
-        try:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ModelLoadError(
-                f"model.weights: the bundle's models/model.pt is not a plain state_dict ({first_line(error)})"
-            ) from None
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]  # checkpoints saved as {"model": state_dict, ...}
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ModelLoadError("model.weights: the bundle's models/model.pt holds no state_dict")
+        state = read_state_dict(io.BytesIO(data), "the bundle's models/model.pt")
         try:
             network.load_state_dict(state, strict=True)
         except RuntimeError as error:
