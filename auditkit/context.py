@@ -262,11 +262,11 @@ class AuditContext:
         """Logits, probabilities (softmax; multilabel: sigmoid; regression: the values) and labels of
         a split (computed once, cached)."""
         if split not in self._predictions:
-            logits, _ = self._cached(split)
-            self._predictions[split] = Predictions(
-                logits=logits, probs=scores_of(logits, self.task), labels=self.labels(split), task=self.task
-            )
+            self._predictions[split] = self._predictions_of(self._cached(split)[0], split)
         return self._predictions[split]
+
+    def _predictions_of(self, logits: torch.Tensor, split: str) -> Predictions:
+        return Predictions(logits=logits, probs=scores_of(logits, self.task), labels=self.labels(split), task=self.task)
 
     def reference_predictions(self, split: str = "eval") -> Predictions:
         """The predictions of ``model.reference`` on a split (its pass run once, counted under
@@ -279,9 +279,7 @@ class AuditContext:
             logits, _ = self.reference.forward_pass(
                 data.images, split=f"reference:{split}", progress=callback, features=False
             )
-            self._reference_predictions[split] = Predictions(
-                logits=logits, probs=scores_of(logits, self.task), labels=self.labels(split), task=self.task
-            )
+            self._reference_predictions[split] = self._predictions_of(logits, split)
         return self._reference_predictions[split]
 
     def features(self, split: str = "eval") -> torch.Tensor:
@@ -498,7 +496,7 @@ class _ModelHandle:
 
     @property
     def has_gradients(self) -> bool:
-        return bool(getattr(self._adapter, "has_gradients", True))
+        return self._adapter.has_gradients
 
     def differentiable(self) -> nn.Module:
         self._view._require("gradients", "model.differentiable")

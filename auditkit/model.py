@@ -594,7 +594,7 @@ class ModelAdapter:
         """Whether gradients flow from the outputs to the inputs (not through an ONNX Runtime session)."""
         self.artefact: dict[str, Any] | None = _describe_artefact(inner)
         """What runs the model when it is not a PyTorch module (format, runtime, provider), else ``None``."""
-        bundle = getattr(self, "bundle", None)
+        bundle = self.bundle
         if bundle is not None:
             self.artefact = {
                 "format": "monai_bundle",

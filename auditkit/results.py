@@ -163,7 +163,7 @@ def model_section(
     return {
         "task": m.task,
         "format": m.resolved_format,
-        "artefact": getattr(model, "artefact", None),
+        "artefact": model.artefact,
         "factory": m.factory,
         "factory_kwargs": m.factory_kwargs,
         "weights": m.weights.name if m.weights else None,

@@ -432,7 +432,7 @@ def run_audit(
         ),
     )
     preflight = run_preflight(model)
-    bundle = getattr(model, "bundle", None)
+    bundle = model.bundle
     if bundle is not None and bundle.claims:  # a MONAI bundle's eval_metrics; the spec's claims win
         claims = {**bundle.claims, **(spec.model.claims or {})}
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"claims": claims})})
