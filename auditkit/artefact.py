@@ -131,15 +131,8 @@ def inspect_onnx(path: Path, *, feature_layer: str | None = None, budget: int = 
     if not graph.node or not graph.output:
         raise ModelLoadError(f"model.weights: {name} holds no ONNX graph (no nodes or no outputs)")
     opsets = {str(o.domain): int(o.version) for o in model.opset_import}
-    functions = {(str(f.domain), str(f.name)) for f in model.functions}
-    custom = sorted(
-        {
-            str(node.domain)
-            for node in graph.node
-            if str(node.domain) not in STANDARD_DOMAINS and (str(node.domain), str(node.op_type)) not in functions
-        }
-        | {d for d in opsets if d not in STANDARD_DOMAINS and not any(f[0] == d for f in functions)}
-    )
+    local = {str(f.domain) for f in model.functions}  # functions the model defines are graphs, not code
+    custom = sorted(({str(node.domain) for node in graph.node} | set(opsets)) - set(STANDARD_DOMAINS) - local)
     if custom:
         raise ModelLoadError(
             f"model.weights: {name} uses operators of custom domains {custom}, which need a native library"
