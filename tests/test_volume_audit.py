@@ -262,9 +262,10 @@ def test_ood_shifts_keep_the_volume_shape() -> None:
     assert [float(v.unique().numel()) for v in blank] == [1.0, 1.0, 1.0]
 
 
-def test_a_copied_volume_is_an_exact_duplicate_and_the_near_search_says_why_not(tmp_path: Path) -> None:
+def test_a_copied_volume_is_an_exact_duplicate_and_a_re_toned_copy_a_near_duplicate(tmp_path: Path) -> None:
     spec = write_study(tmp_path, n=24)
     (tmp_path / "v16.npy").write_bytes((tmp_path / "v00.npy").read_bytes())  # a train copy of eval row 0
+    np.save(tmp_path / "v17.npy", np.load(tmp_path / "v01.npy") ** 0.8)  # eval row 1 under a tone curve
     raw = yaml.safe_load(spec.read_text())
     raw["only"] = ["leakage"]
     spec.write_text(yaml.safe_dump(raw))
@@ -275,9 +276,13 @@ def test_a_copied_volume_is_an_exact_duplicate_and_the_near_search_says_why_not(
     assert by_name["leakage.exact_duplicates", None]["value"] == 1.0
     exact = [f for f in leakage["findings"] if f["kind"] == "exact_duplicate"]
     assert exact and exact[0]["train_rows"] == [16] and exact[0]["eval_rows"] == [0]  # manifest rows
-    for split in (None, "train", "eval"):
-        near = by_name["leakage.near_duplicates", split]
-        assert near["value"] is None and "3-D volumes" in near["reason"], near
+    assert by_name["leakage.near_duplicates", None]["value"] == 1.0
+    near = [f for f in leakage["findings"] if f["kind"] == "near_duplicate"]
+    assert [(f["train_row"], f["eval_row"]) for f in near] == [(17, 1)], near
+    assert by_name["leakage.near_duplicates", "train"]["value"] == by_name["leakage.near_duplicates", "eval"]["value"] == 0
+    search = next(f for f in leakage["findings"] if f["kind"] == "duplicate_search")
+    assert "axial slices [0, 1, 2, 3, 4, 5, 6, 7] of 8" in search["fingerprint"], search
+    assert search["slices_registered"] >= 0 and "images_registered" not in search
 
 
 def test_skip_reasons_are_not_errors_for_a_third_party_check() -> None:

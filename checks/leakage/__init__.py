@@ -30,13 +30,14 @@ from auditkit.checks.leakage.duplicates import (
     near_pairs_across,
     near_pairs_within,
 )
-from auditkit.checks.leakage.fingerprint import DEFAULT_BAND
+from auditkit.checks.leakage.fingerprint import DEFAULT_BAND, slice_depths
 from auditkit.checks.leakage.hashing import (
     hamming_distance,
     hamming_pairs,
     hamming_pairs_within,
     pack_bits,
     perceptual_hash,
+    volume_hash,
     pixel_digests,
     unpack_bits,
 )
@@ -121,6 +122,9 @@ class LeakageParams(CheckParams):
         near_min_cosine: smallest cosine similarity of the pair's embeddings (from the shared
             pass) confirming a near duplicate. The default only rejects pairs the model sees as
             clearly different. Each near-duplicate finding gives its cosine.
+        near_volume_slices: axial slices of each 3-D volume whose fingerprints and hashes stand
+            for it in the near-duplicate search (at the centres of equal slabs of the model's
+            input depth); a volume pair's similarity is the mean of its slices' similarities.
         shortcut_columns: columns searched for shortcuts; ``None`` = the spec's group
             columns and ``header_columns``. Each name is a group column, a DICOM keyword or
             ``image_size``.
@@ -140,6 +144,7 @@ class LeakageParams(CheckParams):
     near_max_distance: float = Field(default=0.195, ge=0.0, le=0.5)
     near_hash_z: float = Field(default=5.0, ge=0.0, le=100.0)
     near_min_cosine: float = Field(default=0.5, ge=-1.0, le=1.0)
+    near_volume_slices: int = Field(default=8, ge=1, le=64)
     shortcut_columns: tuple[str, ...] | None = None
     header_columns: tuple[str, ...] = DEFAULT_HEADER_COLUMNS
     cv_folds: int = Field(default=5, ge=2, le=20)
@@ -186,6 +191,12 @@ class LeakageCheck(Check[LeakageParams]):
       bits at most, and at least ``near_hash_z`` robust standard deviations below the median
       distance of the study's image pairs, so the search runs in a heterogeneous study (as it
       always did) and is off in a homogeneous one, where different patients' hashes are close.
+
+    3-D volumes are searched the same way on ``near_volume_slices`` axial slices of each volume
+    at fixed depths of the model's input: the slices at one depth are fingerprinted as a 2-D
+    study, a volume's fingerprint is its slices' concatenated (the similarity of two volumes is
+    the mean of their slices' similarities) and its hash their hashes one after another (the
+    radius scaled by the number of slices).
 
     Measured (``docs/leakage.md``, ``scripts/near_duplicate_figures.py``): on look-alike studies
     of one anatomy at one protocol with ten kinds of planted copies (``fixtures/lookalike.py``),
@@ -429,14 +440,6 @@ def _embeddings(ctx: CheckContext, roles: Sequence[str]) -> dict[str, NDArray[np
         return None
 
 
-NO_VOLUME_SEARCH = (
-    "the near-duplicate search compares registered 2-D images; on 3-D volumes (a mean projection or"
-    " the middle slice) it was tried and gave false matches between unrelated synthetic volumes, so it"
-    " is not run: exact duplicates are found on the whole volumes, and patient, study and series overlap"
-    " as for 2-D images"
-)
-
-
 def _duplicates(report: _Report, ctx: CheckContext, splits: dict[str, SplitRows], p: LeakageParams) -> None:
     roles = list(splits)
     # As stored (float16, no copy): equal digests are bit-identical decoded images.
@@ -464,13 +467,10 @@ def _duplicates(report: _Report, ctx: CheckContext, splits: dict[str, SplitRows]
     # calibration of both bounds describe the study, not one split.
     images = torch.cat([stored[role] for role in roles])
     del stored
-    if images.ndim == 5:
-        reason = NO_VOLUME_SEARCH
-        report.metric("leakage.near_duplicates", None, n=n_eval, reason=reason if "train" in splits else NO_TRAIN)
-        for role, split in splits.items():
-            labels = {"scope": "within_split", "split": role}
-            report.metric("leakage.near_duplicates", None, labels=labels, n=split.n, reason=reason)
-        return
+    depths = slice_depths(images.shape[2], p.near_volume_slices) if images.ndim == 5 else []
+    hashes = volume_hash(images, depths, bits=p.hash_bits) if depths else perceptual_hash(images, bits=p.hash_bits)
+    # A volume's hash is its slices' hashes one after another: the radius grows with them.
+    max_radius = int(np.floor(p.near_max_distance * p.hash_bits * max(1, len(depths)) + 1e-9))
     split_of = np.concatenate([np.full(splits[role].n, k) for k, role in enumerate(roles)])
     starts = np.cumsum([0] + [splits[r].n for r in roles])[:-1]
     offsets = {role: int(start) for role, start in zip(roles, starts, strict=True)}
@@ -478,17 +478,18 @@ def _duplicates(report: _Report, ctx: CheckContext, splits: dict[str, SplitRows]
     seed = stable_seed(int(ctx.rng().integers(0, 2**63 - 1)), "near-duplicates")
     search = near_duplicate_search(
         images,
-        perceptual_hash(images, bits=p.hash_bits),
+        hashes,
         [d for role in roles for d in digests[role]],
         features=pooled_features,
         z=p.near_z,
         z_per_decade=p.near_z_per_decade,
         floor=p.near_min_similarity,
         components=p.near_components,
-        max_radius=int(np.floor(p.near_max_distance * p.hash_bits + 1e-9)),
+        max_radius=max_radius,
         hash_z=p.near_hash_z,
         min_cosine=p.near_min_cosine,
         rng=np.random.default_rng(seed),
+        volume_slices=p.near_volume_slices,
     )
     first, second = split_of[search.i], split_of[search.j]
     scopes = np.where(first == second, np.array(roles, dtype=object)[first], "train_eval")
@@ -520,14 +521,21 @@ def _duplicates(report: _Report, ctx: CheckContext, splits: dict[str, SplitRows]
                 "registered, rank-normalised 64x64 image; difference-of-Gaussians detail"
                 f" (sigma {DEFAULT_BAND[0]}-{DEFAULT_BAND[1]} px) less the study's mean and"
                 f" {search.components} principal axes"
+                + (
+                    f"; of each volume's axial slices {depths} of {images.shape[2]}, fingerprinted"
+                    " depth by depth and concatenated (similarity: the mean of the slices')"
+                    if depths
+                    else ""
+                )
             ),
             "similarity_threshold": _rounded(calibration.threshold),
             "pair_similarity_median": _rounded(calibration.median),
             "pair_similarity_scale": _rounded(calibration.scale),
             "pairs_measured": calibration.pairs,
             "z": _rounded(calibration.z),
-            "images_registered": search.moved,
-            "hash": f"pHash-{p.hash_bits} (low-frequency DCT block of the 32x32 standardised image)",
+            **{("slices_registered" if depths else "images_registered"): search.moved},
+            "hash": f"pHash-{p.hash_bits} (low-frequency DCT block of the 32x32 standardised image)"
+            + (f", one per slice of {depths}, concatenated" if depths else ""),
             "radius_bits": search.radius if search.radius >= 0 else None,
             "pair_hamming_median": _rounded(search.hash_median),
             "pair_hamming_scale": _rounded(search.hash_scale),

@@ -34,6 +34,7 @@ from auditkit.checks.leakage.fingerprint import (
     calibrate,
     fingerprints,
     robust_location,
+    volume_fingerprints,
     sample_pairs,
     similar_pairs,
 )
@@ -257,12 +258,15 @@ def near_duplicate_search(
     hash_z: float,
     min_cosine: float,
     rng: np.random.Generator,
+    volume_slices: int = 8,
 ) -> NearSearch:
     """Near-duplicate candidates among ``N`` images (every split pooled; see the module docstring).
 
     Args:
-        images: ``(N, C, H, W)`` decoded images.
-        hashes: ``(N, W)`` perceptual hashes of the same images.
+        images: ``(N, C, H, W)`` decoded images, or ``(N, C, D, H, W)`` volumes, which are
+            fingerprinted by ``volume_slices`` axial slices (:func:`.fingerprint.volume_fingerprints`).
+        hashes: ``(N, W)`` perceptual hashes of the same images (of volumes: their slices'
+            hashes one after another, :func:`.hashing.volume_hash`).
         digests: their pixel digests (pairs of bit-identical images are left out).
         features: ``(N, D)`` embeddings confirming each pair, or ``None``.
         z: robust standard deviations above the median pair similarity of a near duplicate
@@ -274,12 +278,16 @@ def near_duplicate_search(
         hash_z: robust standard deviations below the median pair distance the radius must stay.
         min_cosine: smallest embedding cosine of a confirmed pair.
         rng: draws the calibration pairs of a large study.
+        volume_slices: axial slices fingerprinted per volume.
 
     Returns:
         The :class:`NearSearch`; callers keep ``confirmed`` pairs.
     """
     labels = duplicate_labels(digests)
-    prints = fingerprints(images, components=components)
+    if images.ndim == 5:
+        prints = volume_fingerprints(images, slices=volume_slices, components=components)
+    else:
+        prints = fingerprints(images, components=components)
     pairs = sample_pairs(images.shape[0], rng, exclude=labels)
     calibration = calibrate(prints.vectors, pairs, z=z, floor=floor, z_per_decade=z_per_decade)
     radius, hash_median, hash_scale = hash_radius(hashes, pairs, max_radius=max_radius, z=hash_z)

@@ -74,6 +74,8 @@ __all__ = [
     "robust_location",
     "sample_pairs",
     "similar_pairs",
+    "slice_depths",
+    "volume_fingerprints",
     "warp_affine",
 ]
 
@@ -736,6 +738,63 @@ def fingerprints(
             norms = block.norm(dim=1, keepdim=True)
             vectors[b] = torch.where(norms > 1e-12, block / norms.clamp_min(1e-12), torch.zeros_like(block)).float()
     return Fingerprints(vectors, k, _moved(theta))
+
+
+def slice_depths(depth: int, slices: int) -> list[int]:
+    """Indices of ``min(slices, depth)`` axial slices at the centres of equal slabs of ``depth``.
+
+    Raises:
+        ValueError: ``depth`` or ``slices`` below 1.
+    """
+    if depth < 1 or slices < 1:
+        raise ValueError(f"depth and slices must be at least 1, got depth={depth}, slices={slices}")
+    k = min(slices, depth)
+    return [((2 * s + 1) * depth) // (2 * k) for s in range(k)]
+
+
+def volume_fingerprints(
+    volumes: torch.Tensor,
+    *,
+    slices: int = 8,
+    band: tuple[float, float] = DEFAULT_BAND,
+    components: int = 64,
+    images_per_component: int = 10,
+) -> Fingerprints:
+    """The fingerprint of each volume of one study: its axial slices' fingerprints, concatenated.
+
+    The slices are taken at the same depths of every volume (:func:`slice_depths`, on the model's
+    input grid, so every volume has the same depth), and the slices at one depth are fingerprinted
+    as one 2-D study (:func:`fingerprints`: their own template, pose, mean and principal axes).
+    The concatenation is scaled by ``1 / sqrt(k)``, so two volumes' similarity is the mean of
+    their ``k`` slice similarities: a copy of a volume matches at every depth, while another
+    patient's look-alike matches at some depths by chance and the mean pulls it to the bulk (the
+    robust spread of different volumes' similarities shrinks about as ``1 / sqrt(k)``).
+
+    Args:
+        volumes: ``(N, C, D, H, W)`` volumes (every split together).
+        slices: axial slices per volume (at most ``D``).
+        band: as :func:`fingerprints`.
+        components: most principal axes projected out at each depth.
+        images_per_component: as :func:`fingerprints`.
+
+    Returns:
+        :class:`Fingerprints` with ``(N, k * D')`` vectors, each of unit norm unless some of its
+        slices are flat; ``components`` is the most used at one depth and ``moved`` counts slices
+        registered away from the identity.
+
+    Raises:
+        ValueError: ``volumes`` is not 5-D.
+    """
+    if volumes.ndim != 5:
+        raise ValueError(f"volumes must have shape (N, C, D, H, W), got {tuple(volumes.shape)}")
+    if volumes.shape[0] == 0:
+        return Fingerprints(torch.empty(0, 0), 0, 0)
+    parts = [
+        fingerprints(volumes[:, :, d], band=band, components=components, images_per_component=images_per_component)
+        for d in slice_depths(volumes.shape[2], slices)
+    ]
+    vectors = torch.cat([part.vectors for part in parts], dim=1) / math.sqrt(len(parts))
+    return Fingerprints(vectors, max(part.components for part in parts), sum(part.moved for part in parts))
 
 
 # --------------------------------------------------------------------------------------------

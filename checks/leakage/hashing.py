@@ -15,7 +15,7 @@ Plain functions, testable without the engine:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = [
     "perceptual_hash",
     "pixel_digests",
     "unpack_bits",
+    "volume_hash",
 ]
 
 HASH_SIZE = 32
@@ -257,3 +258,26 @@ def hamming_pairs_within(hashes: HashArray, radius: int) -> Pairs:
     i, j, d = _collect(_tiles(h, h, radius, upper=True))
     order = np.lexsort((j, i))
     return i[order], j[order], d[order]
+
+
+def volume_hash(volumes: torch.Tensor, depths: Sequence[int], bits: HashBits = 256) -> HashArray:
+    """The perceptual hashes of axial slices of each volume, one after another.
+
+    Args:
+        volumes: ``(N, C, D, H, W)`` volumes.
+        depths: slice indices, the same for every volume
+            (:func:`.fingerprint.slice_depths`).
+        bits: each slice's hash length.
+
+    Returns:
+        ``uint64`` array ``(N, len(depths) * bits // 64)``: the Hamming distance of two volumes is
+        the sum of their slices' distances.
+
+    Raises:
+        ValueError: ``volumes`` is not 5-D, a depth is out of range, or ``bits`` is invalid.
+    """
+    if volumes.ndim != 5:
+        raise ValueError(f"volumes must have shape (N, C, D, H, W), got {tuple(volumes.shape)}")
+    if not depths or any(not 0 <= d < volumes.shape[2] for d in depths):
+        raise ValueError(f"depths must be slice indices in [0, {volumes.shape[2]}), got {list(depths)}")
+    return np.concatenate([perceptual_hash(volumes[:, :, d], bits=bits) for d in depths], axis=1)
