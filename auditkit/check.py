@@ -431,8 +431,10 @@ class CheckContext(Protocol):
         write into it)."""
         ...
 
-    def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]:
-        """One DICOM header per image (a series' first slice), ``None`` for other kinds."""
+    def headers(self, split: str = "eval") -> Sequence[pydicom.Dataset | None]:
+        """One DICOM header per image (a series' first slice), ``None`` for other kinds: a
+        sequence whose headers beyond the decoder's kept ones are read from their files at each
+        access (iterate it once rather than indexing it repeatedly)."""
         ...
 
     def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]: ...

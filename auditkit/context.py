@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import numpy as np
 import torch
@@ -154,8 +154,7 @@ class AuditContext:
         self._outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._with_features: dict[str, bool] = {}
         self._predictions: dict[str, Predictions] = {}
-        self._raw_headers: dict[str, list[pydicom.Dataset | None]] = {}
-        self._headers: dict[str, list[pydicom.Dataset | None]] = {}
+        self._raw_headers: dict[str, _SplitHeaders] = {}
 
     # ----------------------------------------------------------------- splits and labels
     @property
@@ -297,38 +296,24 @@ class AuditContext:
             raise Skip(f"embeddings unavailable ({self.model.feature_layer})")
         return self._cached(split, features=True)[1]
 
-    def _read_headers(self, split: str) -> list[pydicom.Dataset | None]:
-        """A split's DICOM headers, elements left raw: those kept by the decoder
-        (``load_dataset(..., keep_headers=True)``), else header-only reads (once per split)."""
+    def _read_headers(self, split: str) -> Sequence[pydicom.Dataset | None]:
+        """A split's DICOM headers, elements left raw: those the decoder kept
+        (``load_dataset(..., keep_headers=True)``), the others header-only reads made on each
+        access and not held (:class:`_SplitHeaders`)."""
         if split not in self._raw_headers:
-            from auditkit.decode import read_dicom_header
-            from auditkit.errors import UnreadableImage
-
             data = self.split(split)
-            if data.headers is not None:
-                self._raw_headers[split] = data.headers
-                return data.headers
-            headers: list[pydicom.Dataset | None] = []
-            for path, kind in zip(data.paths, data.kinds, strict=True):
-                if kind not in ("dicom", "dicom-series"):
-                    headers.append(None)
-                    continue
-                try:
-                    headers.append(read_dicom_header(_first_slice(path) if kind != "dicom" else path, convert=False))
-                except (UnreadableImage, OSError):
-                    headers.append(None)
-            self._raw_headers[split] = headers
+            self._raw_headers[split] = _SplitHeaders(data.headers or {}, data.paths, data.kinds)
         return self._raw_headers[split]
 
-    def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]:
+    def headers(self, split: str = "eval") -> Sequence[pydicom.Dataset | None]:
         """Header-only DICOM reads (no pixels), ``None`` for non-DICOM or unreadable files.
 
-        Every element is converted (while pydicom is silenced), so any access is safe. The
-        datasets hold patient data: use them to measure, never copy values into results.
+        Every element is converted (while pydicom is silenced), so any access is safe. A
+        sequence: the decoder's kept headers are held, the others are read from their files at
+        each access (memory bounded whatever the study's size; iterate once). The datasets hold
+        patient data: use them to measure, never copy values into results.
         """
-        if split not in self._headers:
-            self._headers[split] = [_converted(header) for header in self._read_headers(split)]
-        return self._headers[split]
+        return _Converted(self._read_headers(split))
 
     def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:
         """Every file's header of each image, converted as :meth:`headers`' are: a DICOM series'
@@ -338,13 +323,15 @@ class AuditContext:
         from auditkit.errors import UnreadableImage
 
         data = self.split(split)
-        if data.slice_headers is None:
-            firsts = self.headers(split)
-            out: list[tuple[pydicom.Dataset | None, ...]] = []
-            for path, kind, first in zip(data.paths, data.kinds, firsts, strict=True):
-                if kind != "dicom-series":
-                    out.append((first,) if kind == "dicom" else ())
-                    continue
+        kept = data.slice_headers or {}
+        firsts = self.headers(split)
+        out: list[tuple[pydicom.Dataset | None, ...]] = []
+        for position, (path, kind) in enumerate(zip(data.paths, data.kinds, strict=True)):
+            if position in kept:
+                out.append(tuple(_converted(header) for header in kept[position]))
+            elif kind != "dicom-series":
+                out.append((firsts[position],) if kind == "dicom" else ())
+            else:
                 slices: list[pydicom.Dataset | None] = []
                 for file in sorted(p for p in path.iterdir() if p.is_file()):
                     try:
@@ -352,8 +339,7 @@ class AuditContext:
                     except UnreadableImage:
                         slices.append(None)
                 out.append(tuple(slices))
-            return out
-        return [tuple(_converted(header) for header in datasets) for datasets in data.slice_headers]
+        return out
 
     def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]:
         """Text values of a few header elements per image; ``None`` for non-DICOM or unreadable files.
@@ -450,6 +436,60 @@ def _converted(header: pydicom.Dataset | None) -> pydicom.Dataset | None:
     except Exception:  # an element pydicom cannot convert: the header is unreadable
         return None
     return header
+
+
+class _SplitHeaders(Sequence["pydicom.Dataset | None"]):
+    """A split's raw DICOM headers by position: the decoder's kept data sets, else a header-only
+    read of the file (a series' first slice by name) at each access, never held."""
+
+    def __init__(self, kept: Mapping[int, pydicom.Dataset], paths: Sequence[Path], kinds: Sequence[str]) -> None:
+        self._kept = kept
+        self._paths = paths
+        self._kinds = kinds
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    @overload
+    def __getitem__(self, index: int) -> pydicom.Dataset | None: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[pydicom.Dataset | None]: ...
+    def __getitem__(self, index: int | slice) -> pydicom.Dataset | list[pydicom.Dataset | None] | None:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        position = range(len(self))[index]
+        if position in self._kept:
+            return self._kept[position]
+        kind = self._kinds[position]
+        if kind not in ("dicom", "dicom-series"):
+            return None
+        from auditkit.decode import read_dicom_header
+        from auditkit.errors import UnreadableImage
+
+        path = self._paths[position]
+        try:
+            return read_dicom_header(_first_slice(path) if kind != "dicom" else path, convert=False)
+        except (UnreadableImage, OSError):
+            return None
+
+
+class _Converted(Sequence["pydicom.Dataset | None"]):
+    """:func:`_converted` of each header of a sequence, on access."""
+
+    def __init__(self, headers: Sequence[pydicom.Dataset | None]) -> None:
+        self._headers = headers
+
+    def __len__(self) -> int:
+        return len(self._headers)
+
+    @overload
+    def __getitem__(self, index: int) -> pydicom.Dataset | None: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[pydicom.Dataset | None]: ...
+    def __getitem__(self, index: int | slice) -> pydicom.Dataset | list[pydicom.Dataset | None] | None:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return _converted(self._headers[index])
 
 
 def _first_slice(folder: Path) -> Path:
@@ -665,7 +705,7 @@ class CheckView:
         self._require("images", "images", split)
         return self._engine.images(split, indices, dtype=dtype)
 
-    def headers(self, split: str = "eval") -> list[pydicom.Dataset | None]:
+    def headers(self, split: str = "eval") -> Sequence[pydicom.Dataset | None]:
         self._require("headers", "headers", split)
         return self._engine.headers(split)
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("path", "label")
 MISSING_GROUP = "missing"
 MAX_REPORTED_PROBLEMS = 20
+HEADERS_KEPT = 2048
+"""DICOM data sets of a split kept from decoding (a few tens of KB each as pydicom objects); the
+rest are read again from their files when a check asks for them."""
+SERIES_HEADERS_KEPT = 32
+"""DICOM series of a split whose slices' data sets are kept from decoding (3-D inputs)."""
 # Header attributes a group column may name when the manifest lacks it: non-identifying ones only.
 HEADER_GROUP_KEYWORDS = (
     "Modality",
@@ -448,16 +453,19 @@ class SplitData:
     """3-D inputs: each volume's voxel size ``(z, y, x)`` in millimetres on the model-input grid,
     float64 ``(N, 3)``; ``None`` for 2-D images."""
     quarantined_groups: dict[str, dict[str, int]] = field(default_factory=dict)
-    headers: list[pydicom.Dataset | None] | None = field(default=None, repr=False, compare=False)
-    """With ``load_dataset(..., keep_headers=True)``: each image's DICOM data set as decoded,
-    without pixel data (``None`` for other kinds); elements the decoder did not use stay raw.
-    Patient data: read through :meth:`auditkit.context.AuditContext.headers` or
+    headers: dict[int, pydicom.Dataset] | None = field(default=None, repr=False, compare=False)
+    """With ``load_dataset(..., keep_headers=True)``: the DICOM data sets as decoded, without
+    pixel data, by position in the split, for the first :data:`HEADERS_KEPT` rows of the
+    manifest's split (:data:`SERIES_HEADERS_KEPT` for volumes); elements the decoder did not
+    use stay raw. The others are read again from their files when a check asks
+    (:meth:`auditkit.context.AuditContext.headers`), so memory is bounded by the cap, not the
+    study. Patient data: read through :meth:`~auditkit.context.AuditContext.headers` or
     :meth:`~auditkit.context.AuditContext.header_texts`, never reported. A DICOM series' entry is
     its first slice (in position order)."""
-    slice_headers: list[tuple[pydicom.Dataset, ...]] | None = field(default=None, repr=False, compare=False)
-    """3-D inputs with ``keep_headers``: every slice's data set of each DICOM series, in position
-    order (``()`` for NIfTI and ``.npy`` volumes); read through
-    :meth:`auditkit.context.AuditContext.series_headers`."""
+    slice_headers: dict[int, tuple[pydicom.Dataset, ...]] | None = field(default=None, repr=False, compare=False)
+    """3-D inputs with ``keep_headers``: every slice's data set of the kept DICOM series, by
+    position, in slice position order; read through
+    :meth:`auditkit.context.AuditContext.series_headers` (the others are read again)."""
 
     @property
     def n(self) -> int:
@@ -498,10 +506,13 @@ def decode_all(
 ) -> DecodeResult:
     """Decode every path once, in a thread pool; failures become reasons, never exceptions.
 
-    ``keep_headers`` keeps each DICOM file's data set (without pixel data) with its image, so
-    header checks do not read the files a second time. ``depth`` decodes volumes (NIfTI, ``.npy``
-    or a DICOM series folder) to ``(channels, depth, height, width)``, each slice of a series
-    bounded by ``budget``; a series' symlinks must stay inside ``root``. ``masks`` (segmentation,
+    ``keep_headers`` keeps the DICOM data set (without pixel data) of each of the first
+    :data:`HEADERS_KEPT` paths (:data:`SERIES_HEADERS_KEPT` series' slices for volumes) with its
+    image, so header checks do not read those files a second time; the others' are read again
+    when asked for, which bounds the memory headers take whatever the study's size. ``depth``
+    decodes volumes (NIfTI, ``.npy`` or a DICOM series folder) to ``(channels, depth, height,
+    width)``, each slice of a series bounded by ``budget``; a series' symlinks must stay inside
+    ``root``. ``masks`` (segmentation,
     one per path) are the reference label maps of ``num_classes`` classes: each must lie on its
     image as stored (same size; a volume's map on the same grid in patient space) and is resized
     to the model input by nearest neighbour (:attr:`DecodedImage.labels`); a row whose map is
@@ -509,7 +520,10 @@ def decode_all(
     """
     volume_budget = VolumeBudget(slice=budget)
 
-    def decode(path: Path) -> DecodedImage:
+    kept = SERIES_HEADERS_KEPT if depth is not None else HEADERS_KEPT
+
+    def decode(path: Path, index: int) -> DecodedImage:
+        keep_header = keep_headers and index < kept
         if depth is not None:
             return decode_volume_image(
                 path,
@@ -520,7 +534,7 @@ def decode_all(
                 window=window,
                 budget=volume_budget,
                 root=root,
-                keep_header=keep_headers,
+                keep_header=keep_header,
             )
         return decode_image(
             path,
@@ -529,7 +543,7 @@ def decode_all(
             width=width,
             window=window,
             budget=budget,
-            keep_header=keep_headers,
+            keep_header=keep_header,
         )
 
     def with_mask(image: DecodedImage, mask: Path) -> DecodedImage:
@@ -555,10 +569,10 @@ def decode_all(
         image.spacing = _pixel_spacing(image, height, width)
         return image
 
-    def one(item: tuple[Path, Path | None]) -> tuple[DecodedImage | None, str | None]:
-        path, mask = item
+    def one(item: tuple[int, tuple[Path, Path | None]]) -> tuple[DecodedImage | None, str | None]:
+        index, (path, mask) = item
         try:
-            image = decode(path)
+            image = decode(path, index)
             if mask is not None:
                 image = with_mask(image, mask)
             return image, None
@@ -574,7 +588,7 @@ def decode_all(
 
     workers = workers or min(4, os.cpu_count() or 1)
     results: list[tuple[DecodedImage | None, str | None]] = []
-    items = list(zip(paths, masks if masks is not None else [None] * len(paths), strict=True))
+    items = list(enumerate(zip(paths, masks if masks is not None else [None] * len(paths), strict=True)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for result in pool.map(one, items):
             results.append(result)
@@ -738,13 +752,25 @@ def build_split(
         paths=[rows[i].path for i in keep],
         spacing=spacing,
         quarantined_groups={c: v for c, v in quarantined_groups.items() if v},
-        headers=[decoded.images[i].dataset for i in keep] if keep_headers else None,  # type: ignore[union-attr]
+        headers=_kept(keep, decoded, lambda image: image.dataset) if keep_headers else None,
         slice_headers=(
-            [decoded.images[i].datasets for i in keep]  # type: ignore[union-attr]
-            if keep_headers and len(shape) == 4
-            else None
+            _kept(keep, decoded, lambda image: image.datasets or None) if keep_headers and len(shape) == 4 else None
         ),
     )
+
+
+_T = TypeVar("_T")
+
+
+def _kept(keep: Sequence[int], decoded: DecodeResult, value: Callable[[DecodedImage], _T | None]) -> dict[int, _T]:
+    """``value`` of each kept row's decoded image that has one, by position in the split."""
+    out: dict[int, _T] = {}
+    for position, i in enumerate(keep):
+        image = decoded.images[i]
+        kept = value(image) if image is not None else None
+        if kept is not None:
+            out[position] = kept
+    return out
 
 
 def split_labels(rows: Sequence[ManifestRow], task: str, outputs: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -287,8 +288,10 @@ def run_section(
     images_decoded: int,
     resumed: Sequence[str],
     selection: Mapping[str, Any],
+    peak_rss_mib: float | None = None,
 ) -> dict[str, Any]:
-    """How the audit ran: times, command, seed, and the shared pass's settings and statistics."""
+    """How the audit ran: times, command, seed, peak memory, and the shared pass's settings and
+    statistics."""
     stats = model.stats
     return {
         "id": run_id,
@@ -315,9 +318,39 @@ def run_section(
         "inference_s": round(stats.seconds, 4),
         "inference_s_per_split": {k: round(v, 4) for k, v in stats.seconds_per_split.items()},
         "images_decoded": images_decoded,
+        # Resident set size's peak during the audit (VmHWM, reset at its start where Linux allows).
+        "peak_rss_mib": None if peak_rss_mib is None else round(peak_rss_mib, 1),
         "resumed_checks": list(resumed),
         "selection": dict(selection),
     }
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak of this process's resident set size (Linux: ``/proc/self/clear_refs``,
+    value 5); ``False`` where the kernel does not allow it (the peak is then the process's)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident set size in MiB since :func:`reset_peak_rss` (``VmHWM``), else
+    since it started (``ru_maxrss``); ``None`` where neither can be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 def assemble(

@@ -42,7 +42,7 @@ from auditkit.model import InferenceOptions, ModelAdapter, Precision, first_line
 from auditkit.policy import evaluate, load_attestations, load_framework, load_policy
 from auditkit.preflight import run_preflight
 from auditkit.registry import BrokenCheck, discover
-from auditkit.results import assemble, data_section, model_section, run_section
+from auditkit.results import assemble, data_section, model_section, peak_rss_mib, reset_peak_rss, run_section
 from auditkit.spec import AuditSpec, format_validation_error
 
 log = logging.getLogger(__name__)
@@ -400,6 +400,7 @@ def run_audit(
         ConfigError, InputError: usage or input problems (exit code 2).
     """
     options = options or RunOptions()
+    reset_peak_rss()
     started_at = datetime.now(UTC)
     started = time.perf_counter()
     broken: list[BrokenCheck] = []
@@ -502,6 +503,7 @@ def run_audit(
             images_decoded=dataset.images_decoded,
             resumed=resumed,
             selection=selection.to_json(),
+            peak_rss_mib=peak_rss_mib(),
         ),
         model=model_section(spec, model, preflight, inputs["weights_sha256"], reference=reference),
         data=data_section(spec, dataset, coverage, inputs["manifest_sha256"]),

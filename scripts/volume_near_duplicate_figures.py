@@ -97,8 +97,10 @@ def shapes3d(seed: int, n_copies: int) -> tuple[np.ndarray, Truth]:
 
 
 def main() -> None:
-    print("| study | volumes | planted | flagged | false | precision | recall | bound (median +- robust sd) | hash radius | missed | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = ("study", "volumes", "planted", "flagged", "false", "precision", "recall")
+    columns += ("bound (median +- robust sd)", "hash radius", "missed", "s")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     tuning = None
     for name, patients, seed in (
         ("CT phantoms, seed 0 (tuning)", 216, 0),

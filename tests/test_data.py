@@ -291,11 +291,38 @@ def test_headers_kept_by_the_decoder_spare_a_second_read(tmp_path: Path, monkeyp
     monkeypatch.setattr(auditkit.decode, "read_dicom_header", no_second_read)
     ctx = AuditContext(spec, ModelAdapter(spec, device="cpu"), kept, tmp_path / "b")
     for name, split in kept.splits.items():
-        assert split.headers is not None and len(split.headers) == split.n
-        for header in split.headers:
+        assert split.headers is not None and sorted(split.headers) == list(range(split.n))
+        for header in split.headers.values():
             assert isinstance(header, pydicom.Dataset)
             assert "PixelData" not in header and getattr(header, "buffer", None) is None
         assert ctx.header_texts(name, keywords) == expected[name]
         assert all(t is not None and t["PatientID"] for t in expected[name])
         full = ctx.headers(name)  # every element converted, silenced
         assert [str(h.PatientID) for h in full if h is not None] == [t["PatientID"] for t in expected[name] if t]
+
+
+def test_headers_beyond_the_kept_ones_are_read_again_not_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory bounded by the cap: past HEADERS_KEPT rows the decoder keeps no data set, and the
+    context reads those headers from their files at each access, giving the same values."""
+    import auditkit.data
+    from auditkit.context import AuditContext
+    from auditkit.fixtures.synthetic import generate_study
+    from auditkit.model import ModelAdapter
+
+    generate_study(tmp_path / "study", n_patients=12, image_size=64)
+    spec = load_spec(_tiny_cnn_spec(tmp_path / "study"))
+    keywords = ["PatientID", "StudyInstanceUID", "Rows"]
+    everything = load_dataset(spec, keep_headers=True)
+    monkeypatch.setattr(auditkit.data, "HEADERS_KEPT", 3)
+    capped = load_dataset(spec, keep_headers=True)
+    full = AuditContext(spec, ModelAdapter(spec, device="cpu"), everything, tmp_path / "a")
+    ctx = AuditContext(spec, ModelAdapter(spec, device="cpu"), capped, tmp_path / "b")
+    for name, split in capped.splits.items():
+        assert split.headers is not None and len(split.headers) <= 3 < split.n
+        assert ctx.header_texts(name, keywords) == full.header_texts(name, keywords)
+        headers = ctx.headers(name)
+        assert len(headers) == split.n
+        assert [str(h.StudyInstanceUID) for h in headers if h is not None] == [
+            str(h.StudyInstanceUID) for h in full.headers(name) if h is not None
+        ]
+        assert headers[-1] is not headers[-1]  # read again at each access, never held

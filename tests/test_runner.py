@@ -200,6 +200,8 @@ def test_a_run_that_dies_resumes_to_the_same_results(tiny_study: Path) -> None:
     assert resumed.results["run"]["resumed_checks"] == ["mean_confidence"]
     assert [c["id"] for c in resumed.results["checks"] if c.get("resumed")] == ["mean_confidence"]
     assert resumed.results["run"]["images_forwarded_per_split"] == {"eval": 16}  # no train pass needed
+    peak = resumed.results["run"]["peak_rss_mib"]
+    assert isinstance(peak, float) and 10 < peak < 100_000  # the audit's peak resident memory, MiB
     fresh = run_audit(spec, RunOptions(out_dir=tiny_study.parent / "fresh"), checks=checks)
     assert MeanConfidence.calls == 2
 

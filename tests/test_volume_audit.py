@@ -279,7 +279,9 @@ def test_a_copied_volume_is_an_exact_duplicate_and_a_re_toned_copy_a_near_duplic
     assert by_name["leakage.near_duplicates", None]["value"] == 1.0
     near = [f for f in leakage["findings"] if f["kind"] == "near_duplicate"]
     assert [(f["train_row"], f["eval_row"]) for f in near] == [(17, 1)], near
-    assert by_name["leakage.near_duplicates", "train"]["value"] == by_name["leakage.near_duplicates", "eval"]["value"] == 0
+    assert (
+        by_name["leakage.near_duplicates", "train"]["value"] == by_name["leakage.near_duplicates", "eval"]["value"] == 0
+    )
     search = next(f for f in leakage["findings"] if f["kind"] == "duplicate_search")
     assert "axial slices [0, 1, 2, 3, 4, 5, 6, 7] of 8" in search["fingerprint"], search
     assert search["slices_registered"] >= 0 and "images_registered" not in search

@@ -37,9 +37,9 @@ from auditkit.checks.leakage.hashing import (
     hamming_pairs_within,
     pack_bits,
     perceptual_hash,
-    volume_hash,
     pixel_digests,
     unpack_bits,
+    volume_hash,
 )
 from auditkit.checks.leakage.identity import HeaderTexts, header_text, overlap, series_surrogates
 from auditkit.checks.leakage.shortcut import (

@@ -34,9 +34,9 @@ from auditkit.checks.leakage.fingerprint import (
     calibrate,
     fingerprints,
     robust_location,
-    volume_fingerprints,
     sample_pairs,
     similar_pairs,
+    volume_fingerprints,
 )
 from auditkit.checks.leakage.hashing import HashArray, hamming_distance, hamming_pairs, hamming_pairs_within
 

@@ -122,11 +122,12 @@ EXACT_LIMIT = 8192
 SKETCH_DIMENSION = 384
 """Random projections of the sketch a larger search runs on."""
 
-_BATCH = 1024  # images registered or fingerprinted at a time, all workers together (~100 MiB)
+_BATCH = 256  # images registered or fingerprinted at a time, all workers together (~40 MiB)
 _WORKERS = 4  # most threads that register parts of a batch at once
 _FIT_SAMPLE = 2048  # images the template, mean and principal axes are estimated from
 _KEEP_LIMIT = 2048  # images whose fine-level registration images are kept (16 KB each); beyond, made per use
 _MAX_STEP = 0.1  # largest change of an affine coefficient in one Gauss-Newton step
+_RANK_ELEMENTS = 1 << 19  # values ranked at a time (~45 MiB of sort keys and positions)
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,11 @@ def _ranks(values: torch.Tensor, counted: NDArray[np.bool_] | None) -> torch.Ten
     sorts (several times faster than :func:`torch.sort` on a CPU); a tie group is found from its
     first and last sorted positions.
     """
+    n, p = values.shape
+    rows = max(1, _RANK_ELEMENTS // max(p, 1))
+    if n > rows:  # rows are independent; a block at a time bounds the ~90 bytes per value below
+        return torch.cat([_ranks(values[start : start + rows], counted) for start in range(0, n, rows)])
     array = np.ascontiguousarray(values.detach().float().numpy())
-    n, p = array.shape
     order = np.argsort(array, axis=1)
     ordered = np.take_along_axis(array, order, axis=1)
     starts = np.ones((n, p), dtype=bool)
@@ -604,7 +608,12 @@ def _poses(images: torch.Tensor, rounds: int, iterations: int, fine_iterations: 
             template = warp_affine(small[sample], theta[sample]).mean(dim=0, keepdim=True)
     if fine_iterations:
         fine = torch.cat(pool.run(lambda b: _fine(images[b]), parts)) if n <= _KEEP_LIMIT else None
-        template = warp_affine(fine[sample] if fine is not None else _fine(images[sample]), theta[sample])
+        sampled = (
+            fine[sample]
+            if fine is not None
+            else torch.cat(pool.run(lambda b: _fine(images[sample[b]]), pool.parts(sample.numel())))
+        )
+        template = warp_affine(sampled, theta[sample])
         finest = _gaussian(template.mean(dim=0, keepdim=True), FINE_SIGMA)
 
         def refine(b: slice) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -44,7 +42,9 @@ def test_a_volume_similarity_is_the_mean_of_its_slices_similarities() -> None:
 def test_a_volume_hash_is_its_slices_hashes_one_after_another() -> None:
     volumes = torch.rand(5, 1, 6, 32, 32, generator=torch.Generator().manual_seed(4))
     hashes = volume_hash(volumes, [1, 4], bits=128)
-    expected = np.concatenate([perceptual_hash(volumes[:, :, 1], bits=128), perceptual_hash(volumes[:, :, 4], bits=128)], axis=1)
+    expected = np.concatenate(
+        [perceptual_hash(volumes[:, :, 1], bits=128), perceptual_hash(volumes[:, :, 4], bits=128)], axis=1
+    )
     np.testing.assert_array_equal(hashes, expected)
     distance = hamming_distance(hashes[:1], hashes[1:2])
     assert distance[0] == sum(hamming_distance(expected[:1, w : w + 2], expected[1:2, w : w + 2])[0] for w in (0, 2))
