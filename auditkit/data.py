@@ -53,10 +53,10 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("path", "label")
 MISSING_GROUP = "missing"
 MAX_REPORTED_PROBLEMS = 20
-HEADERS_KEPT = 2048
+HEADERS_KEPT = 256
 """DICOM data sets of a split kept from decoding (a few tens of KB each as pydicom objects); the
 rest are read again from their files when a check asks for them."""
-SERIES_HEADERS_KEPT = 32
+SERIES_HEADERS_KEPT = 8
 """DICOM series of a split whose slices' data sets are kept from decoding (3-D inputs)."""
 # Header attributes a group column may name when the manifest lacks it: non-identifying ones only.
 HEADER_GROUP_KEYWORDS = (
