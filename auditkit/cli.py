@@ -186,6 +186,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         resume=args.resume,
         batch_size=args.batch_size,
+        executor=args.executor,
+        ray_address=args.ray_address,
         pdf=not args.no_pdf,
         progress=_progress_factory(not args.quiet and sys.stderr.isatty()),
         argv=["auditkit", *sys.argv[1:]],
@@ -356,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="reuse checks finished by an earlier run")
     run.add_argument("--no-pdf", action="store_true", help="do not render report.pdf")
     run.add_argument("--batch-size", type=int, default=64, help="images per forward call (halved on OOM)")
+    run.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="where the decode and the shared pass run (overrides the spec's executor; ray needs auditkit[ray])",
+    )
+    run.add_argument("--ray-address", help="a running Ray cluster, host:port or auto (default: start a local instance)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     run.set_defaults(func=_cmd_run)
 

@@ -120,9 +120,13 @@ class AuditContext:
         task: str = "classification",
         units: dict[str, str] | None = None,
         reference: ModelAdapter | None = None,
+        shared_pass: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self.spec = spec
         self._model = model
+        self._shared_pass = shared_pass
+        """Runs the shared pass instead of ``model.forward_pass`` (same signature): an executor's
+        (:mod:`auditkit.executors`); other passes (built-in sets, corruptions) stay in-process."""
         self.reference = reference
         """The adapter of ``model.reference`` (``None`` without one)."""
         self._reference_predictions: dict[str, Predictions] = {}
@@ -242,7 +246,8 @@ class AuditContext:
         split = self.dataset.splits[name]
         callback = self._progress(f"inference {name}", split.n) if self._progress else None
         features = features and self.model.has_features
-        logits, embeddings = self.model.forward_pass(split.images, split=name, progress=callback, features=features)
+        forward = self._shared_pass or self.model.forward_pass
+        logits, embeddings = forward(split.images, split=name, progress=callback, features=features)
         self._outputs[name] = (logits, embeddings)
         self._with_features[name] = features
 

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("path", "label")
 MISSING_GROUP = "missing"
 MAX_REPORTED_PROBLEMS = 20
+RowMapper = Callable[[Callable[[Any], Any], list[Any]], list[Any]]
+"""``mapper(function, items)``: ``function`` of every item, in the items' order."""
 HEADERS_KEPT = 256
 """DICOM data sets of a split kept from decoding (a few tens of KB each as pydicom objects); the
 rest are read again from their files when a check asks for them."""
@@ -503,8 +505,12 @@ def decode_all(
     root: Path | None = None,
     masks: Sequence[Path | None] | None = None,
     num_classes: int = 0,
+    mapper: RowMapper | None = None,
 ) -> DecodeResult:
     """Decode every path once, in a thread pool; failures become reasons, never exceptions.
+
+    ``mapper(function, items)``, when given, computes ``function`` of every item in their order
+    instead of the thread pool (an executor's, e.g. Ray tasks: :mod:`auditkit.executors`).
 
     ``keep_headers`` keeps the DICOM data set (without pixel data) of each of the first
     :data:`HEADERS_KEPT` paths (:data:`SERIES_HEADERS_KEPT` series' slices for volumes) with its
@@ -589,6 +595,11 @@ def decode_all(
     workers = workers or min(4, os.cpu_count() or 1)
     results: list[tuple[DecodedImage | None, str | None]] = []
     items = list(enumerate(zip(paths, masks if masks is not None else [None] * len(paths), strict=True)))
+    if mapper is not None:
+        results = mapper(one, items)
+        if progress is not None:
+            progress(len(results))
+        return DecodeResult(images=[r[0] for r in results], reasons=[r[1] for r in results])
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for result in pool.map(one, items):
             results.append(result)
@@ -794,6 +805,7 @@ def load_dataset(
     budget: DecodeBudget | None = None,
     progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
     keep_headers: bool = False,
+    mapper: RowMapper | None = None,
 ) -> Dataset:
     """Validate the manifests, decode every image the audit needs once, quarantine failures.
 
@@ -805,6 +817,7 @@ def load_dataset(
         keep_headers: keep each DICOM image's data set without its pixel data
             (:attr:`SplitData.headers`) for checks that read headers, instead of their reading
             every file again (about 22 KB per image of memory, against a second parse).
+        mapper: where the rows are decoded (:func:`decode_all`); default the thread pool.
     """
     source = spec if isinstance(spec, DataSource) else DataSource.from_spec(spec)
     roles = set(roles) | {"eval"}
@@ -882,6 +895,7 @@ def load_dataset(
             root=root,
             masks=[r.mask for r in rows] if source.task == "segmentation" else None,
             num_classes=len(source.classes),
+            mapper=mapper,
         )
         decoded_total += len(rows)
         splits[name] = build_split(

@@ -289,6 +289,7 @@ def run_section(
     resumed: Sequence[str],
     selection: Mapping[str, Any],
     peak_rss_mib: float | None = None,
+    executor: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """How the audit ran: times, command, seed, peak memory, and the shared pass's settings and
     statistics."""
@@ -302,6 +303,8 @@ def run_section(
         "command": list(command),
         "seed": seed,
         "device": str(model.device),
+        # Where the decode and the shared pass ran (auditkit.executors); checks run in-process.
+        "executor": dict(executor) if executor is not None else {"kind": "local"},
         # The shared pass's settings; attacks and other gradient work always run in fp32.
         "precision": stats.precision,
         "precision_parity": stats.parity,

@@ -23,10 +23,11 @@ import time
 import traceback
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -37,13 +38,14 @@ from auditkit.context import AuditContext, ProgressFactory
 from auditkit.coverage import CoverageCheck, coverage_record, require_readable_eval, split_coverage
 from auditkit.data import Dataset, load_dataset
 from auditkit.errors import ConfigError, ModelLoadError
+from auditkit.executors import RayExecutor, open_executor
 from auditkit.jsonio import jsonable, sha256_file, sha256_json, sha256_path, sha256_text, write_json_atomic
 from auditkit.model import InferenceOptions, ModelAdapter, Precision, first_line, is_out_of_memory
 from auditkit.policy import evaluate, load_attestations, load_framework, load_policy
 from auditkit.preflight import run_preflight
 from auditkit.registry import BrokenCheck, discover
 from auditkit.results import assemble, data_section, model_section, peak_rss_mib, reset_peak_rss, run_section
-from auditkit.spec import AuditSpec, format_validation_error
+from auditkit.spec import AuditSpec, ExecutorSpec, format_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,10 @@ class RunOptions:
     precision: Precision = "auto"
     channels_last: bool | None = None
     workers: int | None = None
+    executor: Literal["local", "ray"] | None = None
+    """Overrides ``executor.kind`` of the spec."""
+    ray_address: str | None = None
+    """Overrides ``executor.address`` of the spec (and implies ``executor: ray``)."""
     report: bool = True
     pdf: bool = True
     progress: ProgressFactory | None = None
@@ -424,14 +430,14 @@ def run_audit(
     checkpoints.mkdir(parents=True, exist_ok=True)
 
     weights = spec.weights_path
-    model = ModelAdapter(
-        spec,
-        batch_size=options.batch_size,
-        device=options.device,
-        options=InferenceOptions(
+    adapter_args: dict[str, Any] = {
+        "batch_size": options.batch_size,
+        "device": options.device,
+        "options": InferenceOptions(
             precision=options.precision, channels_last=options.channels_last, workers=options.workers
         ),
-    )
+    }
+    model = ModelAdapter(spec, **adapter_args)
     preflight = run_preflight(model)
     bundle = model.bundle
     if bundle is not None and bundle.claims:  # a MONAI bundle's eval_metrics; the spec's claims win
@@ -443,77 +449,107 @@ def run_audit(
         "weights_sha256": sha256_path(weights) if weights is not None else None,
     }
     plan = Plan.of(selected, spec.model.task, spec.spatial_dims)
-    dataset = load_dataset(spec, roles=list(plan.roles), progress=options.progress, keep_headers=plan.headers)
-    coverage = split_coverage(dataset)
-    require_readable_eval(coverage, data_root=str(spec.data_root), manifest=spec.manifest_path.name)
-    ctx = AuditContext(spec, model, dataset, out_dir, progress=options.progress, reference=reference)
+    with ExitStack() as stack:
+        executor = _executor(spec, options)
+        if executor is not None:
+            stack.enter_context(executor)
+        dataset = load_dataset(
+            spec,
+            roles=list(plan.roles),
+            progress=options.progress,
+            keep_headers=plan.headers,
+            mapper=executor.map_rows if executor is not None else None,
+        )
+        coverage = split_coverage(dataset)
+        require_readable_eval(coverage, data_root=str(spec.data_root), manifest=spec.manifest_path.name)
+        shared_pass = executor.forward_function(spec, model, adapter_args) if executor is not None else None
+        ctx = AuditContext(
+            spec, model, dataset, out_dir, progress=options.progress, reference=reference, shared_pass=shared_pass
+        )
 
-    records: dict[str, dict[str, Any]] = {}
-    fingerprints = {s.id: _fingerprint(spec, s, inputs) for s in selected}
-    resumed: list[str] = []
-    if options.resume:
-        for s in selected:
-            record = _load_checkpoint(checkpoints / f"{s.id}.json", fingerprints[s.id])
-            if record is not None:
-                records[s.id] = {**record, "resumed": True}
-                resumed.append(s.id)
-    pending = [s for s in selected if s.id not in records]
-    try:
-        remaining = Plan.of(pending, spec.model.task, spec.spatial_dims)
-        ctx.prepare(remaining.pass_splits(dataset), features=remaining.features)
-    except Exception as error:  # the preflight passed: the failure depends on the images themselves
-        if is_out_of_memory(error):
-            raise
-        raise ModelLoadError(
-            f"the model failed in the shared pass over the study's images ({type(error).__name__}:"
-            f" {first_line(error)}); it ran on the preflight's mid-grey images, so the failure depends on"
-            " the image content"
-        ) from error
+        records: dict[str, dict[str, Any]] = {}
+        fingerprints = {s.id: _fingerprint(spec, s, inputs) for s in selected}
+        resumed: list[str] = []
+        if options.resume:
+            for s in selected:
+                record = _load_checkpoint(checkpoints / f"{s.id}.json", fingerprints[s.id])
+                if record is not None:
+                    records[s.id] = {**record, "resumed": True}
+                    resumed.append(s.id)
+        pending = [s for s in selected if s.id not in records]
+        try:
+            remaining = Plan.of(pending, spec.model.task, spec.spatial_dims)
+            ctx.prepare(remaining.pass_splits(dataset), features=remaining.features)
+        except Exception as error:  # the preflight passed: the failure depends on the images themselves
+            if is_out_of_memory(error):
+                raise
+            raise ModelLoadError(
+                f"the model failed in the shared pass over the study's images ({type(error).__name__}:"
+                f" {first_line(error)}); it ran on the preflight's mid-grey images, so the failure depends on"
+                " the image content"
+            ) from error
 
-    for s in pending:
-        log.info("running check %s", s.id)
-        record = execute_check(s, ctx)
-        records[s.id] = record
-        write_json_atomic(checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record})
+        for s in pending:
+            log.info("running check %s", s.id)
+            record = execute_check(s, ctx)
+            records[s.id] = record
+            write_json_atomic(checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record})
 
-    check_records = [coverage_record(coverage), *(records[s.id] for s in selected)]
-    emitters = {name: cid for cid, cls in checks.items() for name in cls.emits}
-    emitters.update({name: CoverageCheck.id for name in CoverageCheck.emits})
-    judged = evaluate(
-        policy,
-        check_records,
-        attestations=attestations,
-        emitters=emitters,
-        not_run=selection.not_run,
-        task=spec.model.task,
-        spatial_dims=spec.spatial_dims,
-        has_reference=spec.model.reference is not None,
-    )
-    finished_at = datetime.now(UTC)
-    results = assemble(
-        run=run_section(
-            run_id=uuid.uuid4().hex,
-            started_at=started_at.isoformat(timespec="seconds"),
-            finished_at=finished_at.isoformat(timespec="seconds"),
-            duration_s=round(time.perf_counter() - started, 3),
-            version=__version__,
-            command=options.argv or sys.argv,
-            seed=spec.seed,
-            model=model,
-            images_decoded=dataset.images_decoded,
-            resumed=resumed,
-            selection=selection.to_json(),
-            peak_rss_mib=peak_rss_mib(),
-        ),
-        model=model_section(spec, model, preflight, inputs["weights_sha256"], reference=reference),
-        data=data_section(spec, dataset, coverage, inputs["manifest_sha256"]),
-        checks=check_records,
-        judged=judged,
-        policy_source=spec.policy,
-        policy_sha256=sha256_text(policy_text),
-    )
-    write_bundle(out_dir, results, spec=spec, report=options.report, pdf=options.pdf)
-    return AuditOutcome(results=results, out_dir=out_dir, exit_code=exit_code_for(results))
+        check_records = [coverage_record(coverage), *(records[s.id] for s in selected)]
+        emitters = {name: cid for cid, cls in checks.items() for name in cls.emits}
+        emitters.update({name: CoverageCheck.id for name in CoverageCheck.emits})
+        judged = evaluate(
+            policy,
+            check_records,
+            attestations=attestations,
+            emitters=emitters,
+            not_run=selection.not_run,
+            task=spec.model.task,
+            spatial_dims=spec.spatial_dims,
+            has_reference=spec.model.reference is not None,
+        )
+        finished_at = datetime.now(UTC)
+        results = assemble(
+            run=run_section(
+                run_id=uuid.uuid4().hex,
+                started_at=started_at.isoformat(timespec="seconds"),
+                finished_at=finished_at.isoformat(timespec="seconds"),
+                duration_s=round(time.perf_counter() - started, 3),
+                version=__version__,
+                command=options.argv or sys.argv,
+                seed=spec.seed,
+                model=model,
+                images_decoded=dataset.images_decoded,
+                resumed=resumed,
+                selection=selection.to_json(),
+                peak_rss_mib=peak_rss_mib(),
+                executor=executor.description if executor is not None else {"kind": "local"},
+            ),
+            model=model_section(spec, model, preflight, inputs["weights_sha256"], reference=reference),
+            data=data_section(spec, dataset, coverage, inputs["manifest_sha256"]),
+            checks=check_records,
+            judged=judged,
+            policy_source=spec.policy,
+            policy_sha256=sha256_text(policy_text),
+        )
+        write_bundle(out_dir, results, spec=spec, report=options.report, pdf=options.pdf)
+        return AuditOutcome(results=results, out_dir=out_dir, exit_code=exit_code_for(results))
+
+
+def _executor(spec: AuditSpec, options: RunOptions) -> RayExecutor | None:
+    """The executor of the spec, with the command line's overrides."""
+    chosen = spec.executor
+    if options.executor is not None or options.ray_address is not None:
+        kind = options.executor or "ray"
+        if kind == "local" and options.ray_address is not None:
+            raise ConfigError("--ray-address needs --executor ray (or none)")
+        update: dict[str, Any] = {"kind": kind}
+        if kind == "local":
+            update.update(address=None, num_cpus=None)
+        elif options.ray_address is not None:
+            update["address"] = options.ray_address
+        chosen = ExecutorSpec.model_validate({**chosen.model_dump(), **update})
+    return open_executor(chosen)
 
 
 def exit_code_for(results: Mapping[str, Any]) -> int:

@@ -493,6 +493,31 @@ class DataSpec(_Strict):
         return groups
 
 
+class ExecutorSpec(_Strict):
+    """Where the decode and the shared pass run: ``local`` (in-process, the default) or ``ray``.
+
+    ``address``: a running Ray cluster (``host:port``, ``ray://host:port`` or ``auto``); without
+    one a local Ray instance is started for the audit and stopped after it. ``num_cpus``: the
+    local instance's CPUs (default: all). ``model_actors``: model replicas of the shared pass.
+    """
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    model_actors: int = Field(default=1, ge=1, le=1024)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_alone(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> ExecutorSpec:
+        if self.kind == "local" and (self.address is not None or self.num_cpus is not None):
+            raise ValueError("executor.address and executor.num_cpus apply to kind: ray only")
+        return self
+
+
 class AuditSpec(_Strict):
     """The whole audit: model, data, checks, policy, device, seed and output folder."""
 
@@ -504,6 +529,7 @@ class AuditSpec(_Strict):
     policy: str = "medical-imaging-default"
     attestations: Path | None = None
     device: str = "auto"
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     output: Path = Path("audit-out")
     base_dir: Path = Field(default=Path("."), exclude=True)

@@ -1,0 +1,230 @@
+"""Where the decode and the shared pass run: in-process (the default) or on a Ray cluster.
+
+An executor offers two things to the runner (:func:`auditkit.runner.run_audit`):
+
+* ``map_rows(function, items)``: ``function`` of every item, in the items' order. The local
+  executor maps on the decoder's thread pool (:func:`auditkit.data.decode_all`'s default); Ray's
+  runs a Ray Data pipeline over the row ids (CPU tasks), and the results are joined by row id;
+* ``forward``: the shared pass over one split's decoded images (the signature of
+  :meth:`auditkit.model.ModelAdapter.forward_pass`). Ray's sends the images with their row ids
+  through a pool of model actors (``map_batches``), each a :class:`~auditkit.model.ModelAdapter`
+  built from the same spec and options, so precision, the parity check, channels_last and the
+  batch halving on out-of-memory are the local pass's; outputs are joined by row id.
+
+Exactly once: every output row carries its input's row id, and a join that finds an id twice,
+misses one or meets an unknown one is an error (:class:`ExecutorError`) naming the ids, never a
+padded, shortened or doubled result.
+
+Ray is optional (``pip install auditkit[ray]``): only :class:`RayExecutor` imports it, when the
+spec or the command line asks for it. The checks still run in the driver process: the pass's
+outputs and the decoded images are returned to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import torch
+
+from auditkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from auditkit.model import ModelAdapter
+    from auditkit.spec import AuditSpec, ExecutorSpec
+
+__all__ = ["ExecutorError", "RayExecutor", "check_exactly_once"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+CONNECT_TIMEOUT_S = 5.0
+"""Seconds a cluster address gets to accept a TCP connection before the audit stops (exit 2)."""
+
+ROWS_PER_TASK = 16
+"""Rows one decode task handles (Ray Data batch size of the decode stage)."""
+
+
+class ExecutorError(RuntimeError):
+    """The distributed pass lost, doubled or invented rows."""
+
+
+def check_exactly_once(ids: Sequence[int], n: int, what: str) -> np.ndarray:
+    """The order that sorts ``ids`` into ``0 .. n-1``; an :class:`ExecutorError` naming the
+    missing, repeated or unknown ids otherwise."""
+    array = np.asarray(ids, dtype=np.int64)
+    counts = np.bincount(array[(array >= 0) & (array < n)], minlength=n)
+    unknown = sorted({int(i) for i in array if not 0 <= i < n})
+    missing = np.flatnonzero(counts == 0).tolist()
+    repeated = np.flatnonzero(counts > 1).tolist()
+    if unknown or missing or repeated:
+        raise ExecutorError(
+            f"{what}: expected each of {n} row ids once; missing {missing[:10]}, repeated {repeated[:10]},"
+            f" unknown {unknown[:10]}"
+        )
+    return np.argsort(array, kind="stable")
+
+
+def _reachable(address: str) -> None:
+    """Raise :class:`ConfigError` naming ``address`` unless it accepts a TCP connection."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"executor.address: expected host:port, ray://host:port or auto, got {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"executor.address: the Ray cluster at {address} cannot be reached ({error.strerror or error});"
+            " start it (`ray start --head`) or leave the address out to start a local instance"
+        ) from None
+
+
+class _ModelActor:
+    """One model replica of the shared pass (a Ray Data actor)."""
+
+    def __init__(self, spec: AuditSpec, adapter_args: dict[str, Any], features: bool) -> None:
+        from auditkit.model import ModelAdapter
+
+        self.adapter = ModelAdapter(spec, **adapter_args)
+        self.features = features
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(np.stack(list(batch["image"])))
+        logits, embeddings = self.adapter.forward_pass(images, features=self.features)
+        return {
+            "row": np.asarray(batch["row"], dtype=np.int64),
+            "logits": logits.float().numpy(),
+            "embedding": embeddings.float().numpy(),
+        }
+
+
+class RayExecutor:
+    """The decode and the shared pass on Ray (see the module docstring); a context manager that
+    connects to ``spec.address`` or starts a local instance, and stops what it started."""
+
+    def __init__(self, spec: ExecutorSpec) -> None:
+        self.spec = spec
+        self._started = False
+        self._ray: Any = None
+
+    def __enter__(self) -> RayExecutor:
+        try:
+            import ray
+            import ray.data
+        except ImportError:
+            raise ConfigError(
+                "executor: kind ray needs Ray: pip install 'auditkit[ray]' (or run with --executor local)"
+            ) from None
+        address = self.spec.address
+        if address not in (None, "auto"):
+            _reachable(address)
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+            try:
+                if address is None:
+                    ray.init(num_cpus=self.spec.num_cpus, **kwargs)
+                else:
+                    ray.init(address=address, **kwargs)
+            except ConnectionError as error:
+                raise ConfigError(f"executor.address: no Ray cluster at {address} ({error})") from None
+            self._started = True
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        for name in ("ray", "ray.data"):  # the audit's own log says what ran; Ray's INFO lines are noise
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self._ray = ray
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started and self._ray is not None:
+            self._ray.shutdown()
+        self._started = False
+
+    @property
+    def description(self) -> dict[str, Any]:
+        """What ``results.json`` records of the executor."""
+        resources = self._ray.cluster_resources() if self._ray is not None else {}
+        return {
+            "kind": "ray",
+            "address": self.spec.address or "local instance",
+            "ray_version": getattr(self._ray, "__version__", None),
+            "cluster_cpus": resources.get("CPU"),
+            "cluster_gpus": resources.get("GPU", 0.0),
+            "model_actors": self.spec.model_actors,
+        }
+
+    def map_rows(self, function: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+        """``function`` of each item, computed in Ray Data tasks over row ids, joined by id."""
+        if not items:
+            return []
+        data = self._ray.data
+        captured = list(items)
+
+        def run(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            rows = [int(r) for r in batch["row"]]
+            return {
+                "row": np.asarray(rows, dtype=np.int64),
+                "result": [pickle.dumps(function(captured[r])) for r in rows],
+            }
+
+        dataset = data.from_items([{"row": i} for i in range(len(captured))])
+        out = dataset.map_batches(run, batch_size=ROWS_PER_TASK, batch_format="numpy").take_all()
+        order = check_exactly_once([int(r["row"]) for r in out], len(captured), "decode")
+        return [pickle.loads(out[int(k)]["result"]) for k in order]
+
+    def forward_function(
+        self, spec: AuditSpec, model: ModelAdapter, adapter_args: dict[str, Any]
+    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """A shared pass with :meth:`~auditkit.model.ModelAdapter.forward_pass`'s signature that
+        runs in model actors and counts into ``model.stats``."""
+
+        def forward(
+            images: torch.Tensor,
+            *,
+            split: str = "",
+            progress: Callable[[int], None] | None = None,
+            features: bool = True,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            started = time.perf_counter()
+            n = images.shape[0]
+            if n == 0:
+                return torch.empty(0, len(model.classes)), torch.empty(0, 0)
+            array = images.numpy()
+            dataset = self._ray.data.from_items([{"row": i, "image": array[i]} for i in range(n)])
+            out = dataset.map_batches(
+                _ModelActor,
+                fn_constructor_args=(spec, adapter_args, features),
+                batch_size=model.batch_size,
+                batch_format="numpy",
+                compute=self._ray.data.ActorPoolStrategy(size=self.spec.model_actors),
+                num_gpus=1 if model.device.type == "cuda" else 0,
+            ).take_all()
+            order = check_exactly_once([int(r["row"]) for r in out], n, f"shared pass {split}")
+            logits = torch.from_numpy(np.stack([out[int(k)]["logits"] for k in order]))
+            embeddings = torch.from_numpy(np.stack([out[int(k)]["embedding"] for k in order]))
+            elapsed = time.perf_counter() - started
+            stats = model.stats
+            stats.images_forwarded += n
+            stats.seconds += elapsed
+            if split:
+                stats.per_split[split] = stats.per_split.get(split, 0) + n
+                stats.seconds_per_split[split] = stats.seconds_per_split.get(split, 0.0) + elapsed
+            if progress is not None:
+                progress(n)
+            return logits, embeddings
+
+        return forward
+
+
+def open_executor(spec: ExecutorSpec) -> RayExecutor | None:
+    """The executor a spec names: ``None`` for ``local`` (the runner's in-process path)."""
+    return RayExecutor(spec) if spec.kind == "ray" else None

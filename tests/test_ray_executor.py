@@ -1,0 +1,98 @@
+"""The Ray executor: the decode and the shared pass on Ray Data give the local executor's results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from auditkit.cli import main
+from auditkit.demo import prepare_demo
+from auditkit.executors import ExecutorError, check_exactly_once
+from auditkit.spec import ExecutorSpec
+
+CHECKS = "calibration,bias,performance,leakage,phi"
+
+
+def _metrics(results: dict[str, Any]) -> dict[tuple[str, str, str], float | None]:
+    return {
+        (check["id"], m["name"], json.dumps(m.get("labels", {}), sort_keys=True)): m["value"]
+        for check in results["checks"]
+        for m in check.get("metrics", [])
+    }
+
+
+def test_the_ray_executor_gives_the_local_results_each_row_once(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    spec = prepare_demo(tmp_path / "demo", n_patients=40, image_size=64)
+    broken = sorted((tmp_path / "demo" / "study").rglob("*.dcm"))[3]
+    broken.write_bytes(broken.read_bytes()[:200])  # undecodable: quarantined, exactly once
+    runs = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        code = main(["run", str(spec), "--only", CHECKS, "--no-pdf", "-q", "--out", str(out), "--executor", executor])
+        assert code in (0, 1), executor
+        runs[executor] = json.loads((out / "results.json").read_text())
+    local, ray = runs["local"], runs["ray"]
+    assert ray["run"]["executor"]["kind"] == "ray" and local["run"]["executor"] == {"kind": "local"}
+    assert ray["run"]["executor"]["address"] == "local instance"
+    a, b = _metrics(local), _metrics(ray)
+    assert a.keys() == b.keys() and len(a) > 100
+    for key, value in a.items():
+        other = b[key]
+        if value is None or other is None:
+            assert value == other, key
+        else:
+            assert abs(value - other) <= 1e-6, (key, value, other)
+    for check_l, check_r in zip(local["checks"], ray["checks"], strict=True):
+        assert check_l["findings"] == check_r["findings"], check_l["id"]
+    assert local["data"]["quarantine"] == ray["data"]["quarantine"]
+    assert len(ray["data"]["quarantine"]) == 1
+    # Exactly once: every decoded row forwarded once, the quarantined row neither.
+    forwarded = ray["run"]["images_forwarded_per_split"]
+    assert forwarded == local["run"]["images_forwarded_per_split"]
+    assert forwarded["eval"] + forwarded["train"] == ray["run"]["images_decoded"] - 1
+    assert local["verdict"] == ray["verdict"]
+
+
+def test_exactly_once_names_the_missing_repeated_and_unknown_rows() -> None:
+    order = check_exactly_once([2, 0, 1], 3, "decode")
+    assert order.tolist() == [1, 2, 0]
+    with pytest.raises(ExecutorError, match=r"missing \[1\], repeated \[2\], unknown \[7\]"):
+        check_exactly_once([0, 2, 2, 7], 3, "shared pass eval")
+    assert check_exactly_once(np.array([], dtype=np.int64), 0, "empty").size == 0
+
+
+def test_an_unreachable_cluster_is_exit_2_naming_the_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("ray")
+    spec = prepare_demo(tmp_path / "demo", n_patients=12, image_size=64)
+    code = main(["run", str(spec), "--no-pdf", "-q", "--ray-address", "127.0.0.1:1"])
+    assert code == 2
+    assert "127.0.0.1:1 cannot be reached" in capsys.readouterr().err
+
+
+def test_the_executor_spec_reads_a_kind_alone_and_refuses_an_address_without_ray(tmp_path: Path) -> None:
+    assert ExecutorSpec.model_validate("ray").kind == "ray"
+    assert ExecutorSpec.model_validate({"kind": "ray", "address": "auto"}).address == "auto"
+    with pytest.raises(ValidationError, match="apply to kind: ray only"):
+        ExecutorSpec.model_validate({"kind": "local", "address": "10.0.0.1:6379"})
+    spec = prepare_demo(tmp_path / "demo", n_patients=12, image_size=64)
+    raw = yaml.safe_load(spec.read_text())
+    raw["executor"] = {"kind": "spark"}
+    spec.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(spec), "--no-pdf", "-q"]) == 2
+
+
+def test_the_core_never_imports_ray() -> None:
+    code = "import sys, auditkit.runner, auditkit.cli, auditkit.executors; print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
