@@ -29,6 +29,17 @@ def _metrics(results: dict[str, Any]) -> dict[tuple[str, str, str], float | None
     }
 
 
+def _assert_same_metrics(local: dict[str, Any], ray: dict[str, Any]) -> None:
+    a, b = _metrics(local), _metrics(ray)
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        other = b[key]
+        if value is None or other is None:
+            assert value == other, key
+        else:
+            assert abs(value - other) <= 1e-6, (key, value, other)
+
+
 def test_the_ray_executor_gives_the_local_results_each_row_once(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     spec = prepare_demo(tmp_path / "demo", n_patients=40, image_size=64)
@@ -43,14 +54,8 @@ def test_the_ray_executor_gives_the_local_results_each_row_once(tmp_path: Path) 
     local, ray = runs["local"], runs["ray"]
     assert ray["run"]["executor"]["kind"] == "ray" and local["run"]["executor"] == {"kind": "local"}
     assert ray["run"]["executor"]["address"] == "local instance"
-    a, b = _metrics(local), _metrics(ray)
-    assert a.keys() == b.keys() and len(a) > 100
-    for key, value in a.items():
-        other = b[key]
-        if value is None or other is None:
-            assert value == other, key
-        else:
-            assert abs(value - other) <= 1e-6, (key, value, other)
+    assert len(_metrics(local)) > 100
+    _assert_same_metrics(local, ray)
     for check_l, check_r in zip(local["checks"], ray["checks"], strict=True):
         assert check_l["findings"] == check_r["findings"], check_l["id"]
     assert local["data"]["quarantine"] == ray["data"]["quarantine"]
@@ -96,3 +101,53 @@ def test_the_core_never_imports_ray() -> None:
     code = "import sys, auditkit.runner, auditkit.cli, auditkit.executors; print('ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+DYING = '''
+import os
+from pathlib import Path
+
+from auditkit.fixtures.models import tiny_cnn
+
+MARK = Path(__file__).with_name("died-once")
+
+
+def dying_cnn(**kwargs):
+    """The demo's CNN, whose first forward call in a process other than the driver's ends it."""
+    model = tiny_cnn(**kwargs)
+    forward = model.forward
+
+    def once_fatal(x):
+        if os.getpid() != int(os.environ["AUDITKIT_TEST_DRIVER_PID"]) and not MARK.exists():
+            MARK.write_text("a model actor died here")
+            os._exit(1)
+        return forward(x)
+
+    model.forward = once_fatal
+    return model
+'''
+
+
+def test_a_model_actor_killed_mid_pass_loses_and_doubles_no_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("ray")
+    import os
+
+    spec = prepare_demo(tmp_path / "demo", n_patients=24, image_size=64)
+    (spec.parent / "dying.py").write_text(DYING)
+    raw = yaml.safe_load(spec.read_text())
+    raw["model"]["factory"] = "dying:dying_cnn"
+    spec.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("AUDITKIT_TEST_DRIVER_PID", str(os.getpid()))
+    runs = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        code = main(
+            ["run", str(spec), "--only", "calibration", "--no-pdf", "-q", "--out", str(out), "--executor", executor]
+        )
+        assert code in (0, 1), executor
+        runs[executor] = json.loads((out / "results.json").read_text())
+    assert (spec.parent / "died-once").is_file()  # an actor did die mid-pass, and was replaced
+    _assert_same_metrics(runs["local"], runs["ray"])
+    assert runs["ray"]["run"]["images_forwarded_per_split"] == runs["local"]["run"]["images_forwarded_per_split"]
