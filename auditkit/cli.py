@@ -251,6 +251,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         device=args.device,
         resume=False,
         batch_size=64,
+        executor=None,
+        ray_address=None,
         no_pdf=args.no_pdf,
         quiet=args.quiet,
     )
