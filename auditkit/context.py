@@ -301,13 +301,13 @@ class AuditContext:
             raise Skip(f"embeddings unavailable ({self.model.feature_layer})")
         return self._cached(split, features=True)[1]
 
-    def _read_headers(self, split: str) -> Sequence[pydicom.Dataset | None]:
+    def _read_headers(self, split: str) -> _SplitHeaders:
         """A split's DICOM headers, elements left raw: those the decoder kept
         (``load_dataset(..., keep_headers=True)``), the others header-only reads made on each
         access and not held (:class:`_SplitHeaders`)."""
         if split not in self._raw_headers:
             data = self.split(split)
-            self._raw_headers[split] = _SplitHeaders(data.headers or {}, data.paths, data.kinds)
+            self._raw_headers[split] = _SplitHeaders(data.headers or {}, data.paths, data.kinds, convert=False)
         return self._raw_headers[split]
 
     def headers(self, split: str = "eval") -> Sequence[pydicom.Dataset | None]:
@@ -318,7 +318,7 @@ class AuditContext:
         each access (memory bounded whatever the study's size; iterate once). The datasets hold
         patient data: use them to measure, never copy values into results.
         """
-        return _Converted(self._read_headers(split))
+        return self._read_headers(split).converted()
 
     def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:
         """Every file's header of each image, converted as :meth:`headers`' are: a DICOM series'
@@ -444,13 +444,21 @@ def _converted(header: pydicom.Dataset | None) -> pydicom.Dataset | None:
 
 
 class _SplitHeaders(Sequence["pydicom.Dataset | None"]):
-    """A split's raw DICOM headers by position: the decoder's kept data sets, else a header-only
-    read of the file (a series' first slice by name) at each access, never held."""
+    """A split's DICOM headers by position: the decoder's kept data sets, else a header-only read
+    of the file (a series' first slice by name) at each access, never held; with ``convert``,
+    each converted by :func:`_converted` on access."""
 
-    def __init__(self, kept: Mapping[int, pydicom.Dataset], paths: Sequence[Path], kinds: Sequence[str]) -> None:
+    def __init__(
+        self, kept: Mapping[int, pydicom.Dataset], paths: Sequence[Path], kinds: Sequence[str], *, convert: bool
+    ) -> None:
         self._kept = kept
         self._paths = paths
         self._kinds = kinds
+        self._convert = convert
+
+    def converted(self) -> _SplitHeaders:
+        """The same headers, every element converted on access."""
+        return _SplitHeaders(self._kept, self._paths, self._kinds, convert=True)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -462,7 +470,10 @@ class _SplitHeaders(Sequence["pydicom.Dataset | None"]):
     def __getitem__(self, index: int | slice) -> pydicom.Dataset | list[pydicom.Dataset | None] | None:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        position = range(len(self))[index]
+        header = self._raw(range(len(self))[index])
+        return _converted(header) if self._convert else header
+
+    def _raw(self, position: int) -> pydicom.Dataset | None:
         if position in self._kept:
             return self._kept[position]
         kind = self._kinds[position]
@@ -476,25 +487,6 @@ class _SplitHeaders(Sequence["pydicom.Dataset | None"]):
             return read_dicom_header(_first_slice(path) if kind != "dicom" else path, convert=False)
         except (UnreadableImage, OSError):
             return None
-
-
-class _Converted(Sequence["pydicom.Dataset | None"]):
-    """:func:`_converted` of each header of a sequence, on access."""
-
-    def __init__(self, headers: Sequence[pydicom.Dataset | None]) -> None:
-        self._headers = headers
-
-    def __len__(self) -> int:
-        return len(self._headers)
-
-    @overload
-    def __getitem__(self, index: int) -> pydicom.Dataset | None: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[pydicom.Dataset | None]: ...
-    def __getitem__(self, index: int | slice) -> pydicom.Dataset | list[pydicom.Dataset | None] | None:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        return _converted(self._headers[index])
 
 
 def _first_slice(folder: Path) -> Path:

@@ -137,10 +137,10 @@ class RayExecutor:
             except ConnectionError as error:
                 raise ConfigError(f"executor.address: no Ray cluster at {address} ({error})") from None
             self._started = True
+        for name in ("ray", "ray.data"):  # the audit's own log says what ran; Ray's INFO lines are noise
+            logging.getLogger(name).setLevel(logging.ERROR)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
-        for name in ("ray", "ray.data"):  # the audit's own log says what ran; Ray's INFO lines are noise
-            logging.getLogger(name).setLevel(logging.WARNING)
         self._ray = ray
         return self
 
