@@ -5,11 +5,12 @@ An executor offers two things to the runner (:func:`auditkit.runner.run_audit`):
 * ``map_rows(function, items)``: ``function`` of every item, in the items' order. The local
   executor maps on the decoder's thread pool (:func:`auditkit.data.decode_all`'s default); Ray's
   runs a Ray Data pipeline over the row ids (CPU tasks), and the results are joined by row id;
-* ``forward``: the shared pass over one split's decoded images (the signature of
-  :meth:`auditkit.model.ModelAdapter.forward_pass`). Ray's sends the images with their row ids
-  through a pool of model actors (``map_batches``), each a :class:`~auditkit.model.ModelAdapter`
-  built from the same spec and options, so precision, the parity check, channels_last and the
-  batch halving on out-of-memory are the local pass's; outputs are joined by row id.
+* ``shared_pass``: the shared pass (:class:`RayPass`, with the signature of
+  :meth:`auditkit.model.ModelAdapter.forward_pass`). It sends every planned split's images with
+  their row ids through one pipeline of model actors (``map_batches``), each a
+  :class:`~auditkit.model.ModelAdapter` built from the same spec and options, so precision, the
+  parity check, channels_last and the batch halving on out-of-memory are the local pass's;
+  outputs are joined by row id.
 
 Exactly once: every output row carries its input's row id, and a join that finds an id twice,
 misses one or meets an unknown one is an error (:class:`ExecutorError`) naming the ids, never a
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from auditkit.model import ModelAdapter
     from auditkit.spec import AuditSpec, ExecutorSpec
 
-__all__ = ["ExecutorError", "RayExecutor", "check_exactly_once"]
+__all__ = ["ExecutorError", "RayExecutor", "RayPass", "check_exactly_once", "open_executor"]
 
 log = logging.getLogger(__name__)
 
@@ -181,48 +182,90 @@ class RayExecutor:
         order = check_exactly_once([int(r["row"]) for r in out], len(captured), "decode")
         return [pickle.loads(out[int(k)]["result"]) for k in order]
 
-    def forward_function(
-        self, spec: AuditSpec, model: ModelAdapter, adapter_args: dict[str, Any]
-    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        """A shared pass with :meth:`~auditkit.model.ModelAdapter.forward_pass`'s signature that
-        runs in model actors and counts into ``model.stats``."""
+    def shared_pass(self, spec: AuditSpec, model: ModelAdapter, adapter_args: dict[str, Any]) -> RayPass:
+        """The shared pass in model actors (:class:`RayPass`), counted into ``model.stats``."""
+        return RayPass(self, spec, model, adapter_args)
 
-        def forward(
-            images: torch.Tensor,
-            *,
-            split: str = "",
-            progress: Callable[[int], None] | None = None,
-            features: bool = True,
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            started = time.perf_counter()
-            n = images.shape[0]
-            if n == 0:
-                return torch.empty(0, len(model.classes)), torch.empty(0, 0)
-            array = images.numpy()
-            dataset = self._ray.data.from_items([{"row": i, "image": array[i]} for i in range(n)])
-            out = dataset.map_batches(
+
+class RayPass:
+    """The shared pass in Ray model actors, with :meth:`~auditkit.model.ModelAdapter.forward_pass`'s
+    signature (``__call__``). :meth:`prefetch` runs several splits through one pipeline (one pool
+    of model actors, started once); a split's call then returns its prefetched outputs."""
+
+    def __init__(
+        self, executor: RayExecutor, spec: AuditSpec, model: ModelAdapter, adapter_args: dict[str, Any]
+    ) -> None:
+        self._executor = executor
+        self._spec = spec
+        self._model = model
+        self._adapter_args = adapter_args
+        self._ready: dict[str, tuple[torch.Tensor, torch.Tensor, bool, float]] = {}
+
+    def _run(
+        self, images: dict[str, torch.Tensor], features: bool
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """One pipeline over every split's rows (global row ids), outputs split back by id."""
+        ray = self._executor._ray
+        started = time.perf_counter()
+        offsets = np.cumsum([0] + [t.shape[0] for t in images.values()])
+        n = int(offsets[-1])
+        arrays = [t.numpy() for t in images.values()]
+        items = [{"row": int(offsets[k]) + i, "image": a[i]} for k, a in enumerate(arrays) for i in range(a.shape[0])]
+        out = (
+            ray.data.from_items(items)
+            .map_batches(
                 _ModelActor,
-                fn_constructor_args=(spec, adapter_args, features),
-                batch_size=model.batch_size,
+                fn_constructor_args=(self._spec, self._adapter_args, features),
+                batch_size=self._model.batch_size,
                 batch_format="numpy",
-                compute=self._ray.data.ActorPoolStrategy(size=self.spec.model_actors),
-                num_gpus=1 if model.device.type == "cuda" else 0,
-            ).take_all()
-            order = check_exactly_once([int(r["row"]) for r in out], n, f"shared pass {split}")
-            logits = torch.from_numpy(np.stack([out[int(k)]["logits"] for k in order]))
-            embeddings = torch.from_numpy(np.stack([out[int(k)]["embedding"] for k in order]))
-            elapsed = time.perf_counter() - started
-            stats = model.stats
-            stats.images_forwarded += n
-            stats.seconds += elapsed
-            if split:
-                stats.per_split[split] = stats.per_split.get(split, 0) + n
-                stats.seconds_per_split[split] = stats.seconds_per_split.get(split, 0.0) + elapsed
-            if progress is not None:
-                progress(n)
-            return logits, embeddings
+                compute=ray.data.ActorPoolStrategy(size=self._executor.spec.model_actors),
+                num_gpus=1 if self._model.device.type == "cuda" else 0,
+            )
+            .take_all()
+            if n
+            else []
+        )
+        order = check_exactly_once([int(r["row"]) for r in out], n, f"shared pass {', '.join(images)}")
+        elapsed = time.perf_counter() - started
+        results: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for k, name in enumerate(images):
+            rows = order[offsets[k] : offsets[k + 1]]
+            if rows.size == 0:
+                results[name] = (torch.empty(0, len(self._model.classes)), torch.empty(0, 0), 0.0)
+                continue
+            logits = torch.from_numpy(np.stack([out[int(r)]["logits"] for r in rows]))
+            embeddings = torch.from_numpy(np.stack([out[int(r)]["embedding"] for r in rows]))
+            results[name] = (logits, embeddings, elapsed * rows.size / max(n, 1))
+        return results
 
-        return forward
+    def prefetch(self, images: dict[str, torch.Tensor], *, features: bool) -> None:
+        """Run these splits' passes now, in one pipeline; each split's call returns its outputs."""
+        for name, (logits, embeddings, seconds) in self._run(images, features).items():
+            self._ready[name] = (logits, embeddings, features, seconds)
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        *,
+        split: str = "",
+        progress: Callable[[int], None] | None = None,
+        features: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ready = self._ready.pop(split, None)
+        if ready is not None and ready[0].shape[0] == images.shape[0] and (ready[2] or not features):
+            logits, embeddings, _, seconds = ready
+        else:
+            logits, embeddings, seconds = self._run({split or "split": images}, features)[split or "split"]
+        n = images.shape[0]
+        stats = self._model.stats
+        stats.images_forwarded += n
+        stats.seconds += seconds
+        if split:
+            stats.per_split[split] = stats.per_split.get(split, 0) + n
+            stats.seconds_per_split[split] = stats.seconds_per_split.get(split, 0.0) + seconds
+        if progress is not None:
+            progress(n)
+        return logits, embeddings
 
 
 def open_executor(spec: ExecutorSpec) -> RayExecutor | None:

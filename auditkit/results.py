@@ -287,6 +287,7 @@ def run_section(
     model: ModelAdapter,
     images_decoded: int,
     resumed: Sequence[str],
+    decode_s: float | None = None,
     selection: Mapping[str, Any],
     peak_rss_mib: float | None = None,
     executor: Mapping[str, Any] | None = None,
@@ -321,6 +322,7 @@ def run_section(
         "inference_s": round(stats.seconds, 4),
         "inference_s_per_split": {k: round(v, 4) for k, v in stats.seconds_per_split.items()},
         "images_decoded": images_decoded,
+        "decode_s": None if decode_s is None else round(decode_s, 3),  # manifests read, images decoded
         # Resident set size's peak during the audit (VmHWM, reset at its start where Linux allows).
         "peak_rss_mib": None if peak_rss_mib is None else round(peak_rss_mib, 1),
         "resumed_checks": list(resumed),

@@ -453,6 +453,7 @@ def run_audit(
         executor = _executor(spec, options)
         if executor is not None:
             stack.enter_context(executor)
+        decode_started = time.perf_counter()
         dataset = load_dataset(
             spec,
             roles=list(plan.roles),
@@ -460,9 +461,10 @@ def run_audit(
             keep_headers=plan.headers,
             mapper=executor.map_rows if executor is not None else None,
         )
+        decode_s = time.perf_counter() - decode_started
         coverage = split_coverage(dataset)
         require_readable_eval(coverage, data_root=str(spec.data_root), manifest=spec.manifest_path.name)
-        shared_pass = executor.forward_function(spec, model, adapter_args) if executor is not None else None
+        shared_pass = executor.shared_pass(spec, model, adapter_args) if executor is not None else None
         ctx = AuditContext(
             spec, model, dataset, out_dir, progress=options.progress, reference=reference, shared_pass=shared_pass
         )
@@ -479,6 +481,11 @@ def run_audit(
         pending = [s for s in selected if s.id not in records]
         try:
             remaining = Plan.of(pending, spec.model.task, spec.spatial_dims)
+            if shared_pass is not None:  # every split through one pipeline: one start of the model actors
+                planned = [name for name in remaining.pass_splits(dataset) if name in dataset.splits]
+                shared_pass.prefetch(
+                    {name: dataset.splits[name].images for name in planned}, features=remaining.features
+                )
             ctx.prepare(remaining.pass_splits(dataset), features=remaining.features)
         except Exception as error:  # the preflight passed: the failure depends on the images themselves
             if is_out_of_memory(error):
@@ -520,6 +527,7 @@ def run_audit(
                 seed=spec.seed,
                 model=model,
                 images_decoded=dataset.images_decoded,
+                decode_s=decode_s,
                 resumed=resumed,
                 selection=selection.to_json(),
                 peak_rss_mib=peak_rss_mib(),
