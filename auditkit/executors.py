@@ -151,6 +151,13 @@ class RayExecutor:
         self._started = False
 
     @property
+    def ray(self) -> Any:
+        """The ``ray`` module, once connected."""
+        if self._ray is None:
+            raise RuntimeError("the Ray executor is used outside its `with` block")
+        return self._ray
+
+    @property
     def description(self) -> dict[str, Any]:
         """What ``results.json`` records of the executor."""
         resources = self._ray.cluster_resources() if self._ray is not None else {}
@@ -167,7 +174,7 @@ class RayExecutor:
         """``function`` of each item, computed in Ray Data tasks over row ids, joined by id."""
         if not items:
             return []
-        data = self._ray.data
+        data = self.ray.data
         captured = list(items)
 
         def run(batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -205,7 +212,7 @@ class RayPass:
         self, images: dict[str, torch.Tensor], features: bool
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """One pipeline over every split's rows (global row ids), outputs split back by id."""
-        ray = self._executor._ray
+        ray = self._executor.ray
         started = time.perf_counter()
         offsets = np.cumsum([0] + [t.shape[0] for t in images.values()])
         n = int(offsets[-1])
