@@ -263,15 +263,10 @@ class RayPass:
             logits, embeddings, _, seconds = ready
         else:
             logits, embeddings, seconds = self._run({split or "split": images}, features)[split or "split"]
-        n = images.shape[0]
-        stats = self._model.stats
-        stats.images_forwarded += n
-        stats.seconds += seconds
-        if split:
-            stats.per_split[split] = stats.per_split.get(split, 0) + n
-            stats.seconds_per_split[split] = stats.seconds_per_split.get(split, 0.0) + seconds
+        self._model.stats.add_images(split, images.shape[0])
+        self._model.stats.add_seconds(split, seconds)
         if progress is not None:
-            progress(n)
+            progress(images.shape[0])
         return logits, embeddings
 
 

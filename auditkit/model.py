@@ -443,6 +443,18 @@ class PassStats:
     parity: dict[str, float | int] | None = None
     precision_fallback: str | None = None
 
+    def add_images(self, split: str, images: int) -> None:
+        """Count ``images`` forwarded, under ``split`` too when it has a name."""
+        self.images_forwarded += images
+        if split:
+            self.per_split[split] = self.per_split.get(split, 0) + images
+
+    def add_seconds(self, split: str, seconds: float) -> None:
+        """Count ``seconds`` of forwarding, under ``split`` too when it has a name."""
+        self.seconds += seconds
+        if split:
+            self.seconds_per_split[split] = self.seconds_per_split.get(split, 0.0) + seconds
+
 
 class _Batches(torch.utils.data.Dataset[torch.Tensor]):
     """Contiguous batches of a stored (N, C, H, W) tensor, for a DataLoader's worker processes."""
@@ -817,17 +829,12 @@ class ModelAdapter:
                     logits_parts.append(logits)
                     feature_parts.append(embeddings)
                     start += batch.shape[0]
-                    self.stats.images_forwarded += batch.shape[0]
-                    if split:
-                        self.stats.per_split[split] = self.stats.per_split.get(split, 0) + batch.shape[0]
+                    self.stats.add_images(split, batch.shape[0])
                     if progress is not None:
                         progress(batch.shape[0])
                 if not halved:
                     break
-        elapsed = time.perf_counter() - started
-        self.stats.seconds += elapsed
-        if split:
-            self.stats.seconds_per_split[split] = self.stats.seconds_per_split.get(split, 0.0) + elapsed
+        self.stats.add_seconds(split, time.perf_counter() - started)
         n_classes = len(self.classes)
         if not logits_parts:
             return torch.empty(0, n_classes), torch.empty(0, 0)
