@@ -554,8 +554,8 @@ def _executor(spec: AuditSpec, options: RunOptions) -> RayExecutor | None:
         update: dict[str, Any] = {"kind": kind}
         if kind == "local":
             update.update(address=None, num_cpus=None)
-        elif options.ray_address is not None:
-            update["address"] = options.ray_address
+        elif options.ray_address is not None:  # a cluster's own CPUs, not a local instance's
+            update.update(address=options.ray_address, num_cpus=None)
         chosen = ExecutorSpec.model_validate({**chosen.model_dump(), **update})
     return open_executor(chosen)
 

@@ -515,6 +515,11 @@ class ExecutorSpec(_Strict):
     def _address_needs_ray(self) -> ExecutorSpec:
         if self.kind == "local" and (self.address is not None or self.num_cpus is not None):
             raise ValueError("executor.address and executor.num_cpus apply to kind: ray only")
+        if self.address is not None and self.num_cpus is not None:
+            raise ValueError(
+                "executor.num_cpus sizes the local Ray instance started without an address; a cluster at"
+                f" {self.address} has its own CPUs: remove one of the two"
+            )
         return self
 
 

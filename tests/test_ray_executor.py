@@ -90,6 +90,8 @@ def test_the_executor_spec_reads_a_kind_alone_and_refuses_an_address_without_ray
     assert ExecutorSpec.model_validate({"kind": "ray", "address": "auto"}).address == "auto"
     with pytest.raises(ValidationError, match="apply to kind: ray only"):
         ExecutorSpec.model_validate({"kind": "local", "address": "10.0.0.1:6379"})
+    with pytest.raises(ValidationError, match=r"cluster at 10\.0\.0\.1:6379 has its own CPUs"):
+        ExecutorSpec.model_validate({"kind": "ray", "address": "10.0.0.1:6379", "num_cpus": 4})
     spec = prepare_demo(tmp_path / "demo", n_patients=12, image_size=64)
     raw = yaml.safe_load(spec.read_text())
     raw["executor"] = {"kind": "spark"}
