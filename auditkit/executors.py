@@ -262,7 +262,8 @@ class RayPass:
         if ready is not None and ready[0].shape[0] == images.shape[0] and (ready[2] or not features):
             logits, embeddings, _, seconds = ready
         else:
-            logits, embeddings, seconds = self._run({split or "split": images}, features)[split or "split"]
+            key = split or "split"
+            logits, embeddings, seconds = self._run({key: images}, features)[key]
         self._model.stats.add_images(split, images.shape[0])
         self._model.stats.add_seconds(split, seconds)
         if progress is not None:

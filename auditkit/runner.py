@@ -23,7 +23,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -449,10 +449,8 @@ def run_audit(
         "weights_sha256": sha256_path(weights) if weights is not None else None,
     }
     plan = Plan.of(selected, spec.model.task, spec.spatial_dims)
-    with ExitStack() as stack:
-        executor = _executor(spec, options)
-        if executor is not None:
-            stack.enter_context(executor)
+    executor = _executor(spec, options)
+    with executor if executor is not None else nullcontext():
         decode_started = time.perf_counter()
         dataset = load_dataset(
             spec,
@@ -501,47 +499,50 @@ def run_audit(
             record = execute_check(s, ctx)
             records[s.id] = record
             write_json_atomic(checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record})
+        # Ray stays up while the checks run (a split read late is still passed on it), not for
+        # the judging and the report.
+        executor_record = executor.description if executor is not None else {"kind": "local"}
 
-        check_records = [coverage_record(coverage), *(records[s.id] for s in selected)]
-        emitters = {name: cid for cid, cls in checks.items() for name in cls.emits}
-        emitters.update({name: CoverageCheck.id for name in CoverageCheck.emits})
-        judged = evaluate(
-            policy,
-            check_records,
-            attestations=attestations,
-            emitters=emitters,
-            not_run=selection.not_run,
-            task=spec.model.task,
-            spatial_dims=spec.spatial_dims,
-            has_reference=spec.model.reference is not None,
-        )
-        finished_at = datetime.now(UTC)
-        results = assemble(
-            run=run_section(
-                run_id=uuid.uuid4().hex,
-                started_at=started_at.isoformat(timespec="seconds"),
-                finished_at=finished_at.isoformat(timespec="seconds"),
-                duration_s=round(time.perf_counter() - started, 3),
-                version=__version__,
-                command=options.argv or sys.argv,
-                seed=spec.seed,
-                model=model,
-                images_decoded=dataset.images_decoded,
-                decode_s=decode_s,
-                resumed=resumed,
-                selection=selection.to_json(),
-                peak_rss_mib=peak_rss_mib(),
-                executor=executor.description if executor is not None else {"kind": "local"},
-            ),
-            model=model_section(spec, model, preflight, inputs["weights_sha256"], reference=reference),
-            data=data_section(spec, dataset, coverage, inputs["manifest_sha256"]),
-            checks=check_records,
-            judged=judged,
-            policy_source=spec.policy,
-            policy_sha256=sha256_text(policy_text),
-        )
-        write_bundle(out_dir, results, spec=spec, report=options.report, pdf=options.pdf)
-        return AuditOutcome(results=results, out_dir=out_dir, exit_code=exit_code_for(results))
+    check_records = [coverage_record(coverage), *(records[s.id] for s in selected)]
+    emitters = {name: cid for cid, cls in checks.items() for name in cls.emits}
+    emitters.update({name: CoverageCheck.id for name in CoverageCheck.emits})
+    judged = evaluate(
+        policy,
+        check_records,
+        attestations=attestations,
+        emitters=emitters,
+        not_run=selection.not_run,
+        task=spec.model.task,
+        spatial_dims=spec.spatial_dims,
+        has_reference=spec.model.reference is not None,
+    )
+    finished_at = datetime.now(UTC)
+    results = assemble(
+        run=run_section(
+            run_id=uuid.uuid4().hex,
+            started_at=started_at.isoformat(timespec="seconds"),
+            finished_at=finished_at.isoformat(timespec="seconds"),
+            duration_s=round(time.perf_counter() - started, 3),
+            version=__version__,
+            command=options.argv or sys.argv,
+            seed=spec.seed,
+            model=model,
+            images_decoded=dataset.images_decoded,
+            decode_s=decode_s,
+            resumed=resumed,
+            selection=selection.to_json(),
+            peak_rss_mib=peak_rss_mib(),
+            executor=executor_record,
+        ),
+        model=model_section(spec, model, preflight, inputs["weights_sha256"], reference=reference),
+        data=data_section(spec, dataset, coverage, inputs["manifest_sha256"]),
+        checks=check_records,
+        judged=judged,
+        policy_source=spec.policy,
+        policy_sha256=sha256_text(policy_text),
+    )
+    write_bundle(out_dir, results, spec=spec, report=options.report, pdf=options.pdf)
+    return AuditOutcome(results=results, out_dir=out_dir, exit_code=exit_code_for(results))
 
 
 def _executor(spec: AuditSpec, options: RunOptions) -> RayExecutor | None:

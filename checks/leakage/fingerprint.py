@@ -798,12 +798,19 @@ def volume_fingerprints(
         raise ValueError(f"volumes must have shape (N, C, D, H, W), got {tuple(volumes.shape)}")
     if volumes.shape[0] == 0:
         return Fingerprints(torch.empty(0, 0), 0, 0)
-    parts = [
-        fingerprints(volumes[:, :, d], band=band, components=components, images_per_component=images_per_component)
-        for d in slice_depths(volumes.shape[2], slices)
-    ]
-    vectors = torch.cat([part.vectors for part in parts], dim=1) / math.sqrt(len(parts))
-    return Fingerprints(vectors, max(part.components for part in parts), sum(part.moved for part in parts))
+    depths = slice_depths(volumes.shape[2], slices)
+    vectors = torch.empty(0)
+    used, moved = 0, 0
+    for k, d in enumerate(depths):  # one depth's fingerprints at a time, written into one array
+        part = fingerprints(
+            volumes[:, :, d], band=band, components=components, images_per_component=images_per_component
+        )
+        width = part.vectors.shape[1]
+        if k == 0:
+            vectors = torch.empty(volumes.shape[0], width * len(depths))
+        vectors[:, k * width : (k + 1) * width] = part.vectors / math.sqrt(len(depths))
+        used, moved = max(used, part.components), moved + part.moved
+    return Fingerprints(vectors, used, moved)
 
 
 # --------------------------------------------------------------------------------------------
