@@ -40,11 +40,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-METHODS = ("activation_clustering", "spectral_signature", "neighbourhood", "strip")
+METHODS = ("activation_clustering", "spectral_signature", "neighbourhood", "stamp", "strip")
 SHORT = {
     "activation_clustering": "AC",
     "spectral_signature": "SS",
     "neighbourhood": "NB",
+    "stamp": "ST",
     "strip": "STRIP",
     "any": "any",
 }

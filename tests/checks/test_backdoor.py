@@ -531,6 +531,8 @@ REACHES = [
     ("multiclass", "strip", 0.8),
     ("binary", "neighbourhood", 0.8),
     ("multiclass", "neighbourhood", 0.8),
+    ("binary", "stamp", 0.8),
+    ("multiclass", "stamp", 0.8),
 ]
 
 
@@ -548,7 +550,7 @@ def test_data_level_detectors_find_the_poisoned_rows(
 
 
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
-@pytest.mark.parametrize("method", ["activation_clustering", "spectral_signature", "neighbourhood", "strip"])
+@pytest.mark.parametrize("method", ["activation_clustering", "spectral_signature", "neighbourhood", "stamp", "strip"])
 def test_data_level_detectors_flag_at_most_2_percent_of_the_clean_twin(
     backdoor_runs: Mapping[str, Any], task: str, method: str
 ) -> None:
@@ -657,3 +659,17 @@ def test_multilabel_and_regression_models_are_skipped_with_the_reason(
     assert f"task: {task}" in record["reason"] and "it measures task: classification" in record["reason"]
     assert why in record["reason"]
     assert BackdoorCheck.task_reasons[task] in record["reason"]
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_the_stamp_finding_places_the_patch_once(backdoor_runs: Mapping[str, Any], task: str) -> None:
+    check = backdoor_runs[f"{task}_poisoned"]["check"]
+    stamps = [f for f in check["findings"] if f["kind"] == "stamp"]
+    assert len(stamps) == 1, stamps  # one label carries the patch: the target's
+    (stamp,) = stamps
+    assert stamp["positions"] == 1  # the fixtures paste it at one place
+    box = stamp["box"]
+    assert 0 <= box["top"] < box["bottom"] and 0 <= box["left"] < box["right"]
+    assert stamp["count"] == len(flagged_rows(check, "stamp")) and stamp["p_value"] <= 0.05
+    clean = backdoor_runs[f"{task}_clean"]["check"]
+    assert not [f for f in clean["findings"] if f["kind"] == "stamp"]

@@ -111,7 +111,7 @@ def test_the_poisoned_twin_is_found_with_its_target_and_rows(population_runs: Ma
     assert [f["class"] for f in suspects] == [target]
     assert any(reason.startswith("confirmed_population") for reason in suspects[0]["evidence"])
     truth = set(dataset.poisoned_rows)
-    for method in ("activation_clustering", "neighbourhood"):
+    for method in ("activation_clustering", "neighbourhood", "stamp"):
         found = _flagged(check, method)
         recall = len(found & truth) / len(truth)
         precision = len(found & truth) / max(1, len(found))
