@@ -38,6 +38,7 @@ from auditkit.checks.leakage.fingerprint import (
     similar_pairs,
     volume_fingerprints,
 )
+from auditkit.checks.leakage.hash_index import HashIndex, IndexPlan, hamming_search_within
 from auditkit.checks.leakage.hashing import HashArray, hamming_distance, hamming_pairs, hamming_pairs_within
 
 __all__ = [
@@ -226,6 +227,7 @@ class NearSearch:
         hash_scale: their robust standard deviation.
         components: principal axes projected out of the fingerprints.
         moved: images registered away from the identity pose.
+        hash_plan: the bit-sampling index the hash search used (``None``: exhaustive, or off).
     """
 
     i: NDArray[np.int64]
@@ -242,6 +244,7 @@ class NearSearch:
     hash_scale: float
     components: int
     moved: int
+    hash_plan: IndexPlan | None = None
 
 
 def near_duplicate_search(
@@ -259,6 +262,8 @@ def near_duplicate_search(
     min_cosine: float,
     rng: np.random.Generator,
     volume_slices: int = 8,
+    hash_index: HashIndex = "auto",
+    hash_recall: float = 0.995,
 ) -> NearSearch:
     """Near-duplicate candidates among ``N`` images (every split pooled; see the module docstring).
 
@@ -279,6 +284,9 @@ def near_duplicate_search(
         min_cosine: smallest embedding cosine of a confirmed pair.
         rng: draws the calibration pairs of a large study.
         volume_slices: axial slices fingerprinted per volume.
+        hash_index: ``exhaustive``, ``index`` (bit-sampling tables, :mod:`.hash_index`) or ``auto``
+            (the index where it is estimated cheaper: large studies).
+        hash_recall: the index's probability of finding a pair at the radius.
 
     Returns:
         The :class:`NearSearch`; callers keep ``confirmed`` pairs.
@@ -295,8 +303,9 @@ def near_duplicate_search(
     fi, fj, _ = similar_pairs(prints.vectors, calibration.threshold, exclude=labels)
     for a, b in zip(fi.tolist(), fj.tolist(), strict=True):
         found[(a, b)] = [True, False]
+    plan = None
     if radius >= 0:
-        hi, hj, _ = hamming_pairs_within(hashes, radius)
+        (hi, hj, _), plan = hamming_search_within(hashes, radius, index=hash_index, recall=hash_recall, rng=rng)
         for a, b in zip(hi.tolist(), hj.tolist(), strict=True):
             if labels[a] < 0 or labels[a] != labels[b]:
                 found.setdefault((a, b), [False, False])[1] = True
@@ -321,4 +330,5 @@ def near_duplicate_search(
         hash_scale=hash_scale,
         components=prints.components,
         moved=prints.moved,
+        hash_plan=plan,
     )

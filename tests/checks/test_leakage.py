@@ -746,6 +746,7 @@ def test_clean_twin_reports_nothing(clean: Audited) -> None:
     }  # fmt: skip
     (search,) = clean.findings("duplicate_search")
     assert search["embedding_confirmation"] is True and search["radius_bits"] == 49
+    assert search["hash_search"] == "exhaustive (every pair)"  # a small study: exact
     assert search["z"] == 8.0 and search["similarity_threshold"] >= 0.25 and search["pairs_measured"] > 1000
 
 
