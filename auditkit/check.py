@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from auditkit.pixels import DiskPixels
+
 __all__ = [
     "TASK_NAMES",
     "Artifact",
@@ -429,6 +431,13 @@ class CheckContext(Protocol):
         """Decoded images ``(N, C, H, W)`` (volumes ``(N, C, D, H, W)``) in [0, 1]: float32 by
         default; ``torch.float16`` is the stored precision, returned without a copy (read it, never
         write into it)."""
+        ...
+
+    def pixels(self, split: str = "eval") -> torch.Tensor | DiskPixels:
+        """The split's stored images unread (``float16``): a tensor, or a stand-in for one whose rows
+        live on disk (:class:`auditkit.pixels.DiskPixels`, for a study too large for memory); index
+        or slice it to read ``float16`` tensors - a check that reads a whole split should read it
+        in batches."""
         ...
 
     def headers(self, split: str = "eval") -> Sequence[pydicom.Dataset | None]:

@@ -188,6 +188,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         executor=args.executor,
         ray_address=args.ray_address,
+        pixels=getattr(args, "pixels", "auto"),
         pdf=not args.no_pdf,
         progress=_progress_factory(not args.quiet and sys.stderr.isatty()),
         argv=["auditkit", *sys.argv[1:]],
@@ -253,6 +254,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         batch_size=64,
         executor=None,
         ray_address=None,
+        pixels="auto",
         no_pdf=args.no_pdf,
         quiet=args.quiet,
     )
@@ -366,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the decode and the shared pass run (overrides the spec's executor; ray needs auditkit[ray])",
     )
     run.add_argument("--ray-address", help="a running Ray cluster, host:port or auto (default: start a local instance)")
+    run.add_argument(
+        "--pixels",
+        choices=["auto", "memory", "disk"],
+        default="auto",
+        help="where decoded images are held: disk writes them under OUT/.pixels and reads them back by rows"
+        " (auto: disk above AUDITKIT_PIXEL_MEMORY_MIB, default 2048 MiB)",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     run.set_defaults(func=_cmd_run)
 

@@ -33,6 +33,7 @@ from auditkit.check import (
 from auditkit.data import Dataset, SplitData
 from auditkit.errors import Skip, UndeclaredRead
 from auditkit.model import ModelAdapter
+from auditkit.pixels import DiskPixels
 from auditkit.spec import AuditSpec
 from auditkit.stats import stable_seed
 
@@ -207,6 +208,11 @@ class AuditContext:
     def group_labels(self, split: str = "eval") -> dict[str, np.ndarray]:
         """Group column -> the (banded) group label of each image of the split."""
         return dict(self.split(split).groups)
+
+    def pixels(self, split: str = "eval") -> torch.Tensor | DiskPixels:
+        """The split's stored images, unread: the ``float16`` tensor, or its stand-in on disk
+        (:class:`auditkit.pixels.DiskPixels`), which reads the rows a caller indexes or slices."""
+        return self.split(split).images
 
     def images(
         self,
@@ -701,6 +707,12 @@ class CheckView:
     ) -> torch.Tensor:
         self._require("images", "images", split)
         return self._engine.images(split, indices, dtype=dtype)
+
+    def pixels(self, split: str = "eval") -> torch.Tensor | DiskPixels:
+        """The split's images unread, for a check that reads them in batches (bounded memory when
+        they are on disk): index or slice it to get ``float16`` tensors."""
+        self._require("images", "pixels", split)
+        return self._engine.pixels(split)
 
     def headers(self, split: str = "eval") -> Sequence[pydicom.Dataset | None]:
         self._require("headers", "headers", split)

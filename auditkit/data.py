@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from auditkit.decode import (
 )
 from auditkit.decode.labels import decode_label_image, resize_labels
 from auditkit.errors import InputError, UnreadableImage
+from auditkit.pixels import DiskPixels, PixelFile, memory_limit_bytes
 from auditkit.spec import AuditSpec, GroupSpec
 
 if TYPE_CHECKING:
@@ -445,7 +446,8 @@ class SplitData:
     manifest: Path
     rows: np.ndarray
     labels: np.ndarray
-    images: torch.Tensor
+    images: torch.Tensor | DiskPixels
+    """``(N, *shape)`` ``float16`` in [0, 1]: a tensor, or its stand-in on disk (:mod:`auditkit.pixels`)."""
     patients: list[str | None]
     studies: list[str | None]
     groups: dict[str, np.ndarray]
@@ -506,8 +508,13 @@ def decode_all(
     masks: Sequence[Path | None] | None = None,
     num_classes: int = 0,
     mapper: RowMapper | None = None,
+    sink: Callable[[int, DecodedImage], None] | None = None,
 ) -> DecodeResult:
     """Decode every path once, in a thread pool; failures become reasons, never exceptions.
+
+    ``sink(index, image)``, when given, receives each decoded image in order as it arrives (the
+    loader writes its pixels to disk and keeps only a placeholder: :func:`load_dataset` with
+    ``pixels``), so the decoded pixels of a split are never all held at once.
 
     ``mapper(function, items)``, when given, computes ``function`` of every item in their order
     instead of the thread pool (an executor's, e.g. Ray tasks: :mod:`auditkit.executors`).
@@ -595,17 +602,30 @@ def decode_all(
     workers = workers or min(4, os.cpu_count() or 1)
     results: list[tuple[DecodedImage | None, str | None]] = []
     items = list(enumerate(zip(paths, masks if masks is not None else [None] * len(paths), strict=True)))
+
+    def keep(result: tuple[DecodedImage | None, str | None]) -> None:
+        if sink is not None and result[0] is not None:
+            sink(len(results), result[0])
+        results.append(result)
+
     if mapper is not None:
-        results = mapper(one, items)
+        # by chunks when a sink takes the pixels, so the driver holds one chunk of them
+        step = _MAPPED_CHUNK if sink is not None else max(1, len(items))
+        for start in range(0, len(items), step):
+            for result in mapper(one, items[start : start + step]):
+                keep(result)
         if progress is not None:
             progress(len(results))
         return DecodeResult(images=[r[0] for r in results], reasons=[r[1] for r in results])
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for result in pool.map(one, items):
-            results.append(result)
+            keep(result)
             if progress is not None:
                 progress(1)
     return DecodeResult(images=[r[0] for r in results], reasons=[r[1] for r in results])
+
+
+_MAPPED_CHUNK = 1024  # rows an executor decodes per call when their pixels go to disk
 
 
 def _pixel_spacing(image: DecodedImage, height: int, width: int) -> tuple[float, float]:
@@ -685,6 +705,8 @@ class Dataset:
     quarantine: list[QuarantineEntry]
     manifest: Manifest
     images_decoded: int = 0
+    pixel_file: PixelFile | None = None
+    """Where the splits' pixels are, when they are on disk (``load_dataset(pixels=...)``)."""
 
 
 def build_split(
@@ -698,11 +720,14 @@ def build_split(
     studies: Surrogates,
     quarantine: list[QuarantineEntry],
     keep_headers: bool = False,
+    pixels: PixelFile | None = None,
+    base: int = 0,
 ) -> SplitData:
     """Assemble one split from its decoded rows; quarantined rows are recorded and left out.
 
     ``keep_headers``: the rows' DICOM data sets (decoded with ``keep_headers``) go into
-    :attr:`SplitData.headers`.
+    :attr:`SplitData.headers`. ``pixels``: the rows' pixels were written to this file from
+    position ``base`` on (``decode_all``'s sink); the split's images are a view of it.
     """
     shape = source.shape
     keep: list[int] = []
@@ -737,7 +762,11 @@ def build_split(
         study_ids.append(study)
         for column, value in groups.items():
             group_values[column].append(value)
-    images = torch.empty((len(keep), *shape), dtype=torch.float16)
+    images: torch.Tensor | DiskPixels = (
+        pixels.view([base + i for i in keep])
+        if pixels is not None
+        else torch.empty((len(keep), *shape), dtype=torch.float16)
+    )
     segmentation = source.task == "segmentation"
     spatial = len(shape) - 1
     spacing = np.zeros((len(keep), spatial), dtype=np.float64) if spatial == 3 or segmentation else None
@@ -745,7 +774,8 @@ def build_split(
     for out_index, i in enumerate(keep):
         image = decoded.images[i]
         assert image is not None
-        images[out_index] = torch.from_numpy(image.pixels)
+        if isinstance(images, torch.Tensor):
+            images[out_index] = torch.from_numpy(image.pixels)
         if spacing is not None:
             spacing[out_index] = image.spacing if image.spacing is not None else 1.0
         if masks is not None and image.labels is not None:
@@ -771,6 +801,7 @@ def build_split(
 
 
 _T = TypeVar("_T")
+PixelPlace = Literal["memory", "disk", "auto"]
 
 
 def _kept(keep: Sequence[int], decoded: DecodeResult, value: Callable[[DecodedImage], _T | None]) -> dict[int, _T]:
@@ -806,6 +837,8 @@ def load_dataset(
     progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
     keep_headers: bool = False,
     mapper: RowMapper | None = None,
+    pixels: PixelPlace = "memory",
+    pixel_dir: Path | None = None,
 ) -> Dataset:
     """Validate the manifests, decode every image the audit needs once, quarantine failures.
 
@@ -818,6 +851,11 @@ def load_dataset(
             (:attr:`SplitData.headers`) for checks that read headers, instead of their reading
             every file again (about 22 KB per image of memory, against a second parse).
         mapper: where the rows are decoded (:func:`decode_all`); default the thread pool.
+        pixels: where the decoded images are held: ``memory`` (one ``float16`` tensor per split),
+            ``disk`` (written to ``pixel_dir/pixels.f16`` as they are decoded and read back by
+            rows: :mod:`auditkit.pixels`), or ``auto`` (disk when every planned split's pixels
+            would take more than :func:`auditkit.pixels.memory_limit_bytes`).
+        pixel_dir: the folder of the pixel file (``disk`` and ``auto``); its owner removes it.
     """
     source = spec if isinstance(spec, DataSource) else DataSource.from_spec(spec)
     roles = set(roles) | {"eval"}
@@ -880,8 +918,11 @@ def load_dataset(
         if r.study_id:
             studies(r.study_id)
     decoded_total = 0
+    pixel_file = _pixel_file(pixels, pixel_dir, source.shape, sum(len(rows) for _, rows, _ in plan))
+    base = 0
     for name, rows, manifest_path in plan:
         callback = progress(f"decode {name}", len(rows)) if progress else None
+        sink = _pixel_sink(pixel_file, base, source.shape) if pixel_file is not None else None
         decoded = decode_all(
             [r.path for r in rows],
             channels=channels,
@@ -896,6 +937,7 @@ def load_dataset(
             masks=[r.mask for r in rows] if source.task == "segmentation" else None,
             num_classes=len(source.classes),
             mapper=mapper,
+            sink=sink,
         )
         decoded_total += len(rows)
         splits[name] = build_split(
@@ -908,7 +950,36 @@ def load_dataset(
             studies=studies,
             quarantine=quarantine,
             keep_headers=keep_headers,
+            pixels=pixel_file,
+            base=base,
         )
+        base += len(rows)
         if splits[name].n == 0:
             log.warning("split %s: every image was quarantined", name)
-    return Dataset(splits=splits, quarantine=quarantine, manifest=manifest, images_decoded=decoded_total)
+    return Dataset(
+        splits=splits, quarantine=quarantine, manifest=manifest, images_decoded=decoded_total, pixel_file=pixel_file
+    )
+
+
+def _pixel_file(place: PixelPlace, folder: Path | None, shape: tuple[int, ...], rows: int) -> PixelFile | None:
+    """The file the decoded pixels go to, or ``None`` to hold them in memory."""
+    if place == "memory" or rows == 0:
+        return None
+    needed = rows * int(np.prod(shape)) * 2
+    if place == "auto" and needed <= memory_limit_bytes():
+        return None
+    if folder is None:
+        raise ValueError("pixels on disk need a pixel_dir")
+    log.info("decoded pixels go to disk (%d MiB for %d rows)", needed >> 20, rows)
+    return PixelFile(folder / "pixels.f16", shape, rows)
+
+
+def _pixel_sink(file: PixelFile, base: int, shape: tuple[int, ...]) -> Callable[[int, DecodedImage], None]:
+    """Write each decoded image of the right shape at ``base + index``; keep a placeholder of its shape."""
+
+    def sink(index: int, image: DecodedImage) -> None:
+        if tuple(image.pixels.shape) == shape:  # another shape is quarantined by build_split
+            file.write(base + index, image.pixels)
+            image.pixels = np.broadcast_to(np.float32(0), image.pixels.shape)  # no memory, same shape
+
+    return sink

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from auditkit.errors import ConfigError
+from auditkit.pixels import DiskPixels
 
 if TYPE_CHECKING:
     from auditkit.model import ModelAdapter
@@ -209,7 +210,7 @@ class RayPass:
         self._ready: dict[str, tuple[torch.Tensor, torch.Tensor, bool, float]] = {}
 
     def _run(
-        self, images: dict[str, torch.Tensor], features: bool
+        self, images: dict[str, torch.Tensor | DiskPixels], features: bool
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """One pipeline over every split's rows (global row ids), outputs split back by id."""
         ray = self._executor.ray
@@ -245,14 +246,14 @@ class RayPass:
             results[name] = (logits, embeddings, elapsed * rows.size / max(n, 1))
         return results
 
-    def prefetch(self, images: dict[str, torch.Tensor], *, features: bool) -> None:
+    def prefetch(self, images: dict[str, torch.Tensor | DiskPixels], *, features: bool) -> None:
         """Run these splits' passes now, in one pipeline; each split's call returns its outputs."""
         for name, (logits, embeddings, seconds) in self._run(images, features).items():
             self._ready[name] = (logits, embeddings, features, seconds)
 
     def __call__(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | DiskPixels,
         *,
         split: str = "",
         progress: Callable[[int], None] | None = None,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from auditkit.errors import ConfigError, ModelLoadError
+from auditkit.pixels import DiskPixels
 from auditkit.spec import AuditSpec, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -459,7 +460,7 @@ class PassStats:
 class _Batches(torch.utils.data.Dataset[torch.Tensor]):
     """Contiguous batches of a stored (N, C, H, W) tensor, for a DataLoader's worker processes."""
 
-    def __init__(self, images: torch.Tensor, start: int, batch_size: int) -> None:
+    def __init__(self, images: torch.Tensor | DiskPixels, start: int, batch_size: int) -> None:
         self.images, self.start, self.batch_size = images, start, batch_size
 
     def __len__(self) -> int:
@@ -750,7 +751,7 @@ class ModelAdapter:
             raise ModelLoadError(f"the feature hook ({self._feature_source}) never fired")
         return logits.float().cpu(), captured[-1].float().cpu()
 
-    def check_parity(self, images: torch.Tensor) -> dict[str, float | int]:
+    def check_parity(self, images: torch.Tensor | DiskPixels) -> dict[str, float | int]:
         """Run up to :data:`PARITY_IMAGES` images in fp32 and in the pass's precision; record it.
 
         When bf16 strays too far (:func:`parity_acceptable`), the run falls back to fp32 and says
@@ -772,7 +773,7 @@ class ModelAdapter:
             self.precision = self.stats.precision = "fp32"
         return parity
 
-    def _batches(self, images: torch.Tensor, start: int) -> Iterator[torch.Tensor]:
+    def _batches(self, images: torch.Tensor | DiskPixels, start: int) -> Iterator[torch.Tensor]:
         """Float32 batches from ``start``: sliced in-process, or by DataLoader worker processes."""
         if self.workers == 0 and not self.pin_memory:
             for first in range(start, images.shape[0], self.batch_size):
@@ -789,7 +790,7 @@ class ModelAdapter:
 
     def forward_pass(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | DiskPixels,
         *,
         split: str = "",
         progress: Callable[[int], None] | None = None,

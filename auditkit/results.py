@@ -291,6 +291,7 @@ def run_section(
     selection: Mapping[str, Any],
     peak_rss_mib: float | None = None,
     executor: Mapping[str, Any] | None = None,
+    pixels: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """How the audit ran: times, command, seed, peak memory, and the shared pass's settings and
     statistics."""
@@ -306,6 +307,8 @@ def run_section(
         "device": str(model.device),
         # Where the decode and the shared pass ran (auditkit.executors); checks run in-process.
         "executor": dict(executor) if executor is not None else {"kind": "local"},
+        # Where the decoded images were held: memory, or a file read back by rows (auditkit.pixels).
+        "pixels": dict(pixels) if pixels is not None else {"place": "memory"},
         # The shared pass's settings; attacks and other gradient work always run in fp32.
         "precision": stats.precision,
         "precision_parity": stats.parity,

@@ -22,8 +22,8 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,11 +36,12 @@ from auditkit.bundle import write_bundle
 from auditkit.check import Check, CheckResult, Needs, Skip
 from auditkit.context import AuditContext, ProgressFactory
 from auditkit.coverage import CoverageCheck, coverage_record, require_readable_eval, split_coverage
-from auditkit.data import Dataset, load_dataset
+from auditkit.data import Dataset, PixelPlace, load_dataset
 from auditkit.errors import ConfigError, ModelLoadError
 from auditkit.executors import RayExecutor, open_executor
 from auditkit.jsonio import jsonable, sha256_file, sha256_json, sha256_path, sha256_text, write_json_atomic
 from auditkit.model import InferenceOptions, ModelAdapter, Precision, first_line, is_out_of_memory
+from auditkit.pixels import pixel_record, release_large_allocations, remove_pixel_files
 from auditkit.policy import evaluate, load_attestations, load_framework, load_policy
 from auditkit.preflight import run_preflight
 from auditkit.registry import BrokenCheck, discover
@@ -69,6 +70,9 @@ class RunOptions:
     """Overrides ``executor.kind`` of the spec."""
     ray_address: str | None = None
     """Overrides ``executor.address`` of the spec (and implies ``executor: ray``)."""
+    pixels: PixelPlace = "auto"
+    """Where decoded images are held: ``memory``, ``disk`` (``out_dir/.pixels``, removed at the end)
+    or ``auto`` (disk above ``AUDITKIT_PIXEL_MEMORY_MIB``, default 2048 MiB of pixels)."""
     report: bool = True
     pdf: bool = True
     progress: ProgressFactory | None = None
@@ -406,6 +410,7 @@ def run_audit(
         ConfigError, InputError: usage or input problems (exit code 2).
     """
     options = options or RunOptions()
+    release_large_allocations()  # freed batches go back to the system, not to a growing heap
     reset_peak_rss()
     started_at = datetime.now(UTC)
     started = time.perf_counter()
@@ -450,7 +455,8 @@ def run_audit(
     }
     plan = Plan.of(selected, spec.model.task, spec.spatial_dims)
     executor = _executor(spec, options)
-    with executor if executor is not None else nullcontext():
+    pixel_dir = out_dir / ".pixels"  # scratch: removed when the checks are done, whatever happened
+    with executor if executor is not None else nullcontext(), _scratch(pixel_dir):
         decode_started = time.perf_counter()
         dataset = load_dataset(
             spec,
@@ -458,6 +464,8 @@ def run_audit(
             progress=options.progress,
             keep_headers=plan.headers,
             mapper=executor.map_rows if executor is not None else None,
+            pixels=options.pixels,
+            pixel_dir=pixel_dir,
         )
         decode_s = time.perf_counter() - decode_started
         coverage = split_coverage(dataset)
@@ -533,6 +541,7 @@ def run_audit(
             selection=selection.to_json(),
             peak_rss_mib=peak_rss_mib(),
             executor=executor_record,
+            pixels=pixel_record(dataset.pixel_file),
         ),
         model=model_section(spec, model, preflight, inputs["weights_sha256"], reference=reference),
         data=data_section(spec, dataset, coverage, inputs["manifest_sha256"]),
@@ -543,6 +552,15 @@ def run_audit(
     )
     write_bundle(out_dir, results, spec=spec, report=options.report, pdf=options.pdf)
     return AuditOutcome(results=results, out_dir=out_dir, exit_code=exit_code_for(results))
+
+
+@contextmanager
+def _scratch(folder: Path) -> Iterator[None]:
+    """Remove ``folder`` (the decoded pixels on disk) when the block ends."""
+    try:
+        yield
+    finally:
+        remove_pixel_files(folder)
 
 
 def _executor(spec: AuditSpec, options: RunOptions) -> RayExecutor | None:

@@ -49,6 +49,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,6 +72,20 @@ def resnet18_gray(num_classes: int = 2) -> nn.Module:
     model = resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return cast(nn.Module, model)
+
+
+def strided_cnn(num_classes: int = 2) -> nn.Module:
+    """A small one-channel CNN for any input size (random weights): the memory figure's cheap model
+    at 224 x 224, where the images, not the model, are what memory holds."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, kernel_size=8, stride=8),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, kernel_size=3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
+    )
 
 
 def backdoor_params(check: type[Any]) -> tuple[dict[str, Any] | None, str]:
@@ -378,18 +393,40 @@ def _status_mib(key: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _memory_child(spec_path: str) -> dict[str, Any]:
-    """In a fresh process: decode, pass, prediction-based checks; report peak RSS."""
+def _memory_child(spec_path: str, size: int = 0, pixels: str = "memory") -> dict[str, Any]:
+    """In a fresh process: decode, pass, prediction-based checks; report peak RSS.
+
+    ``size`` > 0 decodes to ``size`` x ``size`` for :func:`strided_cnn`; ``pixels`` is where the
+    decoded images are held (``load_dataset(pixels=...)``).
+    """
     from auditkit.context import AuditContext
+    from auditkit.data import load_dataset
     from auditkit.model import ModelAdapter
+    from auditkit.pixels import release_large_allocations
     from auditkit.spec import load_spec
 
+    release_large_allocations()  # as the runner does
     checks, _notes = prediction_checks()
     spec = load_spec(Path(spec_path))
+    if size:
+        shape = spec.model.input.model_copy(update={"height": size, "width": size})
+        update: dict[str, Any] = {
+            "factory": "benchmarks.bench_shared_pass:strided_cnn",
+            "factory_kwargs": {},
+            "weights": None,
+        }
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={**update, "input": shape})})
     baseline = _status_mib("VmRSS")
     adapter = ModelAdapter(spec, device="cpu")
-    dataset = _load(spec, checks)
+    plan = _plan_of(checks)
     with tempfile.TemporaryDirectory(prefix="auditkit-mem-") as out:
+        dataset = load_dataset(
+            spec,
+            roles=list(plan.roles),
+            keep_headers=plan.headers,
+            pixels=pixels,  # type: ignore[arg-type]
+            pixel_dir=Path(out) / ".pixels",
+        )
         ctx = AuditContext(spec, adapter, dataset, Path(out))
         splits, features = _plan(checks, dataset)
         ctx.prepare(splits, features=features)
@@ -397,21 +434,22 @@ def _memory_child(spec_path: str) -> dict[str, Any]:
     images = [s.images for s in dataset.splits.values()]
     return {
         "n_images": sum(int(i.shape[0]) for i in images),
-        "dtype": str(images[0].dtype).removeprefix("torch."),
-        "image_bytes": sum(i.element_size() * i.nelement() for i in images),
+        "dtype": "float16",
+        "image_bytes": sum(2 * int(np.prod(i.shape)) for i in images),
+        "pixels": pixels,
         "baseline_mb": baseline,
         "peak_mb": _status_mib("VmHWM"),
     }
 
 
-def peak_memory(spec_path: Path) -> dict[str, Any]:
+def peak_memory(spec_path: Path, size: int = 0, pixels: str = "memory") -> dict[str, Any]:
     """Run :func:`_memory_child` in a fresh interpreter (peak RSS never goes down in-process)."""
     code = (
         "import json, sys; from benchmarks.bench_shared_pass import _memory_child;"
-        " print(json.dumps(_memory_child(sys.argv[1])))"
+        " print(json.dumps(_memory_child(sys.argv[1], int(sys.argv[2]), sys.argv[3])))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(spec_path)],
+        [sys.executable, "-c", code, str(spec_path), str(size), pixels],
         check=True,
         capture_output=True,
         text=True,
@@ -426,8 +464,9 @@ def memory_lines(demo_spec: Path, tmp: Path) -> list[str]:
 
     lines = ["  6. peak resident memory (fresh process: decode, shared pass, prediction-based checks):"]
     peaks: dict[str, float] = {}
+    paths: dict[int, Path] = {}
     for label, factor in (("demo study", 1), ("10x study", 10), ("20x study", 20)):
-        path = (
+        path = paths[factor] = (
             demo_spec
             if factor == 1
             else prepare_demo(tmp / f"x{factor}", n_patients=DEMO_PATIENTS * factor, image_size=64)
@@ -439,6 +478,25 @@ def memory_lines(demo_spec: Path, tmp: Path) -> list[str]:
             f" peak {m['peak_mb']:.0f} MiB (resident after imports {m['baseline_mb']:.0f} MiB)"
         )
     lines.append(f"     20x study / demo study: {peaks['20x study'] / peaks['demo study']:.2f}x  (target < 1.5x)")
+    lines.append(
+        f"  6b. the same at {BENCH_SIZE}x{BENCH_SIZE} model inputs (a small strided CNN), decoded images in memory"
+        " or on disk (--pixels disk):"
+    )
+    big: dict[tuple[str, str], float] = {}
+    for label, factor in (("demo study", 1), ("20x study", 20)):
+        path = paths[factor]
+        for place in ("memory", "disk"):
+            m = peak_memory(path, BENCH_SIZE, place)
+            big[(label, place)] = m["peak_mb"]
+            lines.append(
+                f"     {label:<10} {m['n_images']:>5} images ({m['image_bytes'] / 2**20:.0f} MiB of float16 pixels)"
+                f" in {place:<6}: peak {m['peak_mb']:.0f} MiB"
+            )
+    for place in ("memory", "disk"):
+        ratio = big[("20x study", place)] / big[("demo study", place)]
+        lines.append(
+            f"     20x / demo, pixels in {place}: {ratio:.2f}x" + ("  (target < 1.5x)" if place == "disk" else "")
+        )
     return lines
 
 

@@ -88,7 +88,7 @@ def main(device_name: str | None = None, n_images: int = 512, size: int = 224, b
         started = time.perf_counter()
         dataset = load_dataset(spec, roles=("eval", "train"))
         decode_s = time.perf_counter() - started
-        images = torch.cat([s.images for s in dataset.splits.values()])
+        images = torch.cat([s.images[:] for s in dataset.splits.values()])
         n = int(images.shape[0])
 
         rates: dict[str, float] = {}

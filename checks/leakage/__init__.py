@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
@@ -52,6 +51,7 @@ from auditkit.checks.leakage.shortcut import (
     metadata_r2,
 )
 from auditkit.context import serial_blas
+from auditkit.pixels import concat_pixels
 from auditkit.stats import stable_seed
 
 if TYPE_CHECKING:
@@ -454,8 +454,9 @@ def _embeddings(ctx: CheckContext, roles: Sequence[str]) -> dict[str, NDArray[np
 
 def _duplicates(report: _Report, ctx: CheckContext, splits: dict[str, SplitRows], p: LeakageParams) -> None:
     roles = list(splits)
-    # As stored (float16, no copy): equal digests are bit-identical decoded images.
-    stored = {role: ctx.images(role, dtype=torch.float16) for role in roles}
+    # As stored (float16, unread: a split on disk is read in batches): equal digests are
+    # bit-identical decoded images.
+    stored = {role: ctx.pixels(role) for role in roles}
     digests = {role: pixel_digests(stored[role]) for role in roles}
     features = _embeddings(ctx, roles)
     n_eval = splits["eval"].n
@@ -477,7 +478,7 @@ def _duplicates(report: _Report, ctx: CheckContext, splits: dict[str, SplitRows]
 
     # One search over every split pooled: the fingerprints' template and principal axes and the
     # calibration of both bounds describe the study, not one split.
-    images = torch.cat([stored[role] for role in roles])
+    images = concat_pixels([stored[role] for role in roles])
     del stored
     depths = slice_depths(images.shape[2], p.near_volume_slices) if images.ndim == 5 else []
     hashes = volume_hash(images, depths, bits=p.hash_bits) if depths else perceptual_hash(images, bits=p.hash_bits)

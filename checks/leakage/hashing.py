@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from scipy.fft import dctn
 
+from auditkit.pixels import DiskPixels
+
 __all__ = [
     "HASH_SIZE",
     "Pairs",
@@ -48,11 +50,12 @@ Pairs = tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]
 
 # Tile of the pairwise search: (queries, references) per step; 64 x 4096 words (2 MiB of uint64)
 # stay in cache, which is several times faster than one large block.
+_CHUNK_BYTES = 1 << 25  # pixels digested or hashed at a time (32 MiB)
 _QUERY_TILE = 64
 _REFERENCE_TILE = 4096
 
 
-def pixel_digests(images: torch.Tensor | NDArray[np.generic]) -> list[str]:
+def pixel_digests(images: torch.Tensor | NDArray[np.generic] | DiskPixels) -> list[str]:
     """A BLAKE2b-128 hex digest of each image's pixels (bytes of the array as stored).
 
     Args:
@@ -61,9 +64,13 @@ def pixel_digests(images: torch.Tensor | NDArray[np.generic]) -> list[str]:
     Returns:
         ``N`` hex digests; equal digests mean bit-identical decoded images.
     """
-    array = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    array = np.ascontiguousarray(array)
-    return [hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() for image in array]
+    digests: list[str] = []
+    step = max(1, _CHUNK_BYTES // (2 * max(1, int(np.prod(tuple(images.shape[1:]))))))
+    for start in range(0, images.shape[0], step):  # a chunk at a time: images on disk stay there
+        batch = images[start : start + step]
+        array = np.ascontiguousarray(batch.numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch))
+        digests += [hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() for image in array]
+    return digests
 
 
 def low_frequencies(count: int, size: int = HASH_SIZE) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
@@ -82,7 +89,7 @@ def low_frequencies(count: int, size: int = HASH_SIZE) -> tuple[NDArray[np.intp]
 
 
 def perceptual_hash(
-    images: torch.Tensor | NDArray[np.floating], *, bits: HashBits = 256, batch: int = 4096
+    images: torch.Tensor | NDArray[np.floating] | DiskPixels, *, bits: HashBits = 256, batch: int = 4096
 ) -> HashArray:
     """DCT perceptual hash of each image, packed into ``bits / 64`` ``uint64`` words.
 
@@ -108,11 +115,14 @@ def perceptual_hash(
     """
     if bits not in (64, 128, 256):
         raise ValueError(f"bits must be 64, 128 or 256, got {bits!r}")
-    tensor = torch.as_tensor(images)
+    tensor = images if isinstance(images, torch.Tensor | DiskPixels) else torch.as_tensor(images)
     if tensor.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(tensor.shape)}")
     rows, cols = low_frequencies(bits)
     out = np.empty((tensor.shape[0], bits // 64), dtype=np.uint64)
+    # at most _CHUNK_BYTES of float32 in flight whatever the image size (a 224 x 224 study's 4,096
+    # images would be 822 MB)
+    batch = max(1, min(batch, _CHUNK_BYTES // (4 * max(1, int(np.prod(tuple(tensor.shape[1:])))))))
     for start in range(0, tensor.shape[0], batch):
         chunk = tensor[start : start + batch].float()
         if chunk.shape[1] != 1:  # one channel is its own mean: no second pass over the images
