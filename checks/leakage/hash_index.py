@@ -57,7 +57,7 @@ _NS_PER_KEY = 40.0  # one hash keyed, bucketed and looked up, per table
 _NS_PER_PROBE = 6.0  # one query looked up in one neighbouring bucket
 _NS_PER_BUCKET = 2.0  # one slot of a table's 2^k counts
 _NS_PER_CANDIDATE = 150.0  # one candidate pair generated and measured
-_MAX_KEY_BITS = 24  # 2^24 bucket counts per table at most (128 MiB of int64)
+_MAX_KEY_BITS = 24  # 2^24 buckets per table at most (their int32 starts and counts: 128 MiB)
 _SAMPLE_PAIRS = 4096
 _CHUNK_PAIRS = 1 << 22  # candidates measured at a time
 _PROBE_ELEMENTS = 1 << 21  # query x probe lookups at a time
@@ -75,7 +75,8 @@ class IndexPlan:
         tables: ``L``, tables.
         probes: 0: a query looks in its own bucket; 1: also in the ``k`` buckets whose key differs
             from its own in one bit (multi-probe, Lv et al., VLDB 2007), so a pair is found when
-            at most one of a table's bits differs.
+            at most one of a table's bits differs; ``p``: every key at most ``p`` bits away
+            (:func:`plan_index` chooses 0 or 1).
         recall_at_radius: the probability that a pair at the radius shares a key (planned).
         expected_candidates: candidate pairs estimated from the study's sampled distances.
         speedup: the exhaustive search's estimated work over the index's.
