@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from auditkit import __version__
-from auditkit.errors import AuditkitError
+from auditkit.errors import AuditkitError, InputError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3  # the audit could not complete, like a check that errored
@@ -309,10 +309,60 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from auditkit.pack import keygen
+
+    private, public = keygen(Path(args.key), Path(args.pub) if args.pub else None)
+    print(f"private key: {private} (keep it secret; mode 0600)")
+    print(f"public key:  {public} (give it to whoever verifies a pack)")
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from auditkit.pack import pack
+
+    out = pack(Path(args.dir), Path(args.out) if args.out else None, key=Path(args.key) if args.key else None)
+    print(f"pack: {out} ({'signed' if args.key else 'unsigned: auditkit keygen, then --key'})")
+    return 0
+
+
+def _cmd_verify_pack(target: Path, pubkey: Path | None) -> int:
+    from auditkit.pack import verify_pack
+
+    report = verify_pack(target, pubkey)
+    for name in report.changed:
+        print(f"CHANGED     {name}")
+    for name in report.missing:
+        print(f"MISSING     {name}")
+    for name in report.unexpected:
+        print(f"UNEXPECTED  {name}")
+    signature = {
+        "valid": "signature valid",
+        "invalid": "signature INVALID for this public key",
+        "absent": "unsigned pack",
+        "not checked": "signature not checked (give --pubkey)",
+    }[report.signature]
+    if report.ok:
+        print(f"ok: {report.checked} files match attestation.json; {signature}; verdict {report.verdict}")
+        return 0
+    print(
+        f"verification failed: {len(report.changed)} changed, {len(report.missing)} missing,"
+        f" {len(report.unexpected)} unexpected; {signature}"
+    )
+    return 1
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from auditkit.bundle import verify_bundle
+    from auditkit.pack import ATTESTATION
 
-    report = verify_bundle(Path(args.dir))
+    target = Path(args.dir)
+    pubkey = Path(args.pubkey) if args.pubkey else None
+    if target.is_file() or (target / ATTESTATION).is_file():  # a submission pack, zipped or unpacked
+        return _cmd_verify_pack(target, pubkey)
+    if pubkey is not None:
+        raise InputError(f"{target}: an evidence bundle has no signature; --pubkey verifies a pack (auditkit pack)")
+    report = verify_bundle(target)
     for name in report.changed:
         print(f"CHANGED     {name}")
     for name in report.missing:
@@ -411,9 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-pdf", action="store_true", help="only report.html")
     report.set_defaults(func=_cmd_report)
 
-    verify = sub.add_parser("verify", help="recompute the hashes of an evidence bundle")
-    verify.add_argument("dir", help="an auditkit output folder")
+    verify = sub.add_parser("verify", help="recompute the hashes of an evidence bundle or a submission pack")
+    verify.add_argument("dir", help="an auditkit output folder, a pack (.zip) or an unpacked pack folder")
+    verify.add_argument("--pubkey", help="the signer's Ed25519 public key (PEM): also check the pack's signature")
     verify.set_defaults(func=_cmd_verify)
+
+    keygen = sub.add_parser("keygen", help="write an Ed25519 key pair for signing packs")
+    keygen.add_argument("--key", default="auditkit-signing.pem", help="private key file (default %(default)s)")
+    keygen.add_argument("--pub", help="public key file (default: the key's name with .pub.pem)")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    pack = sub.add_parser("pack", help="write the submission pack of an evidence bundle (a deterministic zip)")
+    pack.add_argument("dir", help="an auditkit output folder")
+    pack.add_argument("--key", help="Ed25519 private key (PEM) to sign the attestation with")
+    pack.add_argument("--out", help="the zip (default: DIR-pack.zip beside DIR)")
+    pack.set_defaults(func=_cmd_pack)
 
     cmp = sub.add_parser(
         "compare",
