@@ -1372,6 +1372,7 @@ def inventory() -> dict[str, int]:
     import test_loaders
     import test_monai_bundle
     import test_onnx
+    import test_pack
     import test_segmentation_audit
     import test_tasks
     import test_user_mistakes
@@ -1398,6 +1399,7 @@ def inventory() -> dict[str, int]:
         + test_segmentation_audit.AUDIT_MASK_CASES,
         "ONNX artefacts and their specs through the CLI": len(test_onnx.ONNX_CASES),
         "MONAI bundles (configs, archives, metadata)": len(test_monai_bundle.BUNDLE_CASES),
+        "submission packs and signing keys": len(test_pack.HOSTILE_PACKS),
     }
     counts["bad inputs tried"] = sum(counts.values())
     return counts

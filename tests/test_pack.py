@@ -15,6 +15,23 @@ from auditkit.errors import InputError
 from auditkit.pack import ATTESTATION, PAYLOAD_TYPE, keygen, pack, verify_pack
 
 
+ESCAPING_NAMES = ["../evil.txt", "/etc/evil.txt", "bundle/../../evil.txt", "C:/evil.txt", "bundle\\evil.txt"]
+HOSTILE_PACKS = [
+    *(f"member named {name!r}" for name in ESCAPING_NAMES),
+    "a truncated zip",
+    "bytes that are not a zip",
+    "a zip bomb (32 MiB of zeros in one member)",
+    "an envelope with another payloadType",
+    "a pack without attestation.json",
+    "a forged verdict under the old signature",
+    "a pack verified with another key",
+    "an EC private key given to pack",
+    "an EC public key given to verify",
+    "a key file that is not PEM",
+]
+"""The hostile packs and keys the tests below try (counted in docs/hardening.md)."""
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real evidence bundle: the demo study audited by one check, without the PDF."""
@@ -140,21 +157,12 @@ def test_an_unpacked_folder_verifies_too(bundle: Path, keys: tuple[Path, Path], 
     assert verify_pack(folder, keys[1]).changed == ["bundle/results.json"]
 
 
-@pytest.mark.parametrize(
-    ("name", "message"),
-    [
-        ("../evil.txt", "absolute or parent path"),
-        ("/etc/evil.txt", "absolute or parent path"),
-        ("bundle/../../evil.txt", "absolute or parent path"),
-        ("C:/evil.txt", "absolute or parent path"),
-        ("bundle\\evil.txt", "absolute or parent path"),
-    ],
-)
-def test_a_member_escaping_the_pack_is_refused(bundle: Path, tmp_path: Path, name: str, message: str) -> None:
+@pytest.mark.parametrize("name", ESCAPING_NAMES)
+def test_a_member_escaping_the_pack_is_refused(bundle: Path, tmp_path: Path, name: str) -> None:
     members = _members(pack(bundle, tmp_path / "p.zip"))
     target = tmp_path / "hostile.zip"
     _rewrite(target, members, [(name, b"x")])
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(InputError, match="absolute or parent path; refused"):
         verify_pack(target)
     assert not (tmp_path / "evil.txt").exists()
 
