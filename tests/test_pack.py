@@ -14,7 +14,6 @@ from auditkit.cli import main
 from auditkit.errors import InputError
 from auditkit.pack import ATTESTATION, PAYLOAD_TYPE, keygen, pack, verify_pack
 
-
 ESCAPING_NAMES = ["../evil.txt", "/etc/evil.txt", "bundle/../../evil.txt", "C:/evil.txt", "bundle\\evil.txt"]
 HOSTILE_PACKS = [
     *(f"member named {name!r}" for name in ESCAPING_NAMES),
