@@ -466,6 +466,12 @@ class SplitData:
     study. Patient data: read through :meth:`~auditkit.context.AuditContext.headers` or
     :meth:`~auditkit.context.AuditContext.header_texts`, never reported. A DICOM series' entry is
     its first slice (in position order)."""
+    devices: dict[str, int] = field(default_factory=dict)
+    """Acquisition devices of the split's DICOM images: ``"Manufacturer ModelName"`` -> images
+    (``"not recorded"`` for DICOM without either); no entry for other file kinds."""
+    study_months: tuple[str, str] | None = None
+    """The earliest and latest StudyDate of the split's DICOM images, coarsened to ``YYYY-MM``
+    (a date is an identifier: a month range is what a data card may show)."""
     slice_headers: dict[int, tuple[pydicom.Dataset, ...]] | None = field(default=None, repr=False, compare=False)
     """3-D inputs with ``keep_headers``: every slice's data set of the kept DICOM series, by
     position, in slice position order; read through
@@ -780,10 +786,13 @@ def build_split(
             spacing[out_index] = image.spacing if image.spacing is not None else 1.0
         if masks is not None and image.labels is not None:
             masks[out_index] = image.labels
+    devices, study_months = _acquisition(decoded, keep)
     return SplitData(
         name=name,
         manifest=manifest,
         rows=np.array([rows[i].row for i in keep], dtype=np.int64),
+        devices=devices,
+        study_months=study_months,
         labels=masks if masks is not None else split_labels([rows[i] for i in keep], source.task, len(source.classes)),
         images=images,
         patients=patient_ids,
@@ -798,6 +807,24 @@ def build_split(
             _kept(keep, decoded, lambda image: image.datasets or None) if keep_headers and len(shape) == 4 else None
         ),
     )
+
+
+def _acquisition(decoded: DecodeResult, keep: Sequence[int]) -> tuple[dict[str, int], tuple[str, str] | None]:
+    """The kept DICOM images' devices (counts) and StudyDate month range (see :class:`SplitData`)."""
+    devices: dict[str, int] = {}
+    months: list[str] = []
+    for i in keep:
+        image = decoded.images[i]
+        header = image.header if image is not None else None
+        if header is None:
+            continue
+        attributes = header.attributes
+        device = " ".join(attributes[k] for k in ("Manufacturer", "ManufacturerModelName") if attributes.get(k))
+        devices[device or "not recorded"] = devices.get(device or "not recorded", 0) + 1
+        date = attributes.get("StudyDate", "")
+        if len(date) >= 6 and date[:6].isdigit() and 1 <= int(date[4:6]) <= 12:
+            months.append(f"{date[:4]}-{date[4:6]}")
+    return dict(sorted(devices.items())), ((min(months), max(months)) if months else None)
 
 
 _T = TypeVar("_T")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from auditkit.cards import data_card, model_card
 from auditkit.errors import InputError
 
 __all__ = [
@@ -202,6 +203,8 @@ def pack(bundle: Path, out: Path | None = None, *, key: Path | None = None) -> P
     manifest = bundle / "manifest.json"
     if manifest.is_file():
         members["bundle/manifest.json"] = manifest.read_bytes()
+    members["cards/model-card.md"] = model_card(results).encode("utf-8")
+    members["cards/data-card.md"] = data_card(results).encode("utf-8")
     payload = _canonical(_statement(members, results))
     members[ATTESTATION] = _canonical(_envelope(payload, signer)) + b"\n"
     out = Path(out) if out is not None else bundle.parent / f"{bundle.name}-pack.zip"

@@ -238,6 +238,9 @@ def _split_summary(dataset: Dataset, spec: AuditSpec) -> dict[str, Any]:
             "class_counts": counts if not name.startswith("ood:") else None,
             "group_counts": groups,
             "quarantined_by_group": split.quarantined_groups,
+            # acquisition facts for a data card: devices by count, the StudyDate range by month only
+            "devices": dict(split.devices),
+            "study_months": list(split.study_months) if split.study_months is not None else None,
         }
         if split.spacing is not None and split.spacing.shape[1] == 3:
             out[name]["volumes"] = _volume_summary(split.kinds, split.spacing)

@@ -233,3 +233,26 @@ def test_the_cli_keygen_pack_verify_round_trip(
     assert main(["verify", str(out), "--pubkey", str(tmp_path / "k.pub.pem")]) == 1
     assert "CHANGED     bundle/results.json" in capsys.readouterr().out
     assert main(["verify", str(bundle), "--pubkey", str(tmp_path / "k.pub.pem")]) == 2  # a bundle has no signature
+
+
+def test_the_cards_give_counts_devices_and_months_and_no_patient_data(bundle: Path, tmp_path: Path) -> None:
+    import csv
+
+    members = _members(pack(bundle, tmp_path / "p.zip"))
+    model = members["cards/model-card.md"].decode()
+    data = members["cards/data-card.md"].decode()
+    results = json.loads((bundle / "results.json").read_bytes())
+    assert results["model"]["weights_sha256"] in model and "To be supplied by the manufacturer" in model
+    accuracy = next(m for c in results["checks"] if c["id"] == "performance" for m in c["metrics"])
+    assert f"| {accuracy['name']} |" in model and f"{accuracy['value']:.4f}" in model
+    eval_split = results["data"]["splits"]["eval"]
+    assert eval_split["devices"] and all(
+        f"| eval | {device} | {n} |" in data for device, n in eval_split["devices"].items()
+    )
+    first, last = eval_split["study_months"]
+    assert len(first) == 7 and first[4] == "-" and f"| eval | {first} to {last} |" in data  # months, never days
+    assert f"| eval | {eval_split['n_images']} | {eval_split['n_patients']} |" in data
+    manifest = bundle.parent / "demo" / "study" / "manifest.csv"
+    with manifest.open(encoding="utf-8") as handle:
+        patients = {row["patient_id"] for row in csv.DictReader(handle) if row.get("patient_id")}
+    assert patients and not [p for p in patients if p in model or p in data]

@@ -58,6 +58,8 @@ from auditkit.errors import UnreadableImage
 HEADER_ATTRIBUTES: tuple[str, ...] = (
     "Modality",
     "Manufacturer",
+    "ManufacturerModelName",
+    "StudyDate",
     "StationName",
     "PhotometricInterpretation",
     "PixelSpacing",
