@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from auditkit.cards import data_card, model_card
+from auditkit.crosswalk import FRAMEWORKS, crosswalk_table, load_crosswalk, to_csv, to_markdown
 from auditkit.errors import InputError
 
 __all__ = [
@@ -205,6 +206,10 @@ def pack(bundle: Path, out: Path | None = None, *, key: Path | None = None) -> P
         members["bundle/manifest.json"] = manifest.read_bytes()
     members["cards/model-card.md"] = model_card(results).encode("utf-8")
     members["cards/data-card.md"] = data_card(results).encode("utf-8")
+    for framework in FRAMEWORKS:  # each item: its rules' outcomes, the facts pre-filled, what a person supplies
+        rows = crosswalk_table(load_crosswalk(framework), results.get("rules", []))
+        members[f"crosswalks/{framework}.md"] = to_markdown(rows).encode("utf-8")
+        members[f"crosswalks/{framework}.csv"] = to_csv(rows).encode("utf-8")
     payload = _canonical(_statement(members, results))
     members[ATTESTATION] = _canonical(_envelope(payload, signer)) + b"\n"
     out = Path(out) if out is not None else bundle.parent / f"{bundle.name}-pack.zip"

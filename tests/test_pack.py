@@ -256,3 +256,17 @@ def test_the_cards_give_counts_devices_and_months_and_no_patient_data(bundle: Pa
     with manifest.open(encoding="utf-8") as handle:
         patients = {row["patient_id"] for row in csv.DictReader(handle) if row.get("patient_id")}
     assert patients and not [p for p in patients if p in model or p in data]
+
+
+def test_the_crosswalk_tables_are_in_the_pack_with_the_run_s_rule_outcomes(bundle: Path, tmp_path: Path) -> None:
+    from auditkit.crosswalk import FRAMEWORKS
+
+    members = _members(pack(bundle, tmp_path / "p.zip"))
+    results = json.loads((bundle / "results.json").read_bytes())
+    evaluated = {r["id"]: r["status"] for r in results["rules"] if r["status"] in ("pass", "warn", "fail")}
+    for framework in FRAMEWORKS:
+        table = members[f"crosswalks/{framework}.md"].decode()
+        assert f"crosswalks/{framework}.csv" in members
+        assert "measured" in table and "to be supplied" in table, framework
+    fda = members["crosswalks/fda-ai-dsf-2025-draft.md"].decode()
+    assert any(f"{rule} {status}" in fda for rule, status in evaluated.items())
