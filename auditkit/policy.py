@@ -71,6 +71,11 @@ def load_framework(framework_id: str = "nist-ai-rmf-1.0") -> Framework:
     if not ref.is_file():
         raise ConfigError(f"framework {framework_id!r} is not packaged; expected nist-ai-rmf-1.0")
     data = yaml.safe_load(ref.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or "subcategories" not in data:  # a crosswalk (auditkit.crosswalk), not a control set
+        raise ConfigError(
+            f"framework {framework_id!r} is a crosswalk to another framework, not a control set a policy's rules map"
+            " to; expected nist-ai-rmf-1.0"
+        )
     return Framework(
         id=data["id"],
         title=data["title"],

@@ -363,3 +363,11 @@ def test_csv_has_a_header_and_neutralises_formulas() -> None:
     assert parsed[1][COLUMNS.index("person")] == '\'=HYPERLINK("http://example.invalid","x")'
     assert parsed[2][COLUMNS.index("title")] == "'@SUM(A1)"
     assert parsed[1][COLUMNS.index("id")] == "A.4.3"
+
+
+def test_a_policy_cannot_name_a_crosswalk_as_its_framework() -> None:
+    from auditkit.errors import ConfigError
+    from auditkit.policy import load_framework
+
+    with pytest.raises(ConfigError, match="is a crosswalk to another framework"):
+        load_framework("imdrf-gmlp-2025")
