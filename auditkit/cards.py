@@ -11,8 +11,8 @@ the StudyDate range by month.
 
 Both are written from the results alone, so a pack can be made from any evidence bundle; nothing in
 them is read from an image or a header that ``results.json`` does not already hold, and no value
-in ``results.json`` is a patient identifier. Intended use is the spec's to state: until the spec
-carries it, the card lists what a person must supply.
+in ``results.json`` is a patient identifier. Intended use is the spec's to state (its optional
+``intended_use`` block); what it leaves out is marked to be supplied by the manufacturer.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any
 
 __all__ = ["data_card", "model_card"]
 
-_INTENDED_USE_FIELDS = (
-    "intended purpose and clinical task",
-    "intended users and the setting of use",
-    "patient population (and who is out of scope)",
-    "the decision the output informs, and the human oversight around it",
-    "contraindications and known misuses",
+_INTENDED_USE_FIELDS = (  # the spec's intended_use keys, and what each says
+    ("purpose", "intended purpose and clinical task"),
+    ("users", "intended users and the setting of use"),
+    ("population", "patient population (and who is out of scope)"),
+    ("decision", "the decision the output informs, and the human oversight around it"),
+    ("contraindications", "contraindications and known misuses"),
 )
 
 
@@ -71,8 +71,13 @@ def model_card(results: Mapping[str, Any]) -> str:
         ("embedding layer", model.get("feature_layer")),
     ]
     lines += ["## Model", "", *_table(("field", "value"), ((k, _fmt(v)) for k, v in identity if v is not None))]
-    lines += ["", "## Intended use", "", "To be supplied by the manufacturer (the audit does not know it):", ""]
-    lines += [f"- {item}" for item in _INTENDED_USE_FIELDS]
+    lines += ["", "## Intended use", ""]
+    stated = model.get("intended_use") or {}
+    for key, item in _INTENDED_USE_FIELDS:
+        text = stated.get(key)
+        lines.append(f"- {item}: {text}" if text else f"- {item}: to be supplied by the manufacturer")
+    if not stated:
+        lines += ["", "The spec states no intended use (`intended_use:` in the audit spec)."]
     performance = _check(results, "performance")
     lines += ["", "## Performance (eval split, 95% intervals)", ""]
     if performance and performance.get("metrics"):

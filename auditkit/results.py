@@ -183,6 +183,7 @@ def model_section(
         "n_parameters": model.num_parameters,
         "preflight": preflight.to_json(),
         "reference": reference_section,
+        "intended_use": spec.intended_use.model_dump() if spec.intended_use is not None else None,
     }
 
 

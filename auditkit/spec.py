@@ -523,11 +523,30 @@ class ExecutorSpec(_Strict):
         return self
 
 
+class IntendedUse(_Strict):
+    """What the manufacturer states the model is for (the model card's intended use; optional).
+
+    Free text, each a sentence or two; written to ``results.json`` and the model card as given,
+    so it must hold no patient data.
+    """
+
+    purpose: str = Field(min_length=1, max_length=2000, description="intended purpose and clinical task")
+    users: str | None = Field(default=None, max_length=2000, description="intended users and the setting of use")
+    population: str | None = Field(
+        default=None, max_length=2000, description="patient population, and who is out of scope"
+    )
+    decision: str | None = Field(
+        default=None, max_length=2000, description="the decision the output informs, and the human oversight around it"
+    )
+    contraindications: str | None = Field(default=None, max_length=2000, description="contraindications, known misuses")
+
+
 class AuditSpec(_Strict):
     """The whole audit: model, data, checks, policy, device, seed and output folder."""
 
     model: ModelSpec
     data: DataSpec
+    intended_use: IntendedUse | None = None
     checks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     only: list[str] = Field(default_factory=list)
     skip: list[str] = Field(default_factory=list)

@@ -242,7 +242,7 @@ def test_the_cards_give_counts_devices_and_months_and_no_patient_data(bundle: Pa
     model = members["cards/model-card.md"].decode()
     data = members["cards/data-card.md"].decode()
     results = json.loads((bundle / "results.json").read_bytes())
-    assert results["model"]["weights_sha256"] in model and "To be supplied by the manufacturer" in model
+    assert results["model"]["weights_sha256"] in model and "to be supplied by the manufacturer" in model
     accuracy = next(m for c in results["checks"] if c["id"] == "performance" for m in c["metrics"])
     assert f"| {accuracy['name']} |" in model and f"{accuracy['value']:.4f}" in model
     eval_split = results["data"]["splits"]["eval"]
@@ -270,3 +270,28 @@ def test_the_crosswalk_tables_are_in_the_pack_with_the_run_s_rule_outcomes(bundl
         assert "measured" in table and "to be supplied" in table, framework
     fda = members["crosswalks/fda-ai-dsf-2025-draft.md"].decode()
     assert any(f"{rule} {status}" in fda for rule, status in evaluated.items())
+
+
+def test_the_spec_s_intended_use_goes_to_results_and_the_model_card(tmp_path: Path) -> None:
+    import yaml
+
+    from auditkit.cards import model_card
+    from auditkit.demo import prepare_demo
+
+    spec_path = prepare_demo(tmp_path / "demo", n_patients=8, image_size=64)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["intended_use"] = {
+        "purpose": "Flag chest CT slices with a nodule for a radiologist's second read.",
+        "users": "Thoracic radiologists",
+    }
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "audit"
+    assert main(["run", str(spec_path), "--only", "performance", "--no-pdf", "-q", "--out", str(out)]) in (0, 1)
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["intended_use"]["users"] == "Thoracic radiologists"
+    card = model_card(results)
+    assert "- intended purpose and clinical task: Flag chest CT slices" in card
+    assert "- contraindications and known misuses: to be supplied by the manufacturer" in card
+    spec["intended_use"] = {"purpose": "", "audience": "x"}
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(spec_path), "--only", "performance", "--no-pdf", "-q", "--out", str(out)]) == 2
