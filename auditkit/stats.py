@@ -77,6 +77,7 @@ __all__ = [
     "percentile_interval",
     "resample_counts",
     "stable_seed",
+    "wilson_interval",
 ]
 
 IndexMatrix = NDArray[np.intp]
@@ -97,6 +98,21 @@ MAX_UNDEFINED_FRACTION = 0.10
 # Upper bound on the elements of one index block; larger bootstraps are drawn block by block so
 # memory stays bounded (about 128 MiB of int64 indices) whatever the split size.
 _MAX_BLOCK_ELEMENTS = 1 << 24
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion (95% by default); ``None`` for ``n = 0``.
+
+    Example:
+        >>> [round(v, 4) for v in wilson_interval(0, 25)]
+        [0.0, 0.1332]
+    """
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def stable_seed(*parts: object) -> int:

@@ -30,7 +30,6 @@ import argparse
 import functools
 import hashlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -54,14 +53,11 @@ DATA_LIMIT = 0.02  # the policies' BD-DATA-CLUSTER / BD-DATA-SPECTRAL threshold
 PARTS = ("tuning", "held_out_1", "held_out_2", "held_out_3", "held_out_4", "held_out_5", "held_out_6", "volumes_3d")
 
 
-def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+def wilson(successes: int, n: int) -> tuple[float, float]:
     """Wilson score 95% interval of a binomial proportion (``(nan, nan)`` for ``n = 0``)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    from auditkit.stats import wilson_interval
+
+    return wilson_interval(successes, n) or (float("nan"), float("nan"))
 
 
 def _default_cache() -> Path:

@@ -23,7 +23,6 @@ checkerboard with per-image noise of 2/255, one pasted at a random position per 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,15 +34,6 @@ GROUPS = {
     "chosen on (tuning, held_out_1-3)": ("tuning", "held_out_1", "held_out_2", "held_out_3"),
     "measured once (held_out_4-6)": ("held_out_4", "held_out_5", "held_out_6"),
 }
-
-
-def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def decoded(images: NDArray[np.float32]) -> NDArray[np.float16]:
@@ -85,7 +75,9 @@ class Tally:
         row[4] += int(truth.sum())
 
     def lines(self) -> list[str]:
-        low, high = wilson(self.clean_flagged, self.clean)
+        from auditkit.stats import wilson_interval
+
+        low, high = wilson_interval(self.clean_flagged, self.clean) or (float("nan"), float("nan"))
         out = [
             f"  clean studies with a row flagged: {self.clean_flagged}/{self.clean}"
             f" = {self.clean_flagged / max(1, self.clean):.1%} [{low:.1%}, {high:.1%}]"

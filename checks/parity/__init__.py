@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from pydantic import Field
 
 from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, Predictions
-from auditkit.stats import median_centred_interval, stable_seed
+from auditkit.stats import median_centred_interval, stable_seed, wilson_interval
 from auditkit.tasks import absolute_errors, label_aurocs, macro_auroc, mae_per_output, mean_dice
 
 if TYPE_CHECKING:
@@ -47,15 +47,6 @@ def decisions(
     if task == "classification" and positive is not None and thresholds is not None:
         return np.where(probs[:, positive] >= thresholds[0], positive, 1 - positive)
     return np.asarray(probs.argmax(axis=1), dtype=np.int64)
-
-
-def _wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
-    if n == 0:
-        return None
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 class ParityCheck(Check[ParityParams]):
@@ -164,7 +155,7 @@ def _agreement(same: NDArray[np.bool_], task: str, labels: dict[str, str] | None
         return Metric("parity.agreement", None, "higher_is_better", labels=labels or {}, n=0, reason="no image")
     value = float(same.mean())
     # Images are the independent units: an interval for one decision per image only.
-    ci = _wilson(int(same.sum()), n) if task == "classification" else None
+    ci = wilson_interval(int(same.sum()), n) if task == "classification" else None
     return Metric("parity.agreement", value, "higher_is_better", labels=labels or {}, ci=ci, n=n)
 
 
