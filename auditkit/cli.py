@@ -10,10 +10,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from auditkit import __version__
 from auditkit.errors import AuditkitError, InputError
+
+if TYPE_CHECKING:
+    from auditkit.bundle import VerifyReport
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3  # the audit could not complete, like a check that errored
@@ -326,16 +329,17 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_differences(report: VerifyReport) -> None:
+    for label, names in (("CHANGED", report.changed), ("MISSING", report.missing), ("UNEXPECTED", report.unexpected)):
+        for name in names:
+            print(f"{label:<11} {name}")
+
+
 def _cmd_verify_pack(target: Path, pubkey: Path | None) -> int:
     from auditkit.pack import verify_pack
 
     report = verify_pack(target, pubkey)
-    for name in report.changed:
-        print(f"CHANGED     {name}")
-    for name in report.missing:
-        print(f"MISSING     {name}")
-    for name in report.unexpected:
-        print(f"UNEXPECTED  {name}")
+    _print_differences(report)
     signature = {
         "valid": "signature valid",
         "invalid": "signature INVALID for this public key",
@@ -363,12 +367,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if pubkey is not None:
         raise InputError(f"{target}: an evidence bundle has no signature; --pubkey verifies a pack (auditkit pack)")
     report = verify_bundle(target)
-    for name in report.changed:
-        print(f"CHANGED     {name}")
-    for name in report.missing:
-        print(f"MISSING     {name}")
-    for name in report.unexpected:
-        print(f"UNEXPECTED  {name}")
+    _print_differences(report)
     if report.ok:
         print(f"ok: {report.checked} files match manifest.json")
         return 0

@@ -24,10 +24,11 @@ import json
 import os
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from auditkit.bundle import VerifyReport, _bundle_files
 from auditkit.cards import data_card, model_card
 from auditkit.crosswalk import FRAMEWORKS, crosswalk_table, load_crosswalk, to_csv, to_markdown
 from auditkit.errors import InputError
@@ -93,33 +94,26 @@ def keygen(private_path: Path, public_path: Path | None = None) -> tuple[Path, P
     return private_path, public_path
 
 
-def _private_key(path: Path) -> Any:
+def _key(path: Path, *, private: bool) -> Any:
+    """An Ed25519 key from a PEM file (PKCS#8 private, or SubjectPublicKeyInfo public)."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+    what = "an unencrypted PEM private key" if private else "a PEM public key"
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        data = path.read_bytes()
+        key = (
+            serialization.load_pem_private_key(data, password=None)
+            if private
+            else serialization.load_pem_public_key(data)
+        )
     except FileNotFoundError:
         raise InputError(f"{path}: key file not found") from None
     except (ValueError, TypeError) as error:
-        raise InputError(f"{path}: not an unencrypted PEM private key ({error})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise InputError(f"{path}: a {type(key).__name__.lstrip('_')}; packs are signed with Ed25519 (auditkit keygen)")
-    return key
-
-
-def _public_key(path: Path) -> Any:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise InputError(f"{path}: key file not found") from None
-    except (ValueError, TypeError) as error:
-        raise InputError(f"{path}: not a PEM public key ({error})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise InputError(f"{path}: a {type(key).__name__.lstrip('_')}; packs are verified with Ed25519 keys")
+        raise InputError(f"{path}: not {what} ({error})") from None
+    if not isinstance(key, Ed25519PrivateKey if private else Ed25519PublicKey):
+        use = "signed with Ed25519 (auditkit keygen)" if private else "verified with Ed25519 keys"
+        raise InputError(f"{path}: a {type(key).__name__.lstrip('_')}; packs are {use}")
     return key
 
 
@@ -189,8 +183,6 @@ def pack(bundle: Path, out: Path | None = None, *, key: Path | None = None) -> P
         InputError: ``bundle`` is not an evidence bundle (no ``results.json``), or the key is not an
             Ed25519 private key.
     """
-    from auditkit.bundle import _bundle_files
-
     bundle = Path(bundle)
     results_path = bundle / "results.json"
     try:
@@ -199,7 +191,7 @@ def pack(bundle: Path, out: Path | None = None, *, key: Path | None = None) -> P
         raise InputError(f"{bundle}: no results.json; not an auditkit evidence bundle") from None
     except ValueError as error:
         raise InputError(f"{results_path}: not valid JSON ({error})") from None
-    signer = _private_key(key) if key is not None else None
+    signer = _key(key, private=True) if key is not None else None
     members = {f"bundle/{path.relative_to(bundle).as_posix()}": path.read_bytes() for path in _bundle_files(bundle)}
     manifest = bundle / "manifest.json"
     if manifest.is_file():
@@ -233,13 +225,10 @@ def pack(bundle: Path, out: Path | None = None, *, key: Path | None = None) -> P
 
 
 @dataclass
-class PackReport:
-    """What ``verify_pack`` found."""
+class PackReport(VerifyReport):
+    """What ``verify_pack`` found: the bundle's comparison (changed, missing, unexpected members)
+    and the signature."""
 
-    checked: int = 0
-    changed: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
     signed: bool = False
     signature: str = "not checked"
     """``valid``, ``invalid`` (the key named none of the signatures, or they fail), ``absent`` (an
@@ -248,11 +237,7 @@ class PackReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.changed or self.missing or self.unexpected) and self.signature in (
-            "valid",
-            "not checked",
-            "absent",
-        )
+        return super().ok and self.signature in ("valid", "not checked", "absent")
 
 
 def _safe_name(name: str) -> bool:
@@ -366,7 +351,7 @@ def verify_pack(target: Path, pubkey: Path | None = None) -> PackReport:
             report.changed.append(name)
     report.unexpected = sorted(set(members) - listed - {ATTESTATION})
     if pubkey is not None:
-        key = _public_key(pubkey)
+        key = _key(pubkey, private=False)
         wanted = key_id(key)
         report.signature = "invalid"
         for signature in envelope.get("signatures", []):
