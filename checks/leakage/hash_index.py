@@ -303,7 +303,7 @@ def index_pairs(
     if plan is None:
         plan = plan_index(radius, bits, q.shape[0], r.shape[0], _sampled_distances(q, r, rng, False), recall=recall)
     found: list[NDArray[np.int64]] = []
-    both = np.concatenate([q, r])  # one permutation per round for both sides
+    both = np.concatenate([q, r])  # each table samples the same bits of both sides
     for keys in _tables(both, plan, rng):
         q_keys, r_keys = keys[: q.shape[0]], keys[q.shape[0] :]
         order, starts, counts, occupied = _bucket(r_keys, plan.bits_per_key)
