@@ -41,14 +41,21 @@ from auditkit.export import neutralise
 
 __all__ = [
     "COLUMNS",
+    "CONTROL_COLUMNS",
     "FILLS",
     "FRAMEWORKS",
+    "PREFILLED",
     "PREFILLED_KEYS",
     "Crosswalk",
     "CrosswalkItem",
     "CrosswalkSource",
+    "controls_table",
     "crosswalk_table",
+    "evidence_text",
+    "is_measured",
+    "item_evidence",
     "load_crosswalk",
+    "observed_text",
     "to_csv",
     "to_markdown",
 ]
@@ -65,31 +72,33 @@ Fill = Literal["measured", "prefilled", "person"]
 FILLS: tuple[Fill, ...] = ("measured", "prefilled", "person")
 """How an item is filled, in the order a ``fill`` list names them."""
 
-PREFILLED_KEYS: frozenset[str] = frozenset(
-    {
-        "model.identity",  # name, format, artefact and weights SHA-256
-        "model.task",
-        "model.classes",
-        "model.input",  # shape, channels, modality
-        "model.architecture",  # module class, parameter count
-        "model.preprocessing",  # normalisation, windowing, resizing
-        "model.operating_point",
-        "intended_use",  # the spec's intended-use block
-        "data.splits",  # counts by split
-        "data.sites",
-        "data.devices",  # DICOM Manufacturer and model
-        "data.date_range",  # month-coarsened
-        "data.sex",
-        "data.age_bands",
-        "data.prevalence",  # label prevalence
-        "data.quarantine",  # unreadable rows by reason
-        "policy.identity",  # policy name and SHA-256, recorded before the run
-        "run.environment",  # auditkit version, device, seed
-        "audit.limitations",  # known limitations from the checks' findings
-        "monitoring.baselines",  # OOD thresholds and reference distributions
-    }
-)
-"""The facts a bundle records that a crosswalk item may name under ``prefilled``."""
+PREFILLED: Mapping[str, str] = {
+    "model.identity": "model identity and SHA-256 (model card)",
+    "model.task": "task (model card)",
+    "model.classes": "classes (model card)",
+    "model.input": "input shape, channels (model card)",
+    "model.architecture": "architecture, parameter count (model card)",
+    "model.preprocessing": "normalisation and resizing (model card)",
+    "model.operating_point": "operating point (model card)",
+    "intended_use": "intended use as the spec states it (model card)",
+    "data.splits": "images per split (data card)",
+    "data.sites": "sites (data card)",
+    "data.devices": "acquisition devices (data card)",
+    "data.date_range": "study dates by month (data card)",
+    "data.sex": "counts by sex (data card)",
+    "data.age_bands": "counts by age band (data card)",
+    "data.prevalence": "label prevalence (data card)",
+    "data.quarantine": "unreadable rows by reason (data card)",
+    "policy.identity": "policy name and SHA-256 (manifest.json)",
+    "run.environment": "auditkit version, device, seed (results.json run)",
+    "audit.limitations": "known limitations from the findings (model card)",
+    "monitoring.baselines": "OOD thresholds and reference distributions (results.json)",
+}
+"""The facts a bundle records that a crosswalk item may name under ``prefilled``, each with
+what it is and where the pack holds it."""
+
+PREFILLED_KEYS: frozenset[str] = frozenset(PREFILLED)
+
 
 COLUMNS: tuple[str, ...] = ("id", "title", "fill", "evidence", "prefilled", "person", "status")
 """The columns of a crosswalk table row, in order."""
@@ -355,7 +364,8 @@ def _names(raw: Any, where: str, pattern: re.Pattern[str] | None, expected: str)
 # Tables
 
 
-def _observed(value: Any) -> str:
+def observed_text(value: Any) -> str:
+    """An observed value as a table shows it: integers whole, others to three significant figures."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
     number = float(value)
@@ -364,20 +374,36 @@ def _observed(value: Any) -> str:
     return f"{number:.3g}"
 
 
-def _evidence_text(item: CrosswalkItem, by_id: Mapping[str, Mapping[str, Any]]) -> tuple[str, bool]:
-    parts: list[str] = []
-    measured = False
+def item_evidence(item: CrosswalkItem, rules: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The outcomes of an item's rules in a run: ``{id, status, observed}`` per rule, in the
+    item's order.
+
+    A rule the run did not consider (absent from ``rules``: another task, or not in the policy)
+    or that does not apply is left out; one whose check did not run is kept as
+    ``not_evaluated``. ``rules`` is ``results.json``'s ``rules``.
+    """
+    by_id = {str(record.get("id")): record for record in rules}
+    out: list[dict[str, Any]] = []
     for rule_id in item.rules:
         record = by_id.get(rule_id)
-        # A rule the run did not consider (another task, or not in the policy) is left out.
         if record is None or record.get("status") == "not_applicable":
             continue
-        status = str(record.get("status"))
-        observed = record.get("observed")
-        if status in EVALUATED:
-            measured = True
-        parts.append(f"{rule_id} {status}" + (f" ({_observed(observed)})" if observed is not None else ""))
-    return ", ".join(parts), measured
+        out.append({"id": rule_id, "status": str(record.get("status")), "observed": record.get("observed")})
+    return out
+
+
+def is_measured(evidence: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether at least one rule of :func:`item_evidence`'s list was measured and judged."""
+    return any(record["status"] in EVALUATED for record in evidence)
+
+
+def evidence_text(evidence: Sequence[Mapping[str, Any]]) -> str:
+    """``"RULE-A pass (0.93), RULE-B not_evaluated"`` for :func:`item_evidence`'s list."""
+    return ", ".join(
+        f"{record['id']} {record['status']}"
+        + (f" ({observed_text(record['observed'])})" if record.get("observed") is not None else "")
+        for record in evidence
+    )
 
 
 def crosswalk_table(crosswalk: Crosswalk, rules: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
@@ -397,25 +423,72 @@ def crosswalk_table(crosswalk: Crosswalk, rules: Sequence[Mapping[str, Any]]) ->
         evaluated (``pass``, ``warn`` or ``fail``), otherwise ``"to be supplied"``. A measured item
         may still need a person: the ``person`` column says what.
     """
-    by_id = {str(record.get("id")): record for record in rules}
     rows: list[dict[str, str]] = []
     for item in crosswalk.items:
-        evidence, measured = _evidence_text(item, by_id)
+        evidence = item_evidence(item, rules)
         rows.append(
             {
                 "id": item.id,
                 "title": item.title,
                 "fill": ", ".join(item.fill),
-                "evidence": evidence,
+                "evidence": evidence_text(evidence),
                 "prefilled": ", ".join(item.prefilled),
                 "person": item.person or "",
-                "status": "measured" if measured else "to be supplied",
+                "status": "measured" if is_measured(evidence) else "to be supplied",
+            }
+        )
+    return rows
+
+
+CONTROL_COLUMNS: tuple[str, ...] = ("id", "text", "status", "evidence", "attestation")
+"""The columns of an AI RMF control table row (:func:`controls_table`), in order."""
+
+
+def controls_table(framework: Any, results: Mapping[str, Any]) -> list[dict[str, str]]:
+    """One row per subcategory of the AI RMF Core, with the status a run gives it.
+
+    Args:
+        framework: The policy's framework (:func:`auditkit.policy.load_framework`): its
+            ``subcategories`` in order, each with ``id`` and ``text``.
+        results: ``results.json``: its ``controls`` (``{id, status, rules, attestation}``) and
+            ``rules``.
+
+    Returns:
+        Rows with the keys of :data:`CONTROL_COLUMNS`: ``status`` ``met``, ``not_met``,
+        ``not_evaluated``, ``attested`` or ``not_assessed``; ``evidence`` the mapped rules'
+        outcomes as in :func:`evidence_text`; ``attestation`` the organisation's evidence, owner and
+        date, or ``""``.
+    """
+    controls = {str(c.get("id")): c for c in results.get("controls", [])}
+    by_id = {str(r.get("id")): r for r in results.get("rules", [])}
+    rows: list[dict[str, str]] = []
+    for sub in framework.subcategories.values():
+        control = controls.get(sub.id, {})
+        evidence = [
+            {"id": rule_id, "status": str(by_id[rule_id].get("status")), "observed": by_id[rule_id].get("observed")}
+            for rule_id in control.get("rules", [])
+            if rule_id in by_id and by_id[rule_id].get("status") != "not_applicable"
+        ]
+        attestation = control.get("attestation") or {}
+        rows.append(
+            {
+                "id": sub.id,
+                "text": sub.text,
+                "status": str(control.get("status", "not_assessed")),
+                "evidence": evidence_text(evidence),
+                "attestation": (
+                    f"{attestation.get('evidence')} ({attestation.get('owner')}, {attestation.get('date')})"
+                    if attestation
+                    else ""
+                ),
             }
         )
     return rows
 
 
 _HEADINGS = {
+    "text": "Subcategory (verbatim)",
+    "attestation": "Attestation (evidence, owner, date)",
     "id": "Item",
     "title": "Title",
     "fill": "Fill",
@@ -432,19 +505,21 @@ def _cell(value: Any) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
 
 
-def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A Markdown table of :func:`crosswalk_table` rows, one line per item, columns :data:`COLUMNS`."""
+def to_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
+    """A Markdown table of :func:`crosswalk_table` rows (or, with :data:`CONTROL_COLUMNS`,
+    :func:`controls_table` rows), one line per item."""
     lines = [
-        "| " + " | ".join(_HEADINGS[column] for column in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(_HEADINGS[column] for column in columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(column)) for column in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(column)) for column in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    """CSV of :func:`crosswalk_table` rows: a header of :data:`COLUMNS`, then one row per item.
+def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
+    """CSV of :func:`crosswalk_table` rows (or :func:`controls_table` rows with
+    :data:`CONTROL_COLUMNS`): a header of the columns, then one row per item.
 
     Cells are made spreadsheet-safe as in ``metrics.csv`` (:func:`auditkit.export.neutralise`:
     text starting with ``=``, ``+``, ``-`` or ``@`` gets a leading ``'``), every text cell is
@@ -452,7 +527,7 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")
-    writer.writerow([neutralise(column) for column in COLUMNS])
+    writer.writerow([neutralise(column) for column in columns])
     for row in rows:
-        writer.writerow([neutralise(row.get(column)) for column in COLUMNS])
+        writer.writerow([neutralise(row.get(column)) for column in columns])
     return buffer.getvalue()

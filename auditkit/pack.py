@@ -30,8 +30,17 @@ from typing import Any
 
 from auditkit.bundle import VerifyReport, _bundle_files
 from auditkit.cards import data_card, model_card
-from auditkit.crosswalk import FRAMEWORKS, crosswalk_table, load_crosswalk, to_csv, to_markdown
+from auditkit.crosswalk import (
+    CONTROL_COLUMNS,
+    FRAMEWORKS,
+    controls_table,
+    crosswalk_table,
+    load_crosswalk,
+    to_csv,
+    to_markdown,
+)
 from auditkit.errors import InputError
+from auditkit.policy import load_framework
 
 __all__ = [
     "ATTESTATION",
@@ -202,6 +211,11 @@ def pack(bundle: Path, out: Path | None = None, *, key: Path | None = None) -> P
         rows = crosswalk_table(load_crosswalk(framework), results.get("rules", []))
         members[f"crosswalks/{framework}.md"] = to_markdown(rows).encode("utf-8")
         members[f"crosswalks/{framework}.csv"] = to_csv(rows).encode("utf-8")
+    # The AI RMF itself: every subcategory with the status the policy's rules give it.
+    core = load_framework(str(results.get("policy", {}).get("framework") or "nist-ai-rmf-1.0"))
+    rows = controls_table(core, results)
+    members[f"crosswalks/{core.id}.md"] = to_markdown(rows, CONTROL_COLUMNS).encode("utf-8")
+    members[f"crosswalks/{core.id}.csv"] = to_csv(rows, CONTROL_COLUMNS).encode("utf-8")
     payload = _canonical(_statement(members, results))
     members[ATTESTATION] = _canonical(_envelope(payload, signer)) + b"\n"
     out = Path(out) if out is not None else bundle.parent / f"{bundle.name}-pack.zip"

@@ -296,9 +296,10 @@ def run_section(
     peak_rss_mib: float | None = None,
     executor: Mapping[str, Any] | None = None,
     pixels: Mapping[str, Any] | None = None,
+    frameworks: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """How the audit ran: times, command, seed, peak memory, and the shared pass's settings and
-    statistics."""
+    """How the audit ran: times, command, seed, peak memory, the shared pass's settings and
+    statistics, and the crosswalks the report answers."""
     stats = model.stats
     return {
         "id": run_id,
@@ -334,6 +335,8 @@ def run_section(
         "peak_rss_mib": None if peak_rss_mib is None else round(peak_rss_mib, 1),
         "resumed_checks": list(resumed),
         "selection": dict(selection),
+        # The spec's `frameworks:`: crosswalks the report answers beside the NIST AI RMF.
+        "frameworks": list(frameworks),
     }
 
 

@@ -542,6 +542,7 @@ def run_audit(
             peak_rss_mib=peak_rss_mib(),
             executor=executor_record,
             pixels=pixel_record(dataset.pixel_file),
+            frameworks=spec.frameworks,
         ),
         model=model_section(spec, model, preflight, inputs["weights_sha256"], reference=reference),
         data=data_section(spec, dataset, coverage, inputs["manifest_sha256"]),

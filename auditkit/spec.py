@@ -15,6 +15,9 @@ first), of 2-D images or, with ``model.input.depth``, 3-D volumes. ``model.forma
 ``model.weights`` is: a PyTorch state_dict (``torch``; TorchScript with ``trust_code``), an ONNX
 graph (``onnx``, or ``auto`` from a ``.onnx`` suffix) or a MONAI bundle (``monai_bundle``);
 ``model.reference`` names the PyTorch model an artefact was exported from.
+
+``frameworks:`` lists the regulatory crosswalks (``policies/frameworks/``) whose items the report
+answers beside the NIST AI RMF, which it always covers.
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ from pydantic import (
     model_validator,
 )
 
+from auditkit.crosswalk import FRAMEWORKS
 from auditkit.errors import ConfigError
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+AI_RMF = "nist-ai-rmf-1.0"
+"""The framework every report covers (the policies' controls)."""
 
 
 class _Strict(BaseModel):
@@ -547,6 +553,7 @@ class AuditSpec(_Strict):
     model: ModelSpec
     data: DataSpec
     intended_use: IntendedUse | None = None
+    frameworks: list[str] = Field(default_factory=list)
     checks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     only: list[str] = Field(default_factory=list)
     skip: list[str] = Field(default_factory=list)
@@ -574,6 +581,30 @@ class AuditSpec(_Strict):
         if isinstance(checks, dict):
             return {k: ({} if v is None else v) for k, v in checks.items()}
         return checks
+
+    @field_validator("frameworks", mode="before")
+    @classmethod
+    def _framework_ids(cls, ids: Any) -> Any:
+        if ids is None:
+            return []
+        if isinstance(ids, str):  # `frameworks: eu-ai-act-annex-iv` or a comma-separated list
+            ids = [part.strip() for part in ids.split(",") if part.strip()]
+        if not isinstance(ids, list):
+            return ids  # pydantic names the type expected
+        chosen: list[str] = []
+        for value in ids:
+            if value == AI_RMF:  # always in the report; naming it is harmless
+                continue
+            if value not in FRAMEWORKS:
+                close = difflib.get_close_matches(str(value), FRAMEWORKS, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"unknown crosswalk {value!r}{hint} (packaged: {', '.join(FRAMEWORKS)};"
+                    f" the NIST AI RMF, {AI_RMF}, is always reported)"
+                )
+            if value not in chosen:
+                chosen.append(value)
+        return chosen
 
     @field_validator("only", "skip", mode="before")
     @classmethod

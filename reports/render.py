@@ -23,6 +23,7 @@ from typing import Any
 
 import jinja2
 
+from auditkit.crosswalk import FRAMEWORKS, PREFILLED, is_measured, item_evidence, load_crosswalk, observed_text
 from auditkit.policy import load_framework
 
 log = logging.getLogger(__name__)
@@ -956,6 +957,44 @@ def pivot_sections(
     }
 
 
+def _crosswalk_views(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One view per crosswalk the spec selects (``run.frameworks``): each item with its rules'
+    outcomes, or what is pre-filled and what a person must supply."""
+    rules = results.get("rules", [])
+    views = []
+    for framework_id in (results.get("run") or {}).get("frameworks") or []:
+        if framework_id not in FRAMEWORKS:  # not packaged in this version: nothing to join
+            continue
+        crosswalk = load_crosswalk(framework_id)
+        items = []
+        for item in crosswalk.items:
+            evidence = item_evidence(item, rules)
+            items.append(
+                {
+                    "id": item.id,
+                    "title": item.title,
+                    "evidence": [
+                        {**e, "observed": None if e["observed"] is None else observed_text(e["observed"])}
+                        for e in evidence
+                    ],
+                    "measured": is_measured(evidence),
+                    "prefilled": [PREFILLED[key] for key in item.prefilled],
+                    "person": item.person,
+                }
+            )
+        views.append(
+            {
+                "anchor": f"crosswalk-{framework_id}",
+                "crosswalk": crosswalk,
+                "rows": items,
+                "n_measured": sum(i["measured"] for i in items),
+                "n_prefilled": sum(bool(i["prefilled"]) for i in items),
+                "n_person": sum(i["person"] is not None for i in items),
+            }
+        )
+    return views
+
+
 def build_view(results: Mapping[str, Any], bundle: Path) -> dict[str, Any]:
     """Everything the template shows, derived from ``results.json`` and the bundle's artifacts."""
     framework = load_framework((results.get("policy") or {}).get("framework") or "nist-ai-rmf-1.0")
@@ -1027,6 +1066,7 @@ def build_view(results: Mapping[str, Any], bundle: Path) -> dict[str, Any]:
         "n_controls": len(framework.subcategories),
         "checks": check_views,
         "risks": _risks(results),
+        "crosswalks": _crosswalk_views(results),
         "quarantine_reasons": sorted(reasons.items(), key=lambda item: (-item[1], item[0])),
         "rendered_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }

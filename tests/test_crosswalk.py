@@ -371,3 +371,40 @@ def test_a_policy_cannot_name_a_crosswalk_as_its_framework() -> None:
 
     with pytest.raises(ConfigError, match="is a crosswalk to another framework"):
         load_framework("imdrf-gmlp-2025")
+
+
+def test_the_ai_rmf_table_gives_every_subcategory_its_status_and_evidence() -> None:
+    from auditkit.crosswalk import CONTROL_COLUMNS, controls_table
+    from auditkit.policy import load_framework
+
+    core = load_framework()
+    results = {
+        "rules": _rules(),
+        "controls": [
+            {"id": "MEASURE 2.7", "status": "not_met", "rules": ["LEAK-STUDY", "LEAK-NEAR"], "attestation": None},
+            {
+                "id": "GOVERN 1.1",
+                "status": "attested",
+                "rules": [],
+                "attestation": {"evidence": "Policy QM-7", "owner": "QA lead", "date": "2026-11-02"},
+            },
+        ],
+    }
+    rows = {row["id"]: row for row in controls_table(core, results)}
+    assert len(rows) == len(core.subcategories) == 72
+    assert all(list(row) == list(CONTROL_COLUMNS) for row in rows.values())
+    # A rule that does not apply to the run is left out of the evidence.
+    assert (rows["MEASURE 2.7"]["status"], rows["MEASURE 2.7"]["evidence"]) == ("not_met", "LEAK-STUDY fail (2)")
+    assert rows["GOVERN 1.1"]["attestation"] == "Policy QM-7 (QA lead, 2026-11-02)"
+    assert (rows["MAP 1.1"]["status"], rows["MAP 1.1"]["evidence"]) == ("not_assessed", "")
+    assert rows["GOVERN 1.1"]["text"] == core.subcategories["GOVERN 1.1"].text
+    text = to_markdown(list(rows.values()), CONTROL_COLUMNS)
+    assert len(text.splitlines()) == 2 + 72 and "Subcategory (verbatim)" in text.splitlines()[0]
+    assert list(csv.reader(io.StringIO(to_csv(list(rows.values()), CONTROL_COLUMNS))))[0] == list(CONTROL_COLUMNS)
+
+
+def test_every_prefilled_key_says_where_the_pack_holds_it() -> None:
+    from auditkit.crosswalk import PREFILLED
+
+    for key, where in PREFILLED.items():
+        assert re.search(r"\((model card|data card|manifest\.json|results\.json[^)]*)\)$", where), key

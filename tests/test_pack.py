@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -236,7 +238,6 @@ def test_the_cli_keygen_pack_verify_round_trip(
 
 
 def test_the_cards_give_counts_devices_and_months_and_no_patient_data(bundle: Path, tmp_path: Path) -> None:
-    import csv
 
     members = _members(pack(bundle, tmp_path / "p.zip"))
     model = members["cards/model-card.md"].decode()
@@ -270,6 +271,12 @@ def test_the_crosswalk_tables_are_in_the_pack_with_the_run_s_rule_outcomes(bundl
         assert "measured" in table and "to be supplied" in table, framework
     fda = members["crosswalks/fda-ai-dsf-2025-draft.md"].decode()
     assert any(f"{rule} {status}" in fda for rule, status in evaluated.items())
+    # The AI RMF itself: one line per subcategory, the audit's control statuses.
+    core = members["crosswalks/nist-ai-rmf-1.0.md"].decode().splitlines()
+    assert len(core) == 2 + 72
+    statuses = {c["id"]: c["status"] for c in results["controls"]}
+    rows = list(csv.DictReader(io.StringIO(members["crosswalks/nist-ai-rmf-1.0.csv"].decode())))
+    assert {row["id"]: row["status"] for row in rows} == statuses
 
 
 def test_the_spec_s_intended_use_goes_to_results_and_the_model_card(tmp_path: Path) -> None:
@@ -295,3 +302,36 @@ def test_the_spec_s_intended_use_goes_to_results_and_the_model_card(tmp_path: Pa
     spec["intended_use"] = {"purpose": "", "audience": "x"}
     spec_path.write_text(yaml.safe_dump(spec))
     assert main(["run", str(spec_path), "--only", "performance", "--no-pdf", "-q", "--out", str(out)]) == 2
+
+
+def test_the_spec_s_frameworks_each_get_a_crosswalk_section_in_the_report(tmp_path: Path) -> None:
+    import yaml
+
+    from auditkit.crosswalk import load_crosswalk
+    from auditkit.demo import prepare_demo
+    from auditkit.reports.render import render_html
+
+    spec_path = prepare_demo(tmp_path / "demo", n_patients=8, image_size=64)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["frameworks"] = ["imdrf-gmlp-2025", "nist-ai-rmf-1.0", "eu-ai-act-annex-iv", "imdrf-gmlp-2025"]
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "audit"
+    assert main(["run", str(spec_path), "--only", "leakage", "--no-pdf", "-q", "--out", str(out)]) in (0, 1)
+    results = json.loads((out / "results.json").read_text())
+    # The AI RMF is always reported, so naming it adds nothing; a repeat counts once.
+    assert results["run"]["frameworks"] == ["imdrf-gmlp-2025", "eu-ai-act-annex-iv"]
+    html = render_html(results, out)
+    assert html.count('id="crosswalk-') == 2
+    assert 'href="#crosswalk-eu-ai-act-annex-iv"' in html
+    gmlp = html[html.index('id="crosswalk-imdrf-gmlp-2025"') : html.index('id="crosswalk-eu-ai-act-annex-iv"')]
+    for item in load_crosswalk("imdrf-gmlp-2025").items:
+        assert f">{item.id}<" in gmlp
+    # Leakage ran: the item on independent test sets shows its rules' outcomes; another says to be supplied.
+    leak = next(r for r in results["rules"] if r["id"] == "LEAK-PATIENT")
+    assert "LEAK-PATIENT" in gmlp and leak["status"] in ("pass", "fail")
+    assert "measured" in gmlp and "to be supplied" in gmlp
+    assert "crosswalk-fda-ai-dsf-2025-draft" not in html
+
+    spec["frameworks"] = ["eu-ai-act-anex-iv"]
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(spec_path), "--only", "leakage", "--no-pdf", "-q", "--out", str(out)]) == 2
