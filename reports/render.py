@@ -4,12 +4,21 @@ Safety (docs/hardening.md): templates come only from this package and autoescape
 from the results ever lands in a ``src``, ``href`` or ``style`` attribute (anchors are numbered,
 CSS classes pass through a whitelist, plots are embedded as ``data:`` URIs of the bundle's own
 artifact files); WeasyPrint gets a URL fetcher that serves ``data:`` URIs only, so neither
-``file://`` nor the network can be reached while rendering.
+``file://`` nor the network can be reached while rendering. In a browser, a Content-Security-Policy
+meta tag forbids every fetch (``default-src 'none'``) and allows the one packaged inline script by
+its hash.
+
+One document, two layouts: the print stylesheet (WeasyPrint, A4) shows what a reviewer signs:
+each check's pivot tables, plots, judged rules, findings by kind with a few examples and
+limitations; what only the screen shows (``print-hide``: full methods, every finding, long
+listings, every subcategory of the control matrix) sits in collapsible sections of the HTML and
+in ``metrics.csv``/``findings.csv``.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import re
 import time
@@ -142,6 +151,24 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text.replace("``", "").replace(":class:", "").replace("`", "")).strip()
 
 
+_TASK_PARAGRAPHS = {  # how a check's docstring opens the paragraphs about one task
+    "multilabel": ("Multi-label",),
+    "regression": ("Regression", "Multi-label and regression"),
+    "segmentation": ("Segmentation",),
+}
+
+
+def method_for_task(paragraphs: Sequence[str], task: str) -> list[str]:
+    """The method paragraphs that concern ``task``: a paragraph opening with another task's name
+    ("Regression models (...)", "Segmentation findings add ...") is left out of this report."""
+    kept = []
+    for paragraph in paragraphs:
+        tasks = {t for t, openings in _TASK_PARAGRAPHS.items() if paragraph.startswith(openings)}
+        if not tasks or task in tasks:
+            kept.append(paragraph)
+    return kept
+
+
 def parse_docstring(doc: str | None) -> CheckDoc:
     """Summary, method paragraphs, limitations and the AI RMF line of a check's docstring."""
     if not doc:
@@ -219,13 +246,22 @@ def _metric_tables(metrics: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     return tables
 
 
+MAX_LISTING_PRINTED = 12  # a listing of metrics no pivot shows: longer ones are on screen only
+MAX_FINDINGS_PRINTED = 2  # per kind, in the PDF; the screen shows up to MAX_FINDINGS_SHOWN of each
+
+
 def _findings_view(findings: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    counts = Counter(str(f.get("kind", "finding")) for f in findings)
-    shown = []
-    for finding in findings[:MAX_FINDINGS_SHOWN]:
-        items = [(str(k), _short(v)) for k, v in finding.items() if k != "kind"]
-        shown.append({"kind": str(finding.get("kind", "finding")), "fields": items})
-    return {"counts": sorted(counts.items()), "shown": shown, "total": len(findings)}
+    """A check's findings by kind, in the order the check emitted them: each kind's count and its
+    first findings (the PDF prints the first :data:`MAX_FINDINGS_PRINTED`; the rest are on screen
+    and in ``findings.csv``)."""
+    kinds: dict[str, list[Mapping[str, Any]]] = {}
+    for finding in findings:
+        kinds.setdefault(str(finding.get("kind", "finding")), []).append(finding)
+    view = []
+    for kind, found in kinds.items():
+        shown = [[(str(k), _short(v)) for k, v in f.items() if k != "kind"] for f in found[:MAX_FINDINGS_SHOWN]]
+        view.append({"kind": kind, "count": len(found), "shown": shown, "more": len(found) - len(shown)})
+    return {"kinds": view, "total": len(findings), "printed": MAX_FINDINGS_PRINTED}
 
 
 def _short(value: Any, limit: int = 160) -> str:
@@ -283,7 +319,7 @@ def _risks(results: Mapping[str, Any]) -> list[str]:
 # values print as a dash and are counted in one line under the table (their reasons are in
 # metrics.csv); a row with no defined value is left out and named in that line. Classification
 # sections keep the listing.
-PIVOT_TASKS = frozenset({"multilabel", "regression", "segmentation"})
+PIVOT_TASKS = frozenset({"classification", "multilabel", "regression", "segmentation"})
 _ABSENT = ""  # the key of a metric whose labels lack a pivot key (e.g. one output: no ``output``)
 METRIC_WORDS = {
     "accuracy": "Accuracy",
@@ -318,6 +354,22 @@ METRIC_WORDS = {
     "recommended_auroc": "AUROC",
     "recommended_fpr_at_95_tpr": "FPR at 95% TPR",
     "n": "n",
+    "images_read": "Images read",
+    "quarantined_fraction": "Quarantined (share)",
+    "patient_overlap": "Patients in both",
+    "study_overlap": "Studies in both",
+    "series_overlap": "Series in both",
+    "exact_duplicates": "Exact duplicates",
+    "near_duplicates": "Near duplicates",
+    "trigger_norm": "Trigger norm",
+    "trigger_success_rate": "Trigger success",
+    "trigger_excursion": "Excursion",
+    "anomaly_index": "Anomaly index",
+    "activation_clustering": "Activation clustering",
+    "spectral_signature": "Spectral signature",
+    "neighbourhood": "Neighbourhood",
+    "strip": "STRIP",
+    "stamp": "Stamp",
 }
 
 
@@ -392,6 +444,7 @@ class PivotSpec:
     # rows, columns and row headings when the columns would not fit an A4 page (many labels or
     # outputs): the label moves from the columns into the rows
     narrow: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None
+    printed: bool = True  # False: on screen only (the PDF has a shorter view of the same figures)
 
 
 MAX_PIVOT_COLUMNS = 8  # value columns that fit the width of an A4 page with their intervals
@@ -509,7 +562,7 @@ def build_pivot(
         if value == _ABSENT:
             return spec.absent.get(key, "")
         if key in ("measure", "name"):
-            return metric_word(value) if key == "measure" else value
+            return metric_word(value) if key in ("measure", "method") else value
         return words.get(key, {}).get(value, value)
 
     rows_view = []
@@ -575,6 +628,7 @@ def build_pivot(
     source = "From results.json: " + describe_selects(spec.selects) + "."
     view = {
         "title": spec.title,
+        "printed": spec.printed,
         "row_header": list(spec.row_header),
         "groups": [{"text": g["text"], "span": g["span"]} for g in groups],
         "columns": columns,
@@ -601,6 +655,14 @@ _OOD = PivotSpec(
     rows=("ood_set", "detector"),
     cols=("measure",),
     row_header=("Set", "Detector"),
+)
+_OOD_AUROC = PivotSpec(
+    "AUROC of each detector on each set",
+    (select("ood.auroc", "detector", "ood_set"),),
+    rows=("detector",),
+    cols=("ood_set",),
+    row_header=("Detector",),
+    note="AUPR, AUPR-in and the FPR at 95% TPR of every detector on every set are in report.html and metrics.csv.",
 )
 _OOD_RECOMMENDED = PivotSpec(
     "The recommended detector on each set",
@@ -723,7 +785,7 @@ def task_layouts(task: str, model: Mapping[str, Any], rules: Sequence[Mapping[st
                     )
                 ]
             ),
-            "ood": CheckLayout(pivots=[_OOD, _OOD_RECOMMENDED]),
+            "ood": CheckLayout(pivots=[_OOD_RECOMMENDED, _OOD_AUROC, replace(_OOD, printed=False)]),
         }
     if task == "regression":
         outputs = [str(c) for c in model.get("classes") or []]
@@ -800,11 +862,230 @@ def task_layouts(task: str, model: Mapping[str, Any], rules: Sequence[Mapping[st
                     )
                 ]
             ),
-            "ood": CheckLayout(pivots=[_OOD, _OOD_RECOMMENDED]),
+            "ood": CheckLayout(pivots=[_OOD_RECOMMENDED, _OOD_AUROC, replace(_OOD, printed=False)]),
         }
     if task == "segmentation":
         return _segmentation_layouts()
+    if task == "classification":
+        return _classification_layouts(rules)
     return {}
+
+
+_PERFORMANCE_MEASURES = ("accuracy", "balanced_accuracy", "auroc", "auprc", "sensitivity", "specificity", "ppv", "npv")
+_GROUP_MEASURES = ("sensitivity", "specificity", "ppv", "npv", "accuracy", "auroc", "ece")
+_CALIBRATION_MEASURES = ("ece", "ace", "mce", "brier", "nll")
+
+
+def _classification_layouts(rules: Sequence[Mapping[str, Any]]) -> dict[str, CheckLayout]:
+    """The pivot layout of each built-in check for a single-label classifier."""
+    gap_measures = list(dict.fromkeys([*_rule_measures(rules, "bias"), *_GROUP_MEASURES]))
+    return {
+        "coverage": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Images read and quarantined per split",
+                    (select("coverage.images_read", "split"), select("coverage.quarantined_fraction", "split")),
+                    rows=("split",),
+                    cols=("measure",),
+                    row_header=("Split",),
+                )
+            ]
+        ),
+        "performance": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Performance on the eval split",
+                    tuple(select(f"performance.{m}") for m in _PERFORMANCE_MEASURES),
+                    rows=(),
+                    cols=("measure",),
+                    row_header=(),
+                    n_column=True,
+                    note="Binary figures are of the positive class at the operating point (the operating_point"
+                    " finding); accuracy and balanced accuracy over every class.",
+                ),
+                PivotSpec(
+                    "Per class (one-vs-rest)",
+                    tuple(select(f"performance.{m}", "class") for m in _PERFORMANCE_MEASURES),
+                    rows=("class",),
+                    cols=("measure",),
+                    row_header=("Class",),
+                    n_column=True,
+                ),
+            ],
+            headline=[select("performance.macro_auroc"), select("performance.claim_shortfall")],
+        ),
+        "calibration": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Calibration on the eval split",
+                    tuple(select(f"calibration.{m}") for m in (*_CALIBRATION_MEASURES, "ece_after_temperature")),
+                    rows=(),
+                    cols=("measure",),
+                    row_header=(),
+                    n_column=True,
+                    note="ECE after temperature: the same data after one temperature fitted by cross-validation"
+                    " (the temperature_scaling finding), what recalibration could recover.",
+                ),
+                PivotSpec(
+                    "Calibration per group",
+                    tuple(select(f"calibration.{m}", "group", "group_by") for m in _CALIBRATION_MEASURES),
+                    rows=("group_by", "group"),
+                    cols=("measure",),
+                    row_header=("Grouping", "Group"),
+                    n_column=True,
+                ),
+            ]
+        ),
+        "bias": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Largest gap between the groups of each grouping",
+                    (
+                        *(select("bias.max_gap", "group_by", "metric", metric=[m]) for m in gap_measures),
+                        select("bias.equalized_odds_difference", "group_by"),
+                        select("bias.demographic_parity_difference", "group_by"),
+                        select("bias.min_group_size", "group_by"),
+                    ),
+                    rows=("measure",),
+                    cols=("group_by",),
+                    row_header=("Gap in",),
+                    note="Each gap is the largest difference between two groups of the grouping, with its"
+                    " simultaneous 95% interval over the grouping's pairs; groups below the minimum size are"
+                    " left out of the gaps.",
+                ),
+                PivotSpec(
+                    "Per group",
+                    tuple(
+                        select("bias.group_metric", "group", "group_by", "metric", metric=[m]) for m in _GROUP_MEASURES
+                    ),
+                    rows=("group_by", "group"),
+                    cols=("measure",),
+                    row_header=("Grouping", "Group"),
+                    n_column=True,
+                    note="Figures of the positive class at the operating point; ECE top-label. n: the group's images.",
+                ),
+            ],
+            summarise=[select("bias.group_metric", "group", "group_by", "metric")],
+        ),
+        "corruption": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Accuracy under each corruption, by severity",
+                    (select("corruption.accuracy", "corruption", "severity"),),
+                    rows=("corruption",),
+                    cols=("severity",),
+                    row_header=("Corruption",),
+                    absent={},
+                    note="Severity 0 (corruption none) is the clean accuracy on the same images.",
+                ),
+                PivotSpec(
+                    "Relative drop in accuracy, by severity",
+                    (select("corruption.relative_drop", "corruption", "severity"),),
+                    rows=("corruption",),
+                    cols=("severity",),
+                    row_header=("Corruption",),
+                    note="(clean - corrupted) / clean accuracy on the same images.",
+                    printed=False,
+                ),
+            ],
+            headline=[select("corruption.mean_relative_drop")],
+        ),
+        "adversarial": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Robust accuracy, by attack and budget (eps)",
+                    (select("adversarial.robust_accuracy", "attack", "eps"),),
+                    rows=("attack",),
+                    cols=("eps",),
+                    row_header=("Attack",),
+                    n_column=True,
+                ),
+                PivotSpec(
+                    "Attack success rate, by attack and budget (eps)",
+                    (select("adversarial.attack_success_rate", "attack", "eps"),),
+                    rows=("attack",),
+                    cols=("eps",),
+                    row_header=("Attack",),
+                    note="Of the images the model classified correctly, the share the attack flipped.",
+                    printed=False,
+                ),
+            ],
+            headline=[select("adversarial.clean_accuracy"), select("adversarial.gradient_masking_suspected")],
+        ),
+        "leakage": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Overlap and duplicates",
+                    tuple(
+                        select(f"leakage.{m}")
+                        for m in (
+                            "patient_overlap",
+                            "study_overlap",
+                            "series_overlap",
+                            "exact_duplicates",
+                            "near_duplicates",
+                        )
+                    ),
+                    rows=(),
+                    cols=("measure",),
+                    row_header=(),
+                    note="Between the eval and the train split: patients, studies and series in both, and image"
+                    " pairs that are identical or near-identical.",
+                ),
+                PivotSpec(
+                    "Duplicates within a split",
+                    (
+                        select("leakage.exact_duplicates", "scope", "split"),
+                        select("leakage.near_duplicates", "scope", "split"),
+                    ),
+                    rows=("split",),
+                    cols=("measure",),
+                    row_header=("Split",),
+                ),
+                PivotSpec(
+                    "Metadata shortcuts: AUROC of the label from a metadata column",
+                    (select("leakage.metadata_auc", "column"),),
+                    rows=("column",),
+                    cols=("measure",),
+                    row_header=("Column",),
+                    n_column=True,
+                ),
+            ]
+        ),
+        "backdoor": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Share of each class's training images flagged, by method",
+                    (select("backdoor.suspicious_fraction", "class", "method"),),
+                    rows=("class",),
+                    cols=("method",),
+                    row_header=("Class",),
+                ),
+                PivotSpec(
+                    "Trigger search per target class",
+                    tuple(
+                        select(f"backdoor.{m}", "class")
+                        for m in ("trigger_norm", "trigger_success_rate", "trigger_excursion", "anomaly_index")
+                    ),
+                    rows=("class",),
+                    cols=("measure",),
+                    row_header=("Target class",),
+                ),
+            ],
+            headline=[select("backdoor.model_suspected"), select("backdoor.strip_entropy_gap")],
+        ),
+        "phi": CheckLayout(
+            headline=[
+                select("phi.files_with_identifiers"),
+                select("phi.burned_in_annotation_files"),
+                select("phi.identity_not_removed_files"),
+            ]
+        ),
+        "ood": CheckLayout(
+            pivots=[_OOD_RECOMMENDED, _OOD_AUROC, replace(_OOD, printed=False)],
+            headline=[select("ood.selective_accuracy", "detector"), select("ood.coverage", "detector")],
+        ),
+    }
 
 
 def _segmentation_layouts() -> dict[str, CheckLayout]:
@@ -874,7 +1155,7 @@ def _segmentation_layouts() -> dict[str, CheckLayout]:
                 )
             ]
         ),
-        "ood": CheckLayout(pivots=[_OOD, _OOD_RECOMMENDED]),
+        "ood": CheckLayout(pivots=[_OOD_RECOMMENDED, _OOD_AUROC, replace(_OOD, printed=False)]),
     }
 
 
@@ -924,9 +1205,10 @@ def pivot_sections(
     used: set[int] = set()
     pivots = []
     for spec in layout.pivots:
-        view, taken = build_pivot(
-            spec, [m for m in metrics if id(m) not in used], index, words=words, label_counts=label_counts
-        )
+        # A printed pivot takes metrics no earlier pivot showed; one on screen only may show again,
+        # in full, what the PDF shows in short (so it comes after them).
+        pool = [m for m in metrics if id(m) not in used] if spec.printed else metrics
+        view, taken = build_pivot(spec, pool, index, words=words, label_counts=label_counts)
         if view is not None:
             pivots.append(view)
             used |= taken
@@ -955,6 +1237,21 @@ def pivot_sections(
         "tables": _metric_tables([m for m in rest if m.get("value") is not None]),
         "undefined": undefined_summary(undefined, "further metric"),
     }
+
+
+def _rules_in_short(rule_ids: Sequence[str], status: Mapping[str, str]) -> str:
+    """``"CAL-ECE FAIL, BIAS-MIN-GROUP warn; 14 more pass"``: a control's rules as the PDF prints
+    them, those that failed, warned or could not be evaluated by name and the passes counted."""
+    flagged = ("fail", "warn", "not_evaluated")
+    named = [f"{r} {status_word(status.get(r))}" for r in rule_ids if status.get(r) in flagged]
+    passed = sum(status.get(r) == "pass" for r in rule_ids)
+    other = len(rule_ids) - len(named) - passed  # not applicable to this task or these inputs
+    parts = [", ".join(named)] if named else []
+    if passed:
+        parts.append(f"{passed} {'more ' if named else ''}pass")
+    if other:
+        parts.append(f"{other} not applicable")
+    return "; ".join(parts)
 
 
 def _crosswalk_views(results: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -987,7 +1284,7 @@ def _crosswalk_views(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "anchor": f"crosswalk-{framework_id}",
                 "crosswalk": crosswalk,
                 "rows": items,
-                "n_measured": sum(i["measured"] for i in items),
+                "n_measured": sum(bool(i["measured"]) for i in items),
                 "n_prefilled": sum(bool(i["prefilled"]) for i in items),
                 "n_person": sum(i["person"] is not None for i in items),
             }
@@ -999,6 +1296,7 @@ def build_view(results: Mapping[str, Any], bundle: Path) -> dict[str, Any]:
     """Everything the template shows, derived from ``results.json`` and the bundle's artifacts."""
     framework = load_framework((results.get("policy") or {}).get("framework") or "nist-ai-rmf-1.0")
     controls = {c["id"]: c for c in results.get("controls", [])}
+    rule_status = {str(r.get("id")): str(r.get("status")) for r in results.get("rules", [])}
     functions = []
     for function_id, function_text in framework.functions.items():
         rows = []
@@ -1012,6 +1310,7 @@ def build_view(results: Mapping[str, Any], bundle: Path) -> dict[str, Any]:
                     "text": sub.text,
                     "status": control.get("status", "not_assessed"),
                     "rules": control.get("rules", []),
+                    "rules_in_short": _rules_in_short(control.get("rules", []), rule_status),
                     "attestation": control.get("attestation"),
                 }
             )
@@ -1035,12 +1334,11 @@ def build_view(results: Mapping[str, Any], bundle: Path) -> dict[str, Any]:
             "figures": _embed_artifacts(bundle, check.get("artifacts", [])),
             "findings": _findings_view(check.get("findings", [])),
             "rules": rules_by_metric.get(check["id"], []),
-            "lead": False,
         }
-        if task in PIVOT_TASKS:  # multi-label and regression: pivot tables lead the section
-            layout = layouts.get(check["id"], CheckLayout())
-            view.update(pivot_sections(check, layout, results.get("rules", []), model, eval_split.get("class_counts")))
-            view["lead"] = True
+        view["doc"] = replace(view["doc"], method=method_for_task(view["doc"].method, task))
+        # Pivot tables lead; what no pivot or headline shows stays in the listing (``tables``).
+        layout = layouts.get(check["id"], CheckLayout())
+        view.update(pivot_sections(check, layout, results.get("rules", []), model, eval_split.get("class_counts")))
         check_views.append(view)
     quarantine = results.get("data", {}).get("quarantine", [])
     reasons = Counter(str(q.get("reason", "")) for q in quarantine)
@@ -1067,6 +1365,7 @@ def build_view(results: Mapping[str, Any], bundle: Path) -> dict[str, Any]:
         "checks": check_views,
         "risks": _risks(results),
         "crosswalks": _crosswalk_views(results),
+        "listing_rows": MAX_LISTING_PRINTED,
         "quarantine_reasons": sorted(reasons.items(), key=lambda item: (-item[1], item[0])),
         "rendered_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -1093,15 +1392,27 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+def content_security_policy(script: str) -> str:
+    """The report's policy: nothing from the network or the file system, styles and the one
+    inline script (by its SHA-256) only, plots only as ``data:`` images."""
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    return (
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
+    )
+
+
 def render_html(results: Mapping[str, Any], bundle: Path) -> str:
-    """The report as one self-contained HTML document (CSS inlined, plots as data: URIs)."""
+    """The report as one self-contained HTML document (CSS and script inlined, plots as data:
+    URIs): a print layout for the PDF, a screen layout with navigation, collapsible detail and
+    sortable, filterable tables in a browser."""
     static = resources.files("auditkit.reports") / "static"
     css = (static / "report.css").read_text(encoding="utf-8")
+    css += "\n" + (static / "pivot.css").read_text(encoding="utf-8")
+    script = (static / "report.js").read_text(encoding="utf-8")
     view = build_view(results, bundle)
-    if any(check["lead"] for check in view["checks"]):  # pivot tables: their styles too
-        css += "\n" + (static / "pivot.css").read_text(encoding="utf-8")
     template = _environment().get_template("report.html.j2")
-    return template.render(css=css, **view)
+    return template.render(css=css, script=script, csp=content_security_policy(script), **view)
 
 
 def _fetcher() -> Any:

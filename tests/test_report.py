@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import html as html_module
 import json
 import re
 import socket
@@ -36,6 +37,14 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, demo_spec: Path) -> Path:
     """A real bundle of the demo study (calibration only, to stay quick)."""
     out = tmp_path_factory.mktemp("bundle")
     run_audit(load_spec(demo_spec), RunOptions(out_dir=out, only=["calibration"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def wide_bundle(tmp_path_factory: pytest.TempPathFactory, demo_spec: Path) -> Path:
+    """A bundle of the demo study with the quick checks that emit many per-group and per-row metrics."""
+    out = tmp_path_factory.mktemp("wide")
+    run_audit(load_spec(demo_spec), RunOptions(out_dir=out, only=["performance", "calibration", "bias", "leakage"]))
     return out
 
 
@@ -128,7 +137,7 @@ def test_hostile_strings_render_as_text_and_nothing_is_fetched(bundle: Path, tmp
         results = json.loads((bundle / "results.json").read_text())
         evil = _hostile(results, listener.port)
         html = render_html(evil, bundle)
-        assert "<script>" not in html and "&lt;script&gt;" in html
+        assert html.count("<script>") == 1 and "<script>alert" not in html and "&lt;script&gt;" in html
         assert '<img src="file:' not in html and "&lt;img src=&#34;file:///etc/hostname&#34;&gt;" in html
         assert '<link rel="stylesheet"' not in html
         assert f"url(http://127.0.0.1:{listener.port}/)" in html  # shown as text only
@@ -469,16 +478,69 @@ def test_pivot_orders_by_first_appearance_and_keeps_one_metric_per_cell() -> Non
     assert len(cells) == 3
 
 
-def test_classification_sections_keep_the_listing(bundle: Path) -> None:
+def test_classification_sections_lead_with_pivots_and_every_figure_is_traceable(wide_bundle: Path) -> None:
+    from auditkit.reports.render import fmt_number
+
+    bundle = wide_bundle
     results = json.loads((bundle / "results.json").read_text())
     assert results["model"].get("task", "classification") == "classification"
     view = build_view(results, bundle)
-    assert all(not check["lead"] and "pivots" not in check for check in view["checks"])
+    by_id = {check["record"]["id"]: check for check in view["checks"]}
+    titles = {cid: [p["title"] for p in check["pivots"]] for cid, check in by_id.items()}
+    assert "Per group" in titles["bias"] and "Largest gap between the groups of each grouping" in titles["bias"]
+    assert "Performance on the eval split" in titles["performance"]
+    # Undefined values are aggregated into one line per table, never listed row by row.
+    for check in view["checks"]:
+        assert all(metric.get("value") is not None for table in check["tables"] for metric in table["rows"])
+        for table in check["pivots"]:
+            assert all(not all(cell["undefined"] for cell in row["cells"] if cell["text"]) for row in table["rows"])
     html = render_html(results, bundle)
-    assert 'class="grid small pivot"' not in html and "table.pivot" not in html
-    for check in results["checks"]:
-        for metric in check["metrics"]:  # every metric still has its own row
-            assert f"<td>{metric['name']}</td>" in html
+    assert 'class="grid small pivot"' in html
+    for check in results["checks"]:  # every defined figure that is not summarised is printed somewhere
+        for metric in check["metrics"]:
+            summarised = metric["name"] == "bias.group_metric" and metric["labels"]["metric"] in (
+                "n",
+                "prevalence",
+                "selection_rate",
+            )
+            if metric["value"] is None or summarised:
+                continue
+            assert f">{fmt_number(metric['value'])}" in html, (check["id"], metric)
+
+
+def test_the_method_leaves_out_other_tasks_paragraphs() -> None:
+    from auditkit.reports.render import method_for_task
+
+    paragraphs = [
+        "Method: the eval split is cut by every group column.",
+        "Multi-label models (model.task: multilabel): per label.",
+        "Regression models (model.task: regression): MAE per group.",
+        "Segmentation models (model.task: segmentation): Dice per class.",
+        "Small groups: a group below the minimum is insufficient.",
+        "Multi-label and regression findings add bootstrap.",
+    ]
+    assert method_for_task(paragraphs, "classification") == [paragraphs[0], paragraphs[4]]
+    assert method_for_task(paragraphs, "regression") == [paragraphs[0], paragraphs[2], paragraphs[4], paragraphs[5]]
+    assert method_for_task(paragraphs, "multilabel") == [paragraphs[0], paragraphs[1], paragraphs[4], paragraphs[5]]
+
+
+def test_the_page_forbids_the_network_and_runs_only_its_own_script(bundle: Path) -> None:
+    import base64
+    import hashlib
+    from importlib import resources
+
+    html = render_html(json.loads((bundle / "results.json").read_text()), bundle)
+    policy = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', html)
+    assert policy is not None
+    content = html_module.unescape(policy.group(1))
+    directives = dict(part.strip().split(" ", 1) for part in content.split(";"))
+    assert directives["default-src"] == "'none'" and directives["img-src"] == "data:"
+    scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+    assert len(scripts) == 1
+    packaged = (resources.files("auditkit.reports") / "static" / "report.js").read_text(encoding="utf-8")
+    assert scripts[0] == packaged
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    assert directives["script-src"] == f"'sha256-{digest}'"
 
 
 def test_many_labels_move_into_the_rows(multilabel_bundle: Path) -> None:
