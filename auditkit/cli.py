@@ -207,8 +207,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 _DEMO_FINDINGS = {
     "classification": (
-        "the demo fails the default policy, as it should: a tiny, overconfident CNN on synthetic"
-        " patients drawn from one anatomical template; report.pdf says why"
+        "the demo fails the default policy on the three faults it plants: a tiny CNN with too soft"
+        " probabilities (CAL-ECE), a site whose scanner it reads poorly (BIAS-SENS-GAP, site C) and no"
+        " robustness to acquisition shifts (COR-MEAN-DROP); the README and report.pdf say why"
     ),
     "multilabel": (
         "the multilabel demo fails the default policy: its model was trained on labels that under-report"

@@ -192,16 +192,18 @@ def parse_docstring(doc: str | None) -> CheckDoc:
 
 
 def _check_docs(ids: Sequence[str]) -> dict[str, CheckDoc]:
-    from auditkit.coverage import CoverageCheck
+    from auditkit.registry import discover, docstrings, source_docstring
 
+    # Read from the checks' source: importing them would import torch and the attack libraries.
+    docs = {"coverage": source_docstring("auditkit.coverage:CoverageCheck") or ""}  # the engine's own
     try:
-        from auditkit.registry import discover
-
-        classes, _ = discover()
+        docs.update(docstrings([cid for cid in ids if cid not in docs]))
+        if any(cid not in docs for cid in ids):
+            classes, _ = discover()
+            docs.update({cid: cls.__doc__ or "" for cid, cls in classes.items() if cid not in docs})
     except Exception:  # the report must render even when plugins are broken
-        classes = {}
-    classes = {**classes, CoverageCheck.id: CoverageCheck}  # the engine's own measurement
-    return {cid: parse_docstring(classes[cid].__doc__) if cid in classes else CheckDoc() for cid in ids}
+        pass
+    return {cid: parse_docstring(docs[cid]) if cid in docs else CheckDoc() for cid in ids}
 
 
 # --------------------------------------------------------------------------- view model
@@ -556,6 +558,17 @@ def build_pivot(
         rows, cols, header = spec.narrow
         narrow = replace(spec, rows=rows, cols=cols, row_header=header, narrow=None)
         return build_pivot(narrow, metrics, rules, words=words, label_counts=label_counts)
+    # A column none of whose values is defined (a grouping whose groups are all below the minimum
+    # size) is left out, named in a note; its values are counted with the other undefined ones.
+    empty_columns = [
+        col
+        for col in col_keys
+        if all(cells[(row, col)].get("value") is None for row in row_keys if (row, col) in cells)
+    ]
+    if len(empty_columns) < len(col_keys):
+        col_keys = [col for col in col_keys if col not in empty_columns]
+    else:
+        empty_columns = []
     used = {id(m) for m in cells.values()}
 
     def word(key: str, value: str) -> str:
@@ -566,7 +579,9 @@ def build_pivot(
         return words.get(key, {}).get(value, value)
 
     rows_view = []
-    undefined: list[Mapping[str, Any]] = []
+    undefined: list[Mapping[str, Any]] = [
+        metric for (_, col), metric in cells.items() if col in empty_columns and metric.get("value") is None
+    ]
     dropped: list[str] = []
     judged_rules: list[Mapping[str, Any]] = []
     previous: tuple[str, ...] = ()
@@ -622,6 +637,9 @@ def build_pivot(
     if dropped:
         names = ", ".join(dropped[:8]) + (f" and {len(dropped) - 8} more" if len(dropped) > 8 else "")
         notes.append(f"Rows left out because none of their values is defined: {names}.")
+    if empty_columns:
+        names = ", ".join(" · ".join(word(k, v) for k, v in zip(spec.cols, col, strict=True)) for col in empty_columns)
+        notes.append(f"Columns left out because none of their values is defined: {names}.")
     if judged_rules:
         marks = [f"{r['id']} ({status_word(r.get('status'))})" for r in judged_rules]
         notes.append("Marked values are the ones a policy rule judged: " + ", ".join(dict.fromkeys(marks)) + ".")

@@ -572,3 +572,29 @@ def test_many_labels_move_into_the_rows(multilabel_bundle: Path) -> None:
             _assert_shows(_cell(table, ("sex", ml["group"], ml["label"]), (metric_word(ml["metric"]),)), metric)
         else:
             _assert_shows(_cell(table, ("sex", ml["group"], "all labels"), ("Underdiagnosis rate",)), metric)
+
+
+def test_the_pdf_aggregates_undefined_values_and_hides_screen_detail(wide_bundle: Path, tmp_path: Path) -> None:
+    results = json.loads((wide_bundle / "results.json").read_text())
+    undefined = sum(m["value"] is None for check in results["checks"] for m in check["metrics"])
+    assert undefined > 20  # a 60-patient study has many groups below the minimum size
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "artifacts").symlink_to(wide_bundle / "artifacts")
+    files = write_report(target, results, pdf=True)
+    assert files.pdf is not None
+    text = re.sub(r"\s+", " ", _pdf_text(files.pdf))
+    # Every "undefined: <reason>" the PDF prints is a count with its reasons, never a row of its own.
+    found = list(re.finditer(r"undefined:", text))
+    assert found
+    for match in found:
+        before = text[max(0, match.start() - 40) : match.start()]
+        assert re.search(r"\d+ (further )?(value|metric)s? $", before), text[match.start() - 80 :][:160]
+    # Screen-only detail stays out of the PDF and in the HTML.
+    html = (target / "report.html").read_text()
+    from auditkit.policy import load_framework
+
+    unassessed = next(c["id"] for c in results["controls"] if c["status"] == "not_assessed")
+    words = " ".join(load_framework().subcategories[unassessed].text.split()[:8])
+    assert words in html and words not in text and unassessed in text  # named in the PDF, its text on screen
+    assert "Filter rules" in html and "Filter rules" not in text
