@@ -2,7 +2,8 @@
 
     python scripts/report_screenshots.py BUNDLE_DIR [--out DIR]
 
-Writes into DIR (default BUNDLE_DIR/screenshots/):
+Writes into DIR (default: a ``screenshots`` folder beside the bundle, e.g. ``demo-out/screenshots``;
+not inside it, where ``auditkit verify`` and the pack would count the PNGs as part of the evidence):
 
 * ``first-screen.png``: the top of the report (cover and verdict);
 * ``rules-sorted.png``: after clicking the Rule header of the policy rules table;
@@ -44,7 +45,7 @@ FIRST_FAILING_CHECK = r"""(() => {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="an audit bundle folder (holds report.html)")
-    parser.add_argument("--out", type=Path, help="where to write the PNGs (default BUNDLE/screenshots)")
+    parser.add_argument("--out", type=Path, help="where to write the PNGs (default: screenshots/ beside the bundle)")
     args = parser.parse_args(argv)
     report = args.bundle / "report.html"
     if not report.is_file():
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: the websocket-client package is missing: pip install -e '.[dev]'", file=sys.stderr)
         return 2
-    out: Path = args.out or args.bundle / "screenshots"
+    out: Path = args.out or args.bundle.resolve().parent / "screenshots"
     out.mkdir(parents=True, exist_ok=True)
     try:
         with Browser(executable, width=WIDTH, height=HEIGHT) as browser:
