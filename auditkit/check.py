@@ -44,6 +44,7 @@ __all__ = [
     "Needs",
     "Predictions",
     "QuarantinedRow",
+    "Resources",
     "Skip",
     "SplitRows",
     "Status",
@@ -96,6 +97,21 @@ class Needs:
     headers: bool = False
     images: bool = False
     reference: bool = False
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one run of a check asks of a worker when checks run as Ray tasks (``executor: ray``);
+    the local executor runs every check in-process and does not read it.
+
+    Attributes:
+        cpus: CPU cores the check keeps busy (Ray's ``num_cpus`` of its task).
+        gpus: GPUs it uses when the cluster has them (the attacks and the trigger search: 1); on a
+            cluster without GPUs the task asks for none and runs on CPU, as it does locally.
+    """
+
+    cpus: float = 1.0
+    gpus: float = 0.0
 
 
 @dataclass
@@ -530,6 +546,7 @@ class Check(Generic[P]):
     family: ClassVar[str]
     Params: ClassVar[type[CheckParams]] = CheckParams
     needs: ClassVar[Needs] = Needs()
+    resources: ClassVar[Resources] = Resources()
     emits: ClassVar[tuple[str, ...]] = ()
     tasks: ClassVar[tuple[str, ...]] = ("classification",)
     task_reasons: ClassVar[dict[str, str]] = {}

@@ -248,6 +248,18 @@ class AuditContext:
             if name in self.dataset.splits and name not in self._outputs:
                 self._forward(name, features=features)
 
+    def shared_outputs(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, bool]]:
+        """The shared pass's outputs per split (logits, embeddings) and whether each has embeddings:
+        what a context rebuilt in another process (a check run as a Ray task) adopts."""
+        return dict(self._outputs), dict(self._with_features)
+
+    def adopt_outputs(
+        self, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], with_features: dict[str, bool]
+    ) -> None:
+        """Take another context's shared-pass outputs (:meth:`shared_outputs`) instead of running it."""
+        self._outputs.update(outputs)
+        self._with_features.update(with_features)
+
     def _forward(self, name: str, *, features: bool = True) -> None:
         split = self.dataset.splits[name]
         callback = self._progress(f"inference {name}", split.n) if self._progress else None

@@ -16,9 +16,18 @@ Exactly once: every output row carries its input's row id, and a join that finds
 misses one or meets an unknown one is an error (:class:`ExecutorError`) naming the ids, never a
 padded, shortened or doubled result.
 
+* ``run_checks``: every pending check as a Ray task (:meth:`RayExecutor.run_checks`) with the
+  resources its class declares (:class:`auditkit.check.Resources`: CPUs, and a GPU for the
+  attacks, ODIN, the corruptions and the trigger search where the cluster has one), independent checks
+  in parallel. A task rebuilds the check's context in its worker from a :class:`CheckSeed` put
+  once in the object store (the spec, the decoded dataset, the shared pass's outputs, the
+  arguments to load the model again: an adapter holds hooks and a device, so it is not sent) and
+  returns the same record :func:`auditkit.runner.execute_check` returns locally; the driver
+  checkpoints each as it arrives. A check that raises gives the same ``error`` record as
+  locally; a worker that dies gives an ``error`` record naming what Ray reported.
+
 Ray is optional (``pip install auditkit[ray]``): only :class:`RayExecutor` imports it, when the
-spec or the command line asks for it. The checks still run in the driver process: the pass's
-outputs and the decoded images are returned to it.
+spec or the command line asks for it.
 """
 
 from __future__ import annotations
@@ -27,20 +36,25 @@ import logging
 import pickle
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
 from auditkit.errors import ConfigError
+from auditkit.model import first_line
 from auditkit.pixels import DiskPixels
 
 if TYPE_CHECKING:
-    from auditkit.model import ModelAdapter
+    from auditkit.data import Dataset
+    from auditkit.model import ModelAdapter, PassStats
+    from auditkit.runner import RunOptions, SelectedCheck
     from auditkit.spec import AuditSpec, ExecutorSpec
 
-__all__ = ["ExecutorError", "RayExecutor", "RayPass", "check_exactly_once", "open_executor"]
+__all__ = ["CheckSeed", "ExecutorError", "RayExecutor", "RayPass", "check_exactly_once", "open_executor"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +131,7 @@ class RayExecutor:
         self.spec = spec
         self._started = False
         self._ray: Any = None
+        self._check_tasks: dict[str, dict[str, float]] = {}
 
     def __enter__(self) -> RayExecutor:
         try:
@@ -169,6 +184,8 @@ class RayExecutor:
             "cluster_cpus": resources.get("CPU"),
             "cluster_gpus": resources.get("GPU", 0.0),
             "model_actors": self.spec.model_actors,
+            # Each check ran as a Ray task with these resources (a GPU only where the cluster has one).
+            "check_tasks": dict(self._check_tasks),
         }
 
     def map_rows(self, function: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
@@ -189,6 +206,39 @@ class RayExecutor:
         out = dataset.map_batches(run, batch_size=ROWS_PER_TASK, batch_format="numpy").take_all()
         order = check_exactly_once([int(r["row"]) for r in out], len(captured), "decode")
         return [pickle.loads(out[int(k)]["result"]) for k in order]
+
+    def run_checks(
+        self, pending: Sequence[SelectedCheck], seed: CheckSeed
+    ) -> Iterator[tuple[SelectedCheck, dict[str, Any], PassStats | None]]:
+        """Each check of ``pending`` as a Ray task, all submitted at once (Ray runs as many side by
+        side as the declared resources allow); yields ``(check, record, worker's pass stats)`` in
+        the order they finish. A task whose worker died yields an ``error`` record and no stats."""
+        from auditkit.check import Resources
+        from auditkit.runner import failed_record
+
+        ray = self.ray
+        has_gpus = float(ray.cluster_resources().get("GPU", 0.0)) > 0
+        payload = ray.put(seed)
+        task = ray.remote(_check_task)
+        submitted: dict[Any, SelectedCheck] = {}
+        for selected in pending:
+            wants = selected.cls.resources if selected.cls is not None else Resources()
+            asked = {"num_cpus": wants.cpus, "num_gpus": wants.gpus if has_gpus else 0.0}
+            self._check_tasks[selected.id] = asked
+            # No retry: a check that killed its worker would kill the next one too.
+            remote = task.options(**asked, max_retries=0, name=f"auditkit check {selected.id}")
+            submitted[remote.remote(selected, payload)] = selected
+        waiting = list(submitted)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            selected = submitted[done[0]]
+            try:
+                record, stats = ray.get(done[0])
+            except Exception as error:  # the task never returned: its worker died or could not start
+                log.error("check %s: its Ray task failed: %s", selected.id, first_line(error))
+                yield selected, failed_record(selected, error), None
+                continue
+            yield selected, record, stats
 
     def shared_pass(self, spec: AuditSpec, model: ModelAdapter, adapter_args: dict[str, Any]) -> RayPass:
         """The shared pass in model actors (:class:`RayPass`), counted into ``model.stats``."""
@@ -270,6 +320,39 @@ class RayPass:
         if progress is not None:
             progress(images.shape[0])
         return logits, embeddings
+
+
+@dataclass
+class CheckSeed:
+    """What a check run as a Ray task rebuilds its context from, in its worker."""
+
+    spec: AuditSpec
+    adapter_args: dict[str, Any]
+    """:class:`~auditkit.model.ModelAdapter`'s keyword arguments, as the driver loaded the model."""
+    options: RunOptions
+    """The run's options without the progress callback (for the reference adapter's)."""
+    dataset: Dataset
+    out_dir: Path
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """The shared pass's logits and embeddings per split (:meth:`AuditContext.shared_outputs`)."""
+    with_features: dict[str, bool]
+    torch_threads: int
+    """The driver's intra-op threads: the same thread count gives the same floating-point sums."""
+
+
+def _check_task(selected: SelectedCheck, seed: CheckSeed) -> tuple[dict[str, Any], PassStats]:
+    """Run one check in a Ray worker: its record, and what the worker's adapter forwarded."""
+    from auditkit.context import AuditContext
+    from auditkit.model import ModelAdapter
+    from auditkit.runner import _reference_adapter, execute_check
+
+    torch.set_num_threads(seed.torch_threads)
+    model = ModelAdapter(seed.spec, **seed.adapter_args)
+    needs_reference = selected.cls is not None and selected.cls.needs.reference
+    reference = _reference_adapter(seed.spec, model, seed.options) if needs_reference else None
+    ctx = AuditContext(seed.spec, model, seed.dataset, seed.out_dir, reference=reference)
+    ctx.adopt_outputs(seed.outputs, seed.with_features)
+    return execute_check(selected, ctx), model.stats
 
 
 def open_executor(spec: ExecutorSpec) -> RayExecutor | None:

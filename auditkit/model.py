@@ -444,6 +444,17 @@ class PassStats:
     parity: dict[str, float | int] | None = None
     precision_fallback: str | None = None
 
+    def merge_counts(self, other: PassStats) -> None:
+        """Add the images, calls and seconds another adapter forwarded (a check run as a Ray task
+        loads the model again in its worker; its corruption and attack passes count here)."""
+        self.forward_calls += other.forward_calls
+        for split, images in other.per_split.items():
+            self.per_split[split] = self.per_split.get(split, 0) + images
+        self.images_forwarded += other.images_forwarded
+        for split, seconds in other.seconds_per_split.items():
+            self.seconds_per_split[split] = self.seconds_per_split.get(split, 0.0) + seconds
+        self.seconds += other.seconds
+
     def add_images(self, split: str, images: int) -> None:
         """Count ``images`` forwarded, under ``split`` too when it has a name."""
         self.images_forwarded += images

@@ -24,7 +24,7 @@ import traceback
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +38,7 @@ from auditkit.context import AuditContext, ProgressFactory
 from auditkit.coverage import CoverageCheck, coverage_record, require_readable_eval, split_coverage
 from auditkit.data import Dataset, PixelPlace, load_dataset
 from auditkit.errors import ConfigError, ModelLoadError
-from auditkit.executors import RayExecutor, open_executor
+from auditkit.executors import CheckSeed, RayExecutor, open_executor
 from auditkit.jsonio import jsonable, sha256_file, sha256_json, sha256_path, sha256_text, write_json_atomic
 from auditkit.model import InferenceOptions, ModelAdapter, Precision, first_line, is_out_of_memory
 from auditkit.pixels import pixel_record, release_large_allocations, remove_pixel_files
@@ -273,9 +273,8 @@ def _error_record(error: BaseException) -> dict[str, Any]:
     }
 
 
-def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
-    """Run one check; never raises for a failure inside the check."""
-    record: dict[str, Any] = {
+def _base_record(selected: SelectedCheck) -> dict[str, Any]:
+    return {
         "id": selected.id,
         "family": selected.cls.family if selected.cls else None,
         "status": "ok",
@@ -287,6 +286,19 @@ def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
         "artifacts": [],
         "error": None,
     }
+
+
+def failed_record(selected: SelectedCheck, error: BaseException) -> dict[str, Any]:
+    """The ``error`` record of a check that could not run at all (e.g. its Ray worker died)."""
+    record = _base_record(selected)
+    record["status"] = "error"
+    record["error"] = _error_record(error)
+    return record
+
+
+def execute_check(selected: SelectedCheck, ctx: AuditContext) -> dict[str, Any]:
+    """Run one check; never raises for a failure inside the check."""
+    record = _base_record(selected)
     if selected.cls is None:
         assert selected.broken is not None
         record["status"] = "error"
@@ -502,7 +514,26 @@ def run_audit(
                 " the image content"
             ) from error
 
-        for s in pending:
+        if executor is not None and pending:  # each check a Ray task, independent ones side by side
+            import torch
+
+            outputs, with_features = ctx.shared_outputs()
+            seed = CheckSeed(
+                spec=spec,
+                adapter_args=adapter_args,
+                options=replace(options, progress=None),
+                dataset=dataset,
+                out_dir=out_dir,
+                outputs=outputs,
+                with_features=with_features,
+                torch_threads=torch.get_num_threads(),
+            )
+            for s, record, stats in executor.run_checks(pending, seed):
+                if stats is not None:
+                    model.stats.merge_counts(stats)
+                records[s.id] = record
+                write_json_atomic(checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record})
+        for s in pending if executor is None else ():
             log.info("running check %s", s.id)
             record = execute_check(s, ctx)
             records[s.id] = record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,13 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from auditkit.check import Check, CheckParams, CheckResult, Needs
 from auditkit.cli import main
 from auditkit.demo import prepare_demo
 from auditkit.executors import ExecutorError, check_exactly_once
 from auditkit.spec import ExecutorSpec
 
-CHECKS = "calibration,bias,performance,leakage,phi"
+CHECKS = "calibration,bias,performance,leakage,phi,corruption"  # corruption asks for a GPU where there is one
 
 
 def _metrics(results: dict[str, Any]) -> dict[tuple[str, str, str], float | None]:
@@ -54,6 +56,10 @@ def test_the_ray_executor_gives_the_local_results_each_row_once(tmp_path: Path) 
     local, ray = runs["local"], runs["ray"]
     assert ray["run"]["executor"]["kind"] == "ray" and local["run"]["executor"] == {"kind": "local"}
     assert ray["run"]["executor"]["address"] == "local instance"
+    # Every check ran as a Ray task with its declared resources; no GPU on this instance, so none asked.
+    tasks = ray["run"]["executor"]["check_tasks"]
+    assert sorted(tasks) == sorted(CHECKS.split(","))
+    assert all(asked == {"num_cpus": 1.0, "num_gpus": 0.0} for asked in tasks.values())
     assert len(_metrics(local)) > 100
     _assert_same_metrics(local, ray)
     for check_l, check_r in zip(local["checks"], ray["checks"], strict=True):
@@ -153,3 +159,73 @@ def test_a_model_actor_killed_mid_pass_loses_and_doubles_no_row(
     assert (spec.parent / "died-once").is_file()  # an actor did die mid-pass, and was replaced
     _assert_same_metrics(runs["local"], runs["ray"])
     assert runs["ray"]["run"]["images_forwarded_per_split"] == runs["local"]["run"]["images_forwarded_per_split"]
+
+
+class _Raises(Check[CheckParams]):
+    """Planted: fails inside run(), as a buggy plug-in would."""
+
+    id = "raises"
+    family = "test"
+    needs = Needs(predictions=True)
+
+    def run(self, ctx: Any, params: CheckParams) -> CheckResult:
+        ctx.predictions("eval")
+        raise ValueError("a planted failure inside a check")
+
+
+class _KillsWorker(Check[CheckParams]):
+    """Planted: ends the process it runs in, unless that is the test's own (the driver)."""
+
+    id = "kills_worker"
+    family = "test"
+    needs = Needs(predictions=True)
+
+    def run(self, ctx: Any, params: CheckParams) -> CheckResult:
+        if os.getpid() != DRIVER_PID:
+            os._exit(1)
+        raise RuntimeError("not in a worker")
+
+
+DRIVER_PID = os.getpid()
+
+
+def test_a_check_task_that_raises_or_dies_is_an_error_record_and_the_others_finish(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from auditkit.checks.calibration import CalibrationCheck
+    from auditkit.runner import RunOptions, run_audit
+    from auditkit.spec import load_spec
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the planted checks travel by value
+    spec = load_spec(prepare_demo(tmp_path / "demo", n_patients=20, image_size=64)).model_copy(update={"checks": {}})
+    checks: dict[str, Any] = {"calibration": CalibrationCheck, "raises": _Raises, "kills_worker": _KillsWorker}
+    records = {}
+    for executor in ("local", "ray"):
+        options = RunOptions(out_dir=tmp_path / executor, executor=executor, report=False)  # type: ignore[arg-type]
+        outcome = run_audit(spec, options, checks=checks)
+        assert outcome.exit_code == 3  # a check errored
+        records[executor] = {c["id"]: c for c in outcome.results["checks"]}
+    local, remote = records["local"], records["ray"]
+    # The same error record as locally: type, message and where it was raised.
+    assert remote["raises"]["status"] == local["raises"]["status"] == "error"
+    assert remote["raises"]["error"] == local["raises"]["error"]
+    assert remote["raises"]["error"]["type"] == "ValueError"
+    # A worker that died: an error record naming what Ray saw, and the other checks finished.
+    died = remote["kills_worker"]
+    assert died["status"] == "error" and died["metrics"] == []
+    assert "Error" in died["error"]["type"] and died["error"]["message"]
+    assert remote["calibration"]["status"] == "ok"
+    _assert_same_metrics({"checks": [local["calibration"]]}, {"checks": [remote["calibration"]]})
+    checkpoint = json.loads((tmp_path / "ray" / "checkpoints" / "kills_worker.json").read_text())
+    assert checkpoint["record"]["status"] == "error"
+
+
+def test_the_checks_that_backpropagate_or_pass_many_copies_ask_for_a_gpu() -> None:
+    from auditkit.registry import discover
+
+    checks, broken = discover()
+    assert not broken
+    wants_gpu = {cid for cid, cls in checks.items() if cls.resources.gpus > 0}
+    assert wants_gpu == {"adversarial", "backdoor", "corruption", "ood"}
+    assert all(cls.resources.cpus >= 1 for cls in checks.values())
+    # Every check that backpropagates through the model is among them.
+    assert {cid for cid, cls in checks.items() if cls.needs.gradients} <= wants_gpu

@@ -24,7 +24,17 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator, model_validator
 
-from auditkit.check import NO_GRADIENTS, Check, CheckParams, CheckResult, Direction, Metric, Needs, Skip
+from auditkit.check import (
+    NO_GRADIENTS,
+    Check,
+    CheckParams,
+    CheckResult,
+    Direction,
+    Metric,
+    Needs,
+    Resources,
+    Skip,
+)
 from auditkit.checks.adversarial.attacks import (
     ATTACKS,
     L2_EPS,
@@ -369,6 +379,7 @@ class AdversarialCheck(Check[AdversarialParams]):
     Params = AdversarialParams
 
     needs: ClassVar[Needs] = Needs(gradients=True, images=True, reference=True)
+    resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=1.0)  # on Ray: a GPU where there is one
     emits: ClassVar[tuple[str, ...]] = (
         "adversarial.clean_accuracy",
         "adversarial.robust_accuracy",

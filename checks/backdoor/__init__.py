@@ -26,7 +26,16 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field
 
-from auditkit.check import NO_GRADIENTS, Check, CheckParams, CheckResult, Metric, Needs, require_finite_logits
+from auditkit.check import (
+    NO_GRADIENTS,
+    Check,
+    CheckParams,
+    CheckResult,
+    Metric,
+    Needs,
+    Resources,
+    require_finite_logits,
+)
 from auditkit.checks.backdoor.signatures import (
     Detection,
     absent_from_reference,
@@ -284,6 +293,7 @@ class BackdoorCheck(Check[BackdoorParams]):
     needs: ClassVar[Needs] = Needs(
         predictions=True, features=True, gradients=True, images=True, train_optional=True, reference=True
     )
+    resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=1.0)  # on Ray: a GPU where there is one
     emits: ClassVar[tuple[str, ...]] = (
         "backdoor.model_suspected",
         "backdoor.trigger_norm",

@@ -21,7 +21,16 @@ import torch
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
-from auditkit.check import Check, CheckParams, CheckResult, Direction, Metric, Needs, require_finite_logits
+from auditkit.check import (
+    Check,
+    CheckParams,
+    CheckResult,
+    Direction,
+    Metric,
+    Needs,
+    Resources,
+    require_finite_logits,
+)
 from auditkit.checks.corruption.plots import severity_plot
 from auditkit.checks.corruption.transforms import (
     CORRUPTION_NAMES,
@@ -274,6 +283,7 @@ class CorruptionCheck(Check[CorruptionParams]):
     Params = CorruptionParams
 
     needs: ClassVar[Needs] = Needs(predictions=True, images=True, headers=True)
+    resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=1.0)  # on Ray: a GPU where there is one
     emits: ClassVar[tuple[str, ...]] = (
         "corruption.accuracy",
         "corruption.macro_auroc",

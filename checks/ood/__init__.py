@@ -24,6 +24,7 @@ from auditkit.check import (
     Direction,
     Metric,
     Needs,
+    Resources,
     Skip,
     require_finite_logits,
 )
@@ -227,6 +228,7 @@ class OODCheck(Check[OODParams]):
     needs: ClassVar[Needs] = Needs(
         predictions=True, features=True, images=True, gradients=True, ood=True, train_optional=True
     )
+    resources: ClassVar[Resources] = Resources(cpus=1.0, gpus=1.0)  # on Ray: a GPU where there is one (ODIN)
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     emits: ClassVar[tuple[str, ...]] = (
