@@ -105,16 +105,47 @@ def _reachable(address: str) -> None:
 
 
 class _ModelActor:
-    """One model replica of the shared pass (a Ray Data actor)."""
+    """One model replica of the shared pass (a Ray Data actor).
 
-    def __init__(self, spec: AuditSpec, adapter_args: dict[str, Any], features: bool) -> None:
+    Its batches carry the images themselves, or, when every split's pixels are in the scratch file
+    (``sources``: each split's :class:`~auditkit.pixels.DiskPixels` and its first global row id),
+    only the row ids: the actor reads those rows from the file, so the driver never holds a split.
+    """
+
+    def __init__(
+        self,
+        spec: AuditSpec,
+        adapter_args: dict[str, Any],
+        features: bool,
+        sources: list[tuple[int, DiskPixels]] | None = None,
+    ) -> None:
         from auditkit.model import ModelAdapter
 
         self.adapter = ModelAdapter(spec, **adapter_args)
         self.features = features
+        self.sources = sources
+
+    def _read(self, rows: np.ndarray) -> torch.Tensor:
+        """The images of these global row ids, in their order, read from each split's file rows."""
+        assert self.sources is not None
+        starts = np.asarray([start for start, _ in self.sources])
+        which = np.searchsorted(starts, rows, side="right") - 1
+        images: torch.Tensor | None = None
+        for k in np.unique(which):
+            where = np.flatnonzero(which == k)
+            start, pixels = self.sources[int(k)]
+            part = pixels[rows[where] - start]
+            if images is None:
+                images = torch.empty((rows.size, *part.shape[1:]), dtype=part.dtype)
+            images[torch.from_numpy(where)] = part
+        assert images is not None
+        return images
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(np.stack(list(batch["image"])))
+        if self.sources is not None:
+            images = self._read(np.asarray(batch["row"], dtype=np.int64))
+        else:
+            images = torch.from_numpy(np.stack(list(batch["image"])))
         logits, embeddings = self.adapter.forward_pass(images, features=self.features)
         return {
             "row": np.asarray(batch["row"], dtype=np.int64),
@@ -267,13 +298,22 @@ class RayPass:
         started = time.perf_counter()
         offsets = np.cumsum([0] + [t.shape[0] for t in images.values()])
         n = int(offsets[-1])
-        arrays = [t.numpy() for t in images.values()]
-        items = [{"row": int(offsets[k]) + i, "image": a[i]} for k, a in enumerate(arrays) for i in range(a.shape[0])]
+        sources: list[tuple[int, DiskPixels]] | None = None
+        if all(isinstance(t, DiskPixels) for t in images.values()):
+            # Pixels on disk stay there: the actors read their rows from the scratch file (a file
+            # system the driver and the actors share: one machine, or a shared mount).
+            sources = [(int(offsets[k]), t) for k, t in enumerate(images.values()) if isinstance(t, DiskPixels)]
+            items: list[dict[str, Any]] = [{"row": i} for i in range(n)]
+        else:
+            arrays = [t.numpy() for t in images.values()]
+            items = [
+                {"row": int(offsets[k]) + i, "image": a[i]} for k, a in enumerate(arrays) for i in range(a.shape[0])
+            ]
         out = (
             ray.data.from_items(items)
             .map_batches(
                 _ModelActor,
-                fn_constructor_args=(self._spec, self._adapter_args, features),
+                fn_constructor_args=(self._spec, self._adapter_args, features, sources),
                 batch_size=self._model.batch_size,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=self._executor.spec.model_actors),

@@ -229,3 +229,25 @@ def test_the_checks_that_backpropagate_or_pass_many_copies_ask_for_a_gpu() -> No
     assert all(cls.resources.cpus >= 1 for cls in checks.values())
     # Every check that backpropagates through the model is among them.
     assert {cid for cid, cls in checks.items() if cls.needs.gradients} <= wants_gpu
+
+
+def test_pixels_on_disk_stay_there_the_actors_read_their_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ray")
+    from auditkit.pixels import DiskPixels
+
+    spec = prepare_demo(tmp_path / "demo", n_patients=24, image_size=64)
+    runs = {}
+    for executor, pixels in (("local", "memory"), ("ray", "disk")):
+        if executor == "ray":  # the driver must not read a whole split back to send it to the actors
+
+            def refuse(self: DiskPixels) -> Any:
+                raise AssertionError("a whole split was read back into the driver")
+
+            monkeypatch.setattr(DiskPixels, "numpy", refuse)
+        out = tmp_path / executor
+        argv = ["run", str(spec), "--only", "calibration,bias", "--no-pdf", "-q", "--out", str(out)]
+        assert main([*argv, "--executor", executor, "--pixels", pixels]) in (0, 1)
+        runs[executor] = json.loads((out / "results.json").read_text())
+    assert runs["ray"]["run"]["pixels"]["place"] == "disk"
+    _assert_same_metrics(runs["local"], runs["ray"])
+    assert runs["ray"]["run"]["images_forwarded_per_split"] == runs["local"]["run"]["images_forwarded_per_split"]
