@@ -1158,3 +1158,17 @@ def test_regression_a_column_encoding_the_target_has_a_high_r2(planted: bool) ->
         assert (strongest["column"], strongest["output"]) == ("site", "bone_age")
     (signal,) = audited.findings("metadata_signal", column="site")
     assert signal["r2"] == {"bone_age": r2[("site", "bone_age")]["value"], "size": r2[("site", "size")]["value"]}
+
+
+def test_the_demo_study_passes_leak_near_unrelated_patients_are_not_near_duplicates(demo_context: AuditContext) -> None:
+    """The packaged demo draws each patient's anatomy, positioning, exposure and scanner noise: no
+    image pair across the splits is a near-duplicate (the leaky fixture above still fails LEAK-NEAR)."""
+    from auditkit.policy import evaluate
+    from auditkit.testing import rules_for
+
+    audited = _run(demo_context, n_boot=20)
+    assert audited.metric("leakage.near_duplicates")["value"] == 0
+    assert audited.metric("leakage.patient_overlap")["value"] == 0
+    judged = evaluate(rules_for("leakage"), [{"id": "leakage", "status": "ok", **audited.record}])
+    status = {r["id"]: r["status"] for r in judged["rules"]}
+    assert status["LEAK-NEAR"] == status["LEAK-PATIENT"] == status["LEAK-EXACT"] == "pass"
