@@ -704,8 +704,168 @@ def _rule_measures(rules: Sequence[Mapping[str, Any]], check_id: str) -> list[st
     return list(dict.fromkeys(measures))
 
 
+_FIGURES = {  # each task's figure under corruption and under attack: (metric word, what it is)
+    "classification": ("accuracy", "accuracy"),
+    "multilabel": ("macro_auroc", "macro AUROC"),
+    "regression": ("mae", "MAE"),
+    "segmentation": ("mean_dice", "mean Dice"),
+}
+_ADVERSARIAL_FIGURES = {
+    "classification": "accuracy",
+    "multilabel": "macro_auroc",
+    "regression": "mae",
+    "segmentation": "dice",
+}
+
+
+def _common_layouts(task: str) -> dict[str, CheckLayout]:
+    """The checks whose tables have the same shape for every task: coverage, corruption x severity,
+    attack x eps, the leakage overlaps, PHI counts and the backdoor's class x method."""
+    corrupted, word = _FIGURES.get(task, _FIGURES["classification"])
+    attacked = _ADVERSARIAL_FIGURES.get(task, "accuracy")
+    attacked_word = "accuracy" if attacked == "accuracy" else METRIC_WORDS.get(attacked, attacked)
+    return {
+        "coverage": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Images read and quarantined per split",
+                    (select("coverage.images_read", "split"), select("coverage.quarantined_fraction", "split")),
+                    rows=("split",),
+                    cols=("measure",),
+                    row_header=("Split",),
+                )
+            ]
+        ),
+        "corruption": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    f"{word[0].upper()}{word[1:]} under each corruption, by severity",
+                    (select(f"corruption.{corrupted}", "corruption", "severity"),),
+                    rows=("corruption",),
+                    cols=("severity",),
+                    row_header=("Corruption",),
+                    note=f"Severity 0 (corruption none) is the clean {word} on the same images.",
+                ),
+                PivotSpec(
+                    f"Relative drop in {word}, by severity",
+                    (select("corruption.relative_drop", "corruption", "severity"),),
+                    rows=("corruption",),
+                    cols=("severity",),
+                    row_header=("Corruption",),
+                    note=f"The change of {word} against the clean images, relative to it (worse is positive).",
+                    printed=False,
+                ),
+            ],
+            headline=[select("corruption.mean_relative_drop")],
+        ),
+        "adversarial": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    f"Robust {attacked_word}, by attack and budget (eps)",
+                    (select(f"adversarial.robust_{attacked}", "attack", "eps"),),
+                    rows=("attack",),
+                    cols=("eps",),
+                    row_header=("Attack",),
+                    n_column=True,
+                    note="eps of the L-infinity attacks is in image intensity ([0, 1]); of the L2 attacks (pgd_l2,"
+                    " cw_l2) in L2 norm.",
+                ),
+                PivotSpec(
+                    "Attack success rate, by attack and budget (eps)",
+                    (select("adversarial.attack_success_rate", "attack", "eps"),),
+                    rows=("attack",),
+                    cols=("eps",),
+                    row_header=("Attack",),
+                    note="Of the images the model classified correctly, the share the attack flipped.",
+                    printed=False,
+                ),
+            ],
+            headline=[select(f"adversarial.clean_{attacked}"), select("adversarial.gradient_masking_suspected")],
+        ),
+        "leakage": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Overlap and duplicates",
+                    tuple(
+                        select(f"leakage.{m}")
+                        for m in (
+                            "patient_overlap",
+                            "study_overlap",
+                            "series_overlap",
+                            "exact_duplicates",
+                            "near_duplicates",
+                        )
+                    ),
+                    rows=(),
+                    cols=("measure",),
+                    row_header=(),
+                    note="Between the eval and the train split: patients, studies and series in both, and image"
+                    " pairs that are identical or near-identical.",
+                ),
+                PivotSpec(
+                    "Duplicates within a split",
+                    (
+                        select("leakage.exact_duplicates", "scope", "split"),
+                        select("leakage.near_duplicates", "scope", "split"),
+                    ),
+                    rows=("split",),
+                    cols=("measure",),
+                    row_header=("Split",),
+                ),
+            ]
+        ),
+        "backdoor": CheckLayout(
+            pivots=[
+                PivotSpec(
+                    "Share of each class's training images flagged, by method",
+                    (select("backdoor.suspicious_fraction", "class", "method"),),
+                    rows=("class",),
+                    cols=("method",),
+                    row_header=("Class",),
+                ),
+                PivotSpec(
+                    "Trigger search per target class",
+                    tuple(
+                        select(f"backdoor.{m}", "class")
+                        for m in ("trigger_norm", "trigger_success_rate", "trigger_excursion", "anomaly_index")
+                    ),
+                    rows=("class",),
+                    cols=("measure",),
+                    row_header=("Target class",),
+                ),
+            ],
+            headline=[select("backdoor.model_suspected"), select("backdoor.strip_entropy_gap")],
+        ),
+        "phi": CheckLayout(
+            headline=[
+                select("phi.files_with_identifiers"),
+                select("phi.burned_in_annotation_files"),
+                select("phi.identity_not_removed_files"),
+            ]
+        ),
+    }
+
+
 def task_layouts(task: str, model: Mapping[str, Any], rules: Sequence[Mapping[str, Any]]) -> dict[str, CheckLayout]:
-    """The pivot layout of each built-in check for a multi-label or a regression audit."""
+    """The pivot layout of each built-in check for one task: the task's own tables (per label,
+    output or class; per group) after the ones every task shares (:func:`_common_layouts`); a
+    check in both gets the shared pivots first."""
+    layouts = _common_layouts(task)
+    for check_id, own in _task_layouts(task, model, rules).items():
+        shared = layouts.get(check_id)
+        if shared is None:
+            layouts[check_id] = own
+        else:
+            layouts[check_id] = CheckLayout(
+                pivots=[*shared.pivots, *own.pivots],
+                headline=[*shared.headline, *own.headline],
+                summarise=[*shared.summarise, *own.summarise],
+            )
+    return layouts
+
+
+def _task_layouts(task: str, model: Mapping[str, Any], rules: Sequence[Mapping[str, Any]]) -> dict[str, CheckLayout]:
+    """The layouts of a task's own tables (:func:`task_layouts` adds the shared ones)."""
     if task == "multilabel":
         per_label = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv")
         per_group = list(dict.fromkeys(["sensitivity", "specificity", *_rule_measures(rules, "bias")]))
@@ -898,17 +1058,6 @@ def _classification_layouts(rules: Sequence[Mapping[str, Any]]) -> dict[str, Che
     """The pivot layout of each built-in check for a single-label classifier."""
     gap_measures = list(dict.fromkeys([*_rule_measures(rules, "bias"), *_GROUP_MEASURES]))
     return {
-        "coverage": CheckLayout(
-            pivots=[
-                PivotSpec(
-                    "Images read and quarantined per split",
-                    (select("coverage.images_read", "split"), select("coverage.quarantined_fraction", "split")),
-                    rows=("split",),
-                    cols=("measure",),
-                    row_header=("Split",),
-                )
-            ]
-        ),
         "performance": CheckLayout(
             pivots=[
                 PivotSpec(
@@ -985,81 +1134,8 @@ def _classification_layouts(rules: Sequence[Mapping[str, Any]]) -> dict[str, Che
             ],
             summarise=[select("bias.group_metric", "group", "group_by", "metric")],
         ),
-        "corruption": CheckLayout(
-            pivots=[
-                PivotSpec(
-                    "Accuracy under each corruption, by severity",
-                    (select("corruption.accuracy", "corruption", "severity"),),
-                    rows=("corruption",),
-                    cols=("severity",),
-                    row_header=("Corruption",),
-                    absent={},
-                    note="Severity 0 (corruption none) is the clean accuracy on the same images.",
-                ),
-                PivotSpec(
-                    "Relative drop in accuracy, by severity",
-                    (select("corruption.relative_drop", "corruption", "severity"),),
-                    rows=("corruption",),
-                    cols=("severity",),
-                    row_header=("Corruption",),
-                    note="(clean - corrupted) / clean accuracy on the same images.",
-                    printed=False,
-                ),
-            ],
-            headline=[select("corruption.mean_relative_drop")],
-        ),
-        "adversarial": CheckLayout(
-            pivots=[
-                PivotSpec(
-                    "Robust accuracy, by attack and budget (eps)",
-                    (select("adversarial.robust_accuracy", "attack", "eps"),),
-                    rows=("attack",),
-                    cols=("eps",),
-                    row_header=("Attack",),
-                    n_column=True,
-                ),
-                PivotSpec(
-                    "Attack success rate, by attack and budget (eps)",
-                    (select("adversarial.attack_success_rate", "attack", "eps"),),
-                    rows=("attack",),
-                    cols=("eps",),
-                    row_header=("Attack",),
-                    note="Of the images the model classified correctly, the share the attack flipped.",
-                    printed=False,
-                ),
-            ],
-            headline=[select("adversarial.clean_accuracy"), select("adversarial.gradient_masking_suspected")],
-        ),
         "leakage": CheckLayout(
             pivots=[
-                PivotSpec(
-                    "Overlap and duplicates",
-                    tuple(
-                        select(f"leakage.{m}")
-                        for m in (
-                            "patient_overlap",
-                            "study_overlap",
-                            "series_overlap",
-                            "exact_duplicates",
-                            "near_duplicates",
-                        )
-                    ),
-                    rows=(),
-                    cols=("measure",),
-                    row_header=(),
-                    note="Between the eval and the train split: patients, studies and series in both, and image"
-                    " pairs that are identical or near-identical.",
-                ),
-                PivotSpec(
-                    "Duplicates within a split",
-                    (
-                        select("leakage.exact_duplicates", "scope", "split"),
-                        select("leakage.near_duplicates", "scope", "split"),
-                    ),
-                    rows=("split",),
-                    cols=("measure",),
-                    row_header=("Split",),
-                ),
                 PivotSpec(
                     "Metadata shortcuts: AUROC of the label from a metadata column",
                     (select("leakage.metadata_auc", "column"),),
@@ -1068,35 +1144,6 @@ def _classification_layouts(rules: Sequence[Mapping[str, Any]]) -> dict[str, Che
                     row_header=("Column",),
                     n_column=True,
                 ),
-            ]
-        ),
-        "backdoor": CheckLayout(
-            pivots=[
-                PivotSpec(
-                    "Share of each class's training images flagged, by method",
-                    (select("backdoor.suspicious_fraction", "class", "method"),),
-                    rows=("class",),
-                    cols=("method",),
-                    row_header=("Class",),
-                ),
-                PivotSpec(
-                    "Trigger search per target class",
-                    tuple(
-                        select(f"backdoor.{m}", "class")
-                        for m in ("trigger_norm", "trigger_success_rate", "trigger_excursion", "anomaly_index")
-                    ),
-                    rows=("class",),
-                    cols=("measure",),
-                    row_header=("Target class",),
-                ),
-            ],
-            headline=[select("backdoor.model_suspected"), select("backdoor.strip_entropy_gap")],
-        ),
-        "phi": CheckLayout(
-            headline=[
-                select("phi.files_with_identifiers"),
-                select("phi.burned_in_annotation_files"),
-                select("phi.identity_not_removed_files"),
             ]
         ),
         "ood": CheckLayout(
