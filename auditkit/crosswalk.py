@@ -23,9 +23,7 @@ in code. :func:`crosswalk_table` joins a crosswalk with a run's rule outcomes
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from typing import Any, Literal, cast
 import yaml
 
 from auditkit.errors import ConfigError
-from auditkit.export import neutralise
+from auditkit.export import csv_text
 
 __all__ = [
     "COLUMNS",
@@ -382,9 +380,13 @@ def item_evidence(item: CrosswalkItem, rules: Sequence[Mapping[str, Any]]) -> li
     or that does not apply is left out; one whose check did not run is kept as
     ``not_evaluated``. ``rules`` is ``results.json``'s ``rules``.
     """
-    by_id = {str(record.get("id")): record for record in rules}
+    return _outcomes(item.rules, {str(record.get("id")): record for record in rules})
+
+
+def _outcomes(rule_ids: Sequence[str], by_id: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``{id, status, observed}`` of each rule the run judged or could not evaluate, in order."""
     out: list[dict[str, Any]] = []
-    for rule_id in item.rules:
+    for rule_id in rule_ids:
         record = by_id.get(rule_id)
         if record is None or record.get("status") == "not_applicable":
             continue
@@ -464,11 +466,7 @@ def controls_table(framework: Any, results: Mapping[str, Any]) -> list[dict[str,
     rows: list[dict[str, str]] = []
     for sub in framework.subcategories.values():
         control = controls.get(sub.id, {})
-        evidence = [
-            {"id": rule_id, "status": str(by_id[rule_id].get("status")), "observed": by_id[rule_id].get("observed")}
-            for rule_id in control.get("rules", [])
-            if rule_id in by_id and by_id[rule_id].get("status") != "not_applicable"
-        ]
+        evidence = _outcomes(control.get("rules", []), by_id)
         attestation = control.get("attestation") or {}
         rows.append(
             {
@@ -525,9 +523,4 @@ def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = COLUMNS) 
     text starting with ``=``, ``+``, ``-`` or ``@`` gets a leading ``'``), every text cell is
     quoted and lines end with CRLF.
     """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")
-    writer.writerow([neutralise(column) for column in columns])
-    for row in rows:
-        writer.writerow([neutralise(row.get(column)) for column in columns])
-    return buffer.getvalue()
+    return csv_text(columns, rows)

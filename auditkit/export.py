@@ -153,7 +153,9 @@ def findings_rows(results: Mapping[str, Any]) -> tuple[list[str], list[dict[str,
     return [*_FINDINGS_LEADING, *sorted(fields)], rows
 
 
-def _csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    """CSV of ``rows`` (mappings) under ``columns``: spreadsheet-safe (:func:`neutralise`), every
+    text cell quoted, numbers bare, CRLF line ends."""
     buffer = io.StringIO()
     # Every text cell is quoted (OWASP); numbers are left bare so spreadsheets read them as numbers.
     writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")
@@ -175,8 +177,8 @@ def write_csv_exports(out_dir: Path, results: Mapping[str, Any]) -> list[Path]:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_CSV
-    write_text_atomic(metrics_path, _csv_text(METRICS_COLUMNS, metrics_rows(results)))
+    write_text_atomic(metrics_path, csv_text(METRICS_COLUMNS, metrics_rows(results)))
     columns, rows = findings_rows(results)
     findings_path = out_dir / FINDINGS_CSV
-    write_text_atomic(findings_path, _csv_text(columns, rows))
+    write_text_atomic(findings_path, csv_text(columns, rows))
     return [metrics_path, findings_path]

@@ -528,14 +528,10 @@ def run_audit(
                 with_features=with_features,
                 torch_threads=torch.get_num_threads(),
             )
-            for s, record, stats in executor.run_checks(pending, seed):
-                if stats is not None:
-                    model.stats.merge_counts(stats)
-                records[s.id] = record
-                write_json_atomic(checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record})
-        for s in pending if executor is None else ():
-            log.info("running check %s", s.id)
-            record = execute_check(s, ctx)
+            finished = _on_ray(executor, pending, seed, model)
+        else:
+            finished = _in_process(pending, ctx)
+        for s, record in finished:  # checkpointed as each finishes, so --resume keeps it
             records[s.id] = record
             write_json_atomic(checkpoints / f"{s.id}.json", {"fingerprint": fingerprints[s.id], "record": record})
         # Ray stays up while the checks run (a split read late is still passed on it), not for
@@ -593,6 +589,24 @@ def _scratch(folder: Path) -> Iterator[None]:
         yield
     finally:
         remove_pixel_files(folder)
+
+
+def _in_process(pending: Sequence[SelectedCheck], ctx: AuditContext) -> Iterator[tuple[SelectedCheck, dict[str, Any]]]:
+    """Each check in this process, in order."""
+    for s in pending:
+        log.info("running check %s", s.id)
+        yield s, execute_check(s, ctx)
+
+
+def _on_ray(
+    executor: RayExecutor, pending: Sequence[SelectedCheck], seed: CheckSeed, model: ModelAdapter
+) -> Iterator[tuple[SelectedCheck, dict[str, Any]]]:
+    """Each check as a Ray task, as they finish; what the workers' adapters forwarded is counted
+    in ``model.stats``."""
+    for s, record, stats in executor.run_checks(pending, seed):
+        if stats is not None:
+            model.stats.merge_counts(stats)
+        yield s, record
 
 
 def _executor(spec: AuditSpec, options: RunOptions) -> RayExecutor | None:
