@@ -94,6 +94,10 @@ class _DataLevel:
     confirmed: dict[int, list[str]] = field(default_factory=dict)
     strip_gap: float | None = None
     strip_gap_reason: str | None = None
+    # The neighbourhood test's detections per class, held until corroborated (:func:`_settle`),
+    # and the classes whose trigger search corroborated a confirmed one.
+    neighbourhood: dict[int, tuple[NDArray[np.int64], Detection]] = field(default_factory=dict)
+    corroborated: set[int] = field(default_factory=set)
 
 
 class BackdoorParams(CheckParams):
@@ -208,8 +212,14 @@ class BackdoorCheck(Check[BackdoorParams]):
     the neuron elevation of ABS, Liu et al., CCS 2019) yet within the training images' range (below
     2, and at most 1/1.75 of the eval excursion), which the poisoned images taught it - a trigger
     beyond both ranges is an adversarial patch; or (b) a data-level population of its label is
-    confirmed. The MAD anomaly index of the mask norms (on log norms) is reported; it decides
-    only without a train split or with ``confirm: false`` (the papers' rules).
+    confirmed. The neighbourhood test's population counts, and flags its rows, only with a second
+    line of evidence (round 5 of issue 16: a train-only neighbourhood also arises by chance in a
+    small label): a shortcut, another method's confirmed population in the label, or - the trigger
+    search's own opinion - a mask norm that is an outlier among the classes' (MAD anomaly index
+    of at least ``anomaly_threshold``); uncorroborated, it is a ``candidate_population`` with
+    ``corroborated: false``. The MAD anomaly index of the mask norms (on log norms) is reported;
+    by itself it decides only without a train split or with ``confirm: false`` (the papers'
+    rules).
 
     Figures (``docs/backdoor.md``; ``scripts/backdoor_population.py``): on a population of clean
     models of five architectures, three data kinds (shapes, textures, chest phantoms with natural
@@ -249,7 +259,8 @@ class BackdoorCheck(Check[BackdoorParams]):
     the ``evidence`` that decided - ``shortcut``, ``confirmed_population:<method>`` or
     ``anomaly_index`` - and whether its mask is among the smaller half), ``trigger_search`` (per
     class: searched or not, steps, seconds), ``candidate_population`` (per method and class with
-    a candidate: its size and share, the eval split's share, the binomial p, confirmed or not),
+    a candidate: its size and share, the eval split's share, the binomial p, confirmed or not,
+    and for the neighbourhood test's confirmed ones whether they were corroborated),
     ``poisoning_suspected`` (per method and class: the flagged training rows),
     ``suspicious_training_sample`` (the top ranked flagged samples per method: split, row,
     patient surrogate, class, score) - rows and surrogates only.
@@ -346,6 +357,11 @@ class BackdoorCheck(Check[BackdoorParams]):
                 " the data-level detectors ran on the artefact"
             )
             result.metrics.append(Metric("backdoor.model_suspected", None, "lower_is_better", reason=reason))
+        if data is not None:
+            _settle(result, data, classes)
+            train = ctx.split("train")
+            labels = np.asarray(ctx.labels("train"), dtype=np.int64)
+            _data_findings(result, data, train.rows, train.patients, labels, classes, p.top_findings)
         return result
 
     # ----------------------------------------------------------------- data level
@@ -356,7 +372,6 @@ class BackdoorCheck(Check[BackdoorParams]):
             result.metrics += [_undefined_fraction(method, name, reason) for method in METHODS for name in classes]
             result.metrics.append(Metric("backdoor.strip_entropy_gap", None, "lower_is_better", reason=reason))
             return None
-        train = ctx.split("train")
         labels = np.asarray(ctx.labels("train"), dtype=np.int64)
         features = ctx.features("train").float().cpu().numpy().astype(np.float64)
         # A sample whose embedding is not finite cannot be placed; it is left out of the detectors.
@@ -410,9 +425,14 @@ class BackdoorCheck(Check[BackdoorParams]):
                         confirm_alpha=p.confirm_alpha,
                         confirm_max_ratio=p.confirm_max_ratio,
                     )
-                _record_candidate(result, data, method, k, name, detection)
                 flagged[members] = detection.flagged
                 scores[members] = detection.scores
+                if method == "neighbourhood":
+                    # Held until the other evidence is in (:func:`_settle`): the flags stand for
+                    # now only to order the trigger search.
+                    data.neighbourhood[k] = (members, detection)
+                    continue
+                _record_candidate(result, data, method, k, name, detection)
                 result.metrics.append(_fraction(method, name, detection.flagged))
             data.flagged[method], data.scores[method] = flagged, scores
         if p.stamp:
@@ -433,7 +453,6 @@ class BackdoorCheck(Check[BackdoorParams]):
             result.metrics.append(
                 Metric("backdoor.strip_entropy_gap", data.strip_gap, "lower_is_better", n=int(labels.shape[0]))
             )
-        _data_findings(result, data, train.rows, train.patients, labels, classes, p.top_findings)
         return data
 
     def _stamps(
@@ -772,7 +791,13 @@ def _evidence(
       more classes searched, a MAD anomaly index of at least ``anomaly_threshold``. Measured on
       clean models it is no evidence by itself - a class that is naturally easy to paint (a
       cross among round shapes) has an outlying small mask - so with a train split it is
-      reported, never decisive.
+      reported, never decisive alone.
+
+    The neighbourhood test's confirmed population (``confirmed_population:neighbourhood``) is
+    the exception among the data-level methods: it counts only beside another reason above, or
+    beside an outlying mask (then listed with ``anomaly_index``), and :func:`_settle` keeps its
+    rows only where it counted (or, for a class no trigger judged, where another method's
+    population is confirmed in the label).
     """
     if not trigger.reached:
         return []
@@ -786,6 +811,18 @@ def _evidence(
         reasons.append("shortcut")
     if data is not None and p.confirm:
         reasons += [f"confirmed_population:{method}" for method in data.confirmed.get(k, [])]
+        pending = data.neighbourhood.get(k)
+        if pending is not None and pending[1].confirmed:
+            # A train-only neighbourhood also arises by chance in a small label (measured: one
+            # clean model in 75); it counts with a second, independent line of evidence - any of
+            # the above, or a mask that is an outlier among the classes' (the trigger search's
+            # own opinion, no evidence by itself).
+            outlier = bool(np.isfinite(index) and index >= p.anomaly_threshold)
+            if reasons or outlier:
+                reasons.append("confirmed_population:neighbourhood")
+                if not reasons[:-1]:
+                    reasons.append("anomaly_index")
+                data.corroborated.add(k)
     elif np.isfinite(index) and index >= p.anomaly_threshold:
         reasons.append("anomaly_index")
     return reasons
@@ -800,26 +837,55 @@ def _references(ctx: CheckContext, num_classes: int) -> list[NDArray[np.float64]
 
 
 def _record_candidate(
-    result: CheckResult, data: _DataLevel, method: str, k: int, name: str, detection: Detection
+    result: CheckResult,
+    data: _DataLevel,
+    method: str,
+    k: int,
+    name: str,
+    detection: Detection,
+    corroborated: bool | None = None,
 ) -> None:
-    """A finding for every candidate population, confirmed or not, with the numbers that judged it."""
+    """A finding for every candidate population, confirmed or not, with the numbers that judged it
+    (and, for the neighbourhood test's confirmed ones, whether other evidence corroborated it)."""
     if detection.candidate is None or not detection.candidate.any():
         return
-    if detection.confirmed:
+    if detection.confirmed and corroborated is not False:
         data.confirmed.setdefault(k, []).append(method)
-    result.findings.append(
-        {
-            "kind": "candidate_population",
-            "method": method,
-            "class": name,
-            "split": "train",
-            "count": int(detection.candidate.sum()),
-            "share": round(detection.candidate_share, 4),
-            "eval_share": None if detection.reference_share is None else round(detection.reference_share, 4),
-            "p_value": None if detection.confirmation_p is None else round(detection.confirmation_p, 6),
-            "confirmed": detection.confirmed,
-        }
-    )
+    finding: dict[str, Any] = {
+        "kind": "candidate_population",
+        "method": method,
+        "class": name,
+        "split": "train",
+        "count": int(detection.candidate.sum()),
+        "share": round(detection.candidate_share, 4),
+        "eval_share": None if detection.reference_share is None else round(detection.reference_share, 4),
+        "p_value": None if detection.confirmation_p is None else round(detection.confirmation_p, 6),
+        "confirmed": detection.confirmed,
+    }
+    if corroborated is not None:
+        finding["corroborated"] = corroborated
+    result.findings.append(finding)
+
+
+def _settle(result: CheckResult, data: _DataLevel, classes: Sequence[str]) -> None:
+    """The neighbourhood test's flags, once the other evidence is in.
+
+    A confirmed population flags its rows when corroborated: by the trigger search
+    (:func:`_evidence` counted it) or, where the class was not judged by a trigger, by another
+    method's confirmed population in the same label. Uncorroborated, it is reported as a
+    ``candidate_population`` with ``corroborated: false`` and flags nothing.
+    """
+    if "neighbourhood" not in data.flagged:
+        return
+    flagged = data.flagged["neighbourhood"]
+    for k, (members, detection) in sorted(data.neighbourhood.items()):
+        corroborated = None
+        if detection.confirmed:
+            corroborated = k in data.corroborated or bool(data.confirmed.get(k))
+            if not corroborated:
+                flagged[members] = False
+        _record_candidate(result, data, "neighbourhood", k, classes[k], detection, corroborated)
+        result.metrics.append(_fraction("neighbourhood", classes[k], flagged[members]))
 
 
 def _anomaly_reason(count: int) -> str:
