@@ -162,11 +162,7 @@ class BackdoorParams(CheckParams):
         "(false: the papers' unconfirmed rules, and the model level falls back to shortcut or anomaly index)",
     )
     confirm_alpha: float = Field(
-        default=0.05,
-        gt=0,
-        lt=1,
-        description="family-wise level of a method's confirmations over the labels: a population is confirmed "
-        "when the binomial p of the eval images' absence is at most confirm_alpha / the number of classes",
+        default=0.05, gt=0, lt=1, description="largest binomial p of the eval images' absence that confirms"
     )
     confirm_max_ratio: float = Field(
         default=0.25, gt=0, le=1, description="largest eval share / training share of a confirmed population"
@@ -407,7 +403,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                         components=p.clustering_components,
                         neighbours=p.neighbourhood_neighbours,
                         separation=p.neighbourhood_separation,
-                        confirm_alpha=_label_alpha(p, len(classes)),
+                        confirm_alpha=p.confirm_alpha,
                         confirm_max_ratio=p.confirm_max_ratio,
                     )
                 elif method == "activation_clustering":
@@ -417,7 +413,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                         components=p.clustering_components,
                         max_relative_size=p.clustering_max_relative_size,
                         min_silhouette=p.clustering_min_silhouette,
-                        confirm_alpha=_label_alpha(p, len(classes)),
+                        confirm_alpha=p.confirm_alpha,
                         confirm_max_ratio=p.confirm_max_ratio,
                         seed=ctx.seed("clustering", name) % 2**31,
                     )
@@ -426,7 +422,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                         features[members],
                         reference=reference,
                         z_threshold=p.spectral_z,
-                        confirm_alpha=_label_alpha(p, len(classes)),
+                        confirm_alpha=p.confirm_alpha,
                         confirm_max_ratio=p.confirm_max_ratio,
                     )
                 flagged[members] = detection.flagged
@@ -486,7 +482,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                 window=p.stamp_window,
                 contrast=p.stamp_contrast,
                 min_rows=p.stamp_min_rows,
-                confirm_alpha=_label_alpha(p, len(classes)),
+                confirm_alpha=p.confirm_alpha,
                 confirm_max_ratio=p.confirm_max_ratio,
                 max_images=p.stamp_max_images,
                 rng=ctx.rng("stamp", name),
@@ -585,7 +581,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                     below[placed],
                     references[k],
                     components=p.clustering_components,
-                    alpha=_label_alpha(p, len(classes)),
+                    alpha=p.confirm_alpha,
                     max_ratio=p.confirm_max_ratio,
                 )
                 _record_candidate(result, data, "strip", k, name, detection)
@@ -830,17 +826,6 @@ def _evidence(
     elif np.isfinite(index) and index >= p.anomaly_threshold:
         reasons.append("anomaly_index")
     return reasons
-
-
-def _label_alpha(p: BackdoorParams, num_classes: int) -> float:
-    """The level each label's confirmation is held to: ``confirm_alpha`` over the labels.
-
-    Every method looks for a population in every label, so a model gives it one chance per class
-    to confirm something by chance; Bonferroni over the classes holds each method's chance of a
-    false confirmation on a model at ``confirm_alpha`` (round 6 of issue 16: at 0.05 per label,
-    2 of 25 clean models of ``held_out_7`` had a marginal confirmation, p 0.031 and 0.047).
-    """
-    return p.confirm_alpha / max(1, num_classes)
 
 
 def _references(ctx: CheckContext, num_classes: int) -> list[NDArray[np.float64]]:
