@@ -7,10 +7,9 @@ twins - audits each with the backdoor check at its default parameters (CPU), and
 * one row per model: part, data kind, architecture, classes, seed, attack, test accuracy,
   attack success, verdict, suspected target, and per data-level method the largest share of a
   class flagged (for a twin: recall / precision on the poisoned rows);
-* per part (``tuning``, ``held_out_1``, ``held_out_2``, ``held_out_3``, ``held_out_4``,
-  ``held_out_5``, ``held_out_6``; the first four together are what the final rule was chosen on, the next three are
-  the reported held-out parts, also pooled; ``volumes_3d`` measures the same rule on 3-D
-  models): the
+* per part (``tuning``, ``held_out_1`` to ``held_out_7``; the first four together are what round
+  4's rule was chosen on and the next three measured it, also pooled; round 5 was chosen on all
+  seven and measured on ``held_out_7``; ``volumes_3d`` measures the 2-D rule on 3-D models): the
   model-level false-positive rate on clean models, the data-level one (a clean model with more
   than 2% of some class flagged by a method), both with Wilson 95% intervals; the detection
   rate with the right target on poisoned twins, by attack kind; recall and precision on the

@@ -242,6 +242,14 @@ class BackdoorCheck(Check[BackdoorParams]):
     their rows), so the false-positive rates above stand. The papers' rules on the first tuning
     part: 2 of 10 clean models suspected, STRIP flagging up to 10% of a clean class.
 
+    Round 5 (the neighbourhood test only with a second line of evidence), chosen on the records of
+    all 258 models above (0 of 158 clean models suspected, 88 of 100 twins found, as round 4) and
+    measured once on ``held_out_7`` (41 new models): 2 of 25 clean models suspected (8.0%,
+    2.2-25.0%), each by one marginal confirmation of another method (STRIP, p 0.031; the stamp
+    search, p 0.047), none by the neighbourhood test (which confirmed and, uncorroborated, did not
+    flag a chance pocket of 31.7% of a class that round 4 would have called poison); 13 of 16 twins
+    found with their target; BadNets rows found by some method at recall 1.00, precision 0.87.
+
     Inputs: the eval split's images, predictions and embeddings; the train split's embeddings,
     predictions and images when the spec has a train split (otherwise the data-level metrics
     are undefined); gradients through the model for the trigger search (on the context's
