@@ -49,17 +49,6 @@ SHORT = {
 }
 FAIL_RULES = ("activation_clustering", "spectral_signature")  # the policies' fail rules (BD-DATA-*)
 DATA_LIMIT = 0.02  # the policies' BD-DATA-CLUSTER / BD-DATA-SPECTRAL threshold
-PARTS = (
-    "tuning",
-    "held_out_1",
-    "held_out_2",
-    "held_out_3",
-    "held_out_4",
-    "held_out_5",
-    "held_out_6",
-    "held_out_7",
-    "volumes_3d",
-)
 
 
 def wilson(successes: int, n: int) -> tuple[float, float]:
@@ -359,6 +348,8 @@ def _select(members: Iterable[Any], parts: Sequence[str] | None, only: Sequence[
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from auditkit.fixtures.population import PARTS, POPULATION
+
     parser.add_argument("--part", choices=PARTS, action="append", help="only these parts (repeatable); default all")
     parser.add_argument("--only", action="append", default=[], help="members whose name contains this")
     parser.add_argument("--cache", type=Path, default=_default_cache())
@@ -367,8 +358,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the records and summaries here")
     parser.add_argument("--train-only", action="store_true", help="train and cache the weights, audit nothing")
     arguments = parser.parse_args(argv)
-
-    from auditkit.fixtures.population import POPULATION
 
     members = _select(POPULATION, arguments.part, arguments.only)
     started = time.perf_counter()
