@@ -881,7 +881,10 @@ def _settle(result: CheckResult, data: _DataLevel, classes: Sequence[str]) -> No
     A confirmed population flags its rows when corroborated: by the trigger search
     (:func:`_evidence` counted it) or, where the class was not judged by a trigger, by another
     method's confirmed population in the same label. Uncorroborated, it is reported as a
-    ``candidate_population`` with ``corroborated: false`` and flags nothing.
+    ``candidate_population`` with ``corroborated: false`` and flags nothing. With ``confirm:
+    false`` (the papers' rules) the trigger's opinion is not counted and clustering, spectral
+    signatures and STRIP confirm nothing, so only a stamp confirmed in the label (the stamp search
+    always compares with the eval split) lets the test flag its rows.
     """
     if "neighbourhood" not in data.flagged:
         return
