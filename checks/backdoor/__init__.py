@@ -17,7 +17,7 @@ as an SVG artifact.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -94,10 +94,8 @@ class _DataLevel:
     confirmed: dict[int, list[str]] = field(default_factory=dict)
     strip_gap: float | None = None
     strip_gap_reason: str | None = None
-    # The neighbourhood test's detections per class, held until corroborated (:func:`_settle`),
-    # and the classes whose trigger search corroborated a confirmed one.
+    # The neighbourhood test's detections per class, held until corroborated (:func:`_settle`).
     neighbourhood: dict[int, tuple[NDArray[np.int64], Detection]] = field(default_factory=dict)
-    corroborated: set[int] = field(default_factory=set)
 
 
 class BackdoorParams(CheckParams):
@@ -355,8 +353,9 @@ class BackdoorCheck(Check[BackdoorParams]):
         data = self._data_level(ctx, p, result)
         order = _search_order(classes, data, ctx.labels("train") if data is not None else None, p)
         searchable = ctx.model.has_gradients or ctx.has_reference
+        evidences: dict[int, list[str]] = {}
         if p.trigger_search and searchable:
-            self._model_level(ctx, p, result, order, data)
+            evidences = self._model_level(ctx, p, result, order, data)
         else:
             reason = (
                 "trigger search disabled (trigger_search: false)"
@@ -366,7 +365,7 @@ class BackdoorCheck(Check[BackdoorParams]):
             )
             result.metrics.append(Metric("backdoor.model_suspected", None, "lower_is_better", reason=reason))
         if data is not None:
-            _settle(result, data, classes)
+            _settle(result, data, classes, evidences)
             train = ctx.split("train")
             labels = np.asarray(ctx.labels("train"), dtype=np.int64)
             _data_findings(result, data, train.rows, train.patients, labels, classes, p.top_findings)
@@ -610,7 +609,8 @@ class BackdoorCheck(Check[BackdoorParams]):
     # ----------------------------------------------------------------- model level
     def _model_level(
         self, ctx: CheckContext, p: BackdoorParams, result: CheckResult, order: Sequence[int], data: _DataLevel | None
-    ) -> None:
+    ) -> dict[int, list[str]]:
+        """The trigger search per class and the verdict; returns each suspected class's evidence."""
         classes = list(ctx.classes)
         labels_all = np.asarray(ctx.labels("eval"), dtype=np.int64)
         budget = p.trigger_samples or (128 if ctx.device.type == "cuda" else 32)
@@ -768,6 +768,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                     "artifact": artifact_name,
                 }
             )
+        return evidences
 
 
 def _evidence(
@@ -830,7 +831,6 @@ def _evidence(
                 reasons.append("confirmed_population:neighbourhood")
                 if not reasons[:-1]:
                     reasons.append("anomaly_index")
-                data.corroborated.add(k)
     elif np.isfinite(index) and index >= p.anomaly_threshold:
         reasons.append("anomaly_index")
     return reasons
@@ -875,15 +875,18 @@ def _record_candidate(
     result.findings.append(finding)
 
 
-def _settle(result: CheckResult, data: _DataLevel, classes: Sequence[str]) -> None:
+def _settle(
+    result: CheckResult, data: _DataLevel, classes: Sequence[str], evidences: Mapping[int, Sequence[str]]
+) -> None:
     """The neighbourhood test's flags, once the other evidence is in.
 
-    A confirmed population flags its rows when corroborated: by the trigger search
-    (:func:`_evidence` counted it) or, where the class was not judged by a trigger, by another
-    method's confirmed population in the same label. Uncorroborated, it is reported as a
-    ``candidate_population`` with ``corroborated: false`` and flags nothing. With ``confirm:
-    false`` (the papers' rules) the trigger's opinion is not counted and clustering, spectral
-    signatures and STRIP confirm nothing, so only a stamp confirmed in the label (the stamp search
+    A confirmed population flags its rows when corroborated: by the trigger search (its class's
+    ``evidences``, from :meth:`BackdoorCheck._model_level`, list it: :func:`_evidence` counted
+    it) or, where the class was not judged by a trigger, by another method's confirmed population
+    in the same label. Uncorroborated, it is reported as a ``candidate_population`` with
+    ``corroborated: false`` and flags nothing. With ``confirm: false`` (the papers' rules) the
+    trigger's opinion is not counted and clustering, spectral signatures and STRIP confirm
+    nothing, so only a stamp confirmed in the label (the stamp search
     always compares with the eval split) lets the test flag its rows.
     """
     if "neighbourhood" not in data.flagged:
@@ -892,7 +895,8 @@ def _settle(result: CheckResult, data: _DataLevel, classes: Sequence[str]) -> No
     for k, (members, detection) in sorted(data.neighbourhood.items()):
         corroborated = None
         if detection.confirmed:
-            corroborated = k in data.corroborated or bool(data.confirmed.get(k))
+            counted = "confirmed_population:neighbourhood" in evidences.get(k, ())
+            corroborated = counted or bool(data.confirmed.get(k))
             if not corroborated:
                 flagged[members] = False
         _record_candidate(result, data, "neighbourhood", k, classes[k], detection, corroborated)

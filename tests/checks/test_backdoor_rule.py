@@ -68,7 +68,7 @@ def test_a_neighbourhood_alone_suspects_nothing_and_flags_nothing() -> None:
     data = _data()
     assert _evidence(_trigger(), 0.38, 0.40, 0.67, data, 0, BackdoorParams()) == []
     result = CheckResult()
-    _settle(result, data, CLASSES)
+    _settle(result, data, CLASSES, {})
     assert _flagged(data) == 0
     assert _candidate(result)["confirmed"] is True and _candidate(result)["corroborated"] is False
     (metric,) = [m for m in result.metrics if m.name == "backdoor.suspicious_fraction"]
@@ -90,9 +90,10 @@ def test_a_corroborated_neighbourhood_counts_and_keeps_its_rows(
     excursion: float, train_excursion: float, index: float, others: list[str] | None, expected: list[str]
 ) -> None:
     data = _data(others=others)
-    assert _evidence(_trigger(), excursion, train_excursion, index, data, 0, BackdoorParams()) == expected
+    evidence = _evidence(_trigger(), excursion, train_excursion, index, data, 0, BackdoorParams())
+    assert evidence == expected
     result = CheckResult()
-    _settle(result, data, CLASSES)
+    _settle(result, data, CLASSES, {0: evidence})
     assert _flagged(data) == 6
     assert _candidate(result)["corroborated"] is True
 
@@ -101,7 +102,7 @@ def test_an_outlying_mask_alone_is_still_no_evidence_with_a_train_split() -> Non
     data = _data(confirmed=False)
     assert _evidence(_trigger(), 0.7, 0.65, 6.35, data, 0, BackdoorParams()) == []
     result = CheckResult()
-    _settle(result, data, CLASSES)
+    _settle(result, data, CLASSES, {})
     assert _flagged(data) == 0
     assert "corroborated" not in _candidate(result)  # an unconfirmed candidate has nothing to corroborate
 
@@ -110,12 +111,12 @@ def test_without_the_trigger_search_another_population_corroborates() -> None:
     # An artefact without gradients: no trigger is judged, so only the data level can corroborate.
     alone, backed = _data(), _data(others=["activation_clustering"])
     for data in (alone, backed):
-        _settle(CheckResult(), data, CLASSES)
+        _settle(CheckResult(), data, CLASSES, {})
     assert _flagged(alone) == 0 and _flagged(backed) == 6
 
 
 def test_a_trigger_that_never_succeeded_corroborates_nothing() -> None:
     data = _data()
     assert _evidence(_trigger(reached=False), 3.0, 0.9, 6.35, data, 0, BackdoorParams()) == []
-    _settle(CheckResult(), data, CLASSES)
+    _settle(CheckResult(), data, CLASSES, {})
     assert _flagged(data) == 0
