@@ -94,6 +94,8 @@ class _DataLevel:
     confirmed: dict[int, list[str]] = field(default_factory=dict)
     strip_gap: float | None = None
     strip_gap_reason: str | None = None
+    # Each label's confirmation level (:func:`_label_alpha`).
+    level: float = 0.05
     # The neighbourhood test's detections per class, held until corroborated (:func:`_settle`).
     neighbourhood: dict[int, tuple[NDArray[np.int64], Detection]] = field(default_factory=dict)
 
@@ -160,7 +162,11 @@ class BackdoorParams(CheckParams):
         "(false: the papers' unconfirmed rules, and the model level falls back to shortcut or anomaly index)",
     )
     confirm_alpha: float = Field(
-        default=0.05, gt=0, lt=1, description="largest binomial p of the eval images' absence that confirms"
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="family-wise level of a model's confirmations: the largest binomial p of the eval images' "
+        "absence that confirms, divided by the number of classes",
     )
     confirm_max_ratio: float = Field(
         default=0.25, gt=0, le=1, description="largest eval share / training share of a confirmed population"
@@ -191,7 +197,8 @@ class BackdoorCheck(Check[BackdoorParams]):
     On the pixels, the train-only stamp search (``stamp``, this project's; :mod:`.stamps`) marks
     training images of a label that carry a contrasted 3 x 3 window, quantised to 32 levels, which
     at least 5 of them repeat exactly and significantly few eval images of the label carry
-    (binomial test, Bonferroni over the windows tested): a pasted patch trigger, wherever it sits.
+    (binomial test over the windows that could reach significance, Tarone's count): a pasted
+    patch trigger, wherever it sits.
 
     The papers' criteria also fire on clean models (issue 16): a label's natural sub-populations
     (bilateral effusions, one site's stain, inverted shapes) form small, separated clusters, a
@@ -201,8 +208,10 @@ class BackdoorCheck(Check[BackdoorParams]):
     data-level candidate (the small cluster, the spectral tail, STRIP's marks) is *confirmed*
     only when the eval images of the same label avoid its region of the embedding: the one-sided
     binomial probability of so few of them there, were it as common among clean images, is at
-    most ``confirm_alpha`` (0.05) and their share there at most ``confirm_max_ratio`` (0.25) of
-    the training share (:mod:`.signatures`; the neighbourhood test asks it row by row first);
+    most ``confirm_alpha`` (0.05) divided by the number of classes (round 6: a model offers one
+    chance per label; the stamp search also divides by its testable windows) and their share
+    there at most ``confirm_max_ratio`` (0.25) of the training share (:mod:`.signatures`; the
+    neighbourhood test asks it row by row first);
     unconfirmed candidates are reported as
     ``candidate_population`` findings and flag nothing. A class is a suspected target when its
     trigger reached the success threshold and either (a) it is a *shortcut*: it drives the
@@ -385,7 +394,8 @@ class BackdoorCheck(Check[BackdoorParams]):
         finite: NDArray[np.bool_] = np.asarray(np.isfinite(features).all(axis=1))
         eval_features = _references(ctx, len(classes))
         references = eval_features if p.confirm else None
-        data = _DataLevel(flagged={}, scores={})
+        alpha = _label_alpha(p, classes)
+        data = _DataLevel(flagged={}, scores={}, level=alpha)
         for method in ("activation_clustering", "spectral_signature", "neighbourhood"):
             if method == "neighbourhood" and not p.neighbourhood:
                 reason = "neighbourhood test disabled (neighbourhood: false)"
@@ -410,7 +420,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                         components=p.clustering_components,
                         neighbours=p.neighbourhood_neighbours,
                         separation=p.neighbourhood_separation,
-                        confirm_alpha=p.confirm_alpha,
+                        confirm_alpha=alpha,
                         confirm_max_ratio=p.confirm_max_ratio,
                     )
                 elif method == "activation_clustering":
@@ -420,7 +430,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                         components=p.clustering_components,
                         max_relative_size=p.clustering_max_relative_size,
                         min_silhouette=p.clustering_min_silhouette,
-                        confirm_alpha=p.confirm_alpha,
+                        confirm_alpha=alpha,
                         confirm_max_ratio=p.confirm_max_ratio,
                         seed=ctx.seed("clustering", name) % 2**31,
                     )
@@ -429,7 +439,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                         features[members],
                         reference=reference,
                         z_threshold=p.spectral_z,
-                        confirm_alpha=p.confirm_alpha,
+                        confirm_alpha=alpha,
                         confirm_max_ratio=p.confirm_max_ratio,
                     )
                 flagged[members] = detection.flagged
@@ -489,7 +499,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                 window=p.stamp_window,
                 contrast=p.stamp_contrast,
                 min_rows=p.stamp_min_rows,
-                confirm_alpha=p.confirm_alpha,
+                confirm_alpha=data.level,
                 confirm_max_ratio=p.confirm_max_ratio,
                 max_images=p.stamp_max_images,
                 rng=ctx.rng("stamp", name),
@@ -505,6 +515,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                         "count": int(detection.flagged.sum()),
                         "box": {"top": top, "left": left, "bottom": bottom, "right": right},
                         "positions": detection.positions,
+                        "keys_recurring": detection.recurring,
                         "keys_tested": detection.candidates,
                         "p_value": detection.confirmation_p,
                     }
@@ -588,7 +599,7 @@ class BackdoorCheck(Check[BackdoorParams]):
                     below[placed],
                     references[k],
                     components=p.clustering_components,
-                    alpha=p.confirm_alpha,
+                    alpha=data.level,
                     max_ratio=p.confirm_max_ratio,
                 )
                 _record_candidate(result, data, "strip", k, name, detection)
@@ -868,6 +879,7 @@ def _record_candidate(
         "share": round(detection.candidate_share, 4),
         "eval_share": None if detection.reference_share is None else round(detection.reference_share, 4),
         "p_value": None if detection.confirmation_p is None else round(detection.confirmation_p, 6),
+        "level": round(data.level, 6),
         "confirmed": detection.confirmed,
     }
     if corroborated is not None:
@@ -955,6 +967,17 @@ def _search_order(
         return max(float(flagged[members].mean()) for flagged in data.flagged.values())
 
     return sorted(indices, key=lambda k: (-suspicion(k), k))
+
+
+def _label_alpha(p: BackdoorParams, classes: Sequence[str]) -> float:
+    """Each label's confirmation level: ``confirm_alpha`` over the model's labels (Bonferroni).
+
+    Every method confirms a population in each label, so a model offers one chance per label to
+    call a chance pocket poison; the family-wise level over the labels is ``confirm_alpha``
+    (round 6 of issue 16: the held-out false positives of round 5 were single confirmations at
+    p 0.031 and 0.047 on models of 3 classes).
+    """
+    return p.confirm_alpha / max(1, len(classes))
 
 
 def _fraction(method: str, name: str, flagged: NDArray[np.bool_]) -> Metric:

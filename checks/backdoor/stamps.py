@@ -19,16 +19,24 @@ artefact without embeddings):
 3. *Absence from the eval images.* Under a natural origin, an image carrying the key is an eval
    image with probability ``f = m / (n + m)`` (``n`` training, ``m`` eval images of the label); the
    one-sided binomial probability of so few eval carriers must be at most ``confirm_alpha``
-   divided by the number of candidates (Bonferroni), and their eval share at most
-   ``confirm_max_ratio`` of the training share.
+   divided by the number of *testable* candidates, and their eval share at most
+   ``confirm_max_ratio`` of the training share. A key carried by ``t`` images can never reach a
+   probability below ``(1 - f) ** t`` (all of them training images), so most candidates, carried
+   by a handful of images, could not be significant whatever their split; the count is Tarone's
+   (Tarone, "A modified Bonferroni method for discrete data", Biometrics 1990): the smallest
+   ``K`` such that at most ``K`` candidates can reach ``confirm_alpha / K``. It controls the
+   family-wise error as Bonferroni over every candidate does, and on a label of hundreds of
+   images it divides by tens of keys instead of thousands.
 4. The training images carrying a confirmed key are flagged.
 
 Measured (``python scripts/stamp_population.py``; figures in docs/backdoor.md): the levels,
 contrast and window were chosen on the datasets of the tuning parts of the backdoor population
 (``tuning``, ``held_out_1``-``3``); on ``held_out_4``-``6`` (measured once, unchanged) every BadNets
-row of 30 twins was found with no false row, and no clean dataset had a row flagged. Blended
-triggers (no exact pixel survives the blend) and solid one-colour patches (flat windows, dropped
-in step 1) are left to the embedding-based detectors.
+row of 30 twins was found with no false row, and no clean dataset had a row flagged. Tarone's
+count replaced Bonferroni over every candidate in round 6 of issue 16, when the check began to
+divide ``confirm_alpha`` over a model's labels. Blended triggers (no exact pixel survives the
+blend) and solid one-colour patches (flat windows, dropped in step 1) are left to the
+embedding-based detectors.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from numpy.typing import NDArray
 
 from .signatures import Detection
 
-__all__ = ["StampDetection", "stamp_keys", "train_only_stamps"]
+__all__ = ["StampDetection", "stamp_keys", "tarone_count", "train_only_stamps"]
 
 _HASH_BASE = np.uint64(1_000_003)
 _CHUNK_VALUES = 1 << 22  # pixels quantised at a time (bounded memory on large images)
@@ -58,13 +66,15 @@ class StampDetection(Detection):
         box: ``(top, left, bottom, right)`` pixel box of the confirmed windows in the flagged image
             where they are commonest (exclusive bottom/right), or ``None``.
         positions: Distinct boxes among the flagged images (1: a fixed position).
-        candidates: Keys tested (the Bonferroni count).
+        candidates: Testable keys (Tarone's count, the divisor of the level).
+        recurring: Keys carried by at least ``min_rows`` training images (the candidates).
     """
 
     keys: NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     box: tuple[int, int, int, int] | None = None
     positions: int = 0
     candidates: int = 0
+    recurring: int = 0
 
 
 def stamp_keys(
@@ -96,6 +106,25 @@ def stamp_keys(
     span = views.max(axis=(1, 4, 5)).astype(np.int16) - views.min(axis=(1, 4, 5)).astype(np.int16)
     key[span < max(1, round(contrast * levels))] = 0
     return key
+
+
+def tarone_count(smallest: NDArray[np.floating], alpha: float) -> int:
+    """Tarone's number of testable hypotheses: the smallest ``K`` with ``#{smallest <= alpha / K} <= K``.
+
+    Args:
+        smallest: Each hypothesis's smallest attainable p-value.
+        alpha: The family-wise level.
+
+    Returns:
+        ``K`` (1 without a hypothesis); testing the hypotheses whose smallest p-value is at most
+        ``alpha / K`` at level ``alpha / K`` controls the family-wise error at ``alpha``.
+    """
+    order = np.sort(np.asarray(smallest, dtype=np.float64).ravel())
+    if order.size == 0:
+        return 1
+    k = np.arange(1, order.size + 1)
+    testable = np.searchsorted(order, alpha / k, side="right")
+    return int(k[np.argmax(testable <= k)])  # testable(k) falls and k rises: the first k holds
 
 
 def _unique_per_image(keys: NDArray[np.uint64]) -> tuple[NDArray[np.uint64], NDArray[np.int64]]:
@@ -157,7 +186,7 @@ def train_only_stamps(
         window: Window side in pixels (the smallest stamp found whole).
         contrast: Smallest span of a kept window's levels, as a share of the range.
         min_rows: Training images that must carry a key.
-        confirm_alpha: Family-wise level over the candidate keys (Bonferroni).
+        confirm_alpha: Family-wise level over the candidate keys (Tarone's count).
         confirm_max_ratio: Largest eval share / training share of a confirmed key.
         max_images: Images of each split the keys are counted on (a seeded sample beyond); every
             training image is then searched for the confirmed keys.
@@ -165,7 +194,7 @@ def train_only_stamps(
 
     Returns:
         The :class:`StampDetection` (scores: confirmed keys a row carries; statistic: -log10 of the
-        smallest Bonferroni-adjusted probability, 0 without a candidate).
+        smallest adjusted probability, ``p`` times Tarone's count; 0 without a candidate).
     """
     from scipy.stats import binom
 
@@ -187,7 +216,10 @@ def train_only_stamps(
         hits = np.where(eval_keys[at] == keys, eval_counts[at], 0)
     f = eval_rows.size / (train_rows.size + eval_rows.size)
     p = binom.cdf(hits, train_counts + hits, f)
-    adjusted = np.minimum(1.0, p * keys.size)
+    testable = tarone_count((1.0 - f) ** (train_counts + hits), confirm_alpha)
+    # A key that cannot reach alpha / testable has p above it, so adjusting every key alike
+    # confirms only testable ones.
+    adjusted = np.minimum(1.0, p * testable)
     ratio_ok = hits / eval_rows.size <= confirm_max_ratio * train_counts / train_rows.size
     confirmed = (adjusted <= confirm_alpha) & ratio_ok
     best = int(np.argmin(adjusted))
@@ -203,7 +235,8 @@ def train_only_stamps(
         confirmation_p=float(adjusted[best]),
         confirmed=bool(confirmed.any()),
         keys=keys[confirmed],
-        candidates=int(keys.size),
+        candidates=testable,
+        recurring=int(keys.size),
     )
     if confirmed.any() and boxes:
         distinct, counts = np.unique(np.array(boxes), axis=0, return_counts=True)

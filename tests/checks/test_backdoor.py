@@ -673,3 +673,13 @@ def test_the_stamp_finding_places_the_patch_once(backdoor_runs: Mapping[str, Any
     assert stamp["count"] == len(flagged_rows(check, "stamp")) and stamp["p_value"] <= 0.05
     clean = backdoor_runs[f"{task}_clean"]["check"]
     assert not [f for f in clean["findings"] if f["kind"] == "stamp"]
+    assert stamp["keys_tested"] <= stamp["keys_recurring"]
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_each_label_is_confirmed_at_the_level_over_the_classes(backdoor_runs: Mapping[str, Any], task: str) -> None:
+    check = backdoor_runs[f"{task}_poisoned"]["check"]
+    classes = {m["labels"]["class"] for m in check["metrics"] if m["name"] == "backdoor.trigger_norm"}
+    candidates = [f for f in check["findings"] if f["kind"] == "candidate_population"]
+    assert candidates and {f["level"] for f in candidates} == {round(0.05 / len(classes), 6)}
+    assert all(f["p_value"] <= f["level"] for f in candidates if f["confirmed"])

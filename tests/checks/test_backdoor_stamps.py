@@ -6,9 +6,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from auditkit.checks.backdoor.stamps import StampDetection, stamp_keys, train_only_stamps
+from auditkit.checks.backdoor.stamps import StampDetection, stamp_keys, tarone_count, train_only_stamps
 
 CHECKER = ((np.arange(3)[:, None] + np.arange(3)[None, :]) % 2 == 0).astype(np.float32)
 
@@ -135,3 +137,37 @@ def test_keys_validate_their_input() -> None:
         stamp_keys(np.zeros((8, 8), dtype=np.float32))
     with pytest.raises(ValueError, match="smaller than the 3-pixel window"):
         stamp_keys(np.zeros((1, 1, 2, 8), dtype=np.float32))
+
+
+def test_tarone_count_by_hand() -> None:
+    # K = 1: two hypotheses can reach 0.05 (2 > 1); K = 2: the same two can reach 0.025 (2 <= 2).
+    assert tarone_count(np.array([0.001, 0.01, 0.5, 0.5]), 0.05) == 2
+    assert tarone_count(np.array([0.2, 0.3]), 0.05) == 1  # none can reach it: nothing to divide by
+    assert tarone_count(np.zeros(0), 0.05) == 1
+    assert tarone_count(np.full(10, 1e-9), 0.05) == 10  # all testable: Bonferroni
+
+
+@given(st.lists(st.floats(1e-12, 1.0), max_size=60), st.sampled_from([0.01, 0.05, 0.1]))
+def test_tarone_count_is_the_smallest_k_that_holds(smallest: list[float], alpha: float) -> None:
+    values = np.array(smallest)
+    k = tarone_count(values, alpha)
+    assert (values <= alpha / k).sum() <= k
+    assert k == 1 or (values <= alpha / (k - 1)).sum() > k - 1
+
+
+def test_a_stamp_among_many_rare_windows_is_tested_only_against_the_testable_ones() -> None:
+    # Twenty contrasted 4 x 4 patterns recur in five training images each: 80 windows carried
+    # often enough to be candidates, none by enough images to ever be significant. Bonferroni
+    # over every candidate would divide the stamp's p (about 0.029) by 81 and miss it.
+    rng = np.random.default_rng(5)
+    train, reference = noisy_images(rng, 72), noisy_images(rng, 40)
+    for j in range(20):
+        pattern = rng.integers(0, 32, size=(4, 4)).astype(np.float32) / 31
+        rows = rng.choice(72, size=5, replace=False)
+        paste(train, rows, pattern, (5 * (j // 5), 5 * (j % 5)))
+    poisoned = np.sort(rng.choice(72, size=8, replace=False))
+    paste(train, poisoned, CHECKER, (28, 28))
+    found = search(train, reference)
+    assert found.recurring >= 81 and found.candidates == 1
+    assert found.confirmed and set(np.flatnonzero(found.flagged)) == set(poisoned)
+    assert found.confirmation_p is not None and 0.02 < found.confirmation_p <= 0.05
