@@ -257,6 +257,15 @@ class BackdoorCheck(Check[BackdoorParams]):
     flag a chance pocket of 31.7% of a class that round 4 would have called poison); 13 of 16 twins
     found with their target; BadNets rows found by some method at recall 1.00, precision 0.87.
 
+    Round 6 (each method's confirmations held to ``confirm_alpha`` over the model's labels, and
+    the stamp search's level divided by its testable windows only, Tarone's count), chosen on the
+    records of all 299 models above and measured once on ``held_out_8`` (52 new models: 36 clean,
+    16 twins): 0 of 36 clean models suspected (0%, 0-9.6%), no row of a clean model flagged by any
+    method, 15 of 16 twins found with their target (94%, 72-99%; the miss a faint blend), BadNets
+    rows found by some method at recall 1.00, precision 0.95 (210 of 210; 10 of 10 models at
+    recall 0.8 and precision 0.5). Audited again with it, the 299 models it was chosen on gave 0
+    of 183 clean models suspected and 101 of 116 twins found (none lost against round 5).
+
     Inputs: the eval split's images, predictions and embeddings; the train split's embeddings,
     predictions and images when the spec has a train split (otherwise the data-level metrics
     are undefined); gradients through the model for the trigger search (on the context's
