@@ -8,12 +8,16 @@ Measures, on one GPU and in one process:
 * the cost of one attack step (forward and backward to the input, fp32, as PGD takes it) relative
   to one forward pass of the same batch;
 * real-DICOM loading (decoding the demo study's files, then the pass from host memory) against
-  the pass over tensors already on the device.
+  the pass over tensors already on the device;
+* the leakage check's fingerprint search (:func:`auditkit.checks.leakage.fingerprint.similar_pairs`,
+  quadratic) on the device at ``n`` and ``4n`` pooled fingerprints (``bench_leakage``'s synthetic
+  homogeneous study with planted copies): seconds, growth, recall of the copies, and the CPU's
+  time at ``n`` in the same process.
 
 Run it once wherever a CUDA GPU is at hand (``python -m benchmarks.gpu``) and copy its lines,
 with the GPU's name it prints, into ``benchmarks/RESULTS.md``. Without CUDA it prints that the
 GPU figures are missing and exits 0 (``make bench`` calls it last). ``--device cpu --images 16
---size 64`` runs the same code on the CPU at toy size, to check the script itself.
+--size 64 --fingerprints 2000`` runs the same code on the CPU at toy size, to check the script itself.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 FACTORY = "monai.networks.nets:DenseNet121"
@@ -64,7 +69,43 @@ def densenet_spec(spec_path: Path, size: int) -> Any:
     return spec.model_copy(update={"model": spec.model.model_copy(update=update)})
 
 
-def main(device_name: str | None = None, n_images: int = 512, size: int = 224, batch_size: int = 64) -> list[str]:
+def fingerprint_search_lines(device: torch.device, images: int) -> list[str]:
+    """The fingerprint search on ``device`` at ``images`` and ``4 * images`` pooled fingerprints."""
+    from auditkit.checks.leakage.fingerprint import similar_pairs
+    from benchmarks.bench_leakage import SEED, SIMILARITY_BOUND, synthetic_fingerprints
+
+    seconds: dict[int, float] = {}
+    recall: dict[int, float] = {}
+    for count in (images, 4 * images):
+        vectors, planted = synthetic_fingerprints(count, SEED + count)
+        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+        def search(vectors: torch.Tensor = vectors, found: list[Any] = found) -> None:
+            found[:] = [similar_pairs(vectors, SIMILARITY_BOUND, device=device)]
+
+        seconds[count] = _median_time(search, device, repeats=1)
+        i, j, _ = found[0]
+        recall[count] = int(np.count_nonzero(j - i == count - planted)) / planted
+    vectors, _ = synthetic_fingerprints(images, SEED + images)
+    started = time.perf_counter()
+    similar_pairs(vectors, SIMILARITY_BOUND)
+    cpu_s = time.perf_counter() - started
+    return [
+        f"  fingerprint search (bound {SIMILARITY_BOUND}, sketch above 8,192) on the device: {images:,} pooled"
+        f" {seconds[images]:.2f} s, {4 * images:,} {seconds[4 * images]:.2f} s"
+        f" (x{seconds[4 * images] / seconds[images]:.1f} per 4n), recall {min(recall.values()):.3f};"
+        f" on the CPU ({torch.get_num_threads()} threads) at {images:,}: {cpu_s:.2f} s"
+        f" (device x{cpu_s / seconds[images]:.0f} faster)"
+    ]
+
+
+def main(
+    device_name: str | None = None,
+    n_images: int = 512,
+    size: int = 224,
+    batch_size: int = 64,
+    fingerprint_images: int = 25_000,
+) -> list[str]:
     """Measure and return the report lines (or the note that no GPU was at hand)."""
     if device_name is None:
         if not torch.cuda.is_available():
@@ -148,6 +189,7 @@ def main(device_name: str | None = None, n_images: int = 512, size: int = 224, b
             f" {n / (decode_s + n / rates['bf16']):.0f} images/s against the bf16 pass over tensors"
             f" already on the device {device_rate:.0f} images/s"
         )
+    lines += fingerprint_search_lines(device, fingerprint_images)
     return lines
 
 
@@ -157,6 +199,7 @@ if __name__ == "__main__":
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--fingerprints", type=int, default=25_000, help="pooled fingerprints searched (and 4x)")
     args = parser.parse_args()
-    print("\n".join(main(args.device, args.images, args.size, args.batch_size)))
+    print("\n".join(main(args.device, args.images, args.size, args.batch_size, args.fingerprints)))
     sys.exit(0)

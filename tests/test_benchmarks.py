@@ -53,6 +53,11 @@ def test_gpu_script_says_its_figures_are_missing_without_cuda() -> None:
     assert gpu.main() == ["GPU figures missing: no CUDA GPU on this machine (run `python -m benchmarks.gpu` on one)"]
 
 
+def test_gpu_script_times_the_fingerprint_search_and_finds_every_copy() -> None:
+    (line,) = gpu.fingerprint_search_lines(torch.device("cpu"), 400)  # the device path, run on the CPU
+    assert "400 pooled" in line and "1,600" in line and "recall 1.000" in line
+
+
 class _TriggerAndStrip:
     class Params(BaseModel):
         trigger_search: bool = True

@@ -242,7 +242,8 @@ class LeakageCheck(Check[LeakageParams]):
     Inputs: the decoded eval split and, when the spec has one, the train split
     (``Needs(train_optional=True)``: without it the cross-split metrics are undefined, with the
     reason, and the rest uses eval alone); embeddings from the shared pass; header-only DICOM
-    reads.
+    reads; the context's device for the fingerprint search's matrix products (a GPU where the
+    audit has one; the pairs are measured again on the CPU, so they do not depend on it).
 
     Metrics (all ``lower_is_better``):
         ``leakage.patient_overlap``, ``leakage.study_overlap``, ``leakage.series_overlap``:
@@ -505,6 +506,8 @@ def _duplicates(report: _Report, ctx: CheckContext, splits: dict[str, SplitRows]
         volume_slices=p.near_volume_slices,
         hash_index=p.near_hash_index,
         hash_recall=p.near_hash_recall,
+        # The quadratic fingerprint search runs on the audit's GPU where there is one.
+        device=None if ctx.device.type == "cpu" else ctx.device,
     )
     first, second = split_of[search.i], split_of[search.j]
     scopes = np.where(first == second, np.array(roles, dtype=object)[first], "train_eval")

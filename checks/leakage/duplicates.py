@@ -264,6 +264,7 @@ def near_duplicate_search(
     volume_slices: int = 8,
     hash_index: HashIndex = "auto",
     hash_recall: float = 0.995,
+    device: torch.device | None = None,
 ) -> NearSearch:
     """Near-duplicate candidates among ``N`` images (every split pooled; see the module docstring).
 
@@ -287,6 +288,7 @@ def near_duplicate_search(
         hash_index: ``exhaustive``, ``index`` (bit-sampling tables, :mod:`.hash_index`) or ``auto``
             (the index where it is estimated cheaper: large studies).
         hash_recall: the index's probability of finding a pair at the radius.
+        device: where the fingerprint search's matrix products run (a GPU; ``None``: the CPU).
 
     Returns:
         The :class:`NearSearch`; callers keep ``confirmed`` pairs.
@@ -300,7 +302,7 @@ def near_duplicate_search(
     calibration = calibrate(prints.vectors, pairs, z=z, floor=floor, z_per_decade=z_per_decade)
     radius, hash_median, hash_scale = hash_radius(hashes, pairs, max_radius=max_radius, z=hash_z)
     found: dict[tuple[int, int], list[bool]] = {}
-    fi, fj, _ = similar_pairs(prints.vectors, calibration.threshold, exclude=labels)
+    fi, fj, _ = similar_pairs(prints.vectors, calibration.threshold, exclude=labels, device=device)
     for a, b in zip(fi.tolist(), fj.tolist(), strict=True):
         found[(a, b)] = [True, False]
     plan = None

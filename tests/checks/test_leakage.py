@@ -339,6 +339,38 @@ def test_similar_pairs_equal_brute_force_and_skip_exact_duplicates() -> None:
     assert duplicate_labels(["a", "b", "a", "c"]).tolist() == [0, -1, 0, -1]
 
 
+def _pairs_with_copies(rng: np.random.Generator, n: int, dimension: int, noise: float) -> torch.Tensor:
+    vectors = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(n, dimension))).float(), dim=1)
+    copies = n // 3
+    vectors[n - copies :] = torch.nn.functional.normalize(
+        vectors[:copies] + noise * torch.nn.functional.normalize(
+            torch.from_numpy(rng.normal(size=(copies, dimension))).float(), dim=1), dim=1)  # fmt: skip
+    return vectors
+
+
+@pytest.mark.parametrize("exact_limit", [10_000, 100])  # on the fingerprints, and on the sketch
+def test_similar_pairs_on_a_device_are_the_pairs_without_one(exact_limit: int) -> None:
+    # The device path keeps candidates a margin below the bound and measures them again on the
+    # CPU; run on the CPU as a device, it must give exactly what the default path gives.
+    rng = np.random.default_rng(13)
+    vectors = _pairs_with_copies(rng, 300, 1000, 0.8)
+    labels = np.full(300, -1)
+    labels[[0, 200]] = 5  # an exact pair: counted apart on both paths
+    plain = similar_pairs(vectors, 0.5, exclude=labels, exact_limit=exact_limit, block=64)
+    moved = similar_pairs(vectors, 0.5, exclude=labels, exact_limit=exact_limit, block=64, device="cpu")
+    assert len(plain[0]) >= 95 and all(np.array_equal(a, b) for a, b in zip(plain, moved, strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_similar_pairs_on_cuda_are_the_pairs_on_the_cpu() -> None:
+    rng = np.random.default_rng(14)
+    vectors = _pairs_with_copies(rng, 3000, 2304, 0.9)
+    for exact_limit in (10_000, 1000):
+        cpu = similar_pairs(vectors, 0.4, exact_limit=exact_limit)
+        gpu = similar_pairs(vectors, 0.4, exact_limit=exact_limit, device="cuda")
+        assert len(cpu[0]) >= 900 and all(np.array_equal(a, b) for a, b in zip(cpu, gpu, strict=True))
+
+
 def test_hash_radius_is_off_in_a_homogeneous_study_and_full_in_a_heterogeneous_one() -> None:
     rng = np.random.default_rng(12)
     unrelated = random_hashes(rng, 200, 4)
