@@ -960,13 +960,12 @@ def similar_pairs(
         ``(i, j, similarity)`` sorted by ``i`` then ``j``.
     """
     n = vectors.shape[0]
-    groups = torch.from_numpy(exclude) if exclude is not None else None
     on = torch.device("cpu") if device is None else torch.device(device)
-    labels = None if groups is None else groups.to(on)
-    remeasure = device is not None
-    if n <= exact_limit or vectors.shape[1] <= SKETCH_DIMENSION:
-        bound = threshold if device is None else threshold - DEVICE_MARGIN
-        i, j = _blocked_pairs(vectors.to(on), bound, labels, block)
+    labels = None if exclude is None else torch.from_numpy(exclude).to(on)
+    slack = 0.0 if device is None else DEVICE_MARGIN
+    sketched = n > exact_limit and vectors.shape[1] > SKETCH_DIMENSION
+    if not sketched:
+        i, j = _blocked_pairs(vectors.to(on), threshold - slack, labels, block)
     else:
         generator = torch.Generator().manual_seed(0)
         projection = torch.randn(vectors.shape[1], SKETCH_DIMENSION, generator=generator).to(on)
@@ -975,17 +974,15 @@ def similar_pairs(
         sketch = torch.cat([vectors[r : r + block].to(on) @ projection for r in range(0, n, block)])
         sketch = torch.nn.functional.normalize(sketch, dim=1)
         bounded = min(max(threshold, 0.0), 1.0)
-        margin = 4.0 * (1.0 - bounded**2) / math.sqrt(SKETCH_DIMENSION) + (0.0 if device is None else DEVICE_MARGIN)
-        i, j = _blocked_pairs(sketch, threshold - margin, labels, block)
-        remeasure = True
-    i, j = i.cpu(), j.cpu()
-    if remeasure:
-        keep = _dot_rows(vectors, i, j) >= threshold
-        i, j = i[keep], j[keep]
-    order = np.lexsort((j.numpy(), i.numpy()))
-    i_out = i.numpy().astype(np.int64)[order]
-    j_out = j.numpy().astype(np.int64)[order]
-    return i_out, j_out, _dot_rows(vectors, torch.from_numpy(i_out), torch.from_numpy(j_out)).double().numpy()
+        margin = 4.0 * (1.0 - bounded**2) / math.sqrt(SKETCH_DIMENSION)
+        i, j = _blocked_pairs(sketch, threshold - margin - slack, labels, block)
+    order = torch.from_numpy(np.lexsort((j.cpu().numpy(), i.cpu().numpy())))
+    i, j = i.cpu()[order], j.cpu()[order]
+    similarity = _dot_rows(vectors, i, j)  # each pair's sum whatever the chunk: the same as measured
+    if sketched or device is not None:  # candidates below the bound: measured on the CPU, kept above it
+        keep = similarity >= threshold
+        i, j, similarity = i[keep], j[keep], similarity[keep]
+    return i.numpy().astype(np.int64), j.numpy().astype(np.int64), similarity.double().numpy()
 
 
 def _dot_rows(vectors: torch.Tensor, i: torch.Tensor, j: torch.Tensor, chunk: int = 256) -> torch.Tensor:
