@@ -12,7 +12,7 @@ declare. Third-party checks subclass :class:`Check` and register under the entry
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
@@ -108,6 +108,8 @@ class Resources:
         cpus: CPU cores the check keeps busy (Ray's ``num_cpus`` of its task).
         gpus: GPUs it uses when the cluster has them (the attacks and the trigger search: 1); on a
             cluster without GPUs the task asks for none and runs on CPU, as it does locally.
+
+    A check whose need grows with the study overrides :meth:`Check.resources_for`.
     """
 
     cpus: float = 1.0
@@ -568,6 +570,13 @@ class Check(Generic[P]):
             text += f"; it measures {measured}"
             return f"{text}: {cls.dims_reason}" if cls.dims_reason else text
         return None
+
+    @classmethod
+    def resources_for(cls, images: Mapping[str, int]) -> Resources:
+        """What one run asks of a Ray worker for a study of ``images`` (split role -> decoded
+        images): :attr:`resources`, unless the check's need grows with the study (the leakage
+        check asks for a GPU only where its quadratic search outweighs its fingerprinting)."""
+        return cls.resources
 
     def run(self, ctx: CheckContext, params: P) -> CheckResult:
         raise NotImplementedError

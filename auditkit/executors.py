@@ -18,11 +18,12 @@ padded, shortened or doubled result.
 
 * ``run_checks``: every pending check as a Ray task (:meth:`RayExecutor.run_checks`) with the
   resources its class declares (:class:`auditkit.check.Resources`: CPUs, and a GPU for the
-  attacks, ODIN, the corruptions and the trigger search where the cluster has one), independent checks
-  in parallel. A task rebuilds the check's context in its worker from a :class:`CheckSeed` put
-  once in the object store (the spec, the decoded dataset, the shared pass's outputs, the
-  arguments to load the model again: an adapter holds hooks and a device, so it is not sent) and
-  returns the same record :func:`auditkit.runner.execute_check` returns locally; the driver
+  attacks, ODIN, the corruptions and the trigger search where the cluster has one, and for the
+  leakage check's fingerprint search in a large study: :meth:`auditkit.check.Check.resources_for`),
+  independent checks in parallel. A task rebuilds the check's context in its worker from a
+  :class:`CheckSeed` put once in the object store (the spec, the decoded dataset, the shared
+  pass's outputs, the arguments to load the model again: an adapter holds hooks and a device, so
+  it is not sent) and returns the same record :func:`auditkit.runner.execute_check` returns locally; the driver
   checkpoints each as it arrives. A check that raises gives the same ``error`` record as
   locally; a worker that dies gives an ``error`` record naming what Ray reported.
 
@@ -252,8 +253,9 @@ class RayExecutor:
         payload = ray.put(seed)
         task = ray.remote(_check_task)
         submitted: dict[Any, SelectedCheck] = {}
+        images = {role: split.n for role, split in seed.dataset.splits.items()}
         for selected in pending:
-            wants = selected.cls.resources if selected.cls is not None else Resources()
+            wants = selected.cls.resources_for(images) if selected.cls is not None else Resources()
             asked = {"num_cpus": wants.cpus, "num_gpus": wants.gpus if has_gpus else 0.0}
             self._check_tasks[selected.id] = asked
             # No retry: a check that killed its worker would kill the next one too.

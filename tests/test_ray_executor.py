@@ -251,3 +251,47 @@ def test_pixels_on_disk_stay_there_the_actors_read_their_rows(tmp_path: Path, mo
     assert runs["ray"]["run"]["pixels"]["place"] == "disk"
     _assert_same_metrics(runs["local"], runs["ray"])
     assert runs["ray"]["run"]["images_forwarded_per_split"] == runs["local"]["run"]["images_forwarded_per_split"]
+
+
+def test_the_leakage_check_asks_for_a_gpu_only_where_its_search_outweighs_its_fingerprinting() -> None:
+    from auditkit.checks.leakage import GPU_SEARCH_IMAGES, LeakageCheck
+
+    small = LeakageCheck.resources_for({"eval": 500, "train": 2_000, "ood": 10**6})  # OOD sets are not searched
+    assert (small.cpus, small.gpus) == (1.0, 0.0)
+    large = LeakageCheck.resources_for(
+        {"eval": GPU_SEARCH_IMAGES // 4, "train": GPU_SEARCH_IMAGES - GPU_SEARCH_IMAGES // 4}
+    )
+    assert (large.cpus, large.gpus) == (1.0, 1.0)
+    # Every other check asks for what its class declares, whatever the study's size.
+    from auditkit.registry import discover
+
+    checks, _ = discover()
+    for cid, cls in checks.items():
+        if cid != "leakage":
+            assert cls.resources_for({"eval": 10**7, "train": 10**7}) == cls.resources
+
+
+def test_on_a_cluster_with_a_gpu_a_large_study_leakage_task_asks_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ray = pytest.importorskip("ray")
+    import auditkit.checks.leakage as leakage
+    from auditkit.runner import RunOptions, run_audit
+    from auditkit.spec import load_spec
+
+    # A cluster that reports one GPU (Ray's scheduler counts it; the worker's torch sees no CUDA
+    # device and computes on the CPU), and a study counted as large.
+    monkeypatch.setattr(leakage, "GPU_SEARCH_IMAGES", 10)
+    spec = load_spec(prepare_demo(tmp_path / "demo", n_patients=16, image_size=64))
+    options = RunOptions(out_dir=tmp_path / "ray", executor="ray", report=False, only=["leakage", "calibration"])  # type: ignore[arg-type]
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        outcome = run_audit(spec, options)
+    finally:
+        ray.shutdown()
+    executor = outcome.results["run"]["executor"]
+    assert executor["cluster_gpus"] == 1.0
+    assert executor["check_tasks"]["leakage"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert executor["check_tasks"]["calibration"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    statuses = {c["id"]: c["status"] for c in outcome.results["checks"]}
+    assert statuses["leakage"] == statuses["calibration"] == "ok"

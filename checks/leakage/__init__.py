@@ -11,14 +11,14 @@ DICOM headers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import Field, field_validator
 
-from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, Skip, SplitRows
+from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs, Resources, Skip, SplitRows
 from auditkit.checks.leakage.duplicates import (
     DigestGroup,
     NearSearch,
@@ -94,6 +94,11 @@ DEFAULT_HEADER_COLUMNS: tuple[str, ...] = (
 
 NO_TRAIN = "no train split (set data.splits.train in the spec)"
 ROLES = ("train", "eval")
+GPU_SEARCH_IMAGES = 100_000
+"""Pooled images from which the check asks Ray for a GPU (for the fingerprint search's products).
+Measured on two cores (``bench_leakage``): fingerprinting runs at 424-552 images/s, linear; the
+search took 50-64 s for 100,000 pooled images and grows 9-13x per 4x, so from about here on it
+is a fifth or more of the check's time and a GPU shortens the check; below, a GPU is hardly used."""
 
 
 class LeakageParams(CheckParams):
@@ -322,6 +327,14 @@ class LeakageCheck(Check[LeakageParams]):
     )
     tasks: ClassVar[tuple[str, ...]] = ("classification", "multilabel", "regression", "segmentation")
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+
+    @classmethod
+    def resources_for(cls, images: Mapping[str, int]) -> Resources:
+        """On Ray, a GPU (where the cluster has one) from :data:`GPU_SEARCH_IMAGES` pooled eval and
+        train images on; below, one CPU, so the task does not queue behind the attacks for a GPU
+        it would hardly use."""
+        pooled = sum(images.get(role, 0) for role in ROLES)
+        return Resources(cpus=1.0, gpus=1.0) if pooled >= GPU_SEARCH_IMAGES else cls.resources
 
     @serial_blas
     def run(self, ctx: CheckContext, params: LeakageParams) -> CheckResult:
