@@ -61,6 +61,7 @@ TASK_NAMES = {
 
 Direction = Literal["higher_is_better", "lower_is_better"]
 Status = Literal["ok", "skipped", "error"]
+_R = TypeVar("_R")
 
 
 class CheckParams(BaseModel):
@@ -465,6 +466,15 @@ class CheckContext(Protocol):
         ...
 
     def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]: ...
+
+    def map_headers(self, split: str, function: Callable[[pydicom.Dataset | None], _R]) -> list[_R]:
+        """``function`` of every header of a split (converted as :meth:`headers`' are; ``None``
+        for a non-DICOM or unreadable file), in position order: for a check whose work is per
+        file. On Ray the files are read and ``function`` runs in Ray tasks side by side, so
+        ``function`` and its results must be picklable (a module-level function or a
+        :func:`functools.partial` of one); return what the check needs, never header values it
+        would report."""
+        ...
 
     def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:
         """Every file's header per image: a DICOM series' slices in position order, a 2-D DICOM

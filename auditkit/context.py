@@ -52,6 +52,15 @@ ProgressFactory = Callable[[str, int], Callable[[int], None] | None]
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
+HEADER_CHUNK = 512
+"""Files :meth:`AuditContext.map_headers` reads per chunk (about 1.5 s of reading and judging on
+one core: long enough to pay a Ray task's start, short enough to spread a study's reads)."""
+
+HeaderFiles = list[tuple[str, str]]
+"""One chunk of :meth:`AuditContext.map_headers`: ``(path, kind)`` of each file."""
+HeaderMapper = Callable[[Callable[[HeaderFiles], list[Any]], list[HeaderFiles]], list[list[Any]]]
+"""``mapper(work, chunks)``: ``work`` of every chunk, in the chunks' order."""
+
 
 @functools.lru_cache(maxsize=1)
 def _blas_controller() -> Any:
@@ -160,6 +169,11 @@ class AuditContext:
         self._with_features: dict[str, bool] = {}
         self._predictions: dict[str, Predictions] = {}
         self._raw_headers: dict[str, _SplitHeaders] = {}
+        self.header_mapper: HeaderMapper | None = None
+        """Runs :meth:`map_headers`' chunks of files elsewhere (on Ray: in Ray tasks,
+        :mod:`auditkit.executors`); ``None``: one after the other in this process."""
+        self.header_chunk = HEADER_CHUNK
+        """Files read per chunk of :meth:`map_headers`."""
 
     # ----------------------------------------------------------------- splits and labels
     @property
@@ -373,12 +387,47 @@ class AuditContext:
         absent, empty, binary or unconvertible. The values are patient data: measure with them,
         never copy them into results.
         """
-        from auditkit.decode import header_texts, quiet_pydicom
-
         wanted = tuple(dict.fromkeys(keywords))
+        return self.map_headers(split, functools.partial(_texts_of, wanted), convert=False)
+
+    def map_headers(
+        self, split: str, function: Callable[[pydicom.Dataset | None], _R], *, convert: bool = True
+    ) -> list[_R]:
+        """``function`` of every header of a split, in position order (``None`` for a non-DICOM or
+        unreadable file; each header converted as :meth:`headers`' are, or left raw without
+        ``convert``).
+
+        The headers the decoder kept are passed here; the others are read from their files by
+        chunks of :attr:`header_chunk`, through :attr:`header_mapper` where there is one (on Ray,
+        the chunks run as Ray tasks side by side, each in its own process, and the results are
+        joined by chunk: every file read once), else one after the other. ``function`` must be
+        picklable (a module-level function, or a :func:`functools.partial` of one) and so must
+        what it returns; it runs where the files are read and pydicom is silenced around it.
+        """
+        from auditkit.decode import quiet_pydicom
+
         headers = self._read_headers(split)
-        with quiet_pydicom():  # one silenced period for the split, not one per file
-            return [None if h is None else header_texts(h, wanted) for h in headers]
+        results: list[Any] = [None] * len(headers)
+        files: list[tuple[int, str, str]] = []  # (position, path, kind) of the files read by chunks
+        with quiet_pydicom():
+            for position, (path, kind) in enumerate(zip(headers.paths, headers.kinds, strict=True)):
+                if position in headers.kept or kind not in _HEADER_KINDS:
+                    header = headers[position]
+                    results[position] = function(_converted(header) if convert else header)
+                else:
+                    files.append((position, str(path), kind))
+        chunks = [files[start : start + self.header_chunk] for start in range(0, len(files), self.header_chunk)]
+        work = functools.partial(_map_files, function, convert=convert)
+        lists = [[(path, kind) for _, path, kind in chunk] for chunk in chunks]
+        # One chunk is read here: a task's start costs more than it saves.
+        mapped = self.header_mapper(work, lists) if self.header_mapper is not None and len(chunks) > 1 else None
+        outputs = mapped if mapped is not None else [work(chunk) for chunk in lists]
+        if len(outputs) != len(chunks) or any(len(o) != len(c) for o, c in zip(outputs, chunks, strict=True)):
+            raise RuntimeError(f"{split}: the header chunks returned {len(outputs)} results for {len(chunks)} chunks")
+        for chunk, output in zip(chunks, outputs, strict=True):
+            for (position, _, _), value in zip(chunk, output, strict=True):
+                results[position] = value
+        return results
 
     # ----------------------------------------------------------------- per-check helpers
     def rng(self, check_id: str) -> np.random.Generator:
@@ -469,17 +518,17 @@ class _SplitHeaders(Sequence["pydicom.Dataset | None"]):
     def __init__(
         self, kept: Mapping[int, pydicom.Dataset], paths: Sequence[Path], kinds: Sequence[str], *, convert: bool
     ) -> None:
-        self._kept = kept
-        self._paths = paths
-        self._kinds = kinds
+        self.kept = kept
+        self.paths = paths
+        self.kinds = kinds
         self._convert = convert
 
     def converted(self) -> _SplitHeaders:
         """The same headers, every element converted on access."""
-        return _SplitHeaders(self._kept, self._paths, self._kinds, convert=True)
+        return _SplitHeaders(self.kept, self.paths, self.kinds, convert=True)
 
     def __len__(self) -> int:
-        return len(self._paths)
+        return len(self.paths)
 
     @overload
     def __getitem__(self, index: int) -> pydicom.Dataset | None: ...
@@ -492,19 +541,46 @@ class _SplitHeaders(Sequence["pydicom.Dataset | None"]):
         return _converted(header) if self._convert else header
 
     def _raw(self, position: int) -> pydicom.Dataset | None:
-        if position in self._kept:
-            return self._kept[position]
-        kind = self._kinds[position]
-        if kind not in ("dicom", "dicom-series"):
-            return None
-        from auditkit.decode import read_dicom_header
-        from auditkit.errors import UnreadableImage
+        if position in self.kept:
+            return self.kept[position]
+        return _file_header(self.paths[position], self.kinds[position])
 
-        path = self._paths[position]
-        try:
-            return read_dicom_header(_first_slice(path) if kind != "dicom" else path, convert=False)
-        except (UnreadableImage, OSError):
-            return None
+
+_HEADER_KINDS = ("dicom", "dicom-series")
+
+
+def _file_header(path: Path | str, kind: str) -> pydicom.Dataset | None:
+    """A header-only read, elements left raw (a series' first slice by name); ``None`` for other
+    kinds and for a file pydicom cannot read."""
+    if kind not in _HEADER_KINDS:
+        return None
+    from auditkit.decode import read_dicom_header
+    from auditkit.errors import UnreadableImage
+
+    path = Path(path)
+    try:
+        return read_dicom_header(_first_slice(path) if kind != "dicom" else path, convert=False)
+    except (UnreadableImage, OSError):
+        return None
+
+
+def _map_files(function: Callable[[pydicom.Dataset | None], _R], files: HeaderFiles, *, convert: bool) -> list[_R]:
+    """``function`` of each ``(path, kind)``'s header (converted with ``convert``), pydicom
+    silenced: one chunk of :meth:`AuditContext.map_headers`, wherever it runs."""
+    from auditkit.decode import quiet_pydicom
+
+    with quiet_pydicom():
+        out = []
+        for path, kind in files:
+            header = _file_header(path, kind)
+            out.append(function(_converted(header) if convert else header))
+        return out
+
+
+def _texts_of(keywords: tuple[str, ...], header: pydicom.Dataset | None) -> dict[str, str | None] | None:
+    from auditkit.decode import header_texts
+
+    return None if header is None else header_texts(header, keywords)
 
 
 def _first_slice(folder: Path) -> Path:
@@ -733,6 +809,10 @@ class CheckView:
     def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]:
         self._require("headers", "header_texts", split)
         return self._engine.header_texts(split, keywords)
+
+    def map_headers(self, split: str, function: Callable[[pydicom.Dataset | None], _R]) -> list[_R]:
+        self._require("headers", "map_headers", split)
+        return self._engine.map_headers(split, function)
 
     def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:
         self._require("headers", "series_headers", split)

@@ -50,6 +50,7 @@ from auditkit.model import first_line
 from auditkit.pixels import DiskPixels
 
 if TYPE_CHECKING:
+    from auditkit.context import HeaderFiles
     from auditkit.data import Dataset
     from auditkit.model import ModelAdapter, PassStats
     from auditkit.runner import RunOptions, SelectedCheck
@@ -380,6 +381,8 @@ class CheckSeed:
     with_features: dict[str, bool]
     torch_threads: int
     """The driver's intra-op threads: the same thread count gives the same floating-point sums."""
+    header_chunk: int
+    """Files per Ray task of the check's header reads (:meth:`AuditContext.map_headers`)."""
 
 
 def _check_task(selected: SelectedCheck, seed: CheckSeed) -> tuple[dict[str, Any], PassStats]:
@@ -394,7 +397,27 @@ def _check_task(selected: SelectedCheck, seed: CheckSeed) -> tuple[dict[str, Any
     reference = _reference_adapter(seed.spec, model, seed.options) if needs_reference else None
     ctx = AuditContext(seed.spec, model, seed.dataset, seed.out_dir, reference=reference)
     ctx.adopt_outputs(seed.outputs, seed.with_features)
+    ctx.header_mapper, ctx.header_chunk = _header_tasks, seed.header_chunk
     return execute_check(selected, ctx), model.stats
+
+
+def _header_tasks(work: Callable[[HeaderFiles], list[Any]], chunks: list[HeaderFiles]) -> list[list[Any]]:
+    """A check's header reads (:meth:`AuditContext.map_headers`), a Ray task per chunk of files,
+    side by side; results in the chunks' order, each chunk's checked for one result a file. While
+    the check's task waits for them, Ray lends its CPU to them."""
+    import ray
+
+    # No retry: a file that killed its reader would kill the next one too.
+    remote = ray.remote(_run_work).options(num_cpus=1, max_retries=0, name="auditkit header reads")
+    outputs: list[list[Any]] = ray.get([remote.remote(work, chunk) for chunk in chunks])
+    for chunk, output in zip(chunks, outputs, strict=True):
+        if len(output) != len(chunk):
+            raise ExecutorError(f"a header task returned {len(output)} results for {len(chunk)} files")
+    return outputs
+
+
+def _run_work(work: Callable[[HeaderFiles], list[Any]], chunk: HeaderFiles) -> list[Any]:
+    return work(chunk)
 
 
 def open_executor(spec: ExecutorSpec) -> RayExecutor | None:

@@ -527,6 +527,7 @@ def run_audit(
                 outputs=outputs,
                 with_features=with_features,
                 torch_threads=torch.get_num_threads(),
+                header_chunk=ctx.header_chunk,
             )
             finished = _on_ray(executor, pending, seed, model)
         else:

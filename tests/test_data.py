@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -326,3 +327,55 @@ def test_headers_beyond_the_kept_ones_are_read_again_not_held(tmp_path: Path, mo
             str(h.StudyInstanceUID) for h in full.headers(name) if h is not None
         ]
         assert headers[-1] is not headers[-1]  # read again at each access, never held
+
+
+def test_map_headers_reads_the_files_by_chunks_through_the_mapper_every_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check's per-file header work (the PHI check's judgement, the texts the leakage check
+    reads): the kept headers are used where they are, the other files go to the mapper (Ray
+    tasks on Ray) by chunks, each file once, and the results come back in position order, the
+    same as reading them one after another."""
+    import pickle
+
+    import auditkit.data
+    from auditkit.checks.phi import _judged, judge_header
+    from auditkit.context import AuditContext
+    from auditkit.fixtures.synthetic import generate_study
+    from auditkit.model import ModelAdapter
+
+    generate_study(tmp_path / "study", n_patients=12, image_size=64)
+    spec = load_spec(_tiny_cnn_spec(tmp_path / "study"))
+    monkeypatch.setattr(auditkit.data, "HEADERS_KEPT", 3)
+    dataset = load_dataset(spec, keep_headers=True)
+    serial = AuditContext(spec, ModelAdapter(spec, device="cpu"), dataset, tmp_path / "a")
+    ctx = AuditContext(spec, ModelAdapter(spec, device="cpu"), dataset, tmp_path / "b")
+    sent: list[list[tuple[str, str]]] = []
+
+    def elsewhere(work: Any, chunks: list[list[tuple[str, str]]]) -> list[list[Any]]:
+        sent.extend(chunks)
+        shipped = pickle.loads(pickle.dumps(work))  # as a Ray task receives it
+        return [pickle.loads(pickle.dumps(shipped(chunk))) for chunk in chunks]
+
+    ctx.header_mapper, ctx.header_chunk = elsewhere, 4
+    keywords = ["PatientID", "StudyInstanceUID", "Rows"]
+    chunked = 0
+    for name, split in dataset.splits.items():
+        sent.clear()
+        verdicts = ctx.map_headers(name, _judged)
+        assert verdicts == [None if h is None else judge_header(h) for h in serial.headers(name)]
+        assert all(v is not None and v.identifiers for v in verdicts)  # the synthetic headers identify
+        # The kept headers stayed here; every other file was sent once, by chunks of 4 (one
+        # chunk alone is read here: a task's start would cost more than it saves).
+        assert split.headers is not None
+        others = sorted(str(split.paths[i]) for i in range(split.n) if i not in split.headers)
+        read = [path for chunk in sent for path, _ in chunk]
+        assert sorted(read) == (others if len(others) > 4 else [])
+        assert len(read) == len(set(read)) and all(len(chunk) <= 4 for chunk in sent)
+        chunked += len(sent)
+        assert ctx.header_texts(name, keywords) == serial.header_texts(name, keywords)
+    assert chunked > 1
+    # A mapper that loses a chunk is an error naming the split, never a shorter result.
+    ctx.header_mapper, ctx.header_chunk = (lambda work, chunks: [work(chunk) for chunk in chunks[1:]]), 1
+    with pytest.raises(RuntimeError, match="eval: the header chunks returned"):
+        ctx.map_headers("eval", _judged)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from auditkit.check import Check, CheckParams, CheckResult, Needs
+from auditkit.check import Check, CheckParams, CheckResult, Metric, Needs
 from auditkit.cli import main
 from auditkit.demo import prepare_demo
 from auditkit.executors import ExecutorError, check_exactly_once
@@ -42,8 +42,17 @@ def _assert_same_metrics(local: dict[str, Any], ray: dict[str, Any]) -> None:
             assert abs(value - other) <= 1e-6, (key, value, other)
 
 
-def test_the_ray_executor_gives_the_local_results_each_row_once(tmp_path: Path) -> None:
+def test_the_ray_executor_gives_the_local_results_each_row_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("ray")
+    import auditkit.context
+    import auditkit.data
+
+    # Few headers kept and small chunks, so the PHI and leakage checks' header reads run as Ray
+    # tasks by chunks (as a large study's do) and must still give the local results.
+    monkeypatch.setattr(auditkit.data, "HEADERS_KEPT", 8)
+    monkeypatch.setattr(auditkit.context, "HEADER_CHUNK", 16)
     spec = prepare_demo(tmp_path / "demo", n_patients=40, image_size=64)
     broken = sorted((tmp_path / "demo" / "study").rglob("*.dcm"))[3]
     broken.write_bytes(broken.read_bytes()[:200])  # undecodable: quarantined, exactly once
@@ -187,6 +196,57 @@ class _KillsWorker(Check[CheckParams]):
 
 
 DRIVER_PID = os.getpid()
+
+
+def _reader(header: Any) -> tuple[int, str | None]:
+    """Which process read a header, and its modality (module-level: it travels to Ray tasks)."""
+    return os.getpid(), None if header is None else str(header.Modality)
+
+
+class _HeaderReaders(Check[CheckParams]):
+    """Planted: counts the eval headers read in another process than the check's own."""
+
+    id = "header_readers"
+    family = "test"
+    needs = Needs(headers=True)
+
+    def run(self, ctx: Any, params: CheckParams) -> CheckResult:
+        read = ctx.map_headers("eval", _reader)
+        elsewhere = sum(pid != os.getpid() for pid, _ in read)
+        result = CheckResult()
+        result.metrics.append(Metric("test.headers_read_elsewhere", float(elsewhere), "lower_is_better", n=len(read)))
+        result.metrics.append(
+            Metric("test.headers_read", float(sum(m is not None for _, m in read)), "higher_is_better", n=len(read))
+        )
+        return result
+
+
+def test_on_ray_a_checks_header_reads_run_in_ray_tasks_every_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ray = pytest.importorskip("ray")
+    import auditkit.context
+    import auditkit.data
+    from auditkit.runner import RunOptions, run_audit
+    from auditkit.spec import load_spec
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the planted check travels by value
+    monkeypatch.setattr(auditkit.data, "HEADERS_KEPT", 3)
+    monkeypatch.setattr(auditkit.context, "HEADER_CHUNK", 2)
+    spec = load_spec(prepare_demo(tmp_path / "demo", n_patients=20, image_size=64)).model_copy(update={"checks": {}})
+    values = {}
+    for executor in ("local", "ray"):
+        options = RunOptions(out_dir=tmp_path / executor, executor=executor, report=False)  # type: ignore[arg-type]
+        outcome = run_audit(spec, options, checks={"header_readers": _HeaderReaders})
+        (check,) = [c for c in outcome.results["checks"] if c["id"] == "header_readers"]
+        assert check["status"] == "ok", check.get("error")
+        values[executor] = {m["name"]: (m["value"], m["n"]) for m in check["metrics"]}
+    (elsewhere, n) = values["ray"]["test.headers_read_elsewhere"]
+    assert n > 3 + 2 * 2  # several chunks beyond the kept headers
+    # Locally every header is read in the check's process; on Ray all but the 3 kept ones in tasks.
+    assert values["local"]["test.headers_read_elsewhere"] == (0.0, n)
+    assert elsewhere == n - 3
+    assert values["ray"]["test.headers_read"] == values["local"]["test.headers_read"] == (float(n), n)
 
 
 def test_a_check_task_that_raises_or_dies_is_an_error_record_and_the_others_finish(tmp_path: Path) -> None:

@@ -221,17 +221,11 @@ class PHICheck(Check[PHIParams]):
         scanned: Counter[str] = Counter()
         non_dicom = 0
         quarantined = 0
-        for file, header in _headers(ctx, p.include_quarantined):
-            if isinstance(header, str):  # "non-dicom"
+        for file, verdict in _verdicts(ctx, p.include_quarantined):
+            if isinstance(verdict, str):  # "non-dicom"
                 non_dicom += 1
                 continue
-            if header is None:
-                unreadable.add(file)
-                continue
-            try:
-                verdict = judge_header(header, table)
-            except Exception as error:  # a hostile header must not end the audit
-                log.debug("phi: a header could not be judged (%s)", type(error).__name__)
+            if verdict is None:  # unreadable, or a header that could not be judged
                 unreadable.add(file)
                 continue
             scanned[file.split] += 1
@@ -300,8 +294,22 @@ class PHICheck(Check[PHIParams]):
         return result
 
 
-def _headers(ctx: CheckContext, include_quarantined: bool) -> Iterator[tuple[_File, pydicom.Dataset | str | None]]:
-    """(file, header) for every audited file: a Dataset, ``None`` (unreadable) or ``non-dicom``."""
+def _judged(header: pydicom.Dataset | None) -> FileVerdict | None:
+    """The verdict on one header; ``None`` for an unreadable one or one that cannot be judged.
+    Module-level and returning keywords and flags only: on Ray it runs where the files are read."""
+    if header is None:
+        return None
+    try:
+        return judge_header(header)
+    except Exception as error:  # a hostile header must not end the audit
+        log.debug("phi: a header could not be judged (%s)", type(error).__name__)
+        return None
+
+
+def _verdicts(ctx: CheckContext, include_quarantined: bool) -> Iterator[tuple[_File, FileVerdict | str | None]]:
+    """(file, verdict) for every audited file: a :class:`FileVerdict`, ``None`` (unreadable) or
+    ``non-dicom``. A split of 2-D files is judged through :meth:`~auditkit.check.CheckContext.map_headers`
+    (in Ray tasks side by side on Ray); a series' slices here, one after the other."""
     roles = [name for name in ctx.split_names if not name.startswith("ood:builtin:")]
     for role in roles:
         split = ctx.split(role)
@@ -311,12 +319,13 @@ def _headers(ctx: CheckContext, include_quarantined: bool) -> Iterator[tuple[_Fi
                 if not slices:
                     yield file, "non-dicom"
                 for header in slices:
-                    yield file, header
+                    yield file, _judged(header)
             continue
-        for position, header in enumerate(ctx.headers(role)):
+        for position, verdict in enumerate(ctx.map_headers(role, _judged)):
             file = _File(role, int(split.rows[position]), quarantined=False)
-            yield file, ("non-dicom" if split.kinds[position] != "dicom" else header)
+            yield file, ("non-dicom" if split.kinds[position] != "dicom" else verdict)
     if not include_quarantined:
         return
     for entry, quarantined in ctx.quarantined_headers(roles):
-        yield _File(entry.split, entry.row, quarantined=True), quarantined
+        file = _File(entry.split, entry.row, quarantined=True)
+        yield file, (quarantined if isinstance(quarantined, str) else _judged(quarantined))
