@@ -12,7 +12,7 @@ declare. Third-party checks subclass :class:`Check` and register under the entry
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
@@ -467,13 +467,14 @@ class CheckContext(Protocol):
 
     def header_texts(self, split: str, keywords: Iterable[str]) -> list[dict[str, str | None] | None]: ...
 
-    def map_headers(self, split: str, function: Callable[[pydicom.Dataset | None], _R]) -> list[_R]:
+    def map_headers(self, split: str, function: Callable[[pydicom.Dataset | None], _R]) -> Iterator[_R]:
         """``function`` of every header of a split (converted as :meth:`headers`' are; ``None``
-        for a non-DICOM or unreadable file), in position order: for a check whose work is per
-        file. On Ray the files are read and ``function`` runs in Ray tasks side by side, so
-        ``function`` and its results must be picklable (a module-level function or a
-        :func:`functools.partial` of one); return what the check needs, never header values it
-        would report."""
+        for a non-DICOM or unreadable file), in position order as they come: for a check whose
+        work is per file (fold the results as they come: memory stays a chunk's). On Ray the
+        files are read and ``function`` runs in Ray tasks side by side, so ``function`` and its
+        results must be picklable (a module-level function or a :func:`functools.partial` of
+        one; a ``TypeError`` otherwise, locally too); return what the check measures, not header
+        values: they travel through Ray's object store."""
         ...
 
     def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:

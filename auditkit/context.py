@@ -12,10 +12,11 @@ A check never sees it: it gets a :class:`CheckView` (:meth:`AuditContext.for_che
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 import numpy as np
 import torch
@@ -58,8 +59,9 @@ one core: long enough to pay a Ray task's start, short enough to spread a study'
 
 HeaderFiles = list[tuple[str, str]]
 """One chunk of :meth:`AuditContext.map_headers`: ``(path, kind)`` of each file."""
-HeaderMapper = Callable[[Callable[[HeaderFiles], list[Any]], list[HeaderFiles]], list[list[Any]]]
-"""``mapper(work, chunks)``: ``work`` of every chunk, in the chunks' order."""
+HeaderMapper = Callable[[Callable[[HeaderFiles], list[Any]], list[HeaderFiles]], Iterator[list[Any]] | None]
+"""``mapper(work, chunks)``: ``work`` of every chunk, in the chunks' order as they come, or
+``None`` when it declines (the chunks are then read in the caller's process)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -388,46 +390,76 @@ class AuditContext:
         never copy them into results.
         """
         wanted = tuple(dict.fromkeys(keywords))
-        return self.map_headers(split, functools.partial(_texts_of, wanted), convert=False)
+        return list(self.map_headers(split, functools.partial(_texts_of, wanted), convert=False))
 
     def map_headers(
         self, split: str, function: Callable[[pydicom.Dataset | None], _R], *, convert: bool = True
-    ) -> list[_R]:
-        """``function`` of every header of a split, in position order (``None`` for a non-DICOM or
-        unreadable file; each header converted as :meth:`headers`' are, or left raw without
-        ``convert``).
+    ) -> Iterator[_R]:
+        """``function`` of every header of a split, in position order, as they come (``None`` for
+        a non-DICOM or unreadable file; each header converted as :meth:`headers`' are, or left raw
+        without ``convert``).
 
         The headers the decoder kept are passed here; the others are read from their files by
         chunks of :attr:`header_chunk`, through :attr:`header_mapper` where there is one (on Ray,
-        the chunks run as Ray tasks side by side, each in its own process, and the results are
-        joined by chunk: every file read once), else one after the other. ``function`` must be
-        picklable (a module-level function, or a :func:`functools.partial` of one) and so must
-        what it returns; it runs where the files are read and pydicom is silenced around it.
-        """
-        from auditkit.decode import quiet_pydicom
+        the chunks run as Ray tasks side by side, each in its own process, when the cluster has a
+        CPU free), else one after the other here. The results are joined by chunk, every file
+        read once, and handed over a chunk at a time, so a caller that folds them as they come
+        holds one chunk's. ``function`` must be picklable (a module-level function, or a
+        :func:`functools.partial` of one: checked here without a mapper, so a check that would
+        fail on Ray fails locally too) and so must what it returns; it runs where the files are read, with pydicom
+        silenced.
 
+        Raises:
+            TypeError: ``function`` cannot be pickled.
+        """
+        import pickle
+
+        try:
+            if self.header_mapper is None:  # a mapper ships it itself (Ray: cloudpickle), or says why not
+                pickle.dumps(function)
+        except Exception as error:
+            raise TypeError(
+                f"map_headers: {getattr(function, '__qualname__', type(function).__name__)} cannot be pickled"
+                f" ({type(error).__name__}); pass a module-level function or a functools.partial of one,"
+                " as the Ray tasks that read the files receive it"
+            ) from None
         headers = self._read_headers(split)
-        results: list[Any] = [None] * len(headers)
-        files: list[tuple[int, str, str]] = []  # (position, path, kind) of the files read by chunks
-        with quiet_pydicom():
-            for position, (path, kind) in enumerate(zip(headers.paths, headers.kinds, strict=True)):
-                if position in headers.kept or kind not in _HEADER_KINDS:
-                    header = headers[position]
-                    results[position] = function(_converted(header) if convert else header)
-                else:
-                    files.append((position, str(path), kind))
+        files = [
+            (position, str(path), kind)
+            for position, (path, kind) in enumerate(zip(headers.paths, headers.kinds, strict=True))
+            if position not in headers.kept and kind in _HEADER_KINDS
+        ]
         chunks = [files[start : start + self.header_chunk] for start in range(0, len(files), self.header_chunk)]
         work = functools.partial(_map_files, function, convert=convert)
         lists = [[(path, kind) for _, path, kind in chunk] for chunk in chunks]
-        # One chunk is read here: a task's start costs more than it saves.
-        mapped = self.header_mapper(work, lists) if self.header_mapper is not None and len(chunks) > 1 else None
-        outputs = mapped if mapped is not None else [work(chunk) for chunk in lists]
-        if len(outputs) != len(chunks) or any(len(o) != len(c) for o, c in zip(outputs, chunks, strict=True)):
-            raise RuntimeError(f"{split}: the header chunks returned {len(outputs)} results for {len(chunks)} chunks")
-        for chunk, output in zip(chunks, outputs, strict=True):
-            for (position, _, _), value in zip(chunk, output, strict=True):
-                results[position] = value
-        return results
+        # The tasks start now, while the kept headers are judged here; a lone chunk is read here
+        # (a task's start costs more than it saves), and so is every chunk when the mapper declines.
+        streamed = self.header_mapper(work, lists) if self.header_mapper is not None and len(chunks) > 1 else None
+        outputs: Iterable[list[Any]] = streamed if streamed is not None else (work(chunk) for chunk in lists)
+        return self._in_order(split, headers, function, convert, _joined(split, chunks, outputs))
+
+    @staticmethod
+    def _in_order(
+        split: str,
+        headers: _SplitHeaders,
+        function: Callable[[pydicom.Dataset | None], _R],
+        convert: bool,
+        read: Iterator[tuple[int, Any]],
+    ) -> Iterator[_R]:
+        from auditkit.decode import quiet_pydicom
+
+        for position, kind in enumerate(headers.kinds):
+            if position in headers.kept or kind not in _HEADER_KINDS:
+                with quiet_pydicom():
+                    header = headers[position]
+                    yield function(_converted(header) if convert else header)
+                continue
+            found, value = next(read, (None, None))
+            if found != position:
+                raise RuntimeError(f"{split}: the header chunks gave position {found} where {position} was due")
+            yield cast("_R", value)
+        if next(read, None) is not None:
+            raise RuntimeError(f"{split}: the header chunks gave more results than files")
 
     # ----------------------------------------------------------------- per-check helpers
     def rng(self, check_id: str) -> np.random.Generator:
@@ -562,6 +594,21 @@ def _file_header(path: Path | str, kind: str) -> pydicom.Dataset | None:
         return read_dicom_header(_first_slice(path) if kind != "dicom" else path, convert=False)
     except (UnreadableImage, OSError):
         return None
+
+
+def _joined(
+    split: str, chunks: list[list[tuple[int, str, str]]], outputs: Iterable[list[Any]]
+) -> Iterator[tuple[int, Any]]:
+    """``(position, result)`` of every file read, chunk after chunk; a chunk missing, short or
+    long, or one too many, is an error naming it, never a shifted result."""
+    for number, (chunk, output) in enumerate(itertools.zip_longest(chunks, outputs)):
+        if chunk is None or output is None or len(output) != len(chunk):
+            got = "no" if output is None else len(output)
+            raise RuntimeError(
+                f"{split}: header chunk {number + 1} of {len(chunks)} returned {got} results"
+                f" for {0 if chunk is None else len(chunk)} files"
+            )
+        yield from zip((position for position, _, _ in chunk), output, strict=True)
 
 
 def _map_files(function: Callable[[pydicom.Dataset | None], _R], files: HeaderFiles, *, convert: bool) -> list[_R]:
@@ -810,7 +857,7 @@ class CheckView:
         self._require("headers", "header_texts", split)
         return self._engine.header_texts(split, keywords)
 
-    def map_headers(self, split: str, function: Callable[[pydicom.Dataset | None], _R]) -> list[_R]:
+    def map_headers(self, split: str, function: Callable[[pydicom.Dataset | None], _R]) -> Iterator[_R]:
         self._require("headers", "map_headers", split)
         return self._engine.map_headers(split, function)
 

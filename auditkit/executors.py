@@ -401,19 +401,41 @@ def _check_task(selected: SelectedCheck, seed: CheckSeed) -> tuple[dict[str, Any
     return execute_check(selected, ctx), model.stats
 
 
-def _header_tasks(work: Callable[[HeaderFiles], list[Any]], chunks: list[HeaderFiles]) -> list[list[Any]]:
-    """A check's header reads (:meth:`AuditContext.map_headers`), a Ray task per chunk of files,
-    side by side; results in the chunks' order, each chunk's checked for one result a file. While
-    the check's task waits for them, Ray lends its CPU to them."""
-    import ray
+def _header_tasks(work: Callable[[HeaderFiles], list[Any]], chunks: list[HeaderFiles]) -> Iterator[list[Any]] | None:
+    """A check's header reads (:meth:`AuditContext.map_headers`): a Ray task per chunk of files,
+    all submitted now, the results handed over in the chunks' order as they come. ``None`` (the
+    check's process reads them) when no CPU of the cluster is free: with every CPU busy the
+    tasks would only add their start. While the check's task waits for them, Ray lends its CPU to
+    them."""
+    import ray as ray_module
 
+    ray: Any = ray_module
+    if float(ray.available_resources().get("CPU", 0.0)) < 1.0:
+        return None
     # No retry: a file that killed its reader would kill the next one too.
     remote = ray.remote(_run_work).options(num_cpus=1, max_retries=0, name="auditkit header reads")
-    outputs: list[list[Any]] = ray.get([remote.remote(work, chunk) for chunk in chunks])
-    for chunk, output in zip(chunks, outputs, strict=True):
-        if len(output) != len(chunk):
-            raise ExecutorError(f"a header task returned {len(output)} results for {len(chunk)} files")
-    return outputs
+    return _in_chunk_order(ray, [remote.remote(work, chunk) for chunk in chunks])
+
+
+def _in_chunk_order(ray: Any, refs: list[Any]) -> Iterator[list[Any]]:
+    """Each task's result in order, dropped from the object store once handed over. A task that
+    failed raises its own error (the exception the reader raised, as the check's process would
+    have, or Ray's for a dead worker);
+    the tasks not yet read are cancelled then, and when the caller stops early."""
+    pending = list(reversed(refs))
+    try:
+        while pending:
+            ref = pending[-1]
+            try:
+                output: list[Any] = ray.get(ref)
+            except ray.exceptions.RayTaskError as error:  # the reader's own exception, as locally
+                cause = getattr(error, "cause", None)
+                raise (cause if isinstance(cause, Exception) else error.as_instanceof_cause()) from None
+            pending.pop()
+            yield output
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
 
 
 def _run_work(work: Callable[[HeaderFiles], list[Any]], chunk: HeaderFiles) -> list[Any]:

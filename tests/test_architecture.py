@@ -150,6 +150,8 @@ def test_the_context_refuses_an_undeclared_read() -> None:
         ctx.features("eval")
     with pytest.raises(UndeclaredRead, match=r"headers=True"):
         ctx.header_texts("eval", ["Modality"])
+    with pytest.raises(UndeclaredRead, match=r"read map_headers\('eval'\) without declaring it.*headers=True"):
+        ctx.map_headers("eval", str)
     with pytest.raises(UndeclaredRead, match=r"gradients=True"):
         ctx.model.differentiable()
     with pytest.raises(UndeclaredRead, match=r"train=True or train_optional=True"):

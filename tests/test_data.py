@@ -362,7 +362,7 @@ def test_map_headers_reads_the_files_by_chunks_through_the_mapper_every_file_onc
     chunked = 0
     for name, split in dataset.splits.items():
         sent.clear()
-        verdicts = ctx.map_headers(name, _judged)
+        verdicts = list(ctx.map_headers(name, _judged))
         assert verdicts == [None if h is None else judge_header(h) for h in serial.headers(name)]
         assert all(v is not None and v.identifiers for v in verdicts)  # the synthetic headers identify
         # The kept headers stayed here; every other file was sent once, by chunks of 4 (one
@@ -376,6 +376,35 @@ def test_map_headers_reads_the_files_by_chunks_through_the_mapper_every_file_onc
         assert ctx.header_texts(name, keywords) == serial.header_texts(name, keywords)
     assert chunked > 1
     # A mapper that loses a chunk is an error naming the split, never a shorter result.
-    ctx.header_mapper, ctx.header_chunk = (lambda work, chunks: [work(chunk) for chunk in chunks[1:]]), 1
-    with pytest.raises(RuntimeError, match="eval: the header chunks returned"):
-        ctx.map_headers("eval", _judged)
+    ctx.header_mapper, ctx.header_chunk = (lambda work, chunks: iter([work(chunk) for chunk in chunks[1:]])), 1
+    with pytest.raises(RuntimeError, match=r"eval: header chunk \d+ of \d+ returned no results for 1 files"):
+        list(ctx.map_headers("eval", _judged))
+    ctx.header_mapper = lambda work, chunks: iter([work(chunk)[:-1] or [None, None] for chunk in chunks])
+    with pytest.raises(RuntimeError, match=r"eval: header chunk 1 of \d+ returned 2 results for 1 files"):
+        list(ctx.map_headers("eval", _judged))
+    # Without a mapper, what a Ray task could not receive is refused too, before any file is read.
+    with pytest.raises(TypeError, match=r"cannot be pickled.*module-level function"):
+        serial.map_headers("eval", lambda header: header is None)
+
+
+def test_map_headers_keeps_positions_when_the_kept_headers_are_not_the_first(tmp_path: Path) -> None:
+    """Kept headers anywhere in the split: each result still lands at its own position."""
+    from auditkit.checks.phi import _judged
+    from auditkit.context import AuditContext
+    from auditkit.fixtures.synthetic import generate_study
+    from auditkit.model import ModelAdapter
+
+    generate_study(tmp_path / "study", n_patients=12, image_size=64)
+    spec = load_spec(_tiny_cnn_spec(tmp_path / "study"))
+    dataset = load_dataset(spec, keep_headers=True)
+    reference = AuditContext(spec, ModelAdapter(spec, device="cpu"), load_dataset(spec), tmp_path / "a")
+    split = dataset.splits["train"]
+    assert split.headers is not None and split.n > 8
+    for position in [p for p in split.headers if p not in (1, 5)]:
+        del split.headers[position]  # kept: positions 1 and 5 only
+    ctx = AuditContext(spec, ModelAdapter(spec, device="cpu"), dataset, tmp_path / "b")
+    ctx.header_mapper, ctx.header_chunk = (lambda work, chunks: (work(chunk) for chunk in chunks)), 2
+    expected = list(reference.map_headers("train", _judged))
+    assert list(ctx.map_headers("train", _judged)) == expected
+    ids = reference.header_texts("train", ["SOPInstanceUID"])
+    assert ctx.header_texts("train", ["SOPInstanceUID"]) == ids and len({str(t) for t in ids}) == split.n

@@ -52,7 +52,7 @@ def test_the_ray_executor_gives_the_local_results_each_row_once(
     # Few headers kept and small chunks, so the PHI and leakage checks' header reads run as Ray
     # tasks by chunks (as a large study's do) and must still give the local results.
     monkeypatch.setattr(auditkit.data, "HEADERS_KEPT", 8)
-    monkeypatch.setattr(auditkit.context, "HEADER_CHUNK", 16)
+    monkeypatch.setattr(auditkit.context, "HEADER_CHUNK", 8)
     spec = prepare_demo(tmp_path / "demo", n_patients=40, image_size=64)
     broken = sorted((tmp_path / "demo" / "study").rglob("*.dcm"))[3]
     broken.write_bytes(broken.read_bytes()[:200])  # undecodable: quarantined, exactly once
@@ -209,9 +209,10 @@ class _HeaderReaders(Check[CheckParams]):
     id = "header_readers"
     family = "test"
     needs = Needs(headers=True)
+    emits = ("test.headers_read_elsewhere", "test.headers_read")
 
     def run(self, ctx: Any, params: CheckParams) -> CheckResult:
-        read = ctx.map_headers("eval", _reader)
+        read = list(ctx.map_headers("eval", _reader))
         elsewhere = sum(pid != os.getpid() for pid, _ in read)
         result = CheckResult()
         result.metrics.append(Metric("test.headers_read_elsewhere", float(elsewhere), "lower_is_better", n=len(read)))
@@ -219,6 +220,28 @@ class _HeaderReaders(Check[CheckParams]):
             Metric("test.headers_read", float(sum(m is not None for _, m in read)), "higher_is_better", n=len(read))
         )
         return result
+
+
+def _record(outcome: Any, check_id: str) -> dict[str, Any]:
+    (record,) = [c for c in outcome.results["checks"] if c["id"] == check_id]
+    return dict(record)
+
+
+def _fails_on_a_header(header: Any) -> None:
+    raise ValueError("a planted failure in a header function")
+
+
+class _HeaderFunctionFails(Check[CheckParams]):
+    """Planted: its per-header function raises wherever it runs."""
+
+    id = "header_function_fails"
+    family = "test"
+    needs = Needs(headers=True, train=True)
+
+    def run(self, ctx: Any, params: CheckParams) -> CheckResult:
+        for _ in ctx.map_headers("train", _fails_on_a_header):
+            pass
+        return CheckResult()
 
 
 def test_on_ray_a_checks_header_reads_run_in_ray_tasks_every_file_once(
@@ -234,13 +257,23 @@ def test_on_ray_a_checks_header_reads_run_in_ray_tasks_every_file_once(
     monkeypatch.setattr(auditkit.data, "HEADERS_KEPT", 3)
     monkeypatch.setattr(auditkit.context, "HEADER_CHUNK", 2)
     spec = load_spec(prepare_demo(tmp_path / "demo", n_patients=20, image_size=64)).model_copy(update={"checks": {}})
-    values = {}
+    values, errors = {}, {}
     for executor in ("local", "ray"):
         options = RunOptions(out_dir=tmp_path / executor, executor=executor, report=False)  # type: ignore[arg-type]
-        outcome = run_audit(spec, options, checks={"header_readers": _HeaderReaders})
-        (check,) = [c for c in outcome.results["checks"] if c["id"] == "header_readers"]
+        # One check at a time: the header tasks run only where a CPU is free.
+        check = _record(run_audit(spec, options, checks={"header_readers": _HeaderReaders}), "header_readers")
         assert check["status"] == "ok", check.get("error")
         values[executor] = {m["name"]: (m["value"], m["n"]) for m in check["metrics"]}
+        monkeypatch.setattr(auditkit.data, "HEADERS_KEPT", 0)  # every header read from its file
+        failing = run_audit(spec, options, checks={"header_function_fails": _HeaderFunctionFails})
+        errors[executor] = _record(failing, "header_function_fails")["error"]
+        monkeypatch.setattr(auditkit.data, "HEADERS_KEPT", 3)
+    # A header function that raises in a Ray task: the check's error record names the same
+    # exception as locally.
+    assert errors["ray"]["type"] == errors["local"]["type"] == "ValueError"
+    assert errors["ray"]["message"] == errors["local"]["message"] == "a planted failure in a header function"
+    assert any("_in_chunk_order" in frame for frame in errors["ray"]["where"])  # raised from a header task
+    assert not any("executors.py" in frame for frame in errors["local"]["where"])
     (elsewhere, n) = values["ray"]["test.headers_read_elsewhere"]
     assert n > 3 + 2 * 2  # several chunks beyond the kept headers
     # Locally every header is read in the check's process; on Ray all but the 3 kept ones in tasks.
