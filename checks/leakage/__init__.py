@@ -96,8 +96,8 @@ NO_TRAIN = "no train split (set data.splits.train in the spec)"
 ROLES = ("train", "eval")
 GPU_SEARCH_IMAGES = 100_000
 """Pooled images from which the check asks Ray for a GPU (for the fingerprint search's products).
-Measured on two cores (``bench_leakage``): fingerprinting runs at 424-552 images/s, linear; the
-search took 50-64 s for 100,000 pooled images and grows 9-13x per 4x, so from about here on it
+Measured on two cores (``bench_leakage``): fingerprinting runs at 424-585 images/s, linear; the
+search took 44-64 s for 100,000 pooled images and grew 9-14x per 4x, so from about here on it
 is a fifth or more of the check's time and a GPU shortens the check; below, a GPU is hardly used."""
 
 
