@@ -23,8 +23,8 @@ padded, shortened or doubled result.
   independent checks in parallel. A task rebuilds the check's context in its worker from a
   :class:`CheckSeed` put once in the object store (the spec, the decoded dataset, the shared
   pass's outputs, the arguments to load the model again: an adapter holds hooks and a device, so
-  it is not sent) and returns the same record :func:`auditkit.runner.execute_check` returns locally; the driver
-  checkpoints each as it arrives. A check that raises gives the same ``error`` record as
+  it is not sent) and returns the same record :func:`auditkit.runner.execute_check` returns
+  locally; the driver checkpoints each as it arrives. A check that raises gives the same ``error`` record as
   locally; a worker that dies gives an ``error`` record naming what Ray reported.
 
 Ray is optional (``pip install auditkit[ray]``): only :class:`RayExecutor` imports it, when the
@@ -418,11 +418,12 @@ def _header_tasks(work: Callable[[HeaderFiles], list[Any]], chunks: list[HeaderF
 
 
 def _in_chunk_order(ray: Any, refs: list[Any]) -> Iterator[list[Any]]:
-    """Each task's result in order, dropped from the object store once handed over. A task that
-    failed raises its own error (the exception the reader raised, as the check's process would
-    have, or Ray's for a dead worker);
-    the tasks not yet read are cancelled then, and when the caller stops early."""
-    pending = list(reversed(refs))
+    """Each task's result in order, its reference dropped once handed over (``refs`` is consumed),
+    so the object store can free it. A task that failed raises its own error (the exception the
+    reader raised, as the check's process would have, or Ray's for a dead worker); the tasks not
+    yet read are cancelled then, and when the caller stops early."""
+    pending = refs
+    pending.reverse()
     try:
         while pending:
             ref = pending[-1]

@@ -164,7 +164,10 @@ class PHICheck(Check[PHIParams]):
     (classification, multilabel, regression, segmentation) is measured the same way. Non-DICOM files are
     counted, not judged. A volume given as a DICOM series folder is as many files as it has
     slices, and every slice's header is judged (identifiers may sit in some slices only); its
-    findings name the manifest row once. NIfTI and ``.npy`` volumes carry no DICOM header.
+    findings name the manifest row once. NIfTI and ``.npy`` volumes carry no DICOM header. The
+    headers of 2-D files are read and judged through the context's ``map_headers``: on Ray, by
+    Ray tasks of 512 files side by side where the cluster has CPUs free, each returning only
+    keywords and flags; the verdicts are folded as they come, so memory stays a chunk's.
 
     Metrics (``lower_is_better``, ``n`` = DICOM headers judged):
         ``phi.files_with_identifiers`` (files with at least one identifying attribute, private
