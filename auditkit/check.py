@@ -477,6 +477,14 @@ class CheckContext(Protocol):
         values: they travel through Ray's object store."""
         ...
 
+    def map_series_headers(
+        self, split: str, function: Callable[[pydicom.Dataset | None], _R]
+    ) -> Iterator[tuple[_R, ...]]:
+        """As :meth:`map_headers`, per image a tuple as :meth:`series_headers` gives: ``function`` of
+        every slice's header of a DICOM series (file-name order), of a 2-D DICOM image's one
+        header, ``()`` for other kinds; series are read a few at a time, on Ray in Ray tasks."""
+        ...
+
     def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:
         """Every file's header per image: a DICOM series' slices in position order, a 2-D DICOM
         image's one header, ``()`` for other kinds."""

@@ -16,7 +16,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import numpy as np
 import torch
@@ -56,6 +56,10 @@ _R = TypeVar("_R")
 HEADER_CHUNK = 512
 """Files :meth:`AuditContext.map_headers` reads per chunk (about 1.5 s of reading and judging on
 one core: long enough to pay a Ray task's start, short enough to spread a study's reads)."""
+
+SERIES_CHUNK = 8
+"""Series :meth:`AuditContext.map_headers` reads per chunk with ``slices`` (every slice's file:
+a few hundred files a series in a CT study)."""
 
 HeaderFiles = list[tuple[str, str]]
 """One chunk of :meth:`AuditContext.map_headers`: ``(path, kind)`` of each file."""
@@ -176,6 +180,8 @@ class AuditContext:
         :mod:`auditkit.executors`); ``None``: one after the other in this process."""
         self.header_chunk = HEADER_CHUNK
         """Files read per chunk of :meth:`map_headers`."""
+        self.series_chunk = SERIES_CHUNK
+        """Series read per chunk of :meth:`map_headers` with ``slices``."""
 
     # ----------------------------------------------------------------- splits and labels
     @property
@@ -393,8 +399,13 @@ class AuditContext:
         return list(self.map_headers(split, functools.partial(_texts_of, wanted), convert=False))
 
     def map_headers(
-        self, split: str, function: Callable[[pydicom.Dataset | None], _R], *, convert: bool = True
-    ) -> Iterator[_R]:
+        self,
+        split: str,
+        function: Callable[[pydicom.Dataset | None], _R],
+        *,
+        convert: bool = True,
+        slices: bool = False,
+    ) -> Iterator[Any]:
         """``function`` of every header of a split, in position order, as they come (``None`` for
         a non-DICOM or unreadable file; each header converted as :meth:`headers`' are, or left raw
         without ``convert``).
@@ -406,8 +417,13 @@ class AuditContext:
         read once, and handed over a chunk at a time, so a caller that folds them as they come
         holds one chunk's. ``function`` must be picklable (a module-level function, or a
         :func:`functools.partial` of one: checked here without a mapper, so a check that would
-        fail on Ray fails locally too) and so must what it returns; it runs where the files are read, with pydicom
-        silenced.
+        fail on Ray fails locally too) and so must what it returns; it runs where the files are
+        read, with pydicom silenced.
+
+        With ``slices``, each image's result is a tuple, as :meth:`series_headers` gives:
+        ``function`` of every slice's header of a DICOM series in the slices' file-name order, of
+        a 2-D DICOM image's one header, ``()`` for other kinds; series are read
+        :attr:`series_chunk` at a time.
 
         Raises:
             TypeError: ``function`` cannot be pickled.
@@ -424,40 +440,51 @@ class AuditContext:
                 " as the Ray tasks that read the files receive it"
             ) from None
         headers = self._read_headers(split)
+        kept_slices = (self.split(split).slice_headers or {}) if slices else {}
         files = [
             (position, str(path), kind)
             for position, (path, kind) in enumerate(zip(headers.paths, headers.kinds, strict=True))
-            if position not in headers.kept and kind in _HEADER_KINDS
+            if not _here(position, kind, headers, kept_slices, slices)
         ]
-        chunks = [files[start : start + self.header_chunk] for start in range(0, len(files), self.header_chunk)]
-        work = functools.partial(_map_files, function, convert=convert)
+        size = self.series_chunk if slices else self.header_chunk
+        chunks = [files[start : start + size] for start in range(0, len(files), size)]
+        work = functools.partial(_map_files, function, convert=convert, slices=slices)
         lists = [[(path, kind) for _, path, kind in chunk] for chunk in chunks]
         # The tasks start now, while the kept headers are judged here; a lone chunk is read here
         # (a task's start costs more than it saves), and so is every chunk when the mapper declines.
         streamed = self.header_mapper(work, lists) if self.header_mapper is not None and len(chunks) > 1 else None
         outputs: Iterable[list[Any]] = streamed if streamed is not None else (work(chunk) for chunk in lists)
-        return self._in_order(split, headers, function, convert, _joined(split, chunks, outputs))
+        return self._in_order(split, headers, kept_slices, function, convert, slices, _joined(split, chunks, outputs))
 
     @staticmethod
     def _in_order(
         split: str,
         headers: _SplitHeaders,
+        kept_slices: Mapping[int, tuple[pydicom.Dataset, ...]],
         function: Callable[[pydicom.Dataset | None], _R],
         convert: bool,
+        slices: bool,
         read: Iterator[tuple[int, Any]],
-    ) -> Iterator[_R]:
+    ) -> Iterator[Any]:
         from auditkit.decode import quiet_pydicom
 
+        def of(header: pydicom.Dataset | None) -> _R:
+            return function(_converted(header) if convert else header)
+
         for position, kind in enumerate(headers.kinds):
-            if position in headers.kept or kind not in _HEADER_KINDS:
+            if _here(position, kind, headers, kept_slices, slices):
                 with quiet_pydicom():
-                    header = headers[position]
-                    yield function(_converted(header) if convert else header)
+                    if not slices:
+                        yield of(headers[position])
+                    elif position in kept_slices:
+                        yield tuple(of(header) for header in kept_slices[position])
+                    else:
+                        yield (of(headers[position]),) if kind == "dicom" else ()
                 continue
             found, value = next(read, (None, None))
             if found != position:
                 raise RuntimeError(f"{split}: the header chunks gave position {found} where {position} was due")
-            yield cast("_R", value)
+            yield value
         if next(read, None) is not None:
             raise RuntimeError(f"{split}: the header chunks gave more results than files")
 
@@ -611,16 +638,41 @@ def _joined(
         yield from zip((position for position, _, _ in chunk), output, strict=True)
 
 
-def _map_files(function: Callable[[pydicom.Dataset | None], _R], files: HeaderFiles, *, convert: bool) -> list[_R]:
+def _here(position: int, kind: str, headers: _SplitHeaders, kept_slices: Mapping[int, Any], slices: bool) -> bool:
+    """Whether :meth:`AuditContext.map_headers` handles a position in the caller's process (its
+    headers kept, or nothing to read) rather than in a chunk of files."""
+    if not slices:
+        return position in headers.kept or kind not in _HEADER_KINDS
+    if position in kept_slices or kind not in _HEADER_KINDS:
+        return True
+    return kind == "dicom" and position in headers.kept
+
+
+def _map_files(
+    function: Callable[[pydicom.Dataset | None], _R], files: HeaderFiles, *, convert: bool, slices: bool = False
+) -> list[Any]:
     """``function`` of each ``(path, kind)``'s header (converted with ``convert``), pydicom
-    silenced: one chunk of :meth:`AuditContext.map_headers`, wherever it runs."""
+    silenced: one chunk of :meth:`AuditContext.map_headers`, wherever it runs. With ``slices``,
+    a tuple for each: ``function`` of every slice of a series folder, by file name."""
     from auditkit.decode import quiet_pydicom
 
+    def of(header: pydicom.Dataset | None) -> _R:
+        return function(_converted(header) if convert else header)
+
     with quiet_pydicom():
-        out = []
+        out: list[Any] = []
         for path, kind in files:
-            header = _file_header(path, kind)
-            out.append(function(_converted(header) if convert else header))
+            if slices and kind == "dicom-series":
+                folder = Path(path)
+                out.append(
+                    tuple(
+                        of(_file_header(file, "dicom")) for file in sorted(p for p in folder.iterdir() if p.is_file())
+                    )
+                )
+            elif slices:
+                out.append((of(_file_header(path, kind)),))
+            else:
+                out.append(of(_file_header(path, kind)))
         return out
 
 
@@ -860,6 +912,12 @@ class CheckView:
     def map_headers(self, split: str, function: Callable[[pydicom.Dataset | None], _R]) -> Iterator[_R]:
         self._require("headers", "map_headers", split)
         return self._engine.map_headers(split, function)
+
+    def map_series_headers(
+        self, split: str, function: Callable[[pydicom.Dataset | None], _R]
+    ) -> Iterator[tuple[_R, ...]]:
+        self._require("headers", "map_series_headers", split)
+        return self._engine.map_headers(split, function, slices=True)
 
     def series_headers(self, split: str = "eval") -> list[tuple[pydicom.Dataset | None, ...]]:
         self._require("headers", "series_headers", split)

@@ -152,6 +152,8 @@ def test_the_context_refuses_an_undeclared_read() -> None:
         ctx.header_texts("eval", ["Modality"])
     with pytest.raises(UndeclaredRead, match=r"read map_headers\('eval'\) without declaring it.*headers=True"):
         ctx.map_headers("eval", str)
+    with pytest.raises(UndeclaredRead, match=r"read map_series_headers\('eval'\) without declaring it"):
+        ctx.map_series_headers("eval", str)
     with pytest.raises(UndeclaredRead, match=r"gradients=True"):
         ctx.model.differentiable()
     with pytest.raises(UndeclaredRead, match=r"train=True or train_optional=True"):

@@ -373,3 +373,41 @@ def test_the_3d_segmentation_fixture_is_judged_on_dicom_series_with_nifti_masks(
     overlay = next(a for a in performance["artifacts"] if a["name"] == "worst_case_overlays")
     svg = (tmp_path / "audit-clean" / overlay["path"]).read_text()
     assert svg.count("<image") == 6 and svg.count(", slice ") == 6  # 3 cases x (lung, nodule)
+
+
+def test_map_series_headers_gives_every_slice_by_chunks_of_series_as_series_headers_does(ct_study: Path) -> None:
+    """The PHI check's reads of a series split: every slice's header judged, in the series'
+    order, the kept series here and the others by chunks of series through the mapper (Ray
+    tasks on Ray), each series once; the same verdicts as reading them one after another."""
+    import pickle
+
+    from auditkit.checks.phi import _judged, judge_header
+    from auditkit.context import AuditContext
+    from auditkit.data import load_dataset
+    from auditkit.fixtures.volumes import write_volume_spec
+    from auditkit.model import ModelAdapter
+    from auditkit.spec import load_spec
+
+    spec = load_spec(write_volume_spec(ct_study, "fair", checks={"phi": {}}))
+    dataset = load_dataset(spec, keep_headers=True)
+    split = dataset.splits["eval"]
+    assert split.slice_headers and "dicom-series" in split.kinds
+    ctx = AuditContext(spec, ModelAdapter(spec, device="cpu"), dataset, ct_study / "out")
+    expected = [tuple(None if h is None else judge_header(h) for h in slices) for slices in ctx.series_headers("eval")]
+    sent: list[list[tuple[str, str]]] = []
+
+    def elsewhere(work: Any, chunks: list[list[tuple[str, str]]]) -> Any:
+        sent.extend(chunks)
+        shipped = pickle.loads(pickle.dumps(work))
+        return (pickle.loads(pickle.dumps(shipped(chunk))) for chunk in chunks)
+
+    ctx.header_mapper, ctx.series_chunk = elsewhere, 3
+    got = list(ctx.map_headers("eval", _judged, slices=True))
+    assert got == expected
+    assert sum(len(v) for v in got) > len(got)  # slices, not volumes
+    series = [path for chunk in sent for path, kind in chunk if kind == "dicom-series"]
+    unkept = [
+        str(split.paths[i]) for i in range(split.n) if split.kinds[i] == "dicom-series" and i not in split.slice_headers
+    ]
+    assert sorted(series) == sorted(unkept) and len(set(series)) == len(series) and len(sent) > 1
+    assert all(len(chunk) <= 3 for chunk in sent)

@@ -165,9 +165,10 @@ class PHICheck(Check[PHIParams]):
     counted, not judged. A volume given as a DICOM series folder is as many files as it has
     slices, and every slice's header is judged (identifiers may sit in some slices only); its
     findings name the manifest row once. NIfTI and ``.npy`` volumes carry no DICOM header. The
-    headers of 2-D files are read and judged through the context's ``map_headers``: on Ray, by
-    Ray tasks of 512 files side by side where the cluster has CPUs free, each returning only
-    keywords and flags; the verdicts are folded as they come, so memory stays a chunk's.
+    headers are read and judged through the context's ``map_headers`` (``map_series_headers``
+    for a series' slices): on Ray, by Ray tasks of 512 files (8 series) side by side where the
+    cluster has CPUs free, each returning only keywords and flags; the verdicts are folded as
+    they come, so memory stays a chunk's.
 
     Metrics (``lower_is_better``, ``n`` = DICOM headers judged):
         ``phi.files_with_identifiers`` (files with at least one identifying attribute, private
@@ -311,18 +312,18 @@ def _judged(header: pydicom.Dataset | None) -> FileVerdict | None:
 
 def _verdicts(ctx: CheckContext, include_quarantined: bool) -> Iterator[tuple[_File, FileVerdict | str | None]]:
     """(file, verdict) for every audited file: a :class:`FileVerdict`, ``None`` (unreadable) or
-    ``non-dicom``. A split of 2-D files is judged through :meth:`~auditkit.check.CheckContext.map_headers`
-    (in Ray tasks side by side on Ray); a series' slices here, one after the other."""
+    ``non-dicom``. Judged through :meth:`~auditkit.check.CheckContext.map_headers` (a series'
+    slices: ``map_series_headers``), in Ray tasks side by side on Ray; quarantined files here."""
     roles = [name for name in ctx.split_names if not name.startswith("ood:builtin:")]
     for role in roles:
         split = ctx.split(role)
         if "dicom-series" in split.kinds:  # every slice of a series is a file of its own
-            for position, slices in enumerate(ctx.series_headers(role)):
+            for position, verdicts in enumerate(ctx.map_series_headers(role, _judged)):
                 file = _File(role, int(split.rows[position]), quarantined=False)
-                if not slices:
+                if not verdicts:
                     yield file, "non-dicom"
-                for header in slices:
-                    yield file, _judged(header)
+                for verdict in verdicts:
+                    yield file, verdict
             continue
         for position, verdict in enumerate(ctx.map_headers(role, _judged)):
             file = _File(role, int(split.rows[position]), quarantined=False)
