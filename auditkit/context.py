@@ -378,7 +378,7 @@ class AuditContext:
                 out.append((firsts[position],) if kind == "dicom" else ())
             else:
                 slices: list[pydicom.Dataset | None] = []
-                for file in sorted(p for p in path.iterdir() if p.is_file()):
+                for file in _slice_files(path):
                     try:
                         slices.append(read_dicom_header(file))
                     except UnreadableImage:
@@ -468,9 +468,7 @@ class AuditContext:
     ) -> Iterator[Any]:
         from auditkit.decode import quiet_pydicom
 
-        def of(header: pydicom.Dataset | None) -> _R:
-            return function(_converted(header) if convert else header)
-
+        of = functools.partial(_apply, function, convert)
         for position, kind in enumerate(headers.kinds):
             if _here(position, kind, headers, kept_slices, slices):
                 with quiet_pydicom():
@@ -648,6 +646,11 @@ def _here(position: int, kind: str, headers: _SplitHeaders, kept_slices: Mapping
     return kind == "dicom" and position in headers.kept
 
 
+def _apply(function: Callable[[pydicom.Dataset | None], _R], convert: bool, header: pydicom.Dataset | None) -> _R:
+    """``function`` of a header, converted first with ``convert`` (``None`` when it cannot be)."""
+    return function(_converted(header) if convert else header)
+
+
 def _map_files(
     function: Callable[[pydicom.Dataset | None], _R], files: HeaderFiles, *, convert: bool, slices: bool = False
 ) -> list[Any]:
@@ -656,19 +659,12 @@ def _map_files(
     a tuple for each: ``function`` of every slice of a series folder, by file name."""
     from auditkit.decode import quiet_pydicom
 
-    def of(header: pydicom.Dataset | None) -> _R:
-        return function(_converted(header) if convert else header)
-
+    of = functools.partial(_apply, function, convert)
     with quiet_pydicom():
         out: list[Any] = []
         for path, kind in files:
             if slices and kind == "dicom-series":
-                folder = Path(path)
-                out.append(
-                    tuple(
-                        of(_file_header(file, "dicom")) for file in sorted(p for p in folder.iterdir() if p.is_file())
-                    )
-                )
+                out.append(tuple(of(_file_header(file, "dicom")) for file in _slice_files(Path(path))))
             elif slices:
                 out.append((of(_file_header(path, kind)),))
             else:
@@ -682,9 +678,14 @@ def _texts_of(keywords: tuple[str, ...], header: pydicom.Dataset | None) -> dict
     return None if header is None else header_texts(header, keywords)
 
 
+def _slice_files(folder: Path) -> list[Path]:
+    """The files of a DICOM series folder, by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
 def _first_slice(folder: Path) -> Path:
     """The first file of a DICOM series folder by name (any slice carries the series' identifiers)."""
-    files = sorted(p for p in folder.iterdir() if p.is_file())
+    files = _slice_files(folder)
     if not files:
         raise OSError("empty series folder")
     return files[0]
